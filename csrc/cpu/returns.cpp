@@ -1,0 +1,381 @@
+// CPU kernels of the reverse linear scan family: linear_scan, discounted_returns, gae, vtrace and their
+// backwards. Each op turns its tensors into a Problem (csrc/cpu/scan_engine.h) and runs its step.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "scan_engine.h"
+
+namespace rlkernels::cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// Geometry of the canonical layout, with the packed offsets read once into int64.
+struct Geometry {
+  int64_t outer = 1, steps = 0, inner = 1, num_seqs = 0;
+  std::vector<int64_t> cu;
+  std::vector<int64_t> seq_shape;  // shape of one value per sequence: [O, I] or [n]
+};
+
+Geometry geometry_of(const Tensor& ref, const OptTensor& cu_seqlens) {
+  Geometry g;
+  if (given(cu_seqlens)) {
+    const Tensor& cu = *cu_seqlens;
+    TORCH_CHECK_VALUE(ref.dim() == 1, "rlkernels: with cu_seqlens the inputs must be 1-D packed sequences, got ",
+                      ref.dim(), " dims");
+    TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong,
+                     "rlkernels: cu_seqlens must be int32 or int64, got ", cu.scalar_type());
+    TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "rlkernels: cu_seqlens must be 1-D with n + 1 >= 1 entries");
+    Tensor c = cu.to(at::kLong).contiguous();
+    g.cu.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+    TORCH_CHECK_VALUE(g.cu.front() == 0, "rlkernels: cu_seqlens[0] must be 0, got ", g.cu.front());
+    for (size_t i = 1; i < g.cu.size(); ++i)
+      TORCH_CHECK_VALUE(g.cu[i] >= g.cu[i - 1], "rlkernels: cu_seqlens must be non-decreasing, but cu_seqlens[", i,
+                        "] = ", g.cu[i], " < cu_seqlens[", i - 1, "] = ", g.cu[i - 1]);
+    TORCH_CHECK_VALUE(g.cu.back() == ref.numel(), "rlkernels: cu_seqlens[-1] = ", g.cu.back(),
+                      " must equal the packed length ", ref.numel());
+    g.num_seqs = static_cast<int64_t>(g.cu.size()) - 1;
+    g.steps = ref.numel();
+    g.seq_shape = {g.num_seqs};
+  } else {
+    TORCH_CHECK_VALUE(ref.dim() == 3, "rlkernels: scan ops take canonical [O, T, I] tensors, got ", ref.dim(), " dims");
+    g.outer = ref.size(0);
+    g.steps = ref.size(1);
+    g.inner = ref.size(2);
+    g.num_seqs = g.outer * g.inner;
+    g.seq_shape = {g.outer, g.inner};
+  }
+  return g;
+}
+
+template <typename acc_t>
+Problem<acc_t> problem_of(const Geometry& g) {
+  Problem<acc_t> pb;
+  pb.outer = g.outer;
+  pb.steps = g.steps;
+  pb.inner = g.inner;
+  pb.num_seqs = g.num_seqs;
+  pb.cu_seqlens = g.cu.empty() ? nullptr : g.cu.data();
+  return pb;
+}
+
+// Tensors outlive the Problem that points into them: they are held here.
+struct Inputs {
+  std::vector<Tensor> keep;
+  const void* data(const Tensor& t) {
+    keep.push_back(t.contiguous());
+    return keep.back().data_ptr();
+  }
+};
+
+void check_same_shape(const Tensor& ref, const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "rlkernels: ", name, " must have the shape of rewards ", ref.sizes(),
+                    ", got ", t.sizes());
+}
+
+template <typename acc_t>
+void set_scalar(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, const OptTensor& t, const char* name) {
+  if (!given(t)) return;
+  check_same_shape(ref, *t, name);
+  TORCH_CHECK_TYPE(t->scalar_type() == ref.scalar_type(), "rlkernels: ", name, " must have dtype ", ref.scalar_type(),
+                   ", got ", t->scalar_type());
+  pb.set(s, keep.data(*t), Kind::kScalar);
+}
+
+template <typename acc_t>
+void set_flag(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, const OptTensor& t, const char* name) {
+  if (!given(t)) return;
+  check_same_shape(ref, *t, name);
+  TORCH_CHECK_TYPE(t->scalar_type() == at::kBool || t->scalar_type() == at::kByte, "rlkernels: ", name,
+                   " must be bool or uint8 here, got ", t->scalar_type());
+  pb.set(s, keep.data(*t), Kind::kFlag);
+}
+
+template <typename acc_t>
+void set_acc(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, const OptTensor& t, const char* name) {
+  if (!given(t)) return;
+  check_same_shape(ref, *t, name);
+  pb.set(s, keep.data(t->to(c10::CppTypeToScalarType<acc_t>::value)), Kind::kAcc);
+}
+
+// Per-sequence values ([O, I] or [n]) as acc_t, laid out [carry j][sequence].
+template <typename acc_t>
+void set_initial(std::vector<acc_t>& init, int j, const Geometry& g, const OptTensor& t, const char* name) {
+  if (!given(t)) return;
+  TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(g.seq_shape), "rlkernels: ", name,
+                    " must have one value per sequence, shape ", at::IntArrayRef(g.seq_shape), ", got ", t->sizes());
+  Tensor c = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  std::copy(c.data_ptr<acc_t>(), c.data_ptr<acc_t>() + g.num_seqs, init.begin() + j * g.num_seqs);
+}
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+Tensor empty_out(const Tensor& ref) { return at::empty(ref.sizes(), ref.options().dtype(acc_type_of(ref.scalar_type()))); }
+
+void check_float(const Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "rlkernels: ", name, " must be a floating tensor, got ",
+                   t.scalar_type());
+}
+
+template <typename acc_t>
+ScanParams<acc_t> params_of(double gamma, double lam, bool has_next) {
+  ScanParams<acc_t> p;
+  p.gamma = static_cast<acc_t>(gamma);
+  p.lam = static_cast<acc_t>(lam);
+  p.has_next = has_next;
+  return p;
+}
+
+#define RLK_DISPATCH_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+
+Tensor linear_scan_cpu(const Tensor& a, const Tensor& b, const OptTensor& initial, bool reverse) {
+  check_float(b, "b");
+  const Geometry g = geometry_of(b, std::nullopt);
+  Tensor out = empty_out(b);
+  if (b.numel() == 0) return out;
+  RLK_DISPATCH_FLOATS(b.scalar_type(), "linear_scan", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Problem<acc_t> pb = problem_of<acc_t>(g);
+    Inputs keep;
+    set_scalar(pb, keep, kA, b, a, "a");
+    set_scalar(pb, keep, kB, b, b, "b");
+    pb.out[0] = out.data_ptr<acc_t>();
+    std::vector<acc_t> init(g.num_seqs, acc_t(0));
+    set_initial(init, 0, g, initial, "initial");
+    run_scan<LinearScanStep, scalar_t, acc_t>(pb, ScanParams<acc_t>{}, reverse, init.data(), nullptr);
+  });
+  return out;
+}
+
+Tensor discounted_returns_cpu(const Tensor& rewards, const OptTensor& next_values, const OptTensor& bootstrap_value,
+                              const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask,
+                              const OptTensor& cu_seqlens, double gamma) {
+  check_float(rewards, "rewards");
+  const Geometry g = geometry_of(rewards, cu_seqlens);
+  Tensor out = empty_out(rewards);
+  if (rewards.numel() == 0) return out;
+  RLK_DISPATCH_FLOATS(rewards.scalar_type(), "discounted_returns", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Problem<acc_t> pb = problem_of<acc_t>(g);
+    Inputs keep;
+    set_scalar(pb, keep, kR, rewards, rewards, "rewards");
+    set_scalar(pb, keep, kNV, rewards, next_values, "next_values");
+    set_flag(pb, keep, kTerm, rewards, terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards, truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards, mask, "mask");
+    pb.out[0] = out.data_ptr<acc_t>();
+    const bool has_next = given(next_values);
+    std::vector<acc_t> init(g.num_seqs, acc_t(0));
+    if (!has_next) set_initial(init, 0, g, bootstrap_value, "bootstrap_value");
+    run_scan<DiscountedReturnsStep, scalar_t, acc_t>(pb, params_of<acc_t>(gamma, 1.0, has_next), true, init.data(),
+                                                     nullptr);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> discounted_returns_backward_cpu(
+    const OptTensor& grad, const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask,
+    const OptTensor& cu_seqlens, const Tensor& rewards_like, double gamma, bool has_next) {
+  const Geometry g = geometry_of(rewards_like, cu_seqlens);
+  Tensor grad_rewards = empty_out(rewards_like);
+  Tensor grad_next = has_next ? empty_out(rewards_like) : at::empty({0}, grad_rewards.options());
+  Tensor grad_boot = at::zeros(g.seq_shape, grad_rewards.options());
+  if (rewards_like.numel() == 0) return {grad_rewards, grad_next, grad_boot};
+  AT_DISPATCH_FLOATING_TYPES(grad_rewards.scalar_type(), "discounted_returns_backward", [&] {
+    using acc_t = scalar_t;
+    Problem<acc_t> pb = problem_of<acc_t>(g);
+    Inputs keep;
+    set_acc(pb, keep, kG0, rewards_like, grad, "grad");
+    set_flag(pb, keep, kTerm, rewards_like, terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards_like, truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards_like, mask, "mask");
+    pb.out[0] = grad_rewards.data_ptr<acc_t>();
+    pb.out[1] = has_next ? grad_next.data_ptr<acc_t>() : nullptr;
+    const auto params = params_of<acc_t>(gamma, 1.0, has_next);
+    std::vector<acc_t> final_carry(g.num_seqs);
+    run_scan<DiscountedReturnsBackwardStep, acc_t, acc_t>(pb, params, false, nullptr, final_carry.data());
+    acc_t* gb = grad_boot.data_ptr<acc_t>();
+    for (int64_t s = 0; s < g.num_seqs; ++s)
+      gb[s] = DiscountedReturnsBackwardStep::bootstrap_grad(params, &final_carry[s]);
+  });
+  return {grad_rewards, grad_next, grad_boot};
+}
+
+std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards, const Tensor& values, const OptTensor& next_values,
+                                   const OptTensor& bootstrap_value, const OptTensor& terminated,
+                                   const OptTensor& truncated, const OptTensor& mask, const OptTensor& cu_seqlens,
+                                   double gamma, double lam) {
+  check_float(rewards, "rewards");
+  const Geometry g = geometry_of(rewards, cu_seqlens);
+  Tensor adv = empty_out(rewards), ret = empty_out(rewards);
+  if (rewards.numel() == 0) return {adv, ret};
+  RLK_DISPATCH_FLOATS(rewards.scalar_type(), "gae", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Problem<acc_t> pb = problem_of<acc_t>(g);
+    Inputs keep;
+    set_scalar(pb, keep, kR, rewards, rewards, "rewards");
+    set_scalar(pb, keep, kV, rewards, values, "values");
+    set_scalar(pb, keep, kNV, rewards, next_values, "next_values");
+    set_flag(pb, keep, kTerm, rewards, terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards, truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards, mask, "mask");
+    pb.out[0] = adv.data_ptr<acc_t>();
+    pb.out[1] = ret.data_ptr<acc_t>();
+    const bool has_next = given(next_values);
+    std::vector<acc_t> init(2 * g.num_seqs, acc_t(0));
+    if (!has_next) set_initial(init, 1, g, bootstrap_value, "bootstrap_value");
+    run_scan<GaeStep, scalar_t, acc_t>(pb, params_of<acc_t>(gamma, lam, has_next), true, init.data(), nullptr);
+  });
+  return {adv, ret};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gae_backward_cpu(const OptTensor& grad_adv, const OptTensor& grad_ret,
+                                                            const OptTensor& terminated, const OptTensor& truncated,
+                                                            const OptTensor& mask, const OptTensor& cu_seqlens,
+                                                            const Tensor& rewards_like, double gamma, double lam,
+                                                            bool has_next) {
+  const Geometry g = geometry_of(rewards_like, cu_seqlens);
+  Tensor grad_rewards = empty_out(rewards_like), grad_values = empty_out(rewards_like);
+  Tensor grad_next = has_next ? empty_out(rewards_like) : at::empty({0}, grad_rewards.options());
+  Tensor grad_boot = at::zeros(g.seq_shape, grad_rewards.options());
+  if (rewards_like.numel() == 0) return {grad_rewards, grad_values, grad_next, grad_boot};
+  AT_DISPATCH_FLOATING_TYPES(grad_rewards.scalar_type(), "gae_backward", [&] {
+    using acc_t = scalar_t;
+    Problem<acc_t> pb = problem_of<acc_t>(g);
+    Inputs keep;
+    set_acc(pb, keep, kG0, rewards_like, grad_adv, "grad_advantages");
+    set_acc(pb, keep, kG1, rewards_like, grad_ret, "grad_returns");
+    set_flag(pb, keep, kTerm, rewards_like, terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards_like, truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards_like, mask, "mask");
+    pb.out[0] = grad_rewards.data_ptr<acc_t>();
+    pb.out[1] = grad_values.data_ptr<acc_t>();
+    pb.out[2] = has_next ? grad_next.data_ptr<acc_t>() : nullptr;
+    const auto params = params_of<acc_t>(gamma, lam, has_next);
+    std::vector<acc_t> final_carry(2 * g.num_seqs);
+    run_scan<GaeBackwardStep, acc_t, acc_t>(pb, params, false, nullptr, final_carry.data());
+    acc_t* gb = grad_boot.data_ptr<acc_t>();
+    for (int64_t s = 0; s < g.num_seqs; ++s) {
+      const acc_t carry[2] = {final_carry[s], final_carry[g.num_seqs + s]};
+      gb[s] = GaeBackwardStep::bootstrap_grad(params, carry);
+    }
+  });
+  return {grad_rewards, grad_values, grad_next, grad_boot};
+}
+
+template <typename acc_t>
+ScanParams<acc_t> vtrace_params_of(double gamma, double lam, double rho_clip, double c_clip, double pg_rho_clip,
+                                   bool has_next) {
+  ScanParams<acc_t> p = params_of<acc_t>(gamma, lam, has_next);
+  p.rho_clip = static_cast<acc_t>(rho_clip);
+  p.c_clip = static_cast<acc_t>(c_clip);
+  p.pg_rho_clip = static_cast<acc_t>(pg_rho_clip);
+  return p;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> vtrace_cpu(const Tensor& rewards, const Tensor& values,
+                                                      const Tensor& log_rhos, const OptTensor& next_values,
+                                                      const OptTensor& bootstrap_value, const OptTensor& terminated,
+                                                      const OptTensor& truncated, const OptTensor& mask,
+                                                      const OptTensor& cu_seqlens, double gamma, double lam,
+                                                      double rho_clip, double c_clip, double pg_rho_clip,
+                                                      bool save_carries) {
+  check_float(rewards, "rewards");
+  const Geometry g = geometry_of(rewards, cu_seqlens);
+  Tensor vs = empty_out(rewards), pg = empty_out(rewards);
+  Tensor next_x = save_carries ? empty_out(rewards) : at::empty({0}, vs.options());
+  Tensor next_v = save_carries ? empty_out(rewards) : at::empty({0}, vs.options());
+  if (rewards.numel() == 0) return {vs, pg, next_x, next_v};
+  RLK_DISPATCH_FLOATS(rewards.scalar_type(), "vtrace", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Problem<acc_t> pb = problem_of<acc_t>(g);
+    Inputs keep;
+    set_scalar(pb, keep, kR, rewards, rewards, "rewards");
+    set_scalar(pb, keep, kV, rewards, values, "values");
+    set_scalar(pb, keep, kLR, rewards, log_rhos, "log_rhos");
+    set_scalar(pb, keep, kNV, rewards, next_values, "next_values");
+    set_flag(pb, keep, kTerm, rewards, terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards, truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards, mask, "mask");
+    pb.out[0] = vs.data_ptr<acc_t>();
+    pb.out[1] = pg.data_ptr<acc_t>();
+    pb.out[2] = save_carries ? next_x.data_ptr<acc_t>() : nullptr;
+    pb.out[3] = save_carries ? next_v.data_ptr<acc_t>() : nullptr;
+    const bool has_next = given(next_values);
+    std::vector<acc_t> init(2 * g.num_seqs, acc_t(0));
+    if (!has_next) set_initial(init, 1, g, bootstrap_value, "bootstrap_value");
+    run_scan<VtraceStepT<StdExp>, scalar_t, acc_t>(
+        pb, vtrace_params_of<acc_t>(gamma, lam, rho_clip, c_clip, pg_rho_clip, has_next), true, init.data(), nullptr);
+  });
+  return {vs, pg, next_x, next_v};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vtrace_backward_cpu(
+    const OptTensor& grad_vs, const OptTensor& grad_pg, const Tensor& rewards, const Tensor& values,
+    const Tensor& log_rhos, const OptTensor& next_values, const OptTensor& saved_next_x,
+    const OptTensor& saved_next_v, const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask,
+    const OptTensor& cu_seqlens, double gamma, double lam, double rho_clip, double c_clip, double pg_rho_clip) {
+  const Geometry g = geometry_of(rewards, cu_seqlens);
+  const bool has_next = given(next_values);
+  Tensor grad_rewards = empty_out(rewards), grad_values = empty_out(rewards), grad_log_rhos = empty_out(rewards);
+  Tensor grad_next = has_next ? empty_out(rewards) : at::empty({0}, grad_rewards.options());
+  Tensor grad_boot = at::zeros(g.seq_shape, grad_rewards.options());
+  if (rewards.numel() == 0) return {grad_rewards, grad_values, grad_log_rhos, grad_next, grad_boot};
+  RLK_DISPATCH_FLOATS(rewards.scalar_type(), "vtrace_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Problem<acc_t> pb = problem_of<acc_t>(g);
+    Inputs keep;
+    set_scalar(pb, keep, kR, rewards, rewards, "rewards");
+    set_scalar(pb, keep, kV, rewards, values, "values");
+    set_scalar(pb, keep, kLR, rewards, log_rhos, "log_rhos");
+    set_scalar(pb, keep, kNV, rewards, next_values, "next_values");
+    set_acc(pb, keep, kG0, rewards, grad_vs, "grad_vs");
+    set_acc(pb, keep, kG1, rewards, grad_pg, "grad_pg_advantages");
+    set_acc(pb, keep, kS0, rewards, saved_next_x, "saved_next_x");
+    set_acc(pb, keep, kS1, rewards, saved_next_v, "saved_next_v");
+    set_flag(pb, keep, kTerm, rewards, terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards, truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards, mask, "mask");
+    pb.out[0] = grad_rewards.data_ptr<acc_t>();
+    pb.out[1] = grad_values.data_ptr<acc_t>();
+    // Without the saved carries the log_rhos gradient is not needed (and not computable): not written.
+    pb.out[2] = given(saved_next_x) && given(saved_next_v) ? grad_log_rhos.data_ptr<acc_t>() : nullptr;
+    pb.out[3] = has_next ? grad_next.data_ptr<acc_t>() : nullptr;
+    if (!pb.out[2]) grad_log_rhos.zero_();
+    const auto params = vtrace_params_of<acc_t>(gamma, lam, rho_clip, c_clip, pg_rho_clip, has_next);
+    std::vector<acc_t> final_carry(2 * g.num_seqs);
+    run_scan<VtraceBackwardStepT<StdExp>, scalar_t, acc_t>(pb, params, false, nullptr, final_carry.data());
+    acc_t* gb = grad_boot.data_ptr<acc_t>();
+    for (int64_t s = 0; s < g.num_seqs; ++s) {
+      const acc_t carry[2] = {final_carry[s], final_carry[g.num_seqs + s]};
+      gb[s] = VtraceBackwardStepT<StdExp>::bootstrap_grad(params, carry);
+    }
+  });
+  return {grad_rewards, grad_values, grad_log_rhos, grad_next, grad_boot};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
+  m.impl("linear_scan", &linear_scan_cpu);
+  m.impl("discounted_returns", &discounted_returns_cpu);
+  m.impl("discounted_returns_backward", &discounted_returns_backward_cpu);
+  m.impl("gae", &gae_cpu);
+  m.impl("gae_backward", &gae_backward_cpu);
+  m.impl("vtrace", &vtrace_cpu);
+  m.impl("vtrace_backward", &vtrace_backward_cpu);
+}
+
+}  // namespace rlkernels::cpu

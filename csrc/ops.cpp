@@ -1,0 +1,50 @@
+// Every schema of the rlkernels library, in one place. Kernels register per backend in csrc/cpu/*.cpp
+// and csrc/cuda/*.cu; autograd, fake (meta) kernels and Triton implementations register from Python
+// (rlkernels/<family>.py).
+//
+// Layout convention of the scan family: the Python wrappers hand the ops canonical contiguous tensors,
+// either [O, T, I] (time on dim 1; sequences are the (o, i) pairs) or, with cu_seqlens, 1-D packed
+// sequences. Per-sequence tensors (bootstrap_value, initial) are then [O, I] or [num_segments].
+// Outputs are float32 for 16-bit inputs, else the input dtype.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// The module only has to exist so that `import rlkernels._C` loads the library and runs the
+// registrations below; it has no Python functions, which keeps it on the stable ABI (abi3).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(rlkernels, m) {
+  // ---- reverse linear scan family (rlkernels/returns.py) ----
+  m.def("linear_scan(Tensor a, Tensor b, Tensor? initial, bool reverse) -> Tensor");
+  m.def(
+      "discounted_returns(Tensor rewards, Tensor? next_values, Tensor? bootstrap_value, Tensor? terminated, "
+      "Tensor? truncated, Tensor? mask, Tensor? cu_seqlens, float gamma) -> Tensor");
+  m.def(
+      "discounted_returns_backward(Tensor? grad, Tensor? terminated, Tensor? truncated, Tensor? mask, "
+      "Tensor? cu_seqlens, Tensor rewards_like, float gamma, bool has_next_values) "
+      "-> (Tensor grad_rewards, Tensor grad_next_values, Tensor grad_bootstrap_value)");
+  m.def(
+      "gae(Tensor rewards, Tensor values, Tensor? next_values, Tensor? bootstrap_value, Tensor? terminated, "
+      "Tensor? truncated, Tensor? mask, Tensor? cu_seqlens, float gamma, float lam) "
+      "-> (Tensor advantages, Tensor returns)");
+  m.def(
+      "gae_backward(Tensor? grad_advantages, Tensor? grad_returns, Tensor? terminated, Tensor? truncated, "
+      "Tensor? mask, Tensor? cu_seqlens, Tensor rewards_like, float gamma, float lam, bool has_next_values) "
+      "-> (Tensor grad_rewards, Tensor grad_values, Tensor grad_next_values, Tensor grad_bootstrap_value)");
+  m.def(
+      "vtrace(Tensor rewards, Tensor values, Tensor log_rhos, Tensor? next_values, Tensor? bootstrap_value, "
+      "Tensor? terminated, Tensor? truncated, Tensor? mask, Tensor? cu_seqlens, float gamma, float lam, "
+      "float rho_clip, float c_clip, float pg_rho_clip, bool save_carries) "
+      "-> (Tensor vs, Tensor pg_advantages, Tensor saved_next_x, Tensor saved_next_v)");
+  m.def(
+      "vtrace_backward(Tensor? grad_vs, Tensor? grad_pg_advantages, Tensor rewards, Tensor values, "
+      "Tensor log_rhos, Tensor? next_values, Tensor? saved_next_x, Tensor? saved_next_v, Tensor? terminated, "
+      "Tensor? truncated, Tensor? mask, Tensor? cu_seqlens, float gamma, float lam, float rho_clip, "
+      "float c_clip, float pg_rho_clip) -> (Tensor grad_rewards, Tensor grad_values, Tensor grad_log_rhos, "
+      "Tensor grad_next_values, Tensor grad_bootstrap_value)");
+}

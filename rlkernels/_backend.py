@@ -1,0 +1,99 @@
+"""Backend selection (DESIGN.md §2).
+
+Each public function takes ``backend=None | "cpu" | "cuda" | "triton" | "reference"``. ``None`` means the
+environment variable ``RLKERNELS_BACKEND`` if set, else ``cpu`` for CPU tensors and the preferred GPU
+backend for CUDA tensors. A backend that is asked for and cannot run raises a RuntimeError saying why and
+how to get it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("cpu", "cuda", "triton", "reference")
+_ENV = "RLKERNELS_BACKEND"
+# The GPU backend used for CUDA tensors when none is asked for. It changes to the backend whose GPU tests
+# have passed on real hardware (benchmarks/results/ records those runs).
+_PREFERRED_GPU_BACKENDS = ("cuda", "triton")
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlkernels::{op}", dispatch_key)
+
+
+@functools.cache
+def _cuda_kernels_built() -> bool:
+    from . import _C  # noqa: F401  (registers the ops)
+
+    return _has_kernel("gae", "CUDA")
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpret() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends() -> list[str]:
+    """The backends that are built and usable on this machine, in the order of ``BACKENDS``."""
+    out = ["cpu"]
+    if _cuda_kernels_built() and torch.cuda.is_available():
+        out.append("cuda")
+    if _triton_installed() and (torch.cuda.is_available() or triton_interpret()):
+        out.append("triton")
+    out.append("reference")
+    return out
+
+
+def _why_unavailable(backend: str, device: torch.device) -> str | None:
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got tensors on {device}; pass backend=None or move them"
+        return None
+    if backend == "cuda":
+        if not _cuda_kernels_built():
+            return "rlkernels was built without CUDA kernels; reinstall with nvcc on PATH and a CUDA build of torch"
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got tensors on {device}"
+        return None
+    if backend == "triton":
+        if not _triton_installed():
+            return "the triton backend needs the `triton` package: pip install triton"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret():
+            return None
+        return f"the triton backend runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), got {device}"
+    if backend == "reference":
+        return None
+    return f"unknown backend {backend!r}; expected one of {BACKENDS}"
+
+
+def resolve(backend: str | None, device: torch.device, op: str) -> str:
+    """The backend that runs ``op`` on tensors of ``device``."""
+    if backend is None:
+        backend = os.environ.get(_ENV) or None
+    if backend is None:
+        if device.type == "cuda":
+            for candidate in _PREFERRED_GPU_BACKENDS:
+                if _why_unavailable(candidate, device) is None:
+                    return candidate
+            raise RuntimeError(
+                f"rlkernels.{op}: no GPU backend is available for CUDA tensors: "
+                + "; ".join(_why_unavailable(b, device) for b in _PREFERRED_GPU_BACKENDS)
+            )
+        return "cpu" if device.type == "cpu" else "reference"
+    if not isinstance(backend, str):
+        raise TypeError(f"rlkernels.{op}: backend must be a string or None, got {type(backend).__name__}")
+    why = _why_unavailable(backend, device)
+    if why is not None:
+        raise RuntimeError(f"rlkernels.{op}: backend={backend!r} is not available: {why}")
+    return backend

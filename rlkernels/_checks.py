@@ -1,0 +1,102 @@
+"""Argument checks shared by the public functions: every error names the argument and what was expected.
+
+Nothing here reads tensor values, so the checks cost nothing on the device and trace under torch.compile.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _where(op: str) -> str:
+    return f"rlkernels.{op}"
+
+
+def tensor(op: str, name: str, x, *, optional: bool = False) -> torch.Tensor | None:
+    if x is None:
+        if optional:
+            return None
+        raise TypeError(f"{_where(op)}: {name} is required, got None")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{_where(op)}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def float_tensor(op: str, name: str, x, *, optional: bool = False) -> torch.Tensor | None:
+    x = tensor(op, name, x, optional=optional)
+    if x is not None and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{_where(op)}: {name} must be a float tensor (float32, float64, bfloat16 or float16), got {x.dtype}"
+        )
+    return x
+
+
+def flag_tensor(op: str, name: str, x) -> torch.Tensor | None:
+    """bool, integer (uint8, ...) and float 0/1 flags are accepted; nonzero means set."""
+    x = tensor(op, name, x, optional=True)
+    if x is None:
+        return None
+    if x.dtype.is_complex:
+        raise TypeError(f"{_where(op)}: {name} must be a bool, integer or float 0/1 tensor, got {x.dtype}")
+    return x if x.dtype == torch.bool else x != 0
+
+
+def same_device(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    for name, x in tensors.items():
+        if x is not None and x.device != ref.device:
+            raise ValueError(
+                f"{_where(op)}: {name} is on {x.device} but {ref_name} is on {ref.device}; all tensors must be on one device"
+            )
+
+
+def same_shape(op: str, ref_name: str, ref: torch.Tensor, **tensors) -> None:
+    for name, x in tensors.items():
+        if x is not None and x.shape != ref.shape:
+            raise ValueError(
+                f"{_where(op)}: {name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}"
+            )
+
+
+def unit_interval(op: str, name: str, value) -> float:
+    value = real(op, name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{_where(op)}: {name} must be in [0, 1], got {value}")
+    return value
+
+
+def real(op: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{_where(op)}: {name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def positive(op: str, name: str, value) -> float:
+    value = real(op, name, value)
+    if not value > 0.0:
+        raise ValueError(f"{_where(op)}: {name} must be > 0, got {value}")
+    return value
+
+
+def dim_index(op: str, name: str, dim, ndim: int) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{_where(op)}: {name} must be an int, got {type(dim).__name__}")
+    if ndim == 0 or not -ndim <= dim < ndim:
+        raise ValueError(f"{_where(op)}: {name}={dim} is out of range for a tensor with {ndim} dims")
+    return dim % ndim
+
+
+def common_float_dtype(*tensors) -> torch.dtype:
+    dtype = None
+    for x in tensors:
+        if x is not None:
+            dtype = x.dtype if dtype is None else torch.promote_types(dtype, x.dtype)
+    return dtype
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Outputs are float32 for 16-bit inputs, else the input dtype (DESIGN.md §3)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
