@@ -80,7 +80,7 @@ def extensions():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # -O3 for the auto-vectorized lane loops. No -march: the instruction set is chosen at run time
     # (csrc/cpu/isa_*.cpp), so the wheel also runs on CPUs without AVX-512.
-    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-DPy_LIMITED_API=0x030A0000"]
+    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-Wno-psabi", "-DPy_LIMITED_API=0x030A0000"]
     define_macros = []
     if _want_cuda(cu_sources):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")

@@ -37,6 +37,7 @@ class _Scan:
             if x is not None and not isinstance(x, (int, float)):
                 checks.float_tensor(op, name, x)
         flag_values = {name: checks.flag_tensor(op, name, x) for name, x in flags.items()}
+        checks.tensor(op, "cu_seqlens", cu_seqlens, optional=True)
         checks.same_device(op, rewards_name, rewards, **floats, **flag_values,
                            **{k: v for k, v in per_seq.items() if isinstance(v, torch.Tensor)}, cu_seqlens=cu_seqlens)
         checks.same_shape(op, rewards_name, rewards, **floats, **flag_values)
@@ -45,7 +46,6 @@ class _Scan:
         self.dtype = checks.common_float_dtype(rewards, *floats.values(),
                                                *(v for v in per_seq.values() if isinstance(v, torch.Tensor)))
         if cu_seqlens is not None:
-            checks.tensor(op, "cu_seqlens", cu_seqlens)
             if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
                 raise TypeError(
                     f"rlkernels.{op}: cu_seqlens must be a 1-D int32 or int64 tensor of n + 1 offsets, got "
@@ -102,7 +102,8 @@ class _Scan:
         shape = self.rewards.shape
         if self.cu_seqlens is None and mask is None:
             last = torch.zeros(shape, dtype=torch.bool, device=self.device)
-            last[:, -1, :] = True
+            if shape[1] > 0:
+                last[:, -1, :] = True
         elif self.cu_seqlens is None:
             # Valid steps at or after t; the last valid step is the valid one that sees exactly one.
             after = mask.flip(1).to(torch.int32).cumsum(1).flip(1)
@@ -111,18 +112,20 @@ class _Scan:
             n = shape[0]
             m = torch.ones(n, dtype=torch.int64, device=self.device) if mask is None else mask.to(torch.int64)
             after = torch.cat([m.flip(0).cumsum(0).flip(0), m.new_zeros(1)])  # valid steps at or after t
-            cu = self.cu_seqlens.to(torch.int64)
+            # Clamped so that malformed offsets reach the kernel's own check (a ValueError naming
+            # cu_seqlens) instead of failing here on an index.
+            cu = self.cu_seqlens.to(torch.int64).clamp(0, n)
             positions = torch.arange(n, device=self.device)
-            segment_end = cu[torch.searchsorted(cu[1:], positions, right=True) + 1]
-            last = (m != 0) & (after[:n] - after[segment_end] == 1)
+            segment = (torch.searchsorted(cu[1:], positions, right=True) + 1).clamp(max=cu.shape[0] - 1)
+            last = (m != 0) & (after[:n] - after[cu[segment]] == 1)
         return last if truncated is None else truncated | last
 
 
-def _gamma_lam(op, gamma, lam=None):
+def _gamma_lam(op, gamma, *lam):
     gamma = checks.unit_interval(op, "gamma", gamma)
-    if lam is None:
+    if not lam:
         return gamma
-    return gamma, checks.unit_interval(op, "lam", lam)
+    return gamma, checks.unit_interval(op, "lam", lam[0])
 
 
 def _check_truncated(op, truncated, next_values):

@@ -16,6 +16,11 @@
 namespace rlkernels::cpu {
 namespace {
 
+using rlkernels::Problem;
+
+// The engine only reads the steps' carry and output counts here; the math runs in the ISA blocks.
+struct ScalarExp {};
+
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
@@ -154,7 +159,7 @@ Tensor linear_scan_cpu(const Tensor& a, const Tensor& b, const OptTensor& initia
     pb.out[0] = out.data_ptr<acc_t>();
     std::vector<acc_t> init(g.num_seqs, acc_t(0));
     set_initial(init, 0, g, initial, "initial");
-    run_scan<LinearScanStep, scalar_t, acc_t>(pb, ScanParams<acc_t>{}, reverse, init.data(), nullptr);
+    run_scan<LinearScanStep, scalar_t, acc_t>(StepId::kLinearScan, pb, ScanParams<acc_t>{}, reverse, init.data(), nullptr);
   });
   return out;
 }
@@ -179,7 +184,7 @@ Tensor discounted_returns_cpu(const Tensor& rewards, const OptTensor& next_value
     const bool has_next = given(next_values);
     std::vector<acc_t> init(g.num_seqs, acc_t(0));
     if (!has_next) set_initial(init, 0, g, bootstrap_value, "bootstrap_value");
-    run_scan<DiscountedReturnsStep, scalar_t, acc_t>(pb, params_of<acc_t>(gamma, 1.0, has_next), true, init.data(),
+    run_scan<DiscountedReturnsStep, scalar_t, acc_t>(StepId::kDiscountedReturns, pb, params_of<acc_t>(gamma, 1.0, has_next), true, init.data(),
                                                      nullptr);
   });
   return out;
@@ -205,7 +210,7 @@ std::tuple<Tensor, Tensor, Tensor> discounted_returns_backward_cpu(
     pb.out[1] = has_next ? grad_next.data_ptr<acc_t>() : nullptr;
     const auto params = params_of<acc_t>(gamma, 1.0, has_next);
     std::vector<acc_t> final_carry(g.num_seqs);
-    run_scan<DiscountedReturnsBackwardStep, acc_t, acc_t>(pb, params, false, nullptr, final_carry.data());
+    run_scan<DiscountedReturnsBackwardStep, acc_t, acc_t>(StepId::kDiscountedReturnsBackward, pb, params, false, nullptr, final_carry.data());
     acc_t* gb = grad_boot.data_ptr<acc_t>();
     for (int64_t s = 0; s < g.num_seqs; ++s)
       gb[s] = DiscountedReturnsBackwardStep::bootstrap_grad(params, &final_carry[s]);
@@ -236,7 +241,7 @@ std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards, const Tensor& values, 
     const bool has_next = given(next_values);
     std::vector<acc_t> init(2 * g.num_seqs, acc_t(0));
     if (!has_next) set_initial(init, 1, g, bootstrap_value, "bootstrap_value");
-    run_scan<GaeStep, scalar_t, acc_t>(pb, params_of<acc_t>(gamma, lam, has_next), true, init.data(), nullptr);
+    run_scan<GaeStep, scalar_t, acc_t>(StepId::kGae, pb, params_of<acc_t>(gamma, lam, has_next), true, init.data(), nullptr);
   });
   return {adv, ret};
 }
@@ -265,7 +270,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gae_backward_cpu(const OptTensor& gra
     pb.out[2] = has_next ? grad_next.data_ptr<acc_t>() : nullptr;
     const auto params = params_of<acc_t>(gamma, lam, has_next);
     std::vector<acc_t> final_carry(2 * g.num_seqs);
-    run_scan<GaeBackwardStep, acc_t, acc_t>(pb, params, false, nullptr, final_carry.data());
+    run_scan<GaeBackwardStep, acc_t, acc_t>(StepId::kGaeBackward, pb, params, false, nullptr, final_carry.data());
     acc_t* gb = grad_boot.data_ptr<acc_t>();
     for (int64_t s = 0; s < g.num_seqs; ++s) {
       const acc_t carry[2] = {final_carry[s], final_carry[g.num_seqs + s]};
@@ -316,8 +321,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vtrace_cpu(const Tensor& rewards, con
     const bool has_next = given(next_values);
     std::vector<acc_t> init(2 * g.num_seqs, acc_t(0));
     if (!has_next) set_initial(init, 1, g, bootstrap_value, "bootstrap_value");
-    run_scan<VtraceStepT<StdExp>, scalar_t, acc_t>(
-        pb, vtrace_params_of<acc_t>(gamma, lam, rho_clip, c_clip, pg_rho_clip, has_next), true, init.data(), nullptr);
+    run_scan<VtraceStepT<ScalarExp>, scalar_t, acc_t>(
+        StepId::kVtrace, pb, vtrace_params_of<acc_t>(gamma, lam, rho_clip, c_clip, pg_rho_clip, has_next), true, init.data(), nullptr);
   });
   return {vs, pg, next_x, next_v};
 }
@@ -356,11 +361,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vtrace_backward_cpu(
     if (!pb.out[2]) grad_log_rhos.zero_();
     const auto params = vtrace_params_of<acc_t>(gamma, lam, rho_clip, c_clip, pg_rho_clip, has_next);
     std::vector<acc_t> final_carry(2 * g.num_seqs);
-    run_scan<VtraceBackwardStepT<StdExp>, scalar_t, acc_t>(pb, params, false, nullptr, final_carry.data());
+    run_scan<VtraceBackwardStepT<ScalarExp>, scalar_t, acc_t>(StepId::kVtraceBackward, pb, params, false, nullptr, final_carry.data());
     acc_t* gb = grad_boot.data_ptr<acc_t>();
     for (int64_t s = 0; s < g.num_seqs; ++s) {
       const acc_t carry[2] = {final_carry[s], final_carry[g.num_seqs + s]};
-      gb[s] = VtraceBackwardStepT<StdExp>::bootstrap_grad(params, carry);
+      gb[s] = VtraceBackwardStepT<ScalarExp>::bootstrap_grad(params, carry);
     }
   });
   return {grad_rewards, grad_values, grad_log_rhos, grad_next, grad_boot};

@@ -20,32 +20,80 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "rlkernels/scan.h"
+#include "scan_types.h"
 
 namespace rlkernels {
+
+// The compute blocks of each instruction-set build (csrc/cpu/scan_block_*.cpp).
+#define RLK_DECLARE_BLOCKS(ISA)                                                     \
+  namespace ISA {                                                                   \
+  template <typename acc_t>                                                         \
+  cpu::BlockFn<acc_t> block_function(cpu::StepId id, bool symbolic);                \
+  }
+RLK_DECLARE_BLOCKS(isa_default)
+#if defined(__x86_64__) && defined(__GNUC__)
+RLK_DECLARE_BLOCKS(isa_avx2)
+RLK_DECLARE_BLOCKS(isa_avx512)
+#endif
+#undef RLK_DECLARE_BLOCKS
+
 inline namespace RLK_ISA {
-namespace cpu {
+using namespace ::rlkernels::cpu;
 
-enum Stream : int { kR, kV, kNV, kLR, kA, kB, kTerm, kTrunc, kMask, kG0, kG1, kS0, kS1, kNumStreams };
-enum class Kind : uint8_t { kNone, kScalar, kFlag, kAcc };
+// The widest instruction set this CPU runs, once per process; RLKERNELS_CPU_ISA=default|avx2|avx512
+// caps it (to compare builds, or to step around a faulty one).
+inline int cpu_isa_level() {
+  static const int level = [] {
+    int best = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) best = 1;
+    if (best == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      best = 2;
+#endif
+    if (const char* cap = std::getenv("RLKERNELS_CPU_ISA")) {
+      const std::string want(cap);
+      const int asked = want == "avx512" ? 2 : want == "avx2" ? 1 : 0;
+      best = std::min(best, asked);
+    }
+    return best;
+  }();
+  return level;
+}
 
-constexpr int kLanes = 16;
-constexpr int kBlock = 32;
+inline const char* cpu_isa_name() {
+  static const char* names[] = {"default", "avx2", "avx512"};
+  return names[cpu_isa_level()];
+}
+
+template <typename acc_t>
+BlockFn<acc_t> pick_block(StepId id, bool symbolic) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  switch (cpu_isa_level()) {
+    case 2: return isa_avx512::block_function<acc_t>(id, symbolic);
+    case 1: return isa_avx2::block_function<acc_t>(id, symbolic);
+    default: break;
+  }
+#endif
+  return isa_default::block_function<acc_t>(id, symbolic);
+}
+
+constexpr int kTileGroups = 8;           // lane groups walked together (see walk_tile)
+constexpr int kTileLanes = kTileGroups * kLanes;
 constexpr int64_t kChunk = 4096;           // steps per chunk of a long sequence
 constexpr int64_t kChunkMinSteps = 16384;  // shorter sequences are walked whole
 constexpr int64_t kChunkMaxSeqs = 256;     // with more sequences than this, lanes are already plentiful
 
-struct StdExp {
-  template <typename T>
-  T operator()(T x) const {
-    return std::exp(x);
-  }
-};
+enum class Kind : uint8_t { kNone, kScalar, kFlag, kAcc };
 
 // One scan problem: typed stream pointers sharing the canonical layout, and up to four outputs.
 template <typename acc_t>
@@ -67,6 +115,13 @@ struct Problem {
   int64_t seq_len(int64_t s) const { return cu_seqlens ? cu_seqlens[s + 1] - cu_seqlens[s] : steps; }
 };
 
+// Requests `count` consecutive elements at element offset `i` of an input of kind `kind` into the cache.
+template <typename scalar_t, typename acc_t>
+inline void prefetch_bytes(const void* p, int64_t byte_offset, int64_t bytes) {
+  const char* base = static_cast<const char*>(p) + byte_offset;
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(base + b);
+}
+
 struct Lane {
   int64_t base;   // element offset of the sequence's t = 0
   int64_t begin;  // first time step of the lane
@@ -81,104 +136,113 @@ inline acc_t load_as(const void* p, int64_t i) {
   return acc_t(1);  // kNone is only loaded for the mask: every in-range step is valid
 }
 
-// Walks up to kLanes lanes in lockstep, `reverse` in time. `carry[j][l]` holds the lanes' carries in and
-// out. With C = acc_t outputs are stored; with C = Affine the walk only computes the lanes' maps.
-template <class Step, typename scalar_t, typename acc_t, typename C>
-void walk_lanes(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, const Lane* lanes, int num_lanes,
-                bool reverse, C (*carry)[kLanes]) {
-  constexpr bool kStore = std::is_same_v<C, acc_t>;
+// Walks a tile of up to kTileGroups groups of kLanes lanes, `reverse` in time, through the block function
+// `block`. All groups advance one block of kBlock steps at a time, so in the time-major layout each step
+// reads one contiguous run of kTileGroups * kLanes values per input: long runs keep the hardware
+// prefetchers busy, where one 64-byte segment per row would leave every load waiting on DRAM.
+// `carry` holds group g's carries at g * carry_size: [kCarry][kLanes] values, or with `symbolic` the
+// lanes' chunk maps [kCarry][kCarry + 1][kLanes] (then nothing is stored).
+template <class Step, typename scalar_t, typename acc_t>
+void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockFn<acc_t> block, bool symbolic,
+               const Lane* lanes, int num_lanes, bool reverse, acc_t* carry, int carry_size) {
   alignas(64) acc_t buf[kNumStreams][kBlock * kLanes];
-  alignas(64) acc_t obuf[Step::kOut][kBlock * kLanes];
+  alignas(64) acc_t obuf[kMaxOut][kBlock * kLanes];
   static const acc_t kZeros[kBlock * kLanes] = {};
   const acc_t* src[kNumStreams];
   for (int s = 0; s < kNumStreams; ++s) src[s] = (pb.in[s] || s == kMask) ? buf[s] : kZeros;
 
   const int64_t ts = pb.time_stride();
-  int64_t max_len = 0;
-  for (int l = 0; l < num_lanes; ++l) max_len = std::max(max_len, lanes[l].len);
-  // Time-major fast path: kLanes adjacent sequences with the same span load whole vectors per step.
-  bool contiguous = num_lanes == kLanes && ts != 1;
-  for (int l = 1; l < num_lanes && contiguous; ++l)
-    contiguous = lanes[l].base == lanes[0].base + l && lanes[l].begin == lanes[0].begin && lanes[l].len == lanes[0].len;
+  const int groups = (num_lanes + kLanes - 1) / kLanes;
+  int64_t group_len[kTileGroups] = {};
+  bool contiguous[kTileGroups] = {};
+  for (int g = 0; g < groups; ++g) {
+    const Lane* gl = lanes + g * kLanes;
+    const int n = std::min(kLanes, num_lanes - g * kLanes);
+    // Time-major fast path: kLanes adjacent sequences with the same span load whole vectors per step.
+    bool same = n == kLanes && ts != 1;
+    for (int l = 0; l < n; ++l) {
+      group_len[g] = std::max(group_len[g], gl[l].len);
+      if (l > 0) same = same && gl[l].base == gl[0].base + l && gl[l].begin == gl[0].begin && gl[l].len == gl[0].len;
+    }
+    contiguous[g] = same;
+  }
+  const int64_t max_len = *std::max_element(group_len, group_len + groups);
 
-  auto time_of = [&](const Lane& lane, int64_t k) {
+  auto prefetch = [](const void* p, Kind kind, int64_t i, int64_t count) {
+    const int64_t size = kind == Kind::kScalar ? sizeof(scalar_t) : kind == Kind::kFlag ? 1 : sizeof(acc_t);
+    if (p) prefetch_bytes<scalar_t, acc_t>(p, i * size, count * size);
+  };
+  auto time_of = [reverse](const Lane& lane, int64_t k) {
     return reverse ? lane.begin + lane.len - 1 - k : lane.begin + k;
   };
 
   for (int64_t k0 = 0; k0 < max_len; k0 += kBlock) {
-    const int kn = static_cast<int>(std::min<int64_t>(kBlock, max_len - k0));
-    // Load.
-    for (int s = 0; s < kNumStreams; ++s) {
-      if (!pb.in[s] && s != kMask) continue;
-      // One instantiation per input kind keeps the conversion out of the inner loops.
-      auto load = [&]<Kind K>() {
-        acc_t* dst = buf[s];
-        const void* p = pb.in[s];
-        if (contiguous) {
-          for (int kk = 0; kk < kn; ++kk) {
-            const int64_t off = lanes[0].base + time_of(lanes[0], k0 + kk) * ts;
-            for (int l = 0; l < kLanes; ++l) dst[kk * kLanes + l] = load_as<K, scalar_t, acc_t>(p, off + l);
+    for (int g = 0; g < groups; ++g) {
+      if (k0 >= group_len[g]) continue;
+      const Lane* gl = lanes + g * kLanes;
+      const int n = std::min(kLanes, num_lanes - g * kLanes);
+      const int kn = static_cast<int>(std::min<int64_t>(kBlock, group_len[g] - k0));
+      // Load, converting to acc_t; flags become 0/1; steps past a lane's end are invalid.
+      for (int s = 0; s < kNumStreams; ++s) {
+        if (!pb.in[s] && s != kMask) continue;
+        auto load = [&]<Kind K>() {
+          acc_t* __restrict dst = buf[s];
+          const void* p = pb.in[s];
+          if (contiguous[g]) {
+            // The next block's rows are requested now, so DRAM serves many rows at once instead of one
+            // miss per 64-byte segment at a time.
+            const int64_t ahead = std::min<int64_t>(kBlock, group_len[g] - k0 - kBlock);
+            for (int kk = 0; kk < ahead; ++kk)
+              prefetch(p, K, gl[0].base + time_of(gl[0], k0 + kBlock + kk) * ts, kLanes);
+            for (int kk = 0; kk < kn; ++kk) {
+              const int64_t off = gl[0].base + time_of(gl[0], k0 + kk) * ts;
+              if constexpr ((K == Kind::kScalar && std::is_same_v<scalar_t, acc_t>) || K == Kind::kAcc) {
+                std::memcpy(dst + kk * kLanes, static_cast<const acc_t*>(p) + off, kLanes * sizeof(acc_t));
+              } else {
+                for (int l = 0; l < kLanes; ++l) dst[kk * kLanes + l] = load_as<K, scalar_t, acc_t>(p, off + l);
+              }
+            }
+            return;
           }
-          return;
-        }
-        for (int l = 0; l < kLanes; ++l) {
-          const int64_t n = l < num_lanes ? std::min<int64_t>(kn, lanes[l].len - k0) : 0;
-          int kk = 0;
-          for (; kk < n; ++kk)
-            dst[kk * kLanes + l] = load_as<K, scalar_t, acc_t>(p, lanes[l].base + time_of(lanes[l], k0 + kk) * ts);
-          for (; kk < kn; ++kk) dst[kk * kLanes + l] = acc_t(0);  // past the lane's end: invalid
-        }
-      };
-      switch (pb.kind[s]) {
-        case Kind::kScalar: load.template operator()<Kind::kScalar>(); break;
-        case Kind::kFlag: load.template operator()<Kind::kFlag>(); break;
-        case Kind::kAcc: load.template operator()<Kind::kAcc>(); break;
-        default: load.template operator()<Kind::kNone>(); break;  // an absent mask: 1 inside the lanes
-      }
-    }
-    // Step, lanes innermost.
-    for (int kk = 0; kk < kn; ++kk) {
-      const int row = kk * kLanes;
-      for (int l = 0; l < kLanes; ++l) {
-        StepIn<acc_t> in;
-        in.r = src[kR][row + l];
-        in.v = src[kV][row + l];
-        in.nv = src[kNV][row + l];
-        in.lr = src[kLR][row + l];
-        in.a = src[kA][row + l];
-        in.b = src[kB][row + l];
-        in.term = src[kTerm][row + l];
-        in.trunc = src[kTrunc][row + l];
-        in.valid = src[kMask][row + l];
-        in.g0 = src[kG0][row + l];
-        in.g1 = src[kG1][row + l];
-        in.s0 = src[kS0][row + l];
-        in.s1 = src[kS1][row + l];
-        C c[Step::kCarry];
-        C o[Step::kOut];
-        for (int j = 0; j < Step::kCarry; ++j) c[j] = carry[j][l];
-        Step::step(params, in, c, o);
-        for (int j = 0; j < Step::kCarry; ++j) carry[j][l] = select(in.valid, c[j], carry[j][l]);
-        if constexpr (kStore) {
-          for (int j = 0; j < Step::kOut; ++j) obuf[j][row + l] = select(in.valid, o[j], acc_t(0));
+          for (int l = 0; l < kLanes; ++l) {
+            const int64_t m = l < n ? std::max<int64_t>(0, std::min<int64_t>(kn, gl[l].len - k0)) : 0;
+            const int64_t ahead = l < n ? std::min<int64_t>(kBlock, gl[l].len - k0 - kBlock) : 0;
+            if (ahead > 0) {
+              const int64_t t_a = time_of(gl[l], k0 + kBlock), t_b = time_of(gl[l], k0 + kBlock + ahead - 1);
+              prefetch(p, K, gl[l].base + std::min(t_a, t_b) * ts, ts == 1 ? ahead : 1);
+            }
+            int kk = 0;
+            for (; kk < m; ++kk)
+              dst[kk * kLanes + l] = load_as<K, scalar_t, acc_t>(p, gl[l].base + time_of(gl[l], k0 + kk) * ts);
+            for (; kk < kn; ++kk) dst[kk * kLanes + l] = acc_t(0);
+          }
+        };
+        switch (pb.kind[s]) {
+          case Kind::kScalar: load.template operator()<Kind::kScalar>(); break;
+          case Kind::kFlag: load.template operator()<Kind::kFlag>(); break;
+          case Kind::kAcc: load.template operator()<Kind::kAcc>(); break;
+          default: load.template operator()<Kind::kNone>(); break;  // an absent mask: 1 inside the lanes
         }
       }
-    }
-    // Store.
-    if constexpr (kStore) {
+      block(params, src, kn, carry + g * carry_size, obuf[0]);
+      if (symbolic) continue;
+      // Store.
       for (int j = 0; j < Step::kOut; ++j) {
-        acc_t* out = pb.out[j];
+        acc_t* __restrict out = pb.out[j];
         if (!out) continue;
-        if (contiguous) {
+        const acc_t* __restrict ob = obuf[j];
+        if (contiguous[g]) {
+          const int64_t ahead = std::min<int64_t>(kBlock, group_len[g] - k0 - kBlock);
+          for (int kk = 0; kk < ahead; ++kk)
+            __builtin_prefetch(out + gl[0].base + time_of(gl[0], k0 + kBlock + kk) * ts, 1);
           for (int kk = 0; kk < kn; ++kk) {
-            const int64_t off = lanes[0].base + time_of(lanes[0], k0 + kk) * ts;
-            for (int l = 0; l < kLanes; ++l) out[off + l] = obuf[j][kk * kLanes + l];
+            const int64_t off = gl[0].base + time_of(gl[0], k0 + kk) * ts;
+            std::memcpy(out + off, ob + kk * kLanes, kLanes * sizeof(acc_t));
           }
         } else {
-          for (int l = 0; l < num_lanes; ++l) {
-            const Lane& lane = lanes[l];
-            const int64_t n = std::min<int64_t>(kn, lane.len - k0);
-            for (int kk = 0; kk < n; ++kk) out[lane.base + time_of(lane, k0 + kk) * ts] = obuf[j][kk * kLanes + l];
+          for (int l = 0; l < n; ++l) {
+            const int64_t m = std::min<int64_t>(kn, gl[l].len - k0);
+            for (int kk = 0; kk < m; ++kk) out[gl[l].base + time_of(gl[l], k0 + kk) * ts] = ob[kk * kLanes + l];
           }
         }
       }
@@ -189,23 +253,32 @@ void walk_lanes(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, const
 // Runs `Step` over every sequence of `pb`. `init[j * num_seqs + s]` is sequence s's initial carry j
 // (nullptr: zeros); the final carries are written to `final_carry` the same way when it is not null.
 template <class Step, typename scalar_t, typename acc_t>
-void run_scan(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, bool reverse, const acc_t* init,
+void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& params, bool reverse, const acc_t* init,
               acc_t* final_carry) {
   constexpr int D = Step::kCarry;
+  static_assert(D <= kMaxCarry && Step::kOut <= kMaxOut, "raise kMaxCarry / kMaxOut");
   const int64_t num_seqs = pb.num_seqs;
   if (num_seqs == 0) return;
   const bool chunked = !pb.cu_seqlens && pb.steps >= kChunkMinSteps && num_seqs <= kChunkMaxSeqs;
   const int64_t chunks = chunked ? (pb.steps + kChunk - 1) / kChunk : 1;
   const int64_t num_lanes = num_seqs * chunks;
   // Lane q = s * chunks + c is chunk c of sequence s.
+  std::vector<uint8_t> whole(chunked ? num_seqs : 0, 0);  // sequences walked unchunked (see pass 2)
   auto lane_of = [&](int64_t q) {
     const int64_t s = q / chunks, c = q % chunks;
     const int64_t len = pb.seq_len(s);
     if (!chunked) return Lane{pb.seq_base(s), 0, len};
+    if (whole[s]) return Lane{pb.seq_base(s), 0, c == (reverse ? 0 : chunks - 1) ? len : 0};
     const int64_t begin = c * kChunk;
     return Lane{pb.seq_base(s), begin, std::min(kChunk, len - begin)};
   };
-  const int64_t groups = (num_lanes + kLanes - 1) / kLanes;
+  // Tiles as wide as kTileGroups groups, but narrower when that would leave threads idle. Lanes are
+  // independent, so the tiling never changes the results.
+  const int64_t lane_groups = (num_lanes + kLanes - 1) / kLanes;
+  const int64_t tile_groups =
+      std::clamp<int64_t>(lane_groups / (2 * std::max<int64_t>(1, at::get_num_threads())), 1, kTileGroups);
+  const int64_t tile_lanes = tile_groups * kLanes;
+  const int64_t tiles = (num_lanes + tile_lanes - 1) / tile_lanes;
 
   // carry_in[q * D + j]: the carry entering lane q.
   std::vector<acc_t> carry_in(num_lanes * D, acc_t(0));
@@ -218,51 +291,74 @@ void run_scan(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, bool re
     // Pass 1: each chunk's map from its carry in to its carry out.
     using Map = Affine<acc_t, D>;
     std::vector<Map> maps(num_lanes * D);
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) {
-        Lane lanes[kLanes];
-        const int n = static_cast<int>(std::min<int64_t>(kLanes, num_lanes - g * kLanes));
-        for (int l = 0; l < n; ++l) lanes[l] = lane_of(g * kLanes + l);
-        Map carry[D][kLanes];
-        for (int j = 0; j < D; ++j)
-          for (int l = 0; l < kLanes; ++l) carry[j][l] = Map::variable(j);
-        walk_lanes<Step, scalar_t, acc_t, Map>(pb, params, lanes, n, reverse, carry);
-        for (int l = 0; l < n; ++l)
-          for (int j = 0; j < D; ++j) maps[(g * kLanes + l) * D + j] = carry[j][l];
+    const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/true);
+    constexpr int kForm = D * (D + 1) * kLanes;
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        Lane lanes[kTileLanes];
+        const int64_t first = t * tile_lanes;
+        const int n = static_cast<int>(std::min<int64_t>(tile_lanes, num_lanes - first));
+        for (int l = 0; l < n; ++l) lanes[l] = lane_of(first + l);
+        // Seed each carry j with the identity form "carry_in[j]": form[g][j][1 + i][l] = (i == j).
+        alignas(64) acc_t form[kTileGroups][D][D + 1][kLanes] = {};
+        for (int g = 0; g < kTileGroups; ++g)
+          for (int j = 0; j < D; ++j)
+            for (int l = 0; l < kLanes; ++l) form[g][j][1 + j][l] = acc_t(1);
+        walk_tile<Step, scalar_t, acc_t>(pb, params, block, true, lanes, n, reverse, &form[0][0][0][0], kForm);
+        for (int q = 0; q < n; ++q) {
+          const int g = q / kLanes, l = q % kLanes;
+          for (int j = 0; j < D; ++j) {
+            Map& m = maps[(first + q) * D + j];
+            m.c = form[g][j][0][l];
+            for (int i = 0; i < D; ++i) m.k[i] = form[g][j][1 + i][l];
+          }
+        }
       }
     });
-    // Pass 2: compose along each sequence, in scan order.
+    // Pass 2: compose along each sequence, in scan order. A chunk map's coefficients can underflow to 0
+    // (e.g. (gamma lam)^4096), which is harmless for finite carries but would turn an infinite carry into
+    // 0 * inf = NaN; a sequence whose carries stop being finite is walked whole instead, which propagates
+    // Inf exactly as the sequential formula does.
     for (int64_t s = 0; s < num_seqs; ++s) {
       for (int64_t i = 0; i + 1 < chunks; ++i) {
         const int64_t c = reverse ? chunks - 1 - i : i;
         const int64_t next = reverse ? c - 1 : c + 1;
         const int64_t q = s * chunks + c;
-        for (int j = 0; j < D; ++j) carry_in[(s * chunks + next) * D + j] = maps[q * D + j](&carry_in[q * D]);
+        for (int j = 0; j < D; ++j) {
+          if (!std::isfinite(carry_in[q * D + j])) whole[s] = 1;
+          carry_in[(s * chunks + next) * D + j] = maps[q * D + j](&carry_in[q * D]);
+        }
+      }
+      if (whole[s]) {
+        const int64_t first = reverse ? s * chunks + chunks - 1 : s * chunks;
+        const int64_t last = reverse ? s * chunks : s * chunks + chunks - 1;
+        for (int j = 0; j < D; ++j) carry_in[last * D + j] = carry_in[first * D + j];
       }
     }
   }
 
   // Pass 3 (the only pass when not chunked): walk every lane with its true carry, storing outputs.
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      Lane lanes[kLanes];
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, num_lanes - g * kLanes));
-      for (int l = 0; l < n; ++l) lanes[l] = lane_of(g * kLanes + l);
-      acc_t carry[D][kLanes] = {};
-      for (int l = 0; l < n; ++l)
-        for (int j = 0; j < D; ++j) carry[j][l] = carry_in[(g * kLanes + l) * D + j];
-      walk_lanes<Step, scalar_t, acc_t, acc_t>(pb, params, lanes, n, reverse, carry);
+  const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/false);
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      Lane lanes[kTileLanes];
+      const int64_t first = t * tile_lanes;
+      const int n = static_cast<int>(std::min<int64_t>(tile_lanes, num_lanes - first));
+      for (int l = 0; l < n; ++l) lanes[l] = lane_of(first + l);
+      alignas(64) acc_t carry[kTileGroups][D][kLanes] = {};
+      for (int q = 0; q < n; ++q)
+        for (int j = 0; j < D; ++j) carry[q / kLanes][j][q % kLanes] = carry_in[(first + q) * D + j];
+      walk_tile<Step, scalar_t, acc_t>(pb, params, block, false, lanes, n, reverse, &carry[0][0][0], D * kLanes);
       if (final_carry) {
-        for (int l = 0; l < n; ++l) {
-          const int64_t q = g * kLanes + l, s = q / chunks, c = q % chunks;
+        for (int q = 0; q < n; ++q) {
+          const int64_t s = (first + q) / chunks, c = (first + q) % chunks;
           if (c != (reverse ? 0 : chunks - 1)) continue;
-          for (int j = 0; j < D; ++j) final_carry[j * num_seqs + s] = carry[j][l];
+          for (int j = 0; j < D; ++j) final_carry[j * num_seqs + s] = carry[q / kLanes][j][q % kLanes];
         }
       }
     }
   });
 }
 
-}  // namespace cpu
 }  // namespace RLK_ISA
 }  // namespace rlkernels

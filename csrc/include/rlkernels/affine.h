@@ -101,6 +101,15 @@ template <typename T>
 RLK_FN T min_(T a, T b) {
   return a < b ? a : b;
 }
+template <typename T>
+RLK_FN T max_(T a, T b) {
+  return a > b ? a : b;
+}
+// a < b ? x : y, elementwise for SIMD types (csrc/cpu/simd.h overloads these for its vectors).
+template <typename T>
+RLK_FN T select_lt(T a, T b, T x, T y) {
+  return a < b ? x : y;
+}
 
 }  // namespace RLK_ISA
 }  // namespace rlkernels

@@ -16,8 +16,8 @@
 #include "rlkernels/affine.h"
 
 namespace rlkernels {
-inline namespace RLK_ISA {
 
+// Plain data, shared by the builds of every instruction set (no functions, so no ODR hazard).
 template <typename T>
 struct ScanParams {
   T gamma = T(0.99);
@@ -36,6 +36,8 @@ struct StepIn {
   T g0, g1;              // upstream gradients of the two forward outputs
   T s0, s1;              // carries saved by the forward (vtrace)
 };
+
+inline namespace RLK_ISA {
 
 // x_t = b_t + a_t * x_next. Carry: x of the neighbour in scan order.
 struct LinearScanStep {
@@ -130,13 +132,14 @@ template <typename T, typename MathExp>
 RLK_FN VtraceWeights<T> vtrace_weights(const ScanParams<T>& p, T log_rho, MathExp exp_fn) {
   T e = exp_fn(log_rho);
   VtraceWeights<T> w;
-  // Where the clip binds, the weight is constant in log_rho (the same convention as torch.clamp).
+  // Where the clip binds, equality included, the weight is constant in log_rho: torch.clamp(e, max=clip)'s
+  // gradient, what eager IMPALA code computes (so on-policy data, e = clip = 1, gets no log_rho gradient).
   w.rho = min_(p.rho_clip, e);
-  w.drho = e <= p.rho_clip ? e : T(0);
+  w.drho = select_lt(e, p.rho_clip, e, T(0));
   w.c = p.lam * min_(p.c_clip, e);
-  w.dc = e <= p.c_clip ? p.lam * e : T(0);
+  w.dc = select_lt(e, p.c_clip, p.lam * e, T(0));
   w.pg = min_(p.pg_rho_clip, e);
-  w.dpg = e <= p.pg_rho_clip ? e : T(0);
+  w.dpg = select_lt(e, p.pg_rho_clip, e, T(0));
   return w;
 }
 
@@ -152,7 +155,7 @@ struct VtraceStepT {
   RLK_FN static void step(const ScanParams<T>& p, const StepIn<T>& in, C* carry, C* out) {
     VtraceWeights<T> w = vtrace_weights(p, in.lr, MathExp());
     T disc = p.gamma * (T(1) - in.term);
-    T cut = in.term > in.trunc ? in.term : in.trunc;
+    T cut = max_(in.term, in.trunc);
     C next_value = p.has_next ? C(in.nv) : carry[1];
     C delta = (in.r - in.v) + disc * next_value;
     C v_next = select(cut, next_value, carry[1] + carry[0]);
@@ -176,10 +179,10 @@ struct VtraceBackwardStepT {
   RLK_FN static void step(const ScanParams<T>& p, const StepIn<T>& in, C* carry, C* out) {
     VtraceWeights<T> w = vtrace_weights(p, in.lr, MathExp());
     T disc = p.gamma * (T(1) - in.term);
-    T cut = in.term > in.trunc ? in.term : in.trunc;
+    T cut = max_(in.term, in.trunc);
     T next_value = p.has_next ? in.nv : in.s1;
     T delta = (in.r - in.v) + disc * next_value;
-    T v_next = cut != T(0) ? next_value : in.s1 + in.s0;
+    T v_next = select(cut, next_value, in.s1 + in.s0);
     T pg_g = w.pg * in.g1;     // d loss / d (r + disc v' - V) through pg
     C x_g = in.g0 + carry[0];  // d loss / d x_t
     C delta_g = w.rho * x_g;
@@ -189,7 +192,7 @@ struct VtraceBackwardStepT {
              C(in.g1 * ((in.r - in.v) + disc * v_next) * w.dpg);
     out[3] = p.has_next ? disc * delta_g + C(disc * cut * pg_g) : C(T(0));
     carry[0] = (disc * (T(1) - in.trunc) * w.c) * x_g + (T(1) - cut) * disc * pg_g;
-    T pg_to_v = (cut == T(0) || !p.has_next) ? disc * pg_g : T(0);
+    T pg_to_v = p.has_next ? select(cut, T(0), disc * pg_g) : disc * pg_g;
     carry[1] = (p.has_next ? T(0) : disc) * delta_g + pg_to_v;
   }
   template <typename T>

@@ -1,0 +1,494 @@
+"""Shared test machinery: tolerances, the input factory, hypothesis profiles and the `cuda` marker.
+
+`make_inputs` is the one sample-input factory behind the correctness, gradient and opcheck tests (in the
+spirit of pytorch/extension-cpp's `sample_inputs`): it builds the arguments of a public function for any
+shape / layout / flag combination, and `Sample` turns them into a kernel call, a reference call or the
+canonical arguments of the raw custom op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+# ----------------------------------------------------------------------------------------------------
+# Hypothesis profiles: "ci" (default) keeps the whole suite within minutes on 2 cores; "dev" digs deeper.
+# ----------------------------------------------------------------------------------------------------
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    max_examples=40,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev",
+    deadline=None,
+    max_examples=300,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The `cuda` marker: skipped where no CUDA device exists.
+# ----------------------------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:  # the marker, not a keyword match on names
+            item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tolerances
+# ----------------------------------------------------------------------------------------------------
+
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+# dtype -> (rtol, atol relative to the largest |expected|). Returns grow like 1 / (1 - gamma), so an
+# absolute tolerance must scale with the magnitude of the result. 16-bit inputs are compared with the
+# reference run on the *rounded* 16-bit values, so the tolerance only covers the kernel's arithmetic.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2e-2, 2e-2),
+    torch.float16: (2e-2, 2e-2),
+}
+
+
+def to_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.double()
+        return x.numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def assert_close(actual, expected, dtype=torch.float64, *, name="output", scale=None, rtol=None, atol=None):
+    """`actual` (tensor) against `expected` (array) with the tolerance of `dtype`.
+
+    NaN must sit where the expected NaN sits, infinities must match exactly, and the absolute tolerance is
+    relative to the largest finite |expected| (at least 1).
+    """
+    exp = to_numpy(expected)
+    act = to_numpy(actual)
+    assert act.shape == exp.shape, f"{name}: shape {act.shape} != expected {exp.shape}"
+    d_rtol, d_atol = TOLERANCES[dtype]
+    rtol = d_rtol if rtol is None else rtol
+    atol = d_atol if atol is None else atol
+    if scale is None:
+        finite = exp[np.isfinite(exp)]
+        scale = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+    np.testing.assert_allclose(act, exp, rtol=rtol, atol=atol * scale, equal_nan=True, err_msg=name)
+
+
+def assert_outputs_close(actual, expected, dtype, names=None):
+    """Tuple-aware assert_close (gae and vtrace return two outputs)."""
+    if isinstance(actual, torch.Tensor):
+        actual, expected = (actual,), (expected,)
+    assert len(actual) == len(expected)
+    names = names or [f"output {i}" for i in range(len(actual))]
+    for a, e, n in zip(actual, expected, names):
+        assert_close(a, e, dtype, name=n)
+
+
+def output_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# The sample-input factory
+# ----------------------------------------------------------------------------------------------------
+
+OPS = ("linear_scan", "discounted_returns", "gae", "vtrace")
+
+# Differentiable inputs of each public function (DESIGN §4).
+DIFF_INPUTS = {
+    "linear_scan": ("a", "b", "initial"),
+    "discounted_returns": ("rewards", "next_values", "bootstrap_value"),
+    "gae": ("rewards", "values", "next_values", "bootstrap_value"),
+    "vtrace": ("rewards", "values", "log_rhos", "next_values", "bootstrap_value"),
+}
+# Positional tensor arguments of each public function, in order.
+POSITIONAL = {
+    "linear_scan": ("a", "b"),
+    "discounted_returns": ("rewards",),
+    "gae": ("rewards", "values"),
+    "vtrace": ("rewards", "values", "log_rhos"),
+}
+NUM_OUTPUTS = {"linear_scan": 1, "discounted_returns": 1, "gae": 2, "vtrace": 2}
+OUTPUT_NAMES = {
+    "linear_scan": ("x",),
+    "discounted_returns": ("returns",),
+    "gae": ("advantages", "returns"),
+    "vtrace": ("vs", "pg_advantages"),
+}
+
+
+@dataclasses.dataclass
+class Sample:
+    """The arguments of one call of a public function."""
+
+    op: str
+    tensors: dict  # name -> tensor (positional, float keyword, and flag tensors); None entries omitted
+    scalars: dict  # gamma, lam, clips, time_dim, reverse, cu_seqlens ...
+    dtype: torch.dtype
+
+    @property
+    def args(self):
+        return tuple(self.tensors[n] for n in POSITIONAL[self.op])
+
+    @property
+    def kwargs(self):
+        kw = {k: v for k, v in self.tensors.items() if k not in POSITIONAL[self.op]}
+        kw.update(self.scalars)
+        return kw
+
+    def call(self, backend="cpu", **overrides):
+        import rlkernels
+
+        kw = self.kwargs
+        kw.update(overrides)
+        return getattr(rlkernels, self.op)(*self.args, backend=backend, **kw)
+
+    def reference(self):
+        from rlkernels import reference
+
+        return getattr(reference, self.op)(*self.args, **self.kwargs)
+
+    def diff_names(self):
+        """The differentiable inputs present in this sample (tensors only)."""
+        return [n for n in DIFF_INPUTS[self.op] if isinstance(self.tensors.get(n), torch.Tensor)]
+
+    def with_tensors(self, **tensors):
+        new = dict(self.tensors)
+        new.update(tensors)
+        return dataclasses.replace(self, tensors={k: v for k, v in new.items() if v is not None})
+
+    def requiring_grad(self, names=None):
+        names = self.diff_names() if names is None else names
+        new = {
+            k: (v.detach().clone().requires_grad_(True) if k in names else v) for k, v in self.tensors.items()
+        }
+        return dataclasses.replace(self, tensors=new)
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as `x`, in a contiguous, transposed (permuted storage) or strided view."""
+    if layout == "contiguous" or x.dim() == 0:
+        return x.contiguous()
+    if layout == "transposed":
+        perm = list(reversed(range(x.dim())))
+        y = x.permute(perm).contiguous().permute(perm)  # the same values, storage in reversed dim order
+        assert torch.equal(y, x)
+        return y
+    if layout == "strided":
+        big = torch.zeros(x.shape[:-1] + (2 * x.shape[-1] + 1,), dtype=x.dtype)
+        big[..., 1::2] = x
+        y = big[..., 1::2]
+        assert torch.equal(y, x)
+        return y
+    raise ValueError(layout)
+
+
+def _flag(mask: torch.Tensor, flag_dtype) -> torch.Tensor:
+    if flag_dtype == torch.bool:
+        return mask
+    return mask.to(flag_dtype)
+
+
+def make_inputs(
+    op: str,
+    shape=(5, 3),
+    *,
+    dtype=torch.float64,
+    time_dim=0,
+    cu_seqlens=None,
+    cu_dtype=torch.int64,
+    terminated=0.0,
+    truncated=0.0,
+    next_values=False,
+    bootstrap="none",
+    mask=0.0,
+    flag_dtype=torch.bool,
+    layout="contiguous",
+    gamma=0.9,
+    lam=0.8,
+    rho_clip=1.0,
+    c_clip=1.0,
+    pg_rho_clip=1.0,
+    reverse=True,
+    initial="none",
+    requires_grad=False,
+    seed=0,
+) -> Sample:
+    """One set of inputs for `op`.
+
+    shape: the shape of rewards (1-D when `cu_seqlens`, a list of segment lengths, is given; the offsets are
+    made with `cu_dtype`).
+    terminated / truncated / mask: the probability of a set flag (0 leaves the flag out; for `mask`, the
+    probability of a *masked* position). truncated > 0 implies next_values. bootstrap / initial:
+    "none", "scalar" (a Python float) or "tensor" (one value per sequence).
+    layout: "contiguous", "transposed" or "strided" (applied to every tensor input).
+    """
+    g = torch.Generator().manual_seed(seed)
+    if cu_seqlens is not None:
+        lengths = list(cu_seqlens)
+        cu = torch.tensor([0] + list(np.cumsum(lengths, dtype=np.int64)), dtype=cu_dtype)
+        shape = (int(cu[-1]),)
+        seq_shape = (len(lengths),)
+    else:
+        cu = None
+        shape = tuple(shape)
+        td = time_dim % len(shape)
+        seq_shape = shape[:td] + shape[td + 1 :]
+
+    def randn(sh=shape, scale=1.0):
+        return (torch.randn(sh, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    def bern(p):
+        return torch.rand(shape, generator=g, dtype=torch.float64) < p
+
+    tensors = {}
+    scalars = {}
+    if op == "linear_scan":
+        tensors["a"] = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+        tensors["b"] = randn()
+        if initial == "tensor":
+            tensors["initial"] = randn(seq_shape)
+        elif initial == "scalar":
+            scalars["initial"] = 0.75
+        scalars["reverse"] = reverse
+        scalars["time_dim"] = time_dim
+    else:
+        tensors["rewards"] = randn()
+        if op in ("gae", "vtrace"):
+            tensors["values"] = randn()
+        if op == "vtrace":
+            tensors["log_rhos"] = randn(scale=0.7)
+        if next_values or truncated:
+            tensors["next_values"] = randn()
+        if terminated:
+            tensors["terminated"] = _flag(bern(terminated), flag_dtype if flag_dtype != "float" else dtype)
+        if truncated:
+            tensors["truncated"] = _flag(bern(truncated), flag_dtype if flag_dtype != "float" else dtype)
+        if mask:
+            tensors["mask"] = _flag(~bern(mask), flag_dtype if flag_dtype != "float" else dtype)
+        if bootstrap == "tensor":
+            tensors["bootstrap_value"] = randn(seq_shape)
+        elif bootstrap == "scalar":
+            scalars["bootstrap_value"] = -0.5
+        scalars["gamma"] = gamma
+        if op in ("gae", "vtrace"):
+            scalars["lam"] = lam
+        if op == "vtrace":
+            scalars.update(rho_clip=rho_clip, c_clip=c_clip, pg_rho_clip=pg_rho_clip)
+        if cu is not None:
+            scalars["cu_seqlens"] = cu
+        else:
+            scalars["time_dim"] = time_dim
+
+    for name, x in list(tensors.items()):
+        if x.shape == shape and x.dim() >= 1:
+            x = _layout(x, layout)
+        if requires_grad and name in DIFF_INPUTS[op] and x.is_floating_point():
+            x = x.detach().requires_grad_(True)
+        tensors[name] = x
+    return Sample(op, tensors, scalars, dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Canonical arguments of the raw custom ops (for opcheck)
+# ----------------------------------------------------------------------------------------------------
+
+
+def op_args(sample: Sample, *, save_carries=None):
+    """The arguments of torch.ops.rlkernels.<op> for a sample whose tensors are already canonical:
+    [O, T, I] contiguous with time_dim=1, or 1-D with cu_seqlens. Flags become bool."""
+    t, s = sample.tensors, sample.scalars
+    if "cu_seqlens" not in s:
+        assert s.get("time_dim", 1) == 1 and next(iter(t.values())).dim() == 3, (
+            "op_args needs [O, T, I] inputs"
+        )
+
+    def flag(name):
+        x = t.get(name)
+        return None if x is None else (x if x.dtype == torch.bool else x != 0)
+
+    def boot():
+        x = t.get("bootstrap_value")
+        return x if isinstance(x, torch.Tensor) else None
+
+    cu = s.get("cu_seqlens")
+    if sample.op == "linear_scan":
+        return (t["a"], t["b"], t.get("initial"), bool(s.get("reverse", True)))
+    common = (flag("terminated"), flag("truncated"), flag("mask"), cu)
+    if sample.op == "discounted_returns":
+        return (t["rewards"], t.get("next_values"), boot(), *common, float(s["gamma"]))
+    if sample.op == "gae":
+        return (
+            t["rewards"],
+            t["values"],
+            t.get("next_values"),
+            boot(),
+            *common,
+            float(s["gamma"]),
+            float(s["lam"]),
+        )
+    if sample.op == "vtrace":
+        if save_carries is None:
+            save_carries = t["log_rhos"].requires_grad
+        return (
+            t["rewards"],
+            t["values"],
+            t["log_rhos"],
+            t.get("next_values"),
+            boot(),
+            *common,
+            float(s["gamma"]),
+            float(s["lam"]),
+            float(s["rho_clip"]),
+            float(s["c_clip"]),
+            float(s["pg_rho_clip"]),
+            bool(save_carries),
+        )
+    raise ValueError(sample.op)
+
+
+def backward_op_args(sample: Sample, seed=1):
+    """Arguments of the backward op of `sample.op` (not linear_scan, whose backward is itself): upstream
+    gradients in the accumulation dtype, the flags and the geometry of the forward."""
+    t, s = sample.tensors, sample.scalars
+    g = torch.Generator().manual_seed(seed)
+    rewards = t["rewards"].detach()
+    acc = output_dtype(rewards.dtype)
+
+    def grad():
+        return torch.randn(rewards.shape, generator=g, dtype=torch.float64).to(acc)
+
+    def flag(name):
+        x = t.get(name)
+        return None if x is None else (x if x.dtype == torch.bool else x != 0)
+
+    cu = s.get("cu_seqlens")
+    flags = (flag("terminated"), flag("truncated"), flag("mask"), cu)
+    has_next = t.get("next_values") is not None
+    if sample.op == "discounted_returns":
+        return (grad(), *flags, rewards, float(s["gamma"]), has_next)
+    if sample.op == "gae":
+        return (grad(), grad(), *flags, rewards, float(s["gamma"]), float(s["lam"]), has_next)
+    if sample.op == "vtrace":
+        fwd = torch.ops.rlkernels.vtrace(*op_args(sample, save_carries=True))
+        nv = t.get("next_values")
+        return (
+            grad(),
+            grad(),
+            rewards,
+            t["values"].detach(),
+            t["log_rhos"].detach(),
+            None if nv is None else nv.detach(),
+            fwd[2],
+            fwd[3],
+            *flags,
+            float(s["gamma"]),
+            float(s["lam"]),
+            float(s["rho_clip"]),
+            float(s["c_clip"]),
+            float(s["pg_rho_clip"]),
+        )
+    raise ValueError(sample.op)
+
+
+def canonical_samples(op, dtype=torch.float64, requires_grad=False):
+    """A small spread of canonical samples for the raw ops: plain, all flags with next_values, mask with
+    bootstrap values, and packed varlen with an empty segment."""
+    out = [
+        make_inputs(op, (2, 6, 3), time_dim=1, dtype=dtype, requires_grad=requires_grad, seed=11),
+    ]
+    if op == "linear_scan":
+        out.append(
+            make_inputs(
+                op,
+                (1, 9, 2),
+                time_dim=1,
+                dtype=dtype,
+                initial="tensor",
+                reverse=False,
+                requires_grad=requires_grad,
+                seed=12,
+            )
+        )
+        return out
+    out.append(
+        make_inputs(
+            op,
+            (2, 7, 2),
+            time_dim=1,
+            dtype=dtype,
+            terminated=0.2,
+            truncated=0.2,
+            mask=0.3,
+            requires_grad=requires_grad,
+            seed=13,
+        )
+    )
+    out.append(
+        make_inputs(
+            op,
+            (1, 8, 3),
+            time_dim=1,
+            dtype=dtype,
+            terminated=0.2,
+            mask=0.3,
+            bootstrap="tensor",
+            requires_grad=requires_grad,
+            seed=14,
+        )
+    )
+    out.append(
+        make_inputs(
+            op,
+            dtype=dtype,
+            cu_seqlens=[3, 0, 5, 1],
+            terminated=0.2,
+            bootstrap="tensor",
+            requires_grad=requires_grad,
+            seed=15,
+        )
+    )
+    return out
+
+
+# Re-exported for the test modules.
+__all__ = [
+    "DIFF_INPUTS",
+    "DTYPES",
+    "LOW_PRECISION",
+    "NUM_OUTPUTS",
+    "OPS",
+    "OUTPUT_NAMES",
+    "TOLERANCES",
+    "Sample",
+    "assert_close",
+    "assert_outputs_close",
+    "backward_op_args",
+    "canonical_samples",
+    "make_inputs",
+    "op_args",
+    "output_dtype",
+    "to_numpy",
+]

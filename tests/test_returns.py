@@ -1,0 +1,1358 @@
+"""Tests of the reverse-scan family (rlkernels.returns): linear_scan, discounted_returns, gae, vtrace.
+
+The CPU kernels are checked against the NumPy oracle (rlkernels.reference) on random (hypothesis) and
+fixed cases, on the chunked long-sequence path of the CPU engine, and for their gradients (gradcheck, a
+plain torch autograd re-implementation, and chunked vs non-chunked runs); the custom ops pass opcheck and
+compile with torch.compile(fullgraph=True). DESIGN.md §3-§5 is the specification.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    DIFF_INPUTS,
+    DTYPES,
+    LOW_PRECISION,
+    NUM_OUTPUTS,
+    OPS,
+    OUTPUT_NAMES,
+    assert_close,
+    assert_outputs_close,
+    backward_op_args,
+    canonical_samples,
+    make_inputs,
+    op_args,
+    output_dtype,
+    to_numpy,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+import rlkernels
+from rlkernels import reference
+
+F64 = torch.float64
+SCAN_OPS = ("discounted_returns", "gae", "vtrace")
+
+
+def _tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _check_against_reference(sample, *, names=None):
+    out = _tuple(sample.call("cpu"))
+    exp = _tuple(sample.reference())
+    assert len(out) == NUM_OUTPUTS[sample.op]
+    in_shape = sample.tensors["b" if sample.op == "linear_scan" else "rewards"].shape
+    for o in out:
+        assert o.dtype == output_dtype(sample.dtype), f"{sample.op}: output dtype {o.dtype}"
+        assert o.shape == in_shape
+    assert_outputs_close(out, exp, sample.dtype, names or list(OUTPUT_NAMES[sample.op]))
+    return out
+
+
+# ====================================================================================================
+# Property-based agreement with the reference
+# ====================================================================================================
+
+_GAMMAS = st.one_of(st.sampled_from([0.0, 0.5, 0.9, 0.99, 1.0]), st.floats(0.0, 1.0))
+_PROBS = st.sampled_from([0.0, 0.1, 0.5])
+_MASK_PROBS = st.sampled_from([0.0, 0.3, 0.9])
+_FLAG_DTYPES = st.sampled_from([torch.bool, torch.uint8, "float"])
+_LAYOUTS = st.sampled_from(["contiguous", "transposed", "strided"])
+
+
+@st.composite
+def scan_cases(draw, op):
+    dtype = draw(st.sampled_from(DTYPES))
+    packed = op != "linear_scan" and draw(st.integers(0, 3)) == 0
+    kw = {"dtype": dtype, "seed": draw(st.integers(0, 2**31 - 1)), "layout": draw(_LAYOUTS)}
+    if packed:
+        lengths = draw(
+            st.lists(st.one_of(st.just(0), st.integers(1, 40), st.just(97)), min_size=1, max_size=5)
+        )
+        kw["cu_seqlens"] = lengths
+        kw["cu_dtype"] = draw(st.sampled_from([torch.int32, torch.int64]))
+    else:
+        T = draw(st.one_of(st.sampled_from([1, 2, 3, 17, 97, 1025]), st.integers(1, 64)))
+        batch = draw(st.lists(st.sampled_from([1, 2, 3, 5]), min_size=0, max_size=2))
+        if T > 100:
+            batch = batch[:1]
+        pos = draw(st.integers(0, len(batch)))
+        shape = tuple(batch[:pos]) + (T,) + tuple(batch[pos:])
+        negative = draw(st.booleans())
+        kw["shape"] = shape
+        kw["time_dim"] = pos - len(shape) if negative else pos
+    if op == "linear_scan":
+        kw["reverse"] = draw(st.booleans())
+        kw["initial"] = draw(st.sampled_from(["none", "scalar", "tensor"]))
+        return make_inputs(op, **kw)
+    kw["terminated"] = draw(_PROBS)
+    kw["truncated"] = draw(_PROBS)
+    kw["next_values"] = kw["truncated"] > 0 or draw(st.booleans())
+    kw["mask"] = draw(_MASK_PROBS)
+    kw["bootstrap"] = draw(st.sampled_from(["none", "scalar", "tensor"]))
+    kw["flag_dtype"] = draw(_FLAG_DTYPES)
+    kw["gamma"] = draw(_GAMMAS)
+    kw["lam"] = draw(_GAMMAS)
+    if op == "vtrace":
+        kw["rho_clip"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
+        kw["c_clip"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
+        kw["pg_rho_clip"] = draw(st.sampled_from([0.5, 1.0, 2.0]))
+    return make_inputs(op, **kw)
+
+
+@pytest.mark.parametrize("op", OPS)
+@given(data=st.data())
+def test_property_matches_reference(op, data):
+    sample = data.draw(scan_cases(op))
+    _check_against_reference(sample)
+
+
+# A deterministic grid over the same axes, so that every named case runs on every run (hypothesis picks
+# a few at random): lengths 1, 97, 1025; several leading dims; time_dim 0 / -1 / middle; every dtype;
+# flag dtypes; non-contiguous layouts; packed sequences with empty segments.
+GRID = {
+    "T1": {"shape": (1, 4)},
+    "T97_tmajor": {"shape": (97, 5), "terminated": 0.05, "truncated": 0.05, "bootstrap": "tensor"},
+    # >= 16 adjacent sequences: the engine's vector-load path for the time-major layout, plus a ragged rest
+    "T97_wide": {
+        "shape": (97, 37),
+        "terminated": 0.05,
+        "truncated": 0.05,
+        "mask": 0.2,
+        "bootstrap": "tensor",
+    },
+    "T1025_bmajor": {
+        "shape": (2, 1025),
+        "time_dim": -1,
+        "terminated": 0.01,
+        "mask": 0.3,
+        "bootstrap": "tensor",
+    },
+    "lead_dims_middle": {
+        "shape": (3, 17, 2),
+        "time_dim": 1,
+        "terminated": 0.2,
+        "truncated": 0.1,
+        "mask": 0.2,
+        "flag_dtype": torch.uint8,
+        "bootstrap": "tensor",
+    },
+    "lead_dims_last": {
+        "shape": (2, 3, 33),
+        "time_dim": -1,
+        "truncated": 0.1,
+        "flag_dtype": "float",
+        "layout": "transposed",
+        "bootstrap": "scalar",
+    },
+    "lead_dims_first": {
+        "shape": (31, 2, 3),
+        "time_dim": 0,
+        "terminated": 0.1,
+        "mask": 0.5,
+        "layout": "strided",
+        "next_values": True,
+    },
+    "one_dim": {"shape": (40,), "terminated": 0.1, "bootstrap": "tensor"},
+    "packed": {
+        "cu_seqlens": [5, 0, 97, 1, 0, 13],
+        "terminated": 0.1,
+        "truncated": 0.1,
+        "mask": 0.2,
+        "bootstrap": "tensor",
+        "layout": "strided",
+    },
+    "packed_mask_bootstrap": {
+        "cu_seqlens": [0, 7, 9],
+        "terminated": 0.2,
+        "mask": 0.4,
+        "bootstrap": "tensor",
+        "flag_dtype": torch.uint8,
+        "cu_dtype": torch.int32,
+    },
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(GRID))
+@pytest.mark.parametrize("op", OPS)
+def test_grid_matches_reference(op, case, dtype):
+    kw = dict(GRID[case])
+    if op == "linear_scan":
+        if "cu_seqlens" in kw:
+            pytest.skip("linear_scan takes no cu_seqlens")
+        kw = {k: v for k, v in kw.items() if k in ("shape", "time_dim", "layout")}
+        kw["initial"] = "tensor"
+        kw["reverse"] = case.endswith("last")  # both directions over the grid
+    _check_against_reference(make_inputs(op, dtype=dtype, seed=list(GRID).index(case), **kw))
+
+
+@pytest.mark.parametrize("op", SCAN_OPS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_low_precision_accumulates_in_float32(op, dtype):
+    # DESIGN §3: 16-bit inputs are read as they are and accumulated in float32, output float32. Against the
+    # reference on the rounded inputs the error is then float32 round-off, far inside the 2e-2 budget.
+    sample = make_inputs(
+        op, (300, 4), dtype=dtype, gamma=0.99, lam=0.95, terminated=0.02, mask=0.2, bootstrap="tensor", seed=5
+    )
+    out = _tuple(sample.call("cpu"))
+    for o, e in zip(out, _tuple(sample.reference())):
+        assert o.dtype == torch.float32
+        assert_close(o, e, torch.float32, rtol=1e-5, atol=2e-5)
+
+
+def test_mixed_dtypes_promote():
+    # rewards float32, values float64: computed (and returned) in float64; gradients come back per input dtype.
+    s = make_inputs("gae", (20, 3), dtype=F64, terminated=0.2, seed=3)
+    r32 = s.tensors["rewards"].float().requires_grad_()
+    v64 = s.tensors["values"].clone().requires_grad_()
+    adv, ret = rlkernels.gae(r32, v64, terminated=s.tensors["terminated"], gamma=0.9, lam=0.8)
+    assert adv.dtype == ret.dtype == F64
+    ea, er = reference.gae(r32.double(), v64, terminated=s.tensors["terminated"], gamma=0.9, lam=0.8)
+    assert_close(adv, ea)
+    assert_close(ret, er)
+    gr, gv = torch.autograd.grad((adv + ret).sum(), (r32, v64))
+    assert gr.dtype == torch.float32 and gv.dtype == F64
+    # d sum(A + R) / d r_t does not depend on the dtype path: compare with the float64 run
+    r64 = r32.detach().double().requires_grad_()
+    a2, r2 = rlkernels.gae(r64, v64, terminated=s.tensors["terminated"], gamma=0.9, lam=0.8)
+    gr64, gv64 = torch.autograd.grad((a2 + r2).sum(), (r64, v64))
+    assert_close(gr, gr64, torch.float32)
+    assert_close(gv, gv64)
+
+
+def test_non_contiguous_per_sequence_values():
+    # bootstrap_value / initial as strided and transposed views
+    s = make_inputs("gae", (3, 11, 4), time_dim=1, terminated=0.2, seed=6)
+    boot = torch.randn(4, 3, dtype=F64).T  # [3, 4], transposed storage
+    out = s.call("cpu", bootstrap_value=boot)
+    assert_outputs_close(out, reference.gae(*s.args, **{**s.kwargs, "bootstrap_value": boot}), F64)
+    a, b = torch.rand(20, 3, dtype=F64), torch.randn(20, 3, dtype=F64)
+    init = torch.randn(3, 2, dtype=F64)[:, 1]
+    assert_close(rlkernels.linear_scan(a, b, initial=init), reference.linear_scan(a, b, initial=init))
+
+
+def test_expanded_inputs():
+    # stride-0 (broadcast) views are valid inputs
+    T, B = 13, 4
+    r = torch.randn(T, 1, dtype=F64).expand(T, B)
+    v = torch.randn(1, B, dtype=F64).expand(T, B)
+    term = (torch.rand(T, 1) < 0.3).expand(T, B)
+    out = rlkernels.gae(r, v, terminated=term, bootstrap_value=torch.ones(B, dtype=F64))
+    exp = reference.gae(r, v, terminated=term, bootstrap_value=np.ones(B))
+    assert_outputs_close(out, exp, F64)
+
+
+# ====================================================================================================
+# Long sequences: the chunked path of the CPU engine (T >= 16384 with <= 256 sequences, kChunk = 4096)
+# ====================================================================================================
+
+LONG_T = (16383, 16384, 40961)
+
+
+@pytest.mark.parametrize("T", LONG_T)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("layout", ["time_major", "batch_major"])
+def test_long_sequences_match_reference(op, T, layout):
+    B = {16383: 1, 16384: 2, 40961: 3}[T]
+    shape, time_dim = ((T, B), 0) if layout == "time_major" else ((B, T), -1)
+    kw = {"shape": shape, "time_dim": time_dim, "dtype": F64, "seed": T + B}
+    if op == "linear_scan":
+        # |a| close to 1 so that the carry crosses chunk boundaries with weight
+        s = make_inputs(op, initial="tensor", reverse=T != 16384, **kw)
+        a = s.tensors["a"]
+        s = s.with_tensors(a=0.999 + 0.001 * a)
+    else:
+        # sparse flags so that episodes span chunk boundaries; gamma/lam near 1 so the carry matters
+        s = make_inputs(
+            op,
+            terminated=2e-4,
+            truncated=2e-4 if T != 16384 else 0.0,
+            next_values=T != 16384,
+            mask=0.1,
+            bootstrap="tensor",
+            gamma=0.9995,
+            lam=0.999,
+            flag_dtype=torch.uint8,
+            **kw,
+        )
+    _check_against_reference(s)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_long_sequences_many_lanes(op):
+    # 17 sequences x 4 chunks = 68 lanes: several lane groups on the chunked path, with a ragged last group
+    kw = (
+        {"initial": "tensor"}
+        if op == "linear_scan"
+        else {"terminated": 1e-3, "mask": 0.1, "bootstrap": "tensor", "gamma": 0.999, "lam": 0.99}
+    )
+    s = make_inputs(op, (16384, 17), dtype=F64, seed=9, **kw)
+    if op == "linear_scan":
+        s = s.with_tensors(a=0.999 + 0.001 * s.tensors["a"])
+    _check_against_reference(s)
+
+
+@pytest.mark.parametrize("op", SCAN_OPS)
+def test_long_sequence_with_fully_masked_chunks(op):
+    # Whole chunks with mask 0 are identity maps: the carry must pass through them unchanged.
+    T = 3 * 4096 + 4096 + 17
+    s = make_inputs(
+        op, (T, 2), dtype=F64, mask=0.05, terminated=1e-4, bootstrap="tensor", gamma=0.9999, lam=1.0, seed=7
+    )
+    mask = s.tensors["mask"].clone()
+    mask[100 : 4096 * 3 + 5, 0] = False  # chunks 0-2 of sequence 0 almost entirely masked
+    mask[4096:8192, 1] = False  # exactly chunk 1 of sequence 1
+    _check_against_reference(s.with_tensors(mask=mask))
+
+
+@pytest.mark.parametrize("op", SCAN_OPS)
+def test_long_sequence_float32(op):
+    s = make_inputs(
+        op,
+        (40961, 2),
+        dtype=torch.float32,
+        terminated=1e-3,
+        mask=0.1,
+        bootstrap="tensor",
+        gamma=0.99,
+        lam=0.95,
+        seed=8,
+    )
+    _check_against_reference(s)
+
+
+def _grads(sample, seed=0, names=None):
+    """Outputs and d(sum_i <w_i, out_i>)/d inputs, with random weights w (fixed by seed)."""
+    s = sample.requiring_grad(names)
+    out = _tuple(s.call("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(o.shape, generator=g, dtype=F64).to(o.dtype) for o in out]
+    loss = sum((o * w).sum() for o, w in zip(out, ws))
+    names = s.diff_names() if names is None else names
+    grads = torch.autograd.grad(loss, [s.tensors[n] for n in names])
+    return out, dict(zip(names, grads))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_long_sequence_gradients_match_unchunked(op):
+    # [T, 3] is chunked (3 <= 256 sequences); the same 3 sequences padded to [T, 257] are walked whole.
+    # Both backward passes must agree (float64, different summation order only).
+    T, B, PAD = 16385, 3, 257
+    kw = {"dtype": F64, "seed": 21}
+    if op == "linear_scan":
+        big = make_inputs(op, (T, PAD), initial="tensor", **kw)
+        big = big.with_tensors(a=0.999 + 0.001 * big.tensors["a"])
+    else:
+        big = make_inputs(
+            op,
+            (T, PAD),
+            terminated=3e-4,
+            truncated=3e-4,
+            mask=0.1,
+            bootstrap="tensor",
+            gamma=0.9995,
+            lam=0.999,
+            **kw,
+        )
+        # bootstrap is ignored with next_values: make one run without them so its gradient is exercised
+        if op == "gae":
+            big = big.with_tensors(truncated=None, next_values=None)
+    small = big.with_tensors(
+        **{k: (v[:, :B].contiguous() if v.dim() == 2 else v[:B].contiguous()) for k, v in big.tensors.items()}
+    )
+    out_s, g_s = _grads(small, seed=1)
+    # the padded run uses the same upstream weights on the first B columns
+    s = big.requiring_grad()
+    out_b = _tuple(s.call("cpu"))
+    gen = torch.Generator().manual_seed(1)
+    ws = [torch.randn((T, B), generator=gen, dtype=F64) for _ in out_b]
+    ws = [torch.cat([w, torch.randn(T, PAD - B, dtype=F64)], 1) for w in ws]
+    loss = sum((o * w).sum() for o, w in zip(out_b, ws))
+    names = s.diff_names()
+    g_b = dict(zip(names, torch.autograd.grad(loss, [s.tensors[n] for n in names])))
+    for o_s, o_b in zip(out_s, out_b):
+        assert_close(o_s, o_b[:, :B], F64, rtol=1e-9, atol=1e-9)
+    assert set(g_s) == set(names)
+    for n in names:
+        gb = g_b[n][:, :B] if g_b[n].dim() == 2 else g_b[n][:B]
+        assert_close(g_s[n], gb, F64, name=f"grad {n}", rtol=1e-9, atol=1e-9)
+
+
+# ====================================================================================================
+# Fixed cases checked by hand
+# ====================================================================================================
+
+
+def _t(x, dtype=F64):
+    return torch.tensor(x, dtype=dtype)
+
+
+def _b(x):
+    return torch.tensor(x, dtype=torch.bool)
+
+
+def test_linear_scan_by_hand():
+    a, b = _t([0.5, 0.5, 0.5]), _t([1.0, 2.0, 3.0])
+    # reverse: x2 = 3 + .5*4 = 5; x1 = 2 + .5*5 = 4.5; x0 = 1 + .5*4.5 = 3.25
+    assert_close(rlkernels.linear_scan(a, b, initial=4.0), [3.25, 4.5, 5.0])
+    # forward: x0 = 1 + .5*4 = 3; x1 = 2 + .5*3 = 3.5; x2 = 3 + .5*3.5 = 4.75
+    assert_close(rlkernels.linear_scan(a, b, initial=_t(4.0), reverse=False), [3.0, 3.5, 4.75])
+    # no initial: x2 = 3; x1 = 2 + 1.5 = 3.5; x0 = 1 + 1.75 = 2.75
+    assert_close(rlkernels.linear_scan(a, b), [2.75, 3.5, 3.0])
+
+
+def test_discounted_returns_by_hand():
+    r = _t([1.0, 2.0, 3.0])
+    # G2 = 3; G1 = 2 + .5*3 = 3.5; G0 = 1 + .5*3.5 = 2.75
+    assert_close(rlkernels.discounted_returns(r, gamma=0.5), [2.75, 3.5, 3.0])
+    # bootstrap 4: G2 = 3 + 2 = 5; G1 = 2 + 2.5 = 4.5; G0 = 1 + 2.25 = 3.25
+    assert_close(rlkernels.discounted_returns(r, gamma=0.5, bootstrap_value=4.0), [3.25, 4.5, 5.0])
+    assert_close(rlkernels.discounted_returns(r, gamma=0.5, bootstrap_value=_t(4.0)), [3.25, 4.5, 5.0])
+    # gamma 0: the rewards themselves; gamma 1: plain sums (6, 5, 3)
+    assert_close(rlkernels.discounted_returns(r, gamma=0.0, bootstrap_value=4.0), [1.0, 2.0, 3.0])
+    assert_close(rlkernels.discounted_returns(r, gamma=1.0), [6.0, 5.0, 3.0])
+
+
+def test_discounted_returns_terminated_vs_truncated_by_hand():
+    r = _t([1.0, 2.0, 3.0])
+    nv = _t([10.0, 6.0, 4.0])
+    flag = _b([False, True, False])
+    # terminated at 1 (bootstrap 4): G2 = 3 + .5*4 = 5; G1 = 2 (no future); G0 = 1 + .5*2 = 2
+    assert_close(
+        rlkernels.discounted_returns(r, gamma=0.5, terminated=flag, bootstrap_value=4.0), [2.0, 2.0, 5.0]
+    )
+    # truncated at 1 (next_values): G2 = 3 + .5*nv2 = 5; G1 = 2 + .5*nv1 = 5; G0 = 1 + .5*5 = 3.5
+    assert_close(rlkernels.discounted_returns(r, gamma=0.5, truncated=flag, next_values=nv), [3.5, 5.0, 5.0])
+    # next_values without flags: only the last step reads them: G2 = 5, G1 = 2 + 2.5 = 4.5, G0 = 3.25;
+    # a bootstrap_value is then ignored
+    assert_close(
+        rlkernels.discounted_returns(r, gamma=0.5, next_values=nv, bootstrap_value=100.0), [3.25, 4.5, 5.0]
+    )
+    # terminated and truncated at once: terminated wins (G1 = 2)
+    assert_close(
+        rlkernels.discounted_returns(r, gamma=0.5, terminated=flag, truncated=flag, next_values=nv),
+        [2.0, 2.0, 5.0],
+    )
+    # terminated at the last step: its next value does not count: G2 = 3, G1 = 3.5, G0 = 2.75
+    last = _b([False, False, True])
+    assert_close(
+        rlkernels.discounted_returns(r, gamma=0.5, terminated=last, next_values=nv), [2.75, 3.5, 3.0]
+    )
+
+
+def test_discounted_returns_mask_by_hand():
+    r = _t([1.0, 100.0, 3.0, 100.0])
+    m = _t([1.0, 0.0, 1.0, 0.0])
+    # valid steps 0 and 2; bootstrap 4 after step 2: G2 = 3 + .5*4 = 5; G0 = 1 + .5*5 = 3.5; masked -> 0
+    assert_close(
+        rlkernels.discounted_returns(r, gamma=0.5, mask=m, bootstrap_value=4.0), [3.5, 0.0, 5.0, 0.0]
+    )
+    # with next_values, the last *valid* step (2) bootstraps from next_values[2] = 6: G2 = 6, G0 = 4
+    nv = _t([50.0, 50.0, 6.0, 50.0])
+    assert_close(rlkernels.discounted_returns(r, gamma=0.5, mask=m, next_values=nv), [4.0, 0.0, 6.0, 0.0])
+
+
+def test_discounted_returns_packed_by_hand():
+    r = _t([1.0, 2.0, 3.0, 4.0, 5.0])
+    cu = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    # seg 0 (boot 10): G1 = 2 + 5 = 7, G0 = 1 + 3.5 = 4.5; seg 1 empty;
+    # seg 2 (boot 30): G4 = 5 + 15 = 20, G3 = 4 + 10 = 14, G2 = 3 + 7 = 10
+    G = rlkernels.discounted_returns(r, gamma=0.5, cu_seqlens=cu, bootstrap_value=_t([10.0, 20.0, 30.0]))
+    assert_close(G, [4.5, 7.0, 10.0, 14.0, 20.0])
+    # with next_values, each segment's last step bootstraps from them: G1 = 2 + .5*8 = 6, G0 = 4;
+    # G4 = 5 + .5*8 = 9, G3 = 8.5, G2 = 7.25
+    G = rlkernels.discounted_returns(
+        r, gamma=0.5, cu_seqlens=cu, next_values=torch.full((5,), 8.0, dtype=F64)
+    )
+    assert_close(G, [4.0, 6.0, 7.25, 8.5, 9.0])
+
+
+def test_gae_by_hand():
+    r, v = _t([1.0, 1.0, 1.0]), _t([0.5, 1.0, 2.0])
+    # gamma = lam = .5, bootstrap 4: delta2 = 1 + 2 - 2 = 1; delta1 = 1 + 1 - 1 = 1; delta0 = 1 + .5 - .5 = 1
+    # A2 = 1; A1 = 1 + .25*1 = 1.25; A0 = 1 + .25*1.25 = 1.3125; returns = A + V
+    adv, ret = rlkernels.gae(r, v, gamma=0.5, lam=0.5, bootstrap_value=4.0)
+    assert_close(adv, [1.3125, 1.25, 1.0])
+    assert_close(ret, [1.8125, 2.25, 3.0])
+    # terminated at 1: delta1 = 1 - 1 = 0, A1 = 0; A0 = 1 + .25*0 = 1
+    adv, ret = rlkernels.gae(r, v, gamma=0.5, lam=0.5, bootstrap_value=4.0, terminated=_b([0, 1, 0]))
+    assert_close(adv, [1.0, 0.0, 1.0])
+    assert_close(ret, [1.5, 1.0, 3.0])
+    # truncated at 1 with next_values [1, 3, 4]: delta0 = 1 + .5 - .5 = 1; delta1 = 1 + 1.5 - 1 = 1.5;
+    # delta2 = 1 + 2 - 2 = 1. A2 = 1; A1 = 1.5 (cut); A0 = 1 + .25*1.5 = 1.375
+    adv, ret = rlkernels.gae(
+        r, v, gamma=0.5, lam=0.5, truncated=_b([0, 1, 0]), next_values=_t([1.0, 3.0, 4.0])
+    )
+    assert_close(adv, [1.375, 1.5, 1.0])
+    assert_close(ret, [1.875, 2.5, 3.0])
+    # lam = 0: one-step TD errors
+    adv, _ = rlkernels.gae(r, v, gamma=0.5, lam=0.0, bootstrap_value=4.0)
+    assert_close(adv, [1.0, 1.0, 1.0])
+
+
+def test_gae_lam_one_is_discounted_returns():
+    # lam = 1: A_t + V_t telescopes to r_t + .5 r_{t+1} + ... + .5^k bootstrap, the discounted return:
+    # G2 = 1 + .5*4 = 3, G1 = 1 + .5*3 = 2.5, G0 = 1 + .5*2.5 = 2.25
+    r, v = _t([1.0, 1.0, 1.0]), _t([0.5, 1.0, 2.0])
+    _, ret = rlkernels.gae(r, v, gamma=0.5, lam=1.0, bootstrap_value=4.0)
+    assert_close(ret, [2.25, 2.5, 3.0])
+    assert_close(ret, rlkernels.discounted_returns(r, gamma=0.5, bootstrap_value=4.0))
+
+
+def test_gae_mask_by_hand():
+    r, v = _t([1.0, 9.0, 1.0]), _t([0.5, 9.0, 2.0])
+    m = _b([True, False, True])
+    # valid steps 0 and 2: delta2 = 1 + .5*4 - 2 = 1, A2 = 1; delta0 = 1 + .5*V2 - .5 = 1.5 (the next value
+    # is the next *valid* one), A0 = 1.5 + .25*1 = 1.75; masked position -> 0 in both outputs
+    adv, ret = rlkernels.gae(r, v, gamma=0.5, lam=0.5, bootstrap_value=4.0, mask=m)
+    assert_close(adv, [1.75, 0.0, 1.0])
+    assert_close(ret, [2.25, 0.0, 3.0])
+
+
+def _verl_gae(rewards, values, mask, gamma, lam):
+    """verl's compute_gae_advantage_return (before whitening), transcribed."""
+    nextvalues, lastgaelam = 0, 0
+    advantages_reversed = []
+    for t in reversed(range(rewards.shape[-1])):
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam_ = delta + gamma * lam * lastgaelam
+        nextvalues = values[:, t] * mask[:, t] + (1 - mask[:, t]) * nextvalues
+        lastgaelam = lastgaelam_ * mask[:, t] + (1 - mask[:, t]) * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages, advantages + values
+
+
+def test_gae_mask_is_verl_semantics():
+    # LLM layout [B, T], time_dim=-1: equal to verl where mask is 1, zeros where mask is 0 (verl leaves carries)
+    g = torch.Generator().manual_seed(0)
+    B, T = 4, 37
+    r = torch.randn(B, T, generator=g, dtype=F64)
+    v = torch.randn(B, T, generator=g, dtype=F64)
+    m = (torch.rand(B, T, generator=g) < 0.6).to(F64)
+    m[:, :5] = 0  # prompt
+    m[1] = 0  # a fully masked sequence
+    adv, ret = rlkernels.gae(r, v, mask=m, gamma=0.99, lam=0.95, time_dim=-1)
+    ea, er = _verl_gae(r, v, m, 0.99, 0.95)
+    on = m.bool()
+    assert_close(adv[on], ea[on])
+    assert_close(ret[on], er[on])
+    assert torch.all(adv[~on] == 0) and torch.all(ret[~on] == 0)
+    assert (adv[~on].numel() > 0) and not torch.all(ea[~on] == 0)  # verl does leave carries there
+
+
+def test_vtrace_by_hand():
+    r, v = _t([1.0, 1.0]), _t([0.0, 0.0])
+    lr = _t([math.log(2.0), math.log(0.5)])
+    # gamma .5, bootstrap 2, clips 1: t=1: rho = c = .5, delta1 = 1 + .5*2 = 2, x1 = 1, vs1 = 1,
+    # pg1 = .5*(1 + .5*2) = 1.  t=0: rho = c = min(1, 2) = 1, delta0 = 1 + .5*V1 = 1, x0 = 1 + .5*1*1 = 1.5,
+    # vs0 = 1.5, pg0 = 1*(1 + .5*vs1) = 1.5
+    vs, pg = rlkernels.vtrace(r, v, lr, gamma=0.5, bootstrap_value=2.0)
+    assert_close(vs, [1.5, 1.0])
+    assert_close(pg, [1.5, 1.0])
+    # rho_clip 2: rho0 = 2 -> x0 = 2*1 + .5*1*1 = 2.5; pg keeps pg_rho_clip 1 -> 1.5
+    vs, pg = rlkernels.vtrace(r, v, lr, gamma=0.5, bootstrap_value=2.0, rho_clip=2.0)
+    assert_close(vs, [2.5, 1.0])
+    assert_close(pg, [1.5, 1.0])
+    # pg_rho_clip 2: pg0 = 2 * 1.5 = 3
+    _, pg = rlkernels.vtrace(r, v, lr, gamma=0.5, bootstrap_value=2.0, pg_rho_clip=2.0)
+    assert_close(pg, [3.0, 1.0])
+    # lam .5: c0 = .5 -> x0 = 1 + .5*.5*1 = 1.25 (and c1 = .25 has nothing after it)
+    vs, _ = rlkernels.vtrace(r, v, lr, gamma=0.5, bootstrap_value=2.0, lam=0.5)
+    assert_close(vs, [1.25, 1.0])
+    # c_clip .25: c0 = .25 -> x0 = 1 + .5*.25*1 = 1.125
+    vs, _ = rlkernels.vtrace(r, v, lr, gamma=0.5, bootstrap_value=2.0, c_clip=0.25)
+    assert_close(vs, [1.125, 1.0])
+
+
+def test_vtrace_flags_by_hand():
+    r, v = _t([1.0, 1.0]), _t([0.0, 0.0])
+    lr = _t([math.log(2.0), math.log(0.5)])
+    # terminated at 0: delta0 = 1, x0 = 1 (cut), vs0 = 1; pg0 = 1*(1 + 0) = 1
+    vs, pg = rlkernels.vtrace(r, v, lr, gamma=0.5, bootstrap_value=2.0, terminated=_b([1, 0]))
+    assert_close(vs, [1.0, 1.0])
+    assert_close(pg, [1.0, 1.0])
+    # truncated at 0, next_values [3, 2]: delta0 = 1 + 1.5 = 2.5, x0 = 2.5 (cut), pg0 uses V'0 = 3: 2.5;
+    # t=1 as before (next_values[1] = 2 = the old bootstrap)
+    vs, pg = rlkernels.vtrace(r, v, lr, gamma=0.5, truncated=_b([1, 0]), next_values=_t([3.0, 2.0]))
+    assert_close(vs, [2.5, 1.0])
+    assert_close(pg, [2.5, 1.0])
+    # mask [1, 0, 1]: the middle step is skipped, the result is the unmasked 2-step one with a 0 between
+    m = _b([1, 0, 1])
+    vs, pg = rlkernels.vtrace(
+        _t([1.0, 7.0, 1.0]),
+        _t([0.0, 7.0, 0.0]),
+        _t([math.log(2.0), 3.0, math.log(0.5)]),
+        gamma=0.5,
+        bootstrap_value=2.0,
+        mask=m,
+    )
+    assert_close(vs, [1.5, 0.0, 1.0])
+    assert_close(pg, [1.5, 0.0, 1.0])
+
+
+def test_vtrace_on_policy_is_gae_lambda_one():
+    # log_rhos = 0 and clips >= 1: vs = GAE(lam=1) returns, and pg = r + gamma * vs_next - V
+    s = make_inputs("gae", (30, 3), terminated=0.1, bootstrap="tensor", gamma=0.9, seed=4)
+    r, v = s.tensors["rewards"], s.tensors["values"]
+    kw = {
+        "terminated": s.tensors["terminated"],
+        "bootstrap_value": s.tensors["bootstrap_value"],
+        "gamma": 0.9,
+    }
+    vs, pg = rlkernels.vtrace(r, v, torch.zeros_like(r), **kw)
+    _, ret = rlkernels.gae(r, v, lam=1.0, **kw)
+    assert_close(vs, ret)
+    # pg_t = r_t + gamma (1 - term_t) vs_{t+1} - V_t, with the bootstrap value after the last step
+    term = s.tensors["terminated"].double()
+    vs_next = torch.cat([vs[1:], s.tensors["bootstrap_value"][None]])
+    assert_close(pg, r + 0.9 * (1 - term) * vs_next - v)
+
+
+# ====================================================================================================
+# Gradients
+# ====================================================================================================
+
+GRAD_CASES = {
+    "plain": {"shape": (6, 2), "bootstrap": "tensor"},
+    "flags_next_values": {
+        "shape": (7, 2),
+        "terminated": 0.25,
+        "truncated": 0.25,
+        "mask": 0.3,
+        "bootstrap": "tensor",
+    },
+    "mask_bootstrap_bmajor": {
+        "shape": (2, 3, 6),
+        "time_dim": -1,
+        "terminated": 0.2,
+        "mask": 0.3,
+        "bootstrap": "tensor",
+        "layout": "transposed",
+    },
+    "packed": {"cu_seqlens": [3, 0, 5, 1], "terminated": 0.2, "mask": 0.2, "bootstrap": "tensor"},
+    "packed_next_values": {"cu_seqlens": [4, 2, 0], "truncated": 0.3, "mask": 0.2},
+}
+SCAN_GRAD_CASES = {
+    "reverse_initial": {"shape": (6, 3), "initial": "tensor"},
+    "forward_initial_time_middle": {"shape": (2, 5, 2), "time_dim": 1, "initial": "tensor", "reverse": False},
+    "forward_no_initial": {"shape": (4, 7), "time_dim": -1, "reverse": False, "layout": "strided"},
+}
+
+
+def _grad_samples():
+    for case, kw in SCAN_GRAD_CASES.items():
+        yield pytest.param("linear_scan", kw, id=f"linear_scan-{case}")
+    for op in SCAN_OPS:
+        for case, kw in GRAD_CASES.items():
+            yield pytest.param(op, kw, id=f"{op}-{case}")
+
+
+@pytest.mark.parametrize("op,kw", list(_grad_samples()))
+def test_gradcheck(op, kw):
+    s = make_inputs(op, dtype=F64, gamma=0.9, lam=0.8, rho_clip=1.2, c_clip=0.9, seed=31, **kw)
+    s = s.requiring_grad()
+    names = s.diff_names()
+    assert names, "nothing to check"
+
+    def fn(*xs):
+        return s.with_tensors(**dict(zip(names, xs))).call("cpu")
+
+    assert torch.autograd.gradcheck(fn, tuple(s.tensors[n] for n in names), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("subset", [("rewards", "values"), ("log_rhos",), ("values", "bootstrap_value")])
+def test_vtrace_gradcheck_input_subsets(subset):
+    # log_rhos not requiring grad skips the saved carries (another backward path); only log_rhos likewise.
+    s = make_inputs("vtrace", (7, 2), terminated=0.2, mask=0.2, bootstrap="tensor", seed=32, rho_clip=1.3)
+    s = s.requiring_grad(list(subset))
+
+    def fn(*xs):
+        return s.with_tensors(**dict(zip(subset, xs))).call("cpu")
+
+    assert torch.autograd.gradcheck(fn, tuple(s.tensors[n] for n in subset), eps=1e-6, atol=1e-7)
+
+
+# --- a plain torch autograd re-implementation of DESIGN §4.1-4.2, on [T, N], float64 ---------------------
+
+
+def _torch_scan(a, b, initial, reverse):
+    T = a.shape[0]
+    x = initial
+    out = [None] * T
+    for t in reversed(range(T)) if reverse else range(T):
+        x = b[t] + a[t] * x
+        out[t] = x
+    return torch.stack(out)
+
+
+def _torch_family(
+    op, r, v, lr, nv, boot, term, trunc, mask, gamma, lam=1.0, rho_clip=1.0, c_clip=1.0, pg_rho_clip=1.0
+):
+    T, N = r.shape
+    zero = torch.zeros(N, dtype=r.dtype)
+    term = term.to(r.dtype)
+    done = (term.bool() | trunc).to(r.dtype)
+    carry_g, carry_a, carry_x = boot, zero, zero
+    carry_v = boot  # V of the next valid step (or the bootstrap value)
+    carry_vs = zero  # vs of the next valid step
+    seen = torch.zeros(N, dtype=torch.bool)  # a valid step exists after t
+    outs0, outs1 = [None] * T, [None] * T
+    for t in reversed(range(T)):
+        m = mask[t]
+        last = ~seen
+        if op == "discounted_returns":
+            if nv is not None:
+                tail = torch.where(trunc[t] | last, nv[t], carry_g)
+            else:
+                tail = carry_g
+            g = r[t] + gamma * (1 - term[t]) * tail
+            carry_g = torch.where(m, g, carry_g)
+            outs0[t] = torch.where(m, g, zero)
+        else:
+            vnext = nv[t] if nv is not None else carry_v
+            delta = r[t] + gamma * (1 - term[t]) * vnext - v[t]
+            if op == "gae":
+                adv = delta + gamma * lam * (1 - done[t]) * carry_a
+                carry_a = torch.where(m, adv, carry_a)
+                outs0[t] = torch.where(m, adv, zero)
+                outs1[t] = torch.where(m, adv + v[t], zero)
+            else:
+                e = torch.exp(lr[t])
+                rho, c, pgr = e.clamp(max=rho_clip), lam * e.clamp(max=c_clip), e.clamp(max=pg_rho_clip)
+                x = rho * delta + gamma * (1 - done[t]) * c * carry_x
+                vs = v[t] + x
+                vprime = torch.where(done[t].bool() | last, vnext, carry_vs)
+                pg = pgr * (r[t] + gamma * (1 - term[t]) * vprime - v[t])
+                carry_x = torch.where(m, x, carry_x)
+                carry_vs = torch.where(m, vs, carry_vs)
+                outs0[t] = torch.where(m, vs, zero)
+                outs1[t] = torch.where(m, pg, zero)
+            carry_v = torch.where(m, v[t], carry_v)
+        seen = seen | m
+    if op == "discounted_returns":
+        return torch.stack(outs0)
+    return torch.stack(outs0), torch.stack(outs1)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("with_next", [False, True])
+def test_gradients_match_torch_reimplementation(op, with_next):
+    T, N = 23, 4
+    if op == "linear_scan":
+        s = make_inputs(op, (T, N), initial="tensor", reverse=with_next, seed=41)
+    else:
+        s = make_inputs(
+            op,
+            (T, N),
+            terminated=0.15,
+            truncated=0.15 if with_next else 0.0,
+            next_values=with_next,
+            mask=0.3,
+            bootstrap="tensor",
+            gamma=0.9,
+            lam=0.7,
+            rho_clip=1.1,
+            c_clip=0.8,
+            pg_rho_clip=1.2,
+            seed=41,
+        )
+    out, grads = _grads(s, seed=2)
+    # the same with torch autograd on the formula
+    t = {k: (v.detach().clone().requires_grad_(True) if k in grads else v) for k, v in s.tensors.items()}
+    if op == "linear_scan":
+        ref_out = (_torch_scan(t["a"], t["b"], t["initial"], s.scalars["reverse"]),)
+    else:
+        r_ = t["rewards"]
+        flags = {
+            k: (t[k].bool() if k in t else torch.zeros_like(r_, dtype=torch.bool))
+            for k in ("terminated", "truncated")
+        }
+        mask = t["mask"].bool() if "mask" in t else torch.ones_like(r_, dtype=torch.bool)
+        kw = {
+            k: s.scalars[k] for k in ("gamma", "lam", "rho_clip", "c_clip", "pg_rho_clip") if k in s.scalars
+        }
+        ref_out = _tuple(
+            _torch_family(
+                op,
+                r_,
+                t.get("values"),
+                t.get("log_rhos"),
+                t.get("next_values"),
+                t["bootstrap_value"],
+                flags["terminated"],
+                flags["truncated"],
+                mask,
+                **kw,
+            )
+        )
+    for o, e in zip(out, ref_out):
+        assert_close(o, e.detach(), F64)
+    g = torch.Generator().manual_seed(2)
+    ws = [torch.randn(o.shape, generator=g, dtype=F64) for o in out]
+    names = list(grads)
+    ref_grads = torch.autograd.grad(
+        sum((o * w).sum() for o, w in zip(ref_out, ws)), [t[n] for n in names], allow_unused=True
+    )
+    for n, rg in zip(names, ref_grads):
+        rg = torch.zeros_like(t[n]) if rg is None else rg
+        assert_close(grads[n], rg, F64, name=f"grad {n}")
+
+
+def _torch_reimplementation(s, t):
+    """Outputs of the torch re-implementation for sample `s` ([T, N], time_dim 0) on tensors `t`."""
+    if s.op == "linear_scan":
+        init = t.get("initial", torch.zeros(t["a"].shape[1:], dtype=t["a"].dtype))
+        return (_torch_scan(t["a"], t["b"], init, s.scalars["reverse"]),)
+    r_ = t["rewards"]
+    flags = {
+        k: (t[k] != 0 if k in t else torch.zeros_like(r_, dtype=torch.bool))
+        for k in ("terminated", "truncated")
+    }
+    mask = t["mask"] != 0 if "mask" in t else torch.ones_like(r_, dtype=torch.bool)
+    boot = t.get("bootstrap_value", torch.zeros(r_.shape[1:], dtype=r_.dtype))
+    kw = {k: s.scalars[k] for k in ("gamma", "lam", "rho_clip", "c_clip", "pg_rho_clip") if k in s.scalars}
+    return _tuple(
+        _torch_family(
+            s.op,
+            r_,
+            t.get("values"),
+            t.get("log_rhos"),
+            t.get("next_values"),
+            boot,
+            flags["terminated"],
+            flags["truncated"],
+            mask,
+            **kw,
+        )
+    )
+
+
+@pytest.mark.parametrize("op", OPS)
+@given(data=st.data())
+def test_property_gradients_match_torch_reimplementation(op, data):
+    T = data.draw(st.integers(1, 12))
+    N = data.draw(st.integers(1, 4))
+    if op == "linear_scan":
+        s = make_inputs(
+            op,
+            (T, N),
+            initial=data.draw(st.sampled_from(["none", "tensor"])),
+            reverse=data.draw(st.booleans()),
+            seed=data.draw(st.integers(0, 10**6)),
+        )
+    else:
+        trunc = data.draw(_PROBS)
+        s = make_inputs(
+            op,
+            (T, N),
+            terminated=data.draw(_PROBS),
+            truncated=trunc,
+            next_values=trunc > 0 or data.draw(st.booleans()),
+            mask=data.draw(_MASK_PROBS),
+            bootstrap=data.draw(st.sampled_from(["none", "tensor"])),
+            gamma=data.draw(_GAMMAS),
+            lam=data.draw(_GAMMAS),
+            rho_clip=data.draw(st.sampled_from([0.5, 1.0, 2.0])),
+            c_clip=data.draw(st.sampled_from([0.5, 1.0, 2.0])),
+            pg_rho_clip=data.draw(st.sampled_from([0.5, 1.0, 2.0])),
+            flag_dtype=data.draw(_FLAG_DTYPES),
+            seed=data.draw(st.integers(0, 10**6)),
+        )
+    out, grads = _grads(s, seed=4)
+    t = {k: (v.detach().clone().requires_grad_(True) if k in grads else v) for k, v in s.tensors.items()}
+    ref_out = _torch_reimplementation(s, t)
+    for o, e in zip(out, ref_out):
+        assert_close(o, e.detach(), F64)
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(o.shape, generator=g, dtype=F64) for o in out]
+    names = list(grads)
+    ref_grads = torch.autograd.grad(
+        sum((o * w).sum() for o, w in zip(ref_out, ws)), [t[n] for n in names], allow_unused=True
+    )
+    for n, rg in zip(names, ref_grads):
+        assert_close(grads[n], torch.zeros_like(t[n]) if rg is None else rg, F64, name=f"grad {n}")
+
+
+@pytest.mark.parametrize("op", SCAN_OPS)
+@given(data=st.data())
+def test_property_packed_equals_separate_calls(op, data):
+    # Packed varlen = each segment on its own (forward and backward), including empty segments.
+    lengths = data.draw(st.lists(st.integers(0, 9), min_size=1, max_size=5))
+    trunc = data.draw(_PROBS)
+    s = make_inputs(
+        op,
+        cu_seqlens=lengths,
+        cu_dtype=data.draw(st.sampled_from([torch.int32, torch.int64])),
+        terminated=data.draw(_PROBS),
+        truncated=trunc,
+        next_values=trunc > 0 or data.draw(st.booleans()),
+        mask=data.draw(_MASK_PROBS),
+        bootstrap="tensor",
+        seed=data.draw(st.integers(0, 10**6)),
+    )
+    out, grads = _grads(s, seed=6)
+    cu = s.scalars["cu_seqlens"].tolist()
+    g = torch.Generator().manual_seed(6)
+    ws = [torch.randn(o.shape, generator=g, dtype=F64) for o in out]
+    for i in range(len(lengths)):
+        a, b = cu[i], cu[i + 1]
+        if a == b:  # an empty segment: nothing out, and no gradient for its bootstrap value
+            assert torch.equal(grads["bootstrap_value"][i], torch.zeros((), dtype=F64))
+            continue
+        seg = {k: (v[i] if k == "bootstrap_value" else v[a:b]) for k, v in s.tensors.items()}
+        scalars = {k: v for k, v in s.scalars.items() if k != "cu_seqlens"}
+        p = dataclasses.replace(s, tensors=seg, scalars=scalars).requiring_grad()
+        p_out = _tuple(p.call("cpu"))
+        for o, po in zip(out, p_out):
+            assert_close(o[a:b], po, F64)
+        loss = sum((po * w[a:b]).sum() for po, w in zip(p_out, ws))
+        names = p.diff_names()
+        p_grads = dict(zip(names, torch.autograd.grad(loss, [p.tensors[n] for n in names])))
+        for n in names:
+            full = grads[n][i] if n == "bootstrap_value" else grads[n][a:b]
+            assert_close(full, p_grads[n], F64, name=f"grad {n} segment {i}")
+
+
+@pytest.mark.parametrize("op", ["gae", "vtrace"])
+@pytest.mark.parametrize("used", [0, 1])
+def test_gradients_with_one_output_unused(op, used):
+    # Only one of the two outputs in the loss: the other's upstream gradient arrives as None.
+    s = make_inputs(
+        op, (15, 3), terminated=0.2, truncated=0.2, mask=0.2, bootstrap="tensor", seed=45, rho_clip=1.3
+    ).requiring_grad()
+    names = s.diff_names()
+    out = s.call("cpu")
+    w = torch.randn(out[used].shape, dtype=F64)
+    got = torch.autograd.grad((out[used] * w).sum(), [s.tensors[n] for n in names], allow_unused=True)
+    t = {k: (v.detach().clone().requires_grad_(True) if k in names else v) for k, v in s.tensors.items()}
+    ref_out = _torch_reimplementation(s, t)
+    exp = torch.autograd.grad((ref_out[used] * w).sum(), [t[n] for n in names], allow_unused=True)
+    for n, g, e in zip(names, got, exp):
+        g = torch.zeros_like(t[n]) if g is None else g
+        e = torch.zeros_like(t[n]) if e is None else e
+        assert_close(g, e, F64, name=f"grad {n}")
+
+
+def test_vtrace_gradient_at_clip_boundary():
+    # log_rhos = 0 with clips 1: e^0 sits exactly on every clip. The kernel's convention is torch.clamp's
+    # (no gradient at equality); compare with the clamp-based re-implementation.
+    s = make_inputs("vtrace", (9, 2), terminated=0.2, bootstrap="tensor", seed=46)
+    s = s.with_tensors(log_rhos=torch.zeros(9, 2, dtype=F64))
+    out, grads = _grads(s, seed=7)
+    t = {k: (v.detach().clone().requires_grad_(True) if k in grads else v) for k, v in s.tensors.items()}
+    ref_out = _torch_reimplementation(s, t)
+    g = torch.Generator().manual_seed(7)
+    ws = [torch.randn(o.shape, generator=g, dtype=F64) for o in out]
+    exp = torch.autograd.grad(sum((o * w).sum() for o, w in zip(ref_out, ws)), [t[n] for n in grads])
+    for (n, gr), e in zip(grads.items(), exp):
+        assert_close(gr, e, F64, name=f"grad {n}")
+    # Every weight sits on its clip, so under clamp's convention log_rhos gets exactly no gradient, while
+    # rewards and values still do.
+    assert torch.equal(grads["log_rhos"], torch.zeros_like(grads["log_rhos"]))
+    assert grads["rewards"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("op", SCAN_OPS)
+@pytest.mark.parametrize("dtype", LOW_PRECISION + (torch.float32,), ids=str)
+def test_gradients_low_precision(op, dtype):
+    # Gradients come back in each input's dtype and match the float64 gradients of the rounded inputs.
+    s = make_inputs(op, (40, 3), dtype=dtype, terminated=0.1, mask=0.2, bootstrap="tensor", seed=43)
+    _out, grads = _grads(s, seed=3)
+    s64 = dataclasses.replace(
+        s.with_tensors(**{k: v.double() for k, v in s.tensors.items() if v.is_floating_point()}), dtype=F64
+    )
+    _, grads64 = _grads(s64, seed=3)
+    for n, gr in grads.items():
+        assert gr.dtype == dtype, n
+        assert_close(gr, grads64[n], dtype, name=f"grad {n}")
+
+
+def test_gradient_of_bootstrap_is_zero_with_next_values():
+    # next_values replace the bootstrap value (DESIGN 4.2): its gradient is 0, the next_values' is not.
+    s = make_inputs("gae", (9, 2), next_values=True, bootstrap="tensor", seed=44).requiring_grad()
+    adv, ret = s.call("cpu")
+    gb, gn = torch.autograd.grad((adv + ret).sum(), (s.tensors["bootstrap_value"], s.tensors["next_values"]))
+    assert torch.equal(gb, torch.zeros_like(gb))
+    assert gn.abs().sum() > 0
+
+
+# ====================================================================================================
+# opcheck of the custom ops
+# ====================================================================================================
+
+
+def _opcheck_params():
+    for op in OPS:
+        for i, dtype in enumerate((F64, torch.bfloat16)):
+            for rg in (False, True):
+                if dtype != F64 and rg:
+                    continue
+                yield pytest.param(op, dtype, rg, id=f"{op}-{str(dtype)[6:]}-{'grad' if rg else 'nograd'}")
+
+
+@pytest.mark.parametrize("op,dtype,requires_grad", list(_opcheck_params()))
+def test_opcheck_forward(op, dtype, requires_grad):
+    fn = getattr(torch.ops.rlkernels, op).default
+    for sample in canonical_samples(op, dtype=dtype, requires_grad=requires_grad):
+        torch.library.opcheck(fn, op_args(sample))
+
+
+@pytest.mark.parametrize("op", SCAN_OPS)
+def test_opcheck_backward(op):
+    fn = getattr(torch.ops.rlkernels, f"{op}_backward").default
+    for sample in canonical_samples(op):
+        torch.library.opcheck(fn, backward_op_args(sample))
+    for sample in canonical_samples(op, dtype=torch.bfloat16)[:2]:
+        torch.library.opcheck(fn, backward_op_args(sample))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_raw_op_matches_public(op):
+    # The raw op on canonical tensors gives the same numbers as the public function.
+    for sample in canonical_samples(op):
+        if op in ("discounted_returns", "vtrace") and sample.tensors.get("next_values") is not None:
+            continue  # the wrapper also marks the last valid step truncated there
+        raw = _tuple(getattr(torch.ops.rlkernels, op)(*op_args(sample)))[: NUM_OUTPUTS[op]]
+        pub = _tuple(sample.call("cpu"))
+        for a, b in zip(raw, pub):
+            assert torch.equal(a, b)
+
+
+# ====================================================================================================
+# torch.compile
+# ====================================================================================================
+
+
+def _all_four(r, v, lr, nv, term, trunc, m, boot, cu, r1, v1, lr1, nv1):
+    x = rlkernels.linear_scan(torch.sigmoid(v), r, initial=boot)
+    g = rlkernels.discounted_returns(r, terminated=term, mask=m, gamma=0.9, bootstrap_value=boot)
+    adv, ret = rlkernels.gae(
+        r, v, terminated=term, truncated=trunc, next_values=nv, mask=m, gamma=0.9, lam=0.8
+    )
+    vs, pg = rlkernels.vtrace(
+        r, v, lr, terminated=term, mask=m, bootstrap_value=boot, gamma=0.9, rho_clip=1.5
+    )
+    # LLM layout and packed sequences (with next_values, exercising the wrapper's last-step marking)
+    g2 = rlkernels.discounted_returns(r.T, mask=m.T, next_values=nv.T, time_dim=-1, gamma=0.95)
+    vs2, pg2 = rlkernels.vtrace(r1, v1, lr1, next_values=nv1, cu_seqlens=cu, gamma=0.95)
+    return x, g, adv, ret, vs, pg, g2, vs2, pg2
+
+
+def _compile_inputs(requires_grad=False, T=11):
+    g = torch.Generator().manual_seed(T)
+    B = 3
+    r, v, lr, nv = (torch.randn(T, B, generator=g) for _ in range(4))
+    term, trunc = torch.rand(T, B, generator=g) < 0.2, torch.rand(T, B, generator=g) < 0.2
+    m = torch.rand(T, B, generator=g) < 0.8
+    boot = torch.randn(B, generator=g)
+    cu = torch.tensor([0, 4, 4, 9, 12], dtype=torch.int32)
+    r1, v1, lr1, nv1 = (torch.randn(12, generator=g) for _ in range(4))
+    floats = [r, v, lr, nv, boot, r1, v1, lr1, nv1]
+    if requires_grad:
+        for x in floats:
+            x.requires_grad_(True)
+    return (r, v, lr, nv, term, trunc, m, boot, cu, r1, v1, lr1, nv1), floats
+
+
+def test_torch_compile_fullgraph_forward():
+    torch._dynamo.reset()
+    args, _ = _compile_inputs()
+    eager = _all_four(*args)
+    compiled = torch.compile(_all_four, fullgraph=True)(*args)
+    for e, c in zip(eager, compiled):
+        assert c.dtype == e.dtype and c.shape == e.shape
+        assert_close(c, e, torch.float32, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_compile_fullgraph_backward():
+    torch._dynamo.reset()
+
+    def loss_fn(*args):
+        return sum((o * (i + 1)).sum() for i, o in enumerate(_all_four(*args)))
+
+    args, floats = _compile_inputs(requires_grad=True)
+    eager_grads = torch.autograd.grad(loss_fn(*args), floats)
+    args, floats = _compile_inputs(requires_grad=True)
+    # aot_eager: dynamo (fullgraph: no graph break) and AOTAutograd over the fake kernels and the registered
+    # autograd, forward and backward graphs; inductor's C++ code generation is left to the forward test, as
+    # it costs a minute per graph on a 2-core CI machine.
+    loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(*args)
+    compiled_grads = torch.autograd.grad(loss, floats)
+    for e, c in zip(eager_grads, compiled_grads):
+        assert_close(c, e, torch.float32, rtol=1e-5, atol=1e-5)
+
+
+def _dynamic_fn(r, v, nv, term, m):
+    adv, ret = rlkernels.gae(r.T, v.T, terminated=term.T, mask=m.T, time_dim=-1, gamma=0.9, lam=0.8)
+    g = rlkernels.discounted_returns(r, next_values=nv, mask=m, gamma=0.95)  # last valid step marked in torch
+    return adv, ret, g
+
+
+def test_torch_compile_dynamic_shapes():
+    # The fake kernels and the wrapper trace with symbolic sizes: one compiled function, several lengths.
+    torch._dynamo.reset()
+    compiled = torch.compile(_dynamic_fn, fullgraph=True, dynamic=True, backend="aot_eager")
+    for T in (5, 17):
+        r, v, _, nv, term, _, m, *_ = _compile_inputs(T=T)[0]
+        args = (r, v, nv, term, m)
+        for e, c in zip(_dynamic_fn(*args), compiled(*args)):
+            assert c.shape == e.shape
+            assert_close(c, e, torch.float32, rtol=1e-6, atol=1e-6)
+
+
+# ====================================================================================================
+# Determinism, empty inputs, NaN / Inf
+# ====================================================================================================
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", [(40961, 2), (100, 300)], ids=["chunked", "many_sequences"])
+def test_deterministic(op, shape):
+    kw = (
+        {"initial": "tensor"}
+        if op == "linear_scan"
+        else {"terminated": 1e-3, "mask": 0.1, "bootstrap": "tensor"}
+    )
+    s = make_inputs(op, shape, dtype=torch.float32, seed=51, **kw)
+    out1, g1 = _grads(s, seed=5)
+    out2, g2 = _grads(s, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # the work split must not change the numbers either
+        out3, g3 = _grads(s, seed=5)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(out1, out2, out3):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for n in g1:
+        assert torch.equal(g1[n], g2[n]) and torch.equal(g1[n], g3[n]), n
+
+
+def _empty_samples():
+    for op in OPS:
+        for shape in [(0, 3), (5, 0), (0,), (2, 0, 4)]:
+            yield pytest.param(
+                op, {"shape": shape, "time_dim": 1 if len(shape) == 3 else 0}, id=f"{op}-{shape}"
+            )
+        if op != "linear_scan":
+            yield pytest.param(op, {"cu_seqlens": []}, id=f"{op}-packed-none")
+            yield pytest.param(op, {"cu_seqlens": [0, 0, 0]}, id=f"{op}-packed-empty-segments")
+            for mask in (0.0, 0.5):  # with and without a mask: two ways of marking the last valid step
+                for shape in [(0, 3), (0,), (3, 0)]:
+                    yield pytest.param(
+                        op,
+                        {"shape": shape, "next_values": True, "mask": mask},
+                        id=f"{op}-{shape}-next_values-mask{mask}",
+                    )
+                yield pytest.param(
+                    op,
+                    {"cu_seqlens": [0, 0], "next_values": True, "mask": mask},
+                    id=f"{op}-packed-next_values-mask{mask}",
+                )
+
+
+@pytest.mark.parametrize("op,kw", list(_empty_samples()))
+def test_empty_inputs(op, kw):
+    extra = (
+        {"initial": "tensor"}
+        if op == "linear_scan"
+        else {"terminated": 0.5, "bootstrap": "tensor", "mask": 0.5}
+    )
+    s = make_inputs(op, seed=52, **{**extra, **kw})
+    out = _tuple(s.call("cpu"))
+    exp = _tuple(s.reference())
+    assert_outputs_close(out, exp, F64)
+    # backward on empty inputs: empty gradients, and zero gradients for the per-sequence values
+    s = s.requiring_grad()
+    out = _tuple(s.call("cpu"))
+    names = s.diff_names()
+    grads = torch.autograd.grad(sum(o.sum() for o in out), [s.tensors[n] for n in names], allow_unused=True)
+    for n, gr in zip(names, grads):
+        x = s.tensors[n]
+        gr = torch.zeros_like(x) if gr is None else gr
+        assert gr.shape == x.shape
+        assert torch.equal(gr, torch.zeros_like(x)), n
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("T", [20, 16384], ids=["short", "chunked"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+def test_nan_inf_propagate_like_reference(op, T, bad):
+    B = 3
+    if op == "linear_scan":
+        s = make_inputs(op, (T, B), initial="tensor", seed=61)
+        s = s.with_tensors(a=0.9995 + 0.0004 * s.tensors["a"])  # a > 0 and products over a chunk stay > 0
+        name = "b"
+    else:
+        # gamma * lam near 1: products over a 4096-step chunk do not underflow (that case is the test below)
+        s = make_inputs(
+            op,
+            (T, B),
+            terminated=0.1 if T < 100 else 1e-3,
+            mask=0.2,
+            bootstrap="tensor",
+            gamma=0.999,
+            lam=0.999,
+            seed=61,
+        )
+        name = "values" if op != "discounted_returns" else "rewards"
+    x = s.tensors[name].clone()
+    x[T - 3, 0] = bad
+    x[T // 2, 1] = bad
+    s = s.with_tensors(**{name: x})
+    _check_against_reference(s)
+
+
+@pytest.mark.parametrize(
+    "op,dtype,gamma,lam",
+    [
+        ("discounted_returns", F64, 0.5, None),
+        ("gae", torch.float32, 0.99, 0.95),  # the usual PPO settings
+        ("gae", F64, 0.5, 1.0),
+    ],
+)
+def test_inf_propagates_on_chunked_path(op, dtype, gamma, lam):
+    # DESIGN §3: Inf propagates. With r_{T-1} = +inf and nothing else, G_t = r_t + gamma G_{t+1} and
+    # A_t = delta_t + gamma lam A_{t+1} are +inf for every t: the literal formula, the reference and the
+    # unchunked kernel (T = 16383) agree. On the chunked path (T = 16384) the chunk maps carry a coefficient
+    # (gamma lam)^4096 that underflows to 0, and 0 * inf = NaN turned the earlier chunks into NaN.
+    for T in (16383, 16384):
+        r = torch.zeros(T, 1, dtype=dtype)
+        r[-1] = float("inf")
+        if op == "gae":
+            v = torch.zeros(T, 1, dtype=dtype)
+            out = rlkernels.gae(r, v, gamma=gamma, lam=lam)[0]
+            expected = reference.gae(r, v, gamma=gamma, lam=lam)[0]
+        else:
+            out = rlkernels.discounted_returns(r, gamma=gamma)
+            expected = reference.discounted_returns(r, gamma=gamma)
+        assert np.isposinf(expected).all()
+        assert not torch.isnan(out).any(), f"T={T}: {int(torch.isnan(out).sum())} NaN where +inf is expected"
+        assert torch.isposinf(out).all()
+
+
+@pytest.mark.parametrize("op", SCAN_OPS)
+def test_nan_at_masked_position_does_not_leak(op):
+    # Masked positions are never read (DESIGN 4.2): a NaN there must not reach any output.
+    for T in (30, 16384):
+        s = make_inputs(op, (T, 2), terminated=0.05, mask=0.2, bootstrap="tensor", next_values=True, seed=62)
+        mask = s.tensors["mask"].clone()
+        mask[T // 2, :] = False
+        poisoned = {}
+        for name in ("rewards", "values", "log_rhos", "next_values"):
+            if name in s.tensors:
+                x = s.tensors[name].clone()
+                x[T // 2, :] = float("nan")
+                poisoned[name] = x
+        s = s.with_tensors(mask=mask, **poisoned)
+        out = _check_against_reference(s)
+        for o in out:
+            assert torch.isfinite(o).all()
+
+
+# ====================================================================================================
+# Backend selection
+# ====================================================================================================
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_backends_cpu_and_reference_agree(op):
+    kw = {"initial": "tensor"} if op == "linear_scan" else {"terminated": 0.1, "truncated": 0.1, "mask": 0.2}
+    s = make_inputs(op, (33, 2, 2), time_dim=1, dtype=torch.float32, seed=71, **kw)
+    cpu = _tuple(s.call("cpu"))
+    ref = _tuple(s.call("reference"))
+    for a, b in zip(cpu, ref):
+        assert a.dtype == b.dtype == torch.float32 and a.shape == b.shape
+        assert_close(a, b, torch.float32)
+
+
+def test_available_backends():
+    bk = rlkernels.available_backends()
+    assert bk[0] == "cpu" and bk[-1] == "reference"
+    assert set(bk) <= set(rlkernels.BACKENDS)
+    if not torch.cuda.is_available():
+        assert "cuda" not in bk
+
+
+def test_env_var_selects_backend(monkeypatch):
+    s = make_inputs("gae", (8, 2), seed=72)
+    calls = []
+    real = reference.gae
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "gae", spy)
+    monkeypatch.setenv("RLKERNELS_BACKEND", "reference")
+    adv, _ = s.call(backend=None)
+    assert calls == [1]
+    assert_close(adv, real(*s.args, **s.kwargs)[0])
+    # an explicit backend wins over the environment
+    s.call(backend="cpu")
+    assert calls == [1]
+    monkeypatch.delenv("RLKERNELS_BACKEND")
+    s.call(backend=None)
+    assert calls == [1]
+    # an unusable backend from the environment is reported, not ignored
+    monkeypatch.setenv("RLKERNELS_BACKEND", "cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda"):
+            s.call(backend=None)
+    monkeypatch.setenv("RLKERNELS_BACKEND", "no-such-backend")
+    with pytest.raises(RuntimeError, match="no-such-backend"):
+        s.call(backend=None)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_backend_on_cpu_tensors_says_why(op):
+    s = make_inputs(op, (4, 2), seed=73)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' is not available: .*(CUDA|nvcc)"):
+        s.call(backend="cuda")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_triton_backend_on_cpu_tensors_says_why(op, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    s = make_inputs(op, (4, 2), seed=74)
+    with pytest.raises(
+        RuntimeError, match=r"backend='triton' is not available: .*(TRITON_INTERPRET|pip install triton)"
+    ):
+        s.call(backend="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_matches_reference(op):
+    s = make_inputs(
+        op,
+        (97, 5),
+        dtype=torch.float32,
+        seed=81,
+        **({"initial": "tensor"} if op == "linear_scan" else {"terminated": 0.1, "mask": 0.2}),
+    )
+    s = s.with_tensors(**{k: v.cuda() for k, v in s.tensors.items()})
+    out = _tuple(s.call(backend=None))
+    for o, e in zip(out, _tuple(s.reference())):
+        assert o.is_cuda
+        assert_close(o, e, torch.float32)
+
+
+def test_every_differentiable_input_is_covered():
+    # guards the tables the tests above iterate over
+    assert DIFF_INPUTS["vtrace"] == ("rewards", "values", "log_rhos", "next_values", "bootstrap_value")
+    for op in OPS:
+        s = make_inputs(op, (5, 2), next_values=True, bootstrap="tensor", initial="tensor")
+        assert set(s.diff_names()) == set(DIFF_INPUTS[op]), op
+        out = _tuple(s.call("cpu"))
+        assert not torch.equal(out[0], torch.zeros_like(out[0]))
+        assert to_numpy(out[0]).shape == (5, 2)
