@@ -3,6 +3,8 @@
 Every op is a ``torch.library`` custom op with autograd, validated against :mod:`rlkernels.reference`.
 """
 
+import torch  # noqa: F401  (first: the compiled library links against libtorch)
+
 from . import _C  # noqa: F401  (loads the compiled kernels and registers the ops)
 from ._backend import BACKENDS, available_backends
 from .returns import discounted_returns, gae, linear_scan, vtrace
