@@ -1,0 +1,360 @@
+"""Shared pieces of the benchmarks: inputs, timing, the byte model, and what machine this is.
+
+Timing is cold-cache: before every timed call a buffer larger than the last-level cache is
+rewritten (as triton.testing.do_bench does), so a small input cannot be served from cache and
+GB/s stays comparable with the measured copy bandwidth, the speed of light for these ops.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import platform
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import baselines
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GAMMA, LAM = 0.99, 0.95
+LONG_T = 4_000_000  # the one-long-sequence shape
+
+
+def import_rlkernels():
+    """(module, None) or (None, why): the package is built concurrently and may not import yet."""
+    try:
+        import rlkernels
+
+        rlkernels.available_backends()
+    except Exception as exc:  # noqa: BLE001  (ImportError, or a half-built package)
+        return None, f"{type(exc).__name__}: {exc}"
+    return rlkernels, None
+
+
+def rlkernels_backends(rlkernels, device: str) -> list[str]:
+    """The built backends that run natively on ``device`` (triton on CPU only runs interpreted)."""
+    native = {"cpu": ["cpu"], "cuda": ["cuda", "triton"]}[device]
+    available = rlkernels.available_backends()
+    return [b for b in native if b in available]
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------
+
+# (kind, shape) per benchmark size; kind is one of: time-major GAE with 1% terminated flags,
+# token-level GAE on [B, T] with a mask, discounted returns (time-major).
+SHAPES = {
+    "full": [
+        ("gae", (2048, 64)),
+        ("gae", (128, 4096)),
+        ("gae-masked", (64, 4096)),
+        ("gae", (LONG_T, 1)),
+        ("discounted_returns", (2048, 64)),
+    ],
+    "small": [
+        ("gae", (2048, 64)),
+        ("gae", (128, 4096)),
+        ("gae-masked", (64, 4096)),
+        ("gae", (100_000, 1)),
+        ("discounted_returns", (2048, 64)),
+    ],
+    "quick": [
+        ("gae", (256, 16)),
+        ("gae", (32, 512)),
+        ("gae-masked", (8, 512)),
+        ("gae", (10_000, 1)),
+        ("discounted_returns", (256, 16)),
+    ],
+}
+
+
+def time_major_inputs(T: int, B: int, device: str, seed: int = 0, p_terminated: float = 0.01):
+    """CleanRL/SB3 rollout layout [T, B]: rewards, values, terminated (bool), bootstrap_value [B]."""
+    g = torch.Generator().manual_seed(seed)
+    rewards, values = torch.randn(T, B, generator=g), torch.randn(T, B, generator=g)
+    terminated = torch.rand(T, B, generator=g) < p_terminated
+    bootstrap_value = torch.randn(B, generator=g)
+    return [x.to(device) for x in (rewards, values, terminated, bootstrap_value)]
+
+
+def masked_inputs(B: int, T: int, device: str, seed: int = 0):
+    """LLM layout [B, T]: each row is a prompt of random length (masked out), a response, then
+    padding (masked out). Returns rewards, values, mask (bool)."""
+    g = torch.Generator().manual_seed(seed)
+    rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+    prompt = torch.randint(T // 8, T // 2, (B, 1), generator=g)
+    response = (torch.rand(B, 1, generator=g) * 0.75 + 0.25) * (T - prompt)  # 25% to 100% of what is left
+    t = torch.arange(T)
+    mask = (t >= prompt) & (t < prompt + response.long())
+    return [x.to(device) for x in (rewards, values, mask)]
+
+
+def shape_label(kind: str, shape: tuple[int, ...]) -> str:
+    if kind == "gae-masked":
+        return f"[B={shape[0]}, T={shape[1]}] masked"
+    return f"[T={shape[0]}, B={shape[1]}]"
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases: one op on one input, with its providers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One op on one input: the rlkernels call per backend, the baselines (the first is the
+    reference the others are checked against), and the byte model: ``reads`` are the inputs,
+    ``writes`` tensors shaped like the outputs (fp32, the rewards' shape)."""
+
+    kind: str  # the kind of a SHAPES entry: "gae", "gae-masked" or "discounted_returns"
+    dims: tuple[int, int]
+    op: str
+    shape: str
+    rlkernels: Callable[[str], object] | None
+    baselines: list[baselines.Provider]
+    reads: list[torch.Tensor]
+    writes: list[torch.Tensor]
+    steps: int  # length of the time axis
+
+
+def make_case(kind: str, shape: tuple[int, int], device: str, rlk, *, numpy: bool) -> Case:
+    """The inputs of one (kind, shape) of SHAPES with their providers; ``rlk`` is the rlkernels
+    module, or None to time the baselines alone; ``numpy`` adds the NumPy/SciPy baselines."""
+    if kind == "gae-masked":
+        rewards, values, mask = masked_inputs(*shape, device)
+        op, args, steps = "gae", (rewards, values), shape[1]
+        kwargs = {"lam": LAM, "mask": mask, "time_dim": -1}
+        providers = baselines.masked_gae_providers(rewards, values, mask, GAMMA, LAM)
+        reads, writes = [rewards, values, mask], [rewards, rewards]
+    else:
+        rewards, values, terminated, bootstrap = time_major_inputs(*shape, device)
+        kwargs, steps = {"terminated": terminated, "bootstrap_value": bootstrap}, shape[0]
+        if kind == "discounted_returns":
+            op, args = kind, (rewards,)
+            providers = baselines.returns_providers(rewards, terminated, bootstrap, GAMMA, numpy=numpy)
+            reads, writes = [rewards, terminated, bootstrap], [rewards]
+        else:
+            op, args, kwargs["lam"] = "gae", (rewards, values), LAM
+            providers = baselines.gae_providers(
+                rewards, values, terminated, bootstrap, GAMMA, LAM, numpy=numpy
+            )
+            reads, writes = [rewards, values, terminated, bootstrap], [rewards, rewards]
+    run = None
+    if rlk is not None:  # looked up at call time: an op not written yet fails as one row
+        run = lambda backend: getattr(rlk, op)(*args, gamma=GAMMA, **kwargs, backend=backend)
+    return Case(kind, shape, op, shape_label(kind, shape), run, providers, reads, writes, steps)
+
+
+def check(out, ref, what: str) -> str:
+    """'' when ``out`` matches ``ref`` (rtol 1e-4), else the mismatch."""
+    out = out if isinstance(out, (tuple, list)) else (out,)
+    ref = ref if isinstance(ref, (tuple, list)) else (ref,)
+    try:
+        for o, r in zip(out, ref, strict=True):
+            torch.testing.assert_close(o.float().cpu(), r.float().cpu(), rtol=1e-4, atol=1e-4)
+    except (AssertionError, ValueError) as exc:
+        return f"{what}: {str(exc).splitlines()[0] if str(exc) else 'mismatch'}"
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    median_s: float
+    q20_s: float
+    q80_s: float
+    runs: int
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class CacheFlusher:
+    """Rewrites a buffer bigger than the last-level cache (CPU L3 or GPU L2) before each timed call."""
+
+    def __init__(self, device: str, mib: int = 256):
+        self.buffer = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self.buffer.zero_()
+
+
+def measure(
+    fn: Callable[[], object],
+    device: str,
+    *,
+    flush: CacheFlusher | None = None,
+    budget_s: float = 1.0,
+    min_runs: int = 5,
+    max_runs: int = 50,
+    single_run_over_s: float = 2.0,
+) -> tuple[Timing, object]:
+    """Median and 20/80% quantiles of ``fn()``; returns (timing, output of the first call).
+
+    The first call is a warmup (it also pays one-time costs) and sizes the number of runs to
+    ``budget_s``. A first call slower than ``single_run_over_s`` is the only sample (runs=1).
+    """
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    first = time.perf_counter() - start
+    if first > single_run_over_s:
+        return Timing(first, first, first, 1), out
+    fn()  # a second warmup: allocator and caches of the steady state
+    runs = int(min(max_runs, max(min_runs, budget_s / max(first, 1e-6))))
+    times = []
+    for _ in range(runs):
+        if flush is not None:
+            flush()
+        if device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    median, q20, q80 = np.quantile(times, [0.5, 0.2, 0.8])
+    return Timing(float(median), float(q20), float(q80), runs), out
+
+
+def _compiled_worker(conn, kind: str, shape: tuple[int, int], device: str, flush: bool, measure_kwargs: dict):
+    os.setpgrp()  # its own process group, so an overrunning compile can be killed with its g++ jobs
+    try:
+        reference = make_case(kind, shape, device, None, numpy=False).baselines[0]
+        compiled = torch.compile(reference.call)
+        conn.send(("ready",))
+        start = time.perf_counter()
+        compiled()
+        conn.send(("compiled", time.perf_counter() - start))
+        flusher = CacheFlusher(device) if flush else None
+        timing, out = measure(compiled, device, flush=flusher, **measure_kwargs)
+        out = reference.to_torch(out)
+        conn.send(("timed", timing, [t.cpu() for t in out] if isinstance(out, tuple) else out.cpu()))
+    except Exception as exc:  # noqa: BLE001  (a compiler failure is a result to report)
+        conn.send(("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"))
+
+
+def measure_compiled(
+    kind: str,
+    shape: tuple[int, int],
+    device: str,
+    *,
+    timeout_s: float = 120.0,
+    flush: bool = True,
+    **measure_kwargs,
+):
+    """``torch.compile`` of the reference loop of ``make_case(kind, shape)`` (CleanRL's), compiled
+    once and then timed like any provider, in a child process: the loop unrolls over T, so a compile
+    can run for an hour, and past ``timeout_s`` the child and its compiler jobs are killed.
+
+    Returns (timing, output, note) or (None, None, why it was not run)."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    worker = context.Process(
+        target=_compiled_worker, args=(sender, kind, shape, device, flush, measure_kwargs)
+    )
+    worker.start()
+    sender.close()
+
+    def receive(timeout):
+        try:
+            return receiver.recv() if receiver.poll(timeout) else ("timeout",)
+        except EOFError:
+            return ("failed", f"worker exited with code {worker.exitcode}")
+
+    try:
+        message = receive(600)  # imports and inputs
+        if message[0] == "ready":
+            message = receive(timeout_s)
+        if message[0] == "timeout":
+            return None, None, f"not run: compile took > {timeout_s:.0f} s"
+        if message[0] == "failed":
+            return None, None, f"not run: compile failed: {message[1]}"
+        note = f"compiled in {message[1]:.0f} s"
+        message = receive(None)
+        if message[0] == "failed":
+            return None, None, f"not run: {message[1]}"
+        return message[1], message[2], note
+    finally:
+        if worker.is_alive():
+            try:
+                os.killpg(worker.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                worker.kill()
+        worker.join()
+
+
+def copy_bandwidth(device: str, mib: int = 256, runs: int = 20) -> tuple[float, Timing]:
+    """Measured ``dst.copy_(src)`` bandwidth in GB/s (1e9 B/s) on a ``mib`` MiB fp32 buffer, with
+    its timing; bytes counted = read + write."""
+    src = torch.rand(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    timing, _ = measure(lambda: dst.copy_(src), device, min_runs=runs, max_runs=runs)
+    return 2 * src.nbytes / timing.median_s / 1e9, timing
+
+
+def bytes_moved(reads: list[torch.Tensor], writes: list[torch.Tensor]) -> int:
+    """The bytes an op must move: each input read once and each output written once."""
+    return sum(t.numel() * t.element_size() for t in [*reads, *writes])
+
+
+# ----------------------------------------------------------------------------------------------
+# Where and when
+# ----------------------------------------------------------------------------------------------
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def git_commit() -> str:
+    """Short hash of HEAD, with "-dirty" when tracked files differ from it; "unknown" outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
+            cwd=REPO_ROOT,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
