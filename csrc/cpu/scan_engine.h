@@ -89,6 +89,7 @@ BlockFn<acc_t> pick_block(StepId id, bool symbolic) {
 
 constexpr int kTileGroups = 8;           // lane groups walked together (see walk_tile)
 constexpr int kTileLanes = kTileGroups * kLanes;
+constexpr int64_t kSerialElements = 1 << 15;  // below this, no threads
 constexpr int64_t kChunk = 4096;           // steps per chunk of a long sequence
 constexpr int64_t kChunkMinSteps = 16384;  // shorter sequences are walked whole
 constexpr int64_t kChunkMaxSeqs = 256;     // with more sequences than this, lanes are already plentiful
@@ -279,6 +280,9 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
       std::clamp<int64_t>(lane_groups / (2 * std::max<int64_t>(1, at::get_num_threads())), 1, kTileGroups);
   const int64_t tile_lanes = tile_groups * kLanes;
   const int64_t tiles = (num_lanes + tile_lanes - 1) / tile_lanes;
+  // Small problems stay on the calling thread: waking the pool costs more than they take.
+  const int64_t elements = pb.cu_seqlens ? pb.steps : num_seqs * pb.steps;
+  const int64_t grain = elements < kSerialElements ? std::max<int64_t>(tiles, 1) : 1;
 
   // carry_in[q * D + j]: the carry entering lane q.
   std::vector<acc_t> carry_in(num_lanes * D, acc_t(0));
@@ -293,7 +297,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
     std::vector<Map> maps(num_lanes * D);
     const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/true);
     constexpr int kForm = D * (D + 1) * kLanes;
-    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         Lane lanes[kTileLanes];
         const int64_t first = t * tile_lanes;
@@ -339,7 +343,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
 
   // Pass 3 (the only pass when not chunked): walk every lane with its true carry, storing outputs.
   const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/false);
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       Lane lanes[kTileLanes];
       const int64_t first = t * tile_lanes;
