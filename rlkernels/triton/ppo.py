@@ -60,7 +60,8 @@ def _policy_terms(lp, old, adv, clip_lo, clip_hi, dual_clip, HAS_DUAL: tl.conste
     ratio = tl.exp(tl.minimum(tl.maximum(log_ratio, -20.0), 20.0))
     unclipped = -adv * ratio
     clipped = -adv * tl.minimum(tl.maximum(ratio, clip_lo), clip_hi)
-    loss = tl.where(unclipped != unclipped, unclipped, tl.maximum(unclipped, clipped))
+    # NaN propagates like torch.maximum (tl.maximum may drop it).
+    loss = tl.where(unclipped != unclipped, unclipped, tl.maximum(unclipped, clipped))  # noqa: PLR0124
     lower = ratio < 0.0  # all False (NaN too), with the right shape
     if HAS_DUAL:
         dual = -adv * dual_clip
@@ -121,8 +122,8 @@ def _policy_backward_kernel(LP_ptr, OLD_ptr, ADV_ptr, MASK_ptr, W_ptr, GRAD_ptr,
     clip_lo = tl.full([], clip_lo, tl.float64).to(ACC)
     clip_hi = tl.full([], clip_hi, tl.float64).to(ACC)
     dual_clip = tl.full([], dual_clip, tl.float64).to(ACC)
-    log_ratio, ratio, unclipped, clipped, loss, lower = _policy_terms(lp, old, adv, clip_lo, clip_hi, dual_clip,
-                                                                      False)
+    log_ratio, ratio, unclipped, clipped, loss, _ = _policy_terms(lp, old, adv, clip_lo, clip_hi, dual_clip,
+                                                                  False)
     in_clip = tl.where((ratio > clip_lo) & (ratio < clip_hi), 1.0, 0.0)
     d_ratio = -adv * (_share(unclipped, clipped) + _share(clipped, unclipped) * in_clip)
     if HAS_DUAL:
