@@ -484,3 +484,19 @@ def test_nan_propagates():
     loss, _ = rlkernels.ppo_policy_loss(logp, old, adv)
     assert torch.isnan(loss)
     assert np.isnan(reference.ppo_policy_loss(logp, old, adv)[0])
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("dual_clip", [None, 2.0])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_policy_float32_lanes(agg, dual_clip, masked):
+    """The vectorized float32 path (blocks of 16 tokens plus a scalar tail), with clamped and boundary ratios."""
+    logp, old, adv = policy_inputs((3, 37), dtype=torch.float32, seed=11)
+    old = old.clone()
+    old[0, :5] = logp[0, :5] - 1e4  # log-ratio clamped at 20
+    old[1, :5] = logp[1, :5] + 50.0  # log-ratio clamped at -20
+    old[2, :20:2] = logp[2, :20:2]  # ratio exactly 1
+    mask = make_mask(logp.shape, "bool", torch.Generator().manual_seed(11), empty_row=False) if masked else None
+    check_policy(logp, old, adv, mask, dtype=torch.float32, dual_clip=dual_clip, agg=agg)
+    check_policy(logp, old, adv, mask, dtype=torch.float32, clip_low=0.0, clip_high=0.0, dual_clip=dual_clip,
+                 agg=agg)

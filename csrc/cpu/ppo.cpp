@@ -18,8 +18,10 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
+#include "ppo_lanes_dispatch.h"
 #include "rlkernels/ppo.h"
 
 namespace rlkernels::cpu {
@@ -208,6 +210,13 @@ PolicyParams<acc_t> policy_params(double clip_low, double clip_high, std::option
   return p;
 }
 
+// The float32 lane path is reached only when scalar_t is float; the dispatch lambda is not a template, so
+// its other instantiations must still compile the (discarded at run time) call.
+template <typename T>
+const float* as_float(const T* p) { return reinterpret_cast<const float*>(p); }
+template <typename T>
+float* as_float_out(T* p) { return reinterpret_cast<float*>(p); }
+
 // ---- ppo_policy_loss ----
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
@@ -226,6 +235,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = policy_params<acc_t>(clip_low, clip_high, dual_clip);
     const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *adv_d = adv.data_ptr<scalar_t>();
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const float dual = dual_clip.has_value() ? p.dual_clip : std::numeric_limits<float>::infinity();
+      rows = reduce_rows(B, T, [&](int64_t row, int64_t t0, int64_t t1, Partial& part) {
+        const int64_t at = row * T + t0;
+        float s[7 * lanes::kLanesDecl];
+        lanes::policy_lanes().forward(as_float(lp_d + at), as_float(old_d + at), as_float(adv_d + at),
+                                  m == nullptr ? nullptr : m + at, t1 - t0, p.clip_lo, p.clip_hi, dual, s);
+        constexpr int L = lanes::kLanesDecl;
+        for (int l = 0; l < L; ++l) {
+          part.loss += s[0 * L + l];
+          part.count += s[1 * L + l];
+          part.clipped += s[2 * L + l];
+          part.lower += s[3 * L + l];
+          part.kl += s[4 * L + l];
+          part.ratio += s[5 * L + l];
+          if (s[1 * L + l] > 0) part.take_max(s[6 * L + l]);
+        }
+      });
+      return;
+    }
     rows = reduce_rows(B, T, [&](int64_t row, int64_t t0, int64_t t1, Partial& part) {
       for (int64_t i = row * T + t0; i < row * T + t1; ++i) {
         if (m != nullptr && m[i] == 0) continue;  // masked tokens are never read
@@ -274,6 +303,13 @@ Tensor ppo_policy_loss_backward_cpu(const Tensor& grad_loss, const Tensor& logp,
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const acc_t scale = static_cast<acc_t>(g * w[b]);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          const float dual = dual_clip.has_value() ? p.dual_clip : std::numeric_limits<float>::infinity();
+          lanes::policy_lanes().backward(as_float(lp_d + b * T), as_float(old_d + b * T), as_float(adv_d + b * T),
+                                     m == nullptr ? nullptr : m + b * T, T, p.clip_lo, p.clip_hi, dual, scale,
+                                     as_float_out(out + b * T));
+          continue;
+        }
         for (int64_t i = b * T; i < (b + 1) * T; ++i) {
           acc_t d = 0;
           if (m == nullptr || m[i] != 0)
