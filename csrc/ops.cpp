@@ -47,4 +47,22 @@ TORCH_LIBRARY(rlkernels, m) {
       "Tensor? truncated, Tensor? mask, Tensor? cu_seqlens, float gamma, float lam, float rho_clip, "
       "float c_clip, float pg_rho_clip) -> (Tensor grad_rewards, Tensor grad_values, Tensor grad_log_rhos, "
       "Tensor grad_next_values, Tensor grad_bootstrap_value)");
+
+  // ---- PPO loss family (rlkernels/ppo.py): canonical [B, T] inputs of one dtype, mask bool/uint8 or None.
+  // The losses return 0-d tensors (loss, then the stats); backwards give the gradient w.r.t. logp / values.
+  m.def(
+      "ppo_policy_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor? mask, float clip_low, "
+      "float clip_high, float? dual_clip, str agg, float norm_length) -> (Tensor loss, Tensor clipfrac, "
+      "Tensor clipfrac_lower, Tensor approx_kl, Tensor ratio_mean, Tensor ratio_max)");
+  m.def(
+      "ppo_policy_loss_backward(Tensor grad_loss, Tensor logp, Tensor old_logp, Tensor advantages, Tensor? mask, "
+      "float clip_low, float clip_high, float? dual_clip, str agg, float norm_length) -> Tensor");
+  m.def(
+      "value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor? mask, float? clip, str agg) "
+      "-> (Tensor loss, Tensor vf_clipfrac)");
+  m.def(
+      "value_loss_backward(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, Tensor? mask, "
+      "float? clip, str agg) -> Tensor");
+  m.def("kl_penalty(Tensor logp, Tensor ref_logp, str kind) -> Tensor");
+  m.def("kl_penalty_backward(Tensor grad, Tensor logp, Tensor ref_logp, str kind) -> Tensor");
 }

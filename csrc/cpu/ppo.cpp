@@ -1,0 +1,453 @@
+// CPU kernels of the PPO loss family (DESIGN.md §4.4): ppo_policy_loss, value_loss, kl_penalty and their
+// backwards. The per-token math lives in csrc/include/rlkernels/ppo.h.
+//
+// The losses run one pass over [B, T]: each row is cut into fixed chunks, every chunk reduces its tokens
+// into a Partial (sums in float64) on one thread, then the chunks of a row and the rows are combined in
+// index order on one thread. The chunk grid depends only on the shape, so results are bit-identical for
+// any number of threads.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "ppo_lanes_dispatch.h"
+#include "rlkernels/ppo.h"
+
+namespace rlkernels::cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using namespace rlkernels::ppo;
+
+// Tokens per chunk: large enough that the per-chunk overhead vanishes, small enough that a single long
+// row (1-D token-mean input) still spreads over the threads.
+constexpr int64_t kChunk = 4096;
+
+enum class Agg { kTokenMean, kSeqMeanTokenSum, kSeqMeanTokenMean, kSeqMeanTokenSumNorm };
+
+Agg agg_of(std::string_view agg) {
+  if (agg == "token-mean") return Agg::kTokenMean;
+  if (agg == "seq-mean-token-sum") return Agg::kSeqMeanTokenSum;
+  if (agg == "seq-mean-token-mean") return Agg::kSeqMeanTokenMean;
+  if (agg == "seq-mean-token-sum-norm") return Agg::kSeqMeanTokenSumNorm;
+  TORCH_CHECK_VALUE(false, "rlkernels: agg must be one of 'token-mean', 'seq-mean-token-sum', "
+                    "'seq-mean-token-mean', 'seq-mean-token-sum-norm', got '", agg, "'");
+  return Agg::kTokenMean;
+}
+
+KlKind kl_kind_of(std::string_view kind) {
+  if (kind == "k1") return KlKind::kK1;
+  if (kind == "abs") return KlKind::kAbs;
+  if (kind == "k2") return KlKind::kK2;
+  if (kind == "k3") return KlKind::kK3;
+  TORCH_CHECK_VALUE(false, "rlkernels: kind must be one of 'k1', 'abs', 'k2', 'k3', got '", kind, "'");
+  return KlKind::kK1;
+}
+
+at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Checks shared by the ops: canonical [B, T] (or any shape for kl_penalty), one dtype, one device.
+void check_input(const Tensor& ref, const char* ref_name, const Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "rlkernels: ", name, " must be a floating tensor, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "rlkernels: ", name, " must have the shape of ", ref_name, " ",
+                    ref.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "rlkernels: ", name, " must have dtype ",
+                   ref.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "rlkernels: ", name, " is on ", t.device(), " but ", ref_name,
+                    " is on ", ref.device());
+}
+
+const uint8_t* mask_data(const Tensor& ref, const OptTensor& mask, Tensor& keep) {
+  if (!mask.has_value() || !mask->defined()) return nullptr;
+  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool || mask->scalar_type() == at::kByte,
+                   "rlkernels: mask must be bool or uint8 here, got ", mask->scalar_type());
+  TORCH_CHECK_VALUE(mask->sizes() == ref.sizes(), "rlkernels: mask must have the shape ", ref.sizes(), ", got ",
+                    mask->sizes());
+  keep = mask->contiguous();
+  return static_cast<const uint8_t*>(keep.data_ptr());
+}
+
+void check_rows(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 2, "rlkernels: ", name, " must be canonical [B, T], got ", t.dim(), " dims");
+}
+
+// Sums of one chunk, row or batch. Float64 sums keep 1M-token means exact to float32 rounding.
+struct Partial {
+  double loss = 0, count = 0, clipped = 0, lower = 0, kl = 0, ratio = 0;
+  double ratio_max = -std::numeric_limits<double>::infinity();
+
+  void add(const Partial& o) {
+    loss += o.loss;
+    count += o.count;
+    clipped += o.clipped;
+    lower += o.lower;
+    kl += o.kl;
+    ratio += o.ratio;
+    take_max(o.ratio_max);
+  }
+  void take_max(double r) {  // NaN sticks
+    if (std::isnan(r) || r > ratio_max) ratio_max = r;
+  }
+};
+
+// Runs token_fn(row, t0, t1, partial) over the fixed chunk grid in parallel, then combines in order.
+// Returns the per-row partials.
+template <typename TokenFn>
+std::vector<Partial> reduce_rows(int64_t B, int64_t T, const TokenFn& token_fn) {
+  const int64_t chunks_per_row = (T + kChunk - 1) / kChunk;
+  std::vector<Partial> chunks(B * chunks_per_row);
+  at::parallel_for(0, B * chunks_per_row, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t row = c / chunks_per_row, t0 = (c % chunks_per_row) * kChunk;
+      token_fn(row, t0, std::min(T, t0 + kChunk), chunks[c]);
+    }
+  });
+  std::vector<Partial> rows(B);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < chunks_per_row; ++k) rows[b].add(chunks[b * chunks_per_row + k]);
+  return rows;
+}
+
+double mean_or_zero(double sum, double count) { return count > 0 ? sum / count : 0.0; }
+
+// The aggregated loss and the batch totals from per-row partials (DESIGN.md §4.4; 0 when nothing counts).
+double aggregate(const std::vector<Partial>& rows, Partial& total, Agg agg, double norm_length) {
+  double seq_mean_sum = 0, nonempty = 0;
+  for (const Partial& r : rows) {
+    total.add(r);
+    if (r.count > 0) {
+      seq_mean_sum += r.loss / r.count;
+      nonempty += 1;
+    }
+  }
+  const double B = static_cast<double>(rows.size());
+  switch (agg) {
+    case Agg::kTokenMean:
+      return mean_or_zero(total.loss, total.count);
+    case Agg::kSeqMeanTokenSum:
+      return mean_or_zero(total.loss, B);
+    case Agg::kSeqMeanTokenMean:
+      return mean_or_zero(seq_mean_sum, nonempty);
+    default:
+      return mean_or_zero(total.loss, B * norm_length);
+  }
+}
+
+// Per-row d loss / d l_t for unmasked tokens (masked tokens get 0).
+std::vector<double> token_weights(int64_t B, int64_t T, const uint8_t* mask, Agg agg, double norm_length) {
+  std::vector<double> counts(B, static_cast<double>(T));
+  if (mask != nullptr) {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        int64_t n = 0;
+        for (int64_t t = 0; t < T; ++t) n += mask[b * T + t] != 0;
+        counts[b] = static_cast<double>(n);
+      }
+    });
+  }
+  double total = 0, nonempty = 0;
+  for (double c : counts) {
+    total += c;
+    nonempty += c > 0;
+  }
+  std::vector<double> w(B, 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    switch (agg) {
+      case Agg::kTokenMean:
+        w[b] = total > 0 ? 1.0 / total : 0.0;
+        break;
+      case Agg::kSeqMeanTokenSum:
+        w[b] = 1.0 / static_cast<double>(B);
+        break;
+      case Agg::kSeqMeanTokenMean:
+        w[b] = counts[b] > 0 ? 1.0 / (counts[b] * nonempty) : 0.0;
+        break;
+      default:
+        w[b] = 1.0 / (static_cast<double>(B) * norm_length);
+    }
+  }
+  return w;
+}
+
+Tensor scalar_out(const Tensor& ref, double value) {
+  Tensor out = at::empty({}, ref.options().dtype(acc_type_of(ref.scalar_type())));
+  if (out.scalar_type() == at::kDouble)
+    *out.data_ptr<double>() = value;
+  else
+    *out.data_ptr<float>() = static_cast<float>(value);
+  return out;
+}
+
+double scalar_in(const Tensor& grad) {
+  TORCH_CHECK_VALUE(grad.numel() == 1, "rlkernels: the loss gradient must be a scalar, got ", grad.sizes());
+  return grad.to(at::kDouble).contiguous().data_ptr<double>()[0];  // a CPU tensor: no device sync
+}
+
+template <typename acc_t>
+PolicyParams<acc_t> policy_params(double clip_low, double clip_high, std::optional<double> dual_clip) {
+  TORCH_CHECK_VALUE(clip_low >= 0, "rlkernels: clip_low must be >= 0, got ", clip_low);
+  TORCH_CHECK_VALUE(clip_high >= 0, "rlkernels: clip_high must be >= 0, got ", clip_high);
+  TORCH_CHECK_VALUE(!dual_clip.has_value() || *dual_clip > 1.0, "rlkernels: dual_clip must be > 1, got ",
+                    dual_clip.value_or(0.0));
+  PolicyParams<acc_t> p;
+  p.clip_lo = static_cast<acc_t>(1.0 - clip_low);
+  p.clip_hi = static_cast<acc_t>(1.0 + clip_high);
+  p.has_dual_clip = dual_clip.has_value();
+  p.dual_clip = static_cast<acc_t>(dual_clip.value_or(1.0));
+  return p;
+}
+
+// The float32 lane path is reached only when scalar_t is float; the dispatch lambda is not a template, so
+// its other instantiations must still compile the (discarded at run time) call.
+template <typename T>
+const float* as_float(const T* p) { return reinterpret_cast<const float*>(p); }
+template <typename T>
+float* as_float_out(T* p) { return reinterpret_cast<float*>(p); }
+
+// ---- ppo_policy_loss ----
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
+    const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const OptTensor& mask, double clip_low,
+    double clip_high, std::optional<double> dual_clip, c10::string_view agg_name, double norm_length) {
+  check_rows(logp, "logp");
+  check_input(logp, "logp", old_logp, "old_logp");
+  check_input(logp, "logp", advantages, "advantages");
+  const Agg agg = agg_of(agg_name);
+  TORCH_CHECK_VALUE(norm_length > 0, "rlkernels: norm_length must be > 0, got ", norm_length);
+  const int64_t B = logp.size(0), T = logp.size(1);
+  Tensor lp = logp.contiguous(), old = old_logp.contiguous(), adv = advantages.contiguous(), mask_keep;
+  const uint8_t* m = mask_data(logp, mask, mask_keep);
+  std::vector<Partial> rows;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ppo_policy_loss", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto p = policy_params<acc_t>(clip_low, clip_high, dual_clip);
+    const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *adv_d = adv.data_ptr<scalar_t>();
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      const float dual = dual_clip.has_value() ? p.dual_clip : std::numeric_limits<float>::infinity();
+      rows = reduce_rows(B, T, [&](int64_t row, int64_t t0, int64_t t1, Partial& part) {
+        const int64_t at = row * T + t0;
+        float s[7 * lanes::kLanesDecl];
+        lanes::policy_lanes().forward(as_float(lp_d + at), as_float(old_d + at), as_float(adv_d + at),
+                                  m == nullptr ? nullptr : m + at, t1 - t0, p.clip_lo, p.clip_hi, dual, s);
+        constexpr int L = lanes::kLanesDecl;
+        for (int l = 0; l < L; ++l) {
+          part.loss += s[0 * L + l];
+          part.count += s[1 * L + l];
+          part.clipped += s[2 * L + l];
+          part.lower += s[3 * L + l];
+          part.kl += s[4 * L + l];
+          part.ratio += s[5 * L + l];
+          if (s[1 * L + l] > 0) part.take_max(s[6 * L + l]);
+        }
+      });
+      return;
+    }
+    rows = reduce_rows(B, T, [&](int64_t row, int64_t t0, int64_t t1, Partial& part) {
+      for (int64_t i = row * T + t0; i < row * T + t1; ++i) {
+        if (m != nullptr && m[i] == 0) continue;  // masked tokens are never read
+        const acc_t l = static_cast<acc_t>(lp_d[i]), o = static_cast<acc_t>(old_d[i]);
+        const PolicyToken<acc_t> tok = policy_token<acc_t>(l, o, static_cast<acc_t>(adv_d[i]), p);
+        part.loss += tok.loss;
+        part.count += 1;
+        part.clipped += tok.clipped;
+        part.lower += tok.lower;
+        part.kl += o - l;
+        part.ratio += tok.ratio;
+        part.take_max(tok.ratio);
+      }
+    });
+  });
+  Partial total;
+  const double loss = aggregate(rows, total, agg, norm_length);
+  const double ratio_max = total.count > 0 ? total.ratio_max : 0.0;
+  return {scalar_out(logp, loss),
+          scalar_out(logp, mean_or_zero(total.clipped, total.count)),
+          scalar_out(logp, mean_or_zero(total.lower, total.count)),
+          scalar_out(logp, mean_or_zero(total.kl, total.count)),
+          scalar_out(logp, mean_or_zero(total.ratio, total.count)),
+          scalar_out(logp, ratio_max)};
+}
+
+Tensor ppo_policy_loss_backward_cpu(const Tensor& grad_loss, const Tensor& logp, const Tensor& old_logp,
+                                    const Tensor& advantages, const OptTensor& mask, double clip_low,
+                                    double clip_high, std::optional<double> dual_clip, c10::string_view agg_name,
+                                    double norm_length) {
+  check_rows(logp, "logp");
+  check_input(logp, "logp", old_logp, "old_logp");
+  check_input(logp, "logp", advantages, "advantages");
+  const Agg agg = agg_of(agg_name);
+  const int64_t B = logp.size(0), T = logp.size(1);
+  Tensor lp = logp.contiguous(), old = old_logp.contiguous(), adv = advantages.contiguous(), mask_keep;
+  const uint8_t* m = mask_data(logp, mask, mask_keep);
+  const std::vector<double> w = token_weights(B, T, m, agg, norm_length);
+  const double g = scalar_in(grad_loss);
+  Tensor grad = at::empty({B, T}, lp.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ppo_policy_loss_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto p = policy_params<acc_t>(clip_low, clip_high, dual_clip);
+    const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *adv_d = adv.data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const acc_t scale = static_cast<acc_t>(g * w[b]);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          const float dual = dual_clip.has_value() ? p.dual_clip : std::numeric_limits<float>::infinity();
+          lanes::policy_lanes().backward(as_float(lp_d + b * T), as_float(old_d + b * T), as_float(adv_d + b * T),
+                                     m == nullptr ? nullptr : m + b * T, T, p.clip_lo, p.clip_hi, dual, scale,
+                                     as_float_out(out + b * T));
+          continue;
+        }
+        for (int64_t i = b * T; i < (b + 1) * T; ++i) {
+          acc_t d = 0;
+          if (m == nullptr || m[i] != 0)
+            d = scale * policy_token_grad<acc_t>(static_cast<acc_t>(lp_d[i]), static_cast<acc_t>(old_d[i]),
+                                                 static_cast<acc_t>(adv_d[i]), p);
+          out[i] = static_cast<scalar_t>(d);
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+// ---- value_loss ----
+
+std::tuple<Tensor, Tensor> value_loss_cpu(const Tensor& values, const Tensor& old_values, const Tensor& returns,
+                                          const OptTensor& mask, std::optional<double> clip,
+                                          c10::string_view agg_name) {
+  check_rows(values, "values");
+  check_input(values, "values", old_values, "old_values");
+  check_input(values, "values", returns, "returns");
+  TORCH_CHECK_VALUE(!clip.has_value() || *clip >= 0, "rlkernels: clip must be >= 0, got ", clip.value_or(0.0));
+  const Agg agg = agg_of(agg_name);
+  const int64_t B = values.size(0), T = values.size(1);
+  Tensor v = values.contiguous(), old = old_values.contiguous(), ret = returns.contiguous(), mask_keep;
+  const uint8_t* m = mask_data(values, mask, mask_keep);
+  std::vector<Partial> rows;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "value_loss", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const bool has_clip = clip.has_value();
+    const acc_t c = static_cast<acc_t>(clip.value_or(0.0));
+    const scalar_t *v_d = v.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *ret_d = ret.data_ptr<scalar_t>();
+    rows = reduce_rows(B, T, [&](int64_t row, int64_t t0, int64_t t1, Partial& part) {
+      for (int64_t i = row * T + t0; i < row * T + t1; ++i) {
+        if (m != nullptr && m[i] == 0) continue;
+        const ValueToken<acc_t> tok = value_token<acc_t>(static_cast<acc_t>(v_d[i]), static_cast<acc_t>(old_d[i]),
+                                                         static_cast<acc_t>(ret_d[i]), has_clip, c);
+        part.loss += tok.loss;
+        part.count += 1;
+        part.clipped += tok.clipped;
+      }
+    });
+  });
+  Partial total;
+  const double loss = aggregate(rows, total, agg, static_cast<double>(T));
+  return {scalar_out(values, loss), scalar_out(values, mean_or_zero(total.clipped, total.count))};
+}
+
+Tensor value_loss_backward_cpu(const Tensor& grad_loss, const Tensor& values, const Tensor& old_values,
+                               const Tensor& returns, const OptTensor& mask, std::optional<double> clip,
+                               c10::string_view agg_name) {
+  check_rows(values, "values");
+  check_input(values, "values", old_values, "old_values");
+  check_input(values, "values", returns, "returns");
+  const Agg agg = agg_of(agg_name);
+  const int64_t B = values.size(0), T = values.size(1);
+  Tensor v = values.contiguous(), old = old_values.contiguous(), ret = returns.contiguous(), mask_keep;
+  const uint8_t* m = mask_data(values, mask, mask_keep);
+  const std::vector<double> w = token_weights(B, T, m, agg, static_cast<double>(T));
+  const double g = scalar_in(grad_loss);
+  Tensor grad = at::empty({B, T}, v.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "value_loss_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const bool has_clip = clip.has_value();
+    const acc_t c = static_cast<acc_t>(clip.value_or(0.0));
+    const scalar_t *v_d = v.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *ret_d = ret.data_ptr<scalar_t>();
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const acc_t scale = static_cast<acc_t>(g * w[b]);
+        for (int64_t i = b * T; i < (b + 1) * T; ++i) {
+          acc_t d = 0;
+          if (m == nullptr || m[i] != 0)
+            d = scale * value_token_grad<acc_t>(static_cast<acc_t>(v_d[i]), static_cast<acc_t>(old_d[i]),
+                                                static_cast<acc_t>(ret_d[i]), has_clip, c);
+          out[i] = static_cast<scalar_t>(d);
+        }
+      }
+    });
+  });
+  return grad;
+}
+
+// ---- kl_penalty (elementwise, any shape) ----
+
+constexpr int64_t kElementGrain = 32768;
+
+Tensor kl_penalty_cpu(const Tensor& logp, const Tensor& ref_logp, c10::string_view kind_name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(logp.scalar_type()), "rlkernels: logp must be a floating tensor, got ",
+                   logp.scalar_type());
+  check_input(logp, "logp", ref_logp, "ref_logp");
+  const KlKind kind = kl_kind_of(kind_name);
+  Tensor lp = logp.contiguous(), ref = ref_logp.contiguous();
+  Tensor out = at::empty(lp.sizes(), lp.options().dtype(acc_type_of(lp.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "kl_penalty", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *ref_d = ref.data_ptr<scalar_t>();
+    acc_t* o = out.data_ptr<acc_t>();
+    at::parallel_for(0, lp.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        o[i] = kl_token<acc_t>(static_cast<acc_t>(lp_d[i]), static_cast<acc_t>(ref_d[i]), kind);
+    });
+  });
+  return out;
+}
+
+Tensor kl_penalty_backward_cpu(const Tensor& grad, const Tensor& logp, const Tensor& ref_logp,
+                               c10::string_view kind_name) {
+  check_input(logp, "logp", ref_logp, "ref_logp");
+  TORCH_CHECK_VALUE(grad.sizes() == logp.sizes(), "rlkernels: grad must have the shape of logp ", logp.sizes(),
+                    ", got ", grad.sizes());
+  const KlKind kind = kl_kind_of(kind_name);
+  Tensor lp = logp.contiguous(), ref = ref_logp.contiguous();
+  Tensor out = at::empty(lp.sizes(), lp.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "kl_penalty_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Tensor g = grad.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    const acc_t* g_d = g.data_ptr<acc_t>();
+    const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *ref_d = ref.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, lp.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        o[i] = static_cast<scalar_t>(
+            g_d[i] * kl_token_grad<acc_t>(static_cast<acc_t>(lp_d[i]), static_cast<acc_t>(ref_d[i]), kind));
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
+  m.impl("ppo_policy_loss", &ppo_policy_loss_cpu);
+  m.impl("ppo_policy_loss_backward", &ppo_policy_loss_backward_cpu);
+  m.impl("value_loss", &value_loss_cpu);
+  m.impl("value_loss_backward", &value_loss_backward_cpu);
+  m.impl("kl_penalty", &kl_penalty_cpu);
+  m.impl("kl_penalty_backward", &kl_penalty_backward_cpu);
+}
+
+}  // namespace rlkernels::cpu
