@@ -5,6 +5,7 @@ Every op is a ``torch.library`` custom op with autograd, validated against :mod:
 
 from . import _C  # noqa: F401  (loads the compiled kernels and registers the ops)
 from ._backend import BACKENDS, available_backends
+from .logprobs import gather_logprobs
 from .returns import discounted_returns, gae, linear_scan, vtrace
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __all__ = [
     "available_backends",
     "discounted_returns",
     "gae",
+    "gather_logprobs",
     "linear_scan",
     "vtrace",
 ]
