@@ -70,7 +70,7 @@ def gather_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, ig
     ignore_index = _check_index("ignore_index", ignore_index)
     return_entropy, inplace_backward = bool(return_entropy), bool(inplace_backward)
     impl = resolve(backend, logits.device, _OP)
-    if check_tokens and logits.device.type != "cpu":
+    if check_tokens and impl not in ("cpu", "reference"):  # those two check every token themselves
         _check_tokens_on_host(tokens, logits.shape[-1], ignore_index)
     if impl == "reference":
         from . import reference
