@@ -22,6 +22,13 @@
 #include <optional>
 #include <tuple>
 
+// Without this, GCC keeps every select of the exp and entropy loops as a branch (a float operation in a
+// select arm "may trap"), and those loops stay scalar. The kernels never read floating-point exception
+// flags; NaN and Inf still propagate (this is not -ffinite-math-only).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 namespace rlkernels::cpu {
 namespace {
 
@@ -37,8 +44,16 @@ constexpr int64_t kChunk = 512;
 // |r| <= ln2/2 (Cody-Waite split), e^r by its degree-7 Taylor polynomial (error < 1e-8 relative), 2^n built
 // in the exponent bits. Below the float range the result is exactly 0, so -inf logits weigh nothing;
 // NaN propagates (every comparison with it is false).
+// v where c holds, else +0, as a bit mask (no select for the vectorizer to refuse).
+inline float keep_if(bool c, float v) {
+  return std::bit_cast<float>(std::bit_cast<uint32_t>(v) & (0u - static_cast<uint32_t>(c)));
+}
+inline double keep_if(bool c, double v) {
+  return std::bit_cast<double>(std::bit_cast<uint64_t>(v) & (uint64_t{0} - static_cast<uint64_t>(c)));
+}
+
 inline float exp_poly(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
+  const float xc = std::max(x, -87.0f);  // NaN stays NaN: std::max returns its first argument then
   const float t = xc * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 pushes the fraction out
   const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187045e-6f;
@@ -51,8 +66,7 @@ inline float exp_poly(float x) {
   p = p * r + 1.0f;
   p = p * r + 1.0f;
   const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  const float e = p * scale;
-  return x < -87.0f ? 0.0f : e;
+  return keep_if(!(x < -87.0f), p * scale);
 }
 
 inline float exp_acc(float x) { return exp_poly(x); }
@@ -94,7 +108,7 @@ inline void fold_chunk(RowState<acc_t>& st, const acc_t* buf, int64_t n) {
       const acc_t d = buf[i + j] - m;
       const acc_t e = exp_acc(d);
       e0[j] += e;
-      if constexpr (kEntropy) e1[j] += e == 0 ? acc_t(0) : e * d;  // 0 * -inf counts as 0
+      if constexpr (kEntropy) e1[j] += keep_if(e != 0, e * d);  // 0 * -inf counts as 0
     }
   }
   acc_t a0 = 0, a1 = 0;
@@ -239,8 +253,7 @@ void backward_rows(const Tensor& logits, const Tensor& out, const OptTensor& gra
           for (int64_t i = 0; i < n; ++i) {
             const acc_t z = buf[i];
             const acc_t p = exp_acc(z - l);
-            const acc_t h = p * (z + c);
-            buf[i] = -a * p - b * (p == 0 ? acc_t(0) : h);  // p = 0 where z = -inf: no entropy term
+            buf[i] = -a * p - b * keep_if(p != 0, p * (z + c));  // p = 0 where z = -inf: no entropy term
           }
         } else {
           for (int64_t i = 0; i < n; ++i) buf[i] = -a * exp_acc(buf[i] - l);
