@@ -7,6 +7,15 @@
 // Rows are split across threads with at::parallel_for. Inner loops run over kLanes independent partial
 // sums, which the compiler turns into SIMD; exp is a branch-free polynomial for float so those loops
 // vectorize (libm's expf would keep them scalar), std::exp for double (the gradcheck path).
+// Without no-trapping-math GCC keeps every select of the exp and entropy loops as a branch (a float
+// operation in a select arm "may trap"), and those loops stay scalar. It goes before the includes: placed
+// after them, the header functions the kernels inline differ in options and the loops again stayed scalar
+// (checked by counting mulps in the object). The kernels never read floating-point exception flags; NaN and
+// Inf still propagate (this is not -ffinite-math-only).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -21,13 +30,6 @@
 #include <limits>
 #include <optional>
 #include <tuple>
-
-// Without this, GCC keeps every select of the exp and entropy loops as a branch (a float operation in a
-// select arm "may trap"), and those loops stay scalar. The kernels never read floating-point exception
-// flags; NaN and Inf still propagate (this is not -ffinite-math-only).
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
 
 namespace rlkernels::cpu {
 namespace {
