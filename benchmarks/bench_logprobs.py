@@ -38,10 +38,13 @@ def median_ms(fn, reps):
 def peak_extra_mib(fn):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    # Allocations are charged to the op that made them (self_cpu_memory_usage: an op's total also holds the
+    # memory of the ops inside it); frees are separate "[memory]" records with a negative size.
+    changes = sorted(((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                      for e in prof.events()), key=lambda c: c[0])
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    for _, size in changes:
+        live += size
         peak = max(peak, live)
     return peak / 2**20
 

@@ -195,6 +195,12 @@ def test_empty_inputs():
     out = rlkernels.gather_logprobs(x, torch.zeros(2, 0, dtype=torch.long))
     out.sum().backward()
     assert out.shape == (2, 0) and x.grad.shape == x.shape
+    # V = 0: only ignored rows are valid.
+    empty_vocab = torch.zeros(2, 3, 0)
+    ignored = torch.full((2, 3), -100)
+    assert (rlkernels.gather_logprobs(empty_vocab, ignored, ignore_index=-100) == 0).all()
+    with pytest.raises(ValueError, match="tokens"):
+        rlkernels.gather_logprobs(empty_vocab, torch.zeros(2, 3, dtype=torch.long))
 
 
 def test_deterministic():
