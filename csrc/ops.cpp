@@ -65,4 +65,20 @@ TORCH_LIBRARY(rlkernels, m) {
       "float? clip, str agg) -> Tensor");
   m.def("kl_penalty(Tensor logp, Tensor ref_logp, str kind) -> Tensor");
   m.def("kl_penalty_backward(Tensor grad, Tensor logp, Tensor ref_logp, str kind) -> Tensor");
+
+  // ---- log-prob gathering (rlkernels/logprobs.py) ----
+  // logits [N, V] with unit stride along V, tokens int64 [N]. Outputs in float32 (float64 for float64
+  // logits): logp [N], entropy [N] (empty without return_entropy), lse [N] = logsumexp(logits / T), saved for
+  // the backward. inplace_backward is read by the autograd formula only.
+  m.def(
+      "gather_logprobs(Tensor logits, Tensor tokens, float temperature, bool return_entropy, int? ignore_index, "
+      "bool inplace_backward) -> (Tensor logp, Tensor entropy, Tensor lse)");
+  // d logits = (g_logp (onehot - p) - g_entropy p (z - lse + entropy)) / T, in the logits' dtype.
+  m.def(
+      "gather_logprobs_backward(Tensor? grad_logp, Tensor? grad_entropy, Tensor logits, Tensor tokens, "
+      "Tensor lse, Tensor entropy, float temperature, int? ignore_index) -> Tensor");
+  // The same, written over the logits (inplace_backward=True).
+  m.def(
+      "gather_logprobs_backward_inplace(Tensor? grad_logp, Tensor? grad_entropy, Tensor(a!) logits, "
+      "Tensor tokens, Tensor lse, Tensor entropy, float temperature, int? ignore_index) -> ()");
 }

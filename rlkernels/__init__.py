@@ -7,6 +7,7 @@ import torch  # noqa: F401  (first: the compiled library links against libtorch)
 
 from . import _C  # noqa: F401  (loads the compiled kernels and registers the ops)
 from ._backend import BACKENDS, available_backends
+from .logprobs import gather_logprobs
 from .ppo import kl_penalty, ppo_policy_loss, value_loss
 from .returns import discounted_returns, gae, linear_scan, vtrace
 
@@ -17,6 +18,7 @@ __all__ = [
     "available_backends",
     "discounted_returns",
     "gae",
+    "gather_logprobs",
     "kl_penalty",
     "linear_scan",
     "ppo_policy_loss",
