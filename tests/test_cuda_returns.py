@@ -171,7 +171,8 @@ def resample(x, seed):
         if key == "cu_seqlens" or not isinstance(value, torch.Tensor):
             continue
         if value.dtype == torch.bool:
-            out[key] = torch.rand(value.shape, generator=g, device=value.device) < value.float().mean().clamp(0.02, 0.98)
+            rate = value.float().mean().clamp(0.02, 0.98)
+            out[key] = torch.rand(value.shape, generator=g, device=value.device) < rate
         else:
             out[key] = torch.randn(value.shape, generator=g, device=value.device).to(value.dtype)
     return out
@@ -183,9 +184,9 @@ def to_cuda(inputs):
 
 def call(op, x, backend):
     """The public function `op` on inputs `x`; always a tuple of outputs."""
-    common = dict(gamma=0.99, terminated=x["terminated"], truncated=x["truncated"], next_values=x["next_values"],
-                  bootstrap_value=x["bootstrap_value"], mask=x["mask"], cu_seqlens=x["cu_seqlens"],
-                  time_dim=x["time_dim"], backend=backend)
+    common = {"gamma": 0.99, "terminated": x["terminated"], "truncated": x["truncated"],
+              "next_values": x["next_values"], "bootstrap_value": x["bootstrap_value"], "mask": x["mask"],
+              "cu_seqlens": x["cu_seqlens"], "time_dim": x["time_dim"], "backend": backend}
     if op == "discounted_returns":
         return (rlkernels.discounted_returns(x["rewards"], **common),)
     if op == "gae":

@@ -273,7 +273,8 @@ struct HasBootstrapGrad<Step, acc_t,
     : std::true_type {};
 // The trait is what turns final carries into bootstrap gradients: a silent false would leave them zero.
 static_assert(HasBootstrapGrad<GaeBackwardStep, float>::value && HasBootstrapGrad<VtraceBackwardStep, double>::value &&
-              HasBootstrapGrad<DiscountedReturnsBackwardStep, float>::value && !HasBootstrapGrad<GaeStep, float>::value);
+              HasBootstrapGrad<DiscountedReturnsBackwardStep, float>::value &&
+              !HasBootstrapGrad<GaeStep, float>::value);
 
 // The end of sequence `seq` in scan order: backward steps turn the final carry into the bootstrap gradient.
 template <class Step, typename scalar_t, typename acc_t>
