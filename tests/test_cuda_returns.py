@@ -171,7 +171,8 @@ def resample(x, seed):
         if key == "cu_seqlens" or not isinstance(value, torch.Tensor):
             continue
         if value.dtype == torch.bool:
-            out[key] = torch.rand(value.shape, generator=g, device=value.device) < value.float().mean().clamp(0.02, 0.98)
+            rate = value.float().mean().clamp(0.02, 0.98)
+            out[key] = torch.rand(value.shape, generator=g, device=value.device) < rate
         else:
             out[key] = torch.randn(value.shape, generator=g, device=value.device).to(value.dtype)
     return out
@@ -183,9 +184,9 @@ def to_cuda(inputs):
 
 def call(op, x, backend):
     """The public function `op` on inputs `x`; always a tuple of outputs."""
-    common = dict(gamma=0.99, terminated=x["terminated"], truncated=x["truncated"], next_values=x["next_values"],
-                  bootstrap_value=x["bootstrap_value"], mask=x["mask"], cu_seqlens=x["cu_seqlens"],
-                  time_dim=x["time_dim"], backend=backend)
+    common = {"gamma": 0.99, "terminated": x["terminated"], "truncated": x["truncated"],
+              "next_values": x["next_values"], "bootstrap_value": x["bootstrap_value"], "mask": x["mask"],
+              "cu_seqlens": x["cu_seqlens"], "time_dim": x["time_dim"], "backend": backend}
     if op == "discounted_returns":
         return (rlkernels.discounted_returns(x["rewards"], **common),)
     if op == "gae":
@@ -395,6 +396,50 @@ def test_ops_accept_int32_offsets_and_bool_flags(case):
     for name in expected:
         for a, e in zip(actual[name], expected[name]):
             assert_matches(a, e)
+
+
+def assert_matches_non_finite(actual, expected):
+    """Like assert_matches, with NaN, +Inf and -Inf required at exactly the same places."""
+    actual = actual.cpu()
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    for predicate in (torch.isnan, torch.isposinf, torch.isneginf):
+        assert torch.equal(predicate(actual), predicate(expected)), predicate.__name__
+    finite = torch.isfinite(expected)
+    if finite.any():
+        assert_matches(actual[finite].to(DEVICE), expected[finite])
+
+
+def inject_non_finite(x, seed):
+    """Inf rewards, +-Inf values, a NaN log-ratio and an Inf bootstrap value at random places."""
+    g = torch.Generator().manual_seed(seed)
+    n = x["rewards"].numel()
+    if n == 0:
+        return x
+    x = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    at = torch.randint(0, n, (5,), generator=g).tolist()
+    x["rewards"].view(-1)[at[0]] = float("inf")
+    x["rewards"].view(-1)[at[1]] = -float("inf")
+    x["values"].view(-1)[at[2]] = float("inf")
+    x["values"].view(-1)[at[3]] = -float("inf")
+    x["log_rhos"].view(-1)[at[4]] = float("nan")
+    if x["bootstrap_value"] is not None and x["bootstrap_value"].numel() > 1:
+        x["bootstrap_value"].view(-1)[1] = float("inf")
+    return x
+
+
+@needs_cuda()
+@pytest.mark.parametrize("flags", ("terminated_bootstrap_mask", "next_values_truncated"))
+@pytest.mark.parametrize("case", CASES)
+def test_non_finite_inputs_propagate_like_cpu(case, flags):
+    """Inf and NaN propagate as the sequential formula says, in every regime: where a non-finite carry would
+    meet a chunk or tile map (0 * inf = NaN where the walk gives inf), the CUDA engine walks sequentially.
+    These cases are short enough that the CPU walks them sequentially too."""
+    x = canonical_inputs(case, torch.float32, FLAGS[flags], seed=_seed("inf", case, flags))
+    x = inject_non_finite(x, seed=_seed("where", case, flags))
+    expected, actual = op_calls(x), op_calls(to_cuda(x))
+    for name in expected:
+        for a, e in zip(actual[name], expected[name]):
+            assert_matches_non_finite(a, e)
 
 
 # ----------------------------------------------------------------------------------------------------

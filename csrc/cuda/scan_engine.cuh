@@ -23,6 +23,14 @@
 //
 // Maps are composed in scan order (reverse scans compose from the end); composition is associative, not
 // commutative, and every combine order here depends only on the shape.
+//
+// Non-finite carries. A map's coefficient can be 0 where the sequential walk never multiplies (a segment
+// reset, GAE's value carry, an underflowed (gamma lam)^n), so applying a map to an infinite carry can give
+// 0 * inf = NaN where the sequential formula gives inf or a finite value. Whenever a carry fed into a map is
+// not finite (and any non-finite intermediate makes the evaluated carry non-finite too), the engine walks
+// sequentially instead: the 32 threads of a tile one after another, or a whole sequence (lanes) or the whole
+// array (global chunks) in one thread or warp. Slow, but it only happens on Inf/NaN data, and then the
+// results are the sequential formula's, as on the CPU.
 #pragma once
 
 #include "scan_problem.h"
@@ -105,6 +113,14 @@ Plan plan_of(const Problem<scalar_t, acc_t>& pb) {
 
 RLK_FN int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 RLK_FN int64_t max64(int64_t a, int64_t b) { return a < b ? b : a; }
+
+// x - x is 0 for finite x and NaN for inf and NaN (IEEE; these files are never built with fast math).
+template <typename T>
+RLK_FN bool all_finite(const T* x, int n) {
+  bool ok = true;
+  for (int j = 0; j < n; ++j) ok = ok && (x[j] - x[j] == T(0));
+  return ok;
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Chunk maps
@@ -257,7 +273,8 @@ struct HasBootstrapGrad<Step, acc_t,
     : std::true_type {};
 // The trait is what turns final carries into bootstrap gradients: a silent false would leave them zero.
 static_assert(HasBootstrapGrad<GaeBackwardStep, float>::value && HasBootstrapGrad<VtraceBackwardStep, double>::value &&
-              HasBootstrapGrad<DiscountedReturnsBackwardStep, float>::value && !HasBootstrapGrad<GaeStep, float>::value);
+              HasBootstrapGrad<DiscountedReturnsBackwardStep, float>::value &&
+              !HasBootstrapGrad<GaeStep, float>::value);
 
 // The end of sequence `seq` in scan order: backward steps turn the final carry into the bootstrap gradient.
 template <class Step, typename scalar_t, typename acc_t>
@@ -297,18 +314,28 @@ __device__ __forceinline__ Lane dense_lane(const Problem<scalar_t, acc_t>& pb, i
 
 // kMap: pass 1, writes each lane's map to maps[q]. Otherwise walks with carry_in[q] (pass 3), or with the
 // initial carries when carry_in is null (unchunked), storing outputs.
+// `whole` (pass 3): per sequence, whether pass 2 met a non-finite carry; such a sequence is walked whole,
+// from its initial carries, by the thread of its first chunk in scan order.
 template <class Step, typename scalar_t, typename acc_t, bool kMap>
 __global__ void __launch_bounds__(kLaneThreads)
     lanes_kernel(const Problem<scalar_t, acc_t> pb, const ScanParams<acc_t> params, const bool reverse,
                  const int64_t chunks, const int64_t chunk_len, ChunkMap<acc_t, Step::kCarry>* maps,
-                 const acc_t* carry_in) {
+                 const acc_t* carry_in, const int* whole) {
   constexpr int D = Step::kCarry;
   constexpr int U = kLaneUnroll<acc_t>;
   using C = std::conditional_t<kMap, Affine<acc_t, D>, acc_t>;
   const int64_t q = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (q >= pb.num_seqs * chunks) return;
-  const Lane lane = dense_lane(pb, chunks, chunk_len, q);
+  Lane lane = dense_lane(pb, chunks, chunk_len, q);
   const int64_t stride = pb.inner;
+  bool walk_whole = false;
+  if (whole && whole[lane.seq]) {
+    if (lane.chunk != (reverse ? chunks - 1 : 0)) return;
+    walk_whole = true;
+    lane.begin = 0;
+    lane.len = pb.steps;
+    lane.chunk = reverse ? 0 : chunks - 1;  // it also ends the sequence
+  }
 
   C carry[D];
 #pragma unroll
@@ -316,7 +343,7 @@ __global__ void __launch_bounds__(kLaneThreads)
     if constexpr (kMap) {
       carry[j] = Affine<acc_t, D>::variable(j);
     } else {
-      carry[j] = carry_in ? carry_in[q * D + j] : initial_carry(pb, j, lane.seq);
+      carry[j] = carry_in && !walk_whole ? carry_in[q * D + j] : initial_carry(pb, j, lane.seq);
     }
   }
 
@@ -354,11 +381,12 @@ __global__ void __launch_bounds__(kLaneThreads)
 // Group g is sequence (o, i) = (g / inner, g % inner) of the lanes regime, whose chunk c is lane
 // (o * chunks + c) * inner + i; the global-chunk regime is one group with inner = 1 and chunk c = unit c.
 // Writes carry_in[q * D + j], the true carry entering each chunk; the first chunk in scan order gets the
-// group's initial carry (init[j * num_seqs + g], or zeros).
+// group's initial carry (init[j * num_seqs + g], or zeros). whole[g] = 1 when a carry fed into a chunk's map
+// is not finite: the composed carries are then not the sequential ones, and pass 3 walks the group whole.
 template <typename acc_t, int D>
 __global__ void __launch_bounds__(kComposeThreads)
-    compose_kernel(const ChunkMap<acc_t, D>* maps, acc_t* carry_in, const acc_t* init, const int64_t num_seqs,
-                   const int64_t inner, const int64_t chunks, const bool reverse) {
+    compose_kernel(const ChunkMap<acc_t, D>* maps, acc_t* carry_in, int* whole, const acc_t* init,
+                   const int64_t num_seqs, const int64_t inner, const int64_t chunks, const bool reverse) {
   using Map = ChunkMap<acc_t, D>;
   using BlockScan = cub::BlockScan<Map, kComposeThreads>;
   __shared__ typename BlockScan::TempStorage temp;
@@ -383,14 +411,18 @@ __global__ void __launch_bounds__(kComposeThreads)
 #pragma unroll
   for (int j = 0; j < D; ++j) x[j] = init ? init[j * num_seqs + g] : acc_t(0);
   apply_map(before, x, y);
+  bool finite = true;
   for (int64_t k = k_begin; k < k_end; ++k) {
     const int64_t q = lane_of(k);
 #pragma unroll
     for (int j = 0; j < D; ++j) carry_in[q * D + j] = y[j];
+    if (k + 1 < chunks) finite = finite && all_finite(y, D);  // the last chunk's map is never applied
     apply_map(maps[q], y, x);
 #pragma unroll
     for (int j = 0; j < D; ++j) y[j] = x[j];
   }
+  const int any_bad = __syncthreads_or(!finite);
+  if (threadIdx.x == 0) whole[g] = any_bad;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -452,22 +484,17 @@ __device__ __forceinline__ int64_t walk_items(const Problem<scalar_t, acc_t>& pb
   return seg;
 }
 
-// Unit u of `units` per warp: sequence u (per_seq) or the positions [u * kWarpChunk, (u + 1) * kWarpChunk).
-// kMap: pass 1, writes the unit's map to maps[u]. Otherwise stores outputs, starting from carry_in[u]
-// (pass 3) or from zeros (per_seq, or a single chunk: the unit's first step is a segment start anyway).
-template <class Step, typename scalar_t, typename acc_t, bool kMap>
-__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
-    warps_kernel(const Problem<scalar_t, acc_t> pb, const ScanParams<acc_t> params, const bool reverse,
-                 const bool per_seq, const int64_t units, ChunkMap<acc_t, Step::kCarry>* maps,
-                 const acc_t* carry_in) {
+// Walks unit u (sequence u when per_seq, else the positions [u * kWarpChunk, (u + 1) * kWarpChunk)) with the
+// whole warp, starting from tile_carry and leaving the unit's carry out there. kMap: tile_carry holds forms
+// of the unit's carry in, and ends as the unit's map; otherwise outputs are stored.
+template <class Step, bool kMap, typename scalar_t, typename acc_t, typename C>
+__device__ __forceinline__ void walk_unit(const Problem<scalar_t, acc_t>& pb, const ScanParams<acc_t>& params,
+                                          const bool reverse, const bool per_seq, const int64_t u, C* tile_carry) {
   constexpr int D = Step::kCarry;
   constexpr int K = kWarpItems;
   using Form = Affine<acc_t, D>;
   using Map = ChunkMap<acc_t, D>;
-  using C = std::conditional_t<kMap, Form, acc_t>;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t u = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
-  if (u >= units) return;  // the whole warp: every shuffle below has all 32 lanes
 
   int64_t p0, p1, seg_lo, seg_hi;
   if (per_seq) {
@@ -481,16 +508,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
     seg_hi = find_seg(pb, p1 - 1, seg_lo, pb.num_seqs - 1);
   }
   const int64_t len = p1 - p0;
-
-  C tile_carry[D];  // the carry entering the tile (kMap: as a form of the unit's carry in)
-#pragma unroll
-  for (int j = 0; j < D; ++j) {
-    if constexpr (kMap) {
-      tile_carry[j] = Form::variable(j);
-    } else {
-      tile_carry[j] = carry_in ? carry_in[u * D + j] : acc_t(0);
-    }
-  }
   int64_t seg_tile = reverse ? seg_hi : seg_lo;  // segment of the tile's first position in scan order
 
   for (int64_t k0 = 0; k0 < len; k0 += kTile) {
@@ -540,20 +557,63 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
       } else {
         apply_map(exclusive, tile_carry, x);
       }
-      walk_items<Step, true>(pb, params, reverse, in, pos, kl, len, seg, seg_lo, seg_hi, x);
+      if (!__any_sync(kFullMask, !all_finite(tile_carry, D) || !all_finite(x, D))) {
+        walk_items<Step, true>(pb, params, reverse, in, pos, kl, len, seg, seg_lo, seg_hi, x);
 #pragma unroll
-      for (int j = 0; j < D; ++j) tile_carry[j] = __shfl_sync(kFullMask, x[j], kWarpSize - 1);
+        for (int j = 0; j < D; ++j) tile_carry[j] = __shfl_sync(kFullMask, x[j], kWarpSize - 1);
+      } else {
+        // A non-finite carry met a map: walk the tile's threads one after another instead (see the top).
+        for (int l = 0; l < kWarpSize; ++l) {
+          if (lane == l) {
+#pragma unroll
+            for (int j = 0; j < D; ++j) x[j] = tile_carry[j];
+            walk_items<Step, true>(pb, params, reverse, in, pos, kl, len, seg, seg_lo, seg_hi, x);
+          }
+#pragma unroll
+          for (int j = 0; j < D; ++j) tile_carry[j] = __shfl_sync(kFullMask, x[j], l);
+        }
+      }
     }
     seg_tile = __shfl_sync(kFullMask, static_cast<long long>(seg_next), kWarpSize - 1);
   }
+}
 
+// A warp per unit of `units` (walk_unit). kMap: pass 1, writes the unit's map to maps[u]. Otherwise stores
+// outputs, starting from carry_in[u] (pass 3) or from zeros (per_seq, or a single chunk: the unit's first
+// step starts a segment anyway). With *whole set (pass 2 met a non-finite carry), warp 0 walks every unit
+// in scan order, carrying the true carry from one to the next.
+template <class Step, typename scalar_t, typename acc_t, bool kMap>
+__global__ void __launch_bounds__(kWarpsPerBlock* kWarpSize)
+    warps_kernel(const Problem<scalar_t, acc_t> pb, const ScanParams<acc_t> params, const bool reverse,
+                 const bool per_seq, const int64_t units, ChunkMap<acc_t, Step::kCarry>* maps,
+                 const acc_t* carry_in, const int* whole) {
+  constexpr int D = Step::kCarry;
+  using Form = Affine<acc_t, D>;
+  using C = std::conditional_t<kMap, Form, acc_t>;
+  const int64_t u = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  if (u >= units) return;  // the whole warp: every shuffle has all 32 lanes
+
+  C tile_carry[D];
   if constexpr (kMap) {
-    if (lane == 0) {
-      Map m;
+#pragma unroll
+    for (int j = 0; j < D; ++j) tile_carry[j] = Form::variable(j);
+    walk_unit<Step, true>(pb, params, reverse, per_seq, u, tile_carry);
+    if (threadIdx.x % kWarpSize == 0) {
+      ChunkMap<acc_t, D> m;
 #pragma unroll
       for (int j = 0; j < D; ++j) m.f[j] = tile_carry[j];
       maps[u] = m;
     }
+  } else if (whole && *whole) {
+    if (u != 0) return;
+#pragma unroll
+    for (int j = 0; j < D; ++j) tile_carry[j] = acc_t(0);
+    for (int64_t i = 0; i < units; ++i)
+      walk_unit<Step, false>(pb, params, reverse, per_seq, reverse ? units - 1 - i : i, tile_carry);
+  } else {
+#pragma unroll
+    for (int j = 0; j < D; ++j) tile_carry[j] = carry_in ? carry_in[u * D + j] : acc_t(0);
+    walk_unit<Step, false>(pb, params, reverse, per_seq, u, tile_carry);
   }
 }
 
@@ -579,30 +639,35 @@ void run_scan(const Problem<scalar_t, acc_t>& pb, const ScanParams<acc_t>& param
   c10::Allocator& allocator = *c10::cuda::CUDACachingAllocator::get();
   // Workspace for the chunked regimes: the maps (pass 1) and the carries entering each chunk (pass 2).
   // Freed here while the kernels may still run: the caching allocator reuses memory in stream order.
-  auto chunk_workspace = [&](int64_t n) {
-    return std::make_pair(allocator.allocate(n * sizeof(Map)), allocator.allocate(n * D * sizeof(acc_t)));
+  struct Workspace {
+    c10::DataPtr maps, carries, whole;
+  };
+  auto chunk_workspace = [&](int64_t chunks, int64_t groups) {
+    return Workspace{allocator.allocate(chunks * sizeof(Map)), allocator.allocate(chunks * D * sizeof(acc_t)),
+                     allocator.allocate(groups * sizeof(int))};
   };
 
   switch (plan.regime) {
     case Regime::kLanes: {
       lanes_kernel<Step, scalar_t, acc_t, false><<<grid_for(plan.units, kLaneThreads), kLaneThreads, 0, stream>>>(
-          pb, params, reverse, 1, pb.steps, nullptr, nullptr);
+          pb, params, reverse, 1, pb.steps, nullptr, nullptr, nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       break;
     }
     case Regime::kLanesChunked: {
-      auto [maps_mem, carries_mem] = chunk_workspace(plan.units);
-      auto* maps = static_cast<Map*>(maps_mem.get());
-      auto* carries = static_cast<acc_t*>(carries_mem.get());
+      const Workspace ws = chunk_workspace(plan.units, pb.num_seqs);
+      auto* maps = static_cast<Map*>(ws.maps.get());
+      auto* carries = static_cast<acc_t*>(ws.carries.get());
+      auto* whole = static_cast<int*>(ws.whole.get());
       const unsigned grid = grid_for(plan.units, kLaneThreads);
       lanes_kernel<Step, scalar_t, acc_t, true><<<grid, kLaneThreads, 0, stream>>>(
-          pb, params, reverse, plan.chunks, kLaneChunk, maps, nullptr);
+          pb, params, reverse, plan.chunks, kLaneChunk, maps, nullptr, nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       compose_kernel<acc_t, D><<<grid_for(pb.num_seqs, 1), kComposeThreads, 0, stream>>>(
-          maps, carries, pb.init, pb.num_seqs, pb.inner, plan.chunks, reverse);
+          maps, carries, whole, pb.init, pb.num_seqs, pb.inner, plan.chunks, reverse);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       lanes_kernel<Step, scalar_t, acc_t, false><<<grid, kLaneThreads, 0, stream>>>(
-          pb, params, reverse, plan.chunks, kLaneChunk, nullptr, carries);
+          pb, params, reverse, plan.chunks, kLaneChunk, nullptr, carries, whole);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       break;
     }
@@ -613,22 +678,23 @@ void run_scan(const Problem<scalar_t, acc_t>& pb, const ScanParams<acc_t>& param
       constexpr int threads = kWarpsPerBlock * kWarpSize;
       if (per_seq || plan.units == 1) {
         warps_kernel<Step, scalar_t, acc_t, false><<<grid, threads, 0, stream>>>(pb, params, reverse, per_seq,
-                                                                                 plan.units, nullptr, nullptr);
+                                                                                 plan.units, nullptr, nullptr, nullptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         break;
       }
-      auto [maps_mem, carries_mem] = chunk_workspace(plan.units);
-      auto* maps = static_cast<Map*>(maps_mem.get());
-      auto* carries = static_cast<acc_t*>(carries_mem.get());
+      const Workspace ws = chunk_workspace(plan.units, 1);
+      auto* maps = static_cast<Map*>(ws.maps.get());
+      auto* carries = static_cast<acc_t*>(ws.carries.get());
+      auto* whole = static_cast<int*>(ws.whole.get());
       warps_kernel<Step, scalar_t, acc_t, true><<<grid, threads, 0, stream>>>(pb, params, reverse, false,
-                                                                              plan.units, maps, nullptr);
+                                                                              plan.units, maps, nullptr, nullptr);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       // One group: the whole array. Its initial carry does not matter (the first step starts a segment).
-      compose_kernel<acc_t, D><<<1, kComposeThreads, 0, stream>>>(maps, carries, nullptr, 1, 1, plan.chunks,
-                                                                  reverse);
+      compose_kernel<acc_t, D><<<1, kComposeThreads, 0, stream>>>(maps, carries, whole, nullptr, 1, 1,
+                                                                  plan.chunks, reverse);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       warps_kernel<Step, scalar_t, acc_t, false><<<grid, threads, 0, stream>>>(pb, params, reverse, false,
-                                                                               plan.units, nullptr, carries);
+                                                                               plan.units, nullptr, carries, whole);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       break;
     }
