@@ -25,6 +25,9 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlkernels::{op}", dispatch_key)
 
 
+# assume_constant_result: torch.compile evaluates these once while tracing instead of tracing into the
+# dispatcher query (which returns a non-tensor from a torch.* call and would break fullgraph=True).
+@torch.compiler.assume_constant_result
 @functools.cache
 def _cuda_kernels_built() -> bool:
     from . import _C  # noqa: F401  (registers the ops)
@@ -32,6 +35,7 @@ def _cuda_kernels_built() -> bool:
     return _has_kernel("gae", "CUDA")
 
 
+@torch.compiler.assume_constant_result
 @functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
