@@ -385,16 +385,23 @@ def _returns_setup(ctx, inputs, output):
     ctx.save_for_backward(rewards, terminated, truncated, mask, cu_seqlens)
 
 
-def _returns_backward(ctx, grad):
-    rewards, terminated, truncated, mask, cu_seqlens = ctx.saved_tensors
-    g_r, g_next, g_boot = torch.ops.rlkernels.discounted_returns_backward(
-        grad, terminated, truncated, mask, cu_seqlens, rewards, ctx.gamma, ctx.has_next)
-    _, next_values, bootstrap_value = ctx.dtypes
-    return (g_r.to(rewards.dtype), _cast(g_next, next_values) if ctx.has_next else None,
-            _cast(g_boot, bootstrap_value), None, None, None, None, None)
+def _returns_backward_using(backward_op):
+    """The autograd formula of discounted_returns around a backward op (C++/CUDA or Triton: one schema)."""
+
+    def backward(ctx, grad):
+        rewards, terminated, truncated, mask, cu_seqlens = ctx.saved_tensors
+        g_r, g_next, g_boot = backward_op(grad, terminated, truncated, mask, cu_seqlens, rewards, ctx.gamma,
+                                          ctx.has_next)
+        _, next_values, bootstrap_value = ctx.dtypes
+        return (g_r.to(rewards.dtype), _cast(g_next, next_values) if ctx.has_next else None,
+                _cast(g_boot, bootstrap_value), None, None, None, None, None)
+
+    return backward
 
 
-torch.library.register_autograd("rlkernels::discounted_returns", _returns_backward, setup_context=_returns_setup)
+torch.library.register_autograd("rlkernels::discounted_returns",
+                                _returns_backward_using(torch.ops.rlkernels.discounted_returns_backward),
+                                setup_context=_returns_setup)
 
 
 def _gae_setup(ctx, inputs, output):
@@ -405,16 +412,22 @@ def _gae_setup(ctx, inputs, output):
     ctx.save_for_backward(rewards, terminated, truncated, mask, cu_seqlens)
 
 
-def _gae_backward(ctx, grad_adv, grad_ret):
-    rewards, terminated, truncated, mask, cu_seqlens = ctx.saved_tensors
-    g_r, g_v, g_next, g_boot = torch.ops.rlkernels.gae_backward(
-        grad_adv, grad_ret, terminated, truncated, mask, cu_seqlens, rewards, ctx.gamma, ctx.lam, ctx.has_next)
-    values, next_values, bootstrap_value = ctx.likes
-    return (g_r.to(rewards.dtype), g_v.to(values.dtype), _cast(g_next, next_values) if ctx.has_next else None,
-            _cast(g_boot, bootstrap_value), None, None, None, None, None, None)
+def _gae_backward_using(backward_op):
+    """The autograd formula of gae around a backward op (C++/CUDA or Triton: one schema)."""
+
+    def backward(ctx, grad_adv, grad_ret):
+        rewards, terminated, truncated, mask, cu_seqlens = ctx.saved_tensors
+        g_r, g_v, g_next, g_boot = backward_op(grad_adv, grad_ret, terminated, truncated, mask, cu_seqlens, rewards,
+                                               ctx.gamma, ctx.lam, ctx.has_next)
+        values, next_values, bootstrap_value = ctx.likes
+        return (g_r.to(rewards.dtype), g_v.to(values.dtype), _cast(g_next, next_values) if ctx.has_next else None,
+                _cast(g_boot, bootstrap_value), None, None, None, None, None, None)
+
+    return backward
 
 
-torch.library.register_autograd("rlkernels::gae", _gae_backward, setup_context=_gae_setup)
+torch.library.register_autograd("rlkernels::gae", _gae_backward_using(torch.ops.rlkernels.gae_backward),
+                                setup_context=_gae_setup)
 
 
 def _vtrace_setup(ctx, inputs, output):
@@ -428,16 +441,22 @@ def _vtrace_setup(ctx, inputs, output):
                           cu_seqlens)
 
 
-def _vtrace_backward(ctx, grad_vs, grad_pg, _grad_x, _grad_v):
-    (rewards, values, log_rhos, next_values, next_x, next_v, terminated, truncated, mask,
-     cu_seqlens) = ctx.saved_tensors
-    saved = ctx.save_carries
-    g_r, g_v, g_lr, g_next, g_boot = torch.ops.rlkernels.vtrace_backward(
-        grad_vs, grad_pg, rewards, values, log_rhos, next_values, next_x if saved else None,
-        next_v if saved else None, terminated, truncated, mask, cu_seqlens, *ctx.scalars)
-    return (g_r.to(rewards.dtype), g_v.to(values.dtype), g_lr.to(log_rhos.dtype) if saved else None,
-            _cast(g_next, next_values) if next_values is not None else None, _cast(g_boot, ctx.bootstrap_like),
-            None, None, None, None, None, None, None, None, None, None)
+def _vtrace_backward_using(backward_op):
+    """The autograd formula of vtrace around a backward op (C++/CUDA or Triton: one schema)."""
+
+    def backward(ctx, grad_vs, grad_pg, _grad_x, _grad_v):
+        (rewards, values, log_rhos, next_values, next_x, next_v, terminated, truncated, mask,
+         cu_seqlens) = ctx.saved_tensors
+        saved = ctx.save_carries
+        g_r, g_v, g_lr, g_next, g_boot = backward_op(
+            grad_vs, grad_pg, rewards, values, log_rhos, next_values, next_x if saved else None,
+            next_v if saved else None, terminated, truncated, mask, cu_seqlens, *ctx.scalars)
+        return (g_r.to(rewards.dtype), g_v.to(values.dtype), g_lr.to(log_rhos.dtype) if saved else None,
+                _cast(g_next, next_values) if next_values is not None else None, _cast(g_boot, ctx.bootstrap_like),
+                None, None, None, None, None, None, None, None, None, None)
+
+    return backward
 
 
-torch.library.register_autograd("rlkernels::vtrace", _vtrace_backward, setup_context=_vtrace_setup)
+torch.library.register_autograd("rlkernels::vtrace", _vtrace_backward_using(torch.ops.rlkernels.vtrace_backward),
+                                setup_context=_vtrace_setup)

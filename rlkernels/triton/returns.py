@@ -34,6 +34,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .. import _C  # noqa: F401  (the rlkernels namespace and the C++ schemas exist before ours join them)
+from .. import returns as _scan  # the autograd formulas, shared with the C++/CUDA ops
 
 Tensor = torch.Tensor
 
@@ -710,28 +711,10 @@ def discounted_returns_backward(grad: Tensor | None, terminated: Tensor | None, 
     return grad_rewards, grad_next, grad_boot
 
 
-def _cast(grad, like):
-    return None if like is None else grad.to(like.dtype)
-
-
-def _returns_setup(ctx, inputs, output):
-    rewards, next_values, bootstrap_value, terminated, truncated, mask, cu_seqlens, gamma = inputs
-    ctx.gamma = gamma
-    ctx.has_next = next_values is not None
-    ctx.likes = (next_values, bootstrap_value)
-    ctx.save_for_backward(rewards, terminated, truncated, mask, cu_seqlens)
-
-
-def _returns_bwd(ctx, grad):
-    rewards, terminated, truncated, mask, cu_seqlens = ctx.saved_tensors
-    g_r, g_next, g_boot = torch.ops.rlkernels.triton_discounted_returns_backward(
-        grad, terminated, truncated, mask, cu_seqlens, rewards, ctx.gamma, ctx.has_next)
-    next_values, bootstrap_value = ctx.likes
-    return (g_r.to(rewards.dtype), _cast(g_next, next_values) if ctx.has_next else None,
-            _cast(g_boot, bootstrap_value), None, None, None, None, None)
-
-
-discounted_returns.register_autograd(_returns_bwd, setup_context=_returns_setup)
+# The autograd formulas are the C++ ops' (rlkernels/returns.py) around the Triton backward ops.
+discounted_returns.register_autograd(
+    _scan._returns_backward_using(torch.ops.rlkernels.triton_discounted_returns_backward),
+    setup_context=_scan._returns_setup)
 
 
 # ---- gae ----
@@ -777,26 +760,8 @@ def gae_backward(grad_advantages: Tensor | None, grad_returns: Tensor | None, te
     return grad_rewards, grad_values, grad_next, grad_boot
 
 
-def _gae_setup(ctx, inputs, output):
-    (rewards, values, next_values, bootstrap_value, terminated, truncated, mask, cu_seqlens, gamma,
-     lam) = inputs
-    ctx.gamma, ctx.lam = gamma, lam
-    ctx.has_next = next_values is not None
-    ctx.likes = (values, next_values, bootstrap_value)
-    ctx.save_for_backward(rewards, terminated, truncated, mask, cu_seqlens)
-
-
-def _gae_bwd(ctx, grad_adv, grad_ret):
-    rewards, terminated, truncated, mask, cu_seqlens = ctx.saved_tensors
-    g_r, g_v, g_next, g_boot = torch.ops.rlkernels.triton_gae_backward(
-        grad_adv, grad_ret, terminated, truncated, mask, cu_seqlens, rewards, ctx.gamma, ctx.lam,
-        ctx.has_next)
-    values, next_values, bootstrap_value = ctx.likes
-    return (g_r.to(rewards.dtype), g_v.to(values.dtype), _cast(g_next, next_values) if ctx.has_next else None,
-            _cast(g_boot, bootstrap_value), None, None, None, None, None, None)
-
-
-gae.register_autograd(_gae_bwd, setup_context=_gae_setup)
+gae.register_autograd(_scan._gae_backward_using(torch.ops.rlkernels.triton_gae_backward),
+                      setup_context=_scan._gae_setup)
 
 
 # ---- vtrace ----
@@ -860,28 +825,5 @@ def vtrace_backward(grad_vs: Tensor | None, grad_pg_advantages: Tensor | None, r
     return grad_rewards, grad_values, grad_log_rhos, grad_next, grad_boot
 
 
-def _vtrace_setup(ctx, inputs, output):
-    (rewards, values, log_rhos, next_values, bootstrap_value, terminated, truncated, mask, cu_seqlens, gamma,
-     lam, rho_clip, c_clip, pg_rho_clip, save_carries) = inputs
-    ctx.scalars = (gamma, lam, rho_clip, c_clip, pg_rho_clip)
-    ctx.save_carries = save_carries
-    ctx.bootstrap_like = bootstrap_value
-    _, _, next_x, next_v = output
-    ctx.save_for_backward(rewards, values, log_rhos, next_values, next_x, next_v, terminated, truncated, mask,
-                          cu_seqlens)
-
-
-def _vtrace_bwd(ctx, grad_vs, grad_pg, _grad_x, _grad_v):
-    (rewards, values, log_rhos, next_values, next_x, next_v, terminated, truncated, mask,
-     cu_seqlens) = ctx.saved_tensors
-    saved = ctx.save_carries
-    g_r, g_v, g_lr, g_next, g_boot = torch.ops.rlkernels.triton_vtrace_backward(
-        grad_vs, grad_pg, rewards, values, log_rhos, next_values, next_x if saved else None,
-        next_v if saved else None, terminated, truncated, mask, cu_seqlens, *ctx.scalars)
-    return (g_r.to(rewards.dtype), g_v.to(values.dtype), g_lr.to(log_rhos.dtype) if saved else None,
-            _cast(g_next, next_values) if next_values is not None else None,
-            _cast(g_boot, ctx.bootstrap_like),
-            None, None, None, None, None, None, None, None, None, None)
-
-
-vtrace.register_autograd(_vtrace_bwd, setup_context=_vtrace_setup)
+vtrace.register_autograd(_scan._vtrace_backward_using(torch.ops.rlkernels.triton_vtrace_backward),
+                         setup_context=_scan._vtrace_setup)
