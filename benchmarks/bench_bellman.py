@@ -1,0 +1,229 @@
+"""Bellman backups: rlkernels against the eager torch code DQN trainers and planners run, and its torch.compile.
+
+    python -m benchmarks.bench_bellman [--device cpu|cuda] [--quick] [--csv out.csv] [--no-compile]
+
+Cases (float32, issue 6's shapes), every provider on the same inputs in the same run, outputs checked
+against each other before timing:
+  q_targets[kind]     B=65536 transitions, A=18 actions; eager = gather/max/logsumexp + arithmetic
+  td_loss fwd+bwd     B=65536, A=18, Huber, mean; eager = gather + F.huber_loss + backward (the scatter)
+  bellman_backup      B=64 MDPs, S=256, A=8 (P = 128 MiB); eager = einsum + max
+  value_iteration     the same MDPs, gamma=0.9, tol=1e-4; eager = the einsum loop with a convergence test
+                      per iteration (.item(), as a Python loop must); compiled = torch.compile of the backup
+Reported: median, GB/s over the bytes that must move (each input read once, each output written once; for
+value iteration P once per iteration, which the CPU kernel beats by keeping each MDP's P in cache), percent
+of measured copy bandwidth, and the rlkernels speedup (provider median / rlkernels median).
+Timings are cold-cache (a 256 MiB buffer is rewritten before each timed call) unless --warm-cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import rlkernels
+from benchmarks import common
+
+GAMMA = 0.99
+
+
+# ----------------------------------------------------------------------------------------------------
+# Eager baselines (what users write)
+# ----------------------------------------------------------------------------------------------------
+
+
+def eager_q_targets(kind, r, next_q, term, online, probs, temperature=0.5):
+    if kind == "max":
+        v = next_q.max(1).values
+    elif kind == "double":
+        v = next_q.gather(1, online.argmax(1, keepdim=True)).squeeze(1)
+    elif kind == "expected":
+        v = (probs * next_q).sum(1)
+    else:
+        v = temperature * torch.logsumexp(next_q / temperature, 1)
+    return r + GAMMA * (1.0 - term.float()) * v
+
+
+def eager_td_step(q, actions, targets):
+    q.grad = None
+    qsa = q.gather(1, actions.unsqueeze(1)).squeeze(1)
+    loss = F.huber_loss(qsa, targets)
+    loss.backward()
+    return loss.detach(), (targets - qsa).detach()
+
+
+def rlk_td_step(q, actions, targets):
+    q.grad = None
+    loss, td = rlkernels.td_loss(q, actions, targets)
+    loss.backward()
+    return loss.detach(), td
+
+
+def eager_backup(P, R, V, gamma):
+    Q = R + gamma * torch.einsum("bsat,bt->bsa", P, V)
+    V_new, policy = Q.max(-1)
+    return Q, V_new, policy
+
+
+def eager_value_iteration(P, R, gamma, tol, max_iters, backup=eager_backup):
+    V = torch.zeros(P.shape[:2], dtype=P.dtype, device=P.device)
+    for k in range(1, max_iters + 1):
+        Q, V_new, policy = backup(P, R, V, gamma)
+        residual = (V_new - V).abs().amax(-1)
+        V = V_new
+        if residual.max().item() < tol:  # the host sync every Python loop pays
+            break
+    return V, Q, policy, k, residual
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _same(a, b, what, rtol=1e-4, atol=1e-4):
+    try:
+        torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
+    except AssertionError as exc:
+        raise SystemExit(f"check failed, {what}: {exc}") from None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small shapes, few runs, no torch.compile")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
+    parser.add_argument("--warm-cache", action="store_true")
+    parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    args = parser.parse_args(argv)
+    dev = args.device
+    quick = args.quick
+    runs = {"budget_s": 0.1, "min_runs": 3, "max_runs": 5} if quick else {"budget_s": 1.0, "min_runs": 5}
+    flush = None if args.warm_cache else common.CacheFlusher(dev)
+    use_compile = not (quick or args.no_compile)
+    copy_gbps, _ = common.copy_bandwidth(dev)
+    meta = {"device": common.device_name(dev), "commit": common.git_commit(), "date": common.today()}
+    rows = []
+
+    def record(op, shape, results, nbytes, note=""):
+        base = results["rlkernels"][0].median_s
+        for provider, (timing, extra) in results.items():
+            gbps = nbytes / timing.median_s / 1e9
+            rows.append({**meta, "op": op, "shape": shape, "provider": provider, "median_s": timing.median_s,
+                         "q20_s": timing.q20_s, "q80_s": timing.q80_s, "runs": timing.runs, "gbps": gbps,
+                         "pct_copy_bw": 100 * gbps / copy_gbps, "speedup_vs": timing.median_s / base,
+                         "note": " ".join(filter(None, [note, extra]))})
+
+    def timed(fn):
+        return common.measure(fn, dev, flush=flush, **runs)
+
+    def compiled_or_none(fn):
+        if not use_compile:
+            return None
+        try:
+            c = torch.compile(fn)
+            c()  # compile outside the timing
+            return c
+        except Exception as exc:  # noqa: BLE001  (a baseline that cannot compile is a note, not a crash)
+            print(f"torch.compile failed: {type(exc).__name__}: {exc}"[:200], file=sys.stderr)
+            return None
+
+    # ---- sample-based: q_targets and td_loss ------------------------------------------------------------
+    B, A = (4096, 18) if quick else (65536, 18)
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(B, generator=g).to(dev)
+    next_q = torch.randn(B, A, generator=g).to(dev)
+    online = torch.randn(B, A, generator=g).to(dev)
+    probs = torch.softmax(torch.randn(B, A, generator=g), -1).to(dev)
+    term = (torch.rand(B, generator=g) < 0.05).to(dev)
+    shape = f"[B={B}, A={A}]"
+    for kind in ("max", "double", "expected", "soft"):
+        ours = lambda: rlkernels.q_targets(r, next_q, terminated=term, gamma=GAMMA, kind=kind,  # noqa: E731
+                                           next_q_online=online, next_probs=probs, temperature=0.5)
+        eager = lambda: eager_q_targets(kind, r, next_q, term, online, probs)  # noqa: E731
+        _same(ours(), eager(), f"q_targets[{kind}]")
+        results = {"rlkernels": (timed(ours)[0], ""), "eager torch": (timed(eager)[0], "")}
+        comp = compiled_or_none(eager)
+        if comp is not None:
+            results["torch.compile(eager)"] = (timed(comp)[0], "")
+        extra = {"double": [online], "expected": [probs]}.get(kind, [])
+        record(f"q_targets[{kind}]", shape, results, common.bytes_moved([r, next_q, term, *extra], [r]))
+
+    q = torch.randn(B, A, generator=g).to(dev).requires_grad_()
+    actions = torch.randint(0, A, (B,), generator=g).to(dev)
+    targets = (torch.randn(B, generator=g) * 2).to(dev)
+    ours = lambda: rlk_td_step(q, actions, targets)  # noqa: E731
+    eager = lambda: eager_td_step(q, actions, targets)  # noqa: E731
+    (l1, e1), g1 = ours(), q.grad.clone()
+    (l2, e2), g2 = eager(), q.grad.clone()
+    _same(l1, l2, "td_loss")
+    _same(e1, e2, "td_errors")
+    _same(g1, g2, "td_loss grad")
+    results = {"rlkernels": (timed(ours)[0], ""), "eager torch": (timed(eager)[0], "")}
+    comp = compiled_or_none(lambda: eager_td_step(q, actions, targets)) if use_compile else None
+    if comp is not None:
+        results["torch.compile(eager)"] = (timed(comp)[0], "")
+    # forward: actions, targets, one Q per row (counted as the whole row: its cache lines); td_errors written;
+    # backward: grad_q written.
+    nbytes = common.bytes_moved([actions, targets, q], [targets, q])
+    record("td_loss fwd+bwd", shape, results, nbytes, "huber, mean")
+
+    # ---- model-based: bellman_backup and value_iteration ---------------------------------------------------
+    Bm, S, Am = (8, 64, 4) if quick else (64, 256, 8)
+    P = torch.rand(Bm, S, Am, S, generator=g)
+    P = (P / P.sum(-1, keepdim=True)).to(dev)
+    R = torch.randn(Bm, S, Am, generator=g).to(dev)
+    V = torch.randn(Bm, S, generator=g).to(dev)
+    shape = f"[B={Bm}, S={S}, A={Am}]"
+    ours = lambda: rlkernels.bellman_backup(P, R, V, 0.9)  # noqa: E731
+    eager = lambda: eager_backup(P, R, V, 0.9)  # noqa: E731
+    for a, b, what in zip(ours(), eager(), ("Q", "V", "policy")):
+        _same(a, b, f"bellman_backup {what}")
+    results = {"rlkernels": (timed(ours)[0], ""), "eager torch": (timed(eager)[0], "einsum + max")}
+    comp = compiled_or_none(eager)
+    if comp is not None:
+        results["torch.compile(eager)"] = (timed(comp)[0], "")
+    nbytes = common.bytes_moved([P, R, V], [R, V, V.long()])
+    record("bellman_backup", shape, results, nbytes)
+
+    tol, max_iters = 1e-4, 1000  # float32: a tol near V's rounding (1e-6 of |V| ~ 10) would time noise
+    ours = lambda: rlkernels.value_iteration(P, R, 0.9, tol=tol, max_iters=max_iters)  # noqa: E731
+    eager = lambda: eager_value_iteration(P, R, 0.9, tol, max_iters)  # noqa: E731
+    mine, theirs = ours(), eager()
+    iters = int(mine[3])
+    if abs(iters - theirs[3]) > 2:  # float32 sums in another order may stop one backup apart
+        raise SystemExit(f"check failed, value_iteration: {iters} iterations vs the eager loop's {theirs[3]}")
+    _same(mine[0], theirs[0], "value_iteration V")
+    vi_runs = {"budget_s": 0.1, "min_runs": 3, "max_runs": 5} if quick else {"budget_s": 3.0, "min_runs": 3,
+                                                                             "max_runs": 7}
+    vi_timed = lambda fn: common.measure(fn, dev, flush=flush, single_run_over_s=30.0, **vi_runs)[0]  # noqa: E731
+    results = {"rlkernels": (vi_timed(ours), ""), "eager torch": (vi_timed(eager), "einsum loop, .item() per iteration")}
+    if use_compile:
+        comp_backup = torch.compile(eager_backup)
+        comp = lambda: eager_value_iteration(P, R, 0.9, tol, max_iters, backup=comp_backup)  # noqa: E731
+        comp()
+        results["torch.compile(backup) loop"] = (vi_timed(comp), "")
+    nbytes = iters * common.bytes_moved([P], []) + common.bytes_moved([R], [R, V, V.long()])
+    record("value_iteration", shape, results, nbytes, f"{iters} iterations; bytes = P read once per iteration")
+
+    # ---- print and write ---------------------------------------------------------------------------------
+    print(f"Bellman backups on {meta['device']} ({dev}), commit {meta['commit']}, {meta['date']}; copy bandwidth "
+          f"{copy_gbps:.1f} GB/s; float32; {'warm' if args.warm_cache else 'cold'} cache")
+    header = f"{'op':<20} {'shape':<22} {'provider':<28} {'median':>10} {'GB/s':>7} {'% copy':>7} {'rlk speedup':>11}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row['op']:<20} {row['shape']:<22} {row['provider']:<28} {row['median_s'] * 1e3:>8.3f}ms "
+              f"{row['gbps']:>7.2f} {row['pct_copy_bw']:>6.1f}% {row['speedup_vs']:>10.2f}x  {row['note']}")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
