@@ -112,8 +112,9 @@ class _Scan:
             n = shape[0]
             m = torch.ones(n, dtype=torch.int64, device=self.device) if mask is None else mask.to(torch.int64)
             after = torch.cat([m.flip(0).cumsum(0).flip(0), m.new_zeros(1)])  # valid steps at or after t
-            # Clamped so that malformed offsets reach the kernel's own check (a ValueError naming
-            # cu_seqlens) instead of failing here on an index.
+            # Clamped so that malformed offsets reach the kernel instead of failing here on an index: the
+            # CPU kernel raises a ValueError naming cu_seqlens; the CUDA kernels cannot read the offsets
+            # without a host sync, stay in bounds and leave zeros where no segment covers a position.
             cu = self.cu_seqlens.to(torch.int64).clamp(0, n)
             positions = torch.arange(n, device=self.device)
             segment = (torch.searchsorted(cu[1:], positions, right=True) + 1).clamp(max=cu.shape[0] - 1)

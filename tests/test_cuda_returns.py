@@ -685,3 +685,28 @@ def test_more_than_2_to_31_elements(layout):
         tail = (2 - torch.pow(2.0, -k)).float().flip(0)
         assert torch.equal(x[n - 1000 :], tail)
         assert torch.equal(x[2**31 - 1000 : 2**31 + 1000], torch.full((2000,), 2.0, device="cuda"))
+
+
+@needs_cuda("discounted_returns", "gae")
+@pytest.mark.parametrize("layout", ["packed-1d", "batch-major"])
+def test_non_finite_before_the_last_global_chunk(layout):
+    """An Inf in a chunk feeding the *last* chunk in scan order: the composed carry entering that chunk may hold
+    0 * inf = NaN (a truncation cuts the dependence), so it must be checked too (found in review: only the
+    carries of earlier chunks were). 4096 steps are two global chunks; the reverse scan ends in [0, 2048)."""
+    n = 4096
+    g = torch.Generator().manual_seed(0)
+    r, v, nv = (torch.randn(n, generator=g) for _ in range(3))
+    r[3000] = float("inf")
+    tr = torch.zeros(n, dtype=torch.bool)
+    tr[2500] = True
+    shape = (n,) if layout == "packed-1d" else (2, n)
+    td = 0 if layout == "packed-1d" else -1
+    r, v, nv, tr = (x.expand(shape).contiguous() if layout != "packed-1d" else x for x in (r, v, nv, tr))
+    expected = rlkernels.discounted_returns(r, next_values=nv, truncated=tr, time_dim=td, backend="cpu")
+    assert torch.isfinite(expected[..., :2501]).all()
+    actual = rlkernels.discounted_returns(r.cuda(), next_values=nv.cuda(), truncated=tr.cuda(), time_dim=td,
+                                          backend="cuda")
+    assert_matches_non_finite(actual, expected)
+    for a, e in zip(rlkernels.gae(r.cuda(), v.cuda(), time_dim=td, backend="cuda"),
+                    rlkernels.gae(r, v, time_dim=td, backend="cpu")):
+        assert_matches_non_finite(a, e)

@@ -37,6 +37,8 @@ namespace rlkernels {
   namespace ISA {                                                                   \
   template <typename acc_t>                                                         \
   cpu::BlockFn<acc_t> block_function(cpu::StepId id, bool symbolic);                \
+  template <typename acc_t>                                                         \
+  cpu::DirectFn<acc_t> direct_function(cpu::StepId id, bool symbolic);              \
   }
 RLK_DECLARE_BLOCKS(isa_default)
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -85,6 +87,18 @@ BlockFn<acc_t> pick_block(StepId id, bool symbolic) {
   }
 #endif
   return isa_default::block_function<acc_t>(id, symbolic);
+}
+
+template <typename acc_t>
+DirectFn<acc_t> pick_direct(StepId id, bool symbolic) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  switch (cpu_isa_level()) {
+    case 2: return isa_avx512::direct_function<acc_t>(id, symbolic);
+    case 1: return isa_avx2::direct_function<acc_t>(id, symbolic);
+    default: break;
+  }
+#endif
+  return isa_default::direct_function<acc_t>(id, symbolic);
 }
 
 constexpr int kTileGroups = 8;           // lane groups walked together (see walk_tile)
@@ -144,8 +158,9 @@ inline acc_t load_as(const void* p, int64_t i) {
 // `carry` holds group g's carries at g * carry_size: [kCarry][kLanes] values, or with `symbolic` the
 // lanes' chunk maps [kCarry][kCarry + 1][kLanes] (then nothing is stored).
 template <class Step, typename scalar_t, typename acc_t>
-void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockFn<acc_t> block, bool symbolic,
-               const Lane* lanes, int num_lanes, bool reverse, acc_t* carry, int carry_size) {
+void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockFn<acc_t> block,
+               DirectFn<acc_t> direct, bool symbolic, const Lane* lanes, int num_lanes, bool reverse, acc_t* carry,
+               int carry_size) {
   alignas(64) acc_t buf[kNumStreams][kBlock * kLanes];
   alignas(64) acc_t obuf[kMaxOut][kBlock * kLanes];
   static const acc_t kZeros[kBlock * kLanes] = {};
@@ -168,6 +183,13 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
     contiguous[g] = same;
   }
   const int64_t max_len = *std::max_element(group_len, group_len + groups);
+  // Contiguous groups skip the buffers when the inputs need no conversion (`direct` is null otherwise).
+  DirectStreams ds;
+  for (int s = 0; s < kNumStreams; ++s) {
+    ds.p[s] = pb.in[s];
+    ds.kind[s] = pb.kind[s] == Kind::kFlag ? 2 : (pb.kind[s] == Kind::kNone ? 0 : 1);
+  }
+  acc_t* const no_out[kMaxOut] = {};
 
   auto prefetch = [](const void* p, Kind kind, int64_t i, int64_t count) {
     const int64_t size = kind == Kind::kScalar ? sizeof(scalar_t) : kind == Kind::kFlag ? 1 : sizeof(acc_t);
@@ -183,6 +205,15 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
       const Lane* gl = lanes + g * kLanes;
       const int n = std::min(kLanes, num_lanes - g * kLanes);
       const int kn = static_cast<int>(std::min<int64_t>(kBlock, group_len[g] - k0));
+      if (direct != nullptr && contiguous[g]) {
+        const int64_t ahead = std::min<int64_t>(kBlock, group_len[g] - k0 - kBlock);
+        for (int s = 0; s < kNumStreams; ++s)
+          for (int kk = 0; kk < ahead; ++kk)
+            prefetch(pb.in[s], pb.kind[s], gl[0].base + time_of(gl[0], k0 + kBlock + kk) * ts, kLanes);
+        direct(params, ds, gl[0].base + time_of(gl[0], k0) * ts, reverse ? -ts : ts, kn, carry + g * carry_size,
+               symbolic ? no_out : pb.out);
+        continue;
+      }
       // Load, converting to acc_t; flags become 0/1; steps past a lane's end are invalid.
       for (int s = 0; s < kNumStreams; ++s) {
         if (!pb.in[s] && s != kMask) continue;
@@ -296,6 +327,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
     using Map = Affine<acc_t, D>;
     std::vector<Map> maps(num_lanes * D);
     const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/true);
+    const DirectFn<acc_t> direct = std::is_same_v<scalar_t, acc_t> ? pick_direct<acc_t>(id, true) : nullptr;
     constexpr int kForm = D * (D + 1) * kLanes;
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -308,7 +340,8 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
         for (int g = 0; g < kTileGroups; ++g)
           for (int j = 0; j < D; ++j)
             for (int l = 0; l < kLanes; ++l) form[g][j][1 + j][l] = acc_t(1);
-        walk_tile<Step, scalar_t, acc_t>(pb, params, block, true, lanes, n, reverse, &form[0][0][0][0], kForm);
+        walk_tile<Step, scalar_t, acc_t>(pb, params, block, direct, true, lanes, n, reverse, &form[0][0][0][0],
+                                         kForm);
         for (int q = 0; q < n; ++q) {
           const int g = q / kLanes, l = q % kLanes;
           for (int j = 0; j < D; ++j) {
@@ -343,6 +376,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
 
   // Pass 3 (the only pass when not chunked): walk every lane with its true carry, storing outputs.
   const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/false);
+  const DirectFn<acc_t> direct = std::is_same_v<scalar_t, acc_t> ? pick_direct<acc_t>(id, false) : nullptr;
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       Lane lanes[kTileLanes];
@@ -352,7 +386,8 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
       alignas(64) acc_t carry[kTileGroups][D][kLanes] = {};
       for (int q = 0; q < n; ++q)
         for (int j = 0; j < D; ++j) carry[q / kLanes][j][q % kLanes] = carry_in[(first + q) * D + j];
-      walk_tile<Step, scalar_t, acc_t>(pb, params, block, false, lanes, n, reverse, &carry[0][0][0], D * kLanes);
+      walk_tile<Step, scalar_t, acc_t>(pb, params, block, direct, false, lanes, n, reverse, &carry[0][0][0],
+                                       D * kLanes);
       if (final_carry) {
         for (int q = 0; q < n; ++q) {
           const int64_t s = (first + q) / chunks, c = (first + q) % chunks;

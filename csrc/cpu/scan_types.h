@@ -1,6 +1,8 @@
 // Types shared by the CPU scan engine and its per-instruction-set compute blocks (scan_block.h).
 #pragma once
 
+#include <cstdint>
+
 #include "rlkernels/scan.h"
 
 namespace rlkernels {
@@ -26,6 +28,20 @@ constexpr int kMaxOut = 4;
 template <typename acc_t>
 using BlockFn = void (*)(const ScanParams<acc_t>& params, const acc_t* const* src, int kn, acc_t* carry,
                          acc_t* obuf);
+
+// The direct walk of a time-major group (kLanes adjacent sequences with one span): stream s is read in place
+// at p[s] + offset, as acc_t values (kind 1) or 0/1 flags of one byte (kind 2); kind 0 is absent (0, or 1 for
+// the mask). Only used when the inputs' dtype is the accumulation type, so no conversion is needed.
+struct DirectStreams {
+  const void* p[kNumStreams] = {};
+  unsigned char kind[kNumStreams] = {};
+};
+
+// Walks `kn` steps of one group: step kk reads and writes the kLanes elements at off0 + kk * step (+ lane).
+// `out[j]` are the outputs (null when absent, or when `symbolic`); carry as for BlockFn.
+template <typename acc_t>
+using DirectFn = void (*)(const ScanParams<acc_t>& params, const DirectStreams& in, int64_t off0, int64_t step,
+                          int64_t kn, acc_t* carry, acc_t* const* out);
 
 }  // namespace cpu
 

@@ -142,7 +142,12 @@ const acc_t* initial_carries(Inputs& keep, int num_carries, int j, const Geometr
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-Tensor empty_out(const Tensor& ref) { return at::empty(ref.sizes(), ref.options().dtype(acc_type_of(ref.scalar_type()))); }
+// Packed outputs start zeroed: malformed cu_seqlens (not checked on the device, which would need a host sync)
+// then leave zeros, never stale memory, at positions no segment covers.
+Tensor empty_out(const Tensor& ref, const OptTensor& cu_seqlens = std::nullopt) {
+  const auto opts = ref.options().dtype(acc_type_of(ref.scalar_type()));
+  return cu_seqlens.has_value() && cu_seqlens->defined() ? at::zeros(ref.sizes(), opts) : at::empty(ref.sizes(), opts);
+}
 
 void check_float(const Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "rlkernels: ", name, " must be a floating tensor, got ",
@@ -198,7 +203,7 @@ Tensor discounted_returns_cuda(const Tensor& rewards, const OptTensor& next_valu
   check_float(rewards, "rewards");
   const Geometry g = geometry_of(rewards, cu_seqlens);
   const c10::cuda::CUDAGuard guard(rewards.device());
-  Tensor out = empty_out(rewards);
+  Tensor out = empty_out(rewards, cu_seqlens);
   if (rewards.numel() == 0) return out;
   RLK_DISPATCH_FLOATS(rewards.scalar_type(), "discounted_returns", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -222,8 +227,8 @@ std::tuple<Tensor, Tensor, Tensor> discounted_returns_backward_cuda(
     const OptTensor& cu_seqlens, const Tensor& rewards_like, double gamma, bool has_next) {
   const Geometry g = geometry_of(rewards_like, cu_seqlens);
   const c10::cuda::CUDAGuard guard(rewards_like.device());
-  Tensor grad_rewards = empty_out(rewards_like);
-  Tensor grad_next = has_next ? empty_out(rewards_like) : at::empty({0}, grad_rewards.options());
+  Tensor grad_rewards = empty_out(rewards_like, cu_seqlens);
+  Tensor grad_next = has_next ? empty_out(rewards_like, cu_seqlens) : at::empty({0}, grad_rewards.options());
   Tensor grad_boot = at::zeros(g.seq_shape, grad_rewards.options());
   if (rewards_like.numel() == 0) return {grad_rewards, grad_next, grad_boot};
   AT_DISPATCH_FLOATING_TYPES(grad_rewards.scalar_type(), "discounted_returns_backward", [&] {
@@ -249,7 +254,7 @@ std::tuple<Tensor, Tensor> gae_cuda(const Tensor& rewards, const Tensor& values,
   check_float(rewards, "rewards");
   const Geometry g = geometry_of(rewards, cu_seqlens);
   const c10::cuda::CUDAGuard guard(rewards.device());
-  Tensor adv = empty_out(rewards), ret = empty_out(rewards);
+  Tensor adv = empty_out(rewards, cu_seqlens), ret = empty_out(rewards, cu_seqlens);
   if (rewards.numel() == 0) return {adv, ret};
   RLK_DISPATCH_FLOATS(rewards.scalar_type(), "gae", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -277,8 +282,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gae_backward_cuda(const OptTensor& gr
                                                              bool has_next) {
   const Geometry g = geometry_of(rewards_like, cu_seqlens);
   const c10::cuda::CUDAGuard guard(rewards_like.device());
-  Tensor grad_rewards = empty_out(rewards_like), grad_values = empty_out(rewards_like);
-  Tensor grad_next = has_next ? empty_out(rewards_like) : at::empty({0}, grad_rewards.options());
+  Tensor grad_rewards = empty_out(rewards_like, cu_seqlens), grad_values = empty_out(rewards_like, cu_seqlens);
+  Tensor grad_next = has_next ? empty_out(rewards_like, cu_seqlens) : at::empty({0}, grad_rewards.options());
   Tensor grad_boot = at::zeros(g.seq_shape, grad_rewards.options());
   if (rewards_like.numel() == 0) return {grad_rewards, grad_values, grad_next, grad_boot};
   AT_DISPATCH_FLOATING_TYPES(grad_rewards.scalar_type(), "gae_backward", [&] {
@@ -309,9 +314,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vtrace_cuda(const Tensor& rewards, co
   check_float(rewards, "rewards");
   const Geometry g = geometry_of(rewards, cu_seqlens);
   const c10::cuda::CUDAGuard guard(rewards.device());
-  Tensor vs = empty_out(rewards), pg = empty_out(rewards);
-  Tensor next_x = save_carries ? empty_out(rewards) : at::empty({0}, vs.options());
-  Tensor next_v = save_carries ? empty_out(rewards) : at::empty({0}, vs.options());
+  Tensor vs = empty_out(rewards, cu_seqlens), pg = empty_out(rewards, cu_seqlens);
+  Tensor next_x = save_carries ? empty_out(rewards, cu_seqlens) : at::empty({0}, vs.options());
+  Tensor next_v = save_carries ? empty_out(rewards, cu_seqlens) : at::empty({0}, vs.options());
   if (rewards.numel() == 0) return {vs, pg, next_x, next_v};
   RLK_DISPATCH_FLOATS(rewards.scalar_type(), "vtrace", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -344,8 +349,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vtrace_backward_cuda(
   const Geometry g = geometry_of(rewards, cu_seqlens);
   const c10::cuda::CUDAGuard guard(rewards.device());
   const bool has_next = given(next_values);
-  Tensor grad_rewards = empty_out(rewards), grad_values = empty_out(rewards), grad_log_rhos = empty_out(rewards);
-  Tensor grad_next = has_next ? empty_out(rewards) : at::empty({0}, grad_rewards.options());
+  Tensor grad_rewards = empty_out(rewards, cu_seqlens), grad_values = empty_out(rewards, cu_seqlens);
+  Tensor grad_log_rhos = empty_out(rewards, cu_seqlens);
+  Tensor grad_next = has_next ? empty_out(rewards, cu_seqlens) : at::empty({0}, grad_rewards.options());
   Tensor grad_boot = at::zeros(g.seq_shape, grad_rewards.options());
   if (rewards.numel() == 0) return {grad_rewards, grad_values, grad_log_rhos, grad_next, grad_boot};
   RLK_DISPATCH_FLOATS(rewards.scalar_type(), "vtrace_backward", [&] {

@@ -381,8 +381,8 @@ __global__ void __launch_bounds__(kLaneThreads)
 // Group g is sequence (o, i) = (g / inner, g % inner) of the lanes regime, whose chunk c is lane
 // (o * chunks + c) * inner + i; the global-chunk regime is one group with inner = 1 and chunk c = unit c.
 // Writes carry_in[q * D + j], the true carry entering each chunk; the first chunk in scan order gets the
-// group's initial carry (init[j * num_seqs + g], or zeros). whole[g] = 1 when a carry fed into a chunk's map
-// is not finite: the composed carries are then not the sequential ones, and pass 3 walks the group whole.
+// group's initial carry (init[j * num_seqs + g], or zeros). whole[g] = 1 when any composed carry is not
+// finite: the composed carries may then differ from the sequential ones, and pass 3 walks the group whole.
 template <typename acc_t, int D>
 __global__ void __launch_bounds__(kComposeThreads)
     compose_kernel(const ChunkMap<acc_t, D>* maps, acc_t* carry_in, int* whole, const acc_t* init,
@@ -416,7 +416,9 @@ __global__ void __launch_bounds__(kComposeThreads)
     const int64_t q = lane_of(k);
 #pragma unroll
     for (int j = 0; j < D; ++j) carry_in[q * D + j] = y[j];
-    if (k + 1 < chunks) finite = finite && all_finite(y, D);  // the last chunk's map is never applied
+    // Every composed carry is checked, the last chunk's too: a map built by composing tiles can hold a
+    // 0 * inf that the sequential walk never computes, so a non-finite carry entering any chunk may be wrong.
+    finite = finite && all_finite(y, D);
     apply_map(maps[q], y, x);
 #pragma unroll
     for (int j = 0; j < D; ++j) y[j] = x[j];
