@@ -688,7 +688,7 @@ def test_more_than_2_to_31_elements(layout):
 
 
 @needs_cuda("discounted_returns", "gae")
-@pytest.mark.parametrize("layout", ["packed-1d", "batch-major"])
+@pytest.mark.parametrize("layout", ["1-d", "batch-major"])
 def test_non_finite_before_the_last_global_chunk(layout):
     """An Inf in a chunk feeding the *last* chunk in scan order: the composed carry entering that chunk may hold
     0 * inf = NaN (a truncation cuts the dependence), so it must be checked too (found in review: only the
@@ -699,9 +699,9 @@ def test_non_finite_before_the_last_global_chunk(layout):
     r[3000] = float("inf")
     tr = torch.zeros(n, dtype=torch.bool)
     tr[2500] = True
-    shape = (n,) if layout == "packed-1d" else (2, n)
-    td = 0 if layout == "packed-1d" else -1
-    r, v, nv, tr = (x.expand(shape).contiguous() if layout != "packed-1d" else x for x in (r, v, nv, tr))
+    shape = (n,) if layout == "1-d" else (2, n)
+    td = 0 if layout == "1-d" else -1
+    r, v, nv, tr = (x.expand(shape).contiguous() if layout != "1-d" else x for x in (r, v, nv, tr))
     expected = rlkernels.discounted_returns(r, next_values=nv, truncated=tr, time_dim=td, backend="cpu")
     assert torch.isfinite(expected[..., :2501]).all()
     actual = rlkernels.discounted_returns(r.cuda(), next_values=nv.cuda(), truncated=tr.cuda(), time_dim=td,
