@@ -197,7 +197,7 @@ def kl_penalty(logprob, ref_logprob, kl_penalty):
     fn = "kl_penalty"
     if not isinstance(kl_penalty, str):
         raise TypeError(f"{_where(fn)}: kl_penalty must be a str, got {type(kl_penalty).__name__}")
-    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    base = kl_penalty.removesuffix("+")
     if base == "full":
         raise NotImplementedError(f"{_where(fn)}: kl_penalty='full' is not implemented (nor is it in verl)")
     if base not in _KL:
