@@ -355,6 +355,18 @@ def test_cleanrl_compute_gae(gamma, lam, seed, dtype):
     assert torch.equal(adv2, adv)
 
 
+def test_cleanrl_compute_gae_single_env_and_empty_rollout():
+    from rlkernels.integrations.cleanrl import compute_gae
+
+    rewards, values, dones, next_value, next_done = _cleanrl_inputs(50, 1, 5, F64)
+    rewards, values, dones = rewards[:, 0], values[:, 0], dones[:, 0]  # [num_steps]: one environment
+    exp_adv, _ = _cleanrl_gae(rewards, values, dones, next_value.reshape(()), next_done.reshape(()), 0.95, 0.9)
+    adv, _ = compute_gae(rewards, values, dones, next_value.reshape(1), next_done.reshape(()), 0.95, 0.9)
+    assert_close(adv, exp_adv, F64)
+    adv, ret = compute_gae(rewards[:0], values[:0], dones[:0], next_value.reshape(1), next_done.reshape(1), 0.95, 0.9)
+    assert adv.shape == ret.shape == (0,)
+
+
 def test_cleanrl_compute_gae_gradients():
     from rlkernels.integrations.cleanrl import compute_gae
 
