@@ -675,6 +675,8 @@ def test_verl_errors_name_the_argument(verl):
         verl.compute_policy_loss(x, x, x[:1], mask, cliprange=0.2)
     with pytest.raises(ValueError, match="batch_num_tokens"):
         verl.compute_value_loss(x, x, x, mask, 0.2, dp_size=2)
+    with pytest.raises(ValueError, match="loss_scale_factor"):
+        verl.compute_value_loss(x, x, x, mask, 0.2, "seq-mean-token-sum-norm", loss_scale_factor=0)
     with pytest.raises(ValueError, match="kl_penalty"):
         verl.kl_penalty(x, x, "k4")
     with pytest.raises(NotImplementedError):

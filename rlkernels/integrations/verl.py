@@ -134,6 +134,8 @@ def _agg_args(fn, loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, l
     norm = None
     if loss_agg_mode == "seq-mean-token-sum-norm" and loss_scale_factor is not None:
         norm = scalar(_where(fn), "loss_scale_factor", loss_scale_factor)
+        if not norm > 0:
+            raise ValueError(f"{_where(fn)}: loss_scale_factor must be > 0, got {norm}")
     return ours, norm
 
 
