@@ -1,0 +1,66 @@
+"""The GAE loop of CleanRL's ppo.py as one call: ``compute_gae``.
+
+CleanRL's conventions (ppo.py, ppo_atari.py, ppo_continuous_action.py): rollout tensors are ``[num_steps,
+num_envs]`` (time first; any further dims are more environments); ``dones[t]`` is the done flag stored with
+observation t, i.e. the outcome of step t - 1 (``next_done`` returned by the env step before t), so step t's own
+outcome is ``dones[t + 1]``, and ``next_done`` for the last step; ``next_value`` is V(next_obs) after the rollout
+(CleanRL's ``agent.get_value(next_obs).reshape(1, -1)``: ``[1, num_envs]`` or ``[num_envs]``). Every done is
+treated as terminal (no bootstrap), exactly as the loop does. Flags may be float 0/1 (as CleanRL stores them),
+bool or integer tensors.
+
+In rlkernels terms (DESIGN.md §4.2): ``terminated = cat(dones[1:], next_done)``, ``bootstrap_value =
+next_value``. This module does not import CleanRL (it is a collection of scripts, not a package).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import rlkernels
+
+from .. import _checks as checks
+from ._util import scalar
+
+__all__ = ["compute_gae"]
+
+_OP = "integrations.cleanrl.compute_gae"
+
+
+def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda, *, backend=None):
+    """Returns (advantages, returns) exactly as CleanRL's loop:
+
+    nextnonterminal = 1 - (next_done if t is the last step else dones[t + 1]);
+    nextvalues = next_value if t is the last step else values[t + 1];
+    delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t];
+    advantages[t] = delta + gamma * gae_lambda * nextnonterminal * advantages[t + 1];  returns = advantages + values.
+
+    Differentiable in rewards, values and next_value.
+    """
+    where = f"rlkernels.{_OP}"
+    gamma = scalar(where, "gamma", gamma)
+    gae_lambda = scalar(where, "gae_lambda", gae_lambda)
+    for name, x in (("gamma", gamma), ("gae_lambda", gae_lambda)):
+        if not 0.0 <= x <= 1.0:
+            raise ValueError(f"{where}: {name} must be in [0, 1], got {x}")
+    checks.float_tensor(_OP, "rewards", rewards)
+    checks.float_tensor(_OP, "values", values)
+    checks.float_tensor(_OP, "next_value", next_value)
+    dones = checks.flag_tensor(_OP, "dones", checks.tensor(_OP, "dones", dones))
+    next_done = checks.flag_tensor(_OP, "next_done", checks.tensor(_OP, "next_done", next_done))
+    if rewards.dim() == 0:
+        raise ValueError(f"{where}: rewards must be [num_steps, num_envs], got a 0-d tensor")
+    checks.same_shape(_OP, "rewards", rewards, values=values, dones=dones)
+    env_shape = tuple(rewards.shape[1:])
+    for name, x in (("next_value", next_value), ("next_done", next_done)):
+        if tuple(x.shape) not in (env_shape, (1,) + env_shape):
+            raise ValueError(f"{where}: {name} must hold one entry per environment, shape {env_shape} or "
+                             f"{(1,) + env_shape}, got {tuple(x.shape)}")
+    checks.same_device(_OP, "rewards", rewards, values=values, dones=dones, next_value=next_value,
+                       next_done=next_done)
+    if rewards.shape[0] == 0:  # an empty rollout: empty results
+        terminated = dones
+    else:
+        terminated = torch.cat([dones[1:], next_done.reshape((1,) + env_shape)])
+    return rlkernels.gae(rewards, values, gamma=gamma, lam=gae_lambda, terminated=terminated,
+                         bootstrap_value=next_value.reshape(env_shape), backend=backend)
+
