@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "rlkernels/scan.h"
 #include "scan_types.h"
@@ -177,6 +178,162 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
   }
 }
 
+// ---- Lanes contiguous in time (batch-major rows, chunks of one long sequence) -------------------------------
+// Each lane's N consecutive steps are one vector load; an N x N transpose in registers turns N such vectors
+// (N lanes) into N steps of N lanes, the step runs, and outputs go back the same way. Replaces the staging
+// buffers' element-by-element transposes.
+
+template <typename native, int N, std::size_t... J>
+RLK_FN native zip_lo(native a, native b, std::index_sequence<J...>) {
+  return __builtin_shufflevector(a, b, (J % 2 == 0 ? J / 2 : N + J / 2)...);
+}
+template <typename native, int N, std::size_t... J>
+RLK_FN native zip_hi(native a, native b, std::index_sequence<J...>) {
+  return __builtin_shufflevector(a, b, (J % 2 == 0 ? N / 2 + J / 2 : N + N / 2 + J / 2)...);
+}
+template <typename native, int N, std::size_t... J>
+RLK_FN native reversed(native a, std::index_sequence<J...>) {
+  return __builtin_shufflevector(a, a, (N - 1 - J)...);
+}
+
+// In-place N x N transpose by log2(N) rounds of perfect shuffles: row i of the result is column i of the input.
+template <typename native, int N>
+RLK_FN void transpose(native (&m)[N]) {
+  constexpr auto idx = std::make_index_sequence<N>{};
+  for (int round = 1; round < N; round *= 2) {
+    native t[N];
+    for (int i = 0; i < N / 2; ++i) {
+      t[2 * i] = zip_lo<native, N>(m[i], m[i + N / 2], idx);
+      t[2 * i + 1] = zip_hi<native, N>(m[i], m[i + N / 2], idx);
+    }
+    for (int i = 0; i < N; ++i) m[i] = t[i];
+  }
+}
+
+template <class Step, typename acc_t, bool kSymbolic>
+void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds, const int64_t* lane_off,
+                    int64_t dir, int64_t kn, acc_t* carry_io, acc_t* const* out) {
+  constexpr int N = RLK_VEC_BYTES / sizeof(acc_t) < kLanes ? RLK_VEC_BYTES / sizeof(acc_t) : kLanes;
+  constexpr int H = kLanes / N;
+  using V = Vec<acc_t, N>;
+  using native = typename V::native;
+  typedef unsigned char bytes __attribute__((vector_size(N)));
+  constexpr auto idx = std::make_index_sequence<N>{};
+  constexpr int D = Step::kCarry;
+  using C = std::conditional_t<kSymbolic, Affine<V, D>, V>;
+  ScanParams<V> p;
+  p.gamma = scalar_params.gamma;
+  p.lam = scalar_params.lam;
+  p.rho_clip = scalar_params.rho_clip;
+  p.c_clip = scalar_params.c_clip;
+  p.pg_rho_clip = scalar_params.pg_rho_clip;
+  p.has_next = scalar_params.has_next;
+
+  // Lane l's N steps starting at scan step kk as one vector in scan order (memory order reversed when dir < 0).
+  auto lane_steps = [&](int s, int64_t pos) -> native {
+    const int64_t at = dir > 0 ? pos : pos - (N - 1);
+    native x;
+    switch (ds.kind[s]) {
+      case 1:
+        __builtin_memcpy(&x, static_cast<const acc_t*>(ds.p[s]) + at, sizeof(x));
+        break;
+      case 2: {
+        bytes b;
+        __builtin_memcpy(&b, static_cast<const unsigned char*>(ds.p[s]) + at, sizeof(b));
+        const native f = __builtin_convertvector(b, native);
+        x = f != acc_t(0) ? native{} + acc_t(1) : native{};
+        break;
+      }
+      default:
+        return native{} + acc_t(s == kMask ? 1 : 0);  // the same at every step and lane: no transpose
+    }
+    return dir > 0 ? x : reversed<native, N>(x, idx);
+  };
+
+  C carry[H][D];
+  for (int h = 0; h < H; ++h) {
+    for (int j = 0; j < D; ++j) {
+      if constexpr (kSymbolic) {
+        carry[h][j].c = V::load(carry_io + (j * (D + 1)) * kLanes + h * N);
+        for (int i = 0; i < D; ++i) carry[h][j].k[i] = V::load(carry_io + (j * (D + 1) + 1 + i) * kLanes + h * N);
+      } else {
+        carry[h][j] = V::load(carry_io + j * kLanes + h * N);
+      }
+    }
+  }
+  for (int64_t kk0 = 0; kk0 < kn; kk0 += N) {
+    for (int h = 0; h < H; ++h) {
+      native cols[kNumStreams][N];
+      for (int s = 0; s < kNumStreams; ++s) {
+        for (int l = 0; l < N; ++l) cols[s][l] = lane_steps(s, lane_off[h * N + l] + dir * kk0);
+        if (ds.kind[s] != 0) transpose<native, N>(cols[s]);
+      }
+      native outs[Step::kOut][N];
+      for (int i = 0; i < N; ++i) {
+        StepIn<V> in;
+        in.r = V::from(cols[kR][i]);
+        in.v = V::from(cols[kV][i]);
+        in.nv = V::from(cols[kNV][i]);
+        in.lr = V::from(cols[kLR][i]);
+        in.a = V::from(cols[kA][i]);
+        in.b = V::from(cols[kB][i]);
+        in.term = V::from(cols[kTerm][i]);
+        in.trunc = V::from(cols[kTrunc][i]);
+        in.valid = V::from(cols[kMask][i]);
+        in.g0 = V::from(cols[kG0][i]);
+        in.g1 = V::from(cols[kG1][i]);
+        in.s0 = V::from(cols[kS0][i]);
+        in.s1 = V::from(cols[kS1][i]);
+        C c[D];
+        C o[Step::kOut];
+        for (int j = 0; j < D; ++j) c[j] = carry[h][j];
+        Step::step(p, in, c, o);
+        for (int j = 0; j < D; ++j) carry[h][j] = select(in.valid, c[j], carry[h][j]);
+        if constexpr (!kSymbolic) {
+          for (int j = 0; j < Step::kOut; ++j) outs[j][i] = select(in.valid, o[j], V(acc_t(0))).v;
+        }
+      }
+      if constexpr (!kSymbolic) {
+        for (int j = 0; j < Step::kOut; ++j) {
+          if (out[j] == nullptr) continue;
+          transpose<native, N>(outs[j]);
+          for (int l = 0; l < N; ++l) {
+            const int64_t pos = lane_off[h * N + l] + dir * kk0;
+            const native x = dir > 0 ? outs[j][l] : reversed<native, N>(outs[j][l], idx);
+            __builtin_memcpy(out[j] + (dir > 0 ? pos : pos - (N - 1)), &x, sizeof(x));
+          }
+        }
+      }
+    }
+  }
+  for (int h = 0; h < H; ++h) {
+    for (int j = 0; j < D; ++j) {
+      if constexpr (kSymbolic) {
+        carry[h][j].c.store(carry_io + (j * (D + 1)) * kLanes + h * N);
+        for (int i = 0; i < D; ++i) carry[h][j].k[i].store(carry_io + (j * (D + 1) + 1 + i) * kLanes + h * N);
+      } else {
+        carry[h][j].store(carry_io + j * kLanes + h * N);
+      }
+    }
+  }
+}
+
+template <typename acc_t>
+TransposedFn<acc_t> transposed_function(StepId id, bool symbolic) {
+#define RLK_TRANSPOSED(STEP) symbolic ? &run_transposed<STEP, acc_t, true> : &run_transposed<STEP, acc_t, false>
+  switch (id) {
+    case StepId::kLinearScan: return RLK_TRANSPOSED(LinearScanStep);
+    case StepId::kDiscountedReturns: return RLK_TRANSPOSED(DiscountedReturnsStep);
+    case StepId::kDiscountedReturnsBackward: return RLK_TRANSPOSED(DiscountedReturnsBackwardStep);
+    case StepId::kGae: return RLK_TRANSPOSED(GaeStep);
+    case StepId::kGaeBackward: return RLK_TRANSPOSED(GaeBackwardStep);
+    case StepId::kVtrace: return RLK_TRANSPOSED(VtraceStepT<VecExp>);
+    case StepId::kVtraceBackward: return RLK_TRANSPOSED(VtraceBackwardStepT<VecExp>);
+  }
+#undef RLK_TRANSPOSED
+  return nullptr;
+}
+
 template <typename acc_t>
 DirectFn<acc_t> direct_function(StepId id, bool symbolic) {
 #define RLK_DIRECT(STEP) symbolic ? &run_direct<STEP, acc_t, true> : &run_direct<STEP, acc_t, false>
@@ -221,4 +378,8 @@ BlockFn<acc_t> block_function(StepId id, bool symbolic) {
   template rlkernels::cpu::DirectFn<float> rlkernels::RLK_ISA::direct_function<float>(          \
       rlkernels::cpu::StepId, bool);                                                                   \
   template rlkernels::cpu::DirectFn<double> rlkernels::RLK_ISA::direct_function<double>(        \
+      rlkernels::cpu::StepId, bool);                                                                   \
+  template rlkernels::cpu::TransposedFn<float> rlkernels::RLK_ISA::transposed_function<float>(  \
+      rlkernels::cpu::StepId, bool);                                                                   \
+  template rlkernels::cpu::TransposedFn<double> rlkernels::RLK_ISA::transposed_function<double>( \
       rlkernels::cpu::StepId, bool);

@@ -39,6 +39,8 @@ namespace rlkernels {
   cpu::BlockFn<acc_t> block_function(cpu::StepId id, bool symbolic);                \
   template <typename acc_t>                                                         \
   cpu::DirectFn<acc_t> direct_function(cpu::StepId id, bool symbolic);              \
+  template <typename acc_t>                                                         \
+  cpu::TransposedFn<acc_t> transposed_function(cpu::StepId id, bool symbolic);      \
   }
 RLK_DECLARE_BLOCKS(isa_default)
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -101,6 +103,31 @@ DirectFn<acc_t> pick_direct(StepId id, bool symbolic) {
   return isa_default::direct_function<acc_t>(id, symbolic);
 }
 
+template <typename acc_t>
+TransposedFn<acc_t> pick_transposed(StepId id, bool symbolic) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  switch (cpu_isa_level()) {
+    case 2: return isa_avx512::transposed_function<acc_t>(id, symbolic);
+    case 1: return isa_avx2::transposed_function<acc_t>(id, symbolic);
+    default: break;
+  }
+#endif
+  return isa_default::transposed_function<acc_t>(id, symbolic);
+}
+
+// The in-place walks (no staging buffers) of a problem whose inputs need no dtype conversion.
+template <typename acc_t>
+struct InPlace {
+  DirectFn<acc_t> direct = nullptr;          // time-major groups
+  TransposedFn<acc_t> transposed = nullptr;  // lanes contiguous in time
+};
+
+template <typename scalar_t, typename acc_t>
+InPlace<acc_t> pick_in_place(StepId id, bool symbolic) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) return {};
+  return {pick_direct<acc_t>(id, symbolic), pick_transposed<acc_t>(id, symbolic)};
+}
+
 constexpr int kTileGroups = 8;           // lane groups walked together (see walk_tile)
 constexpr int kTileLanes = kTileGroups * kLanes;
 constexpr int64_t kSerialElements = 1 << 15;  // below this, no threads
@@ -159,7 +186,7 @@ inline acc_t load_as(const void* p, int64_t i) {
 // lanes' chunk maps [kCarry][kCarry + 1][kLanes] (then nothing is stored).
 template <class Step, typename scalar_t, typename acc_t>
 void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockFn<acc_t> block,
-               DirectFn<acc_t> direct, bool symbolic, const Lane* lanes, int num_lanes, bool reverse, acc_t* carry,
+               InPlace<acc_t> in_place, bool symbolic, const Lane* lanes, int num_lanes, bool reverse, acc_t* carry,
                int carry_size) {
   alignas(64) acc_t buf[kNumStreams][kBlock * kLanes];
   alignas(64) acc_t obuf[kMaxOut][kBlock * kLanes];
@@ -205,13 +232,27 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
       const Lane* gl = lanes + g * kLanes;
       const int n = std::min(kLanes, num_lanes - g * kLanes);
       const int kn = static_cast<int>(std::min<int64_t>(kBlock, group_len[g] - k0));
-      if (direct != nullptr && contiguous[g]) {
+      if (in_place.transposed != nullptr && ts == 1 && n == kLanes && kn % 16 == 0) {
+        // Every lane of the group has this whole block (no ragged end): in-register transposes.
+        bool full = true;
+        int64_t lane_off[kLanes];
+        for (int l = 0; l < kLanes; ++l) {
+          full = full && gl[l].len >= k0 + kn;
+          lane_off[l] = gl[l].base + time_of(gl[l], k0);
+        }
+        if (full) {
+          in_place.transposed(params, ds, lane_off, reverse ? -1 : 1, kn, carry + g * carry_size,
+                              symbolic ? no_out : pb.out);
+          continue;
+        }
+      }
+      if (in_place.direct != nullptr && contiguous[g]) {
         const int64_t ahead = std::min<int64_t>(kBlock, group_len[g] - k0 - kBlock);
         for (int s = 0; s < kNumStreams; ++s)
           for (int kk = 0; kk < ahead; ++kk)
             prefetch(pb.in[s], pb.kind[s], gl[0].base + time_of(gl[0], k0 + kBlock + kk) * ts, kLanes);
-        direct(params, ds, gl[0].base + time_of(gl[0], k0) * ts, reverse ? -ts : ts, kn, carry + g * carry_size,
-               symbolic ? no_out : pb.out);
+        in_place.direct(params, ds, gl[0].base + time_of(gl[0], k0) * ts, reverse ? -ts : ts, kn,
+                        carry + g * carry_size, symbolic ? no_out : pb.out);
         continue;
       }
       // Load, converting to acc_t; flags become 0/1; steps past a lane's end are invalid.
@@ -327,7 +368,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
     using Map = Affine<acc_t, D>;
     std::vector<Map> maps(num_lanes * D);
     const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/true);
-    const DirectFn<acc_t> direct = std::is_same_v<scalar_t, acc_t> ? pick_direct<acc_t>(id, true) : nullptr;
+    const InPlace<acc_t> in_place = pick_in_place<scalar_t, acc_t>(id, true);
     constexpr int kForm = D * (D + 1) * kLanes;
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -340,7 +381,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
         for (int g = 0; g < kTileGroups; ++g)
           for (int j = 0; j < D; ++j)
             for (int l = 0; l < kLanes; ++l) form[g][j][1 + j][l] = acc_t(1);
-        walk_tile<Step, scalar_t, acc_t>(pb, params, block, direct, true, lanes, n, reverse, &form[0][0][0][0],
+        walk_tile<Step, scalar_t, acc_t>(pb, params, block, in_place, true, lanes, n, reverse, &form[0][0][0][0],
                                          kForm);
         for (int q = 0; q < n; ++q) {
           const int g = q / kLanes, l = q % kLanes;
@@ -376,7 +417,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
 
   // Pass 3 (the only pass when not chunked): walk every lane with its true carry, storing outputs.
   const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/false);
-  const DirectFn<acc_t> direct = std::is_same_v<scalar_t, acc_t> ? pick_direct<acc_t>(id, false) : nullptr;
+  const InPlace<acc_t> in_place = pick_in_place<scalar_t, acc_t>(id, false);
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       Lane lanes[kTileLanes];
@@ -386,7 +427,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
       alignas(64) acc_t carry[kTileGroups][D][kLanes] = {};
       for (int q = 0; q < n; ++q)
         for (int j = 0; j < D; ++j) carry[q / kLanes][j][q % kLanes] = carry_in[(first + q) * D + j];
-      walk_tile<Step, scalar_t, acc_t>(pb, params, block, direct, false, lanes, n, reverse, &carry[0][0][0],
+      walk_tile<Step, scalar_t, acc_t>(pb, params, block, in_place, false, lanes, n, reverse, &carry[0][0][0],
                                        D * kLanes);
       if (final_carry) {
         for (int q = 0; q < n; ++q) {

@@ -43,6 +43,12 @@ template <typename acc_t>
 using DirectFn = void (*)(const ScanParams<acc_t>& params, const DirectStreams& in, int64_t off0, int64_t step,
                           int64_t kn, acc_t* carry, acc_t* const* out);
 
+// Walks `kn` steps (a multiple of 16) of kLanes lanes contiguous in time: lane l's step kk is at
+// lane_off[l] + kk * dir (dir = +1 or -1). `out` and `carry` as for DirectFn.
+template <typename acc_t>
+using TransposedFn = void (*)(const ScanParams<acc_t>& params, const DirectStreams& in, const int64_t* lane_off,
+                              int64_t dir, int64_t kn, acc_t* carry, acc_t* const* out);
+
 }  // namespace cpu
 
 }  // namespace rlkernels
