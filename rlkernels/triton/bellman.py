@@ -626,7 +626,12 @@ def value_iteration(P: Tensor, R: Tensor, V0: Tensor | None, gamma: float, tol: 
     captured in a CUDA graph. The cost: 2 * max_iters launches whatever the convergence (about 2 to 5 µs
     each on the GPU once enqueued, plus the host's enqueue time, tens of µs per Triton launch from Python;
     keep max_iters near what is needed, or capture the call in a CUDA graph), and P is streamed from memory
-    once per iteration (no MDP stays in cache across iterations, unlike the CPU kernel).
+    once per iteration (no MDP stays in cache across iterations, unlike the CPU kernel). Under torch.compile
+    on a GPU the loop unrolls into 2 * max_iters kernel nodes of the graph (compile time grows with
+    max_iters). The alternative, a persistent program per MDP iterating in rounds as the CPU kernel does,
+    needs the host (or a grid-wide barrier) to learn the batch's iteration count between rounds, so it was
+    not taken. Under TRITON_INTERPRET=1 (CPU tensors, where a read synchronizes nothing) the host loop stops
+    at the flag instead of enqueuing the no-op launches (`_STOP_EARLY_ON_CPU`).
     """
     _check_mdp(P, R, V0)
     torch._check(max_iters >= 1, lambda: f"rlkernels: max_iters must be >= 1, got {max_iters}")
