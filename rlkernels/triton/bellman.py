@@ -4,7 +4,9 @@
 Each op has the signature of its C++ schema in csrc/ops.cpp and mirrors the CPU kernel of csrc/cpu/bellman.cpp
 (the per-element math of csrc/include/rlkernels/bellman.h: NaN rules, the terminated select, first-index
 argmax), so the backends agree up to the rounding of a different summation order. Inputs are read in their
-own dtype and widened in registers; arithmetic is float32 (float64 for float64 inputs).
+own dtype and widened in registers; arithmetic is float32 (float64 for float64 inputs). Float scalars
+(gamma, delta, ...) are float64 kernel arguments (`: tl.float64`; Triton would pass a Python float as fp32),
+rounded to the accumulation type in the kernel as the CPU kernel's static_cast does.
 
 * q_targets: a program per BLOCK_B rows walks the actions in [BLOCK_B, BLOCK_A] tiles, folding each tile into
   a per-row state (max and NaN flag; running max, first index of it and first NaN for "double"; the sum for
@@ -94,7 +96,8 @@ def _flag(x):
 
 
 @triton.jit
-def _q_targets_kernel(R_ptr, Q_ptr, TERM_ptr, ON_ptr, PR_ptr, OUT_ptr, B, A, discount, temperature,
+def _q_targets_kernel(R_ptr, Q_ptr, TERM_ptr, ON_ptr, PR_ptr, OUT_ptr, B, A, discount: tl.float64,
+                      temperature: tl.float64,
                       KIND: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr):
     """y = r + discount * v' (r where terminated), v' of kind 0 max, 1 double, 2 expected, 3 soft."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -197,7 +200,7 @@ def _td_error(Q_ptr, ACT_ptr, Y_ptr, rows, ok, A, ACC: tl.constexpr):
 
 
 @triton.jit
-def _td_forward_kernel(Q_ptr, ACT_ptr, Y_ptr, W_ptr, E_ptr, PER_ptr, PART_ptr, B, A, delta,
+def _td_forward_kernel(Q_ptr, ACT_ptr, Y_ptr, W_ptr, E_ptr, PER_ptr, PART_ptr, B, A, delta: tl.float64,
                        SQUARED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Huber 0.5 e^2 (|e| <= delta) or delta (|e| - 0.5 delta); squared e^2; times w. Writes e, and the
     per-sample losses (PER_ptr) or this block's float64 partial sum (PART_ptr)."""
@@ -221,7 +224,7 @@ def _td_forward_kernel(Q_ptr, ACT_ptr, Y_ptr, W_ptr, E_ptr, PER_ptr, PART_ptr, B
 
 
 @triton.jit
-def _td_backward_kernel(Q_ptr, ACT_ptr, Y_ptr, W_ptr, GL_ptr, GT_ptr, GQ_ptr, GY_ptr, B, A, delta,
+def _td_backward_kernel(Q_ptr, ACT_ptr, Y_ptr, W_ptr, GL_ptr, GT_ptr, GQ_ptr, GY_ptr, B, A, delta: tl.float64,
                         SQUARED: tl.constexpr, GL_PER_ROW: tl.constexpr, ACC: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr):
     """g = gl * w * dloss/de (+ grad of td_errors); grad_targets = g, grad_q = -g at the action, 0 elsewhere.
@@ -329,7 +332,7 @@ td_loss.register_autograd(_bellman._td_backward_using(torch.ops.rlkernels.triton
 
 
 @triton.jit
-def _n_step_kernel(R_ptr, V_ptr, NV_ptr, BOOT_ptr, TERM_ptr, TRUNC_ptr, OUT_ptr, T, I, gamma, n,
+def _n_step_kernel(R_ptr, V_ptr, NV_ptr, BOOT_ptr, TERM_ptr, TRUNC_ptr, OUT_ptr, T, I, gamma: tl.float64, n,
                    ACC: tl.constexpr, BLOCK: tl.constexpr):
     """G_t = sum_{d<m} gamma^d r_{t+d} + gamma^m (1 - term_j) V'_j, j = t + m - 1 the first step of the window
     that is terminated, truncated, the last of the data or the n-th; V'_j = next_values[j], values[j+1] or the
@@ -371,7 +374,8 @@ def _n_step_kernel(R_ptr, V_ptr, NV_ptr, BOOT_ptr, TERM_ptr, TRUNC_ptr, OUT_ptr,
 
 
 @triton.jit
-def _n_step_backward_kernel(G_ptr, TERM_ptr, TRUNC_ptr, GR_ptr, GV_ptr, GNV_ptr, GB_ptr, T, I, gamma, n,
+def _n_step_backward_kernel(G_ptr, TERM_ptr, TRUNC_ptr, GR_ptr, GV_ptr, GNV_ptr, GB_ptr, T, I, gamma: tl.float64,
+                            n,
                             ACC: tl.constexpr, BLOCK: tl.constexpr):
     """The adjoint as a gather (no atomics): reward j is summed by the windows t = j, j-1, ... that reach it
     (no step t..j-1 stops them); V'_j is read by the windows that end at j. GV and GB arrive zeroed."""
@@ -474,7 +478,8 @@ n_step_returns.register_autograd(
 
 
 @triton.jit
-def _backup_kernel(P_ptr, R_ptr, V_ptr, Q_ptr, VN_ptr, POL_ptr, PART_ptr, STATE_ptr, S, A, gamma, num_blocks,
+def _backup_kernel(P_ptr, R_ptr, V_ptr, Q_ptr, VN_ptr, POL_ptr, PART_ptr, STATE_ptr, S, A, gamma: tl.float64,
+                   num_blocks,
                    ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr):
     """Q = R + gamma P @ V, V_new = max_a Q, policy = argmax_a Q for BLOCK_S states of MDP b, in
     [BLOCK_S, BLOCK_A, BLOCK_K] tiles of P. With STATE_ptr (value iteration) the program does nothing once
@@ -528,7 +533,8 @@ def _backup_kernel(P_ptr, R_ptr, V_ptr, Q_ptr, VN_ptr, POL_ptr, PART_ptr, STATE_
 
 
 @triton.jit
-def _vi_residual_kernel(PART_ptr, RES_ptr, STATE_ptr, B, num_blocks, tol, max_iters, ACC: tl.constexpr,
+def _vi_residual_kernel(PART_ptr, RES_ptr, STATE_ptr, B, num_blocks, tol: tl.float64, max_iters,
+                        ACC: tl.constexpr,
                         BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program. Unless done: residual[b] = max of MDP b's block parts (NaN propagates), iters += 1, and
     done = every residual < tol (NaN is not) or iters == max_iters. STATE = [done, iters] (int64)."""
