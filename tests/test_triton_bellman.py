@@ -40,9 +40,10 @@ def _out_dtype(dtype):
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Tiles of 2 actions, 16 rows, 2 lanes, [2 states, 2 actions, 4 next states]."""
+    """Tiles of 2 actions, 16 rows, 2 lanes, [2 states, 2 actions, 4 next states], [2 MDPs, 2 state blocks]."""
     for name, value in {"MAX_BLOCK_A": 2, "ROW_TILE": 32, "MAX_BLOCK_ROWS": 16, "LANE_BLOCK": 2,
-                        "BACKUP_MAX_K": 4, "BACKUP_MAX_A": 2, "BACKUP_TILE": 16}.items():
+                        "BACKUP_MAX_K": 4, "BACKUP_MAX_A": 2, "BACKUP_TILE": 16, "RESIDUAL_BLOCK_B": 2,
+                        "RESIDUAL_BLOCK_N": 2}.items():
         monkeypatch.setattr(tb, name, value)
 
 

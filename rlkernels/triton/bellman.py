@@ -52,6 +52,8 @@ LANE_BLOCK = 128  # lanes (sequences) per program of n_step_returns
 BACKUP_MAX_K = 128  # next states per [states, actions, next states] tile of P
 BACKUP_MAX_A = 16  # actions per tile of P
 BACKUP_TILE = 4096  # elements per tile of P
+RESIDUAL_BLOCK_B = 64  # MDPs per tile of value_iteration's residual reduction
+RESIDUAL_BLOCK_N = 32  # state blocks per tile of it
 
 
 def _acc_dtype(dtype):
@@ -655,8 +657,8 @@ def value_iteration(P: Tensor, R: Tensor, V0: Tensor | None, gamma: float, tol: 
     parts = torch.zeros((B, num_blocks), dtype=acc, device=dev)
     if not _skip_launch(Q):
         P, R = P.contiguous(), R.contiguous()
-        block_b = _pow2(B, 16, 64)
-        block_n = _pow2(num_blocks, 2, 32)
+        block_b = _pow2(B, 16, RESIDUAL_BLOCK_B)
+        block_n = _pow2(num_blocks, 2, RESIDUAL_BLOCK_N)
         for k in range(max_iters):
             if B * S > 0:
                 _launch_backup(P, R, buf[k % 2], Q, buf[(k + 1) % 2], policy, parts, state, gamma)
