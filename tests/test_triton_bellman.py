@@ -81,6 +81,15 @@ def test_q_targets_matches_reference_and_cpu(kind, dtype, small_tiles):
     assert_close(y, rlkernels.q_targets(r, q, backend="cpu", **kw).numpy(), dtype)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_q_targets_without_terminated(kind):
+    r, q, online, probs, _ = _q_inputs((5,), 3, torch.float64, seed=2)
+    kw = _q_kwargs(kind, None, online, probs) | {"gamma": 1.0, "n": 1}
+    y = rlkernels.q_targets(r, q, backend="triton", **kw)
+    assert_close(y, reference.q_targets(r, q, **kw))
+    assert_close(y, rlkernels.q_targets(r, q, backend="cpu", **kw).numpy())
+
+
 def _edge_rows():
     return torch.tensor([
         [1.0, 3.0, 3.0, 2.0, 0.0],  # tie: first index
