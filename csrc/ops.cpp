@@ -81,4 +81,35 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def(
       "gather_logprobs_backward_inplace(Tensor? grad_logp, Tensor? grad_entropy, Tensor(a!) logits, "
       "Tensor tokens, Tensor lse, Tensor entropy, float temperature, int? ignore_index) -> ()");
+
+  // ---- Bellman backups (rlkernels/bellman.py) ----
+  // Sample-based: rewards [B], next_q / next_q_online / next_probs [B, A] contiguous of one dtype, terminated
+  // bool [B] or None; discount = gamma^n. Targets in float32 (float64 for float64 inputs), no autograd.
+  m.def(
+      "q_targets(Tensor rewards, Tensor next_q, Tensor? terminated, Tensor? next_q_online, Tensor? next_probs, "
+      "float discount, str kind, float temperature) -> Tensor");
+  // q [B, A], actions int64 [B], targets and weights [B] of q's dtype. loss is 0-d (mean, sum) or [B] (none);
+  // td_errors [B] = targets - q[b, actions[b]]; both float32 (float64 for float64 q).
+  m.def(
+      "td_loss(Tensor q, Tensor actions, Tensor targets, Tensor? weights, str loss, float delta, str reduction) "
+      "-> (Tensor loss, Tensor td_errors)");
+  // Dense grad_q with one non-zero per row (in q's dtype) and grad_targets (in targets' dtype).
+  m.def(
+      "td_loss_backward(Tensor? grad_loss, Tensor? grad_td_errors, Tensor q, Tensor actions, Tensor targets, "
+      "Tensor? weights, str loss, float delta, str reduction) -> (Tensor grad_q, Tensor grad_targets)");
+  // Canonical [O, T, I] like the scan family (no mask, no cu_seqlens); bootstrap_value [O, I].
+  m.def(
+      "n_step_returns(Tensor rewards, Tensor values, Tensor? next_values, Tensor? bootstrap_value, "
+      "Tensor? terminated, Tensor? truncated, float gamma, int n) -> Tensor");
+  m.def(
+      "n_step_returns_backward(Tensor grad, Tensor? terminated, Tensor? truncated, Tensor rewards_like, "
+      "float gamma, int n, bool has_next_values) "
+      "-> (Tensor grad_rewards, Tensor grad_values, Tensor grad_next_values, Tensor grad_bootstrap_value)");
+  // Model-based: P [B, S, A, S], R [B, S, A], V [B, S] contiguous of one dtype. Q and V in float32 (float64 for
+  // float64 inputs), policy int64 (first maximizing action).
+  m.def("bellman_backup(Tensor P, Tensor R, Tensor V, float gamma) -> (Tensor Q, Tensor V_new, Tensor policy)");
+  // iters: 0-d int64, the number of backups made (all MDPs iterate together); residual [B].
+  m.def(
+      "value_iteration(Tensor P, Tensor R, Tensor? V0, float gamma, float tol, int max_iters) "
+      "-> (Tensor V, Tensor Q, Tensor policy, Tensor iters, Tensor residual)");
 }

@@ -7,6 +7,7 @@ import torch  # noqa: F401  (first: the compiled library links against libtorch)
 
 from . import _C  # noqa: F401  (loads the compiled kernels and registers the ops)
 from ._backend import BACKENDS, available_backends
+from .bellman import bellman_backup, n_step_returns, q_targets, td_loss, value_iteration
 from .logprobs import gather_logprobs
 from .ppo import kl_penalty, ppo_policy_loss, value_loss
 from .returns import discounted_returns, gae, linear_scan, vtrace
@@ -16,12 +17,17 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "bellman_backup",
     "discounted_returns",
     "gae",
     "gather_logprobs",
     "kl_penalty",
     "linear_scan",
+    "n_step_returns",
     "ppo_policy_loss",
+    "q_targets",
+    "td_loss",
+    "value_iteration",
     "value_loss",
     "vtrace",
 ]

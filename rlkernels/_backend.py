@@ -37,6 +37,14 @@ def _cuda_kernels_built() -> bool:
 
 @torch.compiler.assume_constant_result
 @functools.cache
+def _op_has_cuda_kernel(op: str) -> bool:
+    from . import _C  # noqa: F401  (registers the ops)
+
+    return _has_kernel(op, "CUDA")
+
+
+@torch.compiler.assume_constant_result
+@functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -88,6 +96,8 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
     if backend is None:
         if device.type == "cuda":
             for candidate in _PREFERRED_GPU_BACKENDS:
+                if candidate == "cuda" and not _op_has_cuda_kernel(op):
+                    continue  # ops without a CUDA C++ kernel yet are served by Triton
                 if _why_unavailable(candidate, device) is None:
                     return candidate
             raise RuntimeError(
@@ -98,6 +108,8 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"rlkernels.{op}: backend must be a string or None, got {type(backend).__name__}")
     why = _why_unavailable(backend, device)
+    if why is None and backend == "cuda" and not _op_has_cuda_kernel(op):
+        why = "this op has no CUDA C++ kernel yet; use backend='triton' (pip install triton)"
     if why is not None:
         raise RuntimeError(f"rlkernels.{op}: backend={backend!r} is not available: {why}")
     return backend

@@ -70,12 +70,6 @@ def gather_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, ig
     ignore_index = _check_index("ignore_index", ignore_index)
     return_entropy, inplace_backward = bool(return_entropy), bool(inplace_backward)
     impl = resolve(backend, logits.device, _OP)
-    if impl == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(f"rlkernels::{_OP}", "CUDA"):
-        # No CUDA C++ kernel for this op yet: the Triton kernel serves CUDA tensors unless cuda was asked for.
-        if backend is not None:
-            raise RuntimeError(f"rlkernels.{_OP}: backend='cuda' is not available: this op has no CUDA C++ "
-                               "kernel yet; use backend='triton' (pip install triton)")
-        impl = resolve("triton", logits.device, _OP)
     if check_tokens and impl not in ("cpu", "reference"):  # those two check every token themselves
         _check_tokens_on_host(tokens, logits.shape[-1], ignore_index)
     if impl == "reference":

@@ -679,7 +679,7 @@ def q_targets(
     temperature=None,
     n=1,
 ):
-    """Sample-based Q-learning targets y = r + gamma^n * (1 - term) * v'.
+    """Sample-based Q-learning targets y = r + gamma^n * (1 - term) * v' (y = r where terminated).
 
     v' = max_a Q'(s', a)                              (kind="max")
        = Q'(s', argmax_a Q_online(s', a))             (kind="double"; first index on ties)
@@ -723,7 +723,8 @@ def q_targets(
             v[b] = temperature * _logsumexp(q_rows[b] / temperature)
     else:
         raise ValueError(f"kind must be one of 'max', 'double', 'expected', 'soft', got {kind!r}")
-    return r + gamma**n * (1.0 - term) * v.reshape(r.shape)
+    # A terminated transition's target is its reward, whatever next_q holds (it may be garbage, even inf).
+    return np.where(term, r, r + gamma**n * v.reshape(r.shape))
 
 
 def td_loss(q, actions, targets, *, loss="huber", delta=1.0, weights=None, reduction="mean"):
