@@ -218,7 +218,7 @@ def main(argv=None):
 
         avg = float(np.mean(recent)) if recent else float("nan")
         stats = {
-            "pg_loss": float(pg_loss), "v_loss": float(v_loss), "entropy": float(entropy),
+            "pg_loss": pg_loss.item(), "v_loss": v_loss.item(), "entropy": entropy.item(),
             "approx_kl": float(pstats["approx_kl"]), "clipfrac": float(torch.stack(clipfracs).mean()),
         }
         if update % 10 == 0 or update == num_updates:
