@@ -71,8 +71,8 @@ def _policy_terms(lp, old, adv, clip_lo, clip_hi, dual_clip, HAS_DUAL: tl.conste
 
 
 @triton.jit
-def _policy_forward_kernel(LP_ptr, OLD_ptr, ADV_ptr, MASK_ptr, PART_ptr, T, num_chunks, clip_lo, clip_hi,
-                           dual_clip, HAS_MASK: tl.constexpr, HAS_DUAL: tl.constexpr, ACC: tl.constexpr,
+def _policy_forward_kernel(LP_ptr, OLD_ptr, ADV_ptr, MASK_ptr, PART_ptr, T, num_chunks, clip_lo: tl.float64,
+                           clip_hi: tl.float64, dual_clip: tl.float64, HAS_MASK: tl.constexpr, HAS_DUAL: tl.constexpr, ACC: tl.constexpr,
                            BLOCK: tl.constexpr):
     """Chunk partials of l = max(-A r, -A clamp(r, 1 - eps_lo, 1 + eps_hi)) (dual clip: min with -A c where
     A < 0), r = exp(clamp(logp - old, -20, 20)) (Schulman et al. 2017; Ye et al. 2020)."""
@@ -104,7 +104,8 @@ def _policy_forward_kernel(LP_ptr, OLD_ptr, ADV_ptr, MASK_ptr, PART_ptr, T, num_
 
 
 @triton.jit
-def _policy_backward_kernel(LP_ptr, OLD_ptr, ADV_ptr, MASK_ptr, W_ptr, GRAD_ptr, T, clip_lo, clip_hi, dual_clip,
+def _policy_backward_kernel(LP_ptr, OLD_ptr, ADV_ptr, MASK_ptr, W_ptr, GRAD_ptr, T, clip_lo: tl.float64,
+                            clip_hi: tl.float64, dual_clip: tl.float64,
                             HAS_MASK: tl.constexpr, HAS_DUAL: tl.constexpr, ACC: tl.constexpr,
                             BLOCK: tl.constexpr):
     """d loss / d logp = w_row dl/dr r [|log r| < 20]; w_row = d loss / d l_t of the aggregation times the
@@ -148,7 +149,7 @@ def _value_terms(v, old, ret, clip, HAS_CLIP: tl.constexpr):
 
 
 @triton.jit
-def _value_forward_kernel(V_ptr, OLD_ptr, RET_ptr, MASK_ptr, PART_ptr, T, num_chunks, clip,
+def _value_forward_kernel(V_ptr, OLD_ptr, RET_ptr, MASK_ptr, PART_ptr, T, num_chunks, clip: tl.float64,
                           HAS_MASK: tl.constexpr, HAS_CLIP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Chunk partials of l = 0.5 max((v - R)^2, (clamp(v, old - c, old + c) - R)^2)."""
     row = tl.program_id(0).to(tl.int64)
@@ -170,7 +171,8 @@ def _value_forward_kernel(V_ptr, OLD_ptr, RET_ptr, MASK_ptr, PART_ptr, T, num_ch
 
 
 @triton.jit
-def _value_backward_kernel(V_ptr, OLD_ptr, RET_ptr, MASK_ptr, W_ptr, GRAD_ptr, T, clip, HAS_MASK: tl.constexpr,
+def _value_backward_kernel(V_ptr, OLD_ptr, RET_ptr, MASK_ptr, W_ptr, GRAD_ptr, T, clip: tl.float64,
+                           HAS_MASK: tl.constexpr,
                            HAS_CLIP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
