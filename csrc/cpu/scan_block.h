@@ -91,6 +91,16 @@ void run_block(const ScanParams<acc_t>& scalar_params, const acc_t* const* src, 
   }
 }
 
+// N flag bytes to N values 0/1 (nonzero means set). Widened through int32 lanes: GCC turns that into one
+// zero-extension and one int-to-float conversion, where a direct char-to-float conversion stayed scalar.
+template <typename native, typename bytes>
+RLK_FN native flags_to(bytes b) {
+  constexpr int N = sizeof(bytes);
+  typedef int wide __attribute__((vector_size(N * sizeof(int))));
+  const wide w = __builtin_convertvector(b, wide);
+  return __builtin_convertvector(w != 0, native) != 0 ? native{} + 1 : native{};
+}
+
 // run_block without the buffers: a time-major group reads its inputs in place and writes its outputs in
 // place, one vector load or store per stream and lane vector, flags widened in registers. The kind switch of
 // each stream is the same at every step (predicted), and streams a step never reads are dropped as dead code.
@@ -119,8 +129,7 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
       case 2: {
         bytes b;
         __builtin_memcpy(&b, static_cast<const unsigned char*>(ds.p[s]) + off, sizeof(b));
-        const native f = __builtin_convertvector(b, native);
-        return V::from(f != acc_t(0) ? native{} + acc_t(1) : native{});  // nonzero means set
+        return V::from(flags_to<native>(b));  // nonzero means set
       }
       default:
         return V(acc_t(s == kMask ? 1 : 0));
@@ -240,8 +249,7 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
       case 2: {
         bytes b;
         __builtin_memcpy(&b, static_cast<const unsigned char*>(ds.p[s]) + at, sizeof(b));
-        const native f = __builtin_convertvector(b, native);
-        x = f != acc_t(0) ? native{} + acc_t(1) : native{};
+        x = flags_to<native>(b);
         break;
       }
       default:
@@ -264,6 +272,7 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
   for (int64_t kk0 = 0; kk0 < kn; kk0 += N) {
     for (int h = 0; h < H; ++h) {
       native cols[kNumStreams][N];
+#pragma GCC unroll 16
       for (int s = 0; s < kNumStreams; ++s) {
         for (int l = 0; l < N; ++l) cols[s][l] = lane_steps(s, lane_off[h * N + l] + dir * kk0);
         if (ds.kind[s] != 0) transpose<native, N>(cols[s]);
