@@ -53,6 +53,12 @@ def ref_tol(dtype):
             torch.float16: (2e-3, 2e-3)}[dtype]
 
 
+def grad_tol(dtype):
+    """Gradients are returned in the input dtype: a 16-bit gradient may round one unit apart where the float32
+    values of the two backends differ in the last bit (FMA contraction, matmul order)."""
+    return {torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}.get(dtype, tol(dtype))
+
+
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -65,8 +71,8 @@ def cpu(x):
     return None if x is None else x.detach().cpu()
 
 
-def close(actual, expected, dtype, ref=False):
-    rtol, atol = ref_tol(dtype) if ref else tol(dtype)
+def close(actual, expected, dtype, ref=False, grad=False):
+    rtol, atol = ref_tol(dtype) if ref else (grad_tol(dtype) if grad else tol(dtype))
     expected = torch.as_tensor(expected)
     torch.testing.assert_close(cpu(actual).to(torch.float64), expected.to(torch.float64), rtol=rtol, atol=atol,
                                equal_nan=True)
@@ -172,9 +178,9 @@ def test_td_loss_forward_and_gradients_match_cpu(B, A, weighted, loss, reduction
     kw = dict(loss=loss, delta=0.8, reduction=reduction)
     expected = td_run(q, actions, targets, w, "cpu", **kw)
     got = td_run(dev(q), dev(actions), dev(targets), dev(w), BACKEND, **kw)
-    for a, e in zip(got, expected):
+    for k, (a, e) in enumerate(zip(got, expected)):
         assert a.dtype == e.dtype and a.shape == e.shape
-        close(a, e, dtype)
+        close(a, e, dtype, grad=k >= 2)
     if B <= 5000:
         lo, e = reference.td_loss(q.double().numpy(), actions.numpy(), targets.double().numpy(),
                                   weights=None if w is None else w.double().numpy(), **kw)
@@ -264,7 +270,7 @@ def test_n_step_returns_forward_and_gradients_match_cpu(shape, time_dim, n, flag
     assert g.keys() == g_cpu.keys()
     for k in g:
         assert g[k].dtype == g_cpu[k].dtype, k
-        close(g[k], g_cpu[k], dtype)
+        close(g[k], g_cpu[k], dtype, grad=True)
     expected = reference.n_step_returns(
         x["rewards"].double().numpy(), x["values"].double().numpy(), n=n, gamma=0.9,
         terminated=None if x["terminated"] is None else x["terminated"].numpy(),
@@ -327,10 +333,12 @@ def test_bellman_backup_matches_cpu_and_gradients(shape, dtype):
     close(Q, Qc, dtype)
     close(Vn, Vc, dtype)
     assert pol.dtype == torch.int64
+    same_policy = torch.equal(cpu(pol), pc)
     if dtype in (torch.float32, torch.float64):  # 16-bit inputs can make near-ties that rounding decides
-        assert torch.equal(cpu(pol), pc)
-    for a, e in zip(g, gc):
-        close(a, e, dtype)
+        assert same_policy
+    if same_policy:  # V_new's gradient goes to the argmax action
+        for a, e in zip(g, gc):
+            close(a, e, dtype, grad=True)
     Qr, Vr, pr = reference.bellman_backup(P.double().numpy(), R.double().numpy(), V.double().numpy(), 0.95)
     close(Q, torch.as_tensor(Qr), dtype, ref=True)
     close(Vn, torch.as_tensor(Vr), dtype, ref=True)
