@@ -531,7 +531,7 @@ def test_value_iteration_and_backups_capture_in_a_cuda_graph():
     qq = qq.requires_grad_(True)
 
     def step():
-        vi = torch.ops.rlkernels.value_iteration(P, R, None, 0.9, 1e-5, 300)
+        vi = torch.ops.rlkernels.value_iteration(P, R, None, 0.9, 1e-4, 300)  # float32: tol well above ulps
         loss, _ = rlkernels.td_loss(qq, act, tgt, weights=w, backend=BACKEND)
         return vi, loss, torch.autograd.grad(loss, qq)[0]
 
