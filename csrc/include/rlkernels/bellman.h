@@ -8,7 +8,11 @@
 
 #include "macros.h"
 
-namespace rlkernels::bellman {
+// The inline namespace (macros.h) keeps the host copies that nvcc emits for the CUDA translation units apart
+// from the CPU objects' at link time.
+namespace rlkernels {
+inline namespace RLK_ISA {
+namespace bellman {
 
 enum class QKind : int { kMax = 0, kDouble = 1, kExpected = 2, kSoft = 3 };
 enum class TdLoss : int { kHuber = 0, kSquared = 1 };
@@ -45,6 +49,18 @@ RLK_FN void soft_add(SoftState<acc_t>& st, acc_t z) {
   }
 }
 
+// Merges two soft states (a parallel reduction): the result sums exp(z - m) over both halves. A NaN max
+// sticks; an empty half (m = -inf) adds nothing.
+template <typename acc_t>
+RLK_FN SoftState<acc_t> soft_merge(const SoftState<acc_t>& x, const SoftState<acc_t>& y) {
+  if (x.m != x.m) return x;
+  if (y.m != y.m) return y;
+  if (y.m == -INFINITY) return x;
+  if (x.m == -INFINITY) return y;
+  const acc_t m = x.m > y.m ? x.m : y.m;
+  return {m, x.s * std::exp(x.m - m) + y.s * std::exp(y.m - m)};
+}
+
 // temperature * logsumexp(z): -inf for a row of -inf, NaN for a row with a NaN.
 template <typename acc_t>
 RLK_FN acc_t soft_value(const SoftState<acc_t>& st, acc_t temperature) {
@@ -77,4 +93,6 @@ RLK_FN acc_t td_sample_grad(acc_t e, TdLoss kind, acc_t delta) {
   return e;
 }
 
-}  // namespace rlkernels::bellman
+}  // namespace bellman
+}  // namespace RLK_ISA
+}  // namespace rlkernels
