@@ -569,8 +569,8 @@ std::tuple<Tensor, Tensor, Tensor> bellman_backup_cpu(const Tensor& P_in, const 
                                                                                               int64_t end) {
       std::vector<acc_t> buf;
       for (int64_t bs = begin; bs < end; ++bs) {
-        const int64_t b = bs / S, s = bs % S;
-        // State s alone, as a one-state slice (index 0) of its MDP; V is the MDP's whole value vector.
+        const int64_t b = bs / S;
+        // State bs % S alone, as a one-state slice (index 0) of its MDP; V is the MDP's whole value vector.
         backup_states(widened(Pp + bs * row, row, buf), Rp + bs * A, Vp + b * S, S, A, gamma, 0, 1, Qp + bs * A,
                       Vn + bs, pol + bs);
       }
