@@ -41,6 +41,11 @@ def test_importing_integrations_imports_no_trainer():
     # sys.modules and blocked, the adapters are imported afresh, and everything is restored after.
     hidden = {k: sys.modules.pop(k) for k in list(sys.modules)
               if k.split(".")[0] in TRAINERS or k.startswith("rlkernels.integrations")}
+    import rlkernels
+
+    # The package attribute too: `from rlkernels import integrations` would return a module imported by an
+    # earlier test (with its adapters already loaded) instead of importing afresh.
+    old_attr = rlkernels.__dict__.pop("integrations", None)
     blocker = _BlockTrainers()
     sys.meta_path.insert(0, blocker)
     try:
@@ -55,10 +60,9 @@ def test_importing_integrations_imports_no_trainer():
         for k in [k for k in sys.modules if k.startswith("rlkernels.integrations")]:
             del sys.modules[k]
         sys.modules.update(hidden)
-    import rlkernels
-
-    if "rlkernels.integrations" not in hidden and hasattr(rlkernels, "integrations"):
-        del rlkernels.integrations
+        rlkernels.__dict__.pop("integrations", None)
+        if old_attr is not None:
+            rlkernels.integrations = old_attr
 
 
 def test_unknown_attribute_of_integrations_is_an_attribute_error():
