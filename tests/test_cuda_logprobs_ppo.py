@@ -208,9 +208,9 @@ def test_logprobs_gradients_match_cpu(V, dtype, ignore):
             if ignore:
                 assert torch.all(got.cpu()[1::3] == 0)
     # logp alone (no entropy output: the backward gets no entropy gradient)
-    x = logits.to(DEVICE).requires_grad_(True)
+    x = logits.to(DEVICE).detach().clone().requires_grad_(True)
     rlkernels.gather_logprobs(x, tokens.to(DEVICE), ignore_index=ignore_index, backend="cuda").sum().backward()
-    y = logits.clone().requires_grad_(True)
+    y = logits.detach().clone().requires_grad_(True)
     rlkernels.gather_logprobs(y, tokens, ignore_index=ignore_index, backend="cpu").sum().backward()
     close(x.grad, y.grad, GRAD_TOL[dtype], "d logits of logp.sum()")
 
@@ -275,7 +275,8 @@ def test_logprobs_opcheck():
         tokens[2] = -100
         x = logits.clone().requires_grad_(True)
         torch.library.opcheck(torch.ops.rlkernels.gather_logprobs.default, (x, tokens, 0.9, True, -100, False))
-        torch.library.opcheck(torch.ops.rlkernels.gather_logprobs.default, (x, tokens, 1.0, False, None, False))
+        torch.library.opcheck(torch.ops.rlkernels.gather_logprobs.default,
+                              (x, tokens.clamp(min=0), 1.0, False, None, False))
         _, ent, lse = torch.ops.rlkernels.gather_logprobs(logits, tokens, 0.9, True, -100, False)
         gl, gh = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
         torch.library.opcheck(torch.ops.rlkernels.gather_logprobs_backward.default,
@@ -557,3 +558,88 @@ def test_default_backend_routes_to_cuda_kernels():
 
     for op in ("gather_logprobs", "ppo_policy_loss", "value_loss", "kl_penalty"):
         assert resolve(None, torch.device(DEVICE), op) == "cuda"
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA graphs and 64-bit indexing
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_cuda_graph_captures_forward_and_backward():
+    """DESIGN.md §2: no host sync, so forward plus backward of both families capture in one CUDA graph, and
+    replaying it gives the eager results bit for bit."""
+    N, V = 12, 32000
+    logits = make_logits((N, V), torch.bfloat16, seed=30).to(DEVICE)
+    tokens = make_tokens((N,), V, seed=31).to(DEVICE)
+    logp_in, old, adv = (x.to(DEVICE) for x in policy_inputs((4, 1500), seed=32))
+    mask = make_mask((4, 1500), "bool", seed=33).to(DEVICE)
+
+    def step(x, lp):
+        logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend="cuda")
+        loss, stats = rlkernels.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean",
+                                                backend="cuda")
+        total = logp.sum() + 0.01 * ent.sum() + loss
+        gx, glp = torch.autograd.grad(total, (x, lp))
+        return logp, ent, loss, stats["clipfrac"], gx, glp
+
+    x = logits.clone().requires_grad_(True)
+    lp = logp_in.clone().requires_grad_(True)
+    eager = step(x, lp)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step(x, lp)  # warm-up on a side stream, as torch.cuda.graphs recommends
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(x, lp)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
+
+
+def test_more_than_2_to_31_logits():
+    """Row offsets r * V past 2^31 elements: the last rows must match the CPU kernel on the same values."""
+    V = 151936
+    N = (1 << 31) // V + 2
+    try:
+        logits = torch.empty((N, V), dtype=torch.bfloat16, device=DEVICE)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a 4.3 GB logits tensor")
+    logits.normal_(0, 3, generator=torch.Generator(DEVICE).manual_seed(34))
+    tokens = torch.randint(0, V, (N,), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(35))
+    x = logits.requires_grad_(True)
+    logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend="cuda")
+    tail = slice(N - 3, N)
+    exp_logp, exp_ent = rlkernels.gather_logprobs(logits.detach()[tail].cpu(), tokens[tail].cpu(),
+                                                  return_entropy=True, backend="cpu")
+    close(logp[tail], exp_logp, TOL[torch.bfloat16], "logp of the last rows")
+    close(ent[tail], exp_ent, TOL[torch.bfloat16], "entropy of the last rows")
+    y = logits.detach()[tail].cpu().requires_grad_(True)
+    rlkernels.gather_logprobs(y, tokens[tail].cpu(), backend="cpu").sum().backward()
+    logp.sum().backward()
+    close(x.grad[tail], y.grad, GRAD_TOL[torch.bfloat16], "d logits of the last rows")
+    del logits, x
+
+
+def test_more_than_2_to_31_tokens():
+    """PPO losses over more than 2^31 tokens with known answers: ratio 1 and A = 1 give l = -1 everywhere."""
+    B, T = 2, (1 << 30) + 7
+    try:
+        zeros = torch.zeros((B, T), dtype=torch.bfloat16, device=DEVICE)
+        adv = torch.ones((B, T), dtype=torch.bfloat16, device=DEVICE)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    lp = zeros.clone().requires_grad_(True)
+    for agg, expected in (("token-mean", -1.0), ("seq-mean-token-sum", -float(T)), ("seq-mean-token-mean", -1.0)):
+        lp.grad = None
+        loss, stats = rlkernels.ppo_policy_loss(lp, zeros, adv, agg=agg, backend="cuda")
+        assert float(loss) == pytest.approx(expected, rel=1e-6)  # a float32 output
+        assert float(stats["ratio_mean"]) == 1.0 and float(stats["clipfrac"]) == 0.0
+        loss.backward()
+        # d l / d logp = -A * ratio = -1, times the row weight
+        w = {"token-mean": 1 / (B * T), "seq-mean-token-sum": 1 / B, "seq-mean-token-mean": 1 / (B * T)}[agg]
+        last = lp.grad[-1, -5:].float().cpu()
+        torch.testing.assert_close(last, torch.full((5,), -w).to(torch.bfloat16).float())
