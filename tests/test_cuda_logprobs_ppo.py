@@ -1,0 +1,645 @@
+"""CUDA kernels of gather_logprobs and the PPO loss family (csrc/cuda/logprobs.cu, csrc/cuda/ppo.cu).
+
+Oracles: the CPU backend (the verified kernels, same semantics rule for rule), the NumPy reference and a
+float64 torch re-implementation. ``backend="cuda"`` on CUDA tensors must give the CPU backend's outputs and
+gradients up to float rounding (different summation orders), for every dtype and option. Then the CUDA-only
+properties: bit-identical repeated runs, opcheck, torch.compile(fullgraph=True), and that the log-prob
+forward allocates nothing of the logits' size.
+
+Every test is skipped without a GPU or without the ops' CUDA kernels (an rlkernels built without nvcc).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rlkernels
+from rlkernels import reference
+from rlkernels.ppo import AGGS, KL_KINDS, POLICY_STATS
+
+LOGPROB_OPS = ("gather_logprobs", "gather_logprobs_backward", "gather_logprobs_backward_inplace")
+PPO_OPS = ("ppo_policy_loss", "ppo_policy_loss_backward", "value_loss", "value_loss_backward", "kl_penalty",
+           "kl_penalty_backward")
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlkernels::{op}", "CUDA")
+
+
+_MISSING = [op for op in LOGPROB_OPS + PPO_OPS if not _has_cuda_kernel(op)]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(bool(_MISSING), reason=f"no CUDA kernel for {', '.join(_MISSING)}"),
+]
+DEVICE = "cuda"
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+VOCABS = (1, 7, 1000, 32000, 151936)
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Kernel against kernel (CPU vs CUDA) on the same input values: accumulation order only.
+# (atol, rtol) for logp / entropy / losses.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (5e-5, 2e-5), torch.bfloat16: (5e-5, 2e-5),
+       torch.float16: (5e-5, 2e-5)}
+# Gradients are stored in the input dtype: one ulp of it apart at most (different exp and summation).
+GRAD_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-6, 2e-5), torch.bfloat16: (2e-3, 2e-2),
+            torch.float16: (2e-4, 2e-3)}
+
+
+def close(actual, expected, tol, name=""):
+    atol, rtol = tol
+    torch.testing.assert_close(actual.detach().cpu().double(), expected.detach().cpu().double(), atol=atol,
+                               rtol=rtol, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# gather_logprobs
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_logits(shape, dtype, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def make_tokens(shape, V, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, shape, generator=g)
+
+
+def rows_for(V):
+    return 3 if V >= 32000 else 37  # 37 rows: several warp-per-row blocks, one partly filled
+
+
+def torch_oracle(logits, tokens, temperature=1.0, ignore_index=None):
+    z = logits.double() / temperature
+    logsm = torch.log_softmax(z, -1)
+    ignored = torch.zeros_like(tokens, dtype=torch.bool) if ignore_index is None else tokens == ignore_index
+    safe = torch.where(ignored, 0, tokens)
+    logp = logsm.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    p = logsm.exp()
+    entropy = -torch.where(p > 0, p * logsm, torch.zeros_like(p)).sum(-1)
+    return torch.where(ignored, 0.0, logp), torch.where(ignored, 0.0, entropy)
+
+
+def run_logprobs(logits, tokens, backend, grads=None, **kw):
+    """(logp, entropy, d logits) of one backend; grads = (g_logp, g_entropy) or None for no backward."""
+    x = logits.detach().clone().requires_grad_(grads is not None)
+    logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend=backend, **kw)
+    grad = None
+    if grads is not None:
+        torch.autograd.backward((logp, ent), grads)
+        grad = x.grad
+    return logp, ent, grad
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", VOCABS)
+def test_logprobs_forward_matches_cpu_and_oracle(V, dtype, temperature, ignore):
+    N = rows_for(V)
+    logits = make_logits((N, V), dtype, seed=V)
+    tokens = make_tokens((N,), V, seed=V + 1)
+    ignore_index = None
+    if ignore:
+        ignore_index = -100
+        tokens[::4] = -100
+    kw = {"temperature": temperature, "ignore_index": ignore_index}
+    for return_entropy in (False, True):
+        out = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=return_entropy,
+                                        backend="cuda", **kw)
+        ref = rlkernels.gather_logprobs(logits, tokens, return_entropy=return_entropy, backend="cpu", **kw)
+        if not return_entropy:
+            out, ref = (out,), (ref,)
+        for a, e, name in zip(out, ref, ("logp", "entropy")):
+            assert a.device.type == "cuda" and a.dtype == acc_dtype(dtype) and a.shape == tokens.shape
+            close(a, e, TOL[dtype], name)
+    logp, ent = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True,
+                                          backend="cuda", **kw)
+    exp_logp, exp_ent = torch_oracle(logits, tokens, **kw)
+    close(logp, exp_logp, TOL[dtype], "logp vs float64 torch")
+    close(ent, exp_ent, TOL[dtype], "entropy vs float64 torch")
+    if ignore:
+        assert torch.all(logp.cpu()[::4] == 0) and torch.all(ent.cpu()[::4] == 0)
+    if V <= 1000:
+        np_logp, np_ent = reference.gather_logprobs(logits, tokens, temperature=temperature, return_entropy=True,
+                                                    ignore_index=ignore_index)
+        close(logp, torch.as_tensor(np_logp), TOL[dtype], "logp vs reference")
+        close(ent, torch.as_tensor(np_ent), TOL[dtype], "entropy vs reference")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logprobs_leading_dims_and_strided_rows(dtype):
+    """[B, T, V] input, and row views whose starts are not 16-byte aligned (the scalar head/tail paths)."""
+    base = make_logits((4, 5, 1003), dtype, seed=3)
+    for logits in (base, base[..., 3:], base[:, 1:, 1:-1], base[::2, :, 5:900]):
+        tokens = make_tokens(logits.shape[:-1], logits.shape[-1], seed=4)
+        a = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend="cuda")
+        e = rlkernels.gather_logprobs(logits, tokens, return_entropy=True, backend="cpu")
+        for x, y in zip(a, e):
+            close(x, y, TOL[dtype])
+
+
+@pytest.mark.parametrize("V", [7, 1000, 32000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logprobs_extreme_logits(V, dtype):
+    inf = float("inf")
+    logits = make_logits((7, V), dtype, seed=5)
+    logits[0] *= 1e4 / 3  # +-1e4: no overflow in exp(z - max)
+    logits[1] = -1e4
+    logits[1, V // 2] = 1e4
+    logits[2, ::3] = -inf  # -inf entries weigh nothing, entropy stays finite
+    logits[3] = -inf
+    logits[3, 5 % V] = 2.0  # all -inf except one entry
+    logits[4] = -inf  # all -inf: NaN, as on CPU
+    logits[5, : V - 1] = -inf  # only the last entry is live, in the ragged tail
+    logits[6] = -50.0  # all negative: the running max must start at -inf, not 0
+    tokens = torch.tensor([0, V // 2, 1, 5 % V, 0, V - 1, 3 % V])
+    a = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend="cuda")
+    e = rlkernels.gather_logprobs(logits, tokens, return_entropy=True, backend="cpu")
+    for x, y, name in zip(a, e, ("logp", "entropy")):
+        close(x, y, TOL[dtype], name)
+    logp = a[0].cpu()
+    assert torch.isnan(logp[4])
+    assert logp[3] == 0 and logp[5] == 0
+    assert abs(float(logp[6]) + torch.log(torch.tensor(float(V), dtype=torch.float64))) < 1e-4
+    assert torch.all(logp[~torch.isnan(logp)] <= 0)
+
+
+def test_logprobs_nan_and_out_of_range_tokens():
+    logits = make_logits((4, 1000), torch.float32, seed=6)
+    logits[1, 10] = float("nan")
+    tokens = torch.tensor([3, 4, 1000, -5])
+    logp, ent = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend="cuda")
+    logp = logp.cpu()
+    assert torch.isfinite(logp[0]) and torch.isnan(logp[1]) and torch.isnan(ent.cpu()[1])
+    assert torch.isnan(logp[2]) and torch.isnan(logp[3])  # DESIGN.md §4.3: NaN on GPU, no crash
+    with pytest.raises(ValueError, match="tokens"):
+        rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), check_tokens=True, backend="cuda")
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", VOCABS)
+def test_logprobs_gradients_match_cpu(V, dtype, ignore):
+    N = rows_for(V)
+    logits = make_logits((N, V), dtype, seed=V + 7)
+    tokens = make_tokens((N,), V, seed=V + 8)
+    ignore_index = -1 if ignore else None
+    if ignore:
+        tokens[1::3] = -1
+    g = torch.Generator().manual_seed(9)
+    g_logp = torch.randn(N, generator=g, dtype=acc_dtype(dtype))
+    g_ent = torch.randn(N, generator=g, dtype=acc_dtype(dtype))
+    for temperature in (1.0, 1.3):
+        kw = {"temperature": temperature, "ignore_index": ignore_index}
+        for grads in ((g_logp, g_ent), (g_logp, torch.zeros_like(g_ent))):
+            _, _, got = run_logprobs(logits.to(DEVICE), tokens.to(DEVICE), "cuda",
+                                     tuple(x.to(DEVICE) for x in grads), **kw)
+            _, _, exp = run_logprobs(logits, tokens, "cpu", grads, **kw)
+            assert got.dtype == dtype and got.device.type == "cuda"
+            close(got, exp, GRAD_TOL[dtype], f"d logits T={temperature}")
+            if ignore:
+                assert torch.all(got.cpu()[1::3] == 0)
+    # logp alone (no entropy output: the backward gets no entropy gradient)
+    x = logits.to(DEVICE).detach().clone().requires_grad_(True)
+    rlkernels.gather_logprobs(x, tokens.to(DEVICE), ignore_index=ignore_index, backend="cuda").sum().backward()
+    y = logits.detach().clone().requires_grad_(True)
+    rlkernels.gather_logprobs(y, tokens, ignore_index=ignore_index, backend="cpu").sum().backward()
+    close(x.grad, y.grad, GRAD_TOL[dtype], "d logits of logp.sum()")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [7, 1000, 32000])
+def test_logprobs_inplace_backward(V, dtype):
+    N = rows_for(V)
+    logits = make_logits((N, V), dtype, seed=11).to(DEVICE)
+    tokens = make_tokens((N,), V, seed=12).to(DEVICE)
+    tokens[0] = -100
+    g = torch.Generator().manual_seed(13)
+    grads = (torch.randn(N, generator=g).to(DEVICE, acc_dtype(dtype)),
+             torch.randn(N, generator=g).to(DEVICE, acc_dtype(dtype)))
+    _, _, expected = run_logprobs(logits, tokens, "cuda", grads, ignore_index=-100, temperature=0.9)
+    leaf = logits.clone().requires_grad_(True)
+    work = leaf * 1  # the in-place backward destroys this non-leaf activation, as in a trainer
+    ptr = work.data_ptr()
+    logp, ent = rlkernels.gather_logprobs(work, tokens, return_entropy=True, ignore_index=-100, temperature=0.9,
+                                          inplace_backward=True, backend="cuda")
+    torch.autograd.backward((logp, ent), grads)
+    assert torch.equal(leaf.grad, expected)  # the same kernel, written over the logits
+    assert torch.equal(work.detach(), expected) and work.data_ptr() == ptr
+    assert torch.all(leaf.grad[0] == 0)
+
+
+def test_logprobs_forward_allocates_nothing_of_logits_size():
+    N, V = 64, 151936
+    logits = make_logits((N, V), torch.float32, seed=14).to(DEVICE)
+    tokens = make_tokens((N,), V, seed=15).to(DEVICE)
+    logits_bytes = logits.numel() * logits.element_size()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.to(dtype)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend="cuda")
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        assert peak < (x.numel() * x.element_size()) // 16, f"{dtype}: forward allocated {peak} bytes"
+        assert peak < logits_bytes // 16
+        del out
+
+
+@pytest.mark.parametrize("V", [1000, 151936])
+def test_logprobs_repeated_runs_are_bit_identical(V):
+    N = 16
+    logits = make_logits((N, V), torch.bfloat16, seed=16).to(DEVICE)
+    tokens = make_tokens((N,), V, seed=17).to(DEVICE)
+    g = (torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE))
+    first = run_logprobs(logits, tokens, "cuda", g, temperature=0.8)
+    for _ in range(3):
+        again = run_logprobs(logits, tokens, "cuda", g, temperature=0.8)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+def test_logprobs_opcheck():
+    for V in (7, 5000):
+        logits = make_logits((6, V), torch.float32, seed=18).to(DEVICE)
+        tokens = make_tokens((6,), V, seed=19).to(DEVICE)
+        tokens[2] = -100
+        x = logits.clone().requires_grad_(True)
+        torch.library.opcheck(torch.ops.rlkernels.gather_logprobs.default, (x, tokens, 0.9, True, -100, False))
+        torch.library.opcheck(torch.ops.rlkernels.gather_logprobs.default,
+                              (x, tokens.clamp(min=0), 1.0, False, None, False))
+        _, ent, lse = torch.ops.rlkernels.gather_logprobs(logits, tokens, 0.9, True, -100, False)
+        gl, gh = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
+        torch.library.opcheck(torch.ops.rlkernels.gather_logprobs_backward.default,
+                              (gl, gh, logits, tokens, lse, ent, 0.9, -100))
+        torch.library.opcheck(torch.ops.rlkernels.gather_logprobs_backward.default,
+                              (gl, None, logits, tokens, lse, ent, 0.9, -100))
+        torch.library.opcheck(torch.ops.rlkernels.gather_logprobs_backward_inplace.default,
+                              (gl, gh, logits.clone(), tokens, lse, ent, 0.9, -100))
+
+
+def test_logprobs_compile_fullgraph():
+    torch._dynamo.reset()
+    logits = make_logits((2, 9, 1000), torch.bfloat16, seed=20).to(DEVICE)
+    tokens = make_tokens((2, 9), 1000, seed=21).to(DEVICE)
+
+    def f(x):
+        logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, temperature=0.7, ignore_index=-100,
+                                              backend="cuda")
+        return logp.sum() + 0.01 * ent.sum()
+
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    eager = f(x1)
+    compiled = torch.compile(f, fullgraph=True)(x2)
+    eager.backward()
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    close(x2.grad, x1.grad, GRAD_TOL[torch.bfloat16], "d logits")
+
+
+# ----------------------------------------------------------------------------------------------------
+# PPO loss family
+# ----------------------------------------------------------------------------------------------------
+
+
+def policy_inputs(shape, seed=0, dtype=torch.float32, scale=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(shape, generator=gen, dtype=torch.float64) * 3
+    old = logp + torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    adv = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return logp.to(dtype), old.to(dtype), adv.to(dtype)
+
+
+def value_inputs(shape, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(shape, generator=gen, dtype=torch.float64)
+    old = v + torch.randn(shape, generator=gen, dtype=torch.float64) * 0.3
+    ret = v + torch.randn(shape, generator=gen, dtype=torch.float64)
+    return v.to(dtype), old.to(dtype), ret.to(dtype)
+
+
+def make_mask(shape, kind, seed=0):
+    if kind is None:
+        return None
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.rand(shape, generator=gen, dtype=torch.float64) > 0.3
+    if len(shape) == 2 and shape[0] > 1:
+        m[1] = False  # a row with no token
+    if kind == "all-masked":
+        m[:] = False
+    return m.to(torch.uint8) if kind == "uint8" else m
+
+
+# (B, T): one token; small; rows over several units (kUnitTokens = 1024) with a ragged last one; a long row.
+SHAPES = ((1, 1), (5, 37), (3, 2500), (1, 5000), (300, 3))
+
+
+def to_dev(*xs):
+    return tuple(None if x is None else x.to(DEVICE) for x in xs)
+
+
+def policy_both(logp, old, adv, mask, **kw):
+    """(loss, stats, grad) of the CUDA and the CPU backend."""
+    out = []
+    for dev, backend in ((DEVICE, "cuda"), ("cpu", "cpu")):
+        lp = logp.to(dev).clone().requires_grad_(True)
+        loss, stats = rlkernels.ppo_policy_loss(lp, *to_dev(old, adv, mask) if dev == DEVICE else (old, adv, mask),
+                                                backend=backend, **kw)
+        (loss * 1.7).backward()
+        out.append((loss, stats, lp.grad))
+    return out
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "uint8", "all-masked"])
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_policy_loss_matches_cpu_and_reference(shape, agg, dual_clip, mask_kind):
+    logp, old, adv = policy_inputs(shape, seed=sum(shape))
+    mask = make_mask(shape, mask_kind, seed=shape[1])
+    kw = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": dual_clip, "agg": agg}
+    (loss, stats, grad), (c_loss, c_stats, c_grad) = policy_both(logp, old, adv, mask, **kw)
+    assert loss.device.type == "cuda" and loss.shape == () and loss.dtype == torch.float32
+    close(loss, c_loss, TOL[torch.float32], "loss")
+    for name in POLICY_STATS:
+        assert stats[name].shape == () and stats[name].device.type == "cuda"
+        close(stats[name], c_stats[name], TOL[torch.float32], name)
+    close(grad, c_grad, GRAD_TOL[torch.float32], "grad")
+    exp_loss, exp_stats = reference.ppo_policy_loss(logp, old, adv, mask, **kw)
+    close(loss, torch.tensor(exp_loss), (1e-5, 1e-5), "loss vs reference")
+    for name in POLICY_STATS:
+        close(stats[name], torch.tensor(exp_stats[name]), (1e-5, 1e-5), f"{name} vs reference")
+    if mask_kind == "all-masked":
+        assert float(loss) == 0 and all(float(s) == 0 for s in stats.values())
+        assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_policy_loss_dtypes_and_norm_length(dtype):
+    logp, old, adv = policy_inputs((6, 1500), seed=2, dtype=dtype)
+    mask = make_mask((6, 1500), "bool", seed=3)
+    for agg in AGGS:
+        kw = {"dual_clip": 2.5, "agg": agg, "norm_length": 4096.0 if agg == "seq-mean-token-sum-norm" else None}
+        (loss, stats, grad), (c_loss, c_stats, c_grad) = policy_both(logp, old, adv, mask, **kw)
+        assert loss.dtype == acc_dtype(dtype) and grad.dtype == dtype
+        close(loss, c_loss, TOL[dtype], agg)
+        for name in POLICY_STATS:
+            close(stats[name], c_stats[name], TOL[dtype], name)
+        close(grad, c_grad, GRAD_TOL[dtype], "grad")
+
+
+def test_policy_loss_edges():
+    # Huge log-ratios (clamped), zero advantages, ratio exactly 1, NaN at masked tokens only. (No ratio that
+    # only nearly hits a clip bound: CPU and GPU exp may differ by an ulp there and take different tie shares.)
+    logp, old, adv = policy_inputs((4, 300), seed=4, dtype=torch.float64)
+    old[0, :50] = logp[0, :50] + 40.0
+    old[0, 50:100] = logp[0, 50:100] - 40.0
+    adv[1, :30] = 0.0
+    old[2, :20] = logp[2, :20]
+    mask = make_mask((4, 300), "bool", seed=5)
+    logp[~mask] = float("nan")
+    for agg in AGGS:
+        (loss, stats, grad), (c_loss, c_stats, c_grad) = policy_both(logp, old, adv, mask, dual_clip=3.0, agg=agg)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        close(loss, c_loss, TOL[torch.float64], agg)
+        for name in POLICY_STATS:
+            close(stats[name], c_stats[name], TOL[torch.float64], name)
+        close(grad, c_grad, GRAD_TOL[torch.float64], "grad")
+    # Empty inputs: 0 loss and stats, empty gradient.
+    for shape in ((0, 5), (3, 0)):
+        lp = torch.zeros(shape, device=DEVICE, requires_grad=True)
+        loss, stats = rlkernels.ppo_policy_loss(lp, lp.detach(), lp.detach(), agg="seq-mean-token-mean",
+                                                backend="cuda")
+        assert float(loss) == 0 and all(float(s) == 0 for s in stats.values())
+        loss.backward()
+        assert lp.grad.shape == shape
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "all-masked"])
+@pytest.mark.parametrize("clip", [None, 0.2])
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_value_loss_matches_cpu_and_reference(dtype, agg, clip, mask_kind):
+    for shape in ((5, 37), (3, 2500)):
+        v, old, ret = value_inputs(shape, seed=shape[1], dtype=dtype)
+        mask = make_mask(shape, mask_kind, seed=7)
+        res = []
+        for dev, backend in ((DEVICE, "cuda"), ("cpu", "cpu")):
+            x = v.to(dev).clone().requires_grad_(True)
+            args = to_dev(old, ret, mask) if dev == DEVICE else (old, ret, mask)
+            loss, stats = rlkernels.value_loss(x, *args, clip=clip, agg=agg, backend=backend)
+            (loss * 0.3).backward()
+            res.append((loss, stats["vf_clipfrac"], x.grad))
+        (loss, frac, grad), (c_loss, c_frac, c_grad) = res
+        assert loss.dtype == acc_dtype(dtype) and loss.device.type == "cuda"
+        close(loss, c_loss, TOL[dtype], "loss")
+        close(frac, c_frac, TOL[dtype], "vf_clipfrac")
+        close(grad, c_grad, GRAD_TOL[dtype], "grad")
+        exp_loss, exp_stats = reference.value_loss(v, old, ret, mask, clip=clip, agg=agg)
+        close(loss, torch.tensor(exp_loss), (1e-5, 1e-5), "loss vs reference")
+        close(frac, torch.tensor(exp_stats["vf_clipfrac"]), (1e-5, 1e-5), "vf_clipfrac vs reference")
+        if mask_kind == "all-masked":
+            assert float(loss) == 0 and float(frac) == 0 and torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KL_KINDS)
+def test_kl_penalty_matches_cpu_and_reference(kind, dtype):
+    logp, ref, _ = policy_inputs((3, 7, 129), seed=8, dtype=dtype, scale=3.0)
+    ref[0, 0, :5] = logp[0, 0, :5]  # k1 = 0: abs's derivative is 0 there
+    ref[0, 1, :5] = logp[0, 1, :5] + 30.0  # k3 clamps
+    res = []
+    for dev, backend in ((DEVICE, "cuda"), ("cpu", "cpu")):
+        x = logp.to(dev).clone().requires_grad_(True)
+        out = rlkernels.kl_penalty(x, ref.to(dev), kind, backend=backend)
+        g = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape).to(dev)
+        out.backward(g)
+        res.append((out, x.grad))
+    (out, grad), (c_out, c_grad) = res
+    assert out.dtype == acc_dtype(dtype) and out.shape == logp.shape
+    close(out, c_out, TOL[dtype], kind)
+    close(grad, c_grad, GRAD_TOL[dtype], f"grad {kind}")
+    close(out, torch.as_tensor(reference.kl_penalty(logp, ref, kind)), TOL[dtype], f"{kind} vs reference")
+    # empty and non-contiguous
+    empty = torch.zeros(0, 4, device=DEVICE, dtype=dtype)
+    assert rlkernels.kl_penalty(empty, empty, kind, backend="cuda").shape == (0, 4)
+    t = logp.to(DEVICE).transpose(0, 2)
+    close(rlkernels.kl_penalty(t, ref.to(DEVICE).transpose(0, 2), kind, backend="cuda"),
+          rlkernels.kl_penalty(logp.transpose(0, 2), ref.transpose(0, 2), kind, backend="cpu"), TOL[dtype])
+
+
+def test_ppo_repeated_runs_are_bit_identical():
+    logp, old, adv = (x.to(DEVICE) for x in policy_inputs((64, 4099), seed=9))
+    mask = make_mask((64, 4099), "bool", seed=10).to(DEVICE)
+    v, vold, ret = (x.to(DEVICE) for x in value_inputs((64, 4099), seed=11))
+
+    def run():
+        outs = []
+        for agg in AGGS:
+            lp = logp.clone().requires_grad_(True)
+            loss, stats = rlkernels.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, agg=agg, backend="cuda")
+            loss.backward()
+            x = v.clone().requires_grad_(True)
+            vl, vs = rlkernels.value_loss(x, vold, ret, mask, clip=0.2, agg=agg, backend="cuda")
+            vl.backward()
+            outs += [loss, *stats.values(), lp.grad, vl, vs["vf_clipfrac"], x.grad]
+        return outs
+
+    first = run()
+    for _ in range(3):
+        for a, b in zip(first, run()):
+            assert torch.equal(a, b)
+
+
+def test_ppo_opcheck():
+    logp, old, adv = (x.to(DEVICE) for x in policy_inputs((3, 1100), seed=12))
+    mask = make_mask((3, 1100), "bool", seed=13).to(DEVICE)
+    lp = logp.clone().requires_grad_(True)
+    g = torch.tensor(1.5, device=DEVICE)
+    ops = torch.ops.rlkernels
+    samples = [
+        (ops.ppo_policy_loss.default, (lp, old, adv, mask, 0.2, 0.28, 3.0, "seq-mean-token-mean", 1100.0)),
+        (ops.ppo_policy_loss.default, (lp, old, adv, None, 0.2, 0.2, None, "token-mean", 1100.0)),
+        (ops.ppo_policy_loss_backward.default, (g, logp, old, adv, mask, 0.2, 0.2, 2.0, "token-mean", 1100.0)),
+        (ops.ppo_policy_loss_backward.default,
+         (g, logp, old, adv, mask, 0.2, 0.2, None, "seq-mean-token-sum-norm", 2000.0)),
+    ]
+    v, vold, ret = (x.to(DEVICE) for x in value_inputs((3, 1100), seed=14))
+    samples += [
+        (ops.value_loss.default, (v.clone().requires_grad_(True), vold, ret, mask, 0.2, "token-mean")),
+        (ops.value_loss_backward.default, (g, v, vold, ret, None, None, "seq-mean-token-sum")),
+        (ops.value_loss_backward.default, (g, v, vold, ret, mask, 0.1, "seq-mean-token-mean")),
+        (ops.kl_penalty.default, (lp, old, "k3")),
+        (ops.kl_penalty_backward.default, (torch.randn(3, 1100, device=DEVICE), logp, old, "abs")),
+    ]
+    for op, args in samples:
+        torch.library.opcheck(op, args)
+
+
+def test_ppo_compile_fullgraph():
+    torch._dynamo.reset()
+    logp, old, adv = (x.to(DEVICE) for x in policy_inputs((4, 1030), seed=15))
+    v, vold, ret = (x.to(DEVICE) for x in value_inputs((4, 1030), seed=16))
+    mask = make_mask((4, 1030), "bool", seed=17).to(DEVICE)
+
+    def step(lp, vals):
+        pl, stats = rlkernels.ppo_policy_loss(lp, old, adv, mask, clip_high=0.28, dual_clip=3.0,
+                                              agg="seq-mean-token-mean", backend="cuda")
+        vl, vstats = rlkernels.value_loss(vals, vold, ret, mask, clip=0.2, backend="cuda")
+        kl = rlkernels.kl_penalty(lp, old, "k3", backend="cuda")
+        total = pl + 0.5 * vl + 0.1 * (kl * mask).sum()
+        return total, stats["clipfrac"], vstats["vf_clipfrac"]
+
+    x1, v1 = logp.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    x2, v2 = logp.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    eager = step(x1, v1)
+    out = torch.compile(step, fullgraph=True)(x2, v2)
+    eager[0].backward()
+    out[0].backward()
+    for a, b in zip(eager, out):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(v1.grad, v2.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_default_backend_routes_to_cuda_kernels():
+    """With the CUDA kernels built, CUDA tensors go to them (not Triton) when no backend is named."""
+    from rlkernels._backend import resolve
+
+    for op in ("gather_logprobs", "ppo_policy_loss", "value_loss", "kl_penalty"):
+        assert resolve(None, torch.device(DEVICE), op) == "cuda"
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA graphs and 64-bit indexing
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_cuda_graph_captures_forward_and_backward():
+    """DESIGN.md §2: no host sync, so forward plus backward of both families capture in one CUDA graph, and
+    replaying it gives the eager results bit for bit."""
+    N, V = 12, 32000
+    logits = make_logits((N, V), torch.bfloat16, seed=30).to(DEVICE)
+    tokens = make_tokens((N,), V, seed=31).to(DEVICE)
+    logp_in, old, adv = (x.to(DEVICE) for x in policy_inputs((4, 1500), seed=32))
+    mask = make_mask((4, 1500), "bool", seed=33).to(DEVICE)
+
+    def step(x, lp):
+        logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend="cuda")
+        loss, stats = rlkernels.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean",
+                                                backend="cuda")
+        total = logp.sum() + 0.01 * ent.sum() + loss
+        gx, glp = torch.autograd.grad(total, (x, lp))
+        return logp, ent, loss, stats["clipfrac"], gx, glp
+
+    x = logits.clone().requires_grad_(True)
+    lp = logp_in.clone().requires_grad_(True)
+    eager = step(x, lp)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step(x, lp)  # warm-up on a side stream, as torch.cuda.graphs recommends
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(x, lp)
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, eager):
+        assert torch.equal(a, b)
+
+
+def test_more_than_2_to_31_logits():
+    """Row offsets r * V past 2^31 elements: the last rows must match the CPU kernel on the same values."""
+    V = 151936
+    N = (1 << 31) // V + 2
+    try:
+        logits = torch.empty((N, V), dtype=torch.bfloat16, device=DEVICE)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a 4.3 GB logits tensor")
+    logits.normal_(0, 3, generator=torch.Generator(DEVICE).manual_seed(34))
+    tokens = torch.randint(0, V, (N,), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(35))
+    x = logits.requires_grad_(True)
+    logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend="cuda")
+    tail = slice(N - 3, N)
+    exp_logp, exp_ent = rlkernels.gather_logprobs(logits.detach()[tail].cpu(), tokens[tail].cpu(),
+                                                  return_entropy=True, backend="cpu")
+    close(logp[tail], exp_logp, TOL[torch.bfloat16], "logp of the last rows")
+    close(ent[tail], exp_ent, TOL[torch.bfloat16], "entropy of the last rows")
+    y = logits.detach()[tail].cpu().requires_grad_(True)
+    rlkernels.gather_logprobs(y, tokens[tail].cpu(), backend="cpu").sum().backward()
+    logp.sum().backward()
+    close(x.grad[tail], y.grad, GRAD_TOL[torch.bfloat16], "d logits of the last rows")
+    del logits, x
+
+
+def test_more_than_2_to_31_tokens():
+    """PPO losses over more than 2^31 tokens with known answers: ratio 1 and A = 1 give l = -1 everywhere."""
+    B, T = 2, (1 << 30) + 7
+    try:
+        zeros = torch.zeros((B, T), dtype=torch.bfloat16, device=DEVICE)
+        adv = torch.ones((B, T), dtype=torch.bfloat16, device=DEVICE)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory")
+    lp = zeros.clone().requires_grad_(True)
+    for agg, expected in (("token-mean", -1.0), ("seq-mean-token-sum", -float(T)), ("seq-mean-token-mean", -1.0)):
+        lp.grad = None
+        loss, stats = rlkernels.ppo_policy_loss(lp, zeros, adv, agg=agg, backend="cuda")
+        assert float(loss) == pytest.approx(expected, rel=1e-6)  # a float32 output
+        assert float(stats["ratio_mean"]) == 1.0 and float(stats["clipfrac"]) == 0.0
+        loss.backward()
+        # d l / d logp = -A * ratio = -1, times the row weight
+        w = {"token-mean": 1 / (B * T), "seq-mean-token-sum": 1 / B, "seq-mean-token-mean": 1 / (B * T)}[agg]
+        last = lp.grad[-1, -5:].float().cpu()
+        torch.testing.assert_close(last, torch.full((5,), -w).to(torch.bfloat16).float())
