@@ -14,6 +14,7 @@ BACKEND="cpu" compares the CPU backend with itself and the reference).
 from __future__ import annotations
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -37,7 +38,8 @@ pytestmark = [
 ]
 
 DEVICE = "cuda"
-BACKEND = "cuda"
+# The GPU backend under test: scripts/gpu.sh runs this file once per backend (cuda, then triton).
+BACKEND = os.environ.get("RLKERNELS_GPU_TEST_BACKEND", "cuda")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 

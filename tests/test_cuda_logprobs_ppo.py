@@ -1,7 +1,7 @@
 """CUDA kernels of gather_logprobs and the PPO loss family (csrc/cuda/logprobs.cu, csrc/cuda/ppo.cu).
 
 Oracles: the CPU backend (the verified kernels, same semantics rule for rule), the NumPy reference and a
-float64 torch re-implementation. ``backend="cuda"`` on CUDA tensors must give the CPU backend's outputs and
+float64 torch re-implementation. ``backend=BACKEND`` on CUDA tensors must give the CPU backend's outputs and
 gradients up to float rounding (different summation orders), for every dtype and option. Then the CUDA-only
 properties: bit-identical repeated runs, opcheck, torch.compile(fullgraph=True), and that the log-prob
 forward allocates nothing of the logits' size.
@@ -10,6 +10,8 @@ Every test is skipped without a GPU or without the ops' CUDA kernels (an rlkerne
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -34,6 +36,8 @@ pytestmark = [
     pytest.mark.skipif(bool(_MISSING), reason=f"no CUDA kernel for {', '.join(_MISSING)}"),
 ]
 DEVICE = "cuda"
+# The GPU backend under test: scripts/gpu.sh runs this file once per backend (cuda, then triton).
+BACKEND = os.environ.get("RLKERNELS_GPU_TEST_BACKEND", "cuda")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 VOCABS = (1, 7, 1000, 32000, 151936)
 
@@ -113,7 +117,7 @@ def test_logprobs_forward_matches_cpu_and_oracle(V, dtype, temperature, ignore):
     kw = {"temperature": temperature, "ignore_index": ignore_index}
     for return_entropy in (False, True):
         out = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=return_entropy,
-                                        backend="cuda", **kw)
+                                        backend=BACKEND, **kw)
         ref = rlkernels.gather_logprobs(logits, tokens, return_entropy=return_entropy, backend="cpu", **kw)
         if not return_entropy:
             out, ref = (out,), (ref,)
@@ -121,7 +125,7 @@ def test_logprobs_forward_matches_cpu_and_oracle(V, dtype, temperature, ignore):
             assert a.device.type == "cuda" and a.dtype == acc_dtype(dtype) and a.shape == tokens.shape
             close(a, e, TOL[dtype], name)
     logp, ent = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True,
-                                          backend="cuda", **kw)
+                                          backend=BACKEND, **kw)
     exp_logp, exp_ent = torch_oracle(logits, tokens, **kw)
     close(logp, exp_logp, TOL[dtype], "logp vs float64 torch")
     close(ent, exp_ent, TOL[dtype], "entropy vs float64 torch")
@@ -140,7 +144,7 @@ def test_logprobs_leading_dims_and_strided_rows(dtype):
     base = make_logits((4, 5, 1003), dtype, seed=3)
     for logits in (base, base[..., 3:], base[:, 1:, 1:-1], base[::2, :, 5:900]):
         tokens = make_tokens(logits.shape[:-1], logits.shape[-1], seed=4)
-        a = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend="cuda")
+        a = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend=BACKEND)
         e = rlkernels.gather_logprobs(logits, tokens, return_entropy=True, backend="cpu")
         for x, y in zip(a, e):
             close(x, y, TOL[dtype])
@@ -161,7 +165,7 @@ def test_logprobs_extreme_logits(V, dtype):
     logits[5, : V - 1] = -inf  # only the last entry is live, in the ragged tail
     logits[6] = -50.0  # all negative: the running max must start at -inf, not 0
     tokens = torch.tensor([0, V // 2, 1, 5 % V, 0, V - 1, 3 % V])
-    a = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend="cuda")
+    a = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend=BACKEND)
     e = rlkernels.gather_logprobs(logits, tokens, return_entropy=True, backend="cpu")
     for x, y, name in zip(a, e, ("logp", "entropy")):
         close(x, y, TOL[dtype], name)
@@ -176,12 +180,12 @@ def test_logprobs_nan_and_out_of_range_tokens():
     logits = make_logits((4, 1000), torch.float32, seed=6)
     logits[1, 10] = float("nan")
     tokens = torch.tensor([3, 4, 1000, -5])
-    logp, ent = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend="cuda")
+    logp, ent = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend=BACKEND)
     logp = logp.cpu()
     assert torch.isfinite(logp[0]) and torch.isnan(logp[1]) and torch.isnan(ent.cpu()[1])
     assert torch.isnan(logp[2]) and torch.isnan(logp[3])  # DESIGN.md §4.3: NaN on GPU, no crash
     with pytest.raises(ValueError, match="tokens"):
-        rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), check_tokens=True, backend="cuda")
+        rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), check_tokens=True, backend=BACKEND)
 
 
 @pytest.mark.parametrize("ignore", [False, True])
@@ -209,7 +213,7 @@ def test_logprobs_gradients_match_cpu(V, dtype, ignore):
                 assert torch.all(got.cpu()[1::3] == 0)
     # logp alone (no entropy output: the backward gets no entropy gradient)
     x = logits.to(DEVICE).detach().clone().requires_grad_(True)
-    rlkernels.gather_logprobs(x, tokens.to(DEVICE), ignore_index=ignore_index, backend="cuda").sum().backward()
+    rlkernels.gather_logprobs(x, tokens.to(DEVICE), ignore_index=ignore_index, backend=BACKEND).sum().backward()
     y = logits.detach().clone().requires_grad_(True)
     rlkernels.gather_logprobs(y, tokens, ignore_index=ignore_index, backend="cpu").sum().backward()
     close(x.grad, y.grad, GRAD_TOL[dtype], "d logits of logp.sum()")
@@ -230,7 +234,7 @@ def test_logprobs_inplace_backward(V, dtype):
     work = leaf * 1  # the in-place backward destroys this non-leaf activation, as in a trainer
     ptr = work.data_ptr()
     logp, ent = rlkernels.gather_logprobs(work, tokens, return_entropy=True, ignore_index=-100, temperature=0.9,
-                                          inplace_backward=True, backend="cuda")
+                                          inplace_backward=True, backend=BACKEND)
     torch.autograd.backward((logp, ent), grads)
     assert torch.equal(leaf.grad, expected)  # the same kernel, written over the logits
     assert torch.equal(work.detach(), expected) and work.data_ptr() == ptr
@@ -247,7 +251,7 @@ def test_logprobs_forward_allocates_nothing_of_logits_size():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        out = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend="cuda")
+        out = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend=BACKEND)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
         assert peak < (x.numel() * x.element_size()) // 16, f"{dtype}: forward allocated {peak} bytes"
@@ -294,7 +298,7 @@ def test_logprobs_compile_fullgraph():
 
     def f(x):
         logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, temperature=0.7, ignore_index=-100,
-                                              backend="cuda")
+                                              backend=BACKEND)
         return logp.sum() + 0.01 * ent.sum()
 
     x1 = logits.clone().requires_grad_(True)
@@ -419,7 +423,7 @@ def test_policy_loss_edges():
     for shape in ((0, 5), (3, 0)):
         lp = torch.zeros(shape, device=DEVICE, requires_grad=True)
         loss, stats = rlkernels.ppo_policy_loss(lp, lp.detach(), lp.detach(), agg="seq-mean-token-mean",
-                                                backend="cuda")
+                                                backend=BACKEND)
         assert float(loss) == 0 and all(float(s) == 0 for s in stats.values())
         loss.backward()
         assert lp.grad.shape == shape
@@ -472,9 +476,9 @@ def test_kl_penalty_matches_cpu_and_reference(kind, dtype):
     close(out, torch.as_tensor(reference.kl_penalty(logp, ref, kind)), TOL[dtype], f"{kind} vs reference")
     # empty and non-contiguous
     empty = torch.zeros(0, 4, device=DEVICE, dtype=dtype)
-    assert rlkernels.kl_penalty(empty, empty, kind, backend="cuda").shape == (0, 4)
+    assert rlkernels.kl_penalty(empty, empty, kind, backend=BACKEND).shape == (0, 4)
     t = logp.to(DEVICE).transpose(0, 2)
-    close(rlkernels.kl_penalty(t, ref.to(DEVICE).transpose(0, 2), kind, backend="cuda"),
+    close(rlkernels.kl_penalty(t, ref.to(DEVICE).transpose(0, 2), kind, backend=BACKEND),
           rlkernels.kl_penalty(logp.transpose(0, 2), ref.transpose(0, 2), kind, backend="cpu"), TOL[dtype])
 
 
@@ -487,10 +491,10 @@ def test_ppo_repeated_runs_are_bit_identical():
         outs = []
         for agg in AGGS:
             lp = logp.clone().requires_grad_(True)
-            loss, stats = rlkernels.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, agg=agg, backend="cuda")
+            loss, stats = rlkernels.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, agg=agg, backend=BACKEND)
             loss.backward()
             x = v.clone().requires_grad_(True)
-            vl, vs = rlkernels.value_loss(x, vold, ret, mask, clip=0.2, agg=agg, backend="cuda")
+            vl, vs = rlkernels.value_loss(x, vold, ret, mask, clip=0.2, agg=agg, backend=BACKEND)
             vl.backward()
             outs += [loss, *stats.values(), lp.grad, vl, vs["vf_clipfrac"], x.grad]
         return outs
@@ -534,9 +538,9 @@ def test_ppo_compile_fullgraph():
 
     def step(lp, vals):
         pl, stats = rlkernels.ppo_policy_loss(lp, old, adv, mask, clip_high=0.28, dual_clip=3.0,
-                                              agg="seq-mean-token-mean", backend="cuda")
-        vl, vstats = rlkernels.value_loss(vals, vold, ret, mask, clip=0.2, backend="cuda")
-        kl = rlkernels.kl_penalty(lp, old, "k3", backend="cuda")
+                                              agg="seq-mean-token-mean", backend=BACKEND)
+        vl, vstats = rlkernels.value_loss(vals, vold, ret, mask, clip=0.2, backend=BACKEND)
+        kl = rlkernels.kl_penalty(lp, old, "k3", backend=BACKEND)
         total = pl + 0.5 * vl + 0.1 * (kl * mask).sum()
         return total, stats["clipfrac"], vstats["vf_clipfrac"]
 
@@ -575,9 +579,9 @@ def test_cuda_graph_captures_forward_and_backward():
     mask = make_mask((4, 1500), "bool", seed=33).to(DEVICE)
 
     def step(x, lp):
-        logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend="cuda")
+        logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend=BACKEND)
         loss, stats = rlkernels.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0, agg="seq-mean-token-mean",
-                                                backend="cuda")
+                                                backend=BACKEND)
         total = logp.sum() + 0.01 * ent.sum() + loss
         gx, glp = torch.autograd.grad(total, (x, lp))
         return logp, ent, loss, stats["clipfrac"], gx, glp
@@ -611,7 +615,7 @@ def test_more_than_2_to_31_logits():
     logits.normal_(0, 3, generator=torch.Generator(DEVICE).manual_seed(34))
     tokens = torch.randint(0, V, (N,), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(35))
     x = logits.requires_grad_(True)
-    logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend="cuda")
+    logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend=BACKEND)
     tail = slice(N - 3, N)
     exp_logp, exp_ent = rlkernels.gather_logprobs(logits.detach()[tail].cpu(), tokens[tail].cpu(),
                                                   return_entropy=True, backend="cpu")
@@ -635,7 +639,7 @@ def test_more_than_2_to_31_tokens():
     lp = zeros.clone().requires_grad_(True)
     for agg, expected in (("token-mean", -1.0), ("seq-mean-token-sum", -float(T)), ("seq-mean-token-mean", -1.0)):
         lp.grad = None
-        loss, stats = rlkernels.ppo_policy_loss(lp, zeros, adv, agg=agg, backend="cuda")
+        loss, stats = rlkernels.ppo_policy_loss(lp, zeros, adv, agg=agg, backend=BACKEND)
         assert float(loss) == pytest.approx(expected, rel=1e-6)  # a float32 output
         assert float(stats["ratio_mean"]) == 1.0 and float(stats["clipfrac"]) == 0.0
         loss.backward()

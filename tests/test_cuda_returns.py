@@ -12,6 +12,7 @@ csrc/cuda/scan_engine.cuh; its constants are quoted where a case depends on them
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import pytest
@@ -338,9 +339,21 @@ def canonical_inputs(case, dtype, flags, seed):
     return x
 
 
-def op_calls(x):
-    """Every op of the family on canonical arguments x, with its variants; name -> tuple of outputs."""
-    ops = torch.ops.rlkernels
+class _TritonOps:
+    """torch.ops.rlkernels with the Triton ops under the C++ names (same schemas): op_calls(x, TRITON_OPS)."""
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.rlkernels, f"triton_{name}")
+
+
+TRITON_OPS = _TritonOps()
+
+
+def op_calls(x, ops=None):
+    """Every op of the family on canonical arguments x, with its variants; name -> tuple of outputs. ``ops``:
+    the op namespace (default torch.ops.rlkernels, whose kernels follow the tensors' device; TRITON_OPS for
+    the Triton kernels)."""
+    ops = torch.ops.rlkernels if ops is None else ops
     r, v, lr, nv, boot = x["rewards"], x["values"], x["log_rhos"], x["next_values"], x["bootstrap_value"]
     term, trunc, mask, cu, g0, g1 = x["terminated"], x["truncated"], x["mask"], x["cu_seqlens"], x["grad0"], x["grad1"]
     has_next, gamma, lam = nv is not None, 0.99, 0.95
@@ -376,6 +389,25 @@ def test_ops_match_cpu(case, flags, dtype):
     x = canonical_inputs(case, dtype, FLAGS[flags], seed=_seed("ops", case, flags))
     expected = op_calls(x)
     actual = op_calls(to_cuda(x))
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert len(actual[name]) == len(expected[name]), name
+        for a, e in zip(actual[name], expected[name]):
+            assert_matches(a, e)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="needs a CUDA device and triton")
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("flags", ("plain", "terminated_bootstrap_mask", "everything"))
+@pytest.mark.parametrize("case", CASES)
+def test_triton_ops_match_cpu(case, flags, dtype):
+    """The Triton backend on real hardware (CI runs it through the interpreter on CPU tensors only)."""
+    import rlkernels.triton.returns  # noqa: F401  (registers the triton_* ops)
+
+    x = canonical_inputs(case, dtype, FLAGS[flags], seed=_seed("ops", case, flags))
+    expected = op_calls(x)
+    actual = op_calls(to_cuda(x), TRITON_OPS)
     assert expected.keys() == actual.keys()
     for name in expected:
         assert len(actual[name]) == len(expected[name]), name
