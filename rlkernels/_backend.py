@@ -16,9 +16,34 @@ import torch
 
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 _ENV = "RLKERNELS_BACKEND"
-# The GPU backend used for CUDA tensors when none is asked for. It changes to the backend whose GPU tests
-# have passed on real hardware (benchmarks/results/ records those runs).
-_PREFERRED_GPU_BACKENDS = ("cuda", "triton")
+# The GPU backends for CUDA tensors when none is asked for, before the GPU test record is consulted
+# (rlkernels/_gpu_validated.py, written by scripts/gpu.sh): a backend whose GPU tests passed on real hardware
+# goes first, one whose tests failed goes last. Without a record Triton goes first: CI runs its kernels
+# through the interpreter, while the CUDA C++ kernels are only compiled there.
+_PREFERRED_GPU_BACKENDS = ("triton", "cuda")
+
+# Op -> family of the GPU test record.
+_FAMILIES = {
+    "returns": ("linear_scan", "discounted_returns", "gae", "vtrace"),
+    "logprobs": ("gather_logprobs",),
+    "ppo": ("ppo_policy_loss", "value_loss", "kl_penalty"),
+    "bellman": ("q_targets", "td_loss", "n_step_returns", "bellman_backup", "value_iteration"),
+}
+_FAMILY_OF = {op: family for family, ops in _FAMILIES.items() for op in ops}
+
+
+@functools.cache
+def gpu_backend_order(op: str) -> tuple[str, ...]:
+    """The GPU backends in the order the auto choice tries them for ``op`` (see _PREFERRED_GPU_BACKENDS)."""
+    from ._gpu_validated import VALIDATED
+
+    record = VALIDATED.get(_FAMILY_OF.get(op, ""), {})
+
+    def rank(backend):
+        passed = record.get(backend, {}).get("passed")
+        return 0 if passed is True else (2 if passed is False else 1)
+
+    return tuple(sorted(_PREFERRED_GPU_BACKENDS, key=lambda b: (rank(b), _PREFERRED_GPU_BACKENDS.index(b))))
 
 
 def _has_kernel(op: str, dispatch_key: str) -> bool:
@@ -41,6 +66,11 @@ def _op_has_cuda_kernel(op: str) -> bool:
     from . import _C  # noqa: F401  (registers the ops)
 
     return _has_kernel(op, "CUDA")
+
+
+@torch.compiler.assume_constant_result
+def _gpu_order(op: str) -> tuple[str, ...]:
+    return gpu_backend_order(op)
 
 
 @torch.compiler.assume_constant_result
@@ -95,7 +125,7 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
         backend = os.environ.get(_ENV) or None
     if backend is None:
         if device.type == "cuda":
-            for candidate in _PREFERRED_GPU_BACKENDS:
+            for candidate in _gpu_order(op):
                 if candidate == "cuda" and not _op_has_cuda_kernel(op):
                     continue  # ops without a CUDA C++ kernel yet are served by Triton
                 if _why_unavailable(candidate, device) is None:
