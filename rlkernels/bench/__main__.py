@@ -1,12 +1,17 @@
-"""Prints the returns/GAE comparison table for this machine and writes it to CSV and markdown.
+"""rlkernels-bench: times rlkernels' returns/GAE kernels against what trainers run today, on this machine.
 
-    python -m benchmarks.run [--device cpu|cuda] [--quick] [--csv PATH]
+    rlkernels-bench [--device cpu|cuda] [--quick] [--sizes] [--csv PATH] [--skip-baselines scipy,torchrl]
+    python -m rlkernels.bench ...        (the same; python -m benchmarks.run in a checkout)
 
 For each op and shape: every rlkernels backend built for the device and the baselines users run
-today (benchmarks/baselines.py), each timed cold-cache in this one run; GB/s from the bytes the op
+today (rlkernels/bench/baselines.py), each timed cold-cache in this one run; GB/s from the bytes the op
 must move (the same for every provider of a row), its percent of the measured copy bandwidth,
 and the speedup of the fastest rlkernels backend over each provider (ratio of medians). rlkernels'
 output is checked against the CleanRL (or verl) loop on the same input before it is timed.
+
+Prints a table, and writes a CSV with a markdown table and a plot (PNG) next to it. ``--sizes`` sweeps a
+few sizes per op and layout instead of the fixed shapes and plots GB/s against size, one line per
+provider. Baselines from packages that are not installed (scipy, torchrl) are listed as skipped.
 """
 
 from __future__ import annotations
@@ -18,18 +23,20 @@ import sys
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import Progress
-from rich.table import Table
 
-from benchmarks import common
-from benchmarks.common import Case, check, make_case
-from benchmarks.plot import plot
+from rlkernels.bench import baselines, common
+from rlkernels.bench.common import Case, check, make_case
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-CSV_FIELDS = ["device", "commit", "date", "op", "shape", "dtype", "provider", "median_s", "q20_s", "q80_s"]
-CSV_FIELDS += ["runs", "gbps", "pct_copy_bw", "speedup_vs", "note"]
+try:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import Progress
+    from rich.table import Table
+except ImportError:  # pragma: no cover  (rich comes with the bench extra)
+    Console = None
+
+CSV_FIELDS = ["device", "commit", "date", "op", "shape", "series", "numel", "dtype", "provider", "median_s"]
+CSV_FIELDS += ["q20_s", "q80_s", "runs", "gbps", "pct_copy_bw", "speedup_vs", "note"]
 MAX_COMPILED_STEPS = 10_000  # torch.compile unrolls the Python loop over T: past this it cannot finish
 
 
@@ -63,6 +70,9 @@ def run_case(case: Case, device: str, args, flush, status) -> tuple[list[dict], 
             add(f"rlkernels[{backend}]", measure(functools.partial(case.rlkernels, backend))[0])
 
     for provider in others:
+        if provider.call is None:  # a baseline whose package is missing
+            add(provider.name, note=provider.note)
+            continue
         status(f"{case.op} {case.shape}: {provider.name}")
         timing, out = measure(provider.call)
         if provider.comparable:
@@ -70,7 +80,7 @@ def run_case(case: Case, device: str, args, flush, status) -> tuple[list[dict], 
             if failure:  # a baseline that disagrees is a bug in baselines.py: say so loudly
                 failures.append(f"{case.op} {case.shape}: {failure}")
         add(provider.name, timing, provider.note)
-    if reference.name == "cleanrl loop":  # the time-major loop, which torch.compile may take
+    if reference.name == "cleanrl loop" and not args.sizes:  # the time-major loop torch.compile may take
         status(f"{case.op} {case.shape}: torch.compile(cleanrl loop) (compile <= 120 s)")
         timing, out, note = time_compiled(case, device, args, flush is not None)
         failure = check(out, ref, "torch.compile(cleanrl loop)") if timing else ""
@@ -83,13 +93,15 @@ def run_case(case: Case, device: str, args, flush, status) -> tuple[list[dict], 
 def time_compiled(case: Case, device: str, args, flush: bool):
     """(timing, output, note) of torch.compile of the CleanRL loop, or (None, None, why not)."""
     if not args.compile:
-        return None, None, "not run (--quick)"
+        return None, None, f"not run ({args.no_compile_why})"
     if case.steps > MAX_COMPILED_STEPS:
         return None, None, f"not run: the loop would unroll over T={case.steps:,}"
     return common.measure_compiled(case.kind, case.dims, device, timeout_s=120.0, flush=flush, **args.runs)
 
 
-def finish_rows(rows: list[dict], nbytes: int, copy_gbps: float, meta: dict, dtype: str) -> list[dict]:
+def finish_rows(
+    rows: list[dict], nbytes: int, copy_gbps: float, meta: dict, dtype: str, series: str = "", numel=None
+) -> list[dict]:
     """Adds GB/s, % of copy bandwidth and speedups (the fastest rlkernels backend over each provider)."""
     rlk = [r["timing"].median_s for r in rows if r["provider"].startswith("rlkernels") and r["timing"]]
     best = min(rlk) if rlk else None
@@ -102,6 +114,8 @@ def finish_rows(rows: list[dict], nbytes: int, copy_gbps: float, meta: dict, dty
                 **meta,
                 "op": r["op"],
                 "shape": r["shape"],
+                "series": series,
+                "numel": numel,
                 "dtype": dtype,
                 "provider": r["provider"],
                 "median_s": t and t.median_s,
@@ -152,8 +166,14 @@ def write_markdown(path: Path, title: str, results: list[dict]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def default_csv(device_name: str, date: str, sizes: bool, results_dir: Path | None) -> Path:
+    directory = results_dir or Path.cwd() / "rlkernels-bench-results"
+    return directory / f"{common.slug(device_name)}-{date}{'-sizes' if sizes else ''}.csv"
+
+
+def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None) -> int:
+    """The command line; ``results_dir`` is where the CSV goes by default (./rlkernels-bench-results)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
@@ -161,20 +181,51 @@ def main(argv=None) -> int:
         "--quick", action="store_true", help="small shapes, few runs, no torch.compile (CI smoke test)"
     )
     parser.add_argument(
+        "--sizes",
+        action="store_true",
+        help="sweep a few sizes per op and layout (no torch.compile) and plot GB/s against size",
+    )
+    parser.add_argument(
         "--csv",
         type=Path,
-        help="CSV path (default benchmarks/results/<device>-<date>.csv; "
-        "--quick writes none unless given); the markdown table goes next to it",
+        help=f"CSV path (default {results_dir or './rlkernels-bench-results'}/<device>-<date>[-sizes].csv; "
+        "--quick writes none unless given); the markdown table and the PNG plot go next to it",
+    )
+    parser.add_argument(
+        "--ops",
+        default="",
+        metavar="OP,...",
+        help="only these ops: gae, gae-masked (token-level GAE on [B, T]), discounted_returns",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="write no PNG")
+    parser.add_argument("--no-compile", action="store_true", help="do not time torch.compile of the loops")
+    parser.add_argument(
+        "--skip-baselines",
+        default="",
+        metavar="PKG,...",
+        help="leave out the baselines of these packages (scipy, torchrl) as if not installed",
     )
     parser.add_argument(
         "--warm-cache", action="store_true", help="do not flush the caches between timed calls"
     )
     args = parser.parse_args(argv)
+    if Console is None:
+        parser.error("the benchmark needs rich: pip install 'rlkernels[bench]' (or pip install rich matplotlib)")
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    baselines.DISABLED.update(p.strip() for p in args.skip_baselines.split(",") if p.strip())
     args.runs = {"budget_s": 0.1, "min_runs": 3, "max_runs": 10} if args.quick else {"budget_s": 1.0}
-    args.compile = not args.quick
+    args.compile = not (args.quick or args.sizes or args.no_compile)
+    args.no_compile_why = "--quick" if args.quick else "--sizes" if args.sizes else "--no-compile"
+    table_of = common.SIZES if args.sizes else common.SHAPES
+    shapes = table_of["quick" if args.quick else "full"]
+    if args.ops:
+        ops = {op.strip() for op in args.ops.split(",") if op.strip()}
+        unknown = ops - {kind for kind, _ in shapes}
+        if unknown:
+            parser.error(f"--ops: unknown {sorted(unknown)}; choose from gae, gae-masked, discounted_returns")
+        shapes = [(kind, shape) for kind, shape in shapes if kind in ops]
     console = Console()
     if not console.is_terminal:  # logs and CI: do not wrap the table at 80 columns
         console = Console(width=160)
@@ -192,13 +243,12 @@ def main(argv=None) -> int:
     name = common.device_name(device)
     meta = {"device": name, "commit": common.git_commit(), "date": common.today()}
     flush = None if args.warm_cache else common.CacheFlusher(device)
-    copy_gbps, copy_timing = common.copy_bandwidth(device)
+    copy_gbps, copy_timing = common.copy_bandwidth(device, runs=5 if args.quick else 20)
     copy_row = {"op": "copy", "shape": "[67108864]", "provider": "tensor.copy_", "timing": copy_timing}
     results = finish_rows(
         [{**copy_row, "note": "256 MiB, read + write"}], 2 * 2**28, copy_gbps, meta, "float32"
     )
     failures = []
-    shapes = common.SHAPES["quick" if args.quick else "full"]
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("", total=len(shapes))
 
@@ -216,12 +266,13 @@ def main(argv=None) -> int:
             case = make_case(kind, shape, device, rlk if args.backends else None, numpy=device == "cpu")
             rows, bad = run_case(case, device, args, flush, status)
             failures += bad
-            results += finish_rows(
-                rows, common.bytes_moved(case.reads, case.writes), copy_gbps, meta, "float32"
-            )
+            series = common.series_label(kind, shape, args.sizes)
+            nbytes = common.bytes_moved(case.reads, case.writes)
+            results += finish_rows(rows, nbytes, copy_gbps, meta, "float32", series, shape[0] * shape[1])
             progress.advance(task)
 
-    title = f"rlkernels returns/GAE on {name} ({device}), commit {meta['commit']}, {meta['date']}"
+    what = "size sweep" if args.sizes else "returns/GAE"
+    title = f"rlkernels {what} on {name} ({device}), commit {meta['commit']}, {meta['date']}"
     table = Table(*HEADERS, title=title)
     for cells in display_rows(results):
         table.add_row(*map(escape, cells))  # "rlkernels[cpu]" is not rich markup
@@ -232,7 +283,7 @@ def main(argv=None) -> int:
         + ("warm cache." if args.warm_cache else "cold cache (256 MiB rewritten before each call).")
     )
 
-    csv_path = args.csv or (None if args.quick else RESULTS_DIR / f"{common.slug(name)}-{meta['date']}.csv")
+    csv_path = args.csv or (None if args.quick else default_csv(name, meta["date"], args.sizes, results_dir))
     if csv_path:
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         with csv_path.open("w", newline="") as f:
@@ -240,11 +291,19 @@ def main(argv=None) -> int:
             writer.writeheader()
             writer.writerows({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS} for r in results)
         write_markdown(csv_path.with_suffix(".md"), title, results)
-        console.print(f"wrote {csv_path}, {csv_path.with_suffix('.md')} and {plot(csv_path)}")
+        written = [csv_path, csv_path.with_suffix(".md")]
+        if not args.no_plot:
+            try:
+                from rlkernels.bench.plot import plot
+            except ImportError:
+                console.print("no plot: matplotlib is not installed (pip install matplotlib)")
+            else:
+                written.append(plot(csv_path))
+        console.print("wrote " + ", ".join(map(str, written)), markup=False, highlight=False)
     for failure in failures:
-        console.print(f"[bold red]check failed: {failure}[/]")
+        console.print(f"[bold red]check failed: {escape(failure)}[/]")
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m rlkernels.bench"))

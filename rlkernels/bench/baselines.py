@@ -11,6 +11,10 @@ Conventions, mapped to rlkernels (DESIGN.md §4.2, ``terminated[t]``: s_{t+1} is
 - TorchRL wants ``[*B, T, 1]`` tensors (time on dim -2) with ``next_state_value`` spelled out.
 - verl works on ``[B, T]`` with a 0/1 ``response_mask`` and no bootstrap (the value after the end is 0).
 - spinningup's lfilter discount_cumsum has no episode boundaries (one path at a time).
+
+The SB3, CleanRL and verl algorithms are copied here (NumPy and torch only). The baselines that call a
+third-party package (scipy's lfilter, TorchRL's vectorized estimators) are optional: when the package is
+missing the provider is still listed, with ``call=None`` and a note saying what to install.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import importlib.util
+
 import numpy as np
-import scipy.signal
 import torch
 
 # --------------------------------------------------------------------------------------------
@@ -48,6 +53,8 @@ def sb3_compute_returns_and_advantage(rewards, values, episode_starts, last_valu
 
 def discount_cumsum(x, discount):
     """rllab / spinningup ``core.discount_cumsum``: y_t = sum_k discount^k x_{t+k}, along axis 0."""
+    import scipy.signal  # optional: the provider is skipped without scipy
+
     return scipy.signal.lfilter([1], [1, float(-discount)], x[::-1], axis=0)[::-1]
 
 
@@ -127,13 +134,29 @@ class Provider:
     benchmark layout for checking (untimed). ``note`` says where its semantics differ."""
 
     name: str
-    call: Callable[[], object]
+    call: Callable[[], object] | None  # None: skipped, ``note`` says why
     to_torch: Callable[[object], object] = lambda out: out
     note: str = ""
     comparable: bool = True  # same semantics as rlkernels on this input
 
 
 TORCHRL_NOTE = "inputs made [B, T, 1] before timing"
+
+
+DISABLED: set[str] = set()  # packages whose baselines are left out as if missing (--skip-baselines)
+
+
+def missing(package: str) -> str | None:
+    """None when ``package`` imports, else the note of a skipped provider."""
+    if package in DISABLED:
+        return f"skipped: {package} baselines left out (--skip-baselines)"
+    if importlib.util.find_spec(package) is None:
+        return f"skipped: {package} is not installed (pip install {package})"
+    return None
+
+
+def _skipped(name: str, package: str) -> Provider:
+    return Provider(name, None, note=missing(package), comparable=False)
 
 
 def _torchrl_layout(x: torch.Tensor) -> torch.Tensor:
@@ -180,8 +203,12 @@ def gae_providers(rewards, values, terminated, bootstrap_value, gamma, lam, *, n
                 lambda out: _numpy_pair(out, device),
                 note="ignores terminated (spinningup: one episode per path)",
                 comparable=False,
-            ),
+            )
+            if not missing("scipy")
+            else _skipped("scipy lfilter", "scipy"),
         ]
+    if missing("torchrl"):
+        return [*providers, _skipped("torchrl vec_gae", "torchrl")]
     F = _torchrl_functional()
     next_values = torch.cat([values[1:], bootstrap_value[None]])
     tv, tnv, tr, tterm = map(_torchrl_layout, (values, next_values, rewards, terminated))
@@ -203,7 +230,9 @@ def returns_providers(rewards, terminated, bootstrap_value, gamma, *, numpy=True
     providers = [
         Provider("cleanrl loop", lambda: cleanrl_returns(rewards, dones, bootstrap_value, next_done, gamma))
     ]
-    if numpy:
+    if numpy and missing("scipy"):
+        providers.append(_skipped("scipy lfilter", "scipy"))
+    elif numpy:
         r = rewards.cpu().numpy()
         providers.append(
             Provider(
@@ -214,6 +243,8 @@ def returns_providers(rewards, terminated, bootstrap_value, gamma, *, numpy=True
                 comparable=False,
             )
         )
+    if missing("torchrl"):
+        return [*providers, _skipped("torchrl vec_td1", "torchrl")]
     F = _torchrl_functional()
     next_values = torch.cat([torch.zeros_like(rewards[1:]), bootstrap_value[None]])  # read at done/end only
     tr, tterm, tnv = map(_torchrl_layout, (rewards, terminated, next_values))

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import baselines
+from . import baselines
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent.parent  # the checkout, when run from one
 GAMMA, LAM = 0.99, 0.95
 LONG_T = 4_000_000  # the one-long-sequence shape
 
@@ -76,6 +76,34 @@ SHAPES = {
         ("discounted_returns", (256, 16)),
     ],
 }
+
+# --sizes: a few sizes per series (one op and layout with one dimension swept) for the GB/s-vs-size plot.
+# The loop baselines cost about T Python steps per call, so T stays modest where B is swept.
+SIZES = {
+    "full": [
+        *[("gae", (512, b)) for b in (4, 32, 256, 2048)],
+        *[("gae-masked", (b, 1024)) for b in (2, 16, 128)],
+        *[("gae", (t, 1)) for t in (4096, 32768, 262144)],
+        *[("discounted_returns", (512, b)) for b in (4, 32, 256, 2048)],
+    ],
+    "quick": [
+        *[("gae", (64, b)) for b in (4, 64, 1024)],
+        *[("gae-masked", (b, 256)) for b in (2, 16)],
+        *[("discounted_returns", (64, b)) for b in (4, 64, 1024)],
+    ],
+}
+
+
+def series_label(kind: str, shape: tuple[int, ...], swept: bool) -> str:
+    """The curve a (kind, shape) belongs to in a --sizes sweep: the op and layout, the swept dimension as *."""
+    if not swept:
+        return ""
+    a, b = shape
+    if kind == "gae-masked":
+        return f"gae masked [B=*, T={b}]"
+    if b == 1:
+        return f"{kind} [T=*, B=1]"
+    return f"{kind} [T={a}, B=*]"
 
 
 def time_major_inputs(T: int, B: int, device: str, seed: int = 0, p_terminated: float = 0.01):
@@ -341,11 +369,14 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> str:
-    """Short hash of HEAD, with "-dirty" when tracked files differ from it; "unknown" outside git."""
+    """Short hash of HEAD, with "-dirty" when tracked files differ from it, when rlkernels runs from a git
+    checkout; else the installed version ("v0.1.0"), or "unknown"."""
+    if not (PACKAGE_PARENT / ".git").exists():
+        return _installed_version()
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
-            cwd=REPO_ROOT,
+            cwd=PACKAGE_PARENT,
             check=False,
             capture_output=True,
             text=True,
@@ -353,7 +384,16 @@ def git_commit() -> str:
         )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    return out.stdout.strip() if out.returncode == 0 else _installed_version()
+
+
+def _installed_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return "v" + version("rlkernels")
+    except Exception:  # noqa: BLE001  (not installed: run from a source tree without git)
+        return "unknown"
 
 
 def today() -> str:
