@@ -1,13 +1,16 @@
-"""rlkernels-bench: times rlkernels' returns/GAE kernels against what trainers run today, on this machine.
+"""rlkernels-bench: times rlkernels' kernels against the code trainers run today, on this machine.
 
     rlkernels-bench [--device cpu|cuda] [--quick] [--sizes] [--csv PATH] [--skip-baselines scipy,torchrl]
     python -m rlkernels.bench ...        (the same; python -m benchmarks.run in a checkout)
 
+Ops: GAE ([T, B] with terminations, one long sequence, and token-level [B, T] with a mask), discounted
+returns, gather_logprobs (forward, logits [N, V]) and the PPO policy loss (forward with its statistics).
 For each op and shape: every rlkernels backend built for the device and the baselines users run
 today (rlkernels/bench/baselines.py), each timed cold-cache in this one run; GB/s from the bytes the op
 must move (the same for every provider of a row), its percent of the measured copy bandwidth,
 and the speedup of the fastest rlkernels backend over each provider (ratio of medians). rlkernels'
-output is checked against the CleanRL (or verl) loop on the same input before it is timed.
+output is checked against the first baseline (the CleanRL or verl loop, torch's log_softmax + gather, verl's
+eager loss) on the same input before it is timed.
 
 Prints a table, and writes a CSV with a markdown table and a plot (PNG) next to it. ``--sizes`` sweeps a
 few sizes per op and layout instead of the fixed shapes and plots GB/s against size, one line per
@@ -37,6 +40,7 @@ except ImportError:  # pragma: no cover  (rich comes with the bench extra)
 
 CSV_FIELDS = ["device", "commit", "date", "op", "shape", "series", "numel", "dtype", "provider", "median_s"]
 CSV_FIELDS += ["q20_s", "q80_s", "runs", "gbps", "pct_copy_bw", "speedup_vs", "note"]
+OPS = ["gae", "gae-masked", "discounted_returns", "gather_logprobs", "ppo_policy_loss"]
 MAX_COMPILED_STEPS = 10_000  # torch.compile unrolls the Python loop over T: past this it cannot finish
 
 
@@ -195,7 +199,7 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
         "--ops",
         default="",
         metavar="OP,...",
-        help="only these ops: gae, gae-masked (token-level GAE on [B, T]), discounted_returns",
+        help=f"only these ops: {', '.join(OPS)} (gae-masked: token-level GAE on [B, T])",
     )
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     parser.add_argument("--no-compile", action="store_true", help="do not time torch.compile of the loops")
@@ -224,7 +228,7 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
         ops = {op.strip() for op in args.ops.split(",") if op.strip()}
         unknown = ops - {kind for kind, _ in shapes}
         if unknown:
-            parser.error(f"--ops: unknown {sorted(unknown)}; choose from gae, gae-masked, discounted_returns")
+            parser.error(f"--ops: unknown {sorted(unknown)}; choose from {', '.join(OPS)}")
         shapes = [(kind, shape) for kind, shape in shapes if kind in ops]
     console = Console()
     if not console.is_terminal:  # logs and CI: do not wrap the table at 80 columns
@@ -271,7 +275,7 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
             results += finish_rows(rows, nbytes, copy_gbps, meta, "float32", series, shape[0] * shape[1])
             progress.advance(task)
 
-    what = "size sweep" if args.sizes else "returns/GAE"
+    what = "size sweep" if args.sizes else "benchmarks"
     title = f"rlkernels {what} on {name} ({device}), commit {meta['commit']}, {meta['date']}"
     table = Table(*HEADERS, title=title)
     for cells in display_rows(results):

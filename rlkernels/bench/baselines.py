@@ -270,3 +270,55 @@ def masked_gae_providers(rewards, values, mask, gamma, lam) -> list[Provider]:
             lambda out: tuple(x * fmask for x in out),
         )
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# LLM RL: log-probs of the sampled tokens and the PPO policy loss.
+# --------------------------------------------------------------------------------------------
+
+
+def torch_logprobs(logits, tokens):
+    """verl/OpenRLHF: log_softmax over the vocabulary, then gather the tokens' entries."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def trl_selective_log_softmax(logits, tokens):
+    """TRL's selective_log_softmax for fp32: gather, then logsumexp one row at a time (no [N, V] log_softmax)."""
+    selected = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return selected - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+
+
+def logprobs_providers(logits, tokens) -> list[Provider]:
+    return [
+        Provider("torch log_softmax+gather", lambda: torch_logprobs(logits, tokens)),
+        Provider("trl selective_log_softmax", lambda: trl_selective_log_softmax(logits, tokens)),
+    ]
+
+
+def _masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def verl_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0):
+    """verl's compute_policy_loss (token-mean, dual clip) in eager torch ops, every statistic as a tensor."""
+    m = mask.to(logp.dtype)
+    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    losses1 = -advantages * ratio
+    losses2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clipped = torch.maximum(losses1, losses2)
+    losses3 = -advantages * dual_clip
+    losses = torch.where(advantages < 0, torch.minimum(losses3, clipped), clipped)
+    stats = {
+        "clipfrac": _masked_mean(torch.gt(losses2, losses1).float(), m),
+        "clipfrac_lower": _masked_mean(torch.gt(clipped, losses3).float() * (advantages < 0).float(), m),
+        "approx_kl": _masked_mean(-log_ratio, m),
+        "ratio_mean": _masked_mean(ratio, m),
+        "ratio_max": torch.where(mask, ratio, torch.zeros_like(ratio)).max(),
+    }
+    return _masked_mean(losses, m), stats
+
+
+def ppo_providers(logp, old_logp, advantages, mask, **clip) -> list[Provider]:
+    """The forward of the PPO policy loss with its statistics; outputs compared on the loss."""
+    return [Provider("verl eager", lambda: verl_policy_loss(logp, old_logp, advantages, mask, **clip), lambda out: out[0])]
