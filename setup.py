@@ -96,9 +96,12 @@ def write_build_info(with_cuda: bool) -> None:
         f"CUDA_ARCH_LIST = {arch!r}\n"
     )
     path = os.path.join(ROOT, "rlkernels", "_build_info.py")
-    if not os.path.exists(path) or open(path).read() != text:  # unchanged: keep the mtime
-        with open(path, "w") as f:
-            f.write(text)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == text:  # unchanged: keep the mtime
+                return
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def extensions():

@@ -26,16 +26,16 @@ def check_wheel(path: str) -> None:
         dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         metadata = wheel.read(f"{dist_info}/METADATA").decode()
         entry_points = wheel.read(f"{dist_info}/entry_points.txt").decode()
-    stray = [n for n in names if not (n.startswith("rlkernels/") or n.startswith(dist_info + "/"))]
+    stray = [n for n in names if not n.startswith(("rlkernels/", dist_info + "/"))]
     assert not stray, f"files outside the package: {stray}"
     bad = [n for n in names if n.startswith("rlkernels/") and not n.endswith((".py", "_C.abi3.so"))]
     assert not bad, f"files other than Python modules and the library: {bad}"
     for module in ("rlkernels/_C.abi3.so", "rlkernels/_build_info.py", "rlkernels/bench/__main__.py"):
         assert module in names, f"{module} is missing"
-    requires = re.findall(r"^Requires-Dist: (.*)$", metadata, re.M)
+    requires = re.findall(r"^Requires-Dist: (.*)$", metadata, re.MULTILINE)
     assert any(re.fullmatch(r"torch==\d+\.\d+\.\*", r) for r in requires), f"torch is not pinned: {requires}"
     assert "numpy" in requires, requires
-    extras = set(re.findall(r"^Provides-Extra: (.*)$", metadata, re.M))
+    extras = set(re.findall(r"^Provides-Extra: (.*)$", metadata, re.MULTILINE))
     assert {"triton", "test", "bench"} <= extras, extras
     assert "rlkernels-bench = rlkernels.bench.__main__:main" in entry_points, entry_points
     size = os.path.getsize(path)

@@ -19,10 +19,9 @@ missing the provider is still listed, with ``call=None`` and a note saying what 
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import importlib.util
 
 import numpy as np
 import torch
