@@ -3,7 +3,7 @@
     pytest benchmarks/bench_returns.py --benchmark-only
     RLKERNELS_BENCH_SIZE=full pytest benchmarks/bench_returns.py --benchmark-only   # the issue's shapes
 
-Same inputs, baselines and cold-cache timing as ``python -m benchmarks.run`` (which also tries
+Same inputs, baselines and cold-cache timing as ``rlkernels-bench`` (``python -m benchmarks.run``) (which also tries
 torch.compile; here it is left out, as compiling the unrolled loops takes minutes). rlkernels is
 checked against the CleanRL/verl loop before it is timed, comparable baselines after.
 """
@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from benchmarks import common
+from rlkernels.bench import common
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SIZE = os.environ.get("RLKERNELS_BENCH_SIZE", "small")

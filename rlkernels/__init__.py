@@ -5,7 +5,10 @@ Every op is a ``torch.library`` custom op with autograd, validated against :mod:
 
 import torch  # noqa: F401  (first: the compiled library links against libtorch)
 
-from . import _C  # noqa: F401  (loads the compiled kernels and registers the ops)
+from ._load import load_library as _load_library
+
+_C = _load_library()  # loads the compiled kernels and registers the ops, or says which torch they need
+
 from ._backend import BACKENDS, available_backends
 from .bellman import bellman_backup, n_step_returns, q_targets, td_loss, value_iteration
 from .logprobs import gather_logprobs

@@ -11,15 +11,19 @@ Conventions, mapped to rlkernels (DESIGN.md §4.2, ``terminated[t]``: s_{t+1} is
 - TorchRL wants ``[*B, T, 1]`` tensors (time on dim -2) with ``next_state_value`` spelled out.
 - verl works on ``[B, T]`` with a 0/1 ``response_mask`` and no bootstrap (the value after the end is 0).
 - spinningup's lfilter discount_cumsum has no episode boundaries (one path at a time).
+
+The SB3, CleanRL and verl algorithms are copied here (NumPy and torch only). The baselines that call a
+third-party package (scipy's lfilter, TorchRL's vectorized estimators) are optional: when the package is
+missing the provider is still listed, with ``call=None`` and a note saying what to install.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.signal
 import torch
 
 # --------------------------------------------------------------------------------------------
@@ -48,6 +52,8 @@ def sb3_compute_returns_and_advantage(rewards, values, episode_starts, last_valu
 
 def discount_cumsum(x, discount):
     """rllab / spinningup ``core.discount_cumsum``: y_t = sum_k discount^k x_{t+k}, along axis 0."""
+    import scipy.signal  # optional: the provider is skipped without scipy
+
     return scipy.signal.lfilter([1], [1, float(-discount)], x[::-1], axis=0)[::-1]
 
 
@@ -127,13 +133,29 @@ class Provider:
     benchmark layout for checking (untimed). ``note`` says where its semantics differ."""
 
     name: str
-    call: Callable[[], object]
+    call: Callable[[], object] | None  # None: skipped, ``note`` says why
     to_torch: Callable[[object], object] = lambda out: out
     note: str = ""
     comparable: bool = True  # same semantics as rlkernels on this input
 
 
 TORCHRL_NOTE = "inputs made [B, T, 1] before timing"
+
+
+DISABLED: set[str] = set()  # packages whose baselines are left out as if missing (--skip-baselines)
+
+
+def missing(package: str) -> str | None:
+    """None when ``package`` imports, else the note of a skipped provider."""
+    if package in DISABLED:
+        return f"skipped: {package} baselines left out (--skip-baselines)"
+    if importlib.util.find_spec(package) is None:
+        return f"skipped: {package} is not installed (pip install {package})"
+    return None
+
+
+def _skipped(name: str, package: str) -> Provider:
+    return Provider(name, None, note=missing(package), comparable=False)
 
 
 def _torchrl_layout(x: torch.Tensor) -> torch.Tensor:
@@ -180,8 +202,12 @@ def gae_providers(rewards, values, terminated, bootstrap_value, gamma, lam, *, n
                 lambda out: _numpy_pair(out, device),
                 note="ignores terminated (spinningup: one episode per path)",
                 comparable=False,
-            ),
+            )
+            if not missing("scipy")
+            else _skipped("scipy lfilter", "scipy"),
         ]
+    if missing("torchrl"):
+        return [*providers, _skipped("torchrl vec_gae", "torchrl")]
     F = _torchrl_functional()
     next_values = torch.cat([values[1:], bootstrap_value[None]])
     tv, tnv, tr, tterm = map(_torchrl_layout, (values, next_values, rewards, terminated))
@@ -203,7 +229,9 @@ def returns_providers(rewards, terminated, bootstrap_value, gamma, *, numpy=True
     providers = [
         Provider("cleanrl loop", lambda: cleanrl_returns(rewards, dones, bootstrap_value, next_done, gamma))
     ]
-    if numpy:
+    if numpy and missing("scipy"):
+        providers.append(_skipped("scipy lfilter", "scipy"))
+    elif numpy:
         r = rewards.cpu().numpy()
         providers.append(
             Provider(
@@ -214,6 +242,8 @@ def returns_providers(rewards, terminated, bootstrap_value, gamma, *, numpy=True
                 comparable=False,
             )
         )
+    if missing("torchrl"):
+        return [*providers, _skipped("torchrl vec_td1", "torchrl")]
     F = _torchrl_functional()
     next_values = torch.cat([torch.zeros_like(rewards[1:]), bootstrap_value[None]])  # read at done/end only
     tr, tterm, tnv = map(_torchrl_layout, (rewards, terminated, next_values))
@@ -239,3 +269,55 @@ def masked_gae_providers(rewards, values, mask, gamma, lam) -> list[Provider]:
             lambda out: tuple(x * fmask for x in out),
         )
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# LLM RL: log-probs of the sampled tokens and the PPO policy loss.
+# --------------------------------------------------------------------------------------------
+
+
+def torch_logprobs(logits, tokens):
+    """verl/OpenRLHF: log_softmax over the vocabulary, then gather the tokens' entries."""
+    return torch.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def trl_selective_log_softmax(logits, tokens):
+    """TRL's selective_log_softmax for fp32: gather, then logsumexp one row at a time (no [N, V] log_softmax)."""
+    selected = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return selected - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
+
+
+def logprobs_providers(logits, tokens) -> list[Provider]:
+    return [
+        Provider("torch log_softmax+gather", lambda: torch_logprobs(logits, tokens)),
+        Provider("trl selective_log_softmax", lambda: trl_selective_log_softmax(logits, tokens)),
+    ]
+
+
+def _masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def verl_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0):
+    """verl's compute_policy_loss (token-mean, dual clip) in eager torch ops, every statistic as a tensor."""
+    m = mask.to(logp.dtype)
+    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    losses1 = -advantages * ratio
+    losses2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clipped = torch.maximum(losses1, losses2)
+    losses3 = -advantages * dual_clip
+    losses = torch.where(advantages < 0, torch.minimum(losses3, clipped), clipped)
+    stats = {
+        "clipfrac": _masked_mean(torch.gt(losses2, losses1).float(), m),
+        "clipfrac_lower": _masked_mean(torch.gt(clipped, losses3).float() * (advantages < 0).float(), m),
+        "approx_kl": _masked_mean(-log_ratio, m),
+        "ratio_mean": _masked_mean(ratio, m),
+        "ratio_max": torch.where(mask, ratio, torch.zeros_like(ratio)).max(),
+    }
+    return _masked_mean(losses, m), stats
+
+
+def ppo_providers(logp, old_logp, advantages, mask, **clip) -> list[Provider]:
+    """The forward of the PPO policy loss with its statistics; outputs compared on the loss."""
+    return [Provider("verl eager", lambda: verl_policy_loss(logp, old_logp, advantages, mask, **clip), lambda out: out[0])]

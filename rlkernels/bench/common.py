@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import baselines
+from . import baselines
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent.parent  # the checkout, when run from one
 GAMMA, LAM = 0.99, 0.95
 LONG_T = 4_000_000  # the one-long-sequence shape
 
@@ -60,6 +60,8 @@ SHAPES = {
         ("gae-masked", (64, 4096)),
         ("gae", (LONG_T, 1)),
         ("discounted_returns", (2048, 64)),
+        ("gather_logprobs", (1024, 32000)),
+        ("ppo_policy_loss", (256, 4096)),
     ],
     "small": [
         ("gae", (2048, 64)),
@@ -74,8 +76,46 @@ SHAPES = {
         ("gae-masked", (8, 512)),
         ("gae", (10_000, 1)),
         ("discounted_returns", (256, 16)),
+        ("gather_logprobs", (64, 1000)),
+        ("ppo_policy_loss", (16, 256)),
     ],
 }
+
+# --sizes: a few sizes per series (one op and layout with one dimension swept) for the GB/s-vs-size plot.
+# The loop baselines cost about T Python steps per call, so T stays modest where B is swept.
+SIZES = {
+    "full": [
+        *[("gae", (512, b)) for b in (4, 32, 256, 2048)],
+        *[("gae-masked", (b, 1024)) for b in (2, 16, 128)],
+        *[("gae", (t, 1)) for t in (4096, 32768, 262144)],
+        *[("discounted_returns", (512, b)) for b in (4, 32, 256, 2048)],
+        *[("gather_logprobs", (n, 32000)) for n in (16, 128, 1024)],
+        *[("ppo_policy_loss", (b, 1024)) for b in (4, 32, 256)],
+    ],
+    "quick": [
+        *[("gae", (64, b)) for b in (4, 64, 1024)],
+        *[("gae-masked", (b, 256)) for b in (2, 16)],
+        *[("discounted_returns", (64, b)) for b in (4, 64, 1024)],
+        *[("gather_logprobs", (n, 1000)) for n in (8, 64)],
+        *[("ppo_policy_loss", (b, 256)) for b in (2, 16)],
+    ],
+}
+
+
+def series_label(kind: str, shape: tuple[int, ...], swept: bool) -> str:
+    """The curve a (kind, shape) belongs to in a --sizes sweep: the op and layout, the swept dimension as *."""
+    if not swept:
+        return ""
+    a, b = shape
+    if kind == "gather_logprobs":
+        return f"gather_logprobs [N=*, V={b}]"
+    if kind == "ppo_policy_loss":
+        return f"ppo_policy_loss [B=*, T={b}] masked"
+    if kind == "gae-masked":
+        return f"gae masked [B=*, T={b}]"
+    if b == 1:
+        return f"{kind} [T=*, B=1]"
+    return f"{kind} [T={a}, B=*]"
 
 
 def time_major_inputs(T: int, B: int, device: str, seed: int = 0, p_terminated: float = 0.01):
@@ -130,6 +170,8 @@ class Case:
 def make_case(kind: str, shape: tuple[int, int], device: str, rlk, *, numpy: bool) -> Case:
     """The inputs of one (kind, shape) of SHAPES with their providers; ``rlk`` is the rlkernels
     module, or None to time the baselines alone; ``numpy`` adds the NumPy/SciPy baselines."""
+    if kind in ("gather_logprobs", "ppo_policy_loss"):
+        return _llm_case(kind, shape, device, rlk)
     if kind == "gae-masked":
         rewards, values, mask = masked_inputs(*shape, device)
         op, args, steps = "gae", (rewards, values), shape[1]
@@ -153,6 +195,35 @@ def make_case(kind: str, shape: tuple[int, int], device: str, rlk, *, numpy: boo
     if rlk is not None:  # looked up at call time: an op not written yet fails as one row
         run = lambda backend: getattr(rlk, op)(*args, gamma=GAMMA, **kwargs, backend=backend)
     return Case(kind, shape, op, shape_label(kind, shape), run, providers, reads, writes, steps)
+
+
+def _llm_case(kind: str, shape: tuple[int, int], device: str, rlk) -> Case:
+    """gather_logprobs on logits [N, V] and the PPO policy loss (forward) on [B, T]."""
+    g = torch.Generator().manual_seed(0)
+    if kind == "gather_logprobs":
+        n, vocab = shape
+        logits = (torch.randn(n, vocab, generator=g) * 3).to(device)
+        tokens = torch.randint(0, vocab, (n,), generator=g).to(device)
+        providers = baselines.logprobs_providers(logits, tokens)
+        run = None if rlk is None else lambda backend: rlk.gather_logprobs(logits, tokens, backend=backend)
+        label, reads, writes = f"[N={n}, V={vocab}]", [logits, tokens], [tokens.float()]
+    else:
+        b, t = shape
+        logp = -torch.rand(b, t, generator=g) * 3
+        old = logp + 0.2 * torch.randn(b, t, generator=g)
+        advantages = torch.randn(b, t, generator=g)
+        lengths = torch.randint(t // 4, t + 1, (b,), generator=g)
+        mask = torch.arange(t)[None, :] < lengths[:, None]  # right-padded responses
+        logp, old, advantages, mask = (x.to(device) for x in (logp, old, advantages, mask))
+        providers = baselines.ppo_providers(logp, old, advantages, mask, **PPO_CLIP)
+        run = None
+        if rlk is not None:
+            run = lambda backend: rlk.ppo_policy_loss(logp, old, advantages, mask, **PPO_CLIP, backend=backend)[0]
+        label, reads, writes = f"[B={b}, T={t}] masked", [logp, old, advantages, mask], []
+    return Case(kind, shape, kind, label, run, providers, reads, writes, shape[-1])
+
+
+PPO_CLIP = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0}
 
 
 def check(out, ref, what: str) -> str:
@@ -341,11 +412,14 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> str:
-    """Short hash of HEAD, with "-dirty" when tracked files differ from it; "unknown" outside git."""
+    """Short hash of HEAD, with "-dirty" when tracked files differ from it, when rlkernels runs from a git
+    checkout; else the installed version ("v0.1.0"), or "unknown"."""
+    if not (PACKAGE_PARENT / ".git").exists():
+        return _installed_version()
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"],
-            cwd=REPO_ROOT,
+            cwd=PACKAGE_PARENT,
             check=False,
             capture_output=True,
             text=True,
@@ -353,7 +427,16 @@ def git_commit() -> str:
         )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    return out.stdout.strip() if out.returncode == 0 else _installed_version()
+
+
+def _installed_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return "v" + version("rlkernels")
+    except Exception:  # noqa: BLE001  (not installed: run from a source tree without git)
+        return "unknown"
 
 
 def today() -> str:
