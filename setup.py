@@ -110,10 +110,15 @@ def extensions():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # -O3 for the auto-vectorized lane loops. No -march: the instruction set is chosen at run time
     # (csrc/cpu/isa_*.cpp), so the wheel also runs on CPUs without AVX-512.
-    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-Wno-psabi", "-DPy_LIMITED_API=0x030A0000"]
+    # -fopenmp: at::parallel_for is a header template that runs serially unless the including code is
+    # compiled with OpenMP (_OPENMP defines ATen's INTRA_OP_PARALLEL). The library then needs libgomp.so.1,
+    # which torch already loaded from torch/lib (rlkernels imports torch first), so the loader reuses that one
+    # runtime by its soname: one thread pool, sized by torch.set_num_threads.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fno-math-errno", "-Wno-psabi", "-DPy_LIMITED_API=0x030A0000", *openmp]
     # Python's own CFLAGS carry -g: host debug info is 14 of the library's 15 MB. Drop it at link time
     # (objects keep it; RLKERNELS_KEEP_DEBUG=1 keeps it in the library). Device code keeps its -lineinfo.
-    link_args = [] if _truthy("RLKERNELS_KEEP_DEBUG") else ["-Wl,--strip-debug"]
+    link_args = ([] if _truthy("RLKERNELS_KEEP_DEBUG") else ["-Wl,--strip-debug"]) + openmp
     define_macros = []
     with_cuda = _want_cuda(cu_sources)
     if with_cuda:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import rlkernels
-from benchmarks import common
+from rlkernels.bench import common
 
 GAMMA = 0.99
 

@@ -334,6 +334,7 @@ def _(P, R, V0, gamma, tol, max_iters):
 def _td_setup(ctx, inputs, output):
     q, actions, targets, weights, loss, delta, reduction = inputs
     ctx.args = (loss, delta, reduction)
+    ctx.set_materialize_grads(False)  # td_errors is rarely differentiated: no zero-filled gradient for it
     ctx.save_for_backward(q, actions, targets, weights)
 
 

@@ -85,6 +85,12 @@ def test_q_targets_soft_limits():
     y = rlkernels.q_targets(r, q, gamma=1.0, kind="soft", temperature=0.5)
     expected = torch.stack([0.5 * torch.logsumexp(q[0] / 0.5, 0), torch.tensor(-math.inf), torch.tensor(3.0)])
     torch.testing.assert_close(y, expected)
+    # Huge logits: (x - max) / T, never x / T - max / T, whose FMA residual would overflow exp (a past bug).
+    for dtype in (torch.float32, torch.float64):
+        big = torch.tensor([[1e30, -1e30, 0.0, 0.0, -math.inf] + [0.0] * 11 + [1e20, 1e30 * 0.999]], dtype=dtype)
+        y_big = rlkernels.q_targets(torch.zeros(1, dtype=dtype), big, gamma=1.0, kind="soft", temperature=0.7)
+        expected = 0.7 * torch.logsumexp(big.double() / 0.7, -1)
+        torch.testing.assert_close(y_big.double(), expected, rtol=1e-5, atol=0)
     # A small temperature approaches the hard max.
     y_cold = rlkernels.q_targets(r[:1], q[:1], gamma=1.0, kind="soft", temperature=1e-3)
     assert abs(y_cold.item() - 2.0) < 1e-2

@@ -6,6 +6,12 @@
 // bit-identical for any number of threads. value_iteration keeps each MDP's P in cache across iterations: an
 // MDP is iterated by one thread (or, with fewer MDPs than threads, its states are split across threads),
 // instead of streaming the whole batch of P from memory once per iteration as a batched einsum loop does.
+// No FP exception flags are read here, so selects may evaluate both sides: under GCC's default
+// -ftrapping-math the Huber and max selects stay branches, which mispredict on random data.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -82,9 +88,131 @@ Reduction reduction_of(std::string_view r) {
 template <typename T>
 using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// Functions compiled for AVX-512, AVX2 and SSE2 and chosen at load time (GCC's target_clones: one binary runs
+// on any x86-64 CPU).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RLK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RLK_CLONES
+#endif
+
 // ------------------------------------------------------------------------------------------------------
 // q_targets
 // ------------------------------------------------------------------------------------------------------
+
+// float32 rows, 8 actions per vector op: max (NaN wins), first argmax (NaN first), probability-weighted sum,
+// and temperature * logsumexp with a polynomial exp. The generic rows below give the same results up to
+// float rounding (the sums run in another order).
+typedef float f8 __attribute__((vector_size(32)));
+typedef int i8 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline f8 load8(const float* p) {
+  f8 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+__attribute__((always_inline)) inline float hmax8(f8 v) {
+  float m = v[0];
+  for (int l = 1; l < 8; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+
+__attribute__((always_inline)) inline float hsum8(f8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+// max of x[0:A] with NumPy's NaN rule; sets has_nan.
+__attribute__((always_inline)) inline float row_max(const float* x, int64_t A, bool& has_nan) {
+  const float ninf = -std::numeric_limits<float>::infinity();
+  f8 m = f8{} + ninf;
+  i8 nan = i8{};
+  int64_t a = 0;
+  for (; a + 8 <= A; a += 8) {
+    const f8 v = load8(x + a);
+    m = v > m ? v : m;
+    nan |= v != v;
+  }
+  float mx = hmax8(m);
+  bool any = false;
+  for (int l = 0; l < 8; ++l) any |= nan[l] != 0;
+  for (; a < A; ++a) {
+    mx = x[a] > mx ? x[a] : mx;
+    any |= x[a] != x[a];
+  }
+  has_nan = any;
+  return mx;
+}
+
+// exp(x) for x <= 0 (x < -87.3 gives ~1e-38, -inf gives that too: negligible next to the row's exp(0) = 1).
+__attribute__((always_inline)) inline f8 exp_nonpositive(f8 x) {
+  x = x < -87.3f ? f8{} - 87.3f : x;
+  const f8 y = x * 1.44269504088896341f;
+  const i8 k = __builtin_convertvector(y - 0.5f, i8);  // round to nearest for y <= 0 (trunc toward 0)
+  const f8 kf = __builtin_convertvector(k, f8);
+  const f8 r = (x - kf * 0.693359375f) - kf * -2.12194440e-4f;
+  f8 p = f8{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i8 bits = (k + 127) << 23;
+  f8 scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+RLK_CLONES void q_rows_f32(const float* r, const float* q, const bool* term, const float* online,
+                           const float* probs, int64_t b0, int64_t b1, int64_t A, int kind, float discount,
+                           float temp, float* out) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* row = q + b * A;
+    float v;
+    bool has_nan = false;
+    if (kind == static_cast<int>(QKind::kMax)) {
+      v = row_max(row, A, has_nan);
+      v = has_nan ? nan : v;
+    } else if (kind == static_cast<int>(QKind::kDouble)) {
+      const float* on = online + b * A;
+      const float m = row_max(on, A, has_nan);
+      int64_t arg = 0;
+      if (has_nan) {
+        while (on[arg] == on[arg]) ++arg;  // the first NaN
+      } else {
+        while (arg + 1 < A && on[arg] != m) ++arg;  // the first maximum
+      }
+      v = row[arg];
+    } else if (kind == static_cast<int>(QKind::kExpected)) {
+      const float* p = probs + b * A;
+      f8 acc = f8{};
+      int64_t a = 0;
+      for (; a + 8 <= A; a += 8) acc += load8(p + a) * load8(row + a);
+      v = hsum8(acc);
+      for (; a < A; ++a) v += p[a] * row[a];
+    } else {
+      const float inv = 1.0f / temp;
+      const float mx = row_max(row, A, has_nan);
+      if (has_nan) {
+        v = nan;
+      } else if (std::isinf(mx)) {
+        v = mx;  // all -inf, or a +inf present
+      } else {
+        // (x - max) / T, not x / T - max / T: that form contracts to an FMA whose exact product minus the
+        // rounded max/T leaves a residual of max's rounding error (1e13 at 1e20), and exp of it overflows.
+        f8 acc = f8{};
+        int64_t a = 0;
+        for (; a + 8 <= A; a += 8) acc += exp_nonpositive((load8(row + a) - mx) * inv);
+        float sum = hsum8(acc);
+        for (; a < A; ++a) sum += std::exp((row[a] - mx) * inv);
+        v = temp * (mx * inv + std::log(sum));
+      }
+    }
+    out[b] = q_target(r[b], term != nullptr && term[b], discount, v);
+  }
+}
 
 template <typename scalar_t>
 void q_targets_rows(const scalar_t* r, const scalar_t* q, const bool* term, const scalar_t* online,
@@ -154,6 +282,17 @@ Tensor q_targets_cpu(const Tensor& rewards, const Tensor& next_q, const OptTenso
   TORCH_CHECK_VALUE(kind != QKind::kSoft || temperature > 0, "rlkernels: kind='soft' needs temperature > 0, got ",
                     temperature);
   Tensor out = at::empty({B}, next_q.options().dtype(acc_type_of(next_q.scalar_type())));
+  if (q.scalar_type() == at::kFloat) {
+    const float *rp = r.data_ptr<float>(), *qp = q.data_ptr<float>();
+    const float* on = online.defined() ? online.data_ptr<float>() : nullptr;
+    const float* pr = probs.defined() ? probs.data_ptr<float>() : nullptr;
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, B, 4096, [&](int64_t b0, int64_t b1) {
+      q_rows_f32(rp, qp, term, on, pr, b0, b1, A, static_cast<int>(kind), static_cast<float>(discount),
+                 static_cast<float>(temperature), op);
+    });
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "q_targets", [&] {
     q_targets_rows<scalar_t>(r.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), term,
                              online.defined() ? online.data_ptr<scalar_t>() : nullptr,
@@ -287,7 +426,6 @@ std::tuple<Tensor, Tensor> td_loss_backward_cpu(const OptTensor& grad_loss, cons
     scalar_t* gy = grad_targets.data_ptr<scalar_t>();
     const acc_t d = static_cast<acc_t>(delta);
     at::parallel_for(0, B, 2048, [&](int64_t begin, int64_t end) {
-      std::memset(static_cast<void*>(gq + begin * A), 0, sizeof(scalar_t) * (end - begin) * A);
       for (int64_t b = begin; b < end; ++b) {
         const acc_t e = static_cast<acc_t>(y[b]) - static_cast<acc_t>(qp[b * A + act[b]]);
         // d/de of the weighted, reduced loss, plus the gradient reaching td_errors directly.
@@ -298,7 +436,11 @@ std::tuple<Tensor, Tensor> td_loss_backward_cpu(const OptTensor& grad_loss, cons
           g = gw * td_sample_grad(e, args.kind, d);
         }
         if (gtp != nullptr) g += static_cast<acc_t>(gtp[b]);
-        gq[b * A + act[b]] = static_cast<scalar_t>(-g);  // e = y - q
+        // The row in one pass of stores (e = y - q): zeros and the one non-zero, no separate memset.
+        const scalar_t value = static_cast<scalar_t>(-g), zero = static_cast<scalar_t>(0);
+        const int64_t taken = act[b];
+        scalar_t* row = gq + b * A;
+        for (int64_t a = 0; a < A; ++a) row[a] = a == taken ? value : zero;
         gy[b] = static_cast<scalar_t>(g);
       }
     });
@@ -474,11 +616,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> n_step_returns_backward_cpu(
 // Dot products of a row of P with V, compiled for AVX-512, AVX2 and SSE2 and chosen at load time (GCC's
 // target_clones: one binary runs on any x86-64 CPU). Sixteen independent partial sums let the compiler
 // keep two to four vector accumulators in flight.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RLK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RLK_CLONES
-#endif
 
 RLK_CLONES float dot_f32(const float* __restrict p, const float* __restrict v, int64_t n) {
   float acc[16] = {};
