@@ -223,7 +223,8 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
     args.compile = not (args.quick or args.sizes or args.no_compile)
     args.no_compile_why = "--quick" if args.quick else "--sizes" if args.sizes else "--no-compile"
     table_of = common.SIZES if args.sizes else common.SHAPES
-    shapes = table_of["quick" if args.quick else "full"]
+    full = "cuda" if device == "cuda" and not args.sizes else "full"
+    shapes = table_of["quick" if args.quick else full]
     if args.ops:
         ops = {op.strip() for op in args.ops.split(",") if op.strip()}
         unknown = ops - {kind for kind, _ in shapes}

@@ -63,6 +63,17 @@ SHAPES = {
         ("gather_logprobs", (1024, 32000)),
         ("ppo_policy_loss", (256, 4096)),
     ],
+    # GPU shapes of issues 3-5. The one long sequence is 1M steps, not 16M: the CleanRL loop, the reference
+    # every output is checked against, makes ~3 launches per step and would need minutes per call at 16M.
+    "cuda": [
+        ("gae", (128, 4096)),
+        ("gae", (2048, 64)),
+        ("gae-masked", (256, 8192)),
+        ("gae", (1_000_000, 1)),
+        ("discounted_returns", (2048, 64)),
+        ("gather_logprobs", (16384, 32000)),
+        ("ppo_policy_loss", (512, 8192)),
+    ],
     "small": [
         ("gae", (2048, 64)),
         ("gae", (128, 4096)),
