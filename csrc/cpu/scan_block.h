@@ -20,6 +20,56 @@ inline namespace RLK_ISA {
 
 using namespace ::rlkernels::cpu;  // the types shared by every instruction-set build
 
+// The step parameters as vectors (every lane the same).
+template <typename V, typename acc_t>
+RLK_FN ScanParams<V> vec_params(const ScanParams<acc_t>& s) {
+  ScanParams<V> p;
+  p.gamma = s.gamma;
+  p.lam = s.lam;
+  p.rho_clip = s.rho_clip;
+  p.c_clip = s.c_clip;
+  p.pg_rho_clip = s.pg_rho_clip;
+  p.has_next = s.has_next;
+  return p;
+}
+
+// Loads (store=false) or stores the carries of kLanes lanes as H vectors of N: [kCarry][kLanes] values, or with
+// kSymbolic the chunk maps [kCarry][kCarry + 1][kLanes] (constant term first).
+template <bool kSymbolic, typename V, int N, int H, int D, typename C, typename acc_t>
+RLK_FN void carry_io_lanes(C (&carry)[H][D], acc_t* io, bool store) {
+  for (int h = 0; h < H; ++h) {
+    for (int j = 0; j < D; ++j) {
+      if constexpr (kSymbolic) {
+        acc_t* base = io + (j * (D + 1)) * kLanes + h * N;
+        if (store) {
+          carry[h][j].c.store(base);
+          for (int i = 0; i < D; ++i) carry[h][j].k[i].store(base + (1 + i) * kLanes);
+        } else {
+          carry[h][j].c = V::load(base);
+          for (int i = 0; i < D; ++i) carry[h][j].k[i] = V::load(base + (1 + i) * kLanes);
+        }
+      } else if (store) {
+        carry[h][j].store(io + j * kLanes + h * N);
+      } else {
+        carry[h][j] = V::load(io + j * kLanes + h * N);
+      }
+    }
+  }
+}
+
+// The step of each StepId, as FN(Step) (one table for the three walks).
+#define RLK_STEP_TABLE(FN)                                                   \
+  switch (id) {                                                              \
+    case StepId::kLinearScan: return FN(LinearScanStep);                     \
+    case StepId::kDiscountedReturns: return FN(DiscountedReturnsStep);       \
+    case StepId::kDiscountedReturnsBackward: return FN(DiscountedReturnsBackwardStep); \
+    case StepId::kGae: return FN(GaeStep);                                   \
+    case StepId::kGaeBackward: return FN(GaeBackwardStep);                   \
+    case StepId::kVtrace: return FN(VtraceStepT<VecExp>);                    \
+    case StepId::kVtraceBackward: return FN(VtraceBackwardStepT<VecExp>);    \
+  }                                                                          \
+  return nullptr
+
 // The kLanes lanes are processed as kLanes / N native vectors (N = RLK_VEC_BYTES / sizeof(acc_t)):
 // vectors wider than the hardware's would be lowered element by element.
 template <class Step, typename acc_t, bool kSymbolic>
@@ -31,25 +81,10 @@ void run_block(const ScanParams<acc_t>& scalar_params, const acc_t* const* src, 
   using V = Vec<acc_t, N>;
   constexpr int D = Step::kCarry;
   using C = std::conditional_t<kSymbolic, Affine<V, D>, V>;
-  ScanParams<V> p;
-  p.gamma = scalar_params.gamma;
-  p.lam = scalar_params.lam;
-  p.rho_clip = scalar_params.rho_clip;
-  p.c_clip = scalar_params.c_clip;
-  p.pg_rho_clip = scalar_params.pg_rho_clip;
-  p.has_next = scalar_params.has_next;
+  const ScanParams<V> p = vec_params<V>(scalar_params);
 
   C carry[H][D];
-  for (int h = 0; h < H; ++h) {
-    for (int j = 0; j < D; ++j) {
-      if constexpr (kSymbolic) {
-        carry[h][j].c = V::load(carry_io + (j * (D + 1)) * kLanes + h * N);
-        for (int i = 0; i < D; ++i) carry[h][j].k[i] = V::load(carry_io + (j * (D + 1) + 1 + i) * kLanes + h * N);
-      } else {
-        carry[h][j] = V::load(carry_io + j * kLanes + h * N);
-      }
-    }
-  }
+  carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/false);
   for (int kk = 0; kk < kn; ++kk) {
     for (int h = 0; h < H; ++h) {
       const int row = kk * kLanes + h * N;
@@ -79,16 +114,7 @@ void run_block(const ScanParams<acc_t>& scalar_params, const acc_t* const* src, 
       }
     }
   }
-  for (int h = 0; h < H; ++h) {
-    for (int j = 0; j < D; ++j) {
-      if constexpr (kSymbolic) {
-        carry[h][j].c.store(carry_io + (j * (D + 1)) * kLanes + h * N);
-        for (int i = 0; i < D; ++i) carry[h][j].k[i].store(carry_io + (j * (D + 1) + 1 + i) * kLanes + h * N);
-      } else {
-        carry[h][j].store(carry_io + j * kLanes + h * N);
-      }
-    }
-  }
+  carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/true);
 }
 
 // N flag bytes to N values 0/1 (nonzero means set). Widened through int32 lanes: GCC turns that into one
@@ -114,13 +140,7 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
   typedef unsigned char bytes __attribute__((vector_size(N)));
   constexpr int D = Step::kCarry;
   using C = std::conditional_t<kSymbolic, Affine<V, D>, V>;
-  ScanParams<V> p;
-  p.gamma = scalar_params.gamma;
-  p.lam = scalar_params.lam;
-  p.rho_clip = scalar_params.rho_clip;
-  p.c_clip = scalar_params.c_clip;
-  p.pg_rho_clip = scalar_params.pg_rho_clip;
-  p.has_next = scalar_params.has_next;
+  const ScanParams<V> p = vec_params<V>(scalar_params);
 
   auto load = [&](int s, int64_t off) -> V {
     switch (ds.kind[s]) {
@@ -137,16 +157,7 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
   };
 
   C carry[H][D];
-  for (int h = 0; h < H; ++h) {
-    for (int j = 0; j < D; ++j) {
-      if constexpr (kSymbolic) {
-        carry[h][j].c = V::load(carry_io + (j * (D + 1)) * kLanes + h * N);
-        for (int i = 0; i < D; ++i) carry[h][j].k[i] = V::load(carry_io + (j * (D + 1) + 1 + i) * kLanes + h * N);
-      } else {
-        carry[h][j] = V::load(carry_io + j * kLanes + h * N);
-      }
-    }
-  }
+  carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/false);
   for (int64_t kk = 0; kk < kn; ++kk) {
     for (int h = 0; h < H; ++h) {
       const int64_t off = off0 + kk * step + h * N;
@@ -175,16 +186,7 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
       }
     }
   }
-  for (int h = 0; h < H; ++h) {
-    for (int j = 0; j < D; ++j) {
-      if constexpr (kSymbolic) {
-        carry[h][j].c.store(carry_io + (j * (D + 1)) * kLanes + h * N);
-        for (int i = 0; i < D; ++i) carry[h][j].k[i].store(carry_io + (j * (D + 1) + 1 + i) * kLanes + h * N);
-      } else {
-        carry[h][j].store(carry_io + j * kLanes + h * N);
-      }
-    }
-  }
+  carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/true);
 }
 
 // ---- Lanes contiguous in time (batch-major rows, chunks of one long sequence) -------------------------------
@@ -230,13 +232,7 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
   constexpr auto idx = std::make_index_sequence<N>{};
   constexpr int D = Step::kCarry;
   using C = std::conditional_t<kSymbolic, Affine<V, D>, V>;
-  ScanParams<V> p;
-  p.gamma = scalar_params.gamma;
-  p.lam = scalar_params.lam;
-  p.rho_clip = scalar_params.rho_clip;
-  p.c_clip = scalar_params.c_clip;
-  p.pg_rho_clip = scalar_params.pg_rho_clip;
-  p.has_next = scalar_params.has_next;
+  const ScanParams<V> p = vec_params<V>(scalar_params);
 
   // Lane l's N steps starting at scan step kk as one vector in scan order (memory order reversed when dir < 0).
   auto lane_steps = [&](int s, int64_t pos) -> native {
@@ -259,16 +255,7 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
   };
 
   C carry[H][D];
-  for (int h = 0; h < H; ++h) {
-    for (int j = 0; j < D; ++j) {
-      if constexpr (kSymbolic) {
-        carry[h][j].c = V::load(carry_io + (j * (D + 1)) * kLanes + h * N);
-        for (int i = 0; i < D; ++i) carry[h][j].k[i] = V::load(carry_io + (j * (D + 1) + 1 + i) * kLanes + h * N);
-      } else {
-        carry[h][j] = V::load(carry_io + j * kLanes + h * N);
-      }
-    }
-  }
+  carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/false);
   for (int64_t kk0 = 0; kk0 < kn; kk0 += N) {
     for (int h = 0; h < H; ++h) {
       native cols[kNumStreams][N];
@@ -315,64 +302,28 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
       }
     }
   }
-  for (int h = 0; h < H; ++h) {
-    for (int j = 0; j < D; ++j) {
-      if constexpr (kSymbolic) {
-        carry[h][j].c.store(carry_io + (j * (D + 1)) * kLanes + h * N);
-        for (int i = 0; i < D; ++i) carry[h][j].k[i].store(carry_io + (j * (D + 1) + 1 + i) * kLanes + h * N);
-      } else {
-        carry[h][j].store(carry_io + j * kLanes + h * N);
-      }
-    }
-  }
+  carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/true);
 }
 
 template <typename acc_t>
 TransposedFn<acc_t> transposed_function(StepId id, bool symbolic) {
 #define RLK_TRANSPOSED(STEP) symbolic ? &run_transposed<STEP, acc_t, true> : &run_transposed<STEP, acc_t, false>
-  switch (id) {
-    case StepId::kLinearScan: return RLK_TRANSPOSED(LinearScanStep);
-    case StepId::kDiscountedReturns: return RLK_TRANSPOSED(DiscountedReturnsStep);
-    case StepId::kDiscountedReturnsBackward: return RLK_TRANSPOSED(DiscountedReturnsBackwardStep);
-    case StepId::kGae: return RLK_TRANSPOSED(GaeStep);
-    case StepId::kGaeBackward: return RLK_TRANSPOSED(GaeBackwardStep);
-    case StepId::kVtrace: return RLK_TRANSPOSED(VtraceStepT<VecExp>);
-    case StepId::kVtraceBackward: return RLK_TRANSPOSED(VtraceBackwardStepT<VecExp>);
-  }
+  RLK_STEP_TABLE(RLK_TRANSPOSED);
 #undef RLK_TRANSPOSED
-  return nullptr;
 }
 
 template <typename acc_t>
 DirectFn<acc_t> direct_function(StepId id, bool symbolic) {
 #define RLK_DIRECT(STEP) symbolic ? &run_direct<STEP, acc_t, true> : &run_direct<STEP, acc_t, false>
-  switch (id) {
-    case StepId::kLinearScan: return RLK_DIRECT(LinearScanStep);
-    case StepId::kDiscountedReturns: return RLK_DIRECT(DiscountedReturnsStep);
-    case StepId::kDiscountedReturnsBackward: return RLK_DIRECT(DiscountedReturnsBackwardStep);
-    case StepId::kGae: return RLK_DIRECT(GaeStep);
-    case StepId::kGaeBackward: return RLK_DIRECT(GaeBackwardStep);
-    case StepId::kVtrace: return RLK_DIRECT(VtraceStepT<VecExp>);
-    case StepId::kVtraceBackward: return RLK_DIRECT(VtraceBackwardStepT<VecExp>);
-  }
+  RLK_STEP_TABLE(RLK_DIRECT);
 #undef RLK_DIRECT
-  return nullptr;
 }
 
 template <typename acc_t>
 BlockFn<acc_t> block_function(StepId id, bool symbolic) {
 #define RLK_BLOCK(STEP) symbolic ? &run_block<STEP, acc_t, true> : &run_block<STEP, acc_t, false>
-  switch (id) {
-    case StepId::kLinearScan: return RLK_BLOCK(LinearScanStep);
-    case StepId::kDiscountedReturns: return RLK_BLOCK(DiscountedReturnsStep);
-    case StepId::kDiscountedReturnsBackward: return RLK_BLOCK(DiscountedReturnsBackwardStep);
-    case StepId::kGae: return RLK_BLOCK(GaeStep);
-    case StepId::kGaeBackward: return RLK_BLOCK(GaeBackwardStep);
-    case StepId::kVtrace: return RLK_BLOCK(VtraceStepT<VecExp>);
-    case StepId::kVtraceBackward: return RLK_BLOCK(VtraceBackwardStepT<VecExp>);
-  }
+  RLK_STEP_TABLE(RLK_BLOCK);
 #undef RLK_BLOCK
-  return nullptr;
 }
 
 }  // namespace RLK_ISA
