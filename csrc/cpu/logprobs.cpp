@@ -47,14 +47,14 @@ constexpr int64_t kChunk = 512;
 // in the exponent bits. Below the float range the result is exactly 0, so -inf logits weigh nothing;
 // NaN propagates (every comparison with it is false).
 // v where c holds, else +0, as a bit mask (no select for the vectorizer to refuse).
-inline float keep_if(bool c, float v) {
+__attribute__((always_inline)) inline float keep_if(bool c, float v) {
   return std::bit_cast<float>(std::bit_cast<uint32_t>(v) & (0u - static_cast<uint32_t>(c)));
 }
-inline double keep_if(bool c, double v) {
+__attribute__((always_inline)) inline double keep_if(bool c, double v) {
   return std::bit_cast<double>(std::bit_cast<uint64_t>(v) & (uint64_t{0} - static_cast<uint64_t>(c)));
 }
 
-inline float exp_poly(float x) {
+__attribute__((always_inline)) inline float exp_poly(float x) {
   const float xc = std::max(x, -87.0f);  // NaN stays NaN: std::max returns its first argument then
   const float t = xc * 1.44269504088896341f;
   const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 pushes the fraction out
@@ -71,8 +71,8 @@ inline float exp_poly(float x) {
   return keep_if(!(x < -87.0f), p * scale);
 }
 
-inline float exp_acc(float x) { return exp_poly(x); }
-inline double exp_acc(double x) { return std::exp(x); }
+__attribute__((always_inline)) inline float exp_acc(float x) { return exp_poly(x); }
+__attribute__((always_inline)) inline double exp_acc(double x) { return std::exp(x); }
 
 template <typename acc_t>
 struct RowState {
@@ -83,7 +83,7 @@ struct RowState {
 
 // Folds buf[0, n) (n a multiple of kLanes, padded with -inf) into the state.
 template <typename acc_t, bool kEntropy>
-inline void fold_chunk(RowState<acc_t>& st, const acc_t* buf, int64_t n) {
+__attribute__((always_inline)) inline void fold_chunk(RowState<acc_t>& st, const acc_t* buf, int64_t n) {
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   acc_t lane_max[kLanes];
   for (int64_t j = 0; j < kLanes; ++j) lane_max[j] = kNegInf;
@@ -123,7 +123,7 @@ inline void fold_chunk(RowState<acc_t>& st, const acc_t* buf, int64_t n) {
 }
 
 template <typename scalar_t, typename acc_t, bool kEntropy>
-RowState<acc_t> row_state(const scalar_t* x, int64_t V, acc_t inv_t) {
+__attribute__((always_inline)) inline RowState<acc_t> row_state(const scalar_t* x, int64_t V, acc_t inv_t) {
   RowState<acc_t> st;
   alignas(64) acc_t buf[kChunk];
   for (int64_t off = 0; off < V; off += kChunk) {
@@ -160,6 +160,42 @@ void check_token_range(const int64_t* tok, int64_t N, int64_t V, std::optional<i
   }
 }
 
+// The forward over rows [begin, end): logp, lse and (ent != null) entropy.
+template <typename scalar_t, typename acc_t>
+__attribute__((always_inline)) inline void forward_rows(const scalar_t* x, int64_t row_stride, int64_t V,
+                                                        const int64_t* tok_p, bool has_ignore, int64_t ignore,
+                                                        acc_t inv_t, int64_t begin, int64_t end, acc_t* logp_p,
+                                                        acc_t* ent_p, acc_t* lse_p) {
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t t = tok_p[r];
+    if (has_ignore && t == ignore) {
+      logp_p[r] = 0;
+      lse_p[r] = 0;
+      if (ent_p) ent_p[r] = 0;
+      continue;
+    }
+    const scalar_t* row = x + r * row_stride;
+    const auto st = ent_p ? row_state<scalar_t, acc_t, true>(row, V, inv_t) : row_state<scalar_t, acc_t, false>(row, V, inv_t);
+    const acc_t log_s0 = std::log(st.s0);
+    const acc_t l = st.m + log_s0;  // all -inf: -inf + log 0 = -inf, so logp = NaN as in the reference
+    lse_p[r] = l;
+    logp_p[r] = static_cast<acc_t>(row[t]) * inv_t - l;
+    // H = lse - sum p z = log s0 - s1 / s0 (z shifted by m, so no cancellation for logits of 1e4)
+    if (ent_p) ent_p[r] = log_s0 - st.s1 / st.s0;
+  }
+}
+
+// float32 logits, the hot case, compiled for AVX-512, AVX2 and SSE2 and chosen at load time (target_clones;
+// the inlined helpers above take each clone's target).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+void forward_rows_f32(const float* x, int64_t row_stride, int64_t V, const int64_t* tok_p, bool has_ignore,
+                      int64_t ignore, float inv_t, int64_t begin, int64_t end, float* logp_p, float* ent_p,
+                      float* lse_p) {
+  forward_rows<float, float>(x, row_stride, V, tok_p, has_ignore, ignore, inv_t, begin, end, logp_p, ent_p, lse_p);
+}
+
 std::tuple<Tensor, Tensor, Tensor> gather_logprobs_cpu(const Tensor& logits, const Tensor& tokens,
                                                        double temperature, bool return_entropy,
                                                        std::optional<int64_t> ignore_index, bool inplace_backward) {
@@ -185,24 +221,17 @@ std::tuple<Tensor, Tensor, Tensor> gather_logprobs_cpu(const Tensor& logits, con
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     // ~V exps per row: a grain of a few rows keeps threads busy even for short vocabularies.
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+    const bool has_ignore = ignore_index.has_value();
+    const int64_t ignore = ignore_index.value_or(0);
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t t = tok_p[r];
-        if (ignore_index.has_value() && t == *ignore_index) {
-          logp_p[r] = 0;
-          lse_p[r] = 0;
-          if (ent_p) ent_p[r] = 0;
-          continue;
-        }
-        const scalar_t* row = x + r * row_stride;
-        const auto st = ent_p ? row_state<scalar_t, acc_t, true>(row, V, inv_t)
-                              : row_state<scalar_t, acc_t, false>(row, V, inv_t);
-        const acc_t log_s0 = std::log(st.s0);
-        const acc_t l = st.m + log_s0;  // all -inf: -inf + log 0 = -inf, so logp = NaN as in the reference
-        lse_p[r] = l;
-        logp_p[r] = static_cast<acc_t>(row[t]) * inv_t - l;
-        // H = lse - sum p z = log s0 - s1 / s0 (z shifted by m, so no cancellation for logits of 1e4)
-        if (ent_p) ent_p[r] = log_s0 - st.s1 / st.s0;
+      // The dispatch lambda is not a template: every dtype compiles this call, only float32 reaches it.
+      if (std::is_same_v<scalar_t, float>) {
+        forward_rows_f32(reinterpret_cast<const float*>(x), row_stride, V, tok_p, has_ignore, ignore,
+                         static_cast<float>(inv_t), begin, end, reinterpret_cast<float*>(logp_p),
+                         reinterpret_cast<float*>(ent_p), reinterpret_cast<float*>(lse_p));
+      } else {
+        forward_rows<scalar_t, acc_t>(x, row_stride, V, tok_p, has_ignore, ignore, inv_t, begin, end, logp_p,
+                                      ent_p, lse_p);
       }
     });
   });
