@@ -529,4 +529,8 @@ def test_property_forward_backward(N, V, dtype, temperature, scale, p_neg_inf, i
     assert x.grad.dtype == dtype
     gatol, grtol = GRAD_TOL[dtype]
     gsize = max(1.0, float(y.grad.abs().max()) if N else 1.0)
-    assert_close(x.grad, y.grad, (gatol * gsize, grtol))
+    # In float32 the logsumexp carries an absolute error of about eps |z|, which p = exp(z - lse) turns into a
+    # relative one: the tolerance grows with the largest |z| (FMA or not changes which rounding one sees).
+    finite = (logits.double() / temperature)[torch.isfinite(logits)]
+    zscale = 1.0 if dtype == torch.float64 or finite.numel() == 0 else max(1.0, float(finite.abs().max()) / 10)
+    assert_close(x.grad, y.grad, (gatol * gsize * zscale, grtol * zscale))

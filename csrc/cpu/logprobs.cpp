@@ -179,7 +179,13 @@ __attribute__((always_inline)) inline void forward_rows(const scalar_t* x, int64
     const acc_t log_s0 = std::log(st.s0);
     const acc_t l = st.m + log_s0;  // all -inf: -inf + log 0 = -inf, so logp = NaN as in the reference
     lse_p[r] = l;
-    logp_p[r] = static_cast<acc_t>(row[t]) * inv_t - l;
+    acc_t zt = static_cast<acc_t>(row[t]) * inv_t;
+#if defined(__x86_64__) && defined(__GNUC__)
+    // The product rounded as the folded buffer holds it: contracted into an FMA with the subtraction below,
+    // its exact value minus the rounded lse leaves a residual (a V = 1 row would give logp != 0).
+    asm("" : "+x"(zt));
+#endif
+    logp_p[r] = zt - l;
     // H = lse - sum p z = log s0 - s1 / s0 (z shifted by m, so no cancellation for logits of 1e4)
     if (ent_p) ent_p[r] = log_s0 - st.s1 / st.s0;
   }
