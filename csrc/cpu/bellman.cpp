@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "clones.h"
 #include "rlkernels/bellman.h"
 
 namespace rlkernels::cpu {
@@ -87,14 +88,6 @@ Reduction reduction_of(std::string_view r) {
 
 template <typename T>
 using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// Functions compiled for AVX-512, AVX2 and SSE2 and chosen at load time (GCC's target_clones: one binary runs
-// on any x86-64 CPU).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RLK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RLK_CLONES
-#endif
 
 // ------------------------------------------------------------------------------------------------------
 // q_targets

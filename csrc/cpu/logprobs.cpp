@@ -31,6 +31,8 @@
 #include <optional>
 #include <tuple>
 
+#include "clones.h"
+
 namespace rlkernels::cpu {
 namespace {
 
@@ -193,10 +195,7 @@ __attribute__((always_inline)) inline void forward_rows(const scalar_t* x, int64
 
 // float32 logits, the hot case, compiled for AVX-512, AVX2 and SSE2 and chosen at load time (target_clones;
 // the inlined helpers above take each clone's target).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-void forward_rows_f32(const float* x, int64_t row_stride, int64_t V, const int64_t* tok_p, bool has_ignore,
+RLK_CLONES void forward_rows_f32(const float* x, int64_t row_stride, int64_t V, const int64_t* tok_p, bool has_ignore,
                       int64_t ignore, float inv_t, int64_t begin, int64_t end, float* logp_p, float* ent_p,
                       float* lse_p) {
   forward_rows<float, float>(x, row_stride, V, tok_p, has_ignore, ignore, inv_t, begin, end, logp_p, ent_p, lse_p);

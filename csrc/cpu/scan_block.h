@@ -57,6 +57,35 @@ RLK_FN void carry_io_lanes(C (&carry)[H][D], acc_t* io, bool store) {
   }
 }
 
+// The step's inputs, stream by stream from get(stream) (absent streams arrive as 0, the mask as 1).
+template <typename V, typename Get>
+RLK_FN StepIn<V> stream_in(Get get) {
+  StepIn<V> in;
+  in.r = get(kR);
+  in.v = get(kV);
+  in.nv = get(kNV);
+  in.lr = get(kLR);
+  in.a = get(kA);
+  in.b = get(kB);
+  in.term = get(kTerm);
+  in.trunc = get(kTrunc);
+  in.valid = get(kMask);
+  in.g0 = get(kG0);
+  in.g1 = get(kG1);
+  in.s0 = get(kS0);
+  in.s1 = get(kS1);
+  return in;
+}
+
+// One step of the lanes: outputs into o, the carry kept where the step is invalid (masked or past the end).
+template <class Step, typename V, typename C>
+RLK_FN void advance(const ScanParams<V>& p, const StepIn<V>& in, C (&carry)[Step::kCarry], C (&o)[Step::kOut]) {
+  C c[Step::kCarry];
+  for (int j = 0; j < Step::kCarry; ++j) c[j] = carry[j];
+  Step::step(p, in, c, o);
+  for (int j = 0; j < Step::kCarry; ++j) carry[j] = select(in.valid, c[j], carry[j]);
+}
+
 // The step of each StepId, as FN(Step) (one table for the three walks).
 #define RLK_STEP_TABLE(FN)                                                   \
   switch (id) {                                                              \
@@ -88,26 +117,9 @@ void run_block(const ScanParams<acc_t>& scalar_params, const acc_t* const* src, 
   for (int kk = 0; kk < kn; ++kk) {
     for (int h = 0; h < H; ++h) {
       const int row = kk * kLanes + h * N;
-      StepIn<V> in;
-      in.r = V::load(src[kR] + row);
-      in.v = V::load(src[kV] + row);
-      in.nv = V::load(src[kNV] + row);
-      in.lr = V::load(src[kLR] + row);
-      in.a = V::load(src[kA] + row);
-      in.b = V::load(src[kB] + row);
-      in.term = V::load(src[kTerm] + row);
-      in.trunc = V::load(src[kTrunc] + row);
-      in.valid = V::load(src[kMask] + row);
-      in.g0 = V::load(src[kG0] + row);
-      in.g1 = V::load(src[kG1] + row);
-      in.s0 = V::load(src[kS0] + row);
-      in.s1 = V::load(src[kS1] + row);
-      C c[D];
+      const StepIn<V> in = stream_in<V>([&](int s) { return V::load(src[s] + row); });
       C o[Step::kOut];
-      for (int j = 0; j < D; ++j) c[j] = carry[h][j];
-      Step::step(p, in, c, o);
-      // Invalid steps (masked, or past a lane's end) keep the carry and write 0.
-      for (int j = 0; j < D; ++j) carry[h][j] = select(in.valid, c[j], carry[h][j]);
+      advance<Step>(p, in, carry[h], o);  // invalid steps (masked, past a lane's end) keep the carry, write 0
       if constexpr (!kSymbolic) {
         for (int j = 0; j < Step::kOut; ++j)
           select(in.valid, o[j], V(acc_t(0))).store(obuf + j * kBlock * kLanes + row);
@@ -161,25 +173,9 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
   for (int64_t kk = 0; kk < kn; ++kk) {
     for (int h = 0; h < H; ++h) {
       const int64_t off = off0 + kk * step + h * N;
-      StepIn<V> in;
-      in.r = load(kR, off);
-      in.v = load(kV, off);
-      in.nv = load(kNV, off);
-      in.lr = load(kLR, off);
-      in.a = load(kA, off);
-      in.b = load(kB, off);
-      in.term = load(kTerm, off);
-      in.trunc = load(kTrunc, off);
-      in.valid = load(kMask, off);
-      in.g0 = load(kG0, off);
-      in.g1 = load(kG1, off);
-      in.s0 = load(kS0, off);
-      in.s1 = load(kS1, off);
-      C c[D];
+      const StepIn<V> in = stream_in<V>([&](int s) { return load(s, off); });
       C o[Step::kOut];
-      for (int j = 0; j < D; ++j) c[j] = carry[h][j];
-      Step::step(p, in, c, o);
-      for (int j = 0; j < D; ++j) carry[h][j] = select(in.valid, c[j], carry[h][j]);
+      advance<Step>(p, in, carry[h], o);
       if constexpr (!kSymbolic) {
         for (int j = 0; j < Step::kOut; ++j)
           if (out[j] != nullptr) select(in.valid, o[j], V(acc_t(0))).store(out[j] + off);
@@ -266,25 +262,9 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
       }
       native outs[Step::kOut][N];
       for (int i = 0; i < N; ++i) {
-        StepIn<V> in;
-        in.r = V::from(cols[kR][i]);
-        in.v = V::from(cols[kV][i]);
-        in.nv = V::from(cols[kNV][i]);
-        in.lr = V::from(cols[kLR][i]);
-        in.a = V::from(cols[kA][i]);
-        in.b = V::from(cols[kB][i]);
-        in.term = V::from(cols[kTerm][i]);
-        in.trunc = V::from(cols[kTrunc][i]);
-        in.valid = V::from(cols[kMask][i]);
-        in.g0 = V::from(cols[kG0][i]);
-        in.g1 = V::from(cols[kG1][i]);
-        in.s0 = V::from(cols[kS0][i]);
-        in.s1 = V::from(cols[kS1][i]);
-        C c[D];
+        const StepIn<V> in = stream_in<V>([&](int s) { return V::from(cols[s][i]); });
         C o[Step::kOut];
-        for (int j = 0; j < D; ++j) c[j] = carry[h][j];
-        Step::step(p, in, c, o);
-        for (int j = 0; j < D; ++j) carry[h][j] = select(in.valid, c[j], carry[h][j]);
+        advance<Step>(p, in, carry[h], o);
         if constexpr (!kSymbolic) {
           for (int j = 0; j < Step::kOut; ++j) outs[j][i] = select(in.valid, o[j], V(acc_t(0))).v;
         }
