@@ -26,25 +26,46 @@ _ops = torch.ops.rlkernels
 
 
 class _Scan:
-    """The checked, canonical inputs of one scan call, and the way back to the caller's layout."""
+    """The checked, canonical inputs of one scan call, and the way back to the caller's layout.
+
+    Kept lean: it runs on every call, and each torch call it makes (a dtype conversion, a reshape) costs
+    microseconds, more than the kernel itself on small problems, so tensors already in the canonical dtype
+    and layout pass through untouched.
+    """
 
     def __init__(self, op, rewards_name, rewards, *, time_dim, cu_seqlens, floats, flags, per_seq):
         self.op = op
         checks.float_tensor(op, rewards_name, rewards)
+        shape, device, dtype = rewards.shape, rewards.device, rewards.dtype
+        mixed = False
         for name, x in floats.items():
-            checks.float_tensor(op, name, x, optional=name in ("next_values",))
-        for name, x in per_seq.items():
-            if x is not None and not isinstance(x, (int, float)):
+            if x is not None:
                 checks.float_tensor(op, name, x)
+                mixed = mixed or x.dtype != dtype
+        for name, x in per_seq.items():
+            if isinstance(x, torch.Tensor):
+                checks.float_tensor(op, name, x)
+                mixed = mixed or x.dtype != dtype
+            elif x is not None and not isinstance(x, (int, float)):
+                checks.float_tensor(op, name, x)  # raises: not a tensor
         flag_values = {name: checks.flag_tensor(op, name, x) for name, x in flags.items()}
         checks.tensor(op, "cu_seqlens", cu_seqlens, optional=True)
-        checks.same_device(op, rewards_name, rewards, **floats, **flag_values,
-                           **{k: v for k, v in per_seq.items() if isinstance(v, torch.Tensor)}, cu_seqlens=cu_seqlens)
-        checks.same_shape(op, rewards_name, rewards, **floats, **flag_values)
-        self.shape = rewards.shape
-        self.device = rewards.device
-        self.dtype = checks.common_float_dtype(rewards, *floats.values(),
-                                               *(v for v in per_seq.values() if isinstance(v, torch.Tensor)))
+        for group in (floats, flag_values, per_seq):
+            for name, x in group.items():
+                if isinstance(x, torch.Tensor) and x.device != device:
+                    checks.same_device(op, rewards_name, rewards, **{name: x})  # raises, naming the argument
+        if cu_seqlens is not None and cu_seqlens.device != device:
+            checks.same_device(op, rewards_name, rewards, cu_seqlens=cu_seqlens)
+        for group in (floats, flag_values):
+            for name, x in group.items():
+                if x is not None and x.shape != shape:
+                    checks.same_shape(op, rewards_name, rewards, **{name: x})  # raises
+        self.shape = shape
+        self.device = device
+        self.dtype = dtype
+        if mixed:
+            self.dtype = checks.common_float_dtype(rewards, *floats.values(),
+                                                   *(v for v in per_seq.values() if isinstance(v, torch.Tensor)))
         if cu_seqlens is not None:
             if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
                 raise TypeError(
@@ -63,7 +84,7 @@ class _Scan:
             if rewards.dim() == 0:
                 raise ValueError(f"rlkernels.{op}: {rewards_name} must have a time dimension, got a 0-d tensor")
             td = checks.dim_index(op, "time_dim", time_dim, rewards.dim())
-            shape = tuple(rewards.shape)
+            shape = tuple(shape)
             outer, inner = math.prod(shape[:td]), math.prod(shape[td + 1 :])
             self.canon = (outer, shape[td], inner)
             self.seq_shape = shape[:td] + shape[td + 1 :]
@@ -74,27 +95,34 @@ class _Scan:
         self.flags = {name: self.seq(x, flag=True) for name, x in flag_values.items()}
         self.per_seq = {name: self._per_seq(name, x) for name, x in per_seq.items()}
 
+    def _canonical(self, x, shape):
+        if x.shape != shape:
+            x = x.reshape(shape)
+        return x if x.is_contiguous() else x.contiguous()
+
     def seq(self, x, flag=False):
         if x is None:
             return None
-        if not flag:
+        if not flag and x.dtype != self.dtype:
             x = x.to(self.dtype)
-        return x.reshape(self.canon).contiguous()
+        return self._canonical(x, self.canon)
 
     def _per_seq(self, name, x):
         if x is None:
             return None
         if not isinstance(x, torch.Tensor):
             return torch.full(self.canon_seq, float(x), dtype=self.dtype, device=self.device)
-        if tuple(x.shape) != tuple(self.seq_shape) and not (x.dim() == 0 and self.seq_shape in ((), (1,))):
+        if x.shape != self.seq_shape and not (x.dim() == 0 and self.seq_shape in ((), (1,))):
             raise ValueError(
                 f"rlkernels.{self.op}: {name} must hold one value per sequence, shape {tuple(self.seq_shape)}, "
                 f"got {tuple(x.shape)}"
             )
-        return x.to(self.dtype).reshape(self.canon_seq).contiguous()
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        return self._canonical(x, self.canon_seq)
 
     def restore(self, y):
-        return y.reshape(self.shape)
+        return y if y.shape == self.shape else y.reshape(self.shape)
 
     def last_valid_as_truncated(self, truncated, mask):
         """With next_values given, the last valid step of each sequence bootstraps from next_values exactly

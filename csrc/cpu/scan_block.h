@@ -129,8 +129,11 @@ void run_block(const ScanParams<acc_t>& scalar_params, const acc_t* const* src, 
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/true);
 }
 
-// N flag bytes to N values 0/1 (nonzero means set). Widened through int32 lanes: GCC turns that into one
-// zero-extension and one int-to-float conversion, where a direct char-to-float conversion stayed scalar.
+// N one-byte flags at p as N values 0/1 (nonzero means set): one zero-extending load and one conversion
+// where the instruction set has them (vector-extension code for this stayed byte-by-byte scalar). Defined
+// here, after the translation unit's target switch, so the intrinsics inline.
+// N flag bytes to N values 0/1, through int32 lanes: GCC turns that into one zero-extension and one
+// int-to-float conversion, where a direct char-to-float conversion stayed scalar.
 template <typename native, typename bytes>
 RLK_FN native flags_to(bytes b) {
   constexpr int N = sizeof(bytes);
@@ -139,46 +142,111 @@ RLK_FN native flags_to(bytes b) {
   return __builtin_convertvector(w != 0, native) != 0 ? native{} + 1 : native{};
 }
 
+template <typename V>
+RLK_FN V load_flags(const unsigned char* p) {
+  using native = typename V::native;
+  using T = decltype(V().v[0] + 0);
+  constexpr int N = sizeof(native) / sizeof(T);
+#if defined(__x86_64__) && defined(__GNUC__) && defined(RLK_VEC_BYTES)
+  if constexpr (RLK_VEC_BYTES == 64 && N == 16 && sizeof(T) == 4) {
+    const __m512i w = _mm512_min_epu32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)), _mm512_set1_epi32(1));
+    return V::from((native)_mm512_cvtepi32_ps(w));
+  } else if constexpr (RLK_VEC_BYTES == 32 && N == 8 && sizeof(T) == 4) {
+    const __m256i w = _mm256_min_epu32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p)), _mm256_set1_epi32(1));
+    return V::from((native)_mm256_cvtepi32_ps(w));
+  } else if constexpr (RLK_VEC_BYTES == 32 && N == 4 && sizeof(T) == 8) {
+    int bytes;
+    __builtin_memcpy(&bytes, p, 4);
+    const __m128i w = _mm_min_epu32(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(bytes)), _mm_set1_epi32(1));
+    return V::from((native)_mm256_cvtepi32_pd(w));
+  } else if constexpr (RLK_VEC_BYTES == 16 && N == 4 && sizeof(T) == 4) {
+    int bytes;
+    __builtin_memcpy(&bytes, p, 4);
+    const __m128i zero = _mm_setzero_si128();
+    const __m128i w = _mm_unpacklo_epi16(_mm_unpacklo_epi8(_mm_cvtsi32_si128(bytes), zero), zero);
+    return V::from((native)_mm_andnot_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(w, zero)), _mm_set1_ps(1.0f)));
+  } else if constexpr (RLK_VEC_BYTES == 16 && N == 2 && sizeof(T) == 8) {
+    const __m128i w = _mm_set_epi32(0, 0, p[1] != 0, p[0] != 0);
+    return V::from((native)_mm_cvtepi32_pd(w));
+  }
+#endif
+  typedef unsigned char bytes __attribute__((vector_size(N)));
+  bytes b;
+  __builtin_memcpy(&b, p, sizeof(b));
+  return V::from(flags_to<native>(b));
+}
+
+// The streams of an in-place walk as byte addresses: stream s's value for (step kk, lane vector h) is at
+// at(s) + kk * step[s] + h * lane[s]. An absent stream points at a constant (0, or 1 for the mask) with both
+// strides 0, so every step loads every stream the same way: no per-step switch on what is present, and the
+// loads of streams a step never reads are dead code. Flags (terminated, truncated, mask) are one byte.
+template <typename acc_t>
+struct StreamTable {
+  alignas(64) static constexpr acc_t kZero[kLanes] = {};
+  alignas(64) static constexpr unsigned char kNoFlag[kLanes] = {};
+  alignas(64) static constexpr unsigned char kAllValid[kLanes] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+  static_assert(kLanes == 16, "kAllValid spells out kLanes ones");
+
+  static constexpr bool is_flag(int s) { return s == kTerm || s == kTrunc || s == kMask; }
+
+  const unsigned char* base[kNumStreams];
+  int64_t step[kNumStreams];  // bytes per scan step
+  int64_t unit[kNumStreams];  // bytes per element along the lanes (0 for an absent stream)
+
+  // Stream s's element at element offset off0 is the origin; one scan step moves by step_elems elements.
+  RLK_FN StreamTable(const DirectStreams& ds, int64_t off0, int64_t step_elems) {
+    for (int s = 0; s < kNumStreams; ++s) {
+      const int64_t size = is_flag(s) ? 1 : sizeof(acc_t);
+      if (ds.kind[s] == 0) {
+        base[s] = is_flag(s) ? (s == kMask ? kAllValid : kNoFlag) : reinterpret_cast<const unsigned char*>(kZero);
+        // Opaque to the optimizer: folding these constants into the steps' selects made GCC 12 crash
+        // (internal compiler error in do_store_flag, AVX-512 double); a load from L1 costs next to nothing.
+        __asm__("" : "+r"(base[s]));
+        step[s] = unit[s] = 0;
+      } else {
+        base[s] = static_cast<const unsigned char*>(ds.p[s]) + off0 * size;
+        step[s] = step_elems * size;
+        unit[s] = size;
+      }
+    }
+  }
+
+  template <typename V>
+  RLK_FN V load(int s, int64_t kk, int64_t lane) const {
+    const unsigned char* a = base[s] + kk * step[s] + lane * unit[s];
+    if (is_flag(s)) return load_flags<V>(a);
+    return V::load(reinterpret_cast<const acc_t*>(a));
+  }
+};
+
 // run_block without the buffers: a time-major group reads its inputs in place and writes its outputs in
-// place, one vector load or store per stream and lane vector, flags widened in registers. The kind switch of
-// each stream is the same at every step (predicted), and streams a step never reads are dropped as dead code.
+// place, one vector load or store per stream and lane vector, flags widened in registers. The lane vectors
+// are unrolled so their carries stay in registers.
 template <class Step, typename acc_t, bool kSymbolic>
 void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds, int64_t off0, int64_t step,
                 int64_t kn, acc_t* carry_io, acc_t* const* out) {
   constexpr int N = RLK_VEC_BYTES / sizeof(acc_t) < kLanes ? RLK_VEC_BYTES / sizeof(acc_t) : kLanes;
   constexpr int H = kLanes / N;
   using V = Vec<acc_t, N>;
-  using native = typename V::native;
-  typedef unsigned char bytes __attribute__((vector_size(N)));
   constexpr int D = Step::kCarry;
   using C = std::conditional_t<kSymbolic, Affine<V, D>, V>;
   const ScanParams<V> p = vec_params<V>(scalar_params);
-
-  auto load = [&](int s, int64_t off) -> V {
-    switch (ds.kind[s]) {
-      case 1:
-        return V::load(static_cast<const acc_t*>(ds.p[s]) + off);
-      case 2: {
-        bytes b;
-        __builtin_memcpy(&b, static_cast<const unsigned char*>(ds.p[s]) + off, sizeof(b));
-        return V::from(flags_to<native>(b));  // nonzero means set
-      }
-      default:
-        return V(acc_t(s == kMask ? 1 : 0));
-    }
-  };
+  const StreamTable<acc_t> st(ds, off0, step);
+  acc_t* o_ptr[Step::kOut];
+  for (int j = 0; j < Step::kOut; ++j) o_ptr[j] = kSymbolic ? nullptr : out[j];
 
   C carry[H][D];
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/false);
   for (int64_t kk = 0; kk < kn; ++kk) {
+#pragma GCC unroll 16
     for (int h = 0; h < H; ++h) {
-      const int64_t off = off0 + kk * step + h * N;
-      const StepIn<V> in = stream_in<V>([&](int s) { return load(s, off); });
+      const StepIn<V> in = stream_in<V>([&](int s) { return st.template load<V>(s, kk, h * N); });
       C o[Step::kOut];
       advance<Step>(p, in, carry[h], o);
       if constexpr (!kSymbolic) {
+        const int64_t off = off0 + kk * step + h * N;
         for (int j = 0; j < Step::kOut; ++j)
-          if (out[j] != nullptr) select(in.valid, o[j], V(acc_t(0))).store(out[j] + off);
+          if (o_ptr[j] != nullptr) select(in.valid, o[j], V(acc_t(0))).store(o_ptr[j] + off);
       }
     }
   }
@@ -224,41 +292,33 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
   constexpr int H = kLanes / N;
   using V = Vec<acc_t, N>;
   using native = typename V::native;
-  typedef unsigned char bytes __attribute__((vector_size(N)));
   constexpr auto idx = std::make_index_sequence<N>{};
   constexpr int D = Step::kCarry;
   using C = std::conditional_t<kSymbolic, Affine<V, D>, V>;
   const ScanParams<V> p = vec_params<V>(scalar_params);
+  // Origin 0: lane l's N steps from scan step kk0 start at element lane_off[l] + dir * kk0 (lowest address
+  // pos - (N - 1) when walking backwards); absent streams read their constant, the same for every lane.
+  const StreamTable<acc_t> st(ds, 0, dir);
+  acc_t* o_ptr[Step::kOut];
+  for (int j = 0; j < Step::kOut; ++j) o_ptr[j] = kSymbolic ? nullptr : out[j];
+  const int64_t low = dir > 0 ? 0 : N - 1;  // from a lane's position to the lowest address of its N steps
 
-  // Lane l's N steps starting at scan step kk as one vector in scan order (memory order reversed when dir < 0).
+  // Lane l's N steps starting at scan step kk0 as one vector in scan order (memory order reversed when dir < 0).
   auto lane_steps = [&](int s, int64_t pos) -> native {
-    const int64_t at = dir > 0 ? pos : pos - (N - 1);
-    native x;
-    switch (ds.kind[s]) {
-      case 1:
-        __builtin_memcpy(&x, static_cast<const acc_t*>(ds.p[s]) + at, sizeof(x));
-        break;
-      case 2: {
-        bytes b;
-        __builtin_memcpy(&b, static_cast<const unsigned char*>(ds.p[s]) + at, sizeof(b));
-        x = flags_to<native>(b);
-        break;
-      }
-      default:
-        return native{} + acc_t(s == kMask ? 1 : 0);  // the same at every step and lane: no transpose
-    }
+    const native x = st.template load<V>(s, 0, pos - low).v;
     return dir > 0 ? x : reversed<native, N>(x, idx);
   };
 
   C carry[H][D];
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/false);
   for (int64_t kk0 = 0; kk0 < kn; kk0 += N) {
+#pragma GCC unroll 16
     for (int h = 0; h < H; ++h) {
       native cols[kNumStreams][N];
 #pragma GCC unroll 16
       for (int s = 0; s < kNumStreams; ++s) {
         for (int l = 0; l < N; ++l) cols[s][l] = lane_steps(s, lane_off[h * N + l] + dir * kk0);
-        if (ds.kind[s] != 0) transpose<native, N>(cols[s]);
+        if (ds.kind[s] != 0) transpose<native, N>(cols[s]);  // an absent stream's constant needs none
       }
       native outs[Step::kOut][N];
       for (int i = 0; i < N; ++i) {
@@ -271,12 +331,12 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
       }
       if constexpr (!kSymbolic) {
         for (int j = 0; j < Step::kOut; ++j) {
-          if (out[j] == nullptr) continue;
+          if (o_ptr[j] == nullptr) continue;
           transpose<native, N>(outs[j]);
           for (int l = 0; l < N; ++l) {
             const int64_t pos = lane_off[h * N + l] + dir * kk0;
             const native x = dir > 0 ? outs[j][l] : reversed<native, N>(outs[j][l], idx);
-            __builtin_memcpy(out[j] + (dir > 0 ? pos : pos - (N - 1)), &x, sizeof(x));
+            __builtin_memcpy(o_ptr[j] + (pos - low), &x, sizeof(x));
           }
         }
       }
@@ -287,9 +347,20 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
 
 template <typename acc_t>
 TransposedFn<acc_t> transposed_function(StepId id, bool symbolic) {
+#if RLK_VEC_BYTES == 64
+  // GCC 12 crashes compiling the AVX-512 double transposed walks (internal compiler error in do_store_flag
+  // on a select); double batch-major problems take the buffered walk there.
+  constexpr bool kCompiled = !std::is_same_v<acc_t, double>;
+#else
+  constexpr bool kCompiled = true;
+#endif
+  if constexpr (!kCompiled) {
+    return nullptr;
+  } else {
 #define RLK_TRANSPOSED(STEP) symbolic ? &run_transposed<STEP, acc_t, true> : &run_transposed<STEP, acc_t, false>
-  RLK_STEP_TABLE(RLK_TRANSPOSED);
+    RLK_STEP_TABLE(RLK_TRANSPOSED);
 #undef RLK_TRANSPOSED
+  }
 }
 
 template <typename acc_t>

@@ -217,6 +217,7 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
     ds.kind[s] = pb.kind[s] == Kind::kFlag ? 2 : (pb.kind[s] == Kind::kNone ? 0 : 1);
   }
   acc_t* const no_out[kMaxOut] = {};
+  if (!in_place_layout(ds)) in_place = {};
 
   auto prefetch = [](const void* p, Kind kind, int64_t i, int64_t count) {
     const int64_t size = kind == Kind::kScalar ? sizeof(scalar_t) : kind == Kind::kFlag ? 1 : sizeof(acc_t);

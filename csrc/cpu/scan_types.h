@@ -37,6 +37,16 @@ struct DirectStreams {
   unsigned char kind[kNumStreams] = {};
 };
 
+// The in-place walks read terminated, truncated and mask as one byte per element and every other stream as
+// acc_t (set_flag admits only bool and uint8 flags); anything else takes the buffered path.
+inline bool in_place_layout(const DirectStreams& ds) {
+  for (int s = 0; s < kNumStreams; ++s) {
+    const bool flag = s == kTerm || s == kTrunc || s == kMask;
+    if (ds.kind[s] != 0 && ds.kind[s] != (flag ? 2 : 1)) return false;
+  }
+  return true;
+}
+
 // Walks `kn` steps of one group: step kk reads and writes the kLanes elements at off0 + kk * step (+ lane).
 // `out[j]` are the outputs (null when absent, or when `symbolic`); carry as for BlockFn.
 template <typename acc_t>

@@ -9,6 +9,10 @@
 
 #include "rlkernels/macros.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>  // before a translation unit switches its target (load_flags in scan_block.h uses it)
+#endif
+
 namespace rlkernels {
 inline namespace RLK_ISA {
 
