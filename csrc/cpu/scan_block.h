@@ -213,7 +213,12 @@ struct StreamTable {
 
   template <typename V>
   RLK_FN V load(int s, int64_t kk, int64_t lane) const {
-    const unsigned char* a = base[s] + kk * step[s] + lane * unit[s];
+    return load<V>(s, kk, lane, base[s]);
+  }
+  // The same from another origin than base[s].
+  template <typename V>
+  RLK_FN V load(int s, int64_t kk, int64_t lane, const unsigned char* origin) const {
+    const unsigned char* a = origin + kk * step[s] + lane * unit[s];
     if (is_flag(s)) return load_flags<V>(a);
     return V::load(reinterpret_cast<const acc_t*>(a));
   }
@@ -266,10 +271,6 @@ template <typename native, int N, std::size_t... J>
 RLK_FN native zip_hi(native a, native b, std::index_sequence<J...>) {
   return __builtin_shufflevector(a, b, (J % 2 == 0 ? N / 2 + J / 2 : N + N / 2 + J / 2)...);
 }
-template <typename native, int N, std::size_t... J>
-RLK_FN native reversed(native a, std::index_sequence<J...>) {
-  return __builtin_shufflevector(a, a, (N - 1 - J)...);
-}
 
 // In-place N x N transpose by log2(N) rounds of perfect shuffles: row i of the result is column i of the input.
 template <typename native, int N>
@@ -292,7 +293,6 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
   constexpr int H = kLanes / N;
   using V = Vec<acc_t, N>;
   using native = typename V::native;
-  constexpr auto idx = std::make_index_sequence<N>{};
   constexpr int D = Step::kCarry;
   using C = std::conditional_t<kSymbolic, Affine<V, D>, V>;
   const ScanParams<V> p = vec_params<V>(scalar_params);
@@ -302,45 +302,58 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
   acc_t* o_ptr[Step::kOut];
   for (int j = 0; j < Step::kOut; ++j) o_ptr[j] = kSymbolic ? nullptr : out[j];
   const int64_t low = dir > 0 ? 0 : N - 1;  // from a lane's position to the lowest address of its N steps
-
-  // Lane l's N steps starting at scan step kk0 as one vector in scan order (memory order reversed when dir < 0).
-  auto lane_steps = [&](int s, int64_t pos) -> native {
-    const native x = st.template load<V>(s, 0, pos - low).v;
-    return dir > 0 ? x : reversed<native, N>(x, idx);
-  };
+  // Each stream's address of each lane's first N steps, made once (absent streams: their constant); the walk
+  // then moves every lane by the same dir * N steps per iteration.
+  const unsigned char* at[kNumStreams][kLanes];
+  for (int s = 0; s < kNumStreams; ++s)
+    for (int l = 0; l < kLanes; ++l) at[s][l] = st.base[s] + (lane_off[l] - low) * st.unit[s];
+  acc_t* o_at[Step::kOut][kLanes];
+  for (int j = 0; j < Step::kOut; ++j)
+    for (int l = 0; l < kLanes; ++l) o_at[j][l] = o_ptr[j] ? o_ptr[j] + (lane_off[l] - low) : nullptr;
 
   C carry[H][D];
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/false);
-  for (int64_t kk0 = 0; kk0 < kn; kk0 += N) {
+  // After the transpose, row i holds memory offset i of every lane's N steps: scan order is i = 0..N-1
+  // forwards and N-1..0 backwards, so walking backwards needs no shuffles, only the row order reversed.
+  auto walk = [&]<bool kForward>() {
+    for (int64_t kk0 = 0; kk0 < kn; kk0 += N) {
+      const int64_t moved = (kForward ? kk0 : -kk0);  // elements moved since the start
 #pragma GCC unroll 16
-    for (int h = 0; h < H; ++h) {
-      native cols[kNumStreams][N];
+      for (int h = 0; h < H; ++h) {
+        native cols[kNumStreams][N];
 #pragma GCC unroll 16
-      for (int s = 0; s < kNumStreams; ++s) {
-        for (int l = 0; l < N; ++l) cols[s][l] = lane_steps(s, lane_off[h * N + l] + dir * kk0);
-        if (ds.kind[s] != 0) transpose<native, N>(cols[s]);  // an absent stream's constant needs none
-      }
-      native outs[Step::kOut][N];
-      for (int i = 0; i < N; ++i) {
-        const StepIn<V> in = stream_in<V>([&](int s) { return V::from(cols[s][i]); });
-        C o[Step::kOut];
-        advance<Step>(p, in, carry[h], o);
-        if constexpr (!kSymbolic) {
-          for (int j = 0; j < Step::kOut; ++j) outs[j][i] = select(in.valid, o[j], V(acc_t(0))).v;
+        for (int s = 0; s < kNumStreams; ++s) {
+          const int64_t shift = moved * st.unit[s];
+          for (int l = 0; l < N; ++l) cols[s][l] = st.template load<V>(s, 0, 0, at[s][h * N + l] + shift).v;
+          if (ds.kind[s] != 0) transpose<native, N>(cols[s]);  // an absent stream's constant needs none
         }
-      }
-      if constexpr (!kSymbolic) {
-        for (int j = 0; j < Step::kOut; ++j) {
-          if (o_ptr[j] == nullptr) continue;
-          transpose<native, N>(outs[j]);
-          for (int l = 0; l < N; ++l) {
-            const int64_t pos = lane_off[h * N + l] + dir * kk0;
-            const native x = dir > 0 ? outs[j][l] : reversed<native, N>(outs[j][l], idx);
-            __builtin_memcpy(o_ptr[j] + (pos - low), &x, sizeof(x));
+        native outs[Step::kOut][N];
+#if RLK_VEC_BYTES < 64  // (unrolled in the AVX-512 build, GCC 12 crashes: internal compiler error in do_store_flag)
+#pragma GCC unroll 16
+#endif
+        for (int k = 0; k < N; ++k) {
+          const int i = kForward ? k : N - 1 - k;
+          const StepIn<V> in = stream_in<V>([&](int s) { return V::from(cols[s][i]); });
+          C o[Step::kOut];
+          advance<Step>(p, in, carry[h], o);
+          if constexpr (!kSymbolic) {
+            for (int j = 0; j < Step::kOut; ++j) outs[j][i] = select(in.valid, o[j], V(acc_t(0))).v;
+          }
+        }
+        if constexpr (!kSymbolic) {
+          for (int j = 0; j < Step::kOut; ++j) {
+            if (o_ptr[j] == nullptr) continue;
+            transpose<native, N>(outs[j]);
+            for (int l = 0; l < N; ++l) __builtin_memcpy(o_at[j][h * N + l] + moved, &outs[j][l], sizeof(native));
           }
         }
       }
     }
+  };
+  if (dir > 0) {
+    walk.template operator()<true>();
+  } else {
+    walk.template operator()<false>();
   }
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/true);
 }

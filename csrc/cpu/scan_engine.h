@@ -227,9 +227,29 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
     return reverse ? lane.begin + lane.len - 1 - k : lane.begin + k;
   };
 
+  // Lanes contiguous in time need no interleaving of groups: a group whose lanes all have at least `whole`
+  // steps walks them in one call (per-call set-up amortized over thousands of steps, not kBlock), and only
+  // the ragged rest goes block by block below.
+  int64_t walked[kTileGroups] = {};
+  if (in_place.transposed != nullptr && ts == 1) {
+    for (int g = 0; g < groups; ++g) {
+      const Lane* gl = lanes + g * kLanes;
+      if (num_lanes - g * kLanes < kLanes) continue;
+      int64_t shortest = gl[0].len;
+      for (int l = 1; l < kLanes; ++l) shortest = std::min(shortest, gl[l].len);
+      const int64_t whole = shortest / kBlock * kBlock;
+      if (whole == 0) continue;
+      int64_t lane_off[kLanes];
+      for (int l = 0; l < kLanes; ++l) lane_off[l] = gl[l].base + time_of(gl[l], 0);
+      in_place.transposed(params, ds, lane_off, reverse ? -1 : 1, whole, carry + g * carry_size,
+                          symbolic ? no_out : pb.out);
+      walked[g] = whole;
+    }
+  }
+
   for (int64_t k0 = 0; k0 < max_len; k0 += kBlock) {
     for (int g = 0; g < groups; ++g) {
-      if (k0 >= group_len[g]) continue;
+      if (k0 >= group_len[g] || k0 < walked[g]) continue;
       const Lane* gl = lanes + g * kLanes;
       const int n = std::min(kLanes, num_lanes - g * kLanes);
       const int kn = static_cast<int>(std::min<int64_t>(kBlock, group_len[g] - k0));

@@ -6,7 +6,7 @@
 Ops: GAE ([T, B] with terminations, one long sequence, and token-level [B, T] with a mask), discounted
 returns, gather_logprobs (forward, logits [N, V]) and the PPO policy loss (forward with its statistics).
 For each op and shape: every rlkernels backend built for the device and the baselines users run
-today (rlkernels/bench/baselines.py), each timed cold-cache in this one run; GB/s from the bytes the op
+today (rlkernels/bench/baselines.py), each timed with cold data (its inputs evicted from the caches) in this one run; GB/s from the bytes the op
 must move (the same for every provider of a row), its percent of the measured copy bandwidth,
 and the speedup of the fastest rlkernels backend over each provider (ratio of medians). rlkernels'
 output is checked against the first baseline (the CleanRL or verl loop, torch's log_softmax + gather, verl's
@@ -44,7 +44,7 @@ OPS = ["gae", "gae-masked", "discounted_returns", "gather_logprobs", "ppo_policy
 MAX_COMPILED_STEPS = 10_000  # torch.compile unrolls the Python loop over T: past this it cannot finish
 
 
-def run_case(case: Case, device: str, args, flush, status) -> tuple[list[dict], list[str]]:
+def run_case(case: Case, device: str, args, status) -> tuple[list[dict], list[str]]:
     """Times every provider of one case; returns its rows and the failed checks."""
     rows, failures = [], []
 
@@ -53,7 +53,10 @@ def run_case(case: Case, device: str, args, flush, status) -> tuple[list[dict], 
             {"op": case.op, "shape": case.shape, "provider": provider, "timing": timing, "note": note}
         )
 
-    measure = lambda fn: common.measure(fn, device, flush=flush, **args.runs)
+    def measure(fn):
+        flush = common.flusher_for(args.cache, device, fn, case.reads)
+        return common.measure(fn, device, flush=flush, **args.runs)
+
     reference, *others = case.baselines
     timing, out = measure(reference.call)
     ref = reference.to_torch(out)
@@ -86,7 +89,7 @@ def run_case(case: Case, device: str, args, flush, status) -> tuple[list[dict], 
         add(provider.name, timing, provider.note)
     if reference.name == "cleanrl loop" and not args.sizes:  # the time-major loop torch.compile may take
         status(f"{case.op} {case.shape}: torch.compile(cleanrl loop) (compile <= 120 s)")
-        timing, out, note = time_compiled(case, device, args, flush is not None)
+        timing, out, note = time_compiled(case, device, args)
         failure = check(out, ref, "torch.compile(cleanrl loop)") if timing else ""
         if failure:
             failures.append(f"{case.op} {case.shape}: {failure}")
@@ -94,13 +97,13 @@ def run_case(case: Case, device: str, args, flush, status) -> tuple[list[dict], 
     return rows, failures
 
 
-def time_compiled(case: Case, device: str, args, flush: bool):
+def time_compiled(case: Case, device: str, args):
     """(timing, output, note) of torch.compile of the CleanRL loop, or (None, None, why not)."""
     if not args.compile:
         return None, None, f"not run ({args.no_compile_why})"
     if case.steps > MAX_COMPILED_STEPS:
         return None, None, f"not run: the loop would unroll over T={case.steps:,}"
-    return common.measure_compiled(case.kind, case.dims, device, timeout_s=120.0, flush=flush, **args.runs)
+    return common.measure_compiled(case.kind, case.dims, device, timeout_s=120.0, cache=args.cache, **args.runs)
 
 
 def finish_rows(
@@ -210,9 +213,16 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
         help="leave out the baselines of these packages (scipy, torchrl) as if not installed",
     )
     parser.add_argument(
-        "--warm-cache", action="store_true", help="do not flush the caches between timed calls"
+        "--cache",
+        choices=common.CACHE_MODES,
+        default="data",
+        help="before each timed call: evict the provider's inputs from the caches (data, the default), "
+        "rewrite 256 MiB so data, code and interpreter are all evicted (llc), or nothing (warm)",
     )
+    parser.add_argument("--warm-cache", action="store_true", help="the same as --cache warm")
     args = parser.parse_args(argv)
+    if args.warm_cache:
+        args.cache = "warm"
     if Console is None:
         parser.error("the benchmark needs rich: pip install 'rlkernels[bench]' (or pip install rich matplotlib)")
     device = args.device
@@ -247,7 +257,6 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
 
     name = common.device_name(device)
     meta = {"device": name, "commit": common.git_commit(), "date": common.today()}
-    flush = None if args.warm_cache else common.CacheFlusher(device)
     copy_gbps, copy_timing = common.copy_bandwidth(device, runs=5 if args.quick else 20)
     copy_row = {"op": "copy", "shape": "[67108864]", "provider": "tensor.copy_", "timing": copy_timing}
     results = finish_rows(
@@ -269,7 +278,7 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
         for kind, shape in shapes:
             status(f"{kind} {shape}: inputs")
             case = make_case(kind, shape, device, rlk if args.backends else None, numpy=device == "cpu")
-            rows, bad = run_case(case, device, args, flush, status)
+            rows, bad = run_case(case, device, args, status)
             failures += bad
             series = common.series_label(kind, shape, args.sizes)
             nbytes = common.bytes_moved(case.reads, case.writes)
@@ -285,7 +294,8 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
     console.print(
         f"copy bandwidth {copy_gbps:.1f} GB/s; fp32; gamma={common.GAMMA}, lambda={common.LAM}; "
         "speedup = provider median / fastest rlkernels median, same run; "
-        + ("warm cache." if args.warm_cache else "cold cache (256 MiB rewritten before each call).")
+        + common.CACHE_TEXT[args.cache]
+        + "."
     )
 
     csv_path = args.csv or (None if args.quick else default_csv(name, meta["date"], args.sizes, results_dir))

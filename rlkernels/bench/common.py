@@ -1,8 +1,9 @@
 """Shared pieces of the benchmarks: inputs, timing, the byte model, and what machine this is.
 
-Timing is cold-cache: before every timed call a buffer larger than the last-level cache is
-rewritten (as triton.testing.do_bench does), so a small input cannot be served from cache and
-GB/s stays comparable with the measured copy bandwidth, the speed of light for these ops.
+Timing is cold-data by default: before every timed call the provider's inputs are evicted from the
+caches (CPU: clflush of their storage; GPU: a buffer larger than L2 rewritten, as triton.testing.do_bench
+does), so a small input cannot be served from cache and GB/s stays comparable with the measured copy
+bandwidth, the speed of light for these ops. See CACHE_MODES for the others.
 """
 
 from __future__ import annotations
@@ -277,6 +278,103 @@ class CacheFlusher:
         self.buffer.zero_()
 
 
+# Cache modes of the benchmark. "data": before each timed call the provider's inputs are evicted from
+# every CPU cache level (clflush), so they come from DRAM as the byte model assumes, while code and
+# interpreter state stay cached as in a training loop; on a GPU this is the L2 flush. "llc": a buffer
+# larger than the last-level cache is rewritten, which also evicts the Python interpreter, the
+# dispatcher and the code of every provider (each torch call then pays ~100 us here: fixed call costs,
+# not memory traffic). "warm": nothing is flushed.
+CACHE_MODES = ("data", "llc", "warm")
+CACHE_TEXT = {
+    "data": "cold data (each provider's inputs evicted from the CPU caches before each call; on a GPU, "
+    "256 MiB rewritten)",
+    "llc": "cold cache (256 MiB rewritten before each call: data, code and interpreter evicted)",
+    "warm": "warm cache",
+}
+
+
+def _evict_op():
+    try:
+        import rlkernels  # noqa: F401  (registers the op)
+
+        return torch.ops.rlkernels._evict_from_cache
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+def data_of(fn, depth: int = 4) -> list:
+    """The tensors and NumPy arrays a provider's call reads: what its closure (and those of the functions
+    and partials it holds) refers to."""
+    found, seen = [], set()
+
+    def visit(x, d):
+        if id(x) in seen or d < 0:
+            return
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            found.append(x)
+        elif isinstance(x, np.ndarray) and x.dtype != object:
+            found.append(x)
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                visit(y, d - 1)
+        elif isinstance(x, dict):
+            for y in x.values():
+                visit(y, d - 1)
+        elif hasattr(x, "func") and hasattr(x, "args"):  # functools.partial
+            visit(x.func, d - 1)
+            for y in (*x.args, *x.keywords.values()):
+                visit(y, d - 1)
+        elif callable(x) and getattr(x, "__closure__", None):
+            for cell in x.__closure__:
+                try:
+                    visit(cell.cell_contents, d - 1)
+                except ValueError:  # an empty cell
+                    pass
+
+    visit(fn, depth)
+    return found
+
+
+class DataEvictor:
+    """Evicts the given CPU tensors and arrays (their whole storage) from every cache level."""
+
+    def __init__(self, arrays, evict):
+        tensors = []
+        for a in arrays:
+            if isinstance(a, np.ndarray):
+                try:
+                    a = torch.from_numpy(np.require(a, requirements="W") if not a.flags.writeable else a)
+                except TypeError:  # a dtype torch has no counterpart for: not ours to evict
+                    continue
+            if a.device.type == "cpu":
+                tensors.append(a)
+        self.tensors = tensors
+        self.evict = evict
+
+    def __call__(self) -> None:
+        self.evict(self.tensors)
+
+
+def flusher_for(mode: str, device: str, fn=None, reads=()):
+    """The callable run before each timed call of ``fn`` in cache ``mode`` (None: nothing)."""
+    if mode == "warm":
+        return None
+    evict = _evict_op() if mode == "data" and device == "cpu" else None
+    if evict is None:
+        return _shared_flusher(device)
+    return DataEvictor([*reads, *data_of(fn)], evict)
+
+
+_FLUSHERS: dict[str, CacheFlusher] = {}
+
+
+def _shared_flusher(device: str) -> CacheFlusher:
+    if device not in _FLUSHERS:
+        _FLUSHERS[device] = CacheFlusher(device)
+    return _FLUSHERS[device]
+
+
 def measure(
     fn: Callable[[], object],
     device: str,
@@ -320,16 +418,17 @@ def measure(
     return Timing(float(median), float(q20), float(q80), runs), out
 
 
-def _compiled_worker(conn, kind: str, shape: tuple[int, int], device: str, flush: bool, measure_kwargs: dict):
+def _compiled_worker(conn, kind: str, shape: tuple[int, int], device: str, cache: str, measure_kwargs: dict):
     os.setpgrp()  # its own process group, so an overrunning compile can be killed with its g++ jobs
     try:
-        reference = make_case(kind, shape, device, None, numpy=False).baselines[0]
+        case = make_case(kind, shape, device, None, numpy=False)
+        reference = case.baselines[0]
         compiled = torch.compile(reference.call)
         conn.send(("ready",))
         start = time.perf_counter()
         compiled()
         conn.send(("compiled", time.perf_counter() - start))
-        flusher = CacheFlusher(device) if flush else None
+        flusher = flusher_for(cache, device, reference.call, case.reads)
         timing, out = measure(compiled, device, flush=flusher, **measure_kwargs)
         out = reference.to_torch(out)
         conn.send(("timed", timing, [t.cpu() for t in out] if isinstance(out, tuple) else out.cpu()))
@@ -343,7 +442,7 @@ def measure_compiled(
     device: str,
     *,
     timeout_s: float = 120.0,
-    flush: bool = True,
+    cache: str = "data",
     **measure_kwargs,
 ):
     """``torch.compile`` of the reference loop of ``make_case(kind, shape)`` (CleanRL's), compiled
@@ -354,7 +453,7 @@ def measure_compiled(
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     worker = context.Process(
-        target=_compiled_worker, args=(sender, kind, shape, device, flush, measure_kwargs)
+        target=_compiled_worker, args=(sender, kind, shape, device, cache, measure_kwargs)
     )
     worker.start()
     sender.close()
