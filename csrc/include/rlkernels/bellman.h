@@ -81,16 +81,16 @@ template <typename acc_t>
 RLK_FN acc_t td_sample_loss(acc_t e, TdLoss kind, acc_t delta) {
   if (kind == TdLoss::kSquared) return e * e;
   const acc_t a = std::fabs(e);
-  return a <= delta ? acc_t(0.5) * e * e : delta * (a - acc_t(0.5) * delta);
+  const acc_t quadratic = acc_t(0.5) * e * e, linear = delta * (a - acc_t(0.5) * delta);
+  return a <= delta ? quadratic : linear;  // both computed: a select, not a branch on random data
 }
 
 // d loss / d e (torch's huber_loss / mse_loss conventions: e at |e| <= delta, delta * sign(e) beyond).
 template <typename acc_t>
 RLK_FN acc_t td_sample_grad(acc_t e, TdLoss kind, acc_t delta) {
   if (kind == TdLoss::kSquared) return acc_t(2) * e;
-  if (e > delta) return delta;
-  if (e < -delta) return -delta;
-  return e;
+  const acc_t low = e < -delta ? -delta : e;  // NaN stays NaN
+  return e > delta ? delta : low;
 }
 
 }  // namespace bellman
