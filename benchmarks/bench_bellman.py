@@ -12,7 +12,8 @@ against each other before timing:
 Reported: median, GB/s over the bytes that must move (each input read once, each output written once; for
 value iteration P once per iteration, which the CPU kernel beats by keeping each MDP's P in cache), percent
 of measured copy bandwidth, and the rlkernels speedup (provider median / rlkernels median).
-Timings are cold-cache (a 256 MiB buffer is rewritten before each timed call) unless --warm-cache.
+Timings are cold-data by default (each provider's inputs evicted from the caches before each timed call;
+--cache llc rewrites 256 MiB instead, which also evicts the interpreter; --cache warm flushes nothing).
 """
 
 from __future__ import annotations
@@ -94,13 +95,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes, few runs, no torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    parser.add_argument("--warm-cache", action="store_true")
+    parser.add_argument("--cache", choices=common.CACHE_MODES, default="data",
+                        help="what is evicted before each timed call (see rlkernels.bench.common.CACHE_MODES)")
+    parser.add_argument("--warm-cache", action="store_true", help="the same as --cache warm")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
     args = parser.parse_args(argv)
     dev = args.device
     quick = args.quick
     runs = {"budget_s": 0.1, "min_runs": 3, "max_runs": 5} if quick else {"budget_s": 1.0, "min_runs": 5}
-    flush = None if args.warm_cache else common.CacheFlusher(dev)
+    if args.warm_cache:
+        args.cache = "warm"
     use_compile = not (quick or args.no_compile)
     copy_gbps, _ = common.copy_bandwidth(dev)
     meta = {"device": common.device_name(dev), "commit": common.git_commit(), "date": common.today()}
@@ -115,8 +119,8 @@ def main(argv=None) -> int:
                          "pct_copy_bw": 100 * gbps / copy_gbps, "speedup_vs": timing.median_s / base,
                          "note": " ".join(filter(None, [note, extra]))})
 
-    def timed(fn):
-        return common.measure(fn, dev, flush=flush, **runs)
+    def timed(fn, reads=()):
+        return common.measure(fn, dev, flush=common.flusher_for(args.cache, dev, fn, reads), **runs)
 
     def compiled_or_none(fn):
         if not use_compile:
@@ -143,11 +147,12 @@ def main(argv=None) -> int:
                                            next_q_online=online, next_probs=probs, temperature=0.5)
         eager = lambda: eager_q_targets(kind, r, next_q, term, online, probs)  # noqa: E731
         _same(ours(), eager(), f"q_targets[{kind}]")
-        results = {"rlkernels": (timed(ours)[0], ""), "eager torch": (timed(eager)[0], "")}
+        extra = {"double": [online], "expected": [probs]}.get(kind, [])
+        reads = [r, next_q, term, *extra]
+        results = {"rlkernels": (timed(ours, reads)[0], ""), "eager torch": (timed(eager, reads)[0], "")}
         comp = compiled_or_none(eager)
         if comp is not None:
-            results["torch.compile(eager)"] = (timed(comp)[0], "")
-        extra = {"double": [online], "expected": [probs]}.get(kind, [])
+            results["torch.compile(eager)"] = (timed(comp, reads)[0], "")
         record(f"q_targets[{kind}]", shape, results, common.bytes_moved([r, next_q, term, *extra], [r]))
 
     q = torch.randn(B, A, generator=g).to(dev).requires_grad_()
@@ -160,10 +165,11 @@ def main(argv=None) -> int:
     _same(l1, l2, "td_loss")
     _same(e1, e2, "td_errors")
     _same(g1, g2, "td_loss grad")
-    results = {"rlkernels": (timed(ours)[0], ""), "eager torch": (timed(eager)[0], "")}
+    reads = [q, actions, targets]
+    results = {"rlkernels": (timed(ours, reads)[0], ""), "eager torch": (timed(eager, reads)[0], "")}
     comp = compiled_or_none(lambda: eager_td_step(q, actions, targets)) if use_compile else None
     if comp is not None:
-        results["torch.compile(eager)"] = (timed(comp)[0], "")
+        results["torch.compile(eager)"] = (timed(comp, reads)[0], "")
     # forward: actions, targets, one Q per row (counted as the whole row: its cache lines); td_errors written;
     # backward: grad_q written.
     nbytes = common.bytes_moved([actions, targets, q], [targets, q])
@@ -180,10 +186,11 @@ def main(argv=None) -> int:
     eager = lambda: eager_backup(P, R, V, 0.9)  # noqa: E731
     for a, b, what in zip(ours(), eager(), ("Q", "V", "policy")):
         _same(a, b, f"bellman_backup {what}")
-    results = {"rlkernels": (timed(ours)[0], ""), "eager torch": (timed(eager)[0], "einsum + max")}
+    reads = [P, R, V]
+    results = {"rlkernels": (timed(ours, reads)[0], ""), "eager torch": (timed(eager, reads)[0], "einsum + max")}
     comp = compiled_or_none(eager)
     if comp is not None:
-        results["torch.compile(eager)"] = (timed(comp)[0], "")
+        results["torch.compile(eager)"] = (timed(comp, reads)[0], "")
     nbytes = common.bytes_moved([P, R, V], [R, V, V.long()])
     record("bellman_backup", shape, results, nbytes)
 
@@ -197,7 +204,8 @@ def main(argv=None) -> int:
     _same(mine[0], theirs[0], "value_iteration V")
     vi_runs = {"budget_s": 0.1, "min_runs": 3, "max_runs": 5} if quick else {"budget_s": 3.0, "min_runs": 3,
                                                                              "max_runs": 7}
-    vi_timed = lambda fn: common.measure(fn, dev, flush=flush, single_run_over_s=30.0, **vi_runs)[0]  # noqa: E731
+    vi_timed = lambda fn: common.measure(fn, dev, flush=common.flusher_for(args.cache, dev, fn, [P, R]),  # noqa: E731
+                                         single_run_over_s=30.0, **vi_runs)[0]
     results = {"rlkernels": (vi_timed(ours), ""), "eager torch": (vi_timed(eager), "einsum loop, .item() per iteration")}
     if use_compile:
         comp_backup = torch.compile(eager_backup)
@@ -209,7 +217,7 @@ def main(argv=None) -> int:
 
     # ---- print and write ---------------------------------------------------------------------------------
     print(f"Bellman backups on {meta['device']} ({dev}), commit {meta['commit']}, {meta['date']}; copy bandwidth "
-          f"{copy_gbps:.1f} GB/s; float32; {'warm' if args.warm_cache else 'cold'} cache")
+          f"{copy_gbps:.1f} GB/s; float32; {common.CACHE_TEXT[args.cache]}")
     header = f"{'op':<20} {'shape':<22} {'provider':<28} {'median':>10} {'GB/s':>7} {'% copy':>7} {'rlk speedup':>11}"
     print(header)
     print("-" * len(header))

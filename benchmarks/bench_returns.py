@@ -3,7 +3,7 @@
     pytest benchmarks/bench_returns.py --benchmark-only
     RLKERNELS_BENCH_SIZE=full pytest benchmarks/bench_returns.py --benchmark-only   # the issue's shapes
 
-Same inputs, baselines and cold-cache timing as ``rlkernels-bench`` (``python -m benchmarks.run``) (which also tries
+Same inputs, baselines and cold-data timing as ``rlkernels-bench`` (``python -m benchmarks.run``) (which also tries
 torch.compile; here it is left out, as compiling the unrolled loops takes minutes). rlkernels is
 checked against the CleanRL/verl loop before it is timed, comparable baselines after.
 """
@@ -47,10 +47,6 @@ def reference_output(i: int):
     return reference.to_torch(reference.call())
 
 
-@functools.cache
-def flusher() -> common.CacheFlusher:
-    return common.CacheFlusher(DEVICE)
-
 
 def _rounds(fn, budget_s: float = 1.0) -> int:
     common.synchronize(DEVICE)
@@ -75,7 +71,9 @@ def test_returns(benchmark, case_index, provider):
         baseline = next(p for p in case.baselines if p.name == provider)
         fn, convert, comparable = baseline.call, baseline.to_torch, baseline.comparable
 
-    out = benchmark.pedantic(fn, setup=flusher(), rounds=_rounds(fn), warmup_rounds=1)
+    # Cold data, as rlkernels-bench times by default: the inputs are evicted from the caches before each round.
+    flush = common.flusher_for("data", DEVICE, fn, case.reads)
+    out = benchmark.pedantic(fn, setup=flush, rounds=_rounds(fn), warmup_rounds=1)
     if comparable:
         failure = common.check(convert(out), reference_output(case_index), provider)
         assert not failure, failure

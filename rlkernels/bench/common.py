@@ -431,7 +431,9 @@ def _compiled_worker(conn, kind: str, shape: tuple[int, int], device: str, cache
         flusher = flusher_for(cache, device, reference.call, case.reads)
         timing, out = measure(compiled, device, flush=flusher, **measure_kwargs)
         out = reference.to_torch(out)
-        conn.send(("timed", timing, [t.cpu() for t in out] if isinstance(out, tuple) else out.cpu()))
+        # NumPy arrays travel by value; tensors would travel as shared-memory handles that the parent fetches
+        # from this process, which may have exited by then.
+        conn.send(("timed", timing, [t.cpu().numpy() for t in out] if isinstance(out, tuple) else out.cpu().numpy()))
     except Exception as exc:  # noqa: BLE001  (a compiler failure is a result to report)
         conn.send(("failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}"))
 
@@ -476,7 +478,9 @@ def measure_compiled(
         message = receive(None)
         if message[0] == "failed":
             return None, None, f"not run: {message[1]}"
-        return message[1], message[2], note
+        out = message[2]
+        out = [torch.from_numpy(a) for a in out] if isinstance(out, list) else torch.from_numpy(out)
+        return message[1], out, note
     finally:
         if worker.is_alive():
             try:
