@@ -349,8 +349,8 @@ def _td_backward_using(backward_op):
     return backward
 
 
-torch.library.register_autograd("rlkernels::td_loss", _td_backward_using(torch.ops.rlkernels.td_loss_backward),
-                                setup_context=_td_setup)
+# rlkernels::td_loss (the C++/CUDA op) has its autograd kernel in C++ (csrc/autograd.cpp, the same formula):
+# at replay-batch sizes the Python autograd layer cost as much as the kernels. The Triton op uses the one above.
 
 
 def _n_step_setup(ctx, inputs, output):
