@@ -108,10 +108,36 @@ __attribute__((always_inline)) inline f8 load8(const float* p) {
   return v;
 }
 
+// Horizontal reductions by halving shuffles (three vector steps; lane-by-lane scalar loops here were most of
+// a row's cost at A = 18). hmax8 ignores NaN (callers track it apart).
 __attribute__((always_inline)) inline float hmax8(f8 v) {
-  float m = v[0];
-  for (int l = 1; l < 8; ++l) m = v[l] > m ? v[l] : m;
-  return m;
+  f8 t = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  v = t > v ? t : v;
+  t = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  v = t > v ? t : v;
+  t = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  v = t > v ? t : v;
+  return v[0];
+}
+
+__attribute__((always_inline)) inline int hor8(i8 m) {
+  m |= __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3);
+  m |= __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5);
+  m |= __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6);
+  return m[0];
+}
+
+// The first a < A with x[a] == m (A if none).
+__attribute__((always_inline)) inline int64_t first_equal(const float* x, int64_t A, float m) {
+  const i8 bit = {1, 2, 4, 8, 16, 32, 64, 128};
+  int64_t a = 0;
+  for (; a + 8 <= A; a += 8) {
+    const int bits = hor8((load8(x + a) == m) & bit);
+    if (bits != 0) return a + __builtin_ctz(static_cast<unsigned>(bits));
+  }
+  for (; a < A; ++a)
+    if (x[a] == m) return a;
+  return A;
 }
 
 __attribute__((always_inline)) inline float hsum8(f8 v) {
@@ -130,8 +156,7 @@ __attribute__((always_inline)) inline float row_max(const float* x, int64_t A, b
     nan |= v != v;
   }
   float mx = hmax8(m);
-  bool any = false;
-  for (int l = 0; l < 8; ++l) any |= nan[l] != 0;
+  bool any = hor8(nan) != 0;
   for (; a < A; ++a) {
     mx = x[a] > mx ? x[a] : mx;
     any |= x[a] != x[a];
@@ -178,7 +203,7 @@ RLK_CLONES void q_rows_f32(const float* r, const float* q, const bool* term, con
       if (has_nan) {
         while (on[arg] == on[arg]) ++arg;  // the first NaN
       } else {
-        while (arg + 1 < A && on[arg] != m) ++arg;  // the first maximum
+        arg = std::min(first_equal(on, A, m), A - 1);  // the first maximum
       }
       v = row[arg];
     } else if (kind == static_cast<int>(QKind::kExpected)) {
