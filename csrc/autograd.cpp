@@ -1,7 +1,8 @@
-// Autograd kernels written in C++ (registered at the Autograd key: CPU and CUDA tensors alike). For the ops
-// here the autograd formula runs without Python: torch.library's Python autograd layer costs tens of
-// microseconds per call and per backward, more than the kernels themselves at replay-batch sizes. The other
-// ops register their formulas from Python (rlkernels/<family>.py); the Triton variants keep theirs there.
+// Autograd kernels written in C++ (registered at the Autograd key: CPU and CUDA tensors alike) for the ops
+// whose call overhead matters most: discounted_returns, gae, td_loss. Their formulas run without Python:
+// torch.library's Python autograd layer costs tens of microseconds per call and per backward, as much as the
+// kernels themselves at rollout and replay-batch sizes. The other ops register their formulas from Python
+// (rlkernels/<family>.py), and so do the Triton variants of these three, with the same formulas.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -59,6 +60,119 @@ class TdLossFunction : public torch::autograd::Function<TdLossFunction> {
   }
 };
 
+// The gradient g cast to the dtype an input had (ScalarType saved as an int), or undefined where it had none.
+Tensor cast_like(const Tensor& g, const c10::IValue& dtype) {
+  if (dtype.isNone() || !g.defined()) return Tensor();
+  return g.to(static_cast<at::ScalarType>(dtype.toInt()));
+}
+
+c10::IValue dtype_of(const OptTensor& t) {
+  return t.has_value() && t->defined() ? c10::IValue(static_cast<int64_t>(t->scalar_type())) : c10::IValue();
+}
+
+// discounted_returns: gradients for rewards, next_values and bootstrap_value from discounted_returns_backward (a
+// forward scan of the upstream gradient); flags, offsets and gamma are data.
+class DiscountedReturnsFunction : public torch::autograd::Function<DiscountedReturnsFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& rewards, const OptTensor& next_values,
+                               const OptTensor& bootstrap_value, const OptTensor& terminated,
+                               const OptTensor& truncated, const OptTensor& mask, const OptTensor& cu_seqlens,
+                               double gamma) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("rlkernels::discounted_returns", "")
+                         .typed<Tensor(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                       const OptTensor&, const OptTensor&, const OptTensor&, double)>();
+    Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op.call(rewards, next_values, bootstrap_value, terminated, truncated, mask, cu_seqlens, gamma);
+    }
+    ctx->save_for_backward({rewards, terminated.value_or(Tensor()), truncated.value_or(Tensor()),
+                            mask.value_or(Tensor()), cu_seqlens.value_or(Tensor())});
+    ctx->saved_data["gamma"] = gamma;
+    ctx->saved_data["next_values"] = dtype_of(next_values);
+    ctx->saved_data["bootstrap_value"] = dtype_of(bootstrap_value);
+    return {out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("rlkernels::discounted_returns_backward", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor>(const OptTensor&, const OptTensor&,
+                                                                   const OptTensor&, const OptTensor&,
+                                                                   const OptTensor&, const Tensor&, double, bool)>();
+    const variable_list saved = ctx->get_saved_variables();
+    const bool has_next = !ctx->saved_data["next_values"].isNone();
+    auto [g_r, g_next, g_boot] = op.call(maybe(grads[0]), maybe(saved[1]), maybe(saved[2]), maybe(saved[3]),
+                                         maybe(saved[4]), saved[0], ctx->saved_data["gamma"].toDouble(), has_next);
+    return {g_r.to(saved[0].scalar_type()), cast_like(g_next, ctx->saved_data["next_values"]),
+            cast_like(g_boot, ctx->saved_data["bootstrap_value"]), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// gae: gradients for rewards, values, next_values and bootstrap_value from gae_backward.
+class GaeFunction : public torch::autograd::Function<GaeFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& rewards, const Tensor& values,
+                               const OptTensor& next_values, const OptTensor& bootstrap_value,
+                               const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask,
+                               const OptTensor& cu_seqlens, double gamma, double lam) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("rlkernels::gae", "")
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
+                                                           const OptTensor&, const OptTensor&, const OptTensor&,
+                                                           const OptTensor&, const OptTensor&, double, double)>();
+    Tensor adv, ret;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(adv, ret) = op.call(rewards, values, next_values, bootstrap_value, terminated, truncated, mask,
+                                   cu_seqlens, gamma, lam);
+    }
+    ctx->save_for_backward({rewards, terminated.value_or(Tensor()), truncated.value_or(Tensor()),
+                            mask.value_or(Tensor()), cu_seqlens.value_or(Tensor())});
+    ctx->saved_data["gamma"] = gamma;
+    ctx->saved_data["lam"] = lam;
+    ctx->saved_data["values"] = dtype_of(values);
+    ctx->saved_data["next_values"] = dtype_of(next_values);
+    ctx->saved_data["bootstrap_value"] = dtype_of(bootstrap_value);
+    ctx->set_materialize_grads(false);  // an unused output's gradient is absent, not a tensor of zeros
+    return {adv, ret};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("rlkernels::gae_backward", "")
+                         .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                             const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                             const OptTensor&, const OptTensor&, const Tensor&, double, double, bool)>();
+    const variable_list saved = ctx->get_saved_variables();
+    const bool has_next = !ctx->saved_data["next_values"].isNone();
+    auto [g_r, g_v, g_next, g_boot] =
+        op.call(maybe(grads[0]), maybe(grads[1]), maybe(saved[1]), maybe(saved[2]), maybe(saved[3]), maybe(saved[4]),
+                saved[0], ctx->saved_data["gamma"].toDouble(), ctx->saved_data["lam"].toDouble(), has_next);
+    return {g_r.to(saved[0].scalar_type()), cast_like(g_v, ctx->saved_data["values"]),
+            cast_like(g_next, ctx->saved_data["next_values"]), cast_like(g_boot, ctx->saved_data["bootstrap_value"]),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor discounted_returns_autograd(const Tensor& rewards, const OptTensor& next_values,
+                                   const OptTensor& bootstrap_value, const OptTensor& terminated,
+                                   const OptTensor& truncated, const OptTensor& mask, const OptTensor& cu_seqlens,
+                                   double gamma) {
+  return DiscountedReturnsFunction::apply(rewards, next_values, bootstrap_value, terminated, truncated, mask,
+                                          cu_seqlens, gamma)[0];
+}
+
+std::tuple<Tensor, Tensor> gae_autograd(const Tensor& rewards, const Tensor& values, const OptTensor& next_values,
+                                        const OptTensor& bootstrap_value, const OptTensor& terminated,
+                                        const OptTensor& truncated, const OptTensor& mask,
+                                        const OptTensor& cu_seqlens, double gamma, double lam) {
+  const variable_list out = GaeFunction::apply(rewards, values, next_values, bootstrap_value, terminated, truncated,
+                                               mask, cu_seqlens, gamma, lam);
+  return {out[0], out[1]};
+}
+
 std::tuple<Tensor, Tensor> td_loss_autograd(const Tensor& q, const Tensor& actions, const Tensor& targets,
                                             const OptTensor& weights, c10::string_view loss, double delta,
                                             c10::string_view reduction) {
@@ -69,4 +183,8 @@ std::tuple<Tensor, Tensor> td_loss_autograd(const Tensor& q, const Tensor& actio
 }  // namespace
 }  // namespace rlkernels
 
-TORCH_LIBRARY_IMPL(rlkernels, Autograd, m) { m.impl("td_loss", &rlkernels::td_loss_autograd); }
+TORCH_LIBRARY_IMPL(rlkernels, Autograd, m) {
+  m.impl("discounted_returns", &rlkernels::discounted_returns_autograd);
+  m.impl("gae", &rlkernels::gae_autograd);
+  m.impl("td_loss", &rlkernels::td_loss_autograd);
+}

@@ -39,8 +39,8 @@ class _Scan:
         shape, device, dtype = rewards.shape, rewards.device, rewards.dtype
         mixed = False
         for name, x in floats.items():
+            checks.float_tensor(op, name, x, optional=name in ("next_values",))
             if x is not None:
-                checks.float_tensor(op, name, x)
                 mixed = mixed or x.dtype != dtype
         for name, x in per_seq.items():
             if isinstance(x, torch.Tensor):
@@ -428,9 +428,9 @@ def _returns_backward_using(backward_op):
     return backward
 
 
-torch.library.register_autograd("rlkernels::discounted_returns",
-                                _returns_backward_using(torch.ops.rlkernels.discounted_returns_backward),
-                                setup_context=_returns_setup)
+# rlkernels::discounted_returns and rlkernels::gae (the C++/CUDA ops) have their autograd kernels in C++
+# (csrc/autograd.cpp, the same formulas): torch.library's Python autograd layer cost tens of microseconds per
+# call. The Triton ops register the formulas here (rlkernels/triton/returns.py).
 
 
 def _gae_setup(ctx, inputs, output):
@@ -455,8 +455,6 @@ def _gae_backward_using(backward_op):
     return backward
 
 
-torch.library.register_autograd("rlkernels::gae", _gae_backward_using(torch.ops.rlkernels.gae_backward),
-                                setup_context=_gae_setup)
 
 
 def _vtrace_setup(ctx, inputs, output):

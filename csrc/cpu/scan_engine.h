@@ -134,6 +134,7 @@ constexpr int64_t kSerialElements = 1 << 15;  // below this, no threads
 constexpr int64_t kChunk = 4096;           // steps per chunk of a long sequence
 constexpr int64_t kChunkMinSteps = 16384;  // shorter sequences are walked whole
 constexpr int64_t kChunkMaxSeqs = 256;     // with more sequences than this, lanes are already plentiful
+constexpr int64_t kWindowChunks = 64;      // chunks per window of the chunked passes (~2.4 MB of fp32 GAE inputs)
 
 enum class Kind : uint8_t { kNone, kScalar, kFlag, kAcc };
 
@@ -346,6 +347,11 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
 
 // Runs `Step` over every sequence of `pb`. `init[j * num_seqs + s]` is sequence s's initial carry j
 // (nullptr: zeros); the final carries are written to `final_carry` the same way when it is not null.
+//
+// Chunked sequences (few and long) take three passes: each chunk's map (pass 1), the maps composed along the
+// sequence (pass 2), each chunk walked with its true carry (pass 3). With more than kWindowChunks chunks the
+// passes run window by window in scan order, so pass 3 re-reads a window's inputs from the cache pass 1 just
+// filled instead of from DRAM: one sequence of millions of steps reads its inputs from memory once, not twice.
 template <class Step, typename scalar_t, typename acc_t>
 void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& params, bool reverse, const acc_t* init,
               acc_t* final_carry) {
@@ -366,54 +372,113 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
     const int64_t begin = c * kChunk;
     return Lane{pb.seq_base(s), begin, std::min(kChunk, len - begin)};
   };
-  // Tiles as wide as kTileGroups groups, but narrower when that would leave threads idle. Lanes are
-  // independent, so the tiling never changes the results.
-  const int64_t lane_groups = (num_lanes + kLanes - 1) / kLanes;
-  const int64_t tile_groups =
-      std::clamp<int64_t>(lane_groups / (2 * std::max<int64_t>(1, at::get_num_threads())), 1, kTileGroups);
-  const int64_t tile_lanes = tile_groups * kLanes;
-  const int64_t tiles = (num_lanes + tile_lanes - 1) / tile_lanes;
   // Small problems stay on the calling thread: waking the pool costs more than they take.
   const int64_t elements = pb.cu_seqlens ? pb.steps : num_seqs * pb.steps;
-  const int64_t grain = elements < kSerialElements ? std::max<int64_t>(tiles, 1) : 1;
+  const BlockFn<acc_t> map_block = pick_block<acc_t>(id, /*symbolic=*/true);
+  const InPlace<acc_t> map_in_place = pick_in_place<scalar_t, acc_t>(id, true);
+  const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/false);
+  const InPlace<acc_t> in_place = pick_in_place<scalar_t, acc_t>(id, false);
+  using Map = Affine<acc_t, D>;
+
+  // Walks n lanes, lane k being lane_of(lane_id(k)), in parallel tiles as wide as kTileGroups groups (narrower
+  // when that would leave threads idle; lanes are independent, so the tiling never changes the results).
+  // symbolic: maps[k * D + j] receives lane k's map; else carries[k * D + j] is lane k's carry in, and its carry
+  // out afterwards.
+  auto walk_lanes = [&](int64_t n_lanes, auto lane_id, bool symbolic, Map* maps, acc_t* carries) {
+    const int64_t lane_groups = (n_lanes + kLanes - 1) / kLanes;
+    const int64_t tile_groups =
+        std::clamp<int64_t>(lane_groups / (2 * std::max<int64_t>(1, at::get_num_threads())), 1, kTileGroups);
+    const int64_t tile_lanes = tile_groups * kLanes;
+    const int64_t tiles = (n_lanes + tile_lanes - 1) / tile_lanes;
+    const int64_t grain = elements < kSerialElements ? std::max<int64_t>(tiles, 1) : 1;
+    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        Lane lanes[kTileLanes];
+        const int64_t first = t * tile_lanes;
+        const int n = static_cast<int>(std::min<int64_t>(tile_lanes, n_lanes - first));
+        for (int l = 0; l < n; ++l) lanes[l] = lane_of(lane_id(first + l));
+        if (symbolic) {
+          // Seed each carry j with the identity form "carry_in[j]": form[g][j][1 + i][l] = (i == j).
+          constexpr int kForm = D * (D + 1) * kLanes;
+          alignas(64) acc_t form[kTileGroups][D][D + 1][kLanes] = {};
+          for (int g = 0; g < kTileGroups; ++g)
+            for (int j = 0; j < D; ++j)
+              for (int l = 0; l < kLanes; ++l) form[g][j][1 + j][l] = acc_t(1);
+          walk_tile<Step, scalar_t, acc_t>(pb, params, map_block, map_in_place, true, lanes, n, reverse,
+                                           &form[0][0][0][0], kForm);
+          for (int q = 0; q < n; ++q) {
+            const int g = q / kLanes, l = q % kLanes;
+            for (int j = 0; j < D; ++j) {
+              Map& m = maps[(first + q) * D + j];
+              m.c = form[g][j][0][l];
+              for (int i = 0; i < D; ++i) m.k[i] = form[g][j][1 + i][l];
+            }
+          }
+        } else {
+          alignas(64) acc_t carry[kTileGroups][D][kLanes] = {};
+          for (int q = 0; q < n; ++q)
+            for (int j = 0; j < D; ++j) carry[q / kLanes][j][q % kLanes] = carries[(first + q) * D + j];
+          walk_tile<Step, scalar_t, acc_t>(pb, params, block, in_place, false, lanes, n, reverse, &carry[0][0][0],
+                                           D * kLanes);
+          for (int q = 0; q < n; ++q)
+            for (int j = 0; j < D; ++j) carries[(first + q) * D + j] = carry[q / kLanes][j][q % kLanes];
+        }
+      }
+    });
+  };
+  auto init_of = [&](int64_t s, int j) { return init ? init[j * num_seqs + s] : acc_t(0); };
+
+  if (chunked && chunks > kWindowChunks) {
+    // Windows of up to kWindowChunks chunks of every sequence, in scan order. carry[s * D + j]: the carry
+    // entering sequence s's next window.
+    std::vector<acc_t> carry(num_seqs * D);
+    for (int64_t s = 0; s < num_seqs; ++s)
+      for (int j = 0; j < D; ++j) carry[s * D + j] = init_of(s, j);
+    std::vector<Map> maps(num_seqs * kWindowChunks * D);
+    std::vector<acc_t> carry_in(num_seqs * kWindowChunks * D);
+    bool finite = true;
+    for (int64_t done = 0; done < chunks && finite; done += kWindowChunks) {
+      const int64_t wn = std::min(kWindowChunks, chunks - done);
+      const int64_t c_lo = reverse ? chunks - done - wn : done;  // the window's chunks [c_lo, c_lo + wn)
+      auto lane_id = [&](int64_t k) { return (k / wn) * chunks + c_lo + k % wn; };
+      walk_lanes(num_seqs * wn, lane_id, true, maps.data(), nullptr);
+      for (int64_t s = 0; s < num_seqs && finite; ++s) {
+        for (int64_t i = 0; i < wn; ++i) {  // i-th chunk of the window in scan order
+          const int64_t k = s * wn + (reverse ? wn - 1 - i : i);
+          const int64_t next = reverse ? k - 1 : k + 1;
+          for (int j = 0; j < D; ++j) {
+            carry_in[k * D + j] = i == 0 ? carry[s * D + j] : carry_in[k * D + j];
+            finite = finite && std::isfinite(carry_in[k * D + j]);
+          }
+          if (i + 1 < wn)
+            for (int j = 0; j < D; ++j) carry_in[next * D + j] = maps[k * D + j](&carry_in[k * D]);
+        }
+      }
+      if (!finite) break;  // 0 * inf in a map would give NaN: start over with the whole-sequence walks below
+      walk_lanes(num_seqs * wn, lane_id, false, nullptr, carry_in.data());
+      for (int64_t s = 0; s < num_seqs; ++s) {
+        const int64_t last = s * wn + (reverse ? 0 : wn - 1);  // the window's last chunk in scan order
+        for (int j = 0; j < D; ++j) carry[s * D + j] = carry_in[last * D + j];
+      }
+    }
+    if (finite) {
+      if (final_carry)
+        for (int64_t s = 0; s < num_seqs; ++s)
+          for (int j = 0; j < D; ++j) final_carry[j * num_seqs + s] = carry[s * D + j];
+      return;
+    }
+  }
 
   // carry_in[q * D + j]: the carry entering lane q.
   std::vector<acc_t> carry_in(num_lanes * D, acc_t(0));
   for (int64_t s = 0; s < num_seqs; ++s) {
     const int64_t first = reverse ? s * chunks + chunks - 1 : s * chunks;
-    for (int j = 0; j < D; ++j) carry_in[first * D + j] = init ? init[j * num_seqs + s] : acc_t(0);
+    for (int j = 0; j < D; ++j) carry_in[first * D + j] = init_of(s, j);
   }
-
+  auto every_lane = [](int64_t q) { return q; };
   if (chunked) {
-    // Pass 1: each chunk's map from its carry in to its carry out.
-    using Map = Affine<acc_t, D>;
     std::vector<Map> maps(num_lanes * D);
-    const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/true);
-    const InPlace<acc_t> in_place = pick_in_place<scalar_t, acc_t>(id, true);
-    constexpr int kForm = D * (D + 1) * kLanes;
-    at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        Lane lanes[kTileLanes];
-        const int64_t first = t * tile_lanes;
-        const int n = static_cast<int>(std::min<int64_t>(tile_lanes, num_lanes - first));
-        for (int l = 0; l < n; ++l) lanes[l] = lane_of(first + l);
-        // Seed each carry j with the identity form "carry_in[j]": form[g][j][1 + i][l] = (i == j).
-        alignas(64) acc_t form[kTileGroups][D][D + 1][kLanes] = {};
-        for (int g = 0; g < kTileGroups; ++g)
-          for (int j = 0; j < D; ++j)
-            for (int l = 0; l < kLanes; ++l) form[g][j][1 + j][l] = acc_t(1);
-        walk_tile<Step, scalar_t, acc_t>(pb, params, block, in_place, true, lanes, n, reverse, &form[0][0][0][0],
-                                         kForm);
-        for (int q = 0; q < n; ++q) {
-          const int g = q / kLanes, l = q % kLanes;
-          for (int j = 0; j < D; ++j) {
-            Map& m = maps[(first + q) * D + j];
-            m.c = form[g][j][0][l];
-            for (int i = 0; i < D; ++i) m.k[i] = form[g][j][1 + i][l];
-          }
-        }
-      }
-    });
+    walk_lanes(num_lanes, every_lane, true, maps.data(), nullptr);  // pass 1
     // Pass 2: compose along each sequence, in scan order. A chunk map's coefficients can underflow to 0
     // (e.g. (gamma lam)^4096), which is harmless for finite carries but would turn an infinite carry into
     // 0 * inf = NaN; a sequence whose carries stop being finite is walked whole instead, which propagates
@@ -435,30 +500,14 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
       }
     }
   }
-
   // Pass 3 (the only pass when not chunked): walk every lane with its true carry, storing outputs.
-  const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/false);
-  const InPlace<acc_t> in_place = pick_in_place<scalar_t, acc_t>(id, false);
-  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      Lane lanes[kTileLanes];
-      const int64_t first = t * tile_lanes;
-      const int n = static_cast<int>(std::min<int64_t>(tile_lanes, num_lanes - first));
-      for (int l = 0; l < n; ++l) lanes[l] = lane_of(first + l);
-      alignas(64) acc_t carry[kTileGroups][D][kLanes] = {};
-      for (int q = 0; q < n; ++q)
-        for (int j = 0; j < D; ++j) carry[q / kLanes][j][q % kLanes] = carry_in[(first + q) * D + j];
-      walk_tile<Step, scalar_t, acc_t>(pb, params, block, in_place, false, lanes, n, reverse, &carry[0][0][0],
-                                       D * kLanes);
-      if (final_carry) {
-        for (int q = 0; q < n; ++q) {
-          const int64_t s = (first + q) / chunks, c = (first + q) % chunks;
-          if (c != (reverse ? 0 : chunks - 1)) continue;
-          for (int j = 0; j < D; ++j) final_carry[j * num_seqs + s] = carry[q / kLanes][j][q % kLanes];
-        }
-      }
+  walk_lanes(num_lanes, every_lane, false, nullptr, carry_in.data());
+  if (final_carry) {
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      const int64_t q = s * chunks + (reverse ? 0 : chunks - 1);
+      for (int j = 0; j < D; ++j) final_carry[j * num_seqs + s] = carry_in[q * D + j];
     }
-  });
+  }
 }
 
 }  // namespace RLK_ISA
