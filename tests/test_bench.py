@@ -66,3 +66,28 @@ def test_missing_baseline_package_is_skipped_with_a_note(monkeypatch):
     assert by_name["cleanrl loop"].call is not None and by_name["sb3 numpy loop"].call is not None
     for name in ("scipy lfilter", "torchrl vec_gae"):
         assert by_name[name].call is None and "not installed" in by_name[name].note
+
+
+def test_cache_modes_find_and_evict_the_inputs_of_a_call():
+    import functools
+
+    import numpy as np
+    import torch
+
+    x, y, z = torch.randn(1000), torch.randn(10, 10), np.arange(64, dtype=np.float32)
+    unused = torch.randn(3)
+    inner = lambda: (x + 1, z.sum())  # noqa: E731
+    fn = functools.partial(lambda scale, f: (f(), y * scale), 2.0, inner)
+    found = common.data_of(fn)
+    assert {id(t) for t in found} == {id(x), id(y), id(z)}
+    assert all(t is not unused for t in found)
+
+    before = [x.clone(), y.clone()]
+    flush = common.flusher_for("data", "cpu", fn, [unused])
+    assert isinstance(flush, common.DataEvictor)
+    assert len(flush.tensors) == 4  # the explicit input and the three the call reads
+    flush()  # clflush writes lines back and drops them: the values stay
+    assert torch.equal(x, before[0]) and torch.equal(y, before[1])
+    assert np.array_equal(z, np.arange(64, dtype=np.float32))
+    assert isinstance(common.flusher_for("llc", "cpu", fn), common.CacheFlusher)
+    assert common.flusher_for("warm", "cpu", fn) is None

@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "clones.h"
+#include "exp_poly.h"
 #include "rlkernels/bellman.h"
 
 namespace rlkernels::cpu {
@@ -170,15 +171,7 @@ __attribute__((always_inline)) inline f8 exp_nonpositive(f8 x) {
   x = x < -87.3f ? f8{} - 87.3f : x;
   const f8 y = x * 1.44269504088896341f;
   const i8 k = __builtin_convertvector(y - 0.5f, i8);  // round to nearest for y <= 0 (trunc toward 0)
-  const f8 kf = __builtin_convertvector(k, f8);
-  const f8 r = (x - kf * 0.693359375f) - kf * -2.12194440e-4f;
-  f8 p = f8{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const f8 p = exp_mantissa(x, __builtin_convertvector(k, f8));
   const i8 bits = (k + 127) << 23;
   f8 scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "exp_poly.h"
 #include "rlkernels/ppo.h"
 
 namespace rlkernels::cpu::lanes {
@@ -25,14 +26,7 @@ constexpr int kLanes = 16;
 // exp(x) for x in [-20, 20] (the log-ratio clamp): 2^k * p(r), r = x - k ln 2 in [-ln2/2, ln2/2].
 inline float exp_clamped(float x) {
   const float k = __builtin_floorf(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - k * 0.693359375f) - k * -2.12194440e-4f;  // Cody-Waite: ln 2 in two parts
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const float p = exp_mantissa(x, k);
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   return p * __builtin_bit_cast(float, bits);
 }

@@ -254,20 +254,6 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
       const Lane* gl = lanes + g * kLanes;
       const int n = std::min(kLanes, num_lanes - g * kLanes);
       const int kn = static_cast<int>(std::min<int64_t>(kBlock, group_len[g] - k0));
-      if (in_place.transposed != nullptr && ts == 1 && n == kLanes && kn % 16 == 0) {
-        // Every lane of the group has this whole block (no ragged end): in-register transposes.
-        bool full = true;
-        int64_t lane_off[kLanes];
-        for (int l = 0; l < kLanes; ++l) {
-          full = full && gl[l].len >= k0 + kn;
-          lane_off[l] = gl[l].base + time_of(gl[l], k0);
-        }
-        if (full) {
-          in_place.transposed(params, ds, lane_off, reverse ? -1 : 1, kn, carry + g * carry_size,
-                              symbolic ? no_out : pb.out);
-          continue;
-        }
-      }
       if (in_place.direct != nullptr && contiguous[g]) {
         const int64_t ahead = std::min<int64_t>(kBlock, group_len[g] - k0 - kBlock);
         for (int s = 0; s < kNumStreams; ++s)

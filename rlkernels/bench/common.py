@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,9 +298,10 @@ def _evict_op():
     try:
         import rlkernels  # noqa: F401  (registers the op)
 
-        return torch.ops.rlkernels._evict_from_cache
+        evict = torch.ops.rlkernels._evict_from_cache
     except (ImportError, AttributeError, RuntimeError):
         return None
+    return evict if evict([]) else None  # False where the CPU has no clflush: rewrite a buffer instead
 
 
 def data_of(fn, depth: int = 4) -> list:
@@ -344,7 +346,9 @@ class DataEvictor:
         for a in arrays:
             if isinstance(a, np.ndarray):
                 try:
-                    a = torch.from_numpy(np.require(a, requirements="W") if not a.flags.writeable else a)
+                    with warnings.catch_warnings():  # a read-only array: eviction reads nothing and writes nothing
+                        warnings.simplefilter("ignore", UserWarning)
+                        a = torch.from_numpy(a)
                 except TypeError:  # a dtype torch has no counterpart for: not ours to evict
                     continue
             if a.device.type == "cpu":
