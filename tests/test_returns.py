@@ -382,6 +382,57 @@ def test_windowed_path_inf_falls_back_like_reference(op):
     assert torch.isposinf(out).all()
 
 
+# The in-place CPU walks are compiled again for common input sets (kGaeSets etc. in csrc/cpu/scan_types.h,
+# float32 only), with absent inputs folded to constants, and write outputs of 16 MiB or more with streaming
+# stores where each lane's lines are aligned (RLKERNELS_STREAMING_STORES=always forces them at any size). Each
+# set, in every walk layout, forward and backward, against the reference and the float64 run (which takes the
+# walk for any inputs): time-major groups, batch-major rows with line-aligned (T=128) and unaligned (T=100)
+# lanes, and chunks of long rows (ragged, or every lane aligned).
+_SPECIALIZED_SETS = {
+    "terminated": {"terminated": 0.05, "bootstrap": "tensor"},
+    "terminated+truncated+next_values": {"terminated": 0.05, "truncated": 0.05, "next_values": True},
+    "mask": {"mask": 0.3, "bootstrap": "tensor"},
+    "none (generic walk)": {"bootstrap": "scalar"},
+}
+_WALK_SHAPES = {
+    "time-major": ((70, 37), 0),
+    "batch-major aligned": ((37, 128), -1),
+    "batch-major unaligned": ((37, 100), -1),
+    "chunked rows": ((3, 6 * 4096 - 40), -1),  # (a time-major [T, 3] is chunked too, but walked through buffers)
+    "chunked aligned rows": ((2, 8 * 4096), -1),
+}
+
+
+@pytest.mark.parametrize("streaming", ["always", "0"])
+@pytest.mark.parametrize("walk", list(_WALK_SHAPES))
+@pytest.mark.parametrize("inputs", list(_SPECIALIZED_SETS))
+@pytest.mark.parametrize("op", ["discounted_returns", "gae"])
+def test_specialized_walks_and_streaming_stores(op, inputs, walk, streaming, monkeypatch):
+    monkeypatch.setenv("RLKERNELS_STREAMING_STORES", streaming)
+    shape, time_dim = _WALK_SHAPES[walk]
+    s32 = make_inputs(op, shape, time_dim=time_dim, dtype=torch.float32, gamma=0.97, lam=0.9, seed=5,
+                      **_SPECIALIZED_SETS[inputs])
+    out32 = _check_against_reference(s32)
+    s64 = s32.with_tensors(**{k: v.double() for k, v in s32.tensors.items() if v.is_floating_point()})
+    out32, g32 = _grads(s32, seed=3)
+    out64, g64 = _grads(s64, seed=3)
+    assert set(g32) == set(g64) and g32
+    for n in g32:
+        assert_close(g32[n], g64[n], torch.float32, name=f"grad {n}")
+
+
+def test_windowed_float32_streaming_stores(monkeypatch):
+    # Two windows of chunks with float32 inputs and terminated flags: the specialized transposed walks, outputs
+    # by streaming stores, the ragged last chunk (5 steps, not a whole line) by ordinary ones.
+    monkeypatch.setenv("RLKERNELS_STREAMING_STORES", "always")
+    s = make_inputs("gae", (WINDOWED_T, 1), dtype=torch.float32, terminated=1e-3, bootstrap="tensor", gamma=0.99,
+                    lam=0.95, seed=73)
+    out = _check_against_reference(s)
+    monkeypatch.setenv("RLKERNELS_STREAMING_STORES", "0")
+    for a, b in zip(out, _tuple(s.call("cpu"))):
+        assert torch.equal(a, b)  # the store instruction never changes a value
+
+
 def _grads(sample, seed=0, names=None):
     """Outputs and d(sum_i <w_i, out_i>)/d inputs, with random weights w (fixed by seed)."""
     s = sample.requiring_grad(names)

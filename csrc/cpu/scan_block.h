@@ -57,25 +57,54 @@ RLK_FN void carry_io_lanes(C (&carry)[H][D], acc_t* io, bool store) {
   }
 }
 
-// The step's inputs, stream by stream from get(stream) (absent streams arrive as 0, the mask as 1).
+// The step's inputs, stream by stream from get.operator()<stream>() (absent streams arrive as 0, the mask
+// as 1). The stream is a constant, so a walk that knows a stream is absent returns a constant for it.
 template <typename V, typename Get>
 RLK_FN StepIn<V> stream_in(Get get) {
   StepIn<V> in;
-  in.r = get(kR);
-  in.v = get(kV);
-  in.nv = get(kNV);
-  in.lr = get(kLR);
-  in.a = get(kA);
-  in.b = get(kB);
-  in.term = get(kTerm);
-  in.trunc = get(kTrunc);
-  in.valid = get(kMask);
-  in.g0 = get(kG0);
-  in.g1 = get(kG1);
-  in.s0 = get(kS0);
-  in.s1 = get(kS1);
+  in.r = get.template operator()<kR>();
+  in.v = get.template operator()<kV>();
+  in.nv = get.template operator()<kNV>();
+  in.lr = get.template operator()<kLR>();
+  in.a = get.template operator()<kA>();
+  in.b = get.template operator()<kB>();
+  in.term = get.template operator()<kTerm>();
+  in.trunc = get.template operator()<kTrunc>();
+  in.valid = get.template operator()<kMask>();
+  in.g0 = get.template operator()<kG0>();
+  in.g1 = get.template operator()<kG1>();
+  in.s0 = get.template operator()<kS0>();
+  in.s1 = get.template operator()<kS1>();
   return in;
 }
+
+template <typename F, int... S>
+RLK_FN void for_each_stream(F& f, std::integer_sequence<int, S...>) {
+  (f.template operator()<S>(), ...);
+}
+// f.operator()<s>() for every stream s, s a constant.
+template <typename F>
+RLK_FN void for_each_stream(F&& f) {
+  for_each_stream(f, std::make_integer_sequence<int, kNumStreams>{});
+}
+
+// What an in-place walk knows at compile time about its inputs (see kGaeSets in scan_types.h): a stream in
+// kKnown is present iff it is in kPresent; the others are looked up at run time. AnyInputs knows nothing.
+template <uint32_t kKnown, uint32_t kPresent>
+struct Presence {
+  static constexpr bool absent(int s) { return ((kKnown >> s) & 1u) && !((kPresent >> s) & 1u); }
+  static constexpr bool present(int s) { return ((kKnown >> s) & 1u) && ((kPresent >> s) & 1u); }
+  // The value an absent stream reads: 1 for the mask (every step valid), else 0.
+  static constexpr int constant(int s) { return s == kMask ? 1 : 0; }
+  // The step parameters as vectors, has_next a constant where it is known.
+  template <typename V, typename acc_t>
+  RLK_FN static ScanParams<V> params(const ScanParams<acc_t>& scalar) {
+    ScanParams<V> p = vec_params<V>(scalar);
+    if constexpr ((kKnown & kHasNextBit) != 0) p.has_next = (kPresent & kHasNextBit) != 0;
+    return p;
+  }
+};
+using AnyInputs = Presence<0u, 0u>;
 
 // One step of the lanes: outputs into o, the carry kept where the step is invalid (masked or past the end).
 template <class Step, typename V, typename C>
@@ -117,7 +146,7 @@ void run_block(const ScanParams<acc_t>& scalar_params, const acc_t* const* src, 
   for (int kk = 0; kk < kn; ++kk) {
     for (int h = 0; h < H; ++h) {
       const int row = kk * kLanes + h * N;
-      const StepIn<V> in = stream_in<V>([&](int s) { return V::load(src[s] + row); });
+      const StepIn<V> in = stream_in<V>([&]<int S>() { return V::load(src[S] + row); });
       C o[Step::kOut];
       advance<Step>(p, in, carry[h], o);  // invalid steps (masked, past a lane's end) keep the carry, write 0
       if constexpr (!kSymbolic) {
@@ -227,7 +256,7 @@ struct StreamTable {
 // run_block without the buffers: a time-major group reads its inputs in place and writes its outputs in
 // place, one vector load or store per stream and lane vector, flags widened in registers. The lane vectors
 // are unrolled so their carries stay in registers.
-template <class Step, typename acc_t, bool kSymbolic>
+template <class Step, typename acc_t, bool kSymbolic, class P>
 void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds, int64_t off0, int64_t step,
                 int64_t kn, acc_t* carry_io, acc_t* const* out) {
   constexpr int N = RLK_VEC_BYTES / sizeof(acc_t) < kLanes ? RLK_VEC_BYTES / sizeof(acc_t) : kLanes;
@@ -235,7 +264,7 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
   using V = Vec<acc_t, N>;
   constexpr int D = Step::kCarry;
   using C = std::conditional_t<kSymbolic, Affine<V, D>, V>;
-  const ScanParams<V> p = vec_params<V>(scalar_params);
+  const ScanParams<V> p = P::template params<V>(scalar_params);
   const StreamTable<acc_t> st(ds, off0, step);
   acc_t* o_ptr[Step::kOut];
   for (int j = 0; j < Step::kOut; ++j) o_ptr[j] = kSymbolic ? nullptr : out[j];
@@ -245,7 +274,13 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
   for (int64_t kk = 0; kk < kn; ++kk) {
 #pragma GCC unroll 16
     for (int h = 0; h < H; ++h) {
-      const StepIn<V> in = stream_in<V>([&](int s) { return st.template load<V>(s, kk, h * N); });
+      const StepIn<V> in = stream_in<V>([&]<int S>() -> V {
+        if constexpr (P::absent(S)) {
+          return V(acc_t(P::constant(S)));
+        } else {
+          return st.template load<V>(S, kk, h * N);
+        }
+      });
       C o[Step::kOut];
       advance<Step>(p, in, carry[h], o);
       if constexpr (!kSymbolic) {
@@ -286,16 +321,56 @@ RLK_FN void transpose(native (&m)[N]) {
   }
 }
 
-template <class Step, typename acc_t, bool kSymbolic>
+// The directions a step is walked in: forward estimators in reverse time, their adjoints forwards, the linear
+// scan both ways.
+template <class Step>
+constexpr bool walks_backward() {
+  return !std::is_same_v<Step, DiscountedReturnsBackwardStep> && !std::is_same_v<Step, GaeBackwardStep> &&
+         !std::is_same_v<Step, VtraceBackwardStepT<VecExp>>;
+}
+template <class Step>
+constexpr bool walks_forward() {
+  return !walks_backward<Step>() || std::is_same_v<Step, LinearScanStep>;
+}
+
+// Stores a vector at p, 64-byte aligned with the rest of its cache line written next, without reading the line
+// first (a non-temporal store: no read-for-ownership, the line goes to memory in a write-combining buffer).
+template <typename native>
+RLK_FN void stream_store(void* p, native v) {
+#if defined(__x86_64__) && defined(__GNUC__) && defined(RLK_VEC_BYTES)
+  if constexpr (sizeof(native) == 64) {
+    _mm512_stream_ps(static_cast<float*>(p), (__m512)v);
+  } else if constexpr (sizeof(native) == 32) {
+    _mm256_stream_ps(static_cast<float*>(p), (__m256)v);
+  } else if constexpr (sizeof(native) == 16) {
+    _mm_stream_ps(static_cast<float*>(p), (__m128)v);
+  } else {
+    __builtin_memcpy(p, &v, sizeof(native));
+  }
+#else
+  __builtin_memcpy(p, &v, sizeof(native));
+#endif
+}
+
+RLK_FN void stream_fence() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  _mm_sfence();  // streaming stores are weakly ordered: visible before the walk returns
+#endif
+}
+
+template <class Step, typename acc_t, bool kSymbolic, class P>
 void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds, const int64_t* lane_off,
-                    int64_t dir, int64_t kn, acc_t* carry_io, acc_t* const* out) {
+                    int64_t dir, int64_t kn, acc_t* carry_io, acc_t* const* out, bool stream) {
   constexpr int N = RLK_VEC_BYTES / sizeof(acc_t) < kLanes ? RLK_VEC_BYTES / sizeof(acc_t) : kLanes;
   constexpr int H = kLanes / N;
   using V = Vec<acc_t, N>;
   using native = typename V::native;
   constexpr int D = Step::kCarry;
   using C = std::conditional_t<kSymbolic, Affine<V, D>, V>;
-  const ScanParams<V> p = vec_params<V>(scalar_params);
+  // Each iteration walks kSub blocks of N steps, so each lane writes a whole 64-byte line of each output at once.
+  constexpr int kSub = N * sizeof(acc_t) >= 64 ? 1 : int(64 / (N * sizeof(acc_t)));
+  static_assert(kBlock % (kSub * N) == 0, "walks are a multiple of kBlock steps");
+  const ScanParams<V> p = P::template params<V>(scalar_params);
   // Origin 0: lane l's N steps from scan step kk0 start at element lane_off[l] + dir * kk0 (lowest address
   // pos - (N - 1) when walking backwards); absent streams read their constant, the same for every lane.
   const StreamTable<acc_t> st(ds, 0, dir);
@@ -303,63 +378,161 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
   for (int j = 0; j < Step::kOut; ++j) o_ptr[j] = kSymbolic ? nullptr : out[j];
   const int64_t low = dir > 0 ? 0 : N - 1;  // from a lane's position to the lowest address of its N steps
   // Each stream's address of each lane's first N steps, made once (absent streams: their constant); the walk
-  // then moves every lane by the same dir * N steps per iteration.
+  // then moves every lane by the same dir * N steps per block.
   const unsigned char* at[kNumStreams][kLanes];
   for (int s = 0; s < kNumStreams; ++s)
     for (int l = 0; l < kLanes; ++l) at[s][l] = st.base[s] + (lane_off[l] - low) * st.unit[s];
   acc_t* o_at[Step::kOut][kLanes];
   for (int j = 0; j < Step::kOut; ++j)
     for (int l = 0; l < kLanes; ++l) o_at[j][l] = o_ptr[j] ? o_ptr[j] + (lane_off[l] - low) : nullptr;
+  // Streaming stores need each iteration's line of every lane and output to be a whole aligned line.
+  if constexpr (!kSymbolic) {
+    const int64_t line_start = dir > 0 ? 0 : -(kSub - 1) * N;  // the lowest block of the first iteration
+    for (int j = 0; j < Step::kOut && stream; ++j)
+      for (int l = 0; l < kLanes && o_at[j][l] != nullptr; ++l)
+        stream = stream && reinterpret_cast<uintptr_t>(o_at[j][l] + line_start) % 64 == 0;
+  }
 
   C carry[H][D];
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/false);
+  // The lanes are 16 streams per input and output, too many for the hardware prefetchers to follow: each
+  // lane's lines kPrefetchSteps ahead are requested by hand, one request per cache line.
+  constexpr int64_t kPrefetchSteps = 128;
+  auto prefetch_every = [](int64_t unit) { return unit * N * kSub >= 64 ? int64_t(1) : 64 / (unit * N * kSub); };
   // After the transpose, row i holds memory offset i of every lane's N steps: scan order is i = 0..N-1
   // forwards and N-1..0 backwards, so walking backwards needs no shuffles, only the row order reversed.
   auto walk = [&]<bool kForward>() {
-    for (int64_t kk0 = 0; kk0 < kn; kk0 += N) {
-      const int64_t moved = (kForward ? kk0 : -kk0);  // elements moved since the start
+    for (int64_t kk0 = 0; kk0 < kn; kk0 += kSub * N) {
+      const int64_t iter = kk0 / (kSub * N);
 #pragma GCC unroll 16
       for (int h = 0; h < H; ++h) {
-        native cols[kNumStreams][N];
-#pragma GCC unroll 16
-        for (int s = 0; s < kNumStreams; ++s) {
-          const int64_t shift = moved * st.unit[s];
-          for (int l = 0; l < N; ++l) cols[s][l] = st.template load<V>(s, 0, 0, at[s][h * N + l] + shift).v;
-          if (ds.kind[s] != 0) transpose<native, N>(cols[s]);  // an absent stream's constant needs none
-        }
-        native outs[Step::kOut][N];
+        native outs[Step::kOut][kSub][N];
+        for (int b = 0; b < kSub; ++b) {
+          const int64_t moved = kForward ? kk0 + b * N : -(kk0 + b * N);  // elements moved since the start
+          native cols[kNumStreams][N];
+          for_each_stream([&]<int S>() {
+            if constexpr (!P::absent(S)) {
+              constexpr int64_t kUnit = StreamTable<acc_t>::is_flag(S) ? 1 : sizeof(acc_t);
+              const int64_t unit = P::present(S) ? kUnit : st.unit[S];
+              const int64_t shift = moved * unit;
+              if (b == 0 && unit != 0 && iter % prefetch_every(unit) == 0) {
+                const int64_t ahead = shift + (kForward ? kPrefetchSteps : -kPrefetchSteps) * unit;
+                for (int l = 0; l < N; ++l) __builtin_prefetch(at[S][h * N + l] + ahead);
+              }
+              for (int l = 0; l < N; ++l) cols[S][l] = st.template load<V>(S, 0, 0, at[S][h * N + l] + shift).v;
+              if (P::present(S) || ds.kind[S] != 0) transpose<native, N>(cols[S]);  // a constant needs none
+            }
+          });
 #if RLK_VEC_BYTES < 64  // (unrolled in the AVX-512 build, GCC 12 crashes: internal compiler error in do_store_flag)
 #pragma GCC unroll 16
 #endif
-        for (int k = 0; k < N; ++k) {
-          const int i = kForward ? k : N - 1 - k;
-          const StepIn<V> in = stream_in<V>([&](int s) { return V::from(cols[s][i]); });
-          C o[Step::kOut];
-          advance<Step>(p, in, carry[h], o);
-          if constexpr (!kSymbolic) {
-            for (int j = 0; j < Step::kOut; ++j) outs[j][i] = select(in.valid, o[j], V(acc_t(0))).v;
+          for (int k = 0; k < N; ++k) {
+            const int i = kForward ? k : N - 1 - k;
+            const StepIn<V> in = stream_in<V>([&]<int S>() -> V {
+              if constexpr (P::absent(S)) {
+                return V(acc_t(P::constant(S)));
+              } else {
+                return V::from(cols[S][i]);
+              }
+            });
+            C o[Step::kOut];
+            advance<Step>(p, in, carry[h], o);
+            if constexpr (!kSymbolic) {
+              for (int j = 0; j < Step::kOut; ++j) outs[j][b][i] = select(in.valid, o[j], V(acc_t(0))).v;
+            }
           }
         }
         if constexpr (!kSymbolic) {
           for (int j = 0; j < Step::kOut; ++j) {
             if (o_ptr[j] == nullptr) continue;
-            transpose<native, N>(outs[j]);
-            for (int l = 0; l < N; ++l) __builtin_memcpy(o_at[j][h * N + l] + moved, &outs[j][l], sizeof(native));
+            if (!stream && iter % prefetch_every(sizeof(acc_t)) == 0)
+              for (int l = 0; l < N; ++l)
+                __builtin_prefetch(o_at[j][h * N + l] + (kForward ? kk0 + kPrefetchSteps : -kk0 - kPrefetchSteps), 1);
+            for (int b = 0; b < kSub; ++b) transpose<native, N>(outs[j][b]);
+            // Each lane's line, its blocks in address order: b = 0 first forwards, last backwards.
+            auto dst = [&](int l, int bb) {
+              const int b = kForward ? bb : kSub - 1 - bb;
+              return o_at[j][h * N + l] + (kForward ? kk0 + b * N : -(kk0 + b * N));
+            };
+            auto row = [&](int l, int bb) -> const native& { return outs[j][kForward ? bb : kSub - 1 - bb][l]; };
+            if (stream) {
+              for (int l = 0; l < N; ++l)
+                for (int bb = 0; bb < kSub; ++bb) stream_store(dst(l, bb), row(l, bb));
+            } else {
+              for (int l = 0; l < N; ++l)
+                for (int bb = 0; bb < kSub; ++bb) __builtin_memcpy(dst(l, bb), &row(l, bb), sizeof(native));
+            }
           }
         }
       }
     }
   };
+  // Each step is compiled for the directions it is walked in (scan.h: forward estimators in reverse time,
+  // their adjoints forwards).
   if (dir > 0) {
-    walk.template operator()<true>();
+    if constexpr (walks_forward<Step>()) walk.template operator()<true>(); else __builtin_trap();
   } else {
-    walk.template operator()<false>();
+    if constexpr (walks_backward<Step>()) walk.template operator()<false>(); else __builtin_trap();
   }
+  if (!kSymbolic && stream) stream_fence();
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/true);
 }
 
+// The walk `Walk<P>` specialized for `present` when it is one of `kSets` (float only: the in-place walks of
+// the other dtypes are rarer, and each specialization is compile time), else the one for any inputs.
+template <typename acc_t, const auto& kSets, template <class> class Walk, std::size_t... I>
+auto pick_presence(uint32_t present, std::index_sequence<I...>) {
+  decltype(&Walk<AnyInputs>::template run<acc_t>) fn = &Walk<AnyInputs>::template run<acc_t>;
+  if constexpr (std::is_same_v<acc_t, float> && kSets[0] != kEveryBit)
+    ((present == kSets[I] ? (fn = &Walk<Presence<kEveryBit, kSets[I]>>::template run<acc_t>, 0) : 0), ...);
+  return fn;
+}
+template <typename acc_t, const auto& kSets, template <class> class Walk>
+auto pick_presence(uint32_t present) {
+  return pick_presence<acc_t, kSets, Walk>(present, std::make_index_sequence<sizeof(kSets) / sizeof(kSets[0])>{});
+}
+
+// The step of each StepId with the input sets its in-place walks are specialized for, as FN(Step, sets).
+constexpr uint32_t kNoSets[] = {kEveryBit};  // no specializations
+constexpr uint32_t kLinearScanSets[] = {bit(kA) | bit(kB)};
+#define RLK_STEP_SETS_TABLE(FN)                                                              \
+  switch (id) {                                                                              \
+    case StepId::kLinearScan: return FN(LinearScanStep, kLinearScanSets);                    \
+    case StepId::kDiscountedReturns: return FN(DiscountedReturnsStep, kReturnsSets);         \
+    case StepId::kDiscountedReturnsBackward: return FN(DiscountedReturnsBackwardStep, kReturnsBackwardSets); \
+    case StepId::kGae: return FN(GaeStep, kGaeSets);                                         \
+    case StepId::kGaeBackward: return FN(GaeBackwardStep, kGaeBackwardSets);                 \
+    case StepId::kVtrace: return FN(VtraceStepT<VecExp>, kNoSets);                           \
+    case StepId::kVtraceBackward: return FN(VtraceBackwardStepT<VecExp>, kNoSets);           \
+  }                                                                                          \
+  return nullptr
+
+template <class Step, bool kSymbolic>
+struct TransposedWalk {
+  template <class P>
+  struct With {
+    template <typename acc_t>
+    static void run(const ScanParams<acc_t>& params, const DirectStreams& ds, const int64_t* lane_off, int64_t dir,
+                    int64_t kn, acc_t* carry, acc_t* const* out, bool stream) {
+      run_transposed<Step, acc_t, kSymbolic, P>(params, ds, lane_off, dir, kn, carry, out, stream);
+    }
+  };
+};
+template <class Step, bool kSymbolic>
+struct DirectWalk {
+  template <class P>
+  struct With {
+    template <typename acc_t>
+    static void run(const ScanParams<acc_t>& params, const DirectStreams& ds, int64_t off0, int64_t step, int64_t kn,
+                    acc_t* carry, acc_t* const* out) {
+      run_direct<Step, acc_t, kSymbolic, P>(params, ds, off0, step, kn, carry, out);
+    }
+  };
+};
+
+// `present`: the walk's inputs (presence_of), for picking a specialized walk.
 template <typename acc_t>
-TransposedFn<acc_t> transposed_function(StepId id, bool symbolic) {
+TransposedFn<acc_t> transposed_function(StepId id, bool symbolic, uint32_t present) {
 #if RLK_VEC_BYTES == 64
   // GCC 12 crashes compiling the AVX-512 double transposed walks (internal compiler error in do_store_flag
   // on a select); double batch-major problems take the buffered walk there.
@@ -370,16 +543,20 @@ TransposedFn<acc_t> transposed_function(StepId id, bool symbolic) {
   if constexpr (!kCompiled) {
     return nullptr;
   } else {
-#define RLK_TRANSPOSED(STEP) symbolic ? &run_transposed<STEP, acc_t, true> : &run_transposed<STEP, acc_t, false>
-    RLK_STEP_TABLE(RLK_TRANSPOSED);
+#define RLK_TRANSPOSED(STEP, SETS)                                                          \
+  symbolic ? pick_presence<acc_t, SETS, TransposedWalk<STEP, true>::template With>(present) \
+           : pick_presence<acc_t, SETS, TransposedWalk<STEP, false>::template With>(present)
+    RLK_STEP_SETS_TABLE(RLK_TRANSPOSED);
 #undef RLK_TRANSPOSED
   }
 }
 
 template <typename acc_t>
-DirectFn<acc_t> direct_function(StepId id, bool symbolic) {
-#define RLK_DIRECT(STEP) symbolic ? &run_direct<STEP, acc_t, true> : &run_direct<STEP, acc_t, false>
-  RLK_STEP_TABLE(RLK_DIRECT);
+DirectFn<acc_t> direct_function(StepId id, bool symbolic, uint32_t present) {
+#define RLK_DIRECT(STEP, SETS)                                                          \
+  symbolic ? pick_presence<acc_t, SETS, DirectWalk<STEP, true>::template With>(present) \
+           : pick_presence<acc_t, SETS, DirectWalk<STEP, false>::template With>(present)
+  RLK_STEP_SETS_TABLE(RLK_DIRECT);
 #undef RLK_DIRECT
 }
 
@@ -400,10 +577,10 @@ BlockFn<acc_t> block_function(StepId id, bool symbolic) {
   template rlkernels::cpu::BlockFn<double> rlkernels::RLK_ISA::block_function<double>(          \
       rlkernels::cpu::StepId, bool);                                                                   \
   template rlkernels::cpu::DirectFn<float> rlkernels::RLK_ISA::direct_function<float>(          \
-      rlkernels::cpu::StepId, bool);                                                                   \
+      rlkernels::cpu::StepId, bool, uint32_t);                                                         \
   template rlkernels::cpu::DirectFn<double> rlkernels::RLK_ISA::direct_function<double>(        \
-      rlkernels::cpu::StepId, bool);                                                                   \
+      rlkernels::cpu::StepId, bool, uint32_t);                                                         \
   template rlkernels::cpu::TransposedFn<float> rlkernels::RLK_ISA::transposed_function<float>(  \
-      rlkernels::cpu::StepId, bool);                                                                   \
+      rlkernels::cpu::StepId, bool, uint32_t);                                                         \
   template rlkernels::cpu::TransposedFn<double> rlkernels::RLK_ISA::transposed_function<double>( \
-      rlkernels::cpu::StepId, bool);
+      rlkernels::cpu::StepId, bool, uint32_t);

@@ -38,9 +38,9 @@ namespace rlkernels {
   template <typename acc_t>                                                         \
   cpu::BlockFn<acc_t> block_function(cpu::StepId id, bool symbolic);                \
   template <typename acc_t>                                                         \
-  cpu::DirectFn<acc_t> direct_function(cpu::StepId id, bool symbolic);              \
+  cpu::DirectFn<acc_t> direct_function(cpu::StepId id, bool symbolic, uint32_t present);            \
   template <typename acc_t>                                                         \
-  cpu::TransposedFn<acc_t> transposed_function(cpu::StepId id, bool symbolic);      \
+  cpu::TransposedFn<acc_t> transposed_function(cpu::StepId id, bool symbolic, uint32_t present);    \
   }
 RLK_DECLARE_BLOCKS(isa_default)
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -92,27 +92,27 @@ BlockFn<acc_t> pick_block(StepId id, bool symbolic) {
 }
 
 template <typename acc_t>
-DirectFn<acc_t> pick_direct(StepId id, bool symbolic) {
+DirectFn<acc_t> pick_direct(StepId id, bool symbolic, uint32_t present) {
 #if defined(__x86_64__) && defined(__GNUC__)
   switch (cpu_isa_level()) {
-    case 2: return isa_avx512::direct_function<acc_t>(id, symbolic);
-    case 1: return isa_avx2::direct_function<acc_t>(id, symbolic);
+    case 2: return isa_avx512::direct_function<acc_t>(id, symbolic, present);
+    case 1: return isa_avx2::direct_function<acc_t>(id, symbolic, present);
     default: break;
   }
 #endif
-  return isa_default::direct_function<acc_t>(id, symbolic);
+  return isa_default::direct_function<acc_t>(id, symbolic, present);
 }
 
 template <typename acc_t>
-TransposedFn<acc_t> pick_transposed(StepId id, bool symbolic) {
+TransposedFn<acc_t> pick_transposed(StepId id, bool symbolic, uint32_t present) {
 #if defined(__x86_64__) && defined(__GNUC__)
   switch (cpu_isa_level()) {
-    case 2: return isa_avx512::transposed_function<acc_t>(id, symbolic);
-    case 1: return isa_avx2::transposed_function<acc_t>(id, symbolic);
+    case 2: return isa_avx512::transposed_function<acc_t>(id, symbolic, present);
+    case 1: return isa_avx2::transposed_function<acc_t>(id, symbolic, present);
     default: break;
   }
 #endif
-  return isa_default::transposed_function<acc_t>(id, symbolic);
+  return isa_default::transposed_function<acc_t>(id, symbolic, present);
 }
 
 // The in-place walks (no staging buffers) of a problem whose inputs need no dtype conversion.
@@ -122,10 +122,24 @@ struct InPlace {
   TransposedFn<acc_t> transposed = nullptr;  // lanes contiguous in time
 };
 
+// `present`: the problem's inputs (presence_of), which may pick a walk specialized for them.
 template <typename scalar_t, typename acc_t>
-InPlace<acc_t> pick_in_place(StepId id, bool symbolic) {
+InPlace<acc_t> pick_in_place(StepId id, bool symbolic, uint32_t present) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) return {};
-  return {pick_direct<acc_t>(id, symbolic), pick_transposed<acc_t>(id, symbolic)};
+  return {pick_direct<acc_t>(id, symbolic, present), pick_transposed<acc_t>(id, symbolic, present)};
+}
+
+// Outputs of at least this many bytes are written with streaming stores: half the L3 of one core complex
+// of recent x86 server parts (16-32 MiB shared by its cores); sysconf's L3 size is the whole socket's.
+constexpr int64_t kStreamOutBytes = int64_t(16) << 20;
+
+// Whether outputs of `bytes` bytes are written with streaming stores: from kStreamOutBytes on, unless
+// RLKERNELS_STREAMING_STORES=0 (never) or =always (at any size: how the tests reach that path).
+inline bool streaming_stores_for(int64_t bytes) {
+  const char* v = std::getenv("RLKERNELS_STREAMING_STORES");
+  if (v != nullptr && std::string(v) == "0") return false;
+  if (v != nullptr && std::string(v) == "always") return true;
+  return bytes >= kStreamOutBytes;
 }
 
 constexpr int kTileGroups = 8;           // lane groups walked together (see walk_tile)
@@ -154,6 +168,15 @@ struct Problem {
     kind[s] = p ? k : Kind::kNone;
   }
   int64_t time_stride() const { return cu_seqlens ? 1 : inner; }
+  // The streams as the in-place walks read them: kind 1 a value, 2 a one-byte flag, 0 absent.
+  DirectStreams direct_streams() const {
+    DirectStreams ds;
+    for (int s = 0; s < kNumStreams; ++s) {
+      ds.p[s] = in[s];
+      ds.kind[s] = kind[s] == Kind::kFlag ? 2 : (kind[s] == Kind::kNone ? 0 : 1);
+    }
+    return ds;
+  }
   int64_t seq_base(int64_t s) const { return cu_seqlens ? cu_seqlens[s] : (s / inner) * steps * inner + s % inner; }
   int64_t seq_len(int64_t s) const { return cu_seqlens ? cu_seqlens[s + 1] - cu_seqlens[s] : steps; }
 };
@@ -185,10 +208,11 @@ inline acc_t load_as(const void* p, int64_t i) {
 // prefetchers busy, where one 64-byte segment per row would leave every load waiting on DRAM.
 // `carry` holds group g's carries at g * carry_size: [kCarry][kLanes] values, or with `symbolic` the
 // lanes' chunk maps [kCarry][kCarry + 1][kLanes] (then nothing is stored).
+// `stream_out`: the in-place transposed walk writes its outputs with streaming stores.
 template <class Step, typename scalar_t, typename acc_t>
 void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockFn<acc_t> block,
                InPlace<acc_t> in_place, bool symbolic, const Lane* lanes, int num_lanes, bool reverse, acc_t* carry,
-               int carry_size) {
+               int carry_size, bool stream_out) {
   alignas(64) acc_t buf[kNumStreams][kBlock * kLanes];
   alignas(64) acc_t obuf[kMaxOut][kBlock * kLanes];
   static const acc_t kZeros[kBlock * kLanes] = {};
@@ -212,11 +236,7 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
   }
   const int64_t max_len = *std::max_element(group_len, group_len + groups);
   // Contiguous groups skip the buffers when the inputs need no conversion (`direct` is null otherwise).
-  DirectStreams ds;
-  for (int s = 0; s < kNumStreams; ++s) {
-    ds.p[s] = pb.in[s];
-    ds.kind[s] = pb.kind[s] == Kind::kFlag ? 2 : (pb.kind[s] == Kind::kNone ? 0 : 1);
-  }
+  const DirectStreams ds = pb.direct_streams();
   acc_t* const no_out[kMaxOut] = {};
   if (!in_place_layout(ds)) in_place = {};
 
@@ -243,7 +263,7 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
       int64_t lane_off[kLanes];
       for (int l = 0; l < kLanes; ++l) lane_off[l] = gl[l].base + time_of(gl[l], 0);
       in_place.transposed(params, ds, lane_off, reverse ? -1 : 1, whole, carry + g * carry_size,
-                          symbolic ? no_out : pb.out);
+                          symbolic ? no_out : pb.out, stream_out);
       walked[g] = whole;
     }
   }
@@ -360,10 +380,15 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
   };
   // Small problems stay on the calling thread: waking the pool costs more than they take.
   const int64_t elements = pb.cu_seqlens ? pb.steps : num_seqs * pb.steps;
+  // Outputs too big to stay in cache until something reads them: streaming stores write them without first
+  // reading every line (for GAE, 17 bytes a step moved instead of 25).
+  // RLKERNELS_STREAMING_STORES=0 keeps them in cache (for a caller that reads them back at once).
+  const bool stream_out = streaming_stores_for(elements * Step::kOut * static_cast<int64_t>(sizeof(acc_t)));
   const BlockFn<acc_t> map_block = pick_block<acc_t>(id, /*symbolic=*/true);
-  const InPlace<acc_t> map_in_place = pick_in_place<scalar_t, acc_t>(id, true);
+  const uint32_t present = presence_of(pb.direct_streams(), params.has_next);
+  const InPlace<acc_t> map_in_place = pick_in_place<scalar_t, acc_t>(id, true, present);
   const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/false);
-  const InPlace<acc_t> in_place = pick_in_place<scalar_t, acc_t>(id, false);
+  const InPlace<acc_t> in_place = pick_in_place<scalar_t, acc_t>(id, false, present);
   using Map = Affine<acc_t, D>;
 
   // Walks n lanes, lane k being lane_of(lane_id(k)), in parallel tiles as wide as kTileGroups groups (narrower
@@ -391,7 +416,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
             for (int j = 0; j < D; ++j)
               for (int l = 0; l < kLanes; ++l) form[g][j][1 + j][l] = acc_t(1);
           walk_tile<Step, scalar_t, acc_t>(pb, params, map_block, map_in_place, true, lanes, n, reverse,
-                                           &form[0][0][0][0], kForm);
+                                           &form[0][0][0][0], kForm, false);
           for (int q = 0; q < n; ++q) {
             const int g = q / kLanes, l = q % kLanes;
             for (int j = 0; j < D; ++j) {
@@ -405,7 +430,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
           for (int q = 0; q < n; ++q)
             for (int j = 0; j < D; ++j) carry[q / kLanes][j][q % kLanes] = carries[(first + q) * D + j];
           walk_tile<Step, scalar_t, acc_t>(pb, params, block, in_place, false, lanes, n, reverse, &carry[0][0][0],
-                                           D * kLanes);
+                                           D * kLanes, stream_out);
           for (int q = 0; q < n; ++q)
             for (int j = 0; j < D; ++j) carries[(first + q) * D + j] = carry[q / kLanes][j][q % kLanes];
         }
