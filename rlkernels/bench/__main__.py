@@ -103,7 +103,9 @@ def time_compiled(case: Case, device: str, args):
         return None, None, f"not run ({args.no_compile_why})"
     if case.steps > MAX_COMPILED_STEPS:
         return None, None, f"not run: the loop would unroll over T={case.steps:,}"
-    return common.measure_compiled(case.kind, case.dims, device, timeout_s=120.0, cache=args.cache, **args.runs)
+    return common.measure_compiled(
+        case.kind, case.dims, device, timeout_s=120.0, cache=args.cache, alloc=args.alloc, **args.runs
+    )
 
 
 def finish_rows(
@@ -167,9 +169,11 @@ def display_rows(results: list[dict]) -> list[list[str]]:
 HEADERS = ["op", "shape", "provider", "median", "GB/s", "% copy BW", "rlkernels speedup", "note"]
 
 
-def write_markdown(path: Path, title: str, results: list[dict]) -> None:
+def write_markdown(path: Path, title: str, results: list[dict], conditions: str = "") -> None:
     lines = [f"# {title}", "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join(cells) + " |" for cells in display_rows(results)]
+    if conditions:
+        lines += ["", conditions]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -220,7 +224,15 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
         "rewrite 256 MiB so data, code and interpreter are all evicted (llc), or nothing (warm)",
     )
     parser.add_argument("--warm-cache", action="store_true", help="the same as --cache warm")
+    parser.add_argument(
+        "--alloc",
+        choices=common.ALLOC_MODES,
+        default="reuse",
+        help="reuse (the default): glibc keeps freed memory, so outputs are not fresh pages faulted in during "
+        "the timed calls, as with a caching allocator; system: glibc's defaults",
+    )
     args = parser.parse_args(argv)
+    args.alloc = common.set_alloc_mode(args.alloc)
     if args.warm_cache:
         args.cache = "warm"
     if Console is None:
@@ -291,12 +303,15 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
     for cells in display_rows(results):
         table.add_row(*map(escape, cells))  # "rlkernels[cpu]" is not rich markup
     console.print(table)
-    console.print(
+    conditions = (
         f"copy bandwidth {copy_gbps:.1f} GB/s; fp32; gamma={common.GAMMA}, lambda={common.LAM}; "
         "speedup = provider median / fastest rlkernels median, same run; "
         + common.CACHE_TEXT[args.cache]
+        + "; "
+        + common.ALLOC_TEXT[args.alloc]
         + "."
     )
+    console.print(conditions, markup=False, highlight=False)
 
     csv_path = args.csv or (None if args.quick else default_csv(name, meta["date"], args.sizes, results_dir))
     if csv_path:
@@ -305,7 +320,7 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
             writer = csv.DictWriter(f, CSV_FIELDS)
             writer.writeheader()
             writer.writerows({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS} for r in results)
-        write_markdown(csv_path.with_suffix(".md"), title, results)
+        write_markdown(csv_path.with_suffix(".md"), title, results, conditions)
         written = [csv_path, csv_path.with_suffix(".md")]
         if not args.no_plot:
             try:
