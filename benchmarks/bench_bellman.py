@@ -99,11 +99,7 @@ def main(argv=None) -> int:
                         help="what is evicted before each timed call (see rlkernels.bench.common.CACHE_MODES)")
     parser.add_argument("--warm-cache", action="store_true", help="the same as --cache warm")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
-    parser.add_argument("--alloc", choices=common.ALLOC_MODES, default="reuse",
-                        help="reuse (the default): glibc keeps freed memory, so outputs are not fresh pages "
-                        "faulted in during the timed calls; system: glibc's defaults")
     args = parser.parse_args(argv)
-    args.alloc = common.set_alloc_mode(args.alloc)
     dev = args.device
     quick = args.quick
     runs = {"budget_s": 0.1, "min_runs": 3, "max_runs": 5} if quick else {"budget_s": 1.0, "min_runs": 5}
@@ -221,7 +217,7 @@ def main(argv=None) -> int:
 
     # ---- print and write ---------------------------------------------------------------------------------
     print(f"Bellman backups on {meta['device']} ({dev}), commit {meta['commit']}, {meta['date']}; copy bandwidth "
-          f"{copy_gbps:.1f} GB/s; float32; {common.CACHE_TEXT[args.cache]}; {common.ALLOC_TEXT[args.alloc]}")
+          f"{copy_gbps:.1f} GB/s; float32; {common.CACHE_TEXT[args.cache]}")
     header = f"{'op':<20} {'shape':<22} {'provider':<28} {'median':>10} {'GB/s':>7} {'% copy':>7} {'rlk speedup':>11}"
     print(header)
     print("-" * len(header))

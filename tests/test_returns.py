@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 import pytest
@@ -1490,3 +1491,38 @@ def test_in_place_walks_match_reference(dtype, shape, time_dim):
     (a64 * ga).sum().backward()
     assert_close(rq.grad, r64.grad, dtype, name="grad rewards")
     assert_close(vq.grad, v64.grad, dtype, name="grad values")
+
+
+def _vm_flags_at(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    return []
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+    or "[never]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    or os.environ.get("RLKERNELS_HUGE_PAGES") == "0",
+    reason="no transparent huge pages here",
+)
+def test_large_outputs_are_marked_for_huge_pages():
+    # csrc/cpu/alloc.h: outputs of 4 MiB or more are madvise(MADV_HUGEPAGE)d before the kernel writes them
+    # (first-touch faults of fresh memory cost more than the GAE kernel on millions of steps). Small ones are not.
+    T = 3 * 2**20  # 12 MiB per float32 output
+    r, v = torch.randn(T, 1), torch.randn(T, 1)
+    adv, ret = rlkernels.gae(r, v, gamma=0.99, lam=0.95)
+    for out in (adv, ret):
+        middle = out.data_ptr() + out.nbytes // 2
+        assert "hg" in _vm_flags_at(middle), "a 12 MiB output not marked for huge pages"
+    np.testing.assert_allclose(adv[-5:, 0].numpy(), reference.gae(r[-5:], v[-5:], gamma=0.99, lam=0.95)[0][:, 0],
+                               rtol=1e-4, atol=1e-4)
+    small = rlkernels.discounted_returns(torch.randn(1000, 4), gamma=0.9)
+    assert "hg" not in _vm_flags_at(small.data_ptr())

@@ -30,6 +30,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "alloc.h"
 #include "clones.h"
 #include "exp_poly.h"
 #include "rlkernels/bellman.h"
@@ -491,7 +492,7 @@ std::tuple<Tensor, Tensor> td_loss_backward_cpu(const OptTensor& grad_loss, cons
   const double* glp = gl.defined() ? gl.data_ptr<double>() : nullptr;
   const double* gtp = gt.defined() ? gt.data_ptr<double>() : nullptr;
   const double scale = args.reduction == Reduction::kMean ? (B > 0 ? 1.0 / static_cast<double>(B) : 0.0) : 1.0;
-  Tensor grad_q = at::empty({B, A}, q.options());
+  Tensor grad_q = empty_output({B, A}, q.options());  // (huge pages when large: alloc.h)
   Tensor grad_targets = at::empty({B}, targets.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "td_loss_backward", [&] {
     using acc_t = acc_of<scalar_t>;
@@ -562,7 +563,7 @@ Tensor n_step_returns_cpu(const Tensor& rewards_in, const Tensor& values_in, con
   Tensor keep_term, keep_trunc;
   const bool* term = flag_data(terminated, "terminated", r.sizes(), keep_term);
   const bool* trunc = flag_data(truncated, "truncated", r.sizes(), keep_trunc);
-  Tensor out = at::empty(r.sizes(), r.options().dtype(acc_type_of(r.scalar_type())));
+  Tensor out = empty_output(r.sizes(), r.options().dtype(acc_type_of(r.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "n_step_returns", [&] {
     using acc_t = acc_of<scalar_t>;
     const scalar_t* rp = r.data_ptr<scalar_t>();
@@ -628,9 +629,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> n_step_returns_backward_cpu(
   const bool* term = flag_data(terminated, "terminated", like.sizes(), keep_term);
   const bool* trunc = flag_data(truncated, "truncated", like.sizes(), keep_trunc);
   const auto opts = like.options().dtype(acc);
-  Tensor g_r = at::empty(like.sizes(), opts);
-  Tensor g_v = at::empty(like.sizes(), opts);
-  Tensor g_nv = has_next_values ? at::empty(like.sizes(), opts) : at::empty({0}, opts);
+  Tensor g_r = empty_output(like.sizes(), opts);
+  Tensor g_v = empty_output(like.sizes(), opts);
+  Tensor g_nv = has_next_values ? empty_output(like.sizes(), opts) : at::empty({0}, opts);
   Tensor g_boot = at::empty({g.O, g.I}, opts);
   AT_DISPATCH_FLOATING_TYPES(acc, "n_step_returns_backward", [&] {
     using acc_t = scalar_t;

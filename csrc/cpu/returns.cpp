@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "alloc.h"
 #include "scan_engine.h"
 
 namespace rlkernels::cpu {
@@ -126,7 +127,7 @@ void set_initial(std::vector<acc_t>& init, int j, const Geometry& g, const OptTe
 
 at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-Tensor empty_out(const Tensor& ref) { return at::empty(ref.sizes(), ref.options().dtype(acc_type_of(ref.scalar_type()))); }
+Tensor empty_out(const Tensor& ref) { return empty_output(ref.sizes(), ref.options().dtype(acc_type_of(ref.scalar_type()))); }
 
 void check_float(const Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "rlkernels: ", name, " must be a floating tensor, got ",

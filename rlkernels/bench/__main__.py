@@ -103,9 +103,7 @@ def time_compiled(case: Case, device: str, args):
         return None, None, f"not run ({args.no_compile_why})"
     if case.steps > MAX_COMPILED_STEPS:
         return None, None, f"not run: the loop would unroll over T={case.steps:,}"
-    return common.measure_compiled(
-        case.kind, case.dims, device, timeout_s=120.0, cache=args.cache, alloc=args.alloc, **args.runs
-    )
+    return common.measure_compiled(case.kind, case.dims, device, timeout_s=120.0, cache=args.cache, **args.runs)
 
 
 def finish_rows(
@@ -224,15 +222,7 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
         "rewrite 256 MiB so data, code and interpreter are all evicted (llc), or nothing (warm)",
     )
     parser.add_argument("--warm-cache", action="store_true", help="the same as --cache warm")
-    parser.add_argument(
-        "--alloc",
-        choices=common.ALLOC_MODES,
-        default="reuse",
-        help="reuse (the default): glibc keeps freed memory, so outputs are not fresh pages faulted in during "
-        "the timed calls, as with a caching allocator; system: glibc's defaults",
-    )
     args = parser.parse_args(argv)
-    args.alloc = common.set_alloc_mode(args.alloc)
     if args.warm_cache:
         args.cache = "warm"
     if Console is None:
@@ -307,8 +297,6 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
         f"copy bandwidth {copy_gbps:.1f} GB/s; fp32; gamma={common.GAMMA}, lambda={common.LAM}; "
         "speedup = provider median / fastest rlkernels median, same run; "
         + common.CACHE_TEXT[args.cache]
-        + "; "
-        + common.ALLOC_TEXT[args.alloc]
         + "."
     )
     console.print(conditions, markup=False, highlight=False)

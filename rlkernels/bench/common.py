@@ -294,37 +294,6 @@ CACHE_TEXT = {
 }
 
 
-# Allocation modes. Every provider returns new tensors. With glibc's defaults a freed buffer over its mmap
-# threshold (dynamic, at most 32 MiB) goes back to the kernel, or is trimmed from the heap, so the next call's
-# outputs arrive as fresh pages that fault in 4 KiB at a time on first write: measured here, 7,800 faults and
-# ~12 ms per call of GAE on 4M steps, whose kernel takes ~8 ms, while the copy that the GB/s are compared to
-# writes into a preallocated buffer. "reuse" (the default) has glibc keep freed memory (mallopt), so every
-# provider, baselines included, times its work in the steady state of a caching allocator (jemalloc, tcmalloc,
-# or PyTorch's own on GPUs); "system" leaves glibc's defaults, page faults included.
-ALLOC_MODES = ("reuse", "system")
-ALLOC_TEXT = {
-    "reuse": "freed memory reused (no first-touch page faults in the timed calls)",
-    "system": "glibc's default allocation (outputs may be fresh pages, faulted in during the timed calls)",
-}
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-
-
-def set_alloc_mode(mode: str) -> str:
-    """Applies an allocation mode (ALLOC_MODES) to this process; returns the mode in effect ("system" where
-    glibc's mallopt is missing, e.g. macOS)."""
-    if mode == "system":
-        return mode
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return "system"
-    # Blocks up to 32 MiB (glibc's largest threshold) come from the heap, and the heap is never trimmed.
-    ok = mallopt(_M_MMAP_THRESHOLD, 32 * 2**20) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    return mode if ok else "system"
-
-
 def _evict_op():
     try:
         import rlkernels  # noqa: F401  (registers the op)
@@ -453,11 +422,8 @@ def measure(
     return Timing(float(median), float(q20), float(q80), runs), out
 
 
-def _compiled_worker(
-    conn, kind: str, shape: tuple[int, int], device: str, cache: str, alloc: str, measure_kwargs: dict
-):
+def _compiled_worker(conn, kind: str, shape: tuple[int, int], device: str, cache: str, measure_kwargs: dict):
     os.setpgrp()  # its own process group, so an overrunning compile can be killed with its g++ jobs
-    set_alloc_mode(alloc)
     try:
         case = make_case(kind, shape, device, None, numpy=False)
         reference = case.baselines[0]
@@ -483,7 +449,6 @@ def measure_compiled(
     *,
     timeout_s: float = 120.0,
     cache: str = "data",
-    alloc: str = "reuse",
     **measure_kwargs,
 ):
     """``torch.compile`` of the reference loop of ``make_case(kind, shape)`` (CleanRL's), compiled
@@ -494,7 +459,7 @@ def measure_compiled(
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     worker = context.Process(
-        target=_compiled_worker, args=(sender, kind, shape, device, cache, alloc, measure_kwargs)
+        target=_compiled_worker, args=(sender, kind, shape, device, cache, measure_kwargs)
     )
     worker.start()
     sender.close()
