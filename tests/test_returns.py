@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -1514,8 +1515,9 @@ def _vm_flags_at(address: int) -> list[str]:
     reason="no transparent huge pages here",
 )
 def test_large_outputs_are_marked_for_huge_pages():
-    # csrc/cpu/alloc.h: outputs of 4 MiB or more are madvise(MADV_HUGEPAGE)d before the kernel writes them
-    # (first-touch faults of fresh memory cost more than the GAE kernel on millions of steps). Small ones are not.
+    # csrc/cpu/alloc.h: outputs of 4 MiB or more are mapped by the output cache and madvise(MADV_HUGEPAGE)d before
+    # the kernel writes them (first-touch faults of fresh memory cost more than the GAE kernel on millions of
+    # steps). Small ones come from at::empty.
     T = 3 * 2**20  # 12 MiB per float32 output
     r, v = torch.randn(T, 1), torch.randn(T, 1)
     adv, ret = rlkernels.gae(r, v, gamma=0.99, lam=0.95)
@@ -1526,3 +1528,35 @@ def test_large_outputs_are_marked_for_huge_pages():
                                rtol=1e-4, atol=1e-4)
     small = rlkernels.discounted_returns(torch.randn(1000, 4), gamma=0.9)
     assert "hg" not in _vm_flags_at(small.data_ptr())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the output cache is Linux-only")
+def test_large_outputs_reuse_freed_buffers_and_hold_correct_values():
+    import resource
+
+    T = 2**20 + 2**16  # 4.25 MiB per float32 output: from the output cache
+    g = torch.Generator().manual_seed(11)
+    r, v = torch.randn(T, 1, generator=g), torch.randn(T, 1, generator=g)
+    term = torch.rand(T, 1, generator=g) < 1e-3
+    term[1000] = True  # steps 0..1000 depend on nothing later: checked against the reference below
+    cached = torch.ops.rlkernels._output_cache_bytes
+    adv, ret = rlkernels.gae(r, v, terminated=term, gamma=0.99, lam=0.95)
+    held = cached()
+    del adv, ret
+    assert cached() >= held + 2 * 4 * T  # both buffers kept (whole 2 MiB pages) ...
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    adv, ret = rlkernels.gae(r, v, terminated=term, gamma=0.99, lam=0.95)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert cached() == held  # ... and taken again
+    assert faults < 200, f"{faults} page faults writing outputs into reused buffers"
+    exp_adv, exp_ret = reference.gae(r[:1001], v[:1001], terminated=term[:1001], gamma=0.99, lam=0.95)
+    np.testing.assert_allclose(adv[:1001].numpy(), exp_adv, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ret[:1001].numpy(), exp_ret, rtol=1e-5, atol=1e-5)
+    # the same values as the float64 run (not from the cache of float32 buffers of this size)
+    adv64, _ = rlkernels.gae(r.double(), v.double(), terminated=term, gamma=0.99, lam=0.95)
+    np.testing.assert_allclose(adv.numpy(), adv64.numpy(), rtol=1e-4, atol=1e-4)
+    # outputs are ordinary tensors: views, in-place ops, autograd inputs; their storage cannot grow
+    adv.mul_(2.0)
+    assert adv.is_contiguous() and adv.device.type == "cpu"
+    with pytest.raises(RuntimeError):
+        adv.resize_(T + 1, 1)

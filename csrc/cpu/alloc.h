@@ -1,20 +1,27 @@
-// Output allocation of the CPU kernels.
+// Output allocation of the CPU kernels: large outputs come from a small cache of mapped, huge-page buffers.
 //
-// A large output is usually fresh memory: glibc hands out blocks over its mmap threshold (at most 32 MiB) as
-// new mappings, and every 4 KiB page then faults on its first write. Measured on a 2-core EPYC VM: writing a
-// fresh 32 MB tensor takes ~13 ms with 4 KiB pages (8,192 faults) and ~5 ms when the range is marked for
-// transparent huge pages first, more than the GAE kernel itself takes on 4M steps. So outputs of
-// kHugeOutputBytes or more are marked MADV_HUGEPAGE before anything touches them (Linux; best effort:
-// where THP is off or the call fails, the pages stay 4 KiB). Memory that is already mapped is unaffected.
-// RLKERNELS_HUGE_PAGES=0 turns this off.
+// A large output is otherwise fresh memory: glibc hands out blocks over its mmap threshold (at most 32 MiB) as
+// new mappings, and every 4 KiB page faults on its first write. Measured on a 2-core EPYC VM: writing a fresh
+// 32 MB tensor takes ~13 ms with 4 KiB pages (8,192 faults) and ~5 ms on transparent huge pages, while the GAE
+// kernel takes ~8 ms on 4M steps; whether glibc reuses a freed block instead depends on its heap's history
+// (measured 7-20 ms per 4M-step call). So outputs of kCachedOutputBytes or more are mapped by us, 2 MiB-aligned
+// and marked MADV_HUGEPAGE, and when the tensor is freed its buffer is kept for the next output of the same
+// size, as PyTorch's caching allocator does on GPUs: a training loop calling the op every iteration writes
+// into memory that is already mapped. At most RLKERNELS_OUTPUT_CACHE_MB (default 256) MiB of freed buffers are
+// kept, least recently freed returned to the system first; RLKERNELS_OUTPUT_CACHE_MB=0 keeps none (each
+// output is still mapped on huge pages). The tensors are ordinary CPU tensors whose storage cannot be resized.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -22,29 +29,98 @@
 
 namespace rlkernels {
 
-constexpr int64_t kHugeOutputBytes = int64_t(4) << 20;
+constexpr int64_t kCachedOutputBytes = int64_t(4) << 20;
+// Successive outputs start at different offsets into their buffers (multiples of 1088 bytes, 17 lines), so
+// the outputs of one call do not all sit at the same address modulo 2 MiB (cache sets, 4K aliasing).
+constexpr size_t kColors = 16, kColorBytes = 1088;
+inline thread_local size_t color = 0;
 
-inline bool huge_pages_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("RLKERNELS_HUGE_PAGES");
-    return v == nullptr || std::strcmp(v, "0") != 0;
-  }();
-  return enabled;
-}
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
+class OutputCache {
+ public:
+  static constexpr size_t kHuge = size_t(2) << 20;
 
-// at::empty(sizes, options), with the whole 2 MiB pages inside a large result marked for huge pages.
+  // Never destroyed: tensors freed during interpreter shutdown still return their buffers.
+  static OutputCache& instance() {
+    static OutputCache* cache = new OutputCache();
+    return *cache;
+  }
+  static size_t rounded(size_t bytes) { return (bytes + kColors * kColorBytes + kHuge - 1) / kHuge * kHuge; }
+
+  // A buffer of `size` bytes (a multiple of kHuge): a cached one of that size, else a new mapping (nullptr if
+  // mmap fails).
+  void* take(size_t size) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (size_t i = free_.size(); i-- > 0;) {
+        if (free_[i].first == size) {
+          void* p = free_[i].second;
+          free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
+          cached_ -= size;
+          return p;
+        }
+      }
+    }
+    // Map kHuge more than needed and unmap the ends, so the buffer starts on a 2 MiB boundary.
+    void* raw = mmap(nullptr, size + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return nullptr;
+    const uintptr_t r = reinterpret_cast<uintptr_t>(raw), p = (r + kHuge - 1) & ~(uintptr_t(kHuge) - 1);
+    if (p > r) munmap(raw, p - r);
+    if (r + kHuge > p) munmap(reinterpret_cast<void*>(p + size), r + kHuge - p);
+#ifdef MADV_HUGEPAGE
+    (void)madvise(reinterpret_cast<void*>(p), size, MADV_HUGEPAGE);  // best effort: else 4 KiB pages
+#endif
+    return reinterpret_cast<void*>(p);
+  }
+
+  void give(void* p, size_t size) {
+    std::vector<std::pair<size_t, void*>> release;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      free_.emplace_back(size, p);
+      cached_ += size;
+      while (cached_ > capacity_ && !free_.empty()) {
+        release.push_back(free_.front());
+        cached_ -= free_.front().first;
+        free_.erase(free_.begin());
+      }
+    }
+    for (auto& [s, q] : release) munmap(q, s);
+  }
+
+  size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return cached_;
+  }
+
+ private:
+  OutputCache() {
+    const char* v = std::getenv("RLKERNELS_OUTPUT_CACHE_MB");
+    capacity_ = (v != nullptr ? static_cast<size_t>(std::max(0L, std::strtol(v, nullptr, 10))) : size_t(256)) << 20;
+  }
+  std::mutex mu_;
+  std::vector<std::pair<size_t, void*>> free_;  // (size, buffer), least recently freed first
+  size_t cached_ = 0;
+  size_t capacity_ = 0;
+};
+#endif
+
+// at::empty(sizes, options) for a CPU output; large ones from the OutputCache.
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const int64_t bytes = static_cast<int64_t>(t.nbytes());
-  if (t.device().is_cpu() && bytes >= kHugeOutputBytes && huge_pages_enabled()) {
-    constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-    const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-    const uintptr_t begin = (p + kHuge - 1) & ~(kHuge - 1), end = (p + bytes) & ~(kHuge - 1);
-    if (end > begin) (void)madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
+  int64_t numel = 1;
+  for (int64_t s : sizes) numel *= s;
+  const int64_t bytes = numel * static_cast<int64_t>(options.dtype().itemsize());
+  if (options.device().is_cpu() && bytes >= kCachedOutputBytes) {
+    const size_t size = OutputCache::rounded(static_cast<size_t>(bytes));
+    if (void* p = OutputCache::instance().take(size)) {
+      return at::from_blob(
+          static_cast<char*>(p) + kColorBytes * (color++ % kColors), sizes,
+          [p, size](void*) { OutputCache::instance().give(p, size); }, options);
+    }
   }
 #endif
-  return t;
+  return at::empty(sizes, options);
 }
 
 }  // namespace rlkernels

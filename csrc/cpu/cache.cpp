@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "alloc.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -31,8 +33,18 @@ bool evict_from_cache(at::TensorList tensors) {
 #endif
 }
 
+// Bytes of freed output buffers held by the output cache (alloc.h), for its tests. Not part of the API.
+int64_t output_cache_bytes() {
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
+  return static_cast<int64_t>(rlkernels::OutputCache::instance().cached_bytes());
+#else
+  return 0;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlkernels, m) {
   m.def("_evict_from_cache(Tensor[] tensors) -> bool", &evict_from_cache);
+  m.def("_output_cache_bytes() -> int", &output_cache_bytes);
 }
