@@ -1517,7 +1517,7 @@ def _vm_flags_at(address: int) -> list[str]:
 def test_large_outputs_are_marked_for_huge_pages():
     # csrc/cpu/alloc.h: outputs of 4 MiB or more are mapped by the output cache and madvise(MADV_HUGEPAGE)d before
     # the kernel writes them (first-touch faults of fresh memory cost more than the GAE kernel on millions of
-    # steps). Small ones come from at::empty.
+    # steps). (Small ones come from at::empty, in memory whose flags other code of the process may have set.)
     T = 3 * 2**20  # 12 MiB per float32 output
     r, v = torch.randn(T, 1), torch.randn(T, 1)
     adv, ret = rlkernels.gae(r, v, gamma=0.99, lam=0.95)
@@ -1526,8 +1526,6 @@ def test_large_outputs_are_marked_for_huge_pages():
         assert "hg" in _vm_flags_at(middle), "a 12 MiB output not marked for huge pages"
     np.testing.assert_allclose(adv[-5:, 0].numpy(), reference.gae(r[-5:], v[-5:], gamma=0.99, lam=0.95)[0][:, 0],
                                rtol=1e-4, atol=1e-4)
-    small = rlkernels.discounted_returns(torch.randn(1000, 4), gamma=0.9)
-    assert "hg" not in _vm_flags_at(small.data_ptr())
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the output cache is Linux-only")
