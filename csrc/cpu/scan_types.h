@@ -35,9 +35,10 @@ constexpr uint32_t kEveryBit = ((1u << kNumStreams) - 1) | kHasNextBit;
 // The input sets the in-place walks are specialized for, per step: what the integrations and the
 // benchmarks pass (CleanRL/SB3: terminated and a bootstrap value; TorchRL: next_values with terminated and
 // truncated, the wrapper marking the last step truncated; verl/LLM: a token mask; backward: the grads).
+// Every set here is reachable from the public functions (truncated always comes with next_values) and is
+// exercised by tests/test_returns.py::test_specialized_walks_and_streaming_stores.
 constexpr uint32_t kGaeSets[] = {
     bit(kR) | bit(kV) | bit(kTerm),
-    bit(kR) | bit(kV) | bit(kTerm) | bit(kTrunc),
     bit(kR) | bit(kV) | bit(kNV) | bit(kTerm) | bit(kTrunc) | kHasNextBit,
     bit(kR) | bit(kV) | bit(kMask),
 };
