@@ -36,6 +36,13 @@ class TdLossFunction : public torch::autograd::Function<TdLossFunction> {
       std::tie(out, td) = op.call(q, actions, targets, weights, loss, delta, reduction);
     }
     ctx->save_for_backward({q, actions, targets, weights.value_or(Tensor())});
+    // The td_errors, so the backward need not gather q again: kept detached (an output saved as such would
+    // hold this node) with their version, and passed to the backward only while the caller has not modified
+    // them in place (priority updates may: then the backward gathers from q instead of failing).
+    if (q.is_cpu()) {
+      ctx->saved_data["td"] = td.detach();
+      ctx->saved_data["td_version"] = static_cast<int64_t>(td._version());
+    }
     ctx->saved_data["loss"] = std::string(loss);
     ctx->saved_data["delta"] = delta;
     ctx->saved_data["reduction"] = std::string(reduction);
@@ -48,14 +55,20 @@ class TdLossFunction : public torch::autograd::Function<TdLossFunction> {
                          .findSchemaOrThrow("rlkernels::td_loss_backward", "")
                          .typed<std::tuple<Tensor, Tensor>(const OptTensor&, const OptTensor&, const Tensor&,
                                                            const Tensor&, const Tensor&, const OptTensor&,
-                                                           c10::string_view, double, c10::string_view)>();
+                                                           c10::string_view, double, c10::string_view,
+                                                           const OptTensor&)>();
     const variable_list saved = ctx->get_saved_variables();
     const OptTensor grad_loss = maybe(grads[0]), grad_td = maybe(grads[1]);
     if (!grad_loss && !grad_td) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     const std::string loss = ctx->saved_data["loss"].toStringRef();
     const std::string reduction = ctx->saved_data["reduction"].toStringRef();
+    OptTensor td;
+    if (ctx->saved_data.count("td") != 0) {
+      const Tensor t = ctx->saved_data["td"].toTensor();
+      if (static_cast<int64_t>(t._version()) == ctx->saved_data["td_version"].toInt()) td = t;
+    }
     auto [grad_q, grad_targets] = op.call(grad_loss, grad_td, saved[0], saved[1], saved[2], maybe(saved[3]), loss,
-                                          ctx->saved_data["delta"].toDouble(), reduction);
+                                          ctx->saved_data["delta"].toDouble(), reduction, td);
     return {grad_q, Tensor(), grad_targets, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };

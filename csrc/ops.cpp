@@ -93,10 +93,13 @@ TORCH_LIBRARY(rlkernels, m) {
   m.def(
       "td_loss(Tensor q, Tensor actions, Tensor targets, Tensor? weights, str loss, float delta, str reduction) "
       "-> (Tensor loss, Tensor td_errors)");
-  // Dense grad_q with one non-zero per row (in q's dtype) and grad_targets (in targets' dtype).
+  // Dense grad_q with one non-zero per row (in q's dtype) and grad_targets (in targets' dtype). td_errors, if
+  // given, are the forward's (targets - q[b, actions[b]]): the CPU kernel then does not read q again (the CUDA
+  // kernel gathers them from q either way).
   m.def(
       "td_loss_backward(Tensor? grad_loss, Tensor? grad_td_errors, Tensor q, Tensor actions, Tensor targets, "
-      "Tensor? weights, str loss, float delta, str reduction) -> (Tensor grad_q, Tensor grad_targets)");
+      "Tensor? weights, str loss, float delta, str reduction, Tensor? td_errors=None) "
+      "-> (Tensor grad_q, Tensor grad_targets)");
   // Canonical [O, T, I] like the scan family (no mask, no cu_seqlens); bootstrap_value [O, I].
   m.def(
       "n_step_returns(Tensor rewards, Tensor values, Tensor? next_values, Tensor? bootstrap_value, "

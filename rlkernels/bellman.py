@@ -157,6 +157,11 @@ def td_loss(q, actions, targets, *, loss="huber", delta=1.0, weights=None, reduc
         lo = _out(lo, q.device, dtype)
         return (lo.reshape(actions.shape) if reduction == "none" else lo), _out(e, q.device, dtype).reshape(
             actions.shape)
+    if (q.dim() == 2 and actions.dim() == 1 and actions.dtype == torch.int64 and q.dtype == dtype
+            and targets.dtype == dtype and w is None):
+        # Already the op's layout (a replay batch): no reshapes, casts or copies, each a dispatcher call and,
+        # with q requiring grad, a view node more for the backward (the op makes its inputs contiguous).
+        return _pick(impl, op)(q, actions, targets, None, loss, delta, reduction)
     B, A = math.prod(actions.shape), q.shape[-1]
     lo, e = _pick(impl, op)(q.to(dtype).reshape(B, A).contiguous(), actions.reshape(B).to(torch.int64).contiguous(),
                             targets.to(dtype).reshape(B).contiguous(),
@@ -297,7 +302,7 @@ def _(q, actions, targets, weights, loss, delta, reduction):
 
 
 @torch.library.register_fake("rlkernels::td_loss_backward")
-def _(grad_loss, grad_td_errors, q, actions, targets, weights, loss, delta, reduction):
+def _(grad_loss, grad_td_errors, q, actions, targets, weights, loss, delta, reduction, td_errors=None):
     return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(targets)
 
 

@@ -209,6 +209,56 @@ def test_td_loss_matches_reference_and_torch(dtype, loss, reduction, weighted):
     assert torch.count_nonzero(q_req.grad[off]) == 0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_td_loss_backward_from_saved_errors(dtype, reduction):
+    # The backward op given the forward's td_errors (as the autograd kernel passes them) must equal the one that
+    # gathers them from q again, bit for bit, with every upstream gradient present or absent.
+    B, A = 1000, 7  # not a multiple of the kernel's row blocks nor of the vector width
+    q, actions, targets, weights = _td_inputs(B, A, dtype, seed=5, scale=1.5)
+    ops = torch.ops.rlkernels
+    for loss in ("huber", "squared"):
+        for w in (None, weights):
+            _, e = ops.td_loss(q, actions, targets, w, loss, 0.7, reduction)
+            gl = torch.randn(B if reduction == "none" else (), dtype=e.dtype)
+            gt = torch.randn(B, dtype=e.dtype)
+            for grads in ((gl, None), (None, gt), (gl, gt)):
+                fresh = ops.td_loss_backward(*grads, q, actions, targets, w, loss, 0.7, reduction)
+                saved = ops.td_loss_backward(*grads, q, actions, targets, w, loss, 0.7, reduction, e)
+                for a, b in zip(fresh, saved):
+                    assert torch.equal(a, b), (loss, w is None, [g is None for g in grads])
+            assert torch.count_nonzero(fresh[0]) <= B
+
+
+def test_td_loss_backward_after_td_errors_modified_in_place():
+    # Priority updates may modify td_errors in place before the backward; the gradient must not change.
+    q, actions, targets, _ = _td_inputs(300, 6, torch.float32, seed=8)
+    q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
+    loss1, e1 = rlkernels.td_loss(q1, actions, targets)
+    loss2, e2 = rlkernels.td_loss(q2, actions, targets)
+    e2.mul_(100.0).abs_()  # e.g. priorities = |td| computed in place
+    loss1.backward()
+    loss2.backward()
+    assert torch.equal(q1.grad, q2.grad)
+    q64 = q.double().requires_grad_()
+    torch_td_loss(q64, actions, targets.double())[0].backward()
+    assert_close(q2.grad, q64.grad, torch.float32, name="grad q")
+
+
+def test_td_loss_backward_bad_actions():
+    q, actions, targets, _ = _td_inputs(40, 5, torch.float32, seed=9)
+    _, e = torch.ops.rlkernels.td_loss(q, actions, targets, None, "huber", 1.0, "mean")
+    bad = actions.clone()
+    bad[17] = 5
+    for td in (None, e):
+        with pytest.raises(ValueError, match=r"actions\[17\] = 5"):
+            torch.ops.rlkernels.td_loss_backward(torch.ones(()), None, q, bad, targets, None, "huber", 1.0, "mean",
+                                                 td)
+    with pytest.raises(ValueError, match="td_errors must have 40 elements"):
+        torch.ops.rlkernels.td_loss_backward(torch.ones(()), None, q, actions, targets, None, "huber", 1.0, "mean",
+                                             e[:3])
+
+
 def test_td_loss_gradcheck():
     q, actions, targets, weights = _td_inputs(13, 4, torch.float64, seed=3)
     targets = targets * 2  # both Huber branches
@@ -558,6 +608,8 @@ def _op_samples():
         (ops.q_targets.default, (r, q, None, None, None, 0.9, "soft", 0.5)),
         (ops.td_loss.default, (qg, actions, yg, weights, "huber", 1.0, "mean")),
         (ops.td_loss.default, (qg, actions, yg, None, "squared", 1.0, "none")),
+        (ops.td_loss_backward.default, (torch.ones(()), None, qd, actions, targets, weights, "huber", 1.0, "mean",
+                                        targets - qd.gather(1, actions.unsqueeze(1)).squeeze(1))),
         (ops.n_step_returns.default, (canon(rn).requires_grad_(), canon(vn).requires_grad_(), canon(nvn), None,
                                       canon(tn), canon(trn), 0.9, 3)),
         (ops.n_step_returns.default, (canon(rn).requires_grad_(), canon(vn), None, bn.reshape(1, 3), canon(tn), None,

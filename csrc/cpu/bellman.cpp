@@ -20,7 +20,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -375,19 +374,10 @@ void check_td(const Tensor& q, const Tensor& actions, const Tensor& targets, con
   if (has(weights)) check_like(*weights, "weights", q, "q", {B});
 }
 
-// Fails naming the first out-of-range action (CPU tensors: reading them costs no device sync).
-void check_actions(const int64_t* act, int64_t B, int64_t A) {
-  std::atomic<int64_t> bad{-1};
-  at::parallel_for(0, B, 8192, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      if (act[b] < 0 || act[b] >= A) {
-        int64_t expected = -1;
-        bad.compare_exchange_strong(expected, b);
-        return;
-      }
-  });
-  const int64_t b = bad.load();
-  TORCH_CHECK_VALUE(b < 0, "rlkernels: actions must be in [0, ", A, "), got actions[", b, "] = ", act[b]);
+// Fails naming the first out-of-range action, given each chunk's first (-1 if none), chunks in row order.
+void report_bad_action(const std::vector<int64_t>& bad, const int64_t* act, int64_t A) {
+  for (const int64_t b : bad)
+    TORCH_CHECK_VALUE(b < 0, "rlkernels: actions must be in [0, ", A, "), got actions[", b, "] = ", act[b]);
 }
 
 // The losses of one chunk: td_losses_f32 for float32; elsewhere branch-free scalars summed into 4
@@ -427,11 +417,12 @@ std::tuple<Tensor, Tensor> td_loss_cpu(const Tensor& q_in, const Tensor& actions
   const Tensor weights = has(weights_in) ? weights_in->contiguous() : Tensor();
   const int64_t B = q.size(0), A = q.size(1);
   const int64_t* act = actions.data_ptr<int64_t>();
-  check_actions(act, B, A);
   const auto acc_type = acc_type_of(q.scalar_type());
   Tensor td = at::empty({B}, q.options().dtype(acc_type));
   Tensor per = args.reduction == Reduction::kNone ? at::empty({B}, q.options().dtype(acc_type)) : Tensor();
   double total = 0;
+  const int64_t chunks = (B + kRowChunk - 1) / kRowChunk;
+  std::vector<int64_t> bad(chunks, -1);  // per chunk, its first out-of-range action
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "td_loss", [&] {
     using acc_t = acc_of<scalar_t>;
     const scalar_t* qp = q.data_ptr<scalar_t>();
@@ -440,7 +431,6 @@ std::tuple<Tensor, Tensor> td_loss_cpu(const Tensor& q_in, const Tensor& actions
     acc_t* e_out = td.data_ptr<acc_t>();
     acc_t* per_out = per.defined() ? per.data_ptr<acc_t>() : nullptr;
     const acc_t d = static_cast<acc_t>(delta);
-    const int64_t chunks = (B + kRowChunk - 1) / kRowChunk;
     std::vector<double> sums(chunks, 0.0);
     at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -449,7 +439,12 @@ std::tuple<Tensor, Tensor> td_loss_cpu(const Tensor& q_in, const Tensor& actions
         // fixed summation order, so results do not depend on the thread count).
         for (int64_t b = begin; b < end; ++b) {
           __builtin_prefetch(qp + std::min(b + kAhead, B - 1) * A);
-          e_out[b] = static_cast<acc_t>(y[b]) - static_cast<acc_t>(qp[b * A + act[b]]);
+          int64_t a = act[b];
+          if (static_cast<uint64_t>(a) >= static_cast<uint64_t>(A)) {  // checked here, not in a pass of its own
+            if (bad[c] < 0) bad[c] = b;
+            a = 0;
+          }
+          e_out[b] = static_cast<acc_t>(y[b]) - static_cast<acc_t>(qp[b * A + a]);
         }
         sums[c] = chunk_losses(e_out + begin, w == nullptr ? nullptr : w + begin,
                                per_out == nullptr ? nullptr : per_out + begin, end - begin, args.kind, d);
@@ -457,6 +452,7 @@ std::tuple<Tensor, Tensor> td_loss_cpu(const Tensor& q_in, const Tensor& actions
     });
     for (double s : sums) total += s;
   });
+  report_bad_action(bad, act, A);
   if (args.reduction == Reduction::kNone) return {per, td};
   if (args.reduction == Reduction::kMean) total = B > 0 ? total / static_cast<double>(B) : 0.0;
   Tensor out = at::empty({}, q.options().dtype(acc_type));
@@ -467,66 +463,154 @@ std::tuple<Tensor, Tensor> td_loss_cpu(const Tensor& q_in, const Tensor& actions
   return {out, td};
 }
 
+// float32 gradient factors of n rows, 8 at a time, branch-free: g = (grad_loss * weight) * dloss/de + grad_td,
+// grad_loss per row (gl) or one value for all (shared; gl and has_gl false: no loss term), as the scalar rows.
+RLK_CLONES void td_grads_f32(const float* e, const float* w, bool has_gl, const float* gl, float shared,
+                             const float* gt, int64_t n, int huber, float delta, float* g) {
+  const f8 dl = f8{} + delta, ndl = f8{} - delta;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    f8 r = f8{};
+    if (has_gl) {
+      const f8 x = load8(e + i);
+      f8 d;
+      if (huber) {
+        const f8 low = x < ndl ? ndl : x;  // NaN stays NaN
+        d = x > dl ? dl : low;
+      } else {
+        d = x + x;
+      }
+      f8 gw = gl != nullptr ? load8(gl + i) : f8{} + shared;
+      if (w != nullptr) gw = gw * load8(w + i);
+      r = gw * d;
+    }
+    if (gt != nullptr) r += load8(gt + i);
+    __builtin_memcpy(g + i, &r, sizeof(r));
+  }
+  for (; i < n; ++i) {
+    float r = 0;
+    if (has_gl) {
+      float gw = gl != nullptr ? gl[i] : shared;
+      if (w != nullptr) gw *= w[i];
+      r = gw * td_sample_grad(e[i], huber ? TdLoss::kHuber : TdLoss::kSquared, delta);
+    }
+    if (gt != nullptr) r += gt[i];
+    g[i] = r;
+  }
+}
+
+// The same for any dtype: td_grads_f32 for float32, else these scalar rows.
+template <typename scalar_t, typename acc_t>
+void td_grads(const acc_t* e, const scalar_t* w, bool has_gl, const acc_t* gl, acc_t shared, const acc_t* gt,
+              int64_t n, TdLoss kind, acc_t d, acc_t* g) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    td_grads_f32(e, w, has_gl, gl, shared, gt, n, kind == TdLoss::kHuber, d, g);
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      acc_t r = 0;
+      if (has_gl) {
+        acc_t gw = gl != nullptr ? gl[i] : shared;
+        if (w != nullptr) gw *= static_cast<acc_t>(w[i]);
+        r = gw * td_sample_grad(e[i], kind, d);
+      }
+      if (gt != nullptr) r += gt[i];
+      g[i] = r;
+    }
+  }
+}
+
+// Rows per step of the backward: their errors and gradient factors fit in a few KB and their rows of grad_q
+// (zeroed, then the one non-zero each) stay in L1/L2 between the two writes.
+constexpr int64_t kGradRows = 256;
+
+// grad_q and grad_targets from the per-row errors e = targets - q[b, actions[b]]: the td_errors the forward
+// returned when the caller passes them (the autograd kernel does, while they are unmodified: csrc/autograd.cpp),
+// so q is not read again; else gathered from q here.
 std::tuple<Tensor, Tensor> td_loss_backward_cpu(const OptTensor& grad_loss, const OptTensor& grad_td,
                                                 const Tensor& q_in, const Tensor& actions_in,
                                                 const Tensor& targets_in, const OptTensor& weights_in,
-                                                std::string_view loss, double delta, std::string_view reduction) {
+                                                std::string_view loss, double delta, std::string_view reduction,
+                                                const OptTensor& td_errors) {
   const TdArgs args{td_kind_of(loss), reduction_of(reduction), delta};
   check_td(q_in, actions_in, targets_in, weights_in);
   const Tensor q = q_in.contiguous(), actions = actions_in.contiguous(), targets = targets_in.contiguous();
   const Tensor weights = has(weights_in) ? weights_in->contiguous() : Tensor();
   const int64_t B = q.size(0), A = q.size(1);
   const int64_t* act = actions.data_ptr<int64_t>();
-  check_actions(act, B, A);
   const bool per_sample = args.reduction == Reduction::kNone;
-  Tensor gl, gt;
+  const auto acc_type = acc_type_of(q.scalar_type());
+  // Per-row upstream gradients in the accumulation type: float32 values widened to double and back, as
+  // before, are unchanged; the mean's 1/B is applied in double to the one shared value.
+  Tensor gl, gt, e_saved;
   if (has(grad_loss)) {
     TORCH_CHECK_VALUE(per_sample ? grad_loss->numel() == B : grad_loss->numel() == 1,
                       "rlkernels: grad_loss has the wrong number of elements: ", grad_loss->sizes());
-    gl = grad_loss->to(at::kDouble).contiguous();
+    gl = per_sample ? grad_loss->to(acc_type).contiguous() : grad_loss->to(at::kDouble);
   }
   if (has(grad_td)) {
     TORCH_CHECK_VALUE(grad_td->numel() == B, "rlkernels: grad_td_errors must have ", B, " elements");
-    gt = grad_td->to(at::kDouble).contiguous();
+    gt = grad_td->to(acc_type).contiguous();
   }
-  const double* glp = gl.defined() ? gl.data_ptr<double>() : nullptr;
-  const double* gtp = gt.defined() ? gt.data_ptr<double>() : nullptr;
+  if (has(td_errors)) {
+    TORCH_CHECK_VALUE(td_errors->numel() == B, "rlkernels: td_errors must have ", B, " elements, got ",
+                      td_errors->sizes());
+    e_saved = td_errors->to(acc_type).contiguous();
+  }
   const double scale = args.reduction == Reduction::kMean ? (B > 0 ? 1.0 / static_cast<double>(B) : 0.0) : 1.0;
+  const bool has_gl = gl.defined();
+  const double shared_d = has_gl && !per_sample ? gl.item<double>() * scale : 0.0;
   Tensor grad_q = empty_output({B, A}, q.options());  // (huge pages when large: alloc.h)
   Tensor grad_targets = at::empty({B}, targets.options());
+  const int64_t blocks = (B + kGradRows - 1) / kGradRows;
+  std::vector<int64_t> bad(blocks, -1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "td_loss_backward", [&] {
     using acc_t = acc_of<scalar_t>;
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* y = targets.data_ptr<scalar_t>();
     const scalar_t* w = weights.defined() ? weights.data_ptr<scalar_t>() : nullptr;
+    const acc_t* glp = has_gl && per_sample ? gl.data_ptr<acc_t>() : nullptr;
+    const acc_t* gtp = gt.defined() ? gt.data_ptr<acc_t>() : nullptr;
+    const acc_t* ep = e_saved.defined() ? e_saved.data_ptr<acc_t>() : nullptr;
+    const acc_t shared = static_cast<acc_t>(shared_d);
     scalar_t* gq = grad_q.data_ptr<scalar_t>();
     scalar_t* gy = grad_targets.data_ptr<scalar_t>();
     const acc_t d = static_cast<acc_t>(delta);
     const TdLoss kind = args.kind;
-    at::parallel_for(0, B, 2048, [=](int64_t begin, int64_t end) {
-      // (Captured by value: locals the stores below cannot alias, so they stay in registers; by reference,
-      // every pointer was reloaded after every store.)
-      // The chunk's rows zeroed by one memset (libc's vector stores), then the one non-zero per row: faster
-      // than a per-element select over each row, which GCC does not vectorize (int64 index compares).
-      std::memset(static_cast<void*>(gq + begin * A), 0, sizeof(scalar_t) * (end - begin) * A);
-      const acc_t shared = glp != nullptr && !per_sample ? static_cast<acc_t>(glp[0] * scale) : acc_t(0);
-      for (int64_t b = begin; b < end; ++b) {
-        __builtin_prefetch(qp + std::min(b + kAhead, B - 1) * A);
-        const int64_t a = act[b];
-        const acc_t e = static_cast<acc_t>(y[b]) - static_cast<acc_t>(qp[b * A + a]);
-        // d/de of the weighted, reduced loss, plus the gradient reaching td_errors directly.
-        acc_t g = 0;
-        if (glp != nullptr) {
-          acc_t gw = per_sample ? static_cast<acc_t>(glp[b] * scale) : shared;
-          if (w != nullptr) gw *= static_cast<acc_t>(w[b]);
-          g = gw * td_sample_grad(e, kind, d);
+    int64_t* bad_at = bad.data();
+    at::parallel_for(0, blocks, 4, [=](int64_t k0, int64_t k1) {
+      // (Captured by value: locals the stores below cannot alias, so they stay in registers.)
+      acc_t e_buf[kGradRows], g_buf[kGradRows];
+      for (int64_t k = k0; k < k1; ++k) {
+        const int64_t begin = k * kGradRows, n = std::min(B, begin + kGradRows) - begin;
+        const int64_t* ak = act + begin;
+        const acc_t* e = ep != nullptr ? ep + begin : e_buf;
+        if (ep == nullptr) {
+          for (int64_t i = 0; i < n; ++i) {
+            __builtin_prefetch(qp + std::min(begin + i + kAhead, B - 1) * A);
+            const int64_t a = static_cast<uint64_t>(ak[i]) < static_cast<uint64_t>(A) ? ak[i] : 0;
+            e_buf[i] = static_cast<acc_t>(y[begin + i]) - static_cast<acc_t>(qp[(begin + i) * A + a]);
+          }
         }
-        if (gtp != nullptr) g += static_cast<acc_t>(gtp[b]);
-        gq[b * A + a] = static_cast<scalar_t>(-g);  // e = y - q
-        gy[b] = static_cast<scalar_t>(g);
+        const scalar_t* wk = w != nullptr ? w + begin : nullptr;
+        const acc_t* glk = glp != nullptr ? glp + begin : nullptr;
+        const acc_t* gtk = gtp != nullptr ? gtp + begin : nullptr;
+        td_grads(e, wk, has_gl, glk, shared, gtk, n, kind, d, g_buf);
+        // The block's rows zeroed by one memset (libc's vector stores), then the one non-zero per row.
+        scalar_t* rows = gq + begin * A;
+        std::memset(static_cast<void*>(rows), 0, sizeof(scalar_t) * n * A);
+        for (int64_t i = 0; i < n; ++i) {
+          const int64_t a = ak[i];
+          if (static_cast<uint64_t>(a) >= static_cast<uint64_t>(A)) {
+            if (bad_at[k] < 0) bad_at[k] = begin + i;
+            continue;
+          }
+          rows[i * A + a] = static_cast<scalar_t>(-g_buf[i]);  // e = y - q
+          gy[begin + i] = static_cast<scalar_t>(g_buf[i]);
+        }
       }
     });
   });
+  report_bad_action(bad, act, A);
   return {grad_q, grad_targets};
 }
 

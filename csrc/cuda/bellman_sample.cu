@@ -314,7 +314,8 @@ std::tuple<Tensor, Tensor> td_loss_backward_cuda(const OptTensor& grad_loss, con
                                                  const Tensor& q_in, const Tensor& actions_in,
                                                  const Tensor& targets_in, const OptTensor& weights_in,
                                                  std::string_view loss, double delta,
-                                                 std::string_view reduction_name) {
+                                                 std::string_view reduction_name,
+                                                 const OptTensor& /*td_errors: gathered from q here*/) {
   const TdLoss kind = td_kind_of(loss);
   const Reduction reduction = reduction_of(reduction_name);
   check_td(q_in, actions_in, targets_in, weights_in);
