@@ -106,6 +106,14 @@ def q_targets(rewards, next_q, *, terminated=None, gamma=0.99, kind="max", next_
         y = _reference(op)(rewards, next_q, terminated=terminated, gamma=gamma, kind=kind, next_q_online=online,
                            next_probs=probs, temperature=temperature if kind == "soft" else None, n=n)
         return _out(y, next_q.device, dtype)
+    extra = online if kind == "double" else (probs if kind == "expected" else None)
+    if (next_q.dim() == 2 and rewards.dtype == dtype and next_q.dtype == dtype
+            and (extra is None or extra.dtype == dtype)
+            and not (rewards.requires_grad or next_q.requires_grad or (extra is not None and extra.requires_grad))):
+        # Already the op's layout: no reshapes, casts or copies (each a dispatcher call; the op makes its
+        # inputs contiguous).
+        return _pick(impl, op)(rewards, next_q, term, online if kind == "double" else None,
+                               probs if kind == "expected" else None, gamma**n, kind, temperature)
     A = next_q.shape[-1]
     B = math.prod(rewards.shape)
 

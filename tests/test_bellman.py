@@ -139,6 +139,37 @@ def test_q_targets_property(B, A, kind, n, gamma, temperature, seed, with_term):
     assert_close(y, expected, torch.float64)
 
 
+@pytest.mark.parametrize("A", [8, 9, 15, 16, 17, 18, 25, 40])
+@pytest.mark.parametrize("kind", KINDS)
+def test_q_targets_float32_rows_ties_nan_inf(kind, A):
+    # float32 rows of 8 or more actions run whole vectors plus one overlapping the last: a value the two
+    # share must count once in sums, and ties must still pick the first index (values from a small integer
+    # set: ties everywhere, in the overlap too). Rows with NaN and +-inf follow the reference's rules.
+    B = 203
+    g = torch.Generator().manual_seed(A * 7 + len(kind))
+    q = torch.randint(-3, 4, (B, A), generator=g).float()
+    online = torch.randint(-2, 3, (B, A), generator=g).float()
+    probs = torch.softmax(torch.randn(B, A, generator=g), -1)
+    r = torch.randn(B, generator=g)
+    for row, col in ((3, A - 1), (10, 0), (11, A - 8), (12, A // 2)):
+        q[row, col] = math.nan
+        online[row + 40, col] = math.nan
+    q[20, A - 1], q[21, 0] = math.inf, -math.inf
+    q[22] = -math.inf
+    q[23, A - 3:] = math.inf
+    online[60, A - 1] = math.inf  # the argmax in the last lane of the overlapping vector
+    online[61, A - 8] = 9.0       # ... in its first lane (also the last lane of a whole vector or earlier)
+    y = rlkernels.q_targets(r, q, gamma=0.9, kind=kind, next_q_online=online, next_probs=probs,
+                            temperature=0.6 if kind == "soft" else None)
+    expected = reference.q_targets(r.double(), q.double(), gamma=0.9, kind=kind, next_q_online=online.double(),
+                                   next_probs=probs.double(), temperature=0.6 if kind == "soft" else None)
+    assert_close(y, expected, torch.float32, name=kind)
+    if kind == "double":  # the pick itself, exactly: the first maximizing index of each row
+        picked = q.double()[torch.arange(B), torch.from_numpy(np.argmax(online.numpy(), axis=1))]
+        nan_rows = torch.isnan(online).any(1)
+        torch.testing.assert_close(y[~nan_rows], (r + 0.9 * picked.float())[~nan_rows], equal_nan=True)
+
+
 def test_q_targets_non_contiguous():
     r, q, online, probs, term = _q_inputs(40, 6, torch.float32, seed=9)
     q_t = q.t().contiguous().t()  # same values, column-major

@@ -141,6 +141,16 @@ __attribute__((always_inline)) inline int64_t first_equal(const float* x, int64_
   return A;
 }
 
+__attribute__((always_inline)) inline int hmin8(i8 m) {
+  i8 t = __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3);
+  m = t < m ? t : m;
+  t = __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5);
+  m = t < m ? t : m;
+  t = __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6);
+  m = t < m ? t : m;
+  return m[0];
+}
+
 __attribute__((always_inline)) inline float hsum8(f8 v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
@@ -228,6 +238,139 @@ RLK_CLONES void q_rows_f32(const float* r, const float* q, const bool* term, con
   }
 }
 
+// Rows of A >= 8 actions, in blocks of kQBlock rows: whole vectors plus one at A - 8 overlapping the last
+// (max and argmax may see a value twice; in sums its already-counted lanes are masked out), so no scalar tail
+// and no libm call per row: soft's logs run 8 rows at a time (log_positive), after the block's sums.
+constexpr int64_t kQBlock = 64;
+
+RLK_CLONES void q_rows_f32_wide(const float* r, const float* q, const bool* term, const float* online,
+                                const float* probs, int64_t b0, int64_t b1, int64_t A, int kind, float discount,
+                                float temp, float* out) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const int64_t whole = A / 8 * 8, tail = A - 8;
+  const bool has_tail = whole != A;
+  const i8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const i8 fresh = lane >= static_cast<int>(8 - (A - whole));  // the tail's lanes no whole vector covers
+  const float inv = 1.0f / temp;
+  // max over a row; nan_out: any NaN.
+  auto row_max_wide = [&](const float* x, bool& nan_out) {
+    f8 m = load8(x);
+    i8 isnan = m != m;
+    for (int64_t a = 8; a < whole; a += 8) {
+      const f8 v = load8(x + a);
+      m = v > m ? v : m;
+      isnan |= v != v;
+    }
+    if (has_tail) {
+      const f8 v = load8(x + tail);
+      m = v > m ? v : m;
+      isnan |= v != v;
+    }
+    nan_out = hor8(isnan) != 0;
+    return hmax8(m);
+  };
+  alignas(32) float v[kQBlock], mx[kQBlock], sum[kQBlock];
+  for (int64_t c = b0; c < b1; c += kQBlock) {
+    const int64_t n = std::min(b1, c + kQBlock) - c;
+    if (kind == static_cast<int>(QKind::kMax)) {
+      for (int64_t i = 0; i < n; ++i) {
+        bool has_nan;
+        const float m = row_max_wide(q + (c + i) * A, has_nan);
+        v[i] = has_nan ? nan : m;
+      }
+    } else if (kind == static_cast<int>(QKind::kDouble)) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float* on = online + (c + i) * A;
+        // Per lane the first index holding its largest value (strict >: a later equal value, or the tail's
+        // repeat of one, never replaces it), then the smallest index among lanes holding the row's max: no
+        // branch on where the max sits (random on real Q values: such branches mispredicted).
+        f8 best = load8(on);
+        i8 at = lane, isnan = best != best;
+        for (int64_t a = 8; a < whole; a += 8) {
+          const f8 x = load8(on + a);
+          const i8 gt = x > best;
+          best = gt ? x : best;
+          at = gt ? lane + static_cast<int>(a) : at;
+          isnan |= x != x;
+        }
+        if (has_tail) {
+          const f8 x = load8(on + tail);
+          const i8 gt = x > best;
+          best = gt ? x : best;
+          at = gt ? lane + static_cast<int>(tail) : at;
+          isnan |= x != x;
+        }
+        int64_t arg;
+        if (hor8(isnan) != 0) {
+          arg = 0;
+          while (on[arg] == on[arg]) ++arg;  // the first NaN
+        } else {
+          const f8 mb = f8{} + hmax8(best);
+          const i8 big = i8{} + std::numeric_limits<int>::max();
+          arg = std::min<int64_t>(hmin8(best == mb ? at : big), A - 1);
+        }
+        v[i] = q[(c + i) * A + arg];
+      }
+    } else if (kind == static_cast<int>(QKind::kExpected)) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float *x = q + (c + i) * A, *p = probs + (c + i) * A;
+        f8 acc = f8{};
+        for (int64_t a = 0; a < whole; a += 8) acc += load8(p + a) * load8(x + a);
+        if (has_tail) {
+          const f8 t = load8(p + tail) * load8(x + tail);
+          acc += fresh ? t : f8{};
+        }
+        v[i] = hsum8(acc);
+      }
+    } else {
+      // The block's maxes first, then its sums of exps: rows then depend on nothing but memory, so the
+      // out-of-order core overlaps several rows' exp chains (one row's max, broadcast, then exps in a row
+      // left it waiting on latency).
+      bool special = false;
+      for (int64_t i = 0; i < n; ++i) {
+        bool has_nan;
+        const float m = row_max_wide(q + (c + i) * A, has_nan);
+        if (has_nan || std::isinf(m)) {  // NaN; all -inf, or a +inf present: the value is the max itself
+          v[i] = has_nan ? nan : m;
+          mx[i] = nan;  // marks the row: its v is kept below
+          special = true;
+        } else {
+          mx[i] = m;
+        }
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const float* x = q + (c + i) * A;
+        const float m = mx[i];
+        if (m != m) {
+          sum[i] = 1.0f;
+          continue;
+        }
+        // (x - max) / T, not x / T - max / T: see q_rows_f32.
+        const f8 mb = f8{} + m;
+        f8 acc = f8{};
+        for (int64_t a = 0; a < whole; a += 8) acc += exp_nonpositive((load8(x + a) - mb) * inv);
+        if (has_tail) {
+          const f8 t = exp_nonpositive((load8(x + tail) - mb) * inv);
+          acc += fresh ? t : f8{};
+        }
+        sum[i] = hsum8(acc);
+      }
+      for (int64_t i = n; i < (n + 7) / 8 * 8; ++i) mx[i] = 0.0f, sum[i] = 1.0f;
+      for (int64_t i = 0; i < n; i += 8) {
+        const f8 m8 = load8(mx + i);
+        const f8 soft = temp * (m8 * inv + log_positive<f8, i8>(load8(sum + i)));
+        if (!special) {
+          __builtin_memcpy(v + i, &soft, sizeof(soft));
+        } else {
+          for (int k = 0; k < 8; ++k)
+            if (m8[k] == m8[k]) v[i + k] = soft[k];
+        }
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) out[c + i] = q_target(r[c + i], term != nullptr && term[c + i], discount, v[i]);
+  }
+}
+
 template <typename scalar_t>
 void q_targets_rows(const scalar_t* r, const scalar_t* q, const bool* term, const scalar_t* online,
                     const scalar_t* probs, int64_t B, int64_t A, QKind kind, double discount_d, double temp_d,
@@ -302,8 +445,8 @@ Tensor q_targets_cpu(const Tensor& rewards, const Tensor& next_q, const OptTenso
     const float* pr = probs.defined() ? probs.data_ptr<float>() : nullptr;
     float* op = out.data_ptr<float>();
     at::parallel_for(0, B, 4096, [&](int64_t b0, int64_t b1) {
-      q_rows_f32(rp, qp, term, on, pr, b0, b1, A, static_cast<int>(kind), static_cast<float>(discount),
-                 static_cast<float>(temperature), op);
+      (A >= 8 ? q_rows_f32_wide : q_rows_f32)(rp, qp, term, on, pr, b0, b1, A, static_cast<int>(kind),
+                                               static_cast<float>(discount), static_cast<float>(temperature), op);
     });
     return out;
   }

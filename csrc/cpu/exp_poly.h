@@ -21,5 +21,35 @@ __attribute__((always_inline)) inline T exp_mantissa(T x, T kf) {
   return p * r * r + r + 1.0f;
 }
 
+// log(x) for positive normal x (Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), a degree-8 polynomial
+// in m - 1, ln 2 in two parts); T a GCC float vector, I the int vector of its shape. For soft Q targets, where
+// x = sum of exps in [1, A].
+template <typename T, typename I>
+__attribute__((always_inline)) inline T log_positive(T x) {
+  I bits;
+  __builtin_memcpy(&bits, &x, sizeof(bits));
+  I e = (bits >> 23) - 126;  // x = m 2^e, m in [0.5, 1)
+  const I mbits = (bits & 0x007fffff) | 0x3f000000;
+  T m;
+  __builtin_memcpy(&m, &mbits, sizeof(m));
+  const I small = m < 0.707106781186547524f;  // then m = 2m, e = e - 1: m in [sqrt(1/2), sqrt(2))
+  e = e + small;                                // (small is -1 where true)
+  m = small ? m + m : m;
+  const T z = m - 1.0f, z2 = z * z;
+  T p = T{} + 7.0376836292e-2f;
+  p = p * z - 1.1514610310e-1f;
+  p = p * z + 1.1676998740e-1f;
+  p = p * z - 1.2420140846e-1f;
+  p = p * z + 1.4249322787e-1f;
+  p = p * z - 1.6668057665e-1f;
+  p = p * z + 2.0000714765e-1f;
+  p = p * z - 2.4999993993e-1f;
+  p = p * z + 3.3333331174e-1f;
+  const T ef = __builtin_convertvector(e, T);
+  T y = z * z2 * p + ef * -2.12194440e-4f;
+  y = y - 0.5f * z2;
+  return (z + y) + ef * 0.693359375f;
+}
+
 }  // namespace RLK_ISA
 }  // namespace rlkernels
