@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "alloc.h"
+#include "gae_rows.h"
 #include "scan_engine.h"
 
 namespace rlkernels::cpu {
@@ -219,6 +220,36 @@ std::tuple<Tensor, Tensor, Tensor> discounted_returns_backward_cpu(
   return {grad_rewards, grad_next, grad_boot};
 }
 
+// Long float32 sequences contiguous in time, without mask or packing, are vectorized along time (gae_rows.h);
+// false if this problem is not one of them.
+template <typename acc_t>
+bool gae_by_rows(const Geometry& g, const Problem<acc_t>& pb, const std::vector<acc_t>& init, bool has_next,
+                 double gamma, double lam) {
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    return false;
+  } else {
+    if (!(g.cu.empty() && g.inner == 1 && gae_rows::suits(g.outer, g.steps) && pb.kind[kMask] == Kind::kNone &&
+          pb.kind[kR] == Kind::kScalar && pb.kind[kV] == Kind::kScalar && gae_rows::enabled()))
+      return false;
+    auto d = [&](Stream s) { return static_cast<const float*>(pb.in[s]); };
+    std::vector<gae_rows::Row> rows(g.outer);
+    for (int64_t o = 0; o < g.outer; ++o) {
+      const int64_t at = o * g.steps;
+      auto flag = [&](Stream s) {
+        return pb.kind[s] == Kind::kNone ? nullptr : static_cast<const unsigned char*>(pb.in[s]) + at;
+      };
+      rows[o] = {d(kR) + at, d(kV) + at, has_next ? d(kNV) + at : nullptr, flag(kTerm), flag(kTrunc),
+                 has_next ? 0.0f : init[g.num_seqs + o], pb.out[0] + at, pb.out[1] + at, g.steps};
+    }
+    const int64_t out_bytes = 2 * g.outer * g.steps * static_cast<int64_t>(sizeof(float));
+    const bool aligned = reinterpret_cast<uintptr_t>(pb.out[0]) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(pb.out[1]) % 16 == 0 && g.steps % 4 == 0;
+    const float gf = static_cast<float>(gamma);
+    gae_rows::run(rows, {gf, gf * static_cast<float>(lam)}, aligned && streaming_stores_for(out_bytes));
+    return true;
+  }
+}
+
 std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards, const Tensor& values, const OptTensor& next_values,
                                    const OptTensor& bootstrap_value, const OptTensor& terminated,
                                    const OptTensor& truncated, const OptTensor& mask, const OptTensor& cu_seqlens,
@@ -242,6 +273,7 @@ std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards, const Tensor& values, 
     const bool has_next = given(next_values);
     std::vector<acc_t> init(2 * g.num_seqs, acc_t(0));
     if (!has_next) set_initial(init, 1, g, bootstrap_value, "bootstrap_value");
+    if (gae_by_rows(g, pb, init, has_next, gamma, lam)) return;
     run_scan<GaeStep, scalar_t, acc_t>(StepId::kGae, pb, params_of<acc_t>(gamma, lam, has_next), true, init.data(), nullptr);
   });
   return {adv, ret};
