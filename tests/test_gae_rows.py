@@ -148,3 +148,17 @@ def test_rows_property(B, T, has_next, p_term, gamma, lam, seed, layout):
     assert_close(adv, exp_adv, torch.float32, name="advantages")
     assert_close(ret, exp_ret, torch.float32, name="returns")
     assert np.isfinite(adv.numpy()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_dtypes_of_long_rows(dtype):
+    # The rows path reads float32 only: other dtypes of the same long shapes must not be read as float32 (a
+    # past bug read float16 data through it) and still match the reference.
+    r, v, kw = _inputs(2, 3000, seed=11, p_term=0.02, has_next=False)
+    r, v = r.to(dtype), v.to(dtype)
+    kw["bootstrap_value"] = kw["bootstrap_value"].to(dtype)
+    adv, ret = _call(r, v, kw, "batch_major", 0.99, 0.95)
+    exp_adv, exp_ret = reference.gae(r.double(), v.double(), gamma=0.99, lam=0.95, time_dim=1,
+                                     **{k: (x.double() if x.is_floating_point() else x) for k, x in kw.items()})
+    assert_close(adv, exp_adv, dtype, name="advantages")
+    assert_close(ret, exp_ret, dtype, name="returns")

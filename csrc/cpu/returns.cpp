@@ -222,11 +222,11 @@ std::tuple<Tensor, Tensor, Tensor> discounted_returns_backward_cpu(
 
 // Long float32 sequences contiguous in time, without mask or packing, are vectorized along time (gae_rows.h);
 // false if this problem is not one of them.
-template <typename acc_t>
+template <typename scalar_t, typename acc_t>
 bool gae_by_rows(const Geometry& g, const Problem<acc_t>& pb, const std::vector<acc_t>& init, bool has_next,
                  double gamma, double lam) {
-  if constexpr (!std::is_same_v<acc_t, float>) {
-    return false;
+  if constexpr (!std::is_same_v<scalar_t, float> || !std::is_same_v<acc_t, float>) {
+    return false;  // (16-bit inputs are read by the engine, which widens them)
   } else {
     if (!(g.cu.empty() && g.inner == 1 && gae_rows::suits(g.outer, g.steps) && pb.kind[kMask] == Kind::kNone &&
           pb.kind[kR] == Kind::kScalar && pb.kind[kV] == Kind::kScalar && gae_rows::enabled()))
@@ -273,7 +273,7 @@ std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards, const Tensor& values, 
     const bool has_next = given(next_values);
     std::vector<acc_t> init(2 * g.num_seqs, acc_t(0));
     if (!has_next) set_initial(init, 1, g, bootstrap_value, "bootstrap_value");
-    if (gae_by_rows(g, pb, init, has_next, gamma, lam)) return;
+    if (gae_by_rows<scalar_t>(g, pb, init, has_next, gamma, lam)) return;
     run_scan<GaeStep, scalar_t, acc_t>(StepId::kGae, pb, params_of<acc_t>(gamma, lam, has_next), true, init.data(), nullptr);
   });
   return {adv, ret};
