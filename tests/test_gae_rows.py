@@ -76,16 +76,19 @@ def test_rows_match_reference(B, T, layout, has_next, p_term):
 @pytest.mark.parametrize("has_next", [False, True])
 @pytest.mark.parametrize("gamma,lam,p_term", [(0.99, 0.95, 0.01), (1.0, 1.0, 0.0), (0.999, 1.0, 1e-4)])
 def test_rows_chunked_carries(threads, has_next, gamma, lam, p_term):
-    # One sequence of 300,007 steps: as many chunks as threads (>= 65,536 steps each, the last ragged), whose
-    # carries chain through up to three fix-ups; gamma lam = 1 without flags makes each fix-up run its whole
-    # chunk. (Two sequences on two threads would be one chunk each.)
-    r, v, kw = _inputs(1, 300_007, seed=threads, p_term=p_term, has_next=has_next)
+    # One sequence of 300,007 steps: 9 chunks (32,768 steps or more, boundaries on multiples of 8), whose
+    # carries chain through 8 fix-ups, shared by 1, 2 or 4 threads; gamma lam = 1 without flags makes each
+    # fix-up run its whole chunk. The chunks depend on the shape only: every thread count gives the same bits.
+    r, v, kw = _inputs(1, 300_007, seed=7, p_term=p_term, has_next=has_next)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(threads)
         adv, ret = _call(r, v, kw, "batch_major", gamma, lam)
+        torch.set_num_threads(1)
+        one = _call(r, v, kw, "batch_major", gamma, lam)
     finally:
         torch.set_num_threads(before)
+    assert torch.equal(adv, one[0]) and torch.equal(ret, one[1])
     exp_adv, exp_ret = _engine64(r, v, kw, gamma, lam)
     # float32 sums over up to 300K steps at gamma lam = 1: rounding grows with the length (both paths).
     tol = 2e-5 if gamma * lam < 1 else 2e-4

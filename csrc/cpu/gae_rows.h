@@ -65,8 +65,10 @@ struct Params {
 inline bool suits(int64_t sequences, int64_t steps) {
   return steps >= 1024 || (steps >= 256 && sequences <= 64);
 }
-// Chunks of a sequence split across threads are at least this long.
-constexpr int64_t kMinChunk = 65536;
+// A sequence is cut into T / kMinChunk chunks (at most kMaxChunks), whatever the number of threads, so
+// results are bit-identical for any thread count; the threads share the chunks of all sequences.
+constexpr int64_t kMinChunk = 32768;
+constexpr int64_t kMaxChunks = 256;
 
 __attribute__((always_inline)) inline f8 load8(const float* p) {
   f8 v;
@@ -230,10 +232,8 @@ inline void run(const std::vector<Row>& rows, Params p, bool stream) {
   const int64_t R = static_cast<int64_t>(rows.size());
   if (R == 0) return;
   const int64_t T = rows[0].T;
-  const int64_t threads = at::get_num_threads();
-  // Chunks per row: enough for every thread to have one, each at least kMinChunk steps; boundaries on
-  // multiples of 8 steps.
-  const int64_t P = std::max<int64_t>(1, std::min((threads + R - 1) / R, T / kMinChunk));
+  // Chunks per row, from the shape alone; boundaries on multiples of 8 steps.
+  const int64_t P = std::clamp<int64_t>(T / kMinChunk, 1, kMaxChunks);
   auto bound = [&](int64_t k) { return k == P ? T : (T * k / P) / 8 * 8; };
   std::vector<float> x0(R * P), prod(R * P);
   at::parallel_for(0, R * P, 1, [&](int64_t i0, int64_t i1) {
