@@ -1558,3 +1558,63 @@ def test_large_outputs_reuse_freed_buffers_and_hold_correct_values():
     assert adv.is_contiguous() and adv.device.type == "cpu"
     with pytest.raises(RuntimeError):
         adv.resize_(T + 1, 1)
+
+
+# ====================================================================================================
+# The CPU fast path: time-first [T, B] / [T] tensors passed to the op as they are
+# ====================================================================================================
+
+
+@pytest.mark.parametrize("op", ["gae", "discounted_returns"])
+@pytest.mark.parametrize("shape", [(37, 5), (37,), (1, 3), (0, 4)])
+@pytest.mark.parametrize("with_boot", [False, True])
+def test_time_first_fast_path_matches_canonical(op, shape, with_boot):
+    # [T, B] and [T] CPU tensors skip the wrapper's reshapes; values and gradients must equal those of the
+    # general path (the same data as [1, T, B] with time_dim=1), bootstrap_value shaped [B] / [] or None.
+    g = torch.Generator().manual_seed(len(shape) * 10 + shape[0])
+    r = torch.randn(shape, generator=g, dtype=F64, requires_grad=True)
+    v = torch.randn(shape, generator=g, dtype=F64, requires_grad=True)
+    term = torch.rand(shape, generator=g) < 0.2
+    boot = torch.randn(shape[1:], generator=g, dtype=F64, requires_grad=True) if with_boot else None
+
+    def call(r, v, term, boot, **kw):
+        if op == "gae":
+            return torch.cat([x.reshape(-1) for x in rlkernels.gae(r, v, gamma=0.9, lam=0.8, terminated=term,
+                                                                   bootstrap_value=boot, **kw)])
+        return rlkernels.discounted_returns(r, gamma=0.9, terminated=term, bootstrap_value=boot, **kw).reshape(-1)
+
+    fast = call(r, v, term, boot)
+    canon = lambda x: None if x is None else x.reshape(1, *shape) if len(shape) == 2 else x.reshape(1, -1, 1)  # noqa: E731
+    canon_boot = None if boot is None else boot.reshape(1, -1) if len(shape) == 2 else boot.reshape(1, 1)
+    slow = call(canon(r), canon(v), canon(term), canon_boot, time_dim=1)
+    assert torch.equal(fast, slow)
+    if fast.numel() == 0:
+        return
+    w = torch.randn(fast.shape, generator=g, dtype=F64)
+    inputs = [x for x in (r, v, boot) if x is not None]
+    g_fast = torch.autograd.grad((fast * w).sum(), inputs, allow_unused=True)
+    g_slow = torch.autograd.grad((slow * w).sum(), inputs, allow_unused=True)
+    for a, b in zip(g_fast, g_slow):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_time_first_fast_path_opcheck():
+    g = torch.Generator().manual_seed(3)
+    for shape in [(9, 3), (9,)]:
+        r = torch.randn(shape, generator=g, dtype=F64, requires_grad=True)
+        v = torch.randn(shape, generator=g, dtype=F64, requires_grad=True)
+        term = torch.rand(shape, generator=g) < 0.3
+        boot = torch.randn(shape[1:], generator=g, dtype=F64, requires_grad=True)
+        torch.library.opcheck(torch.ops.rlkernels.gae.default, (r, v, None, boot, term, None, None, None, 0.9, 0.8))
+        torch.library.opcheck(torch.ops.rlkernels.discounted_returns.default,
+                              (r, None, boot, term, None, None, None, 0.9))
+
+
+def test_time_first_fast_path_bad_bootstrap_still_named():
+    r = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="bootstrap_value"):
+        rlkernels.gae(r, r, bootstrap_value=torch.zeros(4))
+    with pytest.raises(ValueError, match="bootstrap_value"):
+        torch.ops.rlkernels.gae(r, r, None, torch.zeros(4), None, None, None, None, 0.9, 0.9)

@@ -55,13 +55,22 @@ Geometry geometry_of(const Tensor& ref, const OptTensor& cu_seqlens) {
     g.num_seqs = static_cast<int64_t>(g.cu.size()) - 1;
     g.steps = ref.numel();
     g.seq_shape = {g.num_seqs};
-  } else {
-    TORCH_CHECK_VALUE(ref.dim() == 3, "rlkernels: scan ops take canonical [O, T, I] tensors, got ", ref.dim(), " dims");
+  } else if (ref.dim() == 3) {
     g.outer = ref.size(0);
     g.steps = ref.size(1);
     g.inner = ref.size(2);
     g.num_seqs = g.outer * g.inner;
     g.seq_shape = {g.outer, g.inner};
+  } else {
+    // [T, I] and [T] (time first) are [1, T, I] and [1, T, 1], with one value per sequence shaped [I] and []:
+    // the Python wrappers pass such CPU tensors as they are, saving the reshapes of each call.
+    TORCH_CHECK_VALUE(ref.dim() == 1 || ref.dim() == 2,
+                      "rlkernels: scan ops take canonical [O, T, I] (or [T, I], [T]) tensors, got ", ref.dim(),
+                      " dims");
+    g.steps = ref.size(0);
+    g.inner = ref.dim() == 2 ? ref.size(1) : 1;
+    g.num_seqs = g.inner;
+    if (ref.dim() == 2) g.seq_shape = {g.inner};
   }
   return g;
 }
