@@ -7,9 +7,9 @@
 // (2-core EPYC VM), that walk ran ~6 cycles per step per pass: a third of its instructions were shuffles, a
 // third loads of the 100-odd lane pointers and spills. Here each thread walks one contiguous chunk of a
 // sequence, 8 consecutive steps per vector:
-//   - per step t, x_t = d_t + c_t x_{t+1} with d_t = (r_t - V_t) + gamma (1 - term_t) V'_t and
-//     c_t = gamma lam (1 - term_t)(1 - trunc_t) (GaeStep's arithmetic, V'_t = next_values[t], or V_{t+1},
-//     or bootstrap_value after the last step), computed from contiguous loads (V_{t+1} by a load one step on);
+//   - per step t, the map x_t = d_t + c_t x_{t+1} comes from GaeStep itself (scan.h) run on an affine carry,
+//     8 steps at once from contiguous loads, with V'_t as data (next_values[t], V_{t+1} by a load one step
+//     on, or bootstrap_value after the last step): the estimator's arithmetic is written once;
 //   - the 8 maps composed in registers by 3 rounds of shift-and-compose (Hillis-Steele), so that
 //     x = D + C * x_{t+8} for all 8 steps at once: the only serial dependency is one broadcast and one FMA
 //     per 8 steps;
@@ -37,6 +37,8 @@
 #endif
 
 #include "clones.h"
+#include "rlkernels/affine.h"
+#include "rlkernels/scan.h"
 
 namespace rlkernels::cpu::gae_rows {
 
@@ -54,7 +56,7 @@ struct Row {
 };
 
 struct Params {
-  float gamma, gl;  // gamma and gamma * lam
+  float gamma, lam;
 };
 
 // Which problems take this path (measured against the engine, same process, 2-core EPYC VM, cold inputs):
@@ -90,36 +92,74 @@ __attribute__((always_inline)) inline void stream8(float* p, f8 v) {
 #endif
 }
 
-// (1 - flag) for 8 flag bytes: 1 where clear, 0 where set.
-__attribute__((always_inline)) inline f8 not_set8(const unsigned char* f) {
+// 8 flag bytes as 0/1 floats (nonzero = set).
+__attribute__((always_inline)) inline f8 is_set8(const unsigned char* f) {
   u8x8 b;
   __builtin_memcpy(&b, f, sizeof(b));
   const i8v set = __builtin_convertvector(b, i8v) != 0;
-  return set ? f8{} : f8{} + 1.0f;
+  return set ? f8{} + 1.0f : f8{};
 }
 
-__attribute__((always_inline)) inline float not_set1(const unsigned char* f, int64_t t) {
-  return f == nullptr ? 1.0f : (f[t] != 0 ? 0.0f : 1.0f);
+
+// f8 with what the steps of scan.h use of their value type: a scalar constructor and arithmetic.
+struct F8 {
+  f8 v;
+  F8() : v(f8{}) {}
+  F8(float s) : v(f8{} + s) {}  // NOLINT: a scalar broadcasts, as for the engine's vectors
+  F8(f8 x) : v(x) {}            // NOLINT
+  F8& operator+=(F8 b) { v += b.v; return *this; }
+  F8& operator-=(F8 b) { v -= b.v; return *this; }
+};
+__attribute__((always_inline)) inline F8 operator+(F8 a, F8 b) { return F8(a.v + b.v); }
+__attribute__((always_inline)) inline F8 operator-(F8 a, F8 b) { return F8(a.v - b.v); }
+__attribute__((always_inline)) inline F8 operator*(F8 a, F8 b) { return F8(a.v * b.v); }
+
+// The step's map x_t = d + c x_{t+1}: GaeStep itself run on an affine carry (affine.h), with V'_t given as
+// the data vnext (next_values[t], V_{t+1}, or bootstrap_value after the last step), so this path computes
+// exactly the engine's estimator, only composed along time.
+template <typename T>
+__attribute__((always_inline)) inline void gae_map(const ScanParams<T>& p, const StepIn<T>& in, T vnext, T& d,
+                                                   T& c) {
+  using A = Affine<T, 1>;
+  A carry[2] = {A::variable(0), A(vnext)}, out[2];
+  GaeStep::step<T, A>(p, in, carry, out);
+  d = out[0].c;
+  c = out[0].k[0];
 }
 
-// d_t and c_t of one step (GaeStep's arithmetic), and V_t.
+template <typename T>
+__attribute__((always_inline)) inline ScanParams<T> params_of(const Params& p) {
+  ScanParams<T> sp;
+  sp.gamma = T(p.gamma);
+  sp.lam = T(p.lam);
+  sp.has_next = false;  // V'_t arrives as data (gae_map's vnext)
+  return sp;
+}
+
+// d_t and c_t of one step, and V_t.
 __attribute__((always_inline)) inline void step1(const Row& row, const Params& p, int64_t t, float& d, float& c,
                                                   float& v) {
-  v = row.v[t];
+  StepIn<float> in{};
+  in.r = row.r[t];
+  in.v = v = row.v[t];
+  in.term = row.term != nullptr && row.term[t] != 0 ? 1.0f : 0.0f;
+  in.trunc = row.trunc != nullptr && row.trunc[t] != 0 ? 1.0f : 0.0f;
   const float vnext = row.nv != nullptr ? row.nv[t] : (t + 1 < row.T ? row.v[t + 1] : row.boot);
-  const float nt = not_set1(row.term, t);
-  d = (row.r[t] - v) + (p.gamma * nt) * vnext;
-  c = (p.gl * nt) * not_set1(row.trunc, t);
+  gae_map(params_of<float>(p), in, vnext, d, c);
 }
 
 // The same for steps [t, t + 8); without nv, V_{t+8} must exist (t + 8 < T).
 __attribute__((always_inline)) inline void step8(const Row& row, const Params& p, int64_t t, f8& d, f8& c, f8& v) {
-  v = load8(row.v + t);
-  const f8 vnext = load8(row.nv != nullptr ? row.nv + t : row.v + t + 1);
-  const f8 nt = row.term != nullptr ? not_set8(row.term + t) : f8{} + 1.0f;
-  d = (load8(row.r + t) - v) + (p.gamma * nt) * vnext;
-  c = p.gl * nt;
-  if (row.trunc != nullptr) c = c * not_set8(row.trunc + t);
+  StepIn<F8> in{};
+  in.r = load8(row.r + t);
+  in.v = load8(row.v + t);
+  if (row.term != nullptr) in.term = is_set8(row.term + t);
+  if (row.trunc != nullptr) in.trunc = is_set8(row.trunc + t);
+  F8 dd, cc;
+  gae_map(params_of<F8>(p), in, F8(load8(row.nv != nullptr ? row.nv + t : row.v + t + 1)), dd, cc);
+  d = dd.v;
+  c = cc.v;
+  v = in.v.v;
 }
 
 // Lane j of the result composes the maps of steps j..7: x_j = d_j + c_j x_{j+1} for all j at once, given

@@ -254,7 +254,7 @@ bool gae_by_rows(const Geometry& g, const Problem<acc_t>& pb, const std::vector<
     const bool aligned = reinterpret_cast<uintptr_t>(pb.out[0]) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(pb.out[1]) % 16 == 0 && g.steps % 4 == 0;
     const float gf = static_cast<float>(gamma);
-    gae_rows::run(rows, {gf, gf * static_cast<float>(lam)}, aligned && streaming_stores_for(out_bytes));
+    gae_rows::run(rows, {gf, static_cast<float>(lam)}, aligned && streaming_stores_for(out_bytes));
     return true;
   }
 }
