@@ -411,6 +411,9 @@ _WALK_SHAPES = {
 @pytest.mark.parametrize("op", ["discounted_returns", "gae"])
 def test_specialized_walks_and_streaming_stores(op, inputs, walk, streaming, monkeypatch):
     monkeypatch.setenv("RLKERNELS_STREAMING_STORES", streaming)
+    # The engine's walks: float32 GAE on long time-contiguous rows would otherwise take the time-vectorized
+    # path (csrc/cpu/gae_rows.h, tested in tests/test_gae_rows.py).
+    monkeypatch.setenv("RLKERNELS_GAE_ROWS", "0")
     shape, time_dim = _WALK_SHAPES[walk]
     s32 = make_inputs(op, shape, time_dim=time_dim, dtype=torch.float32, gamma=0.97, lam=0.9, seed=5,
                       **_SPECIALIZED_SETS[inputs])
@@ -425,7 +428,9 @@ def test_specialized_walks_and_streaming_stores(op, inputs, walk, streaming, mon
 
 def test_windowed_float32_streaming_stores(monkeypatch):
     # Two windows of chunks with float32 inputs and terminated flags: the specialized transposed walks, outputs
-    # by streaming stores, the ragged last chunk (5 steps, not a whole line) by ordinary ones.
+    # by streaming stores, the ragged last chunk (5 steps, not a whole line) by ordinary ones. (The engine's
+    # walk: RLKERNELS_GAE_ROWS=0, else this shape takes gae_rows.h.)
+    monkeypatch.setenv("RLKERNELS_GAE_ROWS", "0")
     monkeypatch.setenv("RLKERNELS_STREAMING_STORES", "always")
     s = make_inputs("gae", (WINDOWED_T, 1), dtype=torch.float32, terminated=1e-3, bootstrap="tensor", gamma=0.99,
                     lam=0.95, seed=73)
