@@ -10,7 +10,6 @@ csrc/ops.cpp.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -151,26 +150,27 @@ class _Scan:
         return last if truncated is None else truncated | last
 
 
-def _direct_cpu(rewards, time_dim, cu_seqlens, backend, floats, flags, per_seq):
+def _direct_cpu(op, rewards, time_dim, cu_seqlens, backend, floats, flags, per_seq, optional_floats=()):
     """Whether the C++ CPU op can take the caller's tensors as they are: time-first [T, B] or [T] CPU tensors
-    of one float dtype, bool flags of the same shape, per-sequence values shaped [B] (or []) or None, the
-    default backend. The general path's reshapes, casts and checks cost ~70 us a call on a slow 2-core VM,
+    of one float dtype, bool flags of the same shape, per-sequence values shaped [B] (or []) or None, and the
+    cpu backend chosen. The general path's reshapes, casts and checks cost ~70 us a call on a slow 2-core VM,
     more than GAE on [2048, 64] itself; the op checks shapes and dtypes again and names the argument."""
-    if backend is not None or cu_seqlens is not None or time_dim != 0 or type(rewards) is not torch.Tensor:
+    if cu_seqlens is not None or time_dim != 0 or type(rewards) is not torch.Tensor:
         return False
-    if rewards.device.type != "cpu" or rewards.dim() not in (1, 2) or rewards.dtype not in checks.FLOAT_DTYPES:
+    if not rewards.is_cpu or rewards.dim() not in (1, 2) or rewards.dtype not in checks.FLOAT_DTYPES:
         return False
     shape, dtype = rewards.shape, rewards.dtype
-    for x in floats:
-        if x is not None and (type(x) is not torch.Tensor or x.dtype != dtype or x.shape != shape):
+    for x in (*floats, *(x for x in optional_floats if x is not None)):
+        if type(x) is not torch.Tensor or not x.is_cpu or x.dtype != dtype or x.shape != shape:
             return False
     for x in flags:
-        if x is not None and (type(x) is not torch.Tensor or x.dtype != torch.bool or x.shape != shape):
+        if x is not None and (type(x) is not torch.Tensor or not x.is_cpu or x.dtype != torch.bool
+                              or x.shape != shape):
             return False
-    if per_seq is not None and (type(per_seq) is not torch.Tensor or per_seq.dtype != dtype
+    if per_seq is not None and (type(per_seq) is not torch.Tensor or not per_seq.is_cpu or per_seq.dtype != dtype
                                 or per_seq.shape != shape[1:]):
         return False
-    return not os.environ.get("RLKERNELS_BACKEND")
+    return resolve(backend, rewards.device, op) == "cpu"
 
 
 def _gamma_lam(op, gamma, *lam):
@@ -240,8 +240,8 @@ def discounted_returns(rewards, *, gamma=0.99, terminated=None, truncated=None, 
     op = "discounted_returns"
     gamma = _gamma_lam(op, gamma)
     _check_truncated(op, truncated, next_values)
-    if next_values is None and _direct_cpu(rewards, time_dim, cu_seqlens, backend, (), (terminated, truncated, mask),
-                                           bootstrap_value):
+    flags = (terminated, truncated, mask)
+    if next_values is None and _direct_cpu(op, rewards, time_dim, cu_seqlens, backend, (), flags, bootstrap_value):
         return _ops.discounted_returns(rewards, None, bootstrap_value, terminated, truncated, mask, None, gamma)
     s = _Scan(op, "rewards", rewards, time_dim=time_dim, cu_seqlens=cu_seqlens, floats={"next_values": next_values},
               flags={"terminated": terminated, "truncated": truncated, "mask": mask},
@@ -275,8 +275,8 @@ def gae(rewards, values, *, gamma=0.99, lam=0.95, terminated=None, truncated=Non
     op = "gae"
     gamma, lam = _gamma_lam(op, gamma, lam)
     _check_truncated(op, truncated, next_values)
-    if _direct_cpu(rewards, time_dim, cu_seqlens, backend, (values, next_values), (terminated, truncated, mask),
-                   bootstrap_value):
+    if _direct_cpu(op, rewards, time_dim, cu_seqlens, backend, (values,), (terminated, truncated, mask),
+                   bootstrap_value, optional_floats=(next_values,)):
         return _ops.gae(rewards, values, next_values, bootstrap_value, terminated, truncated, mask, None, gamma, lam)
     s = _Scan(op, "rewards", rewards, time_dim=time_dim, cu_seqlens=cu_seqlens,
               floats={"values": values, "next_values": next_values},
