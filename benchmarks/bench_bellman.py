@@ -12,8 +12,12 @@ against each other before timing:
 Reported: median, GB/s over the bytes that must move (each input read once, each output written once; for
 value iteration P once per iteration, which the CPU kernel beats by keeping each MDP's P in cache), percent
 of measured copy bandwidth, and the rlkernels speedup (provider median / rlkernels median).
-Timings are cold-data by default (each provider's inputs evicted from the caches before each timed call;
---cache llc rewrites 256 MiB instead, which also evicts the interpreter; --cache warm flushes nothing).
+Cache states (--cache, a comma-separated list; default "data,warm"): data = cold data (each provider's inputs
+evicted from the caches before each timed call), llc = 256 MiB rewritten instead (which also evicts the
+interpreter), warm = nothing flushed. The sample-based ops are timed in every listed state in the same run:
+a replay batch's next_q / q is usually the output of the network forward just before (cache-resident, the
+warm rows) but may come from DRAM (the cold rows). The model-based ops (P = 128 MiB, larger than any cache)
+are timed in the first state only.
 """
 
 from __future__ import annotations
@@ -83,6 +87,14 @@ def eager_value_iteration(P, R, gamma, tol, max_iters, backup=eager_backup):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _cache_modes(text):
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in common.CACHE_MODES]
+    if not modes or bad:
+        raise argparse.ArgumentTypeError(f"cache states must be among {common.CACHE_MODES}, got {text!r}")
+    return list(dict.fromkeys(modes))
+
+
 def _same(a, b, what, rtol=1e-4, atol=1e-4):
     try:
         torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol)
@@ -95,8 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes, few runs, no torch.compile")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
-    parser.add_argument("--cache", choices=common.CACHE_MODES, default="data",
-                        help="what is evicted before each timed call (see rlkernels.bench.common.CACHE_MODES)")
+    parser.add_argument("--cache", type=_cache_modes, default="data,warm",
+                        help="comma-separated cache states to time in (data, llc, warm: see "
+                        "rlkernels.bench.common.CACHE_MODES); the model-based ops use the first")
     parser.add_argument("--warm-cache", action="store_true", help="the same as --cache warm")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
     args = parser.parse_args(argv)
@@ -104,23 +117,24 @@ def main(argv=None) -> int:
     quick = args.quick
     runs = {"budget_s": 0.1, "min_runs": 3, "max_runs": 5} if quick else {"budget_s": 1.0, "min_runs": 5}
     if args.warm_cache:
-        args.cache = "warm"
+        args.cache = ["warm"]
     use_compile = not (quick or args.no_compile)
     copy_gbps, _ = common.copy_bandwidth(dev)
     meta = {"device": common.device_name(dev), "commit": common.git_commit(), "date": common.today()}
     rows = []
 
-    def record(op, shape, results, nbytes, note=""):
+    def record(op, shape, results, nbytes, note="", cache=None):
         base = results["rlkernels"][0].median_s
         for provider, (timing, extra) in results.items():
             gbps = nbytes / timing.median_s / 1e9
-            rows.append({**meta, "op": op, "shape": shape, "provider": provider, "median_s": timing.median_s,
+            rows.append({**meta, "op": op, "shape": shape, "cache": cache or args.cache[0], "provider": provider,
+                         "median_s": timing.median_s,
                          "q20_s": timing.q20_s, "q80_s": timing.q80_s, "runs": timing.runs, "gbps": gbps,
                          "pct_copy_bw": 100 * gbps / copy_gbps, "speedup_vs": timing.median_s / base,
                          "note": " ".join(filter(None, [note, extra]))})
 
-    def timed(fn, reads=()):
-        return common.measure(fn, dev, flush=common.flusher_for(args.cache, dev, fn, reads), **runs)
+    def timed(fn, reads=(), cache=None):
+        return common.measure(fn, dev, flush=common.flusher_for(cache or args.cache[0], dev, fn, reads), **runs)
 
     def compiled_or_none(fn):
         if not use_compile:
@@ -149,11 +163,14 @@ def main(argv=None) -> int:
         _same(ours(), eager(), f"q_targets[{kind}]")
         extra = {"double": [online], "expected": [probs]}.get(kind, [])
         reads = [r, next_q, term, *extra]
-        results = {"rlkernels": (timed(ours, reads)[0], ""), "eager torch": (timed(eager, reads)[0], "")}
         comp = compiled_or_none(eager)
-        if comp is not None:
-            results["torch.compile(eager)"] = (timed(comp, reads)[0], "")
-        record(f"q_targets[{kind}]", shape, results, common.bytes_moved([r, next_q, term, *extra], [r]))
+        for cache in args.cache:
+            results = {"rlkernels": (timed(ours, reads, cache)[0], ""),
+                       "eager torch": (timed(eager, reads, cache)[0], "")}
+            if comp is not None:
+                results["torch.compile(eager)"] = (timed(comp, reads, cache)[0], "")
+            record(f"q_targets[{kind}]", shape, results, common.bytes_moved([r, next_q, term, *extra], [r]),
+                   cache=cache)
 
     q = torch.randn(B, A, generator=g).to(dev).requires_grad_()
     actions = torch.randint(0, A, (B,), generator=g).to(dev)
@@ -166,14 +183,16 @@ def main(argv=None) -> int:
     _same(e1, e2, "td_errors")
     _same(g1, g2, "td_loss grad")
     reads = [q, actions, targets]
-    results = {"rlkernels": (timed(ours, reads)[0], ""), "eager torch": (timed(eager, reads)[0], "")}
     comp = compiled_or_none(lambda: eager_td_step(q, actions, targets)) if use_compile else None
-    if comp is not None:
-        results["torch.compile(eager)"] = (timed(comp, reads)[0], "")
-    # forward: actions, targets, one Q per row (counted as the whole row: its cache lines); td_errors written;
-    # backward: grad_q written.
-    nbytes = common.bytes_moved([actions, targets, q], [targets, q])
-    record("td_loss fwd+bwd", shape, results, nbytes, "huber, mean")
+    for cache in args.cache:
+        results = {"rlkernels": (timed(ours, reads, cache)[0], ""),
+                   "eager torch": (timed(eager, reads, cache)[0], "")}
+        if comp is not None:
+            results["torch.compile(eager)"] = (timed(comp, reads, cache)[0], "")
+        # forward: actions, targets, one Q per row (counted as the whole row: its cache lines); td_errors
+        # written; backward: grad_q written.
+        nbytes = common.bytes_moved([actions, targets, q], [targets, q])
+        record("td_loss fwd+bwd", shape, results, nbytes, "huber, mean", cache=cache)
 
     # ---- model-based: bellman_backup and value_iteration ---------------------------------------------------
     Bm, S, Am = (8, 64, 4) if quick else (64, 256, 8)
@@ -204,7 +223,7 @@ def main(argv=None) -> int:
     _same(mine[0], theirs[0], "value_iteration V")
     vi_runs = {"budget_s": 0.1, "min_runs": 3, "max_runs": 5} if quick else {"budget_s": 3.0, "min_runs": 3,
                                                                              "max_runs": 7}
-    vi_timed = lambda fn: common.measure(fn, dev, flush=common.flusher_for(args.cache, dev, fn, [P, R]),  # noqa: E731
+    vi_timed = lambda fn: common.measure(fn, dev, flush=common.flusher_for(args.cache[0], dev, fn, [P, R]),  # noqa: E731
                                          single_run_over_s=30.0, **vi_runs)[0]
     results = {"rlkernels": (vi_timed(ours), ""), "eager torch": (vi_timed(eager), "einsum loop, .item() per iteration")}
     if use_compile:
@@ -217,12 +236,14 @@ def main(argv=None) -> int:
 
     # ---- print and write ---------------------------------------------------------------------------------
     print(f"Bellman backups on {meta['device']} ({dev}), commit {meta['commit']}, {meta['date']}; copy bandwidth "
-          f"{copy_gbps:.1f} GB/s; float32; {common.CACHE_TEXT[args.cache]}")
-    header = f"{'op':<20} {'shape':<22} {'provider':<28} {'median':>10} {'GB/s':>7} {'% copy':>7} {'rlk speedup':>11}"
+          f"{copy_gbps:.1f} GB/s; float32")
+    for cache in args.cache:
+        print(f"  {cache}: {common.CACHE_TEXT[cache]}")
+    header = f"{'op':<20} {'shape':<22} {'cache':<5} {'provider':<28} {'median':>10} {'GB/s':>7} {'% copy':>7} {'rlk speedup':>11}"
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['op']:<20} {row['shape']:<22} {row['provider']:<28} {row['median_s'] * 1e3:>8.3f}ms "
+        print(f"{row['op']:<20} {row['shape']:<22} {row['cache']:<5} {row['provider']:<28} {row['median_s'] * 1e3:>8.3f}ms "
               f"{row['gbps']:>7.2f} {row['pct_copy_bw']:>6.1f}% {row['speedup_vs']:>10.2f}x  {row['note']}")
     if args.csv:
         with open(args.csv, "w", newline="") as f:

@@ -290,6 +290,20 @@ def test_td_loss_backward_bad_actions():
                                              e[:3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_td_loss_forward_reports_the_first_bad_action(dtype):
+    # The float32 forward gathers 8 rows per step: a bad action inside such a group (and after the groups, in
+    # the tail rows), the first of several reported, negative ones too, for every row chunk.
+    q, actions, targets, _ = _td_inputs(5000, 5, dtype, seed=10)
+    for rows, value in (([37, 61], 5), ([4099, 4100], -1), ([4999], 7), ([8, 4097], 1 << 40)):
+        bad = actions.clone()
+        bad[rows] = value
+        with pytest.raises(ValueError, match=rf"actions\[{rows[0]}\] = {value}\b"):
+            rlkernels.td_loss(q, bad, targets)
+    loss, e = rlkernels.td_loss(q, actions, targets, reduction="none")  # in-range actions still work
+    assert torch.equal(e, targets - q.gather(1, actions[:, None]).squeeze(1))
+
+
 def test_td_loss_gradcheck():
     q, actions, targets, weights = _td_inputs(13, 4, torch.float64, seed=3)
     targets = targets * 2  # both Huber branches

@@ -91,3 +91,27 @@ def test_cache_modes_find_and_evict_the_inputs_of_a_call():
     assert np.array_equal(z, np.arange(64, dtype=np.float32))
     assert isinstance(common.flusher_for("llc", "cpu", fn), common.CacheFlusher)
     assert common.flusher_for("warm", "cpu", fn) is None
+
+
+def test_bellman_bench_quick_times_each_cache_state_in_one_run(tmp_path):
+    # benchmarks/bench_bellman.py: every sample-based case once per requested cache state, the model-based
+    # ones once; the rlkernels row of each case is its own baseline (speedup 1) and every row has a time.
+    out = tmp_path / "bellman.csv"
+    cmd = [sys.executable, "-m", "benchmarks.bench_bellman", "--device", "cpu", "--quick", "--csv", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    cases = {(r["op"], r["cache"]) for r in rows}
+    sample_ops = {"q_targets[max]", "q_targets[double]", "q_targets[expected]", "q_targets[soft]", "td_loss fwd+bwd"}
+    assert cases == {(op, c) for op in sample_ops for c in ("data", "warm")} | {
+        ("bellman_backup", "data"), ("value_iteration", "data")}
+    for op, cache in cases:
+        providers = {r["provider"]: r for r in rows if (r["op"], r["cache"]) == (op, cache)}
+        assert set(providers) == {"rlkernels", "eager torch"}, (op, cache, set(providers))
+        assert float(providers["rlkernels"]["speedup_vs"]) == 1.0
+        for r in providers.values():
+            assert float(r["median_s"]) > 0 and float(r["gbps"]) > 0
+    bad = subprocess.run([*cmd[:-2], "--cache", "data,hot"], cwd=ROOT, check=False, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "cache states must be among" in bad.stderr

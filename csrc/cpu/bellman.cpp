@@ -155,6 +155,20 @@ __attribute__((always_inline)) inline float hsum8(f8 v) {
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
 
+// hsum8 of 8 vectors at once (lane k: hsum8(v[k]), in the same order of additions, so the same bits): three
+// rounds of pairwise adds across the vectors (the form of vhaddps) instead of 8 reductions of 7 scalar adds
+// (those were about half of an expected-SARSA row's cost at A = 18).
+__attribute__((always_inline)) inline f8 hadd8(f8 a, f8 b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+         __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+__attribute__((always_inline)) inline f8 hsum8x8(const f8* v) {
+  const f8 ab = hadd8(hadd8(v[0], v[1]), hadd8(v[2], v[3]));  // [v0..v3: (0+1)+(2+3) | v0..v3: (4+5)+(6+7)]
+  const f8 cd = hadd8(hadd8(v[4], v[5]), hadd8(v[6], v[7]));
+  return __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 // max of x[0:A] with NumPy's NaN rule; sets has_nan.
 __attribute__((always_inline)) inline float row_max(const float* x, int64_t A, bool& has_nan) {
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -312,16 +326,24 @@ RLK_CLONES void q_rows_f32_wide(const float* r, const float* q, const bool* term
         v[i] = q[(c + i) * A + arg];
       }
     } else if (kind == static_cast<int>(QKind::kExpected)) {
-      for (int64_t i = 0; i < n; ++i) {
-        const float *x = q + (c + i) * A, *p = probs + (c + i) * A;
+      auto dot = [&](int64_t b) {
+        const float *x = q + b * A, *p = probs + b * A;
         f8 acc = f8{};
         for (int64_t a = 0; a < whole; a += 8) acc += load8(p + a) * load8(x + a);
         if (has_tail) {
           const f8 t = load8(p + tail) * load8(x + tail);
           acc += fresh ? t : f8{};
         }
-        v[i] = hsum8(acc);
+        return acc;
+      };
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        f8 acc[8];
+        for (int k = 0; k < 8; ++k) acc[k] = dot(c + i + k);
+        const f8 s = hsum8x8(acc);
+        __builtin_memcpy(v + i, &s, sizeof(s));
       }
+      for (; i < n; ++i) v[i] = hsum8(dot(c + i));
     } else {
       // The block's maxes first, then its sums of exps: rows then depend on nothing but memory, so the
       // out-of-order core overlaps several rows' exp chains (one row's max, broadcast, then exps in a row
@@ -338,13 +360,11 @@ RLK_CLONES void q_rows_f32_wide(const float* r, const float* q, const bool* term
           mx[i] = m;
         }
       }
-      for (int64_t i = 0; i < n; ++i) {
+      // Per row the vector of its exps (a special row: one 1, summing to 1), reduced 8 rows at a time.
+      auto exps = [&](int64_t i) {
         const float* x = q + (c + i) * A;
         const float m = mx[i];
-        if (m != m) {
-          sum[i] = 1.0f;
-          continue;
-        }
+        if (m != m) return f8{1.0f};
         // (x - max) / T, not x / T - max / T: see q_rows_f32.
         const f8 mb = f8{} + m;
         f8 acc = f8{};
@@ -353,8 +373,16 @@ RLK_CLONES void q_rows_f32_wide(const float* r, const float* q, const bool* term
           const f8 t = exp_nonpositive((load8(x + tail) - mb) * inv);
           acc += fresh ? t : f8{};
         }
-        sum[i] = hsum8(acc);
+        return acc;
+      };
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        f8 acc[8];
+        for (int k = 0; k < 8; ++k) acc[k] = exps(i + k);
+        const f8 s8 = hsum8x8(acc);
+        __builtin_memcpy(sum + i, &s8, sizeof(s8));
       }
+      for (; i < n; ++i) sum[i] = hsum8(exps(i));
       for (int64_t i = n; i < (n + 7) / 8 * 8; ++i) mx[i] = 0.0f, sum[i] = 1.0f;
       for (int64_t i = 0; i < n; i += 8) {
         const f8 m8 = load8(mx + i);
@@ -367,7 +395,18 @@ RLK_CLONES void q_rows_f32_wide(const float* r, const float* q, const bool* term
         }
       }
     }
-    for (int64_t i = 0; i < n; ++i) out[c + i] = q_target(r[c + i], term != nullptr && term[c + i], discount, v[i]);
+    // q_target, 8 rows at a time.
+    typedef unsigned char u8x8 __attribute__((vector_size(8)));
+    const f8 disc = f8{} + discount;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      u8x8 t8 = u8x8{};
+      if (term != nullptr) __builtin_memcpy(&t8, term + c + i, sizeof(t8));
+      const f8 rr = load8(r + c + i);
+      const f8 y = __builtin_convertvector(t8, i8) != 0 ? rr : rr + disc * load8(v + i);
+      __builtin_memcpy(out + c + i, &y, sizeof(y));
+    }
+    for (; i < n; ++i) out[c + i] = q_target(r[c + i], term != nullptr && term[c + i], discount, v[i]);
   }
 }
 
@@ -523,6 +562,64 @@ void report_bad_action(const std::vector<int64_t>& bad, const int64_t* act, int6
     TORCH_CHECK_VALUE(b < 0, "rlkernels: actions must be in [0, ", A, "), got actions[", b, "] = ", act[b]);
 }
 
+// e[i] = y[i] - q[i, act[i]] for n float32 rows of A (an out-of-range action reads column 0; returns the first
+// such row, or -1): 8 rows per step with their 8 loads independent of each other and of the stores, from
+// pointers held in registers (the generic loop reloaded them from its closure after every store, and its
+// loads waited on each other's latency).
+RLK_CLONES int64_t gather_errors_f32(const float* __restrict q, const int64_t* __restrict act,
+                                     const float* __restrict y, int64_t n, int64_t A, float* __restrict e) {
+  int64_t bad = -1;
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __builtin_prefetch(q + std::min(i + kAhead, n - 1) * A);
+    __builtin_prefetch(q + std::min(i + kAhead + 4, n - 1) * A);
+    int64_t a[8];
+    bool any_bad = false;
+    for (int k = 0; k < 8; ++k) {
+      const bool ok = static_cast<uint64_t>(act[i + k]) < static_cast<uint64_t>(A);
+      any_bad |= !ok;
+      a[k] = ok ? act[i + k] : 0;
+    }
+    f8 g;
+    for (int k = 0; k < 8; ++k) g[k] = q[(i + k) * A + a[k]];
+    const f8 r = load8(y + i) - g;
+    __builtin_memcpy(e + i, &r, sizeof(r));
+    if (__builtin_expect(any_bad, 0) && bad < 0) {
+      for (int k = 0; k < 8 && bad < 0; ++k)
+        if (static_cast<uint64_t>(act[i + k]) >= static_cast<uint64_t>(A)) bad = i + k;
+    }
+  }
+  for (; i < n; ++i) {
+    int64_t a = act[i];
+    if (static_cast<uint64_t>(a) >= static_cast<uint64_t>(A)) {
+      if (bad < 0) bad = i;
+      a = 0;
+    }
+    e[i] = y[i] - q[i * A + a];
+  }
+  return bad;
+}
+
+// The same for any dtype: gather_errors_f32 for float32, else this loop.
+template <typename scalar_t, typename acc_t>
+int64_t gather_errors(const scalar_t* q, const int64_t* act, const scalar_t* y, int64_t n, int64_t A, acc_t* e) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return gather_errors_f32(q, act, y, n, A, e);
+  } else {
+    int64_t bad = -1;
+    for (int64_t i = 0; i < n; ++i) {
+      __builtin_prefetch(q + std::min(i + kAhead, n - 1) * A);
+      int64_t a = act[i];
+      if (static_cast<uint64_t>(a) >= static_cast<uint64_t>(A)) {  // checked here, not in a pass of its own
+        if (bad < 0) bad = i;
+        a = 0;
+      }
+      e[i] = static_cast<acc_t>(y[i]) - static_cast<acc_t>(q[i * A + a]);
+    }
+    return bad;
+  }
+}
+
 // The losses of one chunk: td_losses_f32 for float32; elsewhere branch-free scalars summed into 4
 // independent double accumulators (one chain of dependent double adds limited the loop), in a fixed order.
 template <typename scalar_t, typename acc_t>
@@ -580,15 +677,9 @@ std::tuple<Tensor, Tensor> td_loss_cpu(const Tensor& q_in, const Tensor& actions
         const int64_t begin = c * kRowChunk, end = std::min(B, begin + kRowChunk);
         // The gather first (one Q per row), then the losses over the chunk (chunk_losses: branch-free, and a
         // fixed summation order, so results do not depend on the thread count).
-        for (int64_t b = begin; b < end; ++b) {
-          __builtin_prefetch(qp + std::min(b + kAhead, B - 1) * A);
-          int64_t a = act[b];
-          if (static_cast<uint64_t>(a) >= static_cast<uint64_t>(A)) {  // checked here, not in a pass of its own
-            if (bad[c] < 0) bad[c] = b;
-            a = 0;
-          }
-          e_out[b] = static_cast<acc_t>(y[b]) - static_cast<acc_t>(qp[b * A + a]);
-        }
+        const int64_t first_bad = gather_errors(qp + begin * A, act + begin, y + begin, end - begin, A,
+                                                e_out + begin);
+        if (first_bad >= 0) bad[c] = begin + first_bad;
         sums[c] = chunk_losses(e_out + begin, w == nullptr ? nullptr : w + begin,
                                per_out == nullptr ? nullptr : per_out + begin, end - begin, args.kind, d);
       }
@@ -666,6 +757,32 @@ void td_grads(const acc_t* e, const scalar_t* w, bool has_gl, const acc_t* gl, a
 // (zeroed, then the one non-zero each) stay in L1/L2 between the two writes.
 constexpr int64_t kGradRows = 256;
 
+// n rows of grad_q (zeroed, then the one non-zero per row: -g, as e = y - q) and of grad_targets (g); returns the
+// first row whose action is out of range (its row left zero), or -1. Zeroed ~1 KB at a time, each piece's
+// non-zeros placed right after it: libc zeroes a piece that small with vector stores, which leave its lines in
+// L1 for the placements, where one memset of the whole block (rep stosb) left every placement a miss (measured
+// on the 2-core EPYC, 2 threads, B = 65536, A = 18: 81-85 us against 107-110 us).
+template <typename scalar_t, typename acc_t>
+int64_t place_grads(scalar_t* __restrict rows, const int64_t* __restrict act, const acc_t* __restrict g,
+                    int64_t n, int64_t A, scalar_t* __restrict gy) {
+  const int64_t piece = std::max<int64_t>(1, 1024 / (A * static_cast<int64_t>(sizeof(scalar_t))));
+  int64_t bad = -1;
+  for (int64_t i0 = 0; i0 < n; i0 += piece) {
+    const int64_t i1 = std::min(n, i0 + piece);
+    std::memset(static_cast<void*>(rows + i0 * A), 0, sizeof(scalar_t) * (i1 - i0) * A);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t a = act[i];
+      if (static_cast<uint64_t>(a) >= static_cast<uint64_t>(A)) {
+        if (bad < 0) bad = i;
+        continue;
+      }
+      rows[i * A + a] = static_cast<scalar_t>(-g[i]);
+      gy[i] = static_cast<scalar_t>(g[i]);
+    }
+  }
+  return bad;
+}
+
 // grad_q and grad_targets from the per-row errors e = targets - q[b, actions[b]]: the td_errors the forward
 // returned when the caller passes them (the autograd kernel does, while they are unmodified: csrc/autograd.cpp),
 // so q is not read again; else gathered from q here.
@@ -738,18 +855,8 @@ std::tuple<Tensor, Tensor> td_loss_backward_cpu(const OptTensor& grad_loss, cons
         const acc_t* glk = glp != nullptr ? glp + begin : nullptr;
         const acc_t* gtk = gtp != nullptr ? gtp + begin : nullptr;
         td_grads(e, wk, has_gl, glk, shared, gtk, n, kind, d, g_buf);
-        // The block's rows zeroed by one memset (libc's vector stores), then the one non-zero per row.
-        scalar_t* rows = gq + begin * A;
-        std::memset(static_cast<void*>(rows), 0, sizeof(scalar_t) * n * A);
-        for (int64_t i = 0; i < n; ++i) {
-          const int64_t a = ak[i];
-          if (static_cast<uint64_t>(a) >= static_cast<uint64_t>(A)) {
-            if (bad_at[k] < 0) bad_at[k] = begin + i;
-            continue;
-          }
-          rows[i * A + a] = static_cast<scalar_t>(-g_buf[i]);  // e = y - q
-          gy[begin + i] = static_cast<scalar_t>(g_buf[i]);
-        }
+        const int64_t first_bad = place_grads(gq + begin * A, ak, g_buf, n, A, gy + begin);
+        if (first_bad >= 0) bad_at[k] = begin + first_bad;
       }
     });
   });
