@@ -170,6 +170,30 @@ def test_q_targets_float32_rows_ties_nan_inf(kind, A):
         torch.testing.assert_close(y[~nan_rows], (r + 0.9 * picked.float())[~nan_rows], equal_nan=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("A", [3, 18, 300])
+def test_q_targets_16bit_equals_float32_of_the_same_values(kind, A, dtype):
+    # 16-bit batches are widened block by block (blocks of 4096 // A rows) and run through the float32 rows:
+    # the targets must be exactly those of the float32 op on the widened inputs, NaN/inf rows and
+    # terminated rows included, across blocks and threads.
+    B = 1500
+    g = torch.Generator().manual_seed(A + len(kind))
+    q = (torch.randn(B, A, generator=g) * 3).to(dtype)
+    online = torch.randn(B, A, generator=g).to(dtype)
+    probs = torch.softmax(torch.randn(B, A, generator=g), -1).to(dtype)
+    r = torch.randn(B, generator=g).to(dtype)
+    term = torch.rand(B, generator=g) < 0.2
+    q[5, A - 1], q[700, 0], q[701, :] = math.nan, math.inf, -math.inf
+    online[900, A // 2] = math.nan
+    kw = dict(gamma=0.9, kind=kind, temperature=0.6 if kind == "soft" else None)
+    y = rlkernels.q_targets(r, q, terminated=term, next_q_online=online, next_probs=probs, **kw)
+    y32 = rlkernels.q_targets(r.float(), q.float(), terminated=term, next_q_online=online.float(),
+                              next_probs=probs.float(), **kw)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, y32, rtol=0, atol=0, equal_nan=True)
+
+
 def test_q_targets_non_contiguous():
     r, q, online, probs, term = _q_inputs(40, 6, torch.float32, seed=9)
     q_t = q.t().contiguous().t()  # same values, column-major
