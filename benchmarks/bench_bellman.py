@@ -1,6 +1,7 @@
 """Bellman backups: rlkernels against the eager torch code DQN trainers and planners run, and its torch.compile.
 
-    python -m benchmarks.bench_bellman [--device cpu|cuda] [--quick] [--csv out.csv] [--no-compile]
+    python -m benchmarks.bench_bellman [--device cpu|cuda] [--quick] [--csv out.csv | --results-dir DIR]
+                                       [--cache data,warm] [--no-compile]
 
 Cases (float32, issue 6's shapes), every provider on the same inputs in the same run, outputs checked
 against each other before timing:
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import csv
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -112,6 +114,8 @@ def main(argv=None) -> int:
                         "rlkernels.bench.common.CACHE_MODES); the model-based ops use the first")
     parser.add_argument("--warm-cache", action="store_true", help="the same as --cache warm")
     parser.add_argument("--csv", default=None, help="write the rows to this CSV file")
+    parser.add_argument("--results-dir", default=None,
+                        help="write the rows to <dir>/<device>-<date>-bellman.csv (scripts/bench.sh: benchmarks/results)")
     args = parser.parse_args(argv)
     dev = args.device
     quick = args.quick
@@ -245,7 +249,10 @@ def main(argv=None) -> int:
     for row in rows:
         print(f"{row['op']:<20} {row['shape']:<22} {row['cache']:<5} {row['provider']:<28} {row['median_s'] * 1e3:>8.3f}ms "
               f"{row['gbps']:>7.2f} {row['pct_copy_bw']:>6.1f}% {row['speedup_vs']:>10.2f}x  {row['note']}")
+    if args.csv is None and args.results_dir is not None:
+        args.csv = str(Path(args.results_dir) / f"{common.slug(meta['device'])}-{meta['date']}-bellman.csv")
     if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
