@@ -318,8 +318,8 @@ def test_td_loss_backward_bad_actions():
 def test_td_loss_forward_reports_the_first_bad_action(dtype):
     # The float32 forward gathers 8 rows per step: a bad action inside such a group (and after the groups, in
     # the tail rows), the first of several reported, negative ones too, for every row chunk.
-    q, actions, targets, _ = _td_inputs(5000, 5, dtype, seed=10)
-    for rows, value in (([37, 61], 5), ([4099, 4100], -1), ([4999], 7), ([8, 4097], 1 << 40)):
+    q, actions, targets, _ = _td_inputs(5003, 5, dtype, seed=10)  # the last chunk ends in 3 rows after its groups
+    for rows, value in (([37, 61], 5), ([4099, 4100], -1), ([4999, 5001], 7), ([5001], 5), ([8, 4097], 1 << 40)):
         bad = actions.clone()
         bad[rows] = value
         with pytest.raises(ValueError, match=rf"actions\[{rows[0]}\] = {value}\b"):
