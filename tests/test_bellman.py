@@ -192,6 +192,9 @@ def test_q_targets_16bit_equals_float32_of_the_same_values(kind, A, dtype):
                               next_probs=probs.float(), **kw)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, y32, rtol=0, atol=0, equal_nan=True)
+    expected = reference.q_targets(r.double(), q.double(), terminated=term, next_q_online=online.double(),
+                                   next_probs=probs.double(), **kw)
+    assert_close(y, expected, torch.float32, name=kind)
 
 
 def test_q_targets_non_contiguous():

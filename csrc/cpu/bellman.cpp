@@ -169,6 +169,19 @@ __attribute__((always_inline)) inline f8 hsum8x8(const f8* v) {
          __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
+// out[i] = hsum8(row(i)) for i < n, the rows' reductions done 8 at a time by hsum8x8 (the same bits).
+template <class RowVec>
+__attribute__((always_inline)) inline void row_sums(int64_t n, RowVec row, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    f8 acc[8];
+    for (int k = 0; k < 8; ++k) acc[k] = row(i + k);
+    const f8 s = hsum8x8(acc);
+    __builtin_memcpy(out + i, &s, sizeof(s));
+  }
+  for (; i < n; ++i) out[i] = hsum8(row(i));
+}
+
 // max of x[0:A] with NumPy's NaN rule; sets has_nan.
 __attribute__((always_inline)) inline float row_max(const float* x, int64_t A, bool& has_nan) {
   const float ninf = -std::numeric_limits<float>::infinity();
@@ -336,14 +349,7 @@ RLK_CLONES void q_rows_f32_wide(const float* r, const float* q, const bool* term
         }
         return acc;
       };
-      int64_t i = 0;
-      for (; i + 8 <= n; i += 8) {
-        f8 acc[8];
-        for (int k = 0; k < 8; ++k) acc[k] = dot(c + i + k);
-        const f8 s = hsum8x8(acc);
-        __builtin_memcpy(v + i, &s, sizeof(s));
-      }
-      for (; i < n; ++i) v[i] = hsum8(dot(c + i));
+      row_sums(n, [&](int64_t i) { return dot(c + i); }, v);
     } else {
       // The block's maxes first, then its sums of exps: rows then depend on nothing but memory, so the
       // out-of-order core overlaps several rows' exp chains (one row's max, broadcast, then exps in a row
@@ -360,7 +366,7 @@ RLK_CLONES void q_rows_f32_wide(const float* r, const float* q, const bool* term
           mx[i] = m;
         }
       }
-      // Per row the vector of its exps (a special row: one 1, summing to 1), reduced 8 rows at a time.
+      // Per row the vector of its exps (a special row: one 1, summing to 1).
       auto exps = [&](int64_t i) {
         const float* x = q + (c + i) * A;
         const float m = mx[i];
@@ -375,14 +381,7 @@ RLK_CLONES void q_rows_f32_wide(const float* r, const float* q, const bool* term
         }
         return acc;
       };
-      int64_t i = 0;
-      for (; i + 8 <= n; i += 8) {
-        f8 acc[8];
-        for (int k = 0; k < 8; ++k) acc[k] = exps(i + k);
-        const f8 s8 = hsum8x8(acc);
-        __builtin_memcpy(sum + i, &s8, sizeof(s8));
-      }
-      for (; i < n; ++i) sum[i] = hsum8(exps(i));
+      row_sums(n, exps, sum);
       for (int64_t i = n; i < (n + 7) / 8 * 8; ++i) mx[i] = 0.0f, sum[i] = 1.0f;
       for (int64_t i = 0; i < n; i += 8) {
         const f8 m8 = load8(mx + i);
@@ -395,7 +394,7 @@ RLK_CLONES void q_rows_f32_wide(const float* r, const float* q, const bool* term
         }
       }
     }
-    // q_target, 8 rows at a time.
+    // q_target (bellman.h: the reward alone where terminated, else r + discount * v), 8 rows at a time.
     typedef unsigned char u8x8 __attribute__((vector_size(8)));
     const f8 disc = f8{} + discount;
     int64_t i = 0;
