@@ -848,7 +848,8 @@ std::tuple<Tensor, Tensor> td_loss_backward_cpu(const OptTensor& grad_loss, cons
   if (has(grad_loss)) {
     TORCH_CHECK_VALUE(per_sample ? grad_loss->numel() == B : grad_loss->numel() == 1,
                       "rlkernels: grad_loss has the wrong number of elements: ", grad_loss->sizes());
-    gl = per_sample ? grad_loss->to(acc_type).contiguous() : grad_loss->to(at::kDouble);
+    // (A reduced loss's one gradient is read as a double by item(), without a tensor of its own.)
+    if (per_sample) gl = grad_loss->to(acc_type).contiguous();
   }
   if (has(grad_td)) {
     TORCH_CHECK_VALUE(grad_td->numel() == B, "rlkernels: grad_td_errors must have ", B, " elements");
@@ -860,8 +861,8 @@ std::tuple<Tensor, Tensor> td_loss_backward_cpu(const OptTensor& grad_loss, cons
     e_saved = td_errors->to(acc_type).contiguous();
   }
   const double scale = args.reduction == Reduction::kMean ? (B > 0 ? 1.0 / static_cast<double>(B) : 0.0) : 1.0;
-  const bool has_gl = gl.defined();
-  const double shared_d = has_gl && !per_sample ? gl.item<double>() * scale : 0.0;
+  const bool has_gl = has(grad_loss);
+  const double shared_d = has_gl && !per_sample ? grad_loss->item<double>() * scale : 0.0;
   Tensor grad_q = empty_output({B, A}, q.options());  // (huge pages when large: alloc.h)
   Tensor grad_targets = at::empty({B}, targets.options());
   const int64_t blocks = (B + kGradRows - 1) / kGradRows;
