@@ -1,9 +1,9 @@
 """rlkernels.integrations against the trainers' own functions, on the same inputs.
 
 Real trainer functions: TorchRL (objectives.value.functional), Stable-Baselines3 (RolloutBuffer,
-DictRolloutBuffer and a short PPO run) and TRL (trl.trainer.utils.selective_log_softmax); importorskip skips
+DictRolloutBuffer and a short PPO run; DQN's train in short runs side by side) and TRL (trl.trainer.utils.selective_log_softmax); importorskip skips
 them where the trainer is missing (scripts/setup.sh installs all three). Transcribed formulas: CleanRL's ppo.py
-GAE loop (CleanRL is scripts, not a package) and verl 0.9.1's core_algos / torch_functional (verl needs ray and
+GAE loop and dqn.py update (CleanRL is scripts, not a package) and verl 0.9.1's core_algos / torch_functional (verl needs ray and
 its configs to import), each copied below from the trainer's source with the source named.
 """
 
@@ -309,6 +309,63 @@ def test_sb3_errors_name_the_argument(sb3):
         buf.compute_returns_and_advantage(np.zeros(2), np.zeros(2, dtype=bool))
 
 
+def _sb3_dqn_targets(rewards, next_q, dones, discounts):
+    """The targets of SB3 2.x's DQN.train (stable_baselines3/dqn/dqn.py), verbatim but for the names."""
+    with torch.no_grad():
+        next_q_values, _ = next_q.max(dim=1)
+        next_q_values = next_q_values.reshape(-1, 1)
+        return rewards + (1 - dones) * discounts * next_q_values
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["gamma", "n-step discounts"])
+def test_sb3_dqn_targets_equal_sb3(sb3, per_sample):
+    from rlkernels.integrations.sb3 import dqn_targets
+
+    g = torch.Generator().manual_seed(3)
+    B, A = 77, 5
+    rewards, next_q = torch.randn(B, 1, generator=g), torch.randn(B, A, generator=g) * 3
+    dones = (torch.rand(B, 1, generator=g) < 0.3).float()
+    discounts = 0.97 ** torch.randint(1, 4, (B, 1), generator=g).float() if per_sample else 0.97
+    got = dqn_targets(rewards, next_q, dones, discounts)
+    exp = _sb3_dqn_targets(rewards, next_q, dones, discounts)
+    assert got.shape == (B, 1) and dones.sum() > 0
+    assert_close(got, exp, F32, name="targets")
+    done = dones.reshape(-1) != 0
+    assert torch.equal(got.reshape(-1)[done], rewards.reshape(-1)[done])
+    with pytest.raises(ValueError, match="dones"):
+        dqn_targets(rewards, next_q, dones[:5], discounts)
+    with pytest.raises(ValueError, match="discounts"):
+        dqn_targets(rewards, next_q, dones, torch.ones(3, 1))
+
+
+@pytest.mark.parametrize("n_steps", [1, 3])
+def test_sb3_dqn_trains_as_sb3(sb3, monkeypatch, n_steps):
+    # SB3's DQN and ours from one seed on CartPole: the same transitions, samples and exploration, so every
+    # gradient step sees the same batch; the networks must stay equal to float32 rounding through 250 updates.
+    import rlkernels
+    from stable_baselines3 import DQN as SB3DQN
+    from stable_baselines3.common.buffers import NStepReplayBuffer
+
+    from rlkernels.integrations.sb3 import DQN
+
+    calls = []
+    td_loss = rlkernels.td_loss
+    monkeypatch.setattr(rlkernels, "td_loss", lambda *a, **k: calls.append(1) or td_loss(*a, **k))
+    kw = dict(learning_starts=100, train_freq=4, gradient_steps=2, batch_size=32, seed=0, device="cpu",
+              target_update_interval=50)
+    if n_steps > 1:
+        kw.update(replay_buffer_class=NStepReplayBuffer, replay_buffer_kwargs=dict(n_steps=n_steps))
+    theirs = SB3DQN("MlpPolicy", "CartPole-v1", **kw).learn(600)
+    ours = DQN("MlpPolicy", "CartPole-v1", **kw).learn(600)
+    assert isinstance(ours, SB3DQN)
+    assert ours._n_updates == theirs._n_updates == len(calls) == 250
+    for (name, p), q in zip(theirs.q_net.named_parameters(), ours.q_net.parameters()):
+        assert_close(q, p, F32, name=name)
+    assert (ours.q_net.state_dict()["q_net.0.weight"] != theirs.q_net_target.state_dict()["q_net.0.weight"]).any()
+    assert ours.logger.name_to_value["train/loss"] == pytest.approx(theirs.logger.name_to_value["train/loss"],
+                                                                    rel=1e-5)
+
+
 # ====================================================================================================
 # CleanRL: compute_gae against the loop of ppo.py
 # ====================================================================================================
@@ -401,6 +458,60 @@ def test_cleanrl_errors_name_the_argument():
         compute_gae(rewards, values, dones, next_value, next_done, 0.99, 1.5)
     with pytest.raises(TypeError, match="rewards"):
         compute_gae(rewards.long(), values, dones, next_value, next_done, 0.99, 0.95)
+
+
+def _cleanrl_dqn(q_values, actions, next_q_values, rewards, dones, gamma):
+    """The update of CleanRL's dqn.py, verbatim but for the network calls (their outputs are the arguments)."""
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        target_max, _ = next_q_values.max(dim=1)
+        td_target = rewards.flatten() + gamma * target_max * (1 - dones.flatten())
+    old_val = q_values.gather(1, actions).squeeze()
+    loss = F.mse_loss(td_target, old_val)
+    return loss, old_val
+
+
+@pytest.mark.filterwarnings("ignore:Using a target size")  # B = 1: CleanRL's squeeze() leaves a 0-d old_val
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+@pytest.mark.parametrize("B,A,seed", [(128, 2, 0), (37, 18, 1), (1, 4, 2)])
+def test_cleanrl_dqn_loss(dtype, B, A, seed):
+    from rlkernels.integrations.cleanrl import dqn_loss
+
+    g = torch.Generator().manual_seed(seed)
+    q = _randn((B, A), g, dtype).requires_grad_(True)
+    next_q = _randn((B, A), g, dtype, scale=3.0)
+    actions = torch.randint(0, A, (B, 1), generator=g)  # CleanRL's replay buffer: [B, 1] columns
+    rewards, dones = _randn((B, 1), g, dtype), (torch.rand(B, 1, generator=g) < 0.3).to(dtype)
+    exp_loss, exp_old = _cleanrl_dqn(q, actions, next_q, rewards, dones, 0.99)
+    (exp_grad,) = torch.autograd.grad(exp_loss, q)
+    loss, old_val = dqn_loss(q, actions, next_q, rewards, dones, 0.99)
+    (grad,) = torch.autograd.grad(loss, q)
+    assert loss.dtype == dtype and old_val.shape == (B,) and not old_val.requires_grad
+    assert_close(loss, exp_loss, dtype, name="loss")
+    assert_close(grad, exp_grad, dtype, name="grad q_values")
+    assert torch.equal(old_val, exp_old.detach().reshape(B))
+    # [B] columns, bool dones and int32 actions give the same
+    loss2, _ = dqn_loss(q, actions.reshape(B).int(), next_q, rewards.reshape(B), dones.reshape(B).bool(), 0.99)
+    assert torch.equal(loss2, loss)
+
+
+def test_cleanrl_dqn_loss_errors_name_the_argument():
+    from rlkernels.integrations.cleanrl import dqn_loss
+
+    q, actions, r, d = torch.randn(8, 3), torch.zeros(8, 1, dtype=torch.long), torch.zeros(8, 1), torch.zeros(8, 1)
+    with pytest.raises(ValueError, match="next_q_values"):
+        dqn_loss(q, actions, torch.randn(8, 4), r, d, 0.99)
+    with pytest.raises(ValueError, match="dones"):
+        dqn_loss(q, actions, q, r, d[:4], 0.99)
+    with pytest.raises(ValueError, match="actions"):
+        dqn_loss(q, actions.reshape(1, 8), q, r, d, 0.99)
+    with pytest.raises(ValueError, match="gamma"):
+        dqn_loss(q, actions, q, r, d, 1.5)
+    with pytest.raises(TypeError, match="actions"):
+        dqn_loss(q, actions.float(), q, r, d, 0.99)
+    with pytest.raises(ValueError, match="actions"):
+        dqn_loss(q, actions + 3, q, r, d, 0.99)
 
 
 # ====================================================================================================

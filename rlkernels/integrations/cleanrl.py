@@ -1,4 +1,5 @@
-"""The GAE loop of CleanRL's ppo.py as one call: ``compute_gae``.
+"""CleanRL's inner loops as calls: the GAE loop of ppo.py (``compute_gae``) and the TD update of dqn.py
+(``dqn_loss``).
 
 CleanRL's conventions (ppo.py, ppo_atari.py, ppo_continuous_action.py): rollout tensors are ``[num_steps,
 num_envs]`` (time first; any further dims are more environments); ``dones[t]`` is the done flag stored with
@@ -21,7 +22,7 @@ import rlkernels
 from .. import _checks as checks
 from ._util import scalar
 
-__all__ = ["compute_gae"]
+__all__ = ["compute_gae", "dqn_loss"]
 
 _OP = "integrations.cleanrl.compute_gae"
 
@@ -64,3 +65,49 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
     return rlkernels.gae(rewards, values, gamma=gamma, lam=gae_lambda, terminated=terminated,
                          bootstrap_value=next_value.reshape(env_shape), backend=backend)
 
+
+
+_DQN = "integrations.cleanrl.dqn_loss"
+
+
+def dqn_loss(q_values, actions, next_q_values, rewards, dones, gamma, *, backend=None):
+    """Returns (loss, old_val) as CleanRL's dqn.py (and dqn_atari.py) compute them:
+
+    with torch.no_grad():
+        target_max, _ = next_q_values.max(dim=1)            # next_q_values = target_network(next_observations)
+        td_target = rewards.flatten() + gamma * target_max * (1 - dones.flatten())
+    old_val = q_values.gather(1, actions).squeeze()        # q_values = q_network(observations)
+    loss = F.mse_loss(td_target, old_val)
+
+    here as :func:`rlkernels.q_targets` (kind "max"; a done transition's target is its reward) and
+    :func:`rlkernels.td_loss` (squared error, mean, the gather fused in). ``q_values`` and ``next_q_values`` are
+    ``[B, A]``; ``actions`` (integers), ``rewards`` and ``dones`` (float 0/1, bool or integer flags) hold one
+    entry per transition, ``[B, 1]`` as CleanRL's replay buffer returns them, or ``[B]``. Differentiable in
+    ``q_values`` only (no gradient reaches the targets, as under CleanRL's no_grad). ``old_val`` (``[B]``) is
+    detached: CleanRL only logs it.
+    """
+    where = f"rlkernels.{_DQN}"
+    gamma = scalar(where, "gamma", gamma)
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"{where}: gamma must be in [0, 1], got {gamma}")
+    checks.float_tensor(_DQN, "q_values", q_values)
+    checks.float_tensor(_DQN, "next_q_values", next_q_values)
+    checks.float_tensor(_DQN, "rewards", rewards)
+    checks.tensor(_DQN, "actions", actions)
+    dones = checks.flag_tensor(_DQN, "dones", checks.tensor(_DQN, "dones", dones))
+    if q_values.dim() != 2:
+        raise ValueError(f"{where}: q_values must be [B, A], got shape {tuple(q_values.shape)}")
+    checks.same_shape(_DQN, "q_values", q_values, next_q_values=next_q_values)
+    B = q_values.shape[0]
+    for name, x in (("actions", actions), ("rewards", rewards), ("dones", dones)):
+        if tuple(x.shape) not in ((B,), (B, 1)):
+            raise ValueError(f"{where}: {name} must hold one entry per transition, shape ({B}, 1) or ({B},), "
+                             f"got {tuple(x.shape)}")
+    checks.same_device(_DQN, "q_values", q_values, actions=actions, next_q_values=next_q_values, rewards=rewards,
+                       dones=dones)
+    actions = actions.reshape(B)
+    td_target = rlkernels.q_targets(rewards.detach().reshape(B), next_q_values.detach(), terminated=dones.reshape(B),
+                                    gamma=gamma, kind="max", backend=backend)
+    loss, _ = rlkernels.td_loss(q_values, actions, td_target, loss="squared", reduction="mean", backend=backend)
+    old_val = q_values.detach().gather(1, actions.reshape(B, 1).long()).squeeze(1)  # (td_loss checked actions)
+    return loss, old_val
