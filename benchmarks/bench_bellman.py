@@ -7,6 +7,7 @@ Cases (float32, issue 6's shapes), every provider on the same inputs in the same
 against each other before timing:
   q_targets[kind]     B=65536 transitions, A=18 actions; eager = gather/max/logsumexp + arithmetic
   td_loss fwd+bwd     B=65536, A=18, Huber, mean; eager = gather + F.huber_loss + backward (the scatter)
+  (both again at B=128, a DQN trainer's replay batch, warm: the fixed cost of the calls)
   bellman_backup      B=64 MDPs, S=256, A=8 (P = 128 MiB); eager = einsum + max
   value_iteration     the same MDPs, gamma=0.9, tol=1e-4; eager = the einsum loop with a convergence test
                       per iteration (.item(), as a Python loop must); compiled = torch.compile of the backup
@@ -89,6 +90,9 @@ def eager_value_iteration(P, R, gamma, tol, max_iters, backup=eager_backup):
 # ----------------------------------------------------------------------------------------------------
 
 
+SMALL_B = 128
+
+
 def _cache_modes(text):
     modes = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in modes if m not in common.CACHE_MODES]
@@ -152,52 +156,58 @@ def main(argv=None) -> int:
             return None
 
     # ---- sample-based: q_targets and td_loss ------------------------------------------------------------
-    B, A = (4096, 18) if quick else (65536, 18)
-    g = torch.Generator().manual_seed(0)
-    r = torch.randn(B, generator=g).to(dev)
-    next_q = torch.randn(B, A, generator=g).to(dev)
-    online = torch.randn(B, A, generator=g).to(dev)
-    probs = torch.softmax(torch.randn(B, A, generator=g), -1).to(dev)
-    term = (torch.rand(B, generator=g) < 0.05).to(dev)
-    shape = f"[B={B}, A={A}]"
-    for kind in ("max", "double", "expected", "soft"):
-        ours = lambda: rlkernels.q_targets(r, next_q, terminated=term, gamma=GAMMA, kind=kind,  # noqa: E731
-                                           next_q_online=online, next_probs=probs, temperature=0.5)
-        eager = lambda: eager_q_targets(kind, r, next_q, term, online, probs)  # noqa: E731
-        _same(ours(), eager(), f"q_targets[{kind}]")
-        extra = {"double": [online], "expected": [probs]}.get(kind, [])
-        reads = [r, next_q, term, *extra]
-        comp = compiled_or_none(eager)
-        for cache in args.cache:
+    def sample_based(B, A, caches):
+        g = torch.Generator().manual_seed(0)
+        r = torch.randn(B, generator=g).to(dev)
+        next_q = torch.randn(B, A, generator=g).to(dev)
+        online = torch.randn(B, A, generator=g).to(dev)
+        probs = torch.softmax(torch.randn(B, A, generator=g), -1).to(dev)
+        term = (torch.rand(B, generator=g) < 0.05).to(dev)
+        shape = f"[B={B}, A={A}]"
+        for kind in ("max", "double", "expected", "soft"):
+            ours = lambda: rlkernels.q_targets(r, next_q, terminated=term, gamma=GAMMA, kind=kind,  # noqa: E731
+                                               next_q_online=online, next_probs=probs, temperature=0.5)
+            eager = lambda: eager_q_targets(kind, r, next_q, term, online, probs)  # noqa: E731
+            _same(ours(), eager(), f"q_targets[{kind}]")
+            extra = {"double": [online], "expected": [probs]}.get(kind, [])
+            reads = [r, next_q, term, *extra]
+            comp = compiled_or_none(eager)
+            for cache in caches:
+                results = {"rlkernels": (timed(ours, reads, cache)[0], ""),
+                           "eager torch": (timed(eager, reads, cache)[0], "")}
+                if comp is not None:
+                    results["torch.compile(eager)"] = (timed(comp, reads, cache)[0], "")
+                record(f"q_targets[{kind}]", shape, results, common.bytes_moved([r, next_q, term, *extra], [r]),
+                       cache=cache)
+
+        q = torch.randn(B, A, generator=g).to(dev).requires_grad_()
+        actions = torch.randint(0, A, (B,), generator=g).to(dev)
+        targets = (torch.randn(B, generator=g) * 2).to(dev)
+        ours = lambda: rlk_td_step(q, actions, targets)  # noqa: E731
+        eager = lambda: eager_td_step(q, actions, targets)  # noqa: E731
+        (l1, e1), g1 = ours(), q.grad.clone()
+        (l2, e2), g2 = eager(), q.grad.clone()
+        _same(l1, l2, "td_loss")
+        _same(e1, e2, "td_errors")
+        _same(g1, g2, "td_loss grad")
+        reads = [q, actions, targets]
+        comp = compiled_or_none(lambda: eager_td_step(q, actions, targets)) if use_compile else None
+        for cache in caches:
             results = {"rlkernels": (timed(ours, reads, cache)[0], ""),
                        "eager torch": (timed(eager, reads, cache)[0], "")}
             if comp is not None:
                 results["torch.compile(eager)"] = (timed(comp, reads, cache)[0], "")
-            record(f"q_targets[{kind}]", shape, results, common.bytes_moved([r, next_q, term, *extra], [r]),
-                   cache=cache)
+            # forward: actions, targets, one Q per row (counted as the whole row: its cache lines); td_errors
+            # written; backward: grad_q written.
+            nbytes = common.bytes_moved([actions, targets, q], [targets, q])
+            record("td_loss fwd+bwd", shape, results, nbytes, "huber, mean", cache=cache)
 
-    q = torch.randn(B, A, generator=g).to(dev).requires_grad_()
-    actions = torch.randint(0, A, (B,), generator=g).to(dev)
-    targets = (torch.randn(B, generator=g) * 2).to(dev)
-    ours = lambda: rlk_td_step(q, actions, targets)  # noqa: E731
-    eager = lambda: eager_td_step(q, actions, targets)  # noqa: E731
-    (l1, e1), g1 = ours(), q.grad.clone()
-    (l2, e2), g2 = eager(), q.grad.clone()
-    _same(l1, l2, "td_loss")
-    _same(e1, e2, "td_errors")
-    _same(g1, g2, "td_loss grad")
-    reads = [q, actions, targets]
-    comp = compiled_or_none(lambda: eager_td_step(q, actions, targets)) if use_compile else None
-    for cache in args.cache:
-        results = {"rlkernels": (timed(ours, reads, cache)[0], ""),
-                   "eager torch": (timed(eager, reads, cache)[0], "")}
-        if comp is not None:
-            results["torch.compile(eager)"] = (timed(comp, reads, cache)[0], "")
-        # forward: actions, targets, one Q per row (counted as the whole row: its cache lines); td_errors
-        # written; backward: grad_q written.
-        nbytes = common.bytes_moved([actions, targets, q], [targets, q])
-        record("td_loss fwd+bwd", shape, results, nbytes, "huber, mean", cache=cache)
+    sample_based(*((4096, 18) if quick else (65536, 18)), args.cache)
+    # A DQN replay batch as trainers sample it (CleanRL's default batch is 128, SB3's 32): cache-resident, and
+    # the time is the fixed cost of the calls (dispatch, autograd), not memory traffic.
+    sample_based(SMALL_B, 18, ["warm"])
 
+    g = torch.Generator().manual_seed(1)
     # ---- model-based: bellman_backup and value_iteration ---------------------------------------------------
     Bm, S, Am = (8, 64, 4) if quick else (64, 256, 8)
     P = torch.rand(Bm, S, Am, S, generator=g)

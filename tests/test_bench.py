@@ -94,21 +94,24 @@ def test_cache_modes_find_and_evict_the_inputs_of_a_call():
 
 
 def test_bellman_bench_quick_times_each_cache_state_in_one_run(tmp_path):
-    # benchmarks/bench_bellman.py: every sample-based case once per requested cache state, the model-based
-    # ones once; the rlkernels row of each case is its own baseline (speedup 1) and every row has a time.
+    # benchmarks/bench_bellman.py: every sample-based case once per requested cache state (and once more at a
+    # replay batch's size, warm), the model-based ones once; the rlkernels row of each case is its own baseline (speedup 1) and every row has a time.
     out = tmp_path / "bellman.csv"
     cmd = [sys.executable, "-m", "benchmarks.bench_bellman", "--device", "cpu", "--quick", "--csv", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     with out.open() as f:
         rows = list(csv.DictReader(f))
-    cases = {(r["op"], r["cache"]) for r in rows}
+    cases = [(r["op"], r["shape"], r["cache"]) for r in rows if r["provider"] == "rlkernels"]
     sample_ops = {"q_targets[max]", "q_targets[double]", "q_targets[expected]", "q_targets[soft]", "td_loss fwd+bwd"}
-    assert cases == {(op, c) for op in sample_ops for c in ("data", "warm")} | {
-        ("bellman_backup", "data"), ("value_iteration", "data")}
-    for op, cache in cases:
-        providers = {r["provider"]: r for r in rows if (r["op"], r["cache"]) == (op, cache)}
-        assert set(providers) == {"rlkernels", "eager torch"}, (op, cache, set(providers))
+    big, small = "[B=4096, A=18]", "[B=128, A=18]"  # the small batch: warm only
+    assert sorted(cases) == sorted(
+        [(op, big, c) for op in sample_ops for c in ("data", "warm")] + [(op, small, "warm") for op in sample_ops]
+        + [("bellman_backup", "[B=8, S=64, A=4]", "data"), ("value_iteration", "[B=8, S=64, A=4]", "data")])
+    for case in cases:
+        providers = {r["provider"]: r for r in rows if (r["op"], r["shape"], r["cache"]) == case}
+        assert len(providers) == len([r for r in rows if (r["op"], r["shape"], r["cache"]) == case])
+        assert set(providers) == {"rlkernels", "eager torch"}, (case, set(providers))
         assert float(providers["rlkernels"]["speedup_vs"]) == 1.0
         for r in providers.values():
             assert float(r["median_s"]) > 0 and float(r["gbps"]) > 0
