@@ -127,6 +127,13 @@ def main(argv=None) -> int:
     if args.warm_cache:
         args.cache = ["warm"]
     use_compile = not (quick or args.no_compile)
+    if use_compile:
+        # Compile in this process: inductor's pool of compile workers otherwise keeps working after a compile
+        # returns and slowed the next timed call on 2 cores (B=128 q_targets[max]: 35-53 us right after the
+        # compile, 20 us without it).
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
     copy_gbps, _ = common.copy_bandwidth(dev)
     meta = {"device": common.device_name(dev), "commit": common.git_commit(), "date": common.today()}
     rows = []
