@@ -32,10 +32,11 @@ rlkernels/bellman.py around the Triton backward ops.
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _C  # noqa: F401  (the rlkernels namespace and the C++ schemas exist before ours join them)
 from .. import bellman as _bellman  # the autograd formulas, shared with the C++/CUDA ops
+from ._launch import wrap_triton
 from .returns import _keep_whole_under_interpreter
 
 Tensor = torch.Tensor

@@ -15,9 +15,10 @@ validates on the host). The ops are ``rlkernels::triton_gather_logprobs`` and it
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _C  # noqa: F401  (the rlkernels namespace exists before our ops join it)
+from ._launch import wrap_triton
 from .returns import _keep_whole_under_interpreter
 
 Tensor = torch.Tensor

@@ -31,10 +31,11 @@ The ops are `torch.library.triton_op`s named ``rlkernels::triton_<name>``, with 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import _C  # noqa: F401  (the rlkernels namespace and the C++ schemas exist before ours join them)
 from .. import returns as _scan  # the autograd formulas, shared with the C++/CUDA ops
+from ._launch import wrap_triton
 
 Tensor = torch.Tensor
 
