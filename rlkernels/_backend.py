@@ -50,33 +50,37 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlkernels::{op}", dispatch_key)
 
 
-# assume_constant_result: torch.compile evaluates these once while tracing instead of tracing into the
-# dispatcher query (which returns a non-tensor from a torch.* call and would break fullgraph=True).
-@torch.compiler.assume_constant_result
-@functools.cache
+# What this install has, read once at import (rlkernels/__init__.py loads the compiled library first): which
+# ops have a CUDA C++ kernel, whether Triton is installed, and the GPU backend order per op. The functions below
+# return these constants, so torch.compile traces through backend selection with fullgraph=True on every torch
+# release: torch 2.11's dynamo traced into the cached functions that queried them at call time and failed there
+# ("torch.* op returned non-Tensor" for the dispatcher query, "function marked as skipped" for find_spec).
+def _ops_with_cuda_kernels() -> frozenset[str]:
+    from . import _C  # noqa: F401  (registers the ops)
+
+    return frozenset(op for op in _FAMILY_OF if _has_kernel(op, "CUDA"))
+
+
+_CUDA_OPS = _ops_with_cuda_kernels()
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+_GPU_ORDER = {op: gpu_backend_order(op) for op in _FAMILY_OF}
+
+
 def _cuda_kernels_built() -> bool:
-    from . import _C  # noqa: F401  (registers the ops)
-
-    return _has_kernel("gae", "CUDA")
+    return "gae" in _CUDA_OPS
 
 
-@torch.compiler.assume_constant_result
-@functools.cache
 def _op_has_cuda_kernel(op: str) -> bool:
-    from . import _C  # noqa: F401  (registers the ops)
-
-    return _has_kernel(op, "CUDA")
+    return op in _CUDA_OPS
 
 
-@torch.compiler.assume_constant_result
 def _gpu_order(op: str) -> tuple[str, ...]:
-    return gpu_backend_order(op)
+    order = _GPU_ORDER.get(op)
+    return order if order is not None else _PREFERRED_GPU_BACKENDS
 
 
-@torch.compiler.assume_constant_result
-@functools.cache
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def triton_interpret() -> bool:

@@ -69,6 +69,21 @@ TOLERANCES = {
 }
 
 
+def clamp_open(x: torch.Tensor, min=None, max=None) -> torch.Tensor:
+    """torch.clamp to scalar bounds, with no gradient where x equals a bound: torch 2.14's derivative and the
+    kernels' (a clipped PPO ratio, the KL clamps, V-trace's truncated importance weights). torch 2.11's clamp to
+    scalar bounds passes the gradient at them (a closed interval), so the torch oracles spell the convention
+    out, to expect the same gradients on either release. (A clamp to tensor bounds, as of the clipped value
+    loss, passes it at the bounds on both releases, and so do the kernels there.)"""
+    y = torch.clamp(x, min, max)
+    inside = torch.ones_like(x, dtype=torch.bool)
+    if min is not None:
+        inside = inside & (x > min)
+    if max is not None:
+        inside = inside & (x < max)
+    return torch.where(inside, x, y.detach())
+
+
 def to_numpy(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu()

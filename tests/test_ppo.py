@@ -2,8 +2,10 @@
 
 Two oracles: `rlkernels.reference` (NumPy, float64) for values and stats, and a plain torch float64
 re-implementation of the same formulas (below) whose autograd gives the expected gradients. The kernels
-follow torch's derivative conventions (clamp passes the gradient on the closed interval, max/min split ties),
-so gradients agree even at the clip boundaries.
+follow torch 2.14's derivative conventions (max/min split ties; a clamp to scalar bounds, as of the policy
+ratio, passes no gradient where its input equals a bound, and one to tensor bounds, as of the clipped value,
+passes it there), which the oracle spells out (conftest.clamp_open: torch 2.11's scalar clamp passes the
+gradient at its bounds), so gradients agree even at the clip boundaries, on either release.
 """
 
 import math
@@ -12,7 +14,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import TOLERANCES, assert_close
+from conftest import TOLERANCES, assert_close, clamp_open
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -47,8 +49,8 @@ def _torch_aggregate(loss, mask, agg, norm_length=None):
 def torch_policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=None, dual_clip=None, agg="token-mean",
                       norm_length=None):
     clip_high = clip_low if clip_high is None else clip_high
-    ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
-    loss = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    ratio = torch.exp(clamp_open(logp - old, -20.0, 20.0))
+    loss = torch.maximum(-adv * ratio, -adv * clamp_open(ratio, 1 - clip_low, 1 + clip_high))
     if dual_clip is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
     return _torch_aggregate(loss, mask, agg, norm_length)
@@ -57,7 +59,7 @@ def torch_policy_loss(logp, old, adv, mask, clip_low=0.2, clip_high=None, dual_c
 def torch_value_loss(v, old, ret, mask, clip=None, agg="token-mean"):
     err = (v - ret) ** 2
     if clip is not None:
-        err = torch.maximum(err, (torch.clamp(v, old - clip, old + clip) - ret) ** 2)
+        err = torch.maximum(err, (torch.clamp(v, old - clip, old + clip) - ret) ** 2)  # tensor bounds: closed
     return _torch_aggregate(0.5 * err, mask, agg)
 
 
@@ -69,8 +71,8 @@ def torch_kl(logp, ref, kind):
         return k1.abs()
     if kind == "k2":
         return 0.5 * k1**2
-    d = torch.clamp(ref - logp, -20.0, 20.0)
-    return torch.clamp(torch.exp(d) - d - 1, -10.0, 10.0)
+    d = clamp_open(ref - logp, -20.0, 20.0)
+    return clamp_open(torch.exp(d) - d - 1, -10.0, 10.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,7 +164,8 @@ def test_policy_noncontiguous_and_long_rows():
 
 
 def test_policy_clip_boundary_and_zero_advantage():
-    # clip 0: every ratio of exactly 1 sits on both clip bounds (max ties; clamp passes the gradient).
+    # clip 0: every ratio of exactly 1 sits on both clip bounds (max ties: half the gradient to the unclipped
+    # branch; none through the clamp, whose input is on its bounds).
     logp, old, adv = policy_inputs((4, 9))
     old = torch.where(torch.arange(9) % 2 == 0, logp, old)
     check_policy(logp, old, adv, None, clip_low=0.0, clip_high=0.0)

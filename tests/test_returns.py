@@ -27,6 +27,7 @@ from conftest import (
     assert_outputs_close,
     backward_op_args,
     canonical_samples,
+    clamp_open,
     make_inputs,
     op_args,
     output_dtype,
@@ -838,7 +839,7 @@ def _torch_family(
                 outs1[t] = torch.where(m, adv + v[t], zero)
             else:
                 e = torch.exp(lr[t])
-                rho, c, pgr = e.clamp(max=rho_clip), lam * e.clamp(max=c_clip), e.clamp(max=pg_rho_clip)
+                rho, c, pgr = clamp_open(e, max=rho_clip), lam * clamp_open(e, max=c_clip), clamp_open(e, max=pg_rho_clip)
                 x = rho * delta + gamma * (1 - done[t]) * c * carry_x
                 vs = v[t] + x
                 vprime = torch.where(done[t].bool() | last, vnext, carry_vs)
@@ -1054,8 +1055,9 @@ def test_gradients_with_one_output_unused(op, used):
 
 
 def test_vtrace_gradient_at_clip_boundary():
-    # log_rhos = 0 with clips 1: e^0 sits exactly on every clip. The kernel's convention is torch.clamp's
-    # (no gradient at equality); compare with the clamp-based re-implementation.
+    # log_rhos = 0 with clips 1: e^0 sits exactly on every clip. The kernel's convention is torch 2.14's clamp
+    # (no gradient at equality; conftest.clamp_open, since torch 2.11's passes it); compare with the
+    # re-implementation.
     s = make_inputs("vtrace", (9, 2), terminated=0.2, bootstrap="tensor", seed=46)
     s = s.with_tensors(log_rhos=torch.zeros(9, 2, dtype=F64))
     out, grads = _grads(s, seed=7)
@@ -1392,6 +1394,37 @@ def test_available_backends():
     assert set(bk) <= set(rlkernels.BACKENDS)
     if not torch.cuda.is_available():
         assert "cuda" not in bk
+
+
+def test_backend_choice_reads_no_install_facts_at_call_time(monkeypatch):
+    # Which ops have CUDA kernels and whether Triton is installed are read once, at import: choosing a backend
+    # for CUDA tensors must not query the dispatcher or importlib per call, which torch 2.11's dynamo cannot
+    # trace (torch.compile(fullgraph=True) of any op on CUDA tensors failed there in backend selection).
+    from rlkernels import _backend
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("queried at call time")
+
+    cuda = torch.device("cuda")
+    with monkeypatch.context() as m:
+        m.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", refuse)
+        m.setattr(_backend.importlib.util, "find_spec", refuse)
+        for op in ("gae", "vtrace", "gather_logprobs", "ppo_policy_loss", "td_loss", "value_iteration"):
+            try:
+                chosen = _backend.resolve(None, cuda, op)
+            except RuntimeError as exc:  # no GPU backend installed here: said, not crashed
+                assert "no GPU backend" in str(exc)
+            else:
+                assert chosen in ("cuda", "triton")
+            for backend in ("cuda", "triton"):
+                try:
+                    assert _backend.resolve(backend, cuda, op) == backend
+                except RuntimeError as exc:
+                    assert "is not available" in str(exc)
+        assert _backend.available_backends()[0] == "cpu"
+    fn = torch.compile(lambda x: x + len(_backend.resolve("triton", cuda, "gae")), fullgraph=True)
+    if _backend._triton_installed():
+        assert torch.equal(fn(torch.zeros(2)), torch.full((2,), 6.0))
 
 
 def test_env_var_selects_backend(monkeypatch):
