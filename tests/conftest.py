@@ -38,6 +38,36 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 # ----------------------------------------------------------------------------------------------------
+# Recording the Triton launches (RLKERNELS_TRITON_LAUNCHES=FILE, set by scripts/test.sh): every interpreted
+# launch of an rlkernels Triton kernel is noted, and scripts/triton_aot.py compiles each specialization for
+# the GPUs afterwards, so a kernel that interprets but would not compile fails CI.
+# ----------------------------------------------------------------------------------------------------
+
+_TRITON_LAUNCHES = os.environ.get("RLKERNELS_TRITON_LAUNCHES")
+
+
+def _triton_aot():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "triton_aot.py"
+    spec = importlib.util.spec_from_file_location("rlkernels_triton_aot", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+if _TRITON_LAUNCHES:
+    _AOT = _triton_aot()
+
+    def pytest_sessionstart(session):
+        _AOT.install_recorder()
+
+    def pytest_sessionfinish(session, exitstatus):
+        _AOT.write_records(_TRITON_LAUNCHES)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The `cuda` marker: skipped where no CUDA device exists.
 # ----------------------------------------------------------------------------------------------------
 
