@@ -2,28 +2,44 @@
 # The GPU job, in one command on a machine with an NVIDIA GPU (nothing to download: it uses the torch,
 # triton and pytest already there):
 #   1. builds the CUDA kernels for this GPU (TORCH_CUDA_ARCH_LIST defaults to its compute capability);
-#   2. runs every GPU test, once per GPU backend (cuda, triton), and records per op family which backend
-#      passed in rlkernels/_gpu_validated.py (the auto backend for CUDA tensors prefers those);
-#   3. runs the GPU benchmarks (returns/GAE, log-probs, PPO, Bellman) and writes
-#      benchmarks/results/<gpu>-<date>.csv and .md (device, commit, date in every row), plus the logs.
+#   2. runs every GPU test, once per GPU backend (cuda, then triton), and records per op family which backend
+#      passed in rlkernels/_gpu_validated.py (the auto backend for CUDA tensors prefers those), after each run;
+#   3. runs the GPU benchmarks, Bellman first (issue 6's H100 target), then returns/GAE, log-probs and PPO,
+#      writing <gpu>-<date>-bellman.csv and <gpu>-<date>.csv / .md (device, commit, date in every row).
 # Usage: bash scripts/gpu.sh [OUT_DIR]   (default benchmarks/results; the device tool passes $OUT)
+#
+# Sized for the device tool's limits (10 minutes a command, 15 minutes of device time a session, at most 8
+# files back from $OUT): the steps share a budget of GPU_BUDGET_S seconds (default 540) in the order above,
+# each under `timeout` for what is left, and a step the budget cannot start is recorded as skipped; the tests
+# run on pytest-xdist workers when it is installed (Triton compiles each specialization on first launch,
+# CPU-bound: ~900 of them). $OUT gets at most 7 files: gpu-status.txt, _gpu_validated.py, the two benchmark
+# CSVs and the markdown table, and gpu-logs.tar.gz (every log, the JUnit files and the plots).
 # Each step's exit status is recorded and the script goes on, so one failure still leaves the rest measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 OUT=${1:-benchmarks/results}
+BUDGET=${GPU_BUDGET_S:-540}
+DEADLINE=$((SECONDS + BUDGET))
 mkdir -p "$OUT"
+WORK=$(mktemp -d -t rlkernels-gpu.XXXXXX)
 STATUS="$OUT/gpu-status.txt"
 : > "$STATUS"
-step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, records its exit status
-  local name=$1
-  shift
+step() {  # step NAME MIN_SECONDS COMMAND...: runs it under the budget left, logs to $WORK/NAME.log
+  local name=$1 need=$2
+  shift 2
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt "$need" ]; then
+    echo "$name skipped: ${left}s of the budget left, needs ${need}s" | tee -a "$STATUS"
+    return 0
+  fi
   local t0=$SECONDS
-  echo "[$(date +%T)] $name"
-  "$@" > "$OUT/$name.log" 2>&1
+  echo "[$(date +%T)] $name (budget left ${left}s)"
+  timeout --kill-after=10 "$left" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
+  [ "$rc" -eq 124 ] && rc="124 (stopped at the budget)"
   echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$STATUS"
-  tail -5 "$OUT/$name.log"
+  tail -5 "$WORK/$name.log"
   return 0
 }
 
@@ -32,25 +48,37 @@ if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
   export TORCH_CUDA_ARCH_LIST
 fi
 export RLKERNELS_FORCE_CUDA_BUILD=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
-step build "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e .
-"$PYTHON" -c "import torch, rlkernels; print(torch.__version__, torch.cuda.get_device_name(), rlkernels.available_backends())" \
-  | tee -a "$STATUS"
+step build 60 "$PYTHON" -m pip install -q --no-build-isolation --no-deps -e .
+"$PYTHON" -c "import torch, triton, rlkernels; print(torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(), rlkernels.available_backends())" \
+  2>&1 | tee -a "$STATUS"
 
-# GPU tests: the CUDA C++ kernels, then the Triton kernels on real hardware (CI only interprets them).
+# GPU tests: the CUDA C++ kernels, then the Triton kernels on real hardware (CI only interprets them and
+# compiles them ahead of time).
+parallel=()
+if "$PYTHON" -c "import xdist" 2>/dev/null; then
+  parallel=(-n "${GPU_TEST_WORKERS:-8}")
+fi
 for backend in cuda triton; do
   if [ "$backend" = cuda ]; then
     returns_tests=(tests/test_cuda_returns.py -k "not test_triton_ops_match_cpu")
   else
     returns_tests=("tests/test_cuda_returns.py::test_triton_ops_match_cpu")
   fi
-  RLKERNELS_GPU_TEST_BACKEND=$backend step "tests-$backend" "$PYTHON" -m pytest -q -p no:cacheprovider \
-    --junitxml "$OUT/tests-$backend.xml" "${returns_tests[@]}" tests/test_cuda_bellman.py tests/test_cuda_logprobs_ppo.py
+  RLKERNELS_GPU_TEST_BACKEND=$backend step "tests-$backend" 60 "$PYTHON" -m pytest -q -p no:cacheprovider \
+    "${parallel[@]}" --junitxml "$WORK/tests-$backend.xml" "${returns_tests[@]}" tests/test_cuda_bellman.py \
+    tests/test_cuda_logprobs_ppo.py
+  step "record-$backend" 5 "$PYTHON" scripts/gpu_record.py "$WORK/tests-$backend.xml"
 done
-step record "$PYTHON" scripts/gpu_record.py "$OUT/tests-cuda.xml" "$OUT/tests-triton.xml"
 
 # Benchmarks: every op family on the GPU, each backend side by side, against the baselines present here.
 slug=$("$PYTHON" -c "import re, torch; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 day=$(date +%F)
-step bench-returns "$PYTHON" -m rlkernels.bench --device cuda --csv "$OUT/$slug-$day.csv"
-step bench-bellman "$PYTHON" -m benchmarks.bench_bellman --device cuda --csv "$OUT/$slug-$day-bellman.csv"
+step bench-bellman 60 "$PYTHON" -m benchmarks.bench_bellman --device cuda --csv "$WORK/$slug-$day-bellman.csv"
+step bench-returns 60 "$PYTHON" -m rlkernels.bench --device cuda --csv "$WORK/$slug-$day.csv"
+
+cp rlkernels/_gpu_validated.py "$OUT/" 2>/dev/null
+for f in "$WORK/$slug-$day-bellman.csv" "$WORK/$slug-$day.csv" "$WORK/$slug-$day.md"; do
+  [ -f "$f" ] && cp "$f" "$OUT/"
+done
+tar -czf "$OUT/gpu-logs.tar.gz" -C "$WORK" .
 cat "$STATUS"
