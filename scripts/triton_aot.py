@@ -159,32 +159,49 @@ def _signature(kernel, args):
     return signature, constexprs
 
 
-def _compile_all(records, arch: int, warp_size: int) -> int:
+def _compile_one(job):
+    """(what, failure or None) for one recorded launch compiled for one target."""
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", arch, warp_size)
-    failures, seconds = [], 0.0
-    for rec in sorted(records, key=lambda r: (r["module"], r["name"], repr(r["args"]))):
-        kernel = getattr(importlib.import_module(rec["module"]), rec["name"])
-        what = f"{rec['module'].rsplit('.', 1)[-1]}.{rec['name']}"
-        start = time.perf_counter()
-        constexprs = {}
-        try:
-            signature, constexprs = _signature(kernel, rec["args"])
-            compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs), target=target,
-                                      options=rec["options"] or None)
-            if not compiled.asm.get("cubin"):
-                raise RuntimeError("no cubin produced")
-        except Exception as exc:  # noqa: BLE001  (every failure is reported, then the next one compiled)
-            first = str(exc).strip().splitlines()
-            failures.append(f"{what} {constexprs}: {type(exc).__name__}: {first[0][:300] if first else ''}")
-        seconds += time.perf_counter() - start
-    print(f"triton {triton.__version__}, target sm_{arch}: compiled {len(records) - len(failures)} of "
-          f"{len(records)} specializations in {seconds:.0f} s")
+    rec, arch, warp_size = job
+    kernel = getattr(importlib.import_module(rec["module"]), rec["name"])
+    what = f"sm_{arch} {rec['module'].rsplit('.', 1)[-1]}.{rec['name']}"
+    constexprs = {}
+    try:
+        signature, constexprs = _signature(kernel, rec["args"])
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", arch, warp_size), options=rec["options"] or None)
+        if not compiled.asm.get("cubin"):
+            raise RuntimeError("no cubin produced")
+    except Exception as exc:  # noqa: BLE001  (every failure is reported, then the next one compiled)
+        first = str(exc).strip().splitlines()
+        return what, f"{constexprs}: {type(exc).__name__}: {first[0][:300] if first else ''}"
+    return what, None
+
+
+def _compile_all(records, archs: list[int], warp_size: int, jobs: int) -> int:
+    """Compiles every record for every target on `jobs` processes (each compile is single-threaded)."""
+    import concurrent.futures
+    import multiprocessing
+
+    import triton
+
+    work = [(rec, arch, warp_size) for arch in archs
+            for rec in sorted(records, key=lambda r: (r["module"], r["name"], repr(r["args"])))]
+    start = time.perf_counter()
+    if jobs > 1:
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_compile_one, work, chunksize=8))
+    else:
+        results = [_compile_one(job) for job in work]
+    failures = [f"{what} {why}" for what, why in results if why is not None]
+    print(f"triton {triton.__version__}, targets {', '.join(f'sm_{a}' for a in archs)}: compiled "
+          f"{len(work) - len(failures)} of {len(work)} ({len(records)} specializations per target) in "
+          f"{time.perf_counter() - start:.0f} s on {jobs} processes")
     for line in failures:
         print("  FAILED", line)
     return 1 if failures else 0
@@ -195,6 +212,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="90,80",
                         help="comma-separated compute capabilities x 10 (90: H100/H200, 80: A100); the wheel's")
     parser.add_argument("--warp-size", type=int, default=32)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes")
     parser.add_argument("--records", default=None, help="use (or, with --capture-only, write) this capture file")
     parser.add_argument("--capture-only", action="store_true")
     parser.add_argument("--allow-empty", action="store_true",
@@ -222,7 +240,7 @@ def main(argv=None) -> int:
         print("the capture recorded no Triton launch", file=sys.stderr)
         return 0 if args.allow_empty else 2
     os.environ.pop("TRITON_INTERPRET", None)
-    return max(_compile_all(records, int(a), args.warp_size) for a in args.arch.split(","))
+    return _compile_all(records, [int(a) for a in args.arch.split(",")], args.warp_size, args.jobs)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def test_recorded_launches_compile_and_a_broken_one_is_reported(tmp_path):
     assert kl and all(r["count"] >= 1 for r in kl)
     ok = _run("--records", str(records), "--arch", "90")
     assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
-    assert f"compiled {len(launches)} of {len(launches)} specializations" in ok.stdout
+    assert f"compiled {len(launches)} of {len(launches)} ({len(launches)} specializations per target)" in ok.stdout
     # The same launch with a block that is not a power of 2: tl.arange cannot compile it, which the
     # interpreter would not notice; the script must name it and fail.
     bad = dict(kl[0], args=tuple((n, ("int", 1000)) if n == "BLOCK" else (n, d) for n, d in kl[0]["args"]))
@@ -39,7 +39,7 @@ def test_recorded_launches_compile_and_a_broken_one_is_reported(tmp_path):
         pickle.dump([bad], f)
     broken = _run("--records", str(tmp_path / "bad.pkl"), "--arch", "90")
     assert broken.returncode == 1
-    assert "compiled 0 of 1" in broken.stdout and "FAILED ppo._kl_kernel" in broken.stdout
+    assert "compiled 0 of 1" in broken.stdout and "FAILED sm_90 ppo._kl_kernel" in broken.stdout
 
 
 def test_no_launch_recorded_is_an_error_unless_allowed(tmp_path):
