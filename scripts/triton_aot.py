@@ -226,7 +226,10 @@ def main(argv=None) -> int:
     records_path = args.records
     if records_path is None or args.capture_only or not Path(records_path).exists():
         records_path = records_path or os.path.join(tempfile.mkdtemp(prefix="rlk-aot-"), "launches.pkl")
-        env = {**os.environ, "TRITON_INTERPRET": "1", "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "ci")}
+        # (Not RLKERNELS_TRITON_LAUNCHES: under scripts/test.sh the child's conftest would record too, into the
+        # suite's file.)
+        env = {k: v for k, v in os.environ.items() if k != "RLKERNELS_TRITON_LAUNCHES"}
+        env.update(TRITON_INTERPRET="1", HYPOTHESIS_PROFILE=os.environ.get("HYPOTHESIS_PROFILE", "ci"))
         subprocess.run([sys.executable, __file__, "--_child-capture", records_path, "--", *pytest_args], cwd=ROOT,
                        env=env, check=False)
         if args.capture_only:

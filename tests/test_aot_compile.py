@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
 import sys
@@ -16,9 +15,8 @@ SCRIPT = ROOT / "scripts" / "triton_aot.py"
 
 
 def _run(*args):
-    env = {k: v for k, v in os.environ.items() if k != "RLKERNELS_TRITON_LAUNCHES"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, check=False,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, check=False, capture_output=True,
+                          text=True, timeout=600)
 
 
 def test_recorded_launches_compile_and_a_broken_one_is_reported(tmp_path):

@@ -839,7 +839,8 @@ def _torch_family(
                 outs1[t] = torch.where(m, adv + v[t], zero)
             else:
                 e = torch.exp(lr[t])
-                rho, c, pgr = clamp_open(e, max=rho_clip), lam * clamp_open(e, max=c_clip), clamp_open(e, max=pg_rho_clip)
+                rho, c = clamp_open(e, max=rho_clip), lam * clamp_open(e, max=c_clip)
+                pgr = clamp_open(e, max=pg_rho_clip)
                 x = rho * delta + gamma * (1 - done[t]) * c * carry_x
                 vs = v[t] + x
                 vprime = torch.where(done[t].bool() | last, vnext, carry_vs)

@@ -66,7 +66,6 @@ def compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda
                          bootstrap_value=next_value.reshape(env_shape), backend=backend)
 
 
-
 _DQN = "integrations.cleanrl.dqn_loss"
 
 
