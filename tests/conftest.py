@@ -123,6 +123,14 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
+def finite_scale(values, at_least=1.0) -> float:
+    """The largest finite |value| (at least `at_least`): the scale of absolute tolerances. NaN and Inf are
+    skipped."""
+    values = to_numpy(values)
+    finite = values[np.isfinite(values)]
+    return max(at_least, float(np.abs(finite).max())) if finite.size else at_least
+
+
 def assert_close(actual, expected, dtype=torch.float64, *, name="output", scale=None, rtol=None, atol=None):
     """`actual` (tensor) against `expected` (array) with the tolerance of `dtype`.
 
@@ -136,8 +144,10 @@ def assert_close(actual, expected, dtype=torch.float64, *, name="output", scale=
     rtol = d_rtol if rtol is None else rtol
     atol = d_atol if atol is None else atol
     if scale is None:
-        finite = exp[np.isfinite(exp)]
-        scale = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
+        scale = finite_scale(exp)
+    # A NaN scale would make atol NaN, which numpy reads as "bit-identical": a test that then fails on a CPU
+    # whose rounding differs (AVX2 vs AVX-512), not a looser one.
+    assert np.isfinite(scale), f"{name}: the tolerance scale must be finite, got {scale}"
     np.testing.assert_allclose(act, exp, rtol=rtol, atol=atol * scale, equal_nan=True, err_msg=name)
 
 
