@@ -6,7 +6,7 @@ What it shows: a replay buffer that keeps ``terminated`` apart from ``truncated`
 transition drops the bootstrap; a time-limit truncation keeps V(s') (the buffer stores the true final
 observation as s'). The targets are ``rlkernels.q_targets(rewards, next_q, terminated=, gamma=,
 kind="double", next_q_online=)``: the online network picks the action, the target network values it
-(DESIGN §4.5), with no gradient. The loss is ``rlkernels.td_loss(q, actions, targets, loss="huber")``,
+(docs/design.md §4.5), with no gradient. The loss is ``rlkernels.td_loss(q, actions, targets, loss="huber")``,
 which also returns the TD errors a prioritized buffer would use as priorities (printed as mean |TD|).
 
 Hyperparameters: the rl-zoo DQN CartPole setting (256x256 MLP, lr 2.3e-3, batch 64, 128 gradient steps

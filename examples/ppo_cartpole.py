@@ -7,7 +7,7 @@ terminated and truncated episodes kept apart. A truncated episode (CartPole's 50
 not a terminal state: its advantage bootstraps from the value of the *final* observation, which the
 vector env hands over in ``info["final_obs"]`` (``autoreset_mode=SAME_STEP``). Every step gets
 ``next_values[t] = V(s_{t+1})`` with the true next state, and ``rlkernels.gae(..., terminated=,
-truncated=, next_values=)`` does the rest (DESIGN §4.2). The loss is ``rlkernels.ppo_policy_loss`` +
+truncated=, next_values=)`` does the rest (docs/design.md §4.2). The loss is ``rlkernels.ppo_policy_loss`` +
 ``rlkernels.value_loss`` (clipped), minus ``--ent-coef`` times the entropy, with log-probs and
 entropy from ``rlkernels.gather_logprobs``. At the end it prints the time spent per
 phase (env stepping with action sampling, advantages, loss/backward/optimizer).

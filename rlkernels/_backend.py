@@ -1,4 +1,4 @@
-"""Backend selection (DESIGN.md §2).
+"""Backend selection (docs/design.md §2).
 
 Each public function takes ``backend=None | "cpu" | "cuda" | "triton" | "reference"``. ``None`` means the
 environment variable ``RLKERNELS_BACKEND`` if set, else ``cpu`` for CPU tensors and the preferred GPU

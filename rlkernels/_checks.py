@@ -100,5 +100,5 @@ def common_float_dtype(*tensors) -> torch.dtype:
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Outputs are float32 for 16-bit inputs, else the input dtype (DESIGN.md §3)."""
+    """Outputs are float32 for 16-bit inputs, else the input dtype (docs/design.md §3)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

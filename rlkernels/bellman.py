@@ -1,4 +1,4 @@
-"""Bellman backups (DESIGN.md §4.5): q_targets, td_loss, n_step_returns, bellman_backup, value_iteration.
+"""Bellman backups (docs/design.md §4.5): q_targets, td_loss, n_step_returns, bellman_backup, value_iteration.
 
 Sample-based ops work on a replay batch (``next_q [..., A]``, one reward per transition); model-based ops
 on known MDPs (``P [..., S, A, S]``, ``R [..., S, A]``). The wrappers check arguments, bring inputs to the

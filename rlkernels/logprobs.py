@@ -1,6 +1,6 @@
 """Log-prob gathering: the log-probability of sampled tokens (and the entropy) from a policy's logits.
 
-DESIGN.md §4.3 is the definition. The wrapper checks arguments, flattens the leading dimensions to rows
+docs/design.md §4.3 is the definition. The wrapper checks arguments, flattens the leading dimensions to rows
 ([N, V], unit stride along V, no copy for contiguous logits), picks the backend and registers autograd and
 fake kernels for the custom ops declared in csrc/ops.cpp.
 """

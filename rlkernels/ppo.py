@@ -1,4 +1,4 @@
-"""The PPO loss family: ppo_policy_loss, value_loss, kl_penalty (DESIGN.md §4.4).
+"""The PPO loss family: ppo_policy_loss, value_loss, kl_penalty (docs/design.md §4.4).
 
 The losses are one fused pass over [B, T]: per-token terms, clip flags and every masked reduction, with the
 statistics returned as 0-d tensors (no ``.item()``, no host sync). The wrappers here check arguments, bring

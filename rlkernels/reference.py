@@ -1,6 +1,6 @@
 """NumPy reference implementation of every rlkernels op: the oracle the kernels are tested against.
 
-Every function here mirrors one public function of DESIGN.md section 4 and computes the
+Every function here mirrors one public function of docs/design.md §4 and computes the
 same quantity with plain Python loops in float64. Clarity wins over speed: each estimator
 walks its sequences one step at a time, exactly as the formula in its docstring reads.
 
@@ -184,7 +184,7 @@ def _valid_steps(mask):
 
 
 def _next_value(k, steps, next_values, values, bootstrap):
-    """V'_t for the k-th valid step t = steps[k] of a sequence (DESIGN 4.2).
+    """V'_t for the k-th valid step t = steps[k] of a sequence (docs/design.md §4.2).
 
     next_values[t] if given; else the value at the next valid step; else (last valid step)
     the sequence's bootstrap value.
@@ -537,7 +537,7 @@ def _masked_mean(x, m):
 
 
 def _aggregate(loss, m, agg, norm_length=None):
-    """Reduce a per-token loss [..., T] with bool mask m as in DESIGN 4.4 (masked l never read).
+    """Reduce a per-token loss [..., T] with bool mask m as in docs/design.md §4.4 (masked l never read).
 
     token-mean              = sum(l*m) / sum(m)
     seq-mean-token-sum      = mean over sequences of sum_t l*m

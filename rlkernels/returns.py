@@ -1,7 +1,7 @@
 """The reverse linear scan family: linear_scan, discounted_returns, gae, vtrace.
 
 Each estimator is one reverse scan x_t = b_t + a_t x_next with a fused prologue (the coefficients from
-rewards, values and flags) and epilogue (the outputs); DESIGN.md §4.1-4.2 is the definition. The wrappers
+rewards, values and flags) and epilogue (the outputs); docs/design.md §4.1-4.2 is the definition. The wrappers
 here check arguments, map any layout to the kernels' canonical one ([O, T, I] contiguous, or packed 1-D
 with cu_seqlens), pick the backend and register autograd and fake kernels for the custom ops declared in
 csrc/ops.cpp.

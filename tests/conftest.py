@@ -171,7 +171,7 @@ def output_dtype(dtype):
 
 OPS = ("linear_scan", "discounted_returns", "gae", "vtrace")
 
-# Differentiable inputs of each public function (DESIGN §4).
+# Differentiable inputs of each public function (docs/design.md §4).
 DIFF_INPUTS = {
     "linear_scan": ("a", "b", "initial"),
     "discounted_returns": ("rewards", "next_values", "bootstrap_value"),

@@ -478,7 +478,7 @@ def test_repeated_runs_are_bit_identical():
 
 
 def test_no_host_synchronization():
-    """DESIGN.md §2: no op synchronizes (torch's sync debug mode raises on a synchronizing call)."""
+    """docs/design.md §2: no op synchronizes (torch's sync debug mode raises on a synchronizing call)."""
     samples = raw_samples()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

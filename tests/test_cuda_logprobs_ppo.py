@@ -183,7 +183,7 @@ def test_logprobs_nan_and_out_of_range_tokens():
     logp, ent = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend=BACKEND)
     logp = logp.cpu()
     assert torch.isfinite(logp[0]) and torch.isnan(logp[1]) and torch.isnan(ent.cpu()[1])
-    assert torch.isnan(logp[2]) and torch.isnan(logp[3])  # DESIGN.md §4.3: NaN on GPU, no crash
+    assert torch.isnan(logp[2]) and torch.isnan(logp[3])  # docs/design.md §4.3: NaN on GPU, no crash
     with pytest.raises(ValueError, match="tokens"):
         rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), check_tokens=True, backend=BACKEND)
 
@@ -570,7 +570,7 @@ def test_default_backend_routes_to_cuda_kernels():
 
 
 def test_cuda_graph_captures_forward_and_backward():
-    """DESIGN.md §2: no host sync, so forward plus backward of both families capture in one CUDA graph, and
+    """docs/design.md §2: no host sync, so forward plus backward of both families capture in one CUDA graph, and
     replaying it gives the eager results bit for bit."""
     N, V = 12, 32000
     logits = make_logits((N, V), torch.bfloat16, seed=30).to(DEVICE)

@@ -622,7 +622,7 @@ def test_ops_compile_fullgraph(case):
 @pytest.mark.parametrize("case", ["time_major", "batch_major_warp_per_row", "packed_global_chunks"])
 @pytest.mark.parametrize("op", ESTIMATORS)
 def test_public_functions_compile_fullgraph(op, case):
-    """DESIGN.md §2: torch.compile(fullgraph=True) of every public function, backend="cuda"."""
+    """docs/design.md §2: torch.compile(fullgraph=True) of every public function, backend="cuda"."""
     torch._dynamo.reset()
     x = to_cuda(make_inputs(case, torch.float32, FLAGS["everything"], seed=_seed("compile", op, case)))
     _, eager = gradients(op, x, "cuda")

@@ -1,4 +1,4 @@
-"""Bad inputs (DESIGN.md §3): every public function of the scan family rejects them with a ValueError,
+"""Bad inputs (docs/design.md §3): every public function of the scan family rejects them with a ValueError,
 TypeError or RuntimeError whose message names the offending argument.
 
 Each case builds a valid call of one public function and spoils one argument. The cases run on the
@@ -186,7 +186,7 @@ def test_complex_flags_rejected(op, name):
 @pytest.mark.parametrize("name", FLAGS)
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float32, torch.float64])
 def test_flag_dtypes_accepted(op, name, dtype):
-    # bool, uint8 and float 0/1 flags (DESIGN §3) give identical results
+    # bool, uint8 and float 0/1 flags (docs/design.md §3) give identical results
     tensors, kwargs = _valid(op)
     flag = torch.tensor([[0, 1], [1, 0], [0, 0], [1, 1], [0, 1]]).bool()
     if name == "truncated":

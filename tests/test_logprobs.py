@@ -1,4 +1,4 @@
-"""Tests of gather_logprobs (DESIGN.md §4.3): CPU kernel, autograd, custom-op plumbing and the Triton backend.
+"""Tests of gather_logprobs (docs/design.md §4.3): CPU kernel, autograd, custom-op plumbing and the Triton backend.
 
 Oracles: `rlkernels.reference.gather_logprobs` (NumPy) and torch float64 log_softmax / gather / entropy on
 the same (upcast) logits, so 16-bit inputs are compared without their input rounding and the tolerances

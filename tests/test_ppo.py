@@ -1,4 +1,4 @@
-"""Tests of the PPO loss family (rlkernels/ppo.py, csrc/cpu/ppo.cpp; DESIGN.md §4.4).
+"""Tests of the PPO loss family (rlkernels/ppo.py, csrc/cpu/ppo.cpp; docs/design.md §4.4).
 
 Two oracles: `rlkernels.reference` (NumPy, float64) for values and stats, and a plain torch float64
 re-implementation of the same formulas (below) whose autograd gives the expected gradients. The kernels

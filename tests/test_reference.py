@@ -533,7 +533,7 @@ def test_gather_logprobs_neg_inf_and_ignore_index():
 
 
 def test_gather_logprobs_all_negative_logits():
-    # a running max initialized at 0 would give a positive log-prob here (DESIGN 8)
+    # a running max initialized at 0 would give a positive log-prob here (docs/design.md §8)
     logp = ref.gather_logprobs([[-1000.0, -1001.0]], [0])
     close(logp, [-math.log1p(math.exp(-1.0))], rtol=1e-12)
 

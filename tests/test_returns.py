@@ -3,7 +3,7 @@
 The CPU kernels are checked against the NumPy oracle (rlkernels.reference) on random (hypothesis) and
 fixed cases, on the chunked long-sequence path of the CPU engine, and for their gradients (gradcheck, a
 plain torch autograd re-implementation, and chunked vs non-chunked runs); the custom ops pass opcheck and
-compile with torch.compile(fullgraph=True). DESIGN.md §3-§5 is the specification.
+compile with torch.compile(fullgraph=True). docs/design.md §3-§5 is the specification.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def test_grid_matches_reference(op, case, dtype):
 @pytest.mark.parametrize("op", SCAN_OPS)
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_low_precision_accumulates_in_float32(op, dtype):
-    # DESIGN §3: 16-bit inputs are read as they are and accumulated in float32, output float32. Against the
+    # docs/design.md §3: 16-bit inputs are read as they are and accumulated in float32, output float32. Against the
     # reference on the rounded inputs the error is then float32 round-off, far inside the 2e-2 budget.
     sample = make_inputs(
         op, (300, 4), dtype=dtype, gamma=0.99, lam=0.95, terminated=0.02, mask=0.2, bootstrap="tensor", seed=5
@@ -793,7 +793,7 @@ def test_vtrace_gradcheck_input_subsets(subset):
     assert torch.autograd.gradcheck(fn, tuple(s.tensors[n] for n in subset), eps=1e-6, atol=1e-7)
 
 
-# --- a plain torch autograd re-implementation of DESIGN §4.1-4.2, on [T, N], float64 ---------------------
+# --- a plain torch autograd re-implementation of docs/design.md §4.1-4.2, on [T, N], float64 ---------------------
 
 
 def _torch_scan(a, b, initial, reverse):
@@ -1091,7 +1091,7 @@ def test_gradients_low_precision(op, dtype):
 
 
 def test_gradient_of_bootstrap_is_zero_with_next_values():
-    # next_values replace the bootstrap value (DESIGN 4.2): its gradient is 0, the next_values' is not.
+    # next_values replace the bootstrap value (docs/design.md §4.2): its gradient is 0, the next_values' is not.
     s = make_inputs("gae", (9, 2), next_values=True, bootstrap="tensor", seed=44).requiring_grad()
     adv, ret = s.call("cpu")
     gb, gn = torch.autograd.grad((adv + ret).sum(), (s.tensors["bootstrap_value"], s.tensors["next_values"]))
@@ -1335,7 +1335,7 @@ def test_nan_inf_propagate_like_reference(op, T, bad):
     ],
 )
 def test_inf_propagates_on_chunked_path(op, dtype, gamma, lam):
-    # DESIGN §3: Inf propagates. With r_{T-1} = +inf and nothing else, G_t = r_t + gamma G_{t+1} and
+    # docs/design.md §3: Inf propagates. With r_{T-1} = +inf and nothing else, G_t = r_t + gamma G_{t+1} and
     # A_t = delta_t + gamma lam A_{t+1} are +inf for every t: the literal formula, the reference and the
     # unchunked kernel (T = 16383) agree. On the chunked path (T = 16384) the chunk maps carry a coefficient
     # (gamma lam)^4096 that underflows to 0, and 0 * inf = NaN turned the earlier chunks into NaN.
@@ -1356,7 +1356,7 @@ def test_inf_propagates_on_chunked_path(op, dtype, gamma, lam):
 
 @pytest.mark.parametrize("op", SCAN_OPS)
 def test_nan_at_masked_position_does_not_leak(op):
-    # Masked positions are never read (DESIGN 4.2): a NaN there must not reach any output.
+    # Masked positions are never read (docs/design.md §4.2): a NaN there must not reach any output.
     for T in (30, 16384):
         s = make_inputs(op, (T, 2), terminated=0.05, mask=0.2, bootstrap="tensor", next_values=True, seed=62)
         mask = s.tensors["mask"].clone()

@@ -1,7 +1,7 @@
 """The KERNELS (cpu backend, not the reference) against the estimators of trainers people trust.
 
 TorchRL (objectives.value.functional), Stable-Baselines3 (RolloutBuffer) and the CleanRL ppo.py loop
-(transcribed). Each comparison maps the trainer's conventions onto ours (DESIGN.md §4.2); where they differ,
+(transcribed). Each comparison maps the trainer's conventions onto ours (docs/design.md §4.2); where they differ,
 the comment says how and only the overlap is tested. The trainers are installed in CI
 (`pip install -e .[test]`); importorskip keeps this file clean where one is missing.
 """
@@ -154,7 +154,7 @@ def test_vtrace_vs_torchrl(torchrl_functional, seed, rho_clip, c_clip):
     # policy in its code (its docstring names them the other way round) and log_rhos = log_pi - log_mu.
     # Overlap with ours: TorchRL has no lambda (lam = 1) and clips the pg weight with rho_thresh
     # (pg_rho_clip = rho_clip); the trace is cut at done and delta's bootstrap at terminated, and at a done
-    # step the pg target is V'_t, as in DESIGN 4.2. (TorchRL releases before that fix used vs_{t+1} from
+    # step the pg target is V'_t, as in docs/design.md §4.2. (TorchRL releases before that fix used vs_{t+1} from
     # the next episode there; this installed version has it.)
     B, T, gamma = 3, 47, 0.97
     r, v, nv, term, trunc = _episodes((B, T, 1), 0.05, 0.05, seed)

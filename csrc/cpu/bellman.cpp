@@ -1,4 +1,4 @@
-// CPU kernels of the Bellman family (DESIGN.md §4.5): q_targets, td_loss (+ backward), n_step_returns
+// CPU kernels of the Bellman family (docs/design.md §4.5): q_targets, td_loss (+ backward), n_step_returns
 // (+ backward), bellman_backup and value_iteration. The per-element math lives in
 // csrc/include/rlkernels/bellman.h.
 //
@@ -1230,7 +1230,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> value_iteration_cpu(const Ten
       while (iters[b] < K) iterate(b, Pb, V_new);
       while (iters[b] < max_iters && !(res[b] < tol)) iterate(b, Pb, V_new);
     };
-    // All MDPs iterate together (DESIGN.md §4.5): the batch stops at the first backup after which every
+    // All MDPs iterate together (docs/design.md §4.5): the batch stops at the first backup after which every
     // residual is below tol. Each MDP runs on alone until it converges; the batch count K is the largest of
     // theirs; MDPs behind K catch up and, should one's residual have risen above tol again, the round repeats.
     while (true) {

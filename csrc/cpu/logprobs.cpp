@@ -1,4 +1,4 @@
-// CPU kernels of gather_logprobs and its backward (DESIGN.md §4.3).
+// CPU kernels of gather_logprobs and its backward (docs/design.md §4.3).
 //
 // Forward: one pass per row over the logits with an online (max, sum-exp, entropy) state, read in the
 // logits' own dtype chunk by chunk into a small float buffer on the stack, so nothing of the logits' size is

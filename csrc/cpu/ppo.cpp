@@ -1,4 +1,4 @@
-// CPU kernels of the PPO loss family (DESIGN.md §4.4): ppo_policy_loss, value_loss, kl_penalty and their
+// CPU kernels of the PPO loss family (docs/design.md §4.4): ppo_policy_loss, value_loss, kl_penalty and their
 // backwards. The per-token math lives in csrc/include/rlkernels/ppo.h.
 //
 // The losses run one pass over [B, T]: each row is cut into fixed chunks, every chunk reduces its tokens
@@ -123,7 +123,7 @@ std::vector<Partial> reduce_rows(int64_t B, int64_t T, const TokenFn& token_fn) 
 
 double mean_or_zero(double sum, double count) { return count > 0 ? sum / count : 0.0; }
 
-// The aggregated loss and the batch totals from per-row partials (DESIGN.md §4.4; 0 when nothing counts).
+// The aggregated loss and the batch totals from per-row partials (docs/design.md §4.4; 0 when nothing counts).
 double aggregate(const std::vector<Partial>& rows, Partial& total, Agg agg, double norm_length) {
   double seq_mean_sum = 0, nonempty = 0;
   for (const Partial& r : rows) {

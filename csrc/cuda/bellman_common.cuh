@@ -1,6 +1,6 @@
 // Shared host and device helpers of the CUDA Bellman kernels (bellman_sample.cu, bellman_nstep.cu,
 // bellman_mdp.cu): argument checks that mirror csrc/cpu/bellman.cpp, the accumulation type, the launch
-// geometry and the warp-group shuffles. Only the light headers (DESIGN.md §7).
+// geometry and the warp-group shuffles. Only the light headers (docs/design.md §7).
 #pragma once
 
 // CUDA translation units get their own inline namespace for the portable headers (see scan_problem.h).

@@ -1,4 +1,4 @@
-// CUDA kernels of the model-based Bellman ops (DESIGN.md §4.5): bellman_backup and value_iteration, with the
+// CUDA kernels of the model-based Bellman ops (docs/design.md §4.5): bellman_backup and value_iteration, with the
 // semantics of csrc/cpu/bellman.cpp.
 //
 // backup_kernel (both ops): P [B, S, A, S] is the only large input and is read once, coalesced, with 16-byte

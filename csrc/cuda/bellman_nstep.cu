@@ -1,4 +1,4 @@
-// CUDA kernels of n_step_returns and its backward on the canonical [O, T, I] layout (DESIGN.md §4.5), with
+// CUDA kernels of n_step_returns and its backward on the canonical [O, T, I] layout (docs/design.md §4.5), with
 // the semantics of csrc/cpu/bellman.cpp.
 //
 // One thread per element (o, t, i), i fastest, so a warp reads 32 adjacent elements of each stream at every

@@ -1,4 +1,4 @@
-// CUDA kernels of the sample-based Bellman ops (DESIGN.md §4.5): q_targets, td_loss and td_loss_backward.
+// CUDA kernels of the sample-based Bellman ops (docs/design.md §4.5): q_targets, td_loss and td_loss_backward.
 // Signatures, dtypes and semantics are those of csrc/cpu/bellman.cpp; the per-element math is the shared
 // csrc/include/rlkernels/bellman.h.
 //
@@ -15,7 +15,7 @@
 //    the element on the taken action holds -g, the others 0; the a = 0 thread of a row also writes
 //    grad_targets[b] = g.
 //
-// Differences from the CPU ops, forced by "no host synchronization" (DESIGN.md §2): actions are not read on
+// Differences from the CPU ops, forced by "no host synchronization" (docs/design.md §2): actions are not read on
 // the host. An action outside [0, A) fires a device-side assert (CUDA_KERNEL_ASSERT) and, where asserts are
 // compiled out, gives NaN for that row's td_error, loss and gradients instead of reading out of bounds.
 #include "bellman_common.cuh"

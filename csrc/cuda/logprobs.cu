@@ -1,9 +1,9 @@
-// CUDA kernels of gather_logprobs and its backwards (DESIGN.md §4.3); the CPU twin is csrc/cpu/logprobs.cpp
+// CUDA kernels of gather_logprobs and its backwards (docs/design.md §4.3); the CPU twin is csrc/cpu/logprobs.cpp
 // and these follow its semantics rule for rule.
 //
 // Forward: one pass over each row with an online state, never a tensor of the logits' size:
 //   m = running max of z = logits / T, s0 = sum exp(z - m), s1 = sum exp(z - m) (z - m)
-// (s1 only with return_entropy). m starts at -inf (DESIGN.md §8). Each thread folds 16-byte vectors of
+// (s1 only with return_entropy). m starts at -inf (docs/design.md §8). Each thread folds 16-byte vectors of
 // the row, read in the logits' own dtype (8 bf16/fp16, 4 fp32, 2 fp64 per load), into its own state:
 // the vector's max is taken first, so the state is rescaled at most once per vector, then one exp per
 // element. The threads' states are merged with a fixed warp-shuffle tree and, for a block per row, a fixed
@@ -15,7 +15,7 @@
 //
 // Then lse = m + log s0, logp = z[token] - lse, entropy = log s0 - s1 / s0 (z shifted by m: no cancellation
 // for logits of 1e4), all in float32 (float64 for float64 logits). Rows of ignore_index give 0 (and lse 0).
-// Token ids outside [0, V) give NaN for logp (DESIGN.md §4.3; the host check is check_tokens=True in
+// Token ids outside [0, V) give NaN for logp (docs/design.md §4.3; the host check is check_tokens=True in
 // rlkernels/logprobs.py), never an out-of-bounds read; their backward has no one-hot term.
 //
 // exp: float rows use exp2f(d * log2(e)) (MUFU.EX2, about 2 ulp on the d <= 0 range used here; the precise

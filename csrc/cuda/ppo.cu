@@ -1,4 +1,4 @@
-// CUDA kernels of the PPO loss family (DESIGN.md §4.4): ppo_policy_loss, value_loss, kl_penalty and their
+// CUDA kernels of the PPO loss family (docs/design.md §4.4): ppo_policy_loss, value_loss, kl_penalty and their
 // backwards. The per-token math is csrc/include/rlkernels/ppo.h, shared with the CPU kernels
 // (csrc/cpu/ppo.cpp), whose semantics these follow: masked tokens are never read, float64 sums, the loss and
 // every statistic 0 when no token counts, gradients with torch autograd's tie conventions.

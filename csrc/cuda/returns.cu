@@ -2,7 +2,7 @@
 // backwards. Each op checks its arguments and builds a Problem exactly as csrc/cpu/returns.cpp does, then
 // runs the estimator's step with the CUDA engine (scan_engine.cuh, instantiated in the scan_*.cu files).
 //
-// Differences from the CPU ops, all forced by "no host synchronization" (DESIGN.md §2):
+// Differences from the CPU ops, all forced by "no host synchronization" (docs/design.md §2):
 //  * cu_seqlens stay on the device. Their dtype, shape and device are checked here; their values
 //    (cu[0] = 0, non-decreasing, cu[-1] = the packed length) are the caller's responsibility. The kernels
 //    clamp what they read, so bad offsets give wrong numbers, never out-of-bounds accesses.

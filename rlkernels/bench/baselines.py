@@ -5,7 +5,7 @@ Each ``*_gae`` / ``*_returns`` function below is the original algorithm in its o
 functions adapt one benchmark input to those conventions *outside* the timed region and return
 zero-argument callables: only the call is timed, as a user would pay for it inside their trainer.
 
-Conventions, mapped to rlkernels (DESIGN.md §4.2, ``terminated[t]``: s_{t+1} is terminal):
+Conventions, mapped to rlkernels (docs/design.md §4.2, ``terminated[t]``: s_{t+1} is terminal):
 - SB3 ``episode_starts[t]`` and CleanRL ``dones[t]`` mark obs t as the first of a new episode, so
   ``dones[t + 1] == terminated[t]``; ``next_done`` / ``dones`` of the final step is ``terminated[T - 1]``.
 - TorchRL wants ``[*B, T, 1]`` tensors (time on dim -2) with ``next_state_value`` spelled out.

@@ -1,7 +1,7 @@
 """Drop-in adapters: each trainer's own function signature and conventions, computed by rlkernels.
 
 One module per trainer; each is a thin translation of the trainer's arguments onto the rlkernels ops
-(DESIGN.md §4) and is tested against the trainer's own function (tests/test_integrations.py):
+(docs/design.md §4) and is tested against the trainer's own function (tests/test_integrations.py):
 
 - :mod:`rlkernels.integrations.sb3`: ``RolloutBuffer`` (Stable-Baselines3), for ``PPO(..., rollout_buffer_class=...)``,
   and ``DQN``, SB3's DQN with its gradient steps on ``q_targets`` and ``td_loss``

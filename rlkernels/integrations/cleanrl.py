@@ -9,7 +9,7 @@ outcome is ``dones[t + 1]``, and ``next_done`` for the last step; ``next_value``
 treated as terminal (no bootstrap), exactly as the loop does. Flags may be float 0/1 (as CleanRL stores them),
 bool or integer tensors.
 
-In rlkernels terms (DESIGN.md §4.2): ``terminated = cat(dones[1:], next_done)``, ``bootstrap_value =
+In rlkernels terms (docs/design.md §4.2): ``terminated = cat(dones[1:], next_done)``, ``bootstrap_value =
 next_value``. This module does not import CleanRL (it is a collection of scripts, not a package).
 """
 

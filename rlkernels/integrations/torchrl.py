@@ -6,7 +6,7 @@ of torchrl 0.14). Conventions, as in TorchRL: tensors of shape ``[*B, T, *F]`` w
 ``time_dim`` (default -2, so ``[*B, T, 1]``); ``next_state_value[t]`` is V(s_{t+1}) for every step (the true next
 state, also after a reset); ``done`` ends a trajectory (cuts the recursion), ``terminated`` (defaults to
 ``done``) means s_{t+1} is terminal (its value counts as 0). In rlkernels terms: ``terminated=terminated``,
-``truncated=done & ~terminated``, ``next_values=next_state_value`` (DESIGN.md §4.2).
+``truncated=done & ~terminated``, ``next_values=next_state_value`` (docs/design.md §4.2).
 
 Differences from TorchRL, all outside what TorchRL's own callers produce:
 

@@ -1,4 +1,4 @@
-"""Triton kernels of the Bellman family (DESIGN.md §4.5): q_targets, td_loss (+ backward), n_step_returns
+"""Triton kernels of the Bellman family (docs/design.md §4.5): q_targets, td_loss (+ backward), n_step_returns
 (+ backward), bellman_backup and value_iteration.
 
 Each op has the signature of its C++ schema in csrc/ops.cpp and mirrors the CPU kernel of csrc/cpu/bellman.cpp

@@ -1,4 +1,4 @@
-"""Triton kernels of gather_logprobs (DESIGN.md §4.3): one program per row, a loop over V in blocks.
+"""Triton kernels of gather_logprobs (docs/design.md §4.3): one program per row, a loop over V in blocks.
 
 Forward: the online softmax state of the CPU kernel (csrc/cpu/logprobs.cpp), merged block by block:
 m = running max of z = logits / T, s0 = sum exp(z - m), s1 = sum exp(z - m) (z - m);

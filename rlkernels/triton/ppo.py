@@ -1,4 +1,4 @@
-"""Triton kernels of the PPO loss family: ppo_policy_loss, value_loss, kl_penalty (DESIGN.md §4.4).
+"""Triton kernels of the PPO loss family: ppo_policy_loss, value_loss, kl_penalty (docs/design.md §4.4).
 
 The per-token math mirrors csrc/include/rlkernels/ppo.h, derivative conventions included (scalar clamps pass
 the gradient on the open interval, tensor clamps and max/min split ties), so the backends agree up to rounding.
@@ -243,7 +243,7 @@ def _mean_or_zero(total, count):
 
 
 def _aggregate(rows, agg, norm_length):
-    """rows: [B, >=2] per-row (loss sum, count, ...). The aggregated loss of DESIGN.md §4.4, 0 when empty."""
+    """rows: [B, >=2] per-row (loss sum, count, ...). The aggregated loss of docs/design.md §4.4, 0 when empty."""
     B = rows.shape[0]
     loss, count = rows[:, 0], rows[:, 1]
     if agg == "token-mean":

@@ -1,4 +1,4 @@
-// Per-element math of the Bellman family (DESIGN.md §4.5): the next-state value of each q_targets kind, the
+// Per-element math of the Bellman family (docs/design.md §4.5): the next-state value of each q_targets kind, the
 // TD losses and their derivatives, and the n-step return window. Compiled by g++ for the CPU kernels and by
 // nvcc for the CUDA kernels, so every function is RLK_FN and free of ATen.
 #pragma once

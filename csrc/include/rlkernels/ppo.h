@@ -1,4 +1,4 @@
-// Per-token math of the PPO loss family (DESIGN.md §4.4): the clipped policy loss, the clipped value loss
+// Per-token math of the PPO loss family (docs/design.md §4.4): the clipped policy loss, the clipped value loss
 // and the KL penalty estimators, with their derivatives. Compiled by g++ for the CPU kernels and meant for
 // nvcc as well, so every function is RLK_FN and free of ATen.
 //
