@@ -12,13 +12,11 @@ which also returns the TD errors a prioritized buffer would use as priorities (p
 Hyperparameters: the rl-zoo DQN CartPole setting (256x256 MLP, lr 2.3e-3, batch 64, 128 gradient steps
 every 256 env steps, target network copied every 10 env steps, epsilon 1 -> 0.04 over the first 16%
 of the budget, 1000 random steps first). The target network is copied every 10 env steps as in SB3, so
-it stays fixed through each block of 128 gradient steps; copying it every 10 *gradient* steps at this
-learning rate diverged (the loss grew to 1e9).
+it stays fixed through each block of 128 gradient steps; copied every 10 *gradient* steps at this
+learning rate, it diverges (the loss grows to about 1e9).
 
-Measured on the dev machine's 2 CPU cores while they were heavily shared (load average ~10), seed 1,
-50k steps: the average return of the last 20 episodes rose to 100 by 18k steps and 230-350 from 25k on,
-without reaching 475 in this budget (DQN on CartPole is less steady than PPO); ~460 s wall, ~165 s CPU.
-A second try with --end-e 0.01 --total-timesteps 80000 peaked at 305 near 46k steps, then collapsed.
+DQN on CartPole is less steady than PPO: within the 50k-step budget the average return can level off
+below 475. Recorded runs are in docs/performance.md.
 """
 
 from __future__ import annotations

@@ -2,20 +2,16 @@
 
     python examples/sb3_ppo.py                           # trains until the last 20 episodes average >= 475
 
-What it shows: SB3 takes ``rollout_buffer_class``; a ``RolloutBuffer`` whose
-``compute_returns_and_advantage`` calls ``rlkernels.gae`` replaces SB3's per-step NumPy loop and leaves
-the rest of SB3 untouched. It uses ``rlkernels.integrations.sb3.RolloutBuffer`` when that module exists
-and otherwise the small subclass defined below. SB3's conventions map onto rlkernels' like this:
-SB3 folds time-limit truncation into the reward (it adds gamma * V(terminal_obs) in
-``collect_rollouts``), so every episode end left in the buffer is a terminal state:
-``terminated[t] = episode_starts[t + 1]`` (``dones`` for the last step) and
-``bootstrap_value = last_values``. The first rollout is also run through SB3's own loop and the largest
+What it shows: SB3 takes ``rollout_buffer_class``; ``rlkernels.integrations.sb3.RolloutBuffer``, whose
+``compute_returns_and_advantage`` calls ``rlkernels.gae``, replaces SB3's per-step NumPy loop and leaves
+the rest of SB3 untouched. SB3's conventions map onto rlkernels' like this: SB3 folds time-limit
+truncation into the reward (it adds gamma * V(terminal_obs) in ``collect_rollouts``), so every episode end
+left in the buffer is a terminal state: ``terminated[t] = episode_starts[t + 1]`` (``dones`` for the last
+step) and ``bootstrap_value = last_values``. The first rollout is also run through SB3's own loop and the largest
 difference printed (float32 rounding only).
 
 Hyperparameters: the rl-zoo CartPole setting (8 envs x 32 steps, batch 256, 20 epochs, lr and clip range
-decayed linearly from 1e-3 and 0.2, gamma 0.98, lambda 0.8). Measured on the dev machine's 2 shared CPU
-cores, seed 1: 475 reached after 39,432 steps in 46.8 s; rlkernels.gae took 0.15 s of it, and matched
-SB3's loop to 1.9e-6.
+decayed linearly from 1e-3 and 0.2, gamma 0.98, lambda 0.8). Recorded runs are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -31,29 +27,7 @@ from stable_baselines3.common.buffers import RolloutBuffer as SB3RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
-import rlkernels
-
-try:  # the packaged integration, where it exists
-    from rlkernels.integrations.sb3 import RolloutBuffer as RLKRolloutBuffer
-except ImportError:
-
-    class RLKRolloutBuffer(SB3RolloutBuffer):
-        """SB3's RolloutBuffer with GAE from rlkernels (same results, no Python loop over time)."""
-
-        def compute_returns_and_advantage(self, last_values: torch.Tensor, dones: np.ndarray) -> None:
-            rewards = torch.from_numpy(self.rewards)  # [n_steps, n_envs]: rlkernels' time_dim=0 layout
-            values = torch.from_numpy(self.values)
-            # terminated[t]: the step after t starts a new episode (SB3 already bootstrapped truncations).
-            terminated = np.empty_like(self.episode_starts)
-            terminated[:-1] = self.episode_starts[1:]
-            terminated[-1] = dones
-            advantages, returns = rlkernels.gae(
-                rewards, values, gamma=self.gamma, lam=self.gae_lambda,
-                terminated=torch.from_numpy(terminated),
-                bootstrap_value=last_values.detach().cpu().flatten().to(values.dtype),
-            )
-            self.advantages = advantages.numpy()
-            self.returns = returns.numpy()
+from rlkernels.integrations.sb3 import RolloutBuffer as RLKRolloutBuffer
 
 
 def sb3_gae(buffer: SB3RolloutBuffer, last_values: torch.Tensor, dones: np.ndarray):

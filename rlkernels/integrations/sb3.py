@@ -102,8 +102,8 @@ class DQN(_SB3DQN):
     of once per gradient step (SB3's ``loss.item()`` is a host synchronization per step on a GPU).
 
     Speed: on CPU at SB3's default sizes a gradient step is sampling, the two networks and the optimizer; the
-    targets and loss are a small part of it (measured on a 2-core EPYC, CartPole, batch 32 / 256 / 4096:
-    0.96-1.03x SB3's step). The adapter is for exactness and for dropping the per-step sync, not CPU speed.
+    targets and loss are a small part of it, so a step takes about as long as SB3's (docs/performance.md).
+    The adapter is for exactness and for dropping the per-step sync, not CPU speed.
     """
 
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
