@@ -88,7 +88,7 @@ def _plot_sizes(rows: list[dict]):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(series, fontsize=9)
-        ax.set_xlabel("elements (T x B)")
+        ax.set_xlabel("elements (product of the shape)")
         ax.set_ylabel("GB/s")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
