@@ -4,16 +4,17 @@
 #   1. builds the CUDA kernels for this GPU (TORCH_CUDA_ARCH_LIST defaults to its compute capability);
 #   2. runs every GPU test, once per GPU backend (cuda, then triton), and records per op family which backend
 #      passed in rlkernels/_gpu_validated.py (the auto backend for CUDA tensors prefers those), after each run;
-#   3. runs the GPU benchmarks, Bellman first (issue 6's H100 target), then returns/GAE, log-probs and PPO,
-#      writing <gpu>-<date>-bellman.csv and <gpu>-<date>.csv / .md (device, commit, date in every row).
+#   3. runs the benchmark engine (rlkernels-bench) on the GPU, every op family, Bellman first, writing
+#      <gpu>-<date>.csv / .md / .png (device, commit, date in every row; the CSV is rewritten after each shape,
+#      so a run stopped at the budget keeps what it measured).
 # Usage: bash scripts/gpu.sh [OUT_DIR]   (default benchmarks/results; the device tool passes $OUT)
 #
 # Sized for the device tool's limits (10 minutes a command, 15 minutes of device time a session, at most 8
 # files back from $OUT): the steps share a budget of GPU_BUDGET_S seconds (default 540) in the order above,
 # each under `timeout` for what is left, and a step the budget cannot start is recorded as skipped; the tests
 # run on pytest-xdist workers when it is installed (Triton compiles each specialization on first launch,
-# CPU-bound: ~900 of them). $OUT gets at most 7 files: gpu-status.txt, _gpu_validated.py, the two benchmark
-# CSVs and the markdown table, and gpu-logs.tar.gz (every log, the JUnit files and the plots).
+# CPU-bound: ~900 of them). $OUT gets at most 7 files: gpu-status.txt, _gpu_validated.py, the benchmark CSV
+# and its markdown table, and gpu-logs.tar.gz (every log, the JUnit files and the plot).
 # Each step's exit status is recorded and the script goes on, so one failure still leaves the rest measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,11 +74,11 @@ done
 # Benchmarks: every op family on the GPU, each backend side by side, against the baselines present here.
 slug=$("$PYTHON" -c "import re, torch; print(re.sub('[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))")
 day=$(date +%F)
-step bench-bellman 60 "$PYTHON" -m benchmarks.bench_bellman --device cuda --csv "$WORK/$slug-$day-bellman.csv"
-step bench-returns 60 "$PYTHON" -m rlkernels.bench --device cuda --csv "$WORK/$slug-$day.csv"
+step bench 60 "$PYTHON" -m rlkernels.bench --device cuda --ops bellman,returns,logprobs,ppo \
+  --csv "$WORK/$slug-$day.csv"
 
 cp rlkernels/_gpu_validated.py "$OUT/" 2>/dev/null
-for f in "$WORK/$slug-$day-bellman.csv" "$WORK/$slug-$day.csv" "$WORK/$slug-$day.md"; do
+for f in "$WORK/$slug-$day.csv" "$WORK/$slug-$day.md"; do
   [ -f "$f" ] && cp "$f" "$OUT/"
 done
 tar -czf "$OUT/gpu-logs.tar.gz" -C "$WORK" .

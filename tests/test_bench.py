@@ -1,10 +1,11 @@
-"""The benchmark command (rlkernels-bench / python -m rlkernels.bench) on a tiny quick sweep: it must write a
-CSV with the expected columns and rows, the markdown table and a PNG plot. Timing values are not checked
-(timing belongs in benchmarks): only that every row is there and carries a result or says why not."""
+"""The benchmark command (rlkernels-bench / python -m rlkernels.bench) in its --quick form: every op family must
+write a CSV with the expected columns and rows, the markdown table and a PNG plot. Timing values are not checked
+(timing belongs in benchmarks): only that every row is there and carries a finite positive time or says why not."""
 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -15,34 +16,113 @@ import pytest
 pytest.importorskip("rich")
 pytest.importorskip("matplotlib")
 
-from rlkernels.bench import common
+from rlkernels.bench import cases, common
 from rlkernels.bench.__main__ import CSV_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "TRITON_INTERPRET": "0"}  # interpreted triton is not a CPU backend to time
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def test_quick_sizes_sweep_writes_csv_and_plot(tmp_path):
-    out = tmp_path / "sweep.csv"
-    env = {**os.environ, "TRITON_INTERPRET": "0"}  # interpreted triton is not a CPU backend to time
-    cmd = [sys.executable, "-m", "rlkernels.bench", "--quick", "--sizes", "--ops", "discounted_returns"]
-    cmd += ["--warm-cache", "--skip-baselines", "torchrl", "--csv", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-
+def _bench(tmp_path, *args, timeout=600):
+    out = tmp_path / "bench.csv"
+    cmd = [sys.executable, "-m", "rlkernels.bench", "--device", "cpu", "--quick", *args, "--csv", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, check=False, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with out.open() as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == CSV_FIELDS
         rows = list(reader)
     assert out.with_suffix(".md").read_text().count("\n") >= len(rows)
-    png = out.with_suffix(".png")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-
     assert rows[0]["op"] == "copy" and float(rows[0]["gbps"]) > 0
-    sizes = [shape for kind, shape in common.SIZES["quick"] if kind == "discounted_returns"]
-    body = rows[1:]
+    return out, rows[1:], proc.stdout
+
+
+def _timed(row) -> bool:
+    return row["median_s"] != "" and math.isfinite(float(row["median_s"])) and float(row["median_s"]) > 0
+
+
+def _groups(rows):
+    groups: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for r in rows:
+        group = groups.setdefault((r["op"], r["shape"], r["cache"]), {})
+        assert r["provider"] not in group, f"{r['provider']} twice in {r['op']} {r['shape']} {r['cache']}"
+        group[r["provider"]] = r
+    return groups
+
+
+EXPECTED_PROVIDERS = {  # every provider of each op in a --quick CPU run (torchrl left out)
+    "gae": {"cleanrl loop", "sb3 numpy loop", "scipy lfilter", "torchrl vec_gae", "torch.compile(cleanrl loop)"},
+    "discounted_returns": {"cleanrl loop", "scipy lfilter", "torchrl vec_td1", "torch.compile(cleanrl loop)"},
+    "vtrace": {"torchbeast loop", "torchrl vtrace"},
+    "gather_logprobs": {"torch log_softmax+gather", "torch.compile(torch log_softmax+gather)",
+                        "trl selective_log_softmax"},
+    "gather_logprobs+entropy": {"verl log_softmax+gather, entropy_from_logits",
+                                "torch.compile(verl log_softmax+gather, entropy_from_logits)"},
+    "gather_logprobs fwd+bwd": {"torch log_softmax+gather", "torch.compile(torch log_softmax+gather)",
+                                "trl selective_log_softmax"},
+    "ppo_policy_loss": {"verl eager", "torch.compile(verl eager)"},
+    "ppo_policy_loss fwd+bwd": {"verl eager", "torch.compile(verl eager)"},
+    "value_loss fwd+bwd": {"verl eager", "torch.compile(verl eager)"},
+    **{f"q_targets[{k}]": {"eager torch", "torch.compile(eager torch)"} for k in cases.Q_KINDS},
+    "td_loss fwd+bwd": {"eager torch", "torch.compile(eager torch)"},
+    "bellman_backup": {"eager torch", "torch.compile(eager torch)"},
+    "value_iteration": {"eager torch", "torch.compile(backup) loop"},
+}
+
+
+REFERENCE = {  # the baseline each op's rlkernels output is checked against
+    "gae": "cleanrl loop",
+    "discounted_returns": "cleanrl loop",
+    "vtrace": "torchbeast loop",
+    "gather_logprobs": "torch log_softmax+gather",
+    "gather_logprobs+entropy": "verl log_softmax+gather, entropy_from_logits",
+    "gather_logprobs fwd+bwd": "torch log_softmax+gather",
+    "ppo_policy_loss": "verl eager",
+    "ppo_policy_loss fwd+bwd": "verl eager",
+    "value_loss fwd+bwd": "verl eager",
+}
+
+
+def test_quick_run_covers_every_family(tmp_path):
+    out, rows, stdout = _bench(tmp_path, "--skip-baselines", "torchrl")
+    assert out.with_suffix(".png").read_bytes()[:8] == PNG
+    assert "check failed" not in stdout
+    groups = _groups(rows)
+    assert {op for op, _, _ in groups} == set(EXPECTED_PROVIDERS)
+    for (op, shape, cache), providers in groups.items():
+        where = f"{op} {shape} [{cache}]"
+        expected = {"verl loop"} if shape.endswith("masked") and op == "gae" else EXPECTED_PROVIDERS[op]
+        assert set(providers) == expected | {"rlkernels[cpu]"}, where
+        for name, r in providers.items():
+            if _timed(r):
+                assert float(r["gbps"]) > 0 and float(r["pct_copy_bw"]) > 0 and float(r["speedup_vs"]) > 0, where
+                assert float(r["q20_s"]) <= float(r["median_s"]) <= float(r["q80_s"]), where
+            else:  # a provider that was not timed says why: a missing package, or no torch.compile in --quick
+                assert r["note"].startswith(("skipped", "not run")), (where, name, r["note"])
+        assert _timed(providers["rlkernels[cpu]"]), where
+        assert float(providers["rlkernels[cpu]"]["speedup_vs"]) == pytest.approx(1.0)
+        reference = "verl loop" if "verl loop" in expected else REFERENCE.get(op, "eager torch")
+        assert _timed(providers[reference]), where  # what rlkernels' output was checked against
+    assert "torch.compile(cleanrl loop)" in groups[("gae", "[T=256, B=16]", "data")]
+    # the sample-based Bellman ops: cold data and warm at a large batch, warm only at a replay batch's size
+    states = {(shape, cache) for op, shape, cache in groups if op == "td_loss fwd+bwd"}
+    assert states == {("[B=4096, A=18]", "data"), ("[B=4096, A=18]", "warm"), ("[B=128, A=18]", "warm")}
+    assert {cache for op, _, cache in groups if op in ("bellman_backup", "value_iteration", "gae")} == {"data"}
+    assert "iterations" in groups[("value_iteration", "[B=8, S=64, A=4]", "data")]["eager torch"]["note"]
+
+
+def test_quick_sizes_sweep_writes_csv_and_plot(tmp_path):
+    out, body, _ = _bench(tmp_path, "--sizes", "--ops", "discounted_returns", "--warm-cache",
+                          "--skip-baselines", "torchrl", timeout=120)
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == PNG and png.stat().st_size > 10_000
+
+    sizes = [dims for kind, dims in cases.SIZES["quick"] if kind == "discounted_returns"]
     assert {r["op"] for r in body} == {"discounted_returns"}
+    assert {r["cache"] for r in body} == {"warm"}
     assert sorted({int(r["numel"]) for r in body}) == sorted(t * b for t, b in sizes)
-    assert {r["series"] for r in body} == {common.series_label("discounted_returns", sizes[0], True)}
+    assert {r["series"] for r in body} == {"discounted_returns [T=64, B=*]"}
     for numel in {r["numel"] for r in body}:
         providers = {r["provider"]: r for r in body if r["numel"] == numel}
         # rlkernels and the reference loop are timed and agree (a wrong output would have failed the run)
@@ -55,12 +135,23 @@ def test_quick_sizes_sweep_writes_csv_and_plot(tmp_path):
         assert "torch.compile(cleanrl loop)" not in providers  # not part of a size sweep
 
 
+def test_ops_select_families_and_kinds_in_order():
+    bellman = cases.entries(cases.SHAPES, "quick", ["bellman"])
+    assert {kind for kind, _, _ in bellman} == set(cases.FAMILIES["bellman"])
+    mixed = cases.entries(cases.SHAPES, "quick", ["ppo", "vtrace"])
+    assert [kind for kind, _, _ in mixed] == ["ppo_policy_loss", "value_loss", "vtrace"]
+    assert len(cases.entries(cases.SHAPES, "quick")) == len(cases.SHAPES["quick"])
+    bad = subprocess.run([sys.executable, "-m", "rlkernels.bench", "--ops", "gae,nope"], cwd=ROOT, env=ENV,
+                         check=False, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown ['nope']" in bad.stderr
+
+
 def test_missing_baseline_package_is_skipped_with_a_note(monkeypatch):
     from rlkernels.bench import baselines
 
     monkeypatch.setattr(baselines.importlib.util, "find_spec", lambda name: None)
     assert "pip install scipy" in baselines.missing("scipy")
-    rewards, values, terminated, bootstrap = common.time_major_inputs(8, 2, "cpu")
+    rewards, values, terminated, bootstrap = cases.time_major_inputs(8, 2, "cpu")
     providers = baselines.gae_providers(rewards, values, terminated, bootstrap, 0.99, 0.95)
     by_name = {p.name: p for p in providers}
     assert by_name["cleanrl loop"].call is not None and by_name["sb3 numpy loop"].call is not None
@@ -76,7 +167,7 @@ def test_cache_modes_find_and_evict_the_inputs_of_a_call():
 
     x, y, z = torch.randn(1000), torch.randn(10, 10), np.arange(64, dtype=np.float32)
     unused = torch.randn(3)
-    inner = lambda: (x + 1, z.sum())  # noqa: E731
+    inner = lambda: (x + 1, z.sum())
     fn = functools.partial(lambda scale, f: (f(), y * scale), 2.0, inner)
     found = common.data_of(fn)
     assert {id(t) for t in found} == {id(x), id(y), id(z)}
@@ -91,30 +182,3 @@ def test_cache_modes_find_and_evict_the_inputs_of_a_call():
     assert np.array_equal(z, np.arange(64, dtype=np.float32))
     assert isinstance(common.flusher_for("llc", "cpu", fn), common.CacheFlusher)
     assert common.flusher_for("warm", "cpu", fn) is None
-
-
-def test_bellman_bench_quick_times_each_cache_state_in_one_run(tmp_path):
-    # benchmarks/bench_bellman.py: every sample-based case once per requested cache state (and once more at a
-    # replay batch's size, warm), the model-based ones once; the rlkernels row of each case is its own baseline (speedup 1) and every row has a time.
-    out = tmp_path / "bellman.csv"
-    cmd = [sys.executable, "-m", "benchmarks.bench_bellman", "--device", "cpu", "--quick", "--csv", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, check=False, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    with out.open() as f:
-        rows = list(csv.DictReader(f))
-    cases = [(r["op"], r["shape"], r["cache"]) for r in rows if r["provider"] == "rlkernels"]
-    sample_ops = {"q_targets[max]", "q_targets[double]", "q_targets[expected]", "q_targets[soft]", "td_loss fwd+bwd"}
-    big, small = "[B=4096, A=18]", "[B=128, A=18]"  # the small batch: warm only
-    assert sorted(cases) == sorted(
-        [(op, big, c) for op in sample_ops for c in ("data", "warm")] + [(op, small, "warm") for op in sample_ops]
-        + [("bellman_backup", "[B=8, S=64, A=4]", "data"), ("value_iteration", "[B=8, S=64, A=4]", "data")])
-    for case in cases:
-        providers = {r["provider"]: r for r in rows if (r["op"], r["shape"], r["cache"]) == case}
-        assert len(providers) == len([r for r in rows if (r["op"], r["shape"], r["cache"]) == case])
-        assert set(providers) == {"rlkernels", "eager torch"}, (case, set(providers))
-        assert float(providers["rlkernels"]["speedup_vs"]) == 1.0
-        for r in providers.values():
-            assert float(r["median_s"]) > 0 and float(r["gbps"]) > 0
-    bad = subprocess.run([*cmd[:-2], "--cache", "data,hot"], cwd=ROOT, check=False, capture_output=True,
-                         text=True, timeout=120)
-    assert bad.returncode == 2 and "cache states must be among" in bad.stderr

@@ -4,8 +4,8 @@ Real trainer functions: TorchRL (objectives.value.functional), Stable-Baselines3
 DictRolloutBuffer and a short PPO run; DQN trained side by side) and TRL (trl.trainer.utils.selective_log_softmax);
 importorskip skips them where the trainer is missing (scripts/setup.sh installs all three). Transcribed formulas:
 CleanRL's ppo.py GAE loop and dqn.py update (CleanRL is scripts, not a package) and verl 0.9.1's core_algos /
-torch_functional (verl needs ray and its configs to import), each copied below from the trainer's source with
-the source named.
+torch_functional (verl needs ray and its configs to import), each transcribed in rlkernels/bench/trainers.py
+with the source named.
 """
 
 from __future__ import annotations
@@ -17,6 +17,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_close
+
+from rlkernels.bench.trainers import cleanrl_dqn_update as _cleanrl_dqn
+from rlkernels.bench.trainers import cleanrl_gae as _cleanrl_gae
+from rlkernels.bench.trainers import sb3_dqn_targets as _sb3_dqn_targets
+from rlkernels.bench.trainers import verl_compute_gae_advantage_return as _verl_gae
+from rlkernels.bench.trainers import verl_compute_policy_loss as _verl_policy_loss
+from rlkernels.bench.trainers import verl_compute_value_loss as _verl_value_loss
+from rlkernels.bench.trainers import verl_entropy_from_logits as _verl_entropy_from_logits
+from rlkernels.bench.trainers import verl_kl_penalty as _verl_kl_penalty
+from rlkernels.bench.trainers import verl_logprobs_from_logits_v2 as _verl_logprobs_from_logits_v2
 
 F32, F64 = torch.float32, torch.float64
 CONFIGS = [(0.99, 0.95, 0), (0.9, 1.0, 1), (1.0, 0.5, 2), (0.5, 0.0, 3)]  # (gamma, lam, seed)
@@ -310,14 +320,6 @@ def test_sb3_errors_name_the_argument(sb3):
         buf.compute_returns_and_advantage(np.zeros(2), np.zeros(2, dtype=bool))
 
 
-def _sb3_dqn_targets(rewards, next_q, dones, discounts):
-    """The targets of SB3 2.x's DQN.train (stable_baselines3/dqn/dqn.py), verbatim but for the names."""
-    with torch.no_grad():
-        next_q_values, _ = next_q.max(dim=1)
-        next_q_values = next_q_values.reshape(-1, 1)
-        return rewards + (1 - dones) * discounts * next_q_values
-
-
 @pytest.mark.parametrize("per_sample", [False, True], ids=["gamma", "n-step discounts"])
 def test_sb3_dqn_targets_equal_sb3(sb3, per_sample):
     from rlkernels.integrations.sb3 import dqn_targets
@@ -373,25 +375,6 @@ def test_sb3_dqn_trains_as_sb3(sb3, monkeypatch, n_steps):
 # ====================================================================================================
 # CleanRL: compute_gae against the loop of ppo.py
 # ====================================================================================================
-
-
-def _cleanrl_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
-    """The GAE loop of CleanRL's ppo.py (cleanrl/ppo.py, "bootstrap value if not done"), verbatim but for the
-    argument names."""
-    num_steps = rewards.shape[0]
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = 0
-    for t in reversed(range(num_steps)):
-        if t == num_steps - 1:
-            nextnonterminal = 1.0 - next_done
-            nextvalues = next_value
-        else:
-            nextnonterminal = 1.0 - dones[t + 1]
-            nextvalues = values[t + 1]
-        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
-        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
-    returns = advantages + values
-    return advantages, returns
 
 
 def _cleanrl_inputs(T, N, seed, dtype):
@@ -464,18 +447,6 @@ def test_cleanrl_errors_name_the_argument():
         compute_gae(rewards.long(), values, dones, next_value, next_done, 0.99, 0.95)
 
 
-def _cleanrl_dqn(q_values, actions, next_q_values, rewards, dones, gamma):
-    """The update of CleanRL's dqn.py, verbatim but for the network calls (their outputs are the arguments)."""
-    import torch.nn.functional as F
-
-    with torch.no_grad():
-        target_max, _ = next_q_values.max(dim=1)
-        td_target = rewards.flatten() + gamma * target_max * (1 - dones.flatten())
-    old_val = q_values.gather(1, actions).squeeze()
-    loss = F.mse_loss(td_target, old_val)
-    return loss, old_val
-
-
 @pytest.mark.filterwarnings("ignore:Using a target size")  # B = 1: CleanRL's squeeze() leaves a 0-d old_val
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
 @pytest.mark.parametrize("B,A,seed", [(128, 2, 0), (37, 18, 1), (1, 4, 2)])
@@ -519,142 +490,8 @@ def test_cleanrl_dqn_loss_errors_name_the_argument():
 
 
 # ====================================================================================================
-# verl 0.9.1: transcribed from verl/trainer/ppo/core_algos.py and verl/utils/torch_functional.py
+# verl 0.9.1: core_algos.py and torch_functional.py, as transcribed in rlkernels/bench/trainers.py
 # ====================================================================================================
-
-
-def _masked_sum(values, mask, axis=None):
-    valid_values = torch.where(mask.bool(), values, 0.0)
-    return (valid_values * mask).sum(axis=axis)
-
-
-def _masked_mean(values, mask, axis=None):
-    s = _masked_sum(values, mask, axis)
-    return s / (mask.sum(axis=axis) + 1e-8)
-
-
-def _masked_whiten(values, mask):
-    mean = _masked_mean(values, mask)
-    variance = _masked_mean((values - mean) ** 2, mask)
-    mask_sum = mask.sum()
-    variance = variance * (mask_sum / (mask_sum - 1))
-    return (values - mean) * torch.rsqrt(variance + 1e-8)
-
-
-def _verl_gae(token_level_rewards, values, response_mask, gamma, lam):
-    with torch.no_grad():
-        nextvalues = 0
-        lastgaelam = 0
-        advantages_reversed = []
-        gen_len = token_level_rewards.shape[-1]
-        for t in reversed(range(gen_len)):
-            delta = token_level_rewards[:, t] + gamma * nextvalues - values[:, t]
-            lastgaelam_ = delta + gamma * lam * lastgaelam
-            nextvalues = values[:, t] * response_mask[:, t] + (1 - response_mask[:, t]) * nextvalues
-            lastgaelam = lastgaelam_ * response_mask[:, t] + (1 - response_mask[:, t]) * lastgaelam
-            advantages_reversed.append(lastgaelam)
-        advantages = torch.stack(advantages_reversed[::-1], dim=1)
-        returns = advantages + values
-        advantages = _masked_whiten(advantages, response_mask)
-    return advantages, returns
-
-
-def _verl_agg_loss(loss_mat, loss_mask, loss_agg_mode, dp_size=1, batch_num_tokens=None, global_batch_size=None,
-                   loss_scale_factor=None):
-    if loss_agg_mode == "token-mean":
-        if batch_num_tokens is None:
-            batch_num_tokens = loss_mask.sum()
-        loss = _masked_sum(loss_mat, loss_mask) / batch_num_tokens * dp_size
-    elif loss_agg_mode == "token-sum":
-        loss = _masked_sum(loss_mat, loss_mask) * dp_size
-    elif loss_agg_mode in ["seq-mean-token-sum", "seq-mean-token-sum-norm"]:
-        seq_losses = torch.sum(loss_mat * loss_mask, dim=-1)
-        seq_mask = (torch.sum(loss_mask, dim=-1) > 0).float()
-        if global_batch_size is None:
-            global_batch_size = seq_mask.sum()
-        loss = _masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size
-        if loss_agg_mode == "seq-mean-token-sum-norm":
-            if loss_scale_factor is None:
-                loss_scale_factor = loss_mask.shape[-1]
-            loss /= loss_scale_factor
-    elif loss_agg_mode == "seq-mean-token-mean":
-        seq_mask = torch.sum(loss_mask, dim=-1)
-        seq_losses = torch.sum(loss_mat * loss_mask, dim=-1) / (seq_mask + 1e-8)
-        seq_mask = (seq_mask > 0).float()
-        if global_batch_size is None:
-            global_batch_size = seq_mask.sum()
-        loss = _masked_sum(seq_losses, seq_mask) / global_batch_size * dp_size
-    else:
-        raise ValueError(loss_agg_mode)
-    return loss
-
-
-def _verl_policy_loss(old_log_prob, log_prob, advantages, response_mask, cliprange=None, cliprange_low=None,
-                      cliprange_high=None, clip_ratio_c=3.0, loss_agg_mode="token-mean"):
-    negative_approx_kl = log_prob - old_log_prob
-    negative_approx_kl = torch.clamp(negative_approx_kl, min=-20.0, max=20.0)
-    ratio = torch.exp(negative_approx_kl)
-    ppo_kl = _masked_mean(-negative_approx_kl, response_mask)
-    pg_losses1 = -advantages * ratio
-    if cliprange_low is None:
-        cliprange_low = cliprange
-    if cliprange_high is None:
-        cliprange_high = cliprange
-    pg_losses2 = -advantages * torch.clamp(ratio, 1 - cliprange_low, 1 + cliprange_high)
-    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
-    pg_clipfrac = _masked_mean(torch.gt(pg_losses2, pg_losses1).float(), response_mask)
-    pg_losses3 = -advantages * clip_ratio_c
-    clip_pg_losses2 = torch.min(pg_losses3, clip_pg_losses1)
-    pg_clipfrac_lower = _masked_mean(torch.gt(clip_pg_losses1, pg_losses3) * (advantages < 0).float(), response_mask)
-    pg_losses = torch.where(advantages < 0, clip_pg_losses2, clip_pg_losses1)
-    pg_loss = _verl_agg_loss(pg_losses, response_mask, loss_agg_mode)
-    return pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower
-
-
-def _verl_value_loss(vpreds, returns, values, response_mask, cliprange_value, loss_agg_mode="token-mean", **agg):
-    vpredclipped = torch.max(torch.min(vpreds, values + cliprange_value), values - cliprange_value)
-    vf_losses1 = (vpreds - returns) ** 2
-    vf_losses2 = (vpredclipped - returns) ** 2
-    clipped_vf_losses = torch.max(vf_losses1, vf_losses2)
-    vf_loss = 0.5 * _verl_agg_loss(clipped_vf_losses, response_mask, loss_agg_mode, **agg)
-    vf_clipfrac = _masked_mean(torch.gt(vf_losses2, vf_losses1).float(), response_mask)
-    return vf_loss, vf_clipfrac
-
-
-def _verl_kl_forward(logprob, ref_logprob, kl_penalty):
-    if kl_penalty in ("kl", "k1"):
-        return logprob - ref_logprob
-    if kl_penalty == "abs":
-        return (logprob - ref_logprob).abs()
-    if kl_penalty in ("mse", "k2"):
-        return 0.5 * (logprob - ref_logprob).square()
-    if kl_penalty in ("low_var_kl", "k3"):
-        kl = ref_logprob - logprob
-        kl = torch.clamp(kl, min=-20, max=20)
-        ratio = torch.exp(kl)
-        kld = (ratio - kl - 1).contiguous()
-        return torch.clamp(kld, min=-10, max=10)
-    raise NotImplementedError
-
-
-def _verl_kl_penalty(logprob, ref_logprob, kl_penalty):
-    base = kl_penalty.removesuffix("+")
-    forward_score = _verl_kl_forward(logprob, ref_logprob, base)
-    if not kl_penalty.endswith("+") or kl_penalty in ("mse", "k2"):
-        return forward_score
-    backward_score = 0.5 * (logprob - ref_logprob).square()
-    return backward_score - backward_score.detach() + forward_score.detach()
-
-
-def _verl_logprobs_from_logits_v2(logits, labels):
-    logits_labels = torch.gather(logits, dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
-    logsumexp_values = torch.stack([torch.logsumexp(logit, dim=-1) for logit in logits])
-    return logits_labels - logsumexp_values
-
-
-def _verl_entropy_from_logits(logits):
-    pd = torch.nn.functional.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)
 
 
 @pytest.fixture(scope="module")

@@ -272,22 +272,12 @@ def test_gae_vs_stable_baselines3():
     close(R, buf.returns, rtol=1e-5, atol=1e-5)
 
 
-def _verl_gae(token_level_rewards, values, response_mask, gamma, lam):
-    """verl's compute_gae_advantage_return (without the final whitening), as in its source."""
-    nextvalues = 0
-    lastgaelam = 0
-    advantages_reversed = []
-    gen_len = token_level_rewards.shape[-1]
-    for t in reversed(range(gen_len)):
-        delta = token_level_rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam_ = delta + gamma * lam * lastgaelam
-        # skip values and TD-error on observation tokens
-        nextvalues = values[:, t] * response_mask[:, t] + (1 - response_mask[:, t]) * nextvalues
-        lastgaelam = lastgaelam_ * response_mask[:, t] + (1 - response_mask[:, t]) * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    returns = advantages + values
-    return advantages, returns
+# verl's compute_gae_advantage_return without its whitening, from the trainers' transcriptions (by path too)
+_TRAINERS = _PATH.parent / "bench" / "trainers.py"
+_spec = importlib.util.spec_from_file_location("rlkernels_trainers_under_test", _TRAINERS)
+_trainers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_trainers)
+_verl_gae = _trainers.verl_gae
 
 
 def test_gae_mask_vs_verl_loop():

@@ -38,6 +38,7 @@ from hypothesis import strategies as st
 
 import rlkernels
 from rlkernels import reference
+from rlkernels.bench.trainers import verl_gae as _verl_gae
 
 F64 = torch.float64
 SCAN_OPS = ("discounted_returns", "gae", "vtrace")
@@ -627,20 +628,6 @@ def test_gae_mask_by_hand():
     adv, ret = rlkernels.gae(r, v, gamma=0.5, lam=0.5, bootstrap_value=4.0, mask=m)
     assert_close(adv, [1.75, 0.0, 1.0])
     assert_close(ret, [2.25, 0.0, 3.0])
-
-
-def _verl_gae(rewards, values, mask, gamma, lam):
-    """verl's compute_gae_advantage_return (before whitening), transcribed."""
-    nextvalues, lastgaelam = 0, 0
-    advantages_reversed = []
-    for t in reversed(range(rewards.shape[-1])):
-        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
-        lastgaelam_ = delta + gamma * lam * lastgaelam
-        nextvalues = values[:, t] * mask[:, t] + (1 - mask[:, t]) * nextvalues
-        lastgaelam = lastgaelam_ * mask[:, t] + (1 - mask[:, t]) * lastgaelam
-        advantages_reversed.append(lastgaelam)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    return advantages, advantages + values
 
 
 def test_gae_mask_is_verl_semantics():

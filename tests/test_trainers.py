@@ -14,6 +14,7 @@ import torch
 from conftest import assert_close
 
 import rlkernels
+from rlkernels.bench.trainers import cleanrl_gae as _cleanrl_gae
 
 F64 = torch.float64
 # TorchRL forms its discount factors as `gamma * (~done).int()`, an int tensor times a Python float, which
@@ -249,24 +250,6 @@ def test_gae_vs_stable_baselines3(gamma, lam, seed):
 # ====================================================================================================
 # CleanRL ppo.py
 # ====================================================================================================
-
-
-def _cleanrl_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
-    """The GAE loop of CleanRL's ppo.py, verbatim but for the argument names."""
-    num_steps = rewards.shape[0]
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = 0
-    for t in reversed(range(num_steps)):
-        if t == num_steps - 1:
-            nextnonterminal = 1.0 - next_done
-            nextvalues = next_value
-        else:
-            nextnonterminal = 1.0 - dones[t + 1]
-            nextvalues = values[t + 1]
-        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
-        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
-    returns = advantages + values
-    return advantages, returns
 
 
 @pytest.mark.parametrize("gamma,lam,seed", CONFIGS)

@@ -1,16 +1,27 @@
 """rlkernels-bench: times rlkernels' kernels against the code trainers run today, on this machine.
 
-    rlkernels-bench [--device cpu|cuda] [--quick] [--sizes] [--csv PATH] [--skip-baselines scipy,torchrl]
-    python -m rlkernels.bench ...        (the same; python -m benchmarks.run in a checkout)
+    rlkernels-bench [--device cpu|cuda] [--ops OP|FAMILY,...] [--quick] [--sizes] [--cache data|llc|warm]
+                    [--csv PATH | --results-dir DIR] [--skip-baselines scipy,torchrl] [--no-compile]
+    python -m rlkernels.bench ...        (the same)
 
-Ops: GAE ([T, B] with terminations, one long sequence, and token-level [B, T] with a mask), discounted
-returns, gather_logprobs (forward, logits [N, V]) and the PPO policy loss (forward with its statistics).
-For each op and shape: every rlkernels backend built for the device and the baselines users run
-today (rlkernels/bench/baselines.py), each timed with cold data (its inputs evicted from the caches) in this one run; GB/s from the bytes the op
-must move (the same for every provider of a row), its percent of the measured copy bandwidth,
-and the speedup of the fastest rlkernels backend over each provider (ratio of medians). rlkernels'
-output is checked against the first baseline (the CleanRL or verl loop, torch's log_softmax + gather, verl's
-eager loss) on the same input before it is timed.
+Every op family (rlkernels/bench/cases.py):
+  returns   GAE ([T, B] with terminations, one long sequence, token-level [B, T] with a mask), discounted
+            returns, V-trace; against the CleanRL, SB3, verl and TorchBeast loops, SpinningUp's lfilter,
+            TorchRL's vectorized estimators, and torch.compile of the CleanRL loop
+  logprobs  gather_logprobs (forward, with entropy, forward + backward) on logits [N, V]; against
+            log_softmax + gather (and its torch.compile), TRL's selective_log_softmax, verl's entropy
+  ppo       ppo_policy_loss (forward with its statistics, forward + backward) and value_loss (forward +
+            backward) on [B, T] with a mask; against verl's eager losses and their torch.compile
+  bellman   q_targets (max, double, expected, soft) and td_loss (forward + backward) on a batch of
+            transitions, bellman_backup and value_iteration on a batch of MDPs; against the eager torch code
+            and its torch.compile. The sample-based ops are timed in the run's cache state and warm (a replay
+            batch is often the output of the network just before), and again at B=128 (a replay batch as
+            trainers sample it) warm only.
+For each case: every rlkernels backend built for the device and every baseline, timed by one timer in this
+one run with cold data by default (--cache: each provider's inputs evicted from the caches before each call);
+GB/s from the bytes the op must move (the same for every provider of a case), its percent of the measured
+copy bandwidth, and the speedup of the fastest rlkernels backend over each provider (ratio of medians).
+rlkernels' output is checked against the case's first baseline on the same input before it is timed.
 
 Prints a table, and writes a CSV with a markdown table and a plot (PNG) next to it. ``--sizes`` sweeps a
 few sizes per op and layout instead of the fixed shapes and plots GB/s against size, one line per
@@ -21,14 +32,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import sys
 from pathlib import Path
 
 import torch
 
-from rlkernels.bench import baselines, common
-from rlkernels.bench.common import Case, check, make_case
+from rlkernels.bench import baselines, cases, common, engine
 
 try:
     from rich.console import Console
@@ -38,104 +47,9 @@ try:
 except ImportError:  # pragma: no cover  (rich comes with the bench extra)
     Console = None
 
-CSV_FIELDS = ["device", "commit", "date", "op", "shape", "series", "numel", "dtype", "provider", "median_s"]
-CSV_FIELDS += ["q20_s", "q80_s", "runs", "gbps", "pct_copy_bw", "speedup_vs", "note"]
-OPS = ["gae", "gae-masked", "discounted_returns", "gather_logprobs", "ppo_policy_loss"]
-MAX_COMPILED_STEPS = 10_000  # torch.compile unrolls the Python loop over T: past this it cannot finish
-
-
-def run_case(case: Case, device: str, args, status) -> tuple[list[dict], list[str]]:
-    """Times every provider of one case; returns its rows and the failed checks."""
-    rows, failures = [], []
-
-    def add(provider, timing=None, note=""):
-        rows.append(
-            {"op": case.op, "shape": case.shape, "provider": provider, "timing": timing, "note": note}
-        )
-
-    def measure(fn):
-        flush = common.flusher_for(args.cache, device, fn, case.reads)
-        return common.measure(fn, device, flush=flush, **args.runs)
-
-    reference, *others = case.baselines
-    timing, out = measure(reference.call)
-    ref = reference.to_torch(out)
-    add(reference.name, timing, reference.note)
-
-    if case.rlkernels is not None:
-        for backend in args.backends:
-            status(f"{case.op} {case.shape}: rlkernels[{backend}]")
-            try:
-                failure = check(case.rlkernels(backend), ref, f"rlkernels[{backend}] vs {reference.name}")
-            except Exception as exc:  # noqa: BLE001  (an op not written yet is a row, not a crash)
-                add(f"rlkernels[{backend}]", note=f"not run: {type(exc).__name__}: {exc}"[:160])
-                continue
-            if failure:
-                failures.append(f"{case.op} {case.shape}: {failure}")
-                add(f"rlkernels[{backend}]", note="WRONG OUTPUT, not timed")
-                continue
-            add(f"rlkernels[{backend}]", measure(functools.partial(case.rlkernels, backend))[0])
-
-    for provider in others:
-        if provider.call is None:  # a baseline whose package is missing
-            add(provider.name, note=provider.note)
-            continue
-        status(f"{case.op} {case.shape}: {provider.name}")
-        timing, out = measure(provider.call)
-        if provider.comparable:
-            failure = check(provider.to_torch(out), ref, f"baseline {provider.name} vs {reference.name}")
-            if failure:  # a baseline that disagrees is a bug in baselines.py: say so loudly
-                failures.append(f"{case.op} {case.shape}: {failure}")
-        add(provider.name, timing, provider.note)
-    if reference.name == "cleanrl loop" and not args.sizes:  # the time-major loop torch.compile may take
-        status(f"{case.op} {case.shape}: torch.compile(cleanrl loop) (compile <= 120 s)")
-        timing, out, note = time_compiled(case, device, args)
-        failure = check(out, ref, "torch.compile(cleanrl loop)") if timing else ""
-        if failure:
-            failures.append(f"{case.op} {case.shape}: {failure}")
-        add("torch.compile(cleanrl loop)", timing, note)
-    return rows, failures
-
-
-def time_compiled(case: Case, device: str, args):
-    """(timing, output, note) of torch.compile of the CleanRL loop, or (None, None, why not)."""
-    if not args.compile:
-        return None, None, f"not run ({args.no_compile_why})"
-    if case.steps > MAX_COMPILED_STEPS:
-        return None, None, f"not run: the loop would unroll over T={case.steps:,}"
-    return common.measure_compiled(case.kind, case.dims, device, timeout_s=120.0, cache=args.cache, **args.runs)
-
-
-def finish_rows(
-    rows: list[dict], nbytes: int, copy_gbps: float, meta: dict, dtype: str, series: str = "", numel=None
-) -> list[dict]:
-    """Adds GB/s, % of copy bandwidth and speedups (the fastest rlkernels backend over each provider)."""
-    rlk = [r["timing"].median_s for r in rows if r["provider"].startswith("rlkernels") and r["timing"]]
-    best = min(rlk) if rlk else None
-    out = []
-    for r in rows:
-        t = r["timing"]
-        gbps = nbytes / t.median_s / 1e9 if t else None
-        out.append(
-            {
-                **meta,
-                "op": r["op"],
-                "shape": r["shape"],
-                "series": series,
-                "numel": numel,
-                "dtype": dtype,
-                "provider": r["provider"],
-                "median_s": t and t.median_s,
-                "q20_s": t and t.q20_s,
-                "q80_s": t and t.q80_s,
-                "runs": t and t.runs,
-                "gbps": gbps,
-                "pct_copy_bw": gbps and 100 * gbps / copy_gbps,
-                "speedup_vs": t and best and t.median_s / best,
-                "note": " ".join(filter(None, [r["note"], "(1 run)" if t and t.runs == 1 else ""])),
-            }
-        )
-    return out
+CSV_FIELDS = ["device", "commit", "date", "op", "shape", "series", "numel", "dtype", "cache", "provider"]
+CSV_FIELDS += ["median_s", "q20_s", "q80_s", "runs", "gbps", "pct_copy_bw", "speedup_vs", "note"]
+DEFAULT_RESULTS = Path("rlkernels-bench-results")
 
 
 def fmt_time(s: float) -> str:
@@ -151,6 +65,7 @@ def display_rows(results: list[dict]) -> list[list[str]]:
         [
             r["op"],
             r["shape"],
+            r["cache"],
             r["provider"],
             fmt_time(r["median_s"]) if r["median_s"] else dash,
             f"{r['gbps']:.3g}" if r["gbps"] else dash,
@@ -164,7 +79,15 @@ def display_rows(results: list[dict]) -> list[list[str]]:
     ]
 
 
-HEADERS = ["op", "shape", "provider", "median", "GB/s", "% copy BW", "rlkernels speedup", "note"]
+HEADERS = ["op", "shape", "cache", "provider", "median", "GB/s", "% copy BW", "rlkernels speedup", "note"]
+
+
+def write_csv(path: Path, results: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS} for r in results)
 
 
 def write_markdown(path: Path, title: str, results: list[dict], conditions: str = "") -> None:
@@ -175,13 +98,11 @@ def write_markdown(path: Path, title: str, results: list[dict], conditions: str 
     path.write_text("\n".join(lines) + "\n")
 
 
-def default_csv(device_name: str, date: str, sizes: bool, results_dir: Path | None) -> Path:
-    directory = results_dir or Path.cwd() / "rlkernels-bench-results"
-    return directory / f"{common.slug(device_name)}-{date}{'-sizes' if sizes else ''}.csv"
+def default_csv(device_name: str, date: str, sizes: bool, results_dir: Path) -> Path:
+    return results_dir / f"{common.slug(device_name)}-{date}{'-sizes' if sizes else ''}.csv"
 
 
-def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None) -> int:
-    """The command line; ``results_dir`` is where the CSV goes by default (./rlkernels-bench-results)."""
+def main(argv=None, *, prog: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
@@ -197,17 +118,24 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
     parser.add_argument(
         "--csv",
         type=Path,
-        help=f"CSV path (default {results_dir or './rlkernels-bench-results'}/<device>-<date>[-sizes].csv; "
-        "--quick writes none unless given); the markdown table and the PNG plot go next to it",
+        help="CSV path (default <results-dir>/<device>-<date>[-sizes].csv; --quick writes none unless given); "
+        "the markdown table and the PNG plot go next to it",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=DEFAULT_RESULTS,
+        help=f"where the default-named CSV goes (default ./{DEFAULT_RESULTS}; scripts/bench.sh: benchmarks/results)",
     )
     parser.add_argument(
         "--ops",
         default="",
         metavar="OP,...",
-        help=f"only these ops: {', '.join(OPS)} (gae-masked: token-level GAE on [B, T])",
+        help=f"only these ops or families, in this order: {', '.join(cases.FAMILIES)} or "
+        f"{', '.join(cases.KINDS)} (gae-masked: token-level GAE on [B, T])",
     )
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
-    parser.add_argument("--no-compile", action="store_true", help="do not time torch.compile of the loops")
+    parser.add_argument("--no-compile", action="store_true", help="do not time the torch.compile baselines")
     parser.add_argument(
         "--skip-baselines",
         default="",
@@ -231,60 +159,69 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
     baselines.DISABLED.update(p.strip() for p in args.skip_baselines.split(",") if p.strip())
-    args.runs = {"budget_s": 0.1, "min_runs": 3, "max_runs": 10} if args.quick else {"budget_s": 1.0}
-    args.compile = not (args.quick or args.sizes or args.no_compile)
-    args.no_compile_why = "--quick" if args.quick else "--sizes" if args.sizes else "--no-compile"
-    table_of = common.SIZES if args.sizes else common.SHAPES
+    ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    unknown = set(ops) - set(cases.FAMILIES) - set(cases.KINDS)
+    if unknown:
+        parser.error(f"--ops: unknown {sorted(unknown)}; choose from {', '.join([*cases.FAMILIES, *cases.KINDS])}")
+    table_of = cases.SIZES if args.sizes else cases.SHAPES
     full = "cuda" if device == "cuda" and not args.sizes else "full"
-    shapes = table_of["quick" if args.quick else full]
-    if args.ops:
-        ops = {op.strip() for op in args.ops.split(",") if op.strip()}
-        unknown = ops - {kind for kind, _ in shapes}
-        if unknown:
-            parser.error(f"--ops: unknown {sorted(unknown)}; choose from {', '.join(OPS)}")
-        shapes = [(kind, shape) for kind, shape in shapes if kind in ops]
+    todo = cases.entries(table_of, "quick" if args.quick else full, ops)
+    if not todo:
+        parser.error(f"--ops {args.ops}: no {'size sweep' if args.sizes else 'shape'} of these ops")
+
     console = Console()
     if not console.is_terminal:  # logs and CI: do not wrap the table at 80 columns
-        console = Console(width=160)
-
+        console = Console(width=180)
     rlk, why = common.import_rlkernels()
-    args.backends = common.rlkernels_backends(rlk, device) if rlk else []
+    backends = common.rlkernels_backends(rlk, device) if rlk else []
     if rlk is None:
         console.print(f"[bold yellow]rlkernels does not import ({why}); timing the baselines alone.[/]")
-    elif not args.backends:
+    elif not backends:
         console.print(
             f"[bold yellow]rlkernels has no {device} backend built "
             f"(available: {rlk.available_backends()}); timing the baselines alone.[/]"
         )
+    settings = engine.Settings(
+        device=device,
+        backends=backends,
+        cache=args.cache,
+        runs={"budget_s": 0.1, "min_runs": 3, "max_runs": 10} if args.quick else {"budget_s": 1.0},
+        quick=args.quick,
+        compile=not (args.quick or args.sizes or args.no_compile),
+        no_compile_why="--quick" if args.quick else "--no-compile",
+        sizes=args.sizes,
+    )
+    if settings.compile:
+        engine.one_compile_thread()
 
     name = common.device_name(device)
     meta = {"device": name, "commit": common.git_commit(), "date": common.today()}
     copy_gbps, copy_timing = common.copy_bandwidth(device, runs=5 if args.quick else 20)
-    copy_row = {"op": "copy", "shape": "[67108864]", "provider": "tensor.copy_", "timing": copy_timing}
-    results = finish_rows(
-        [{**copy_row, "note": "256 MiB, read + write"}], 2 * 2**28, copy_gbps, meta, "float32"
-    )
+    copy_row = {"op": "copy", "shape": "[67108864]", "provider": "tensor.copy_", "timing": copy_timing,
+                "note": "256 MiB, read + write"}
+    results = engine.finish_rows([copy_row], 2 * 2**28, copy_gbps, meta, cache="warm")
+    csv_path = args.csv or (None if args.quick else default_csv(name, meta["date"], args.sizes, args.results_dir))
     failures = []
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("", total=len(shapes))
+        task = progress.add_task("", total=len(todo))
 
         def status(description: str) -> None:
             progress.update(task, description=description)
             if not console.is_terminal:  # rich draws no progress bar into a log: say it in lines
                 console.print(
-                    f"{progress.tasks[0].completed}/{len(shapes)} {description}",
-                    markup=False,
-                    highlight=False,
+                    f"{progress.tasks[0].completed}/{len(todo)} {description}", markup=False, highlight=False
                 )
 
-        for kind, shape in shapes:
-            status(f"{kind} {shape}: inputs")
-            case = make_case(kind, shape, device, rlk if args.backends else None, numpy=device == "cpu")
-            rows, bad = run_case(case, device, args, status)
+        for kind, dims, caches in todo:
+            status(f"{kind} {list(dims)}: inputs")
+            groups, bad = engine.run_entry(kind, dims, caches, rlk if backends else None, settings, status)
             failures += bad
-            series = common.series_label(kind, shape, args.sizes)
-            nbytes = common.bytes_moved(case.reads, case.writes)
-            results += finish_rows(rows, nbytes, copy_gbps, meta, "float32", series, shape[0] * shape[1])
+            for case, cache, rows in groups:
+                series = case.series if args.sizes else ""
+                results += engine.finish_rows(rows, engine.case_bytes(case), copy_gbps, meta, cache=cache,
+                                              series=series, numel=case.numel)
+            if csv_path:  # rewritten after each shape: a run stopped early keeps what it measured
+                write_csv(csv_path, results)
             progress.advance(task)
 
     what = "size sweep" if args.sizes else "benchmarks"
@@ -293,21 +230,17 @@ def main(argv=None, *, results_dir: Path | None = None, prog: str | None = None)
     for cells in display_rows(results):
         table.add_row(*map(escape, cells))  # "rlkernels[cpu]" is not rich markup
     console.print(table)
+    states = dict.fromkeys(r["cache"] for r in results[1:])
     conditions = (
-        f"copy bandwidth {copy_gbps:.1f} GB/s; fp32; gamma={common.GAMMA}, lambda={common.LAM}; "
-        "speedup = provider median / fastest rlkernels median, same run; "
-        + common.CACHE_TEXT[args.cache]
+        f"copy bandwidth {copy_gbps:.1f} GB/s; fp32; gamma={cases.GAMMA}, lambda={cases.LAM}; "
+        "speedup = provider median / fastest rlkernels median, same run and cache state; cache: "
+        + "; ".join(f"{state} = {common.CACHE_TEXT[state]}" for state in states)
         + "."
     )
     console.print(conditions, markup=False, highlight=False)
 
-    csv_path = args.csv or (None if args.quick else default_csv(name, meta["date"], args.sizes, results_dir))
     if csv_path:
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        with csv_path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, CSV_FIELDS)
-            writer.writeheader()
-            writer.writerows({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS} for r in results)
+        write_csv(csv_path, results)
         write_markdown(csv_path.with_suffix(".md"), title, results, conditions)
         written = [csv_path, csv_path.with_suffix(".md")]
         if not args.no_plot:

@@ -1,20 +1,22 @@
-"""The code users run today for returns and GAE, each as close to its source as a function allows.
+"""The baselines of every benchmark case: the code trainers run today, adapted to one benchmark input.
 
-Each ``*_gae`` / ``*_returns`` function below is the original algorithm in its original conventions
-(argument names and flag encodings as in the project it comes from). The ``*_providers``
-functions adapt one benchmark input to those conventions *outside* the timed region and return
-zero-argument callables: only the call is timed, as a user would pay for it inside their trainer.
+The trainers' functions themselves are in trainers.py (one transcription each, shared with the tests). The
+``*_providers`` functions below map one input to a trainer's conventions *outside* the timed region and return
+zero-argument callables: only the call is timed, as a user would pay for it inside their trainer. The first
+provider of a list is the reference every rlkernels backend and every comparable baseline is checked against.
 
 Conventions, mapped to rlkernels (docs/design.md §4.2, ``terminated[t]``: s_{t+1} is terminal):
 - SB3 ``episode_starts[t]`` and CleanRL ``dones[t]`` mark obs t as the first of a new episode, so
   ``dones[t + 1] == terminated[t]``; ``next_done`` / ``dones`` of the final step is ``terminated[T - 1]``.
 - TorchRL wants ``[*B, T, 1]`` tensors (time on dim -2) with ``next_state_value`` spelled out.
 - verl works on ``[B, T]`` with a 0/1 ``response_mask`` and no bootstrap (the value after the end is 0).
-- spinningup's lfilter discount_cumsum has no episode boundaries (one path at a time).
+- TorchBeast's V-trace takes per-step discounts (gamma, 0 after a terminal step) and has no lambda.
+- SpinningUp's lfilter discount_cumsum has no episode boundaries (one path at a time).
 
-The SB3, CleanRL and verl algorithms are copied here (NumPy and torch only). The baselines that call a
-third-party package (scipy's lfilter, TorchRL's vectorized estimators) are optional: when the package is
-missing the provider is still listed, with ``call=None`` and a note saying what to install.
+Baselines that call a third-party package (scipy's lfilter, TorchRL's vectorized estimators) are optional:
+when the package is missing the provider is still listed, with ``call=None`` and a note saying what to install.
+A provider with ````compile`` set is also timed as ``torch.compile`` of its call, or is itself compiled code (see
+Provider and engine.py).
 """
 
 from __future__ import annotations
@@ -25,122 +27,29 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-# --------------------------------------------------------------------------------------------
-# The algorithms, as their projects write them.
-# --------------------------------------------------------------------------------------------
-
-
-def sb3_compute_returns_and_advantage(rewards, values, episode_starts, last_values, dones, gamma, gae_lambda):
-    """stable_baselines3.common.buffers.RolloutBuffer.compute_returns_and_advantage (NumPy, float32)."""
-    advantages = np.zeros_like(rewards)
-    last_gae_lam = 0
-    buffer_size = rewards.shape[0]
-    for step in reversed(range(buffer_size)):
-        if step == buffer_size - 1:
-            next_non_terminal = 1.0 - dones.astype(np.float32)
-            next_values = last_values
-        else:
-            next_non_terminal = 1.0 - episode_starts[step + 1]
-            next_values = values[step + 1]
-        delta = rewards[step] + gamma * next_values * next_non_terminal - values[step]
-        last_gae_lam = delta + gamma * gae_lambda * next_non_terminal * last_gae_lam
-        advantages[step] = last_gae_lam
-    returns = advantages + values
-    return advantages, returns
-
-
-def discount_cumsum(x, discount):
-    """rllab / spinningup ``core.discount_cumsum``: y_t = sum_k discount^k x_{t+k}, along axis 0."""
-    import scipy.signal  # optional: the provider is skipped without scipy
-
-    return scipy.signal.lfilter([1], [1, float(-discount)], x[::-1], axis=0)[::-1]
-
-
-def spinningup_gae(rewards, values, last_value, gamma, lam):
-    """spinningup's ``finish_path`` GAE-lambda, vectorized over envs on axis 1; no episode boundaries."""
-    next_values = np.concatenate([values[1:], last_value[None]], axis=0)
-    deltas = rewards + gamma * next_values - values
-    advantages = discount_cumsum(deltas, gamma * lam)
-    return advantages, advantages + values
-
-
-def cleanrl_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda):
-    """CleanRL ppo.py (torch, [T, B]): the GAE loop of the training step."""
-    num_steps = rewards.shape[0]
-    advantages = torch.zeros_like(rewards)
-    lastgaelam = 0
-    for t in reversed(range(num_steps)):
-        if t == num_steps - 1:
-            nextnonterminal = 1.0 - next_done
-            nextvalues = next_value
-        else:
-            nextnonterminal = 1.0 - dones[t + 1]
-            nextvalues = values[t + 1]
-        delta = rewards[t] + gamma * nextvalues * nextnonterminal - values[t]
-        advantages[t] = lastgaelam = delta + gamma * gae_lambda * nextnonterminal * lastgaelam
-    returns = advantages + values
-    return advantages, returns
-
-
-def cleanrl_returns(rewards, dones, next_value, next_done, gamma):
-    """CleanRL ppo.py's ``--gae False`` branch (torch, [T, B]): bootstrapped discounted returns."""
-    num_steps = rewards.shape[0]
-    returns = torch.zeros_like(rewards)
-    for t in reversed(range(num_steps)):
-        if t == num_steps - 1:
-            nextnonterminal = 1.0 - next_done
-            next_return = next_value
-        else:
-            nextnonterminal = 1.0 - dones[t + 1]
-            next_return = returns[t + 1]
-        returns[t] = rewards[t] + gamma * nextnonterminal * next_return
-    return returns
-
-
-def verl_gae(token_level_rewards, values, response_mask, gamma, lam):
-    """verl ``core_algos.compute_gae_advantage_return`` ([B, T]), without its final masked_whiten."""
-    with torch.no_grad():
-        nextvalues = 0
-        lastgaelam = 0
-        advantages_reversed = []
-        gen_len = token_level_rewards.shape[-1]
-        for t in reversed(range(gen_len)):
-            delta = token_level_rewards[:, t] + gamma * nextvalues - values[:, t]
-            lastgaelam_ = delta + gamma * lam * lastgaelam
-            nextvalues = values[:, t] * response_mask[:, t] + (1 - response_mask[:, t]) * nextvalues
-            lastgaelam = lastgaelam_ * response_mask[:, t] + (1 - response_mask[:, t]) * lastgaelam
-            advantages_reversed.append(lastgaelam)
-        advantages = torch.stack(advantages_reversed[::-1], dim=1)
-        returns = advantages + values
-    return advantages, returns
-
-
-def _torchrl_functional():
-    from torchrl.objectives.value import functional  # imported late: torchrl is slow to import
-
-    return functional
-
-
-# --------------------------------------------------------------------------------------------
-# Adapters: benchmark input -> zero-argument callables.
-# --------------------------------------------------------------------------------------------
+from . import trainers
 
 
 @dataclass
 class Provider:
-    """One baseline on one input: ``call()`` is timed; ``to_torch(out)`` maps its result to the
-    benchmark layout for checking (untimed). ``note`` says where its semantics differ."""
+    """One baseline on one input: ``call()`` is timed; ``to_torch(out)`` maps its result to the outputs
+    compared (untimed). ``note`` says where its semantics differ. ``compile``: "" (no compiled variant),
+    "inline" (also timed as torch.compile of ``call``, compiled in this process), "child" (the same for a
+    Python loop over T, which torch.compile unrolls: compiled in a child process killed past a timeout), or
+    "self" (``call`` is compiled code that compiles on its first call: run once untimed first, and not run
+    when compiling is off)."""
 
     name: str
     call: Callable[[], object] | None  # None: skipped, ``note`` says why
     to_torch: Callable[[object], object] = lambda out: out
     note: str = ""
     comparable: bool = True  # same semantics as rlkernels on this input
+    compile: str = ""
 
 
 TORCHRL_NOTE = "inputs made [B, T, 1] before timing"
-
 
 DISABLED: set[str] = set()  # packages whose baselines are left out as if missing (--skip-baselines)
 
@@ -156,6 +65,12 @@ def missing(package: str) -> str | None:
 
 def _skipped(name: str, package: str) -> Provider:
     return Provider(name, None, note=missing(package), comparable=False)
+
+
+def _torchrl_functional():
+    from torchrl.objectives.value import functional  # imported late: torchrl is slow to import
+
+    return functional
 
 
 def _torchrl_layout(x: torch.Tensor) -> torch.Tensor:
@@ -176,6 +91,11 @@ def _numpy_pair(out, device):
     )
 
 
+# --------------------------------------------------------------------------------------------------------
+# returns: GAE, discounted returns, V-trace
+# --------------------------------------------------------------------------------------------------------
+
+
 def gae_providers(rewards, values, terminated, bootstrap_value, gamma, lam, *, numpy=True) -> list[Provider]:
     """Baselines for time-major GAE on ``[T, B]`` with per-step ``terminated`` flags."""
     device = rewards.device
@@ -183,7 +103,8 @@ def gae_providers(rewards, values, terminated, bootstrap_value, gamma, lam, *, n
     providers = [
         Provider(
             "cleanrl loop",
-            lambda: cleanrl_gae(rewards, values, dones, bootstrap_value, next_done, gamma, lam),
+            lambda: trainers.cleanrl_gae(rewards, values, dones, bootstrap_value, next_done, gamma, lam),
+            compile="child",
         )
     ]
     if numpy:
@@ -193,12 +114,12 @@ def gae_providers(rewards, values, terminated, bootstrap_value, gamma, lam, *, n
         providers += [
             Provider(
                 "sb3 numpy loop",
-                lambda: sb3_compute_returns_and_advantage(r, v, starts, last_v, last_done, gamma, lam),
+                lambda: trainers.sb3_compute_returns_and_advantage(r, v, starts, last_v, last_done, gamma, lam),
                 lambda out: _numpy_pair(out, device),
             ),
             Provider(
                 "scipy lfilter",
-                lambda: spinningup_gae(r, v, last_v, gamma, lam),
+                lambda: trainers.spinningup_gae(r, v, last_v, gamma, lam),
                 lambda out: _numpy_pair(out, device),
                 note="ignores terminated (spinningup: one episode per path)",
                 comparable=False,
@@ -208,13 +129,13 @@ def gae_providers(rewards, values, terminated, bootstrap_value, gamma, lam, *, n
         ]
     if missing("torchrl"):
         return [*providers, _skipped("torchrl vec_gae", "torchrl")]
-    F = _torchrl_functional()
+    fn = _torchrl_functional()
     next_values = torch.cat([values[1:], bootstrap_value[None]])
     tv, tnv, tr, tterm = map(_torchrl_layout, (values, next_values, rewards, terminated))
     providers.append(
         Provider(
             "torchrl vec_gae",
-            lambda: F.vec_generalized_advantage_estimate(gamma, lam, tv, tnv, tr, tterm, tterm),
+            lambda: fn.vec_generalized_advantage_estimate(gamma, lam, tv, tnv, tr, tterm, tterm),
             lambda out: tuple(x.squeeze(-1).transpose(0, 1) for x in out),
             note=TORCHRL_NOTE,
         )
@@ -227,7 +148,11 @@ def returns_providers(rewards, terminated, bootstrap_value, gamma, *, numpy=True
     device = rewards.device
     dones, next_done = _cleanrl_flags(terminated, rewards.dtype)
     providers = [
-        Provider("cleanrl loop", lambda: cleanrl_returns(rewards, dones, bootstrap_value, next_done, gamma))
+        Provider(
+            "cleanrl loop",
+            lambda: trainers.cleanrl_returns(rewards, dones, bootstrap_value, next_done, gamma),
+            compile="child",
+        )
     ]
     if numpy and missing("scipy"):
         providers.append(_skipped("scipy lfilter", "scipy"))
@@ -236,7 +161,7 @@ def returns_providers(rewards, terminated, bootstrap_value, gamma, *, numpy=True
         providers.append(
             Provider(
                 "scipy lfilter",
-                lambda: discount_cumsum(r, gamma),
+                lambda: trainers.spinningup_discount_cumsum(r, gamma),
                 lambda out: torch.from_numpy(out.copy()).to(device=device, dtype=torch.float32),
                 note="ignores terminated and bootstrap",
                 comparable=False,
@@ -244,13 +169,13 @@ def returns_providers(rewards, terminated, bootstrap_value, gamma, *, numpy=True
         )
     if missing("torchrl"):
         return [*providers, _skipped("torchrl vec_td1", "torchrl")]
-    F = _torchrl_functional()
+    fn = _torchrl_functional()
     next_values = torch.cat([torch.zeros_like(rewards[1:]), bootstrap_value[None]])  # read at done/end only
     tr, tterm, tnv = map(_torchrl_layout, (rewards, terminated, next_values))
     providers.append(
         Provider(
             "torchrl vec_td1",
-            lambda: F.vec_td1_return_estimate(gamma, tnv, tr, tterm, tterm),
+            lambda: fn.vec_td1_return_estimate(gamma, tnv, tr, tterm, tterm),
             lambda out: out.squeeze(-1).transpose(0, 1),
             note=TORCHRL_NOTE,
         )
@@ -265,59 +190,192 @@ def masked_gae_providers(rewards, values, mask, gamma, lam) -> list[Provider]:
     return [
         Provider(
             "verl loop",
-            lambda: verl_gae(rewards, values, fmask, gamma, lam),
+            lambda: trainers.verl_gae(rewards, values, fmask, gamma, lam),
             lambda out: tuple(x * fmask for x in out),
         )
     ]
 
 
-# --------------------------------------------------------------------------------------------
-# LLM RL: log-probs of the sampled tokens and the PPO policy loss.
-# --------------------------------------------------------------------------------------------
+def vtrace_providers(rewards, values, log_rhos, terminated, bootstrap_value, gamma) -> list[Provider]:
+    """Baselines for time-major V-trace on ``[T, B]`` (lambda = 1, every clip 1)."""
+    discounts = gamma * (~terminated).to(rewards.dtype)
+    providers = [
+        Provider(
+            "torchbeast loop",
+            lambda: trainers.torchbeast_vtrace(log_rhos, discounts, rewards, values, bootstrap_value),
+        )
+    ]
+    if missing("torchrl"):
+        return [*providers, _skipped("torchrl vtrace", "torchrl")]
+    fn = _torchrl_functional()
+    next_values = torch.cat([values[1:], bootstrap_value[None]])
+    tv, tnv, tr, tterm, tlr = map(_torchrl_layout, (values, next_values, rewards, terminated, log_rhos))
+    zeros = torch.zeros_like(tlr)  # log_mu: TorchRL forms rho = exp(log_pi - log_mu)
+    providers.append(
+        Provider(
+            "torchrl vtrace",
+            lambda: fn.vtrace_advantage_estimate(gamma, tlr, zeros, tv, tnv, tr, tterm, tterm),
+            lambda out: (out[1].squeeze(-1).transpose(0, 1), out[0].squeeze(-1).transpose(0, 1)),
+            note=TORCHRL_NOTE,
+        )
+    )
+    return providers
+
+
+# --------------------------------------------------------------------------------------------------------
+# logprobs: log-probabilities of the sampled tokens
+# --------------------------------------------------------------------------------------------------------
 
 
 def torch_logprobs(logits, tokens):
-    """verl/OpenRLHF: log_softmax over the vocabulary, then gather the tokens' entries."""
+    """verl/OpenRLHF's plain form: log_softmax over the vocabulary, then gather the tokens' entries."""
     return torch.log_softmax(logits.float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def trl_selective_log_softmax(logits, tokens):
-    """TRL's selective_log_softmax for fp32: gather, then logsumexp one row at a time (no [N, V] log_softmax)."""
-    selected = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
-    return selected - torch.stack([torch.logsumexp(row, dim=-1) for row in logits])
 
 
 def logprobs_providers(logits, tokens) -> list[Provider]:
     return [
-        Provider("torch log_softmax+gather", lambda: torch_logprobs(logits, tokens)),
-        Provider("trl selective_log_softmax", lambda: trl_selective_log_softmax(logits, tokens)),
+        Provider("torch log_softmax+gather", lambda: torch_logprobs(logits, tokens), compile="inline"),
+        Provider("trl selective_log_softmax", lambda: trainers.trl_selective_log_softmax(logits, tokens)),
     ]
 
 
-def _masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def logprobs_entropy_providers(logits, tokens) -> list[Provider]:
+    def verl():
+        return torch_logprobs(logits, tokens), trainers.verl_entropy_from_logits(logits)
+
+    return [Provider("verl log_softmax+gather, entropy_from_logits", verl, compile="inline")]
 
 
-def verl_policy_loss(logp, old_logp, advantages, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0):
-    """verl's compute_policy_loss (token-mean, dual clip) in eager torch ops, every statistic as a tensor."""
-    m = mask.to(logp.dtype)
-    log_ratio = torch.clamp(logp - old_logp, -20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    losses1 = -advantages * ratio
-    losses2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
-    clipped = torch.maximum(losses1, losses2)
-    losses3 = -advantages * dual_clip
-    losses = torch.where(advantages < 0, torch.minimum(losses3, clipped), clipped)
-    stats = {
-        "clipfrac": _masked_mean(torch.gt(losses2, losses1).float(), m),
-        "clipfrac_lower": _masked_mean(torch.gt(clipped, losses3).float() * (advantages < 0).float(), m),
-        "approx_kl": _masked_mean(-log_ratio, m),
-        "ratio_mean": _masked_mean(ratio, m),
-        "ratio_max": torch.where(mask, ratio, torch.zeros_like(ratio)).max(),
-    }
-    return _masked_mean(losses, m), stats
+def forward_backward(fn, leaf, *inputs):
+    """A call that runs ``fn``'s forward and backward of its first output (summed); returns (out, grad)."""
+
+    def call():
+        leaf.grad = None
+        out = fn(leaf, *inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        out.sum().backward()
+        return out.detach(), leaf.grad
+
+    return call
 
 
-def ppo_providers(logp, old_logp, advantages, mask, **clip) -> list[Provider]:
-    """The forward of the PPO policy loss with its statistics; outputs compared on the loss."""
-    return [Provider("verl eager", lambda: verl_policy_loss(logp, old_logp, advantages, mask, **clip), lambda out: out[0])]
+def logprobs_backward_providers(leaf, tokens) -> list[Provider]:
+    return [
+        Provider(
+            "torch log_softmax+gather",
+            forward_backward(torch_logprobs, leaf, tokens),
+            compile="inline",
+        ),
+        Provider("trl selective_log_softmax", forward_backward(trainers.trl_selective_log_softmax, leaf, tokens)),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# ppo: the policy and value losses
+# --------------------------------------------------------------------------------------------------------
+
+
+def ppo_providers(logp, old_logp, advantages, mask, *, clip_low, clip_high, dual_clip, leaf=None) -> list[Provider]:
+    """verl's compute_policy_loss (token-mean) on the same inputs: the forward, or with ``leaf`` (a copy of
+    logp that requires grad) the forward and backward. Outputs compared on the loss (and logp's gradient)."""
+    fmask = mask.to(logp.dtype)  # verl's response_mask is the attention mask, a number
+
+    def verl(lp):
+        return trainers.verl_compute_policy_loss(
+            old_logp, lp, advantages, fmask, cliprange_low=clip_low, cliprange_high=clip_high, clip_ratio_c=dual_clip
+        )
+
+    if leaf is None:
+        return [Provider("verl eager", lambda: verl(logp), lambda out: out[0], compile="inline")]
+    return [Provider("verl eager", forward_backward(verl, leaf), compile="inline")]
+
+
+def value_loss_providers(leaf, old_values, returns, mask, *, clip) -> list[Provider]:
+    """verl's compute_value_loss (token-mean), forward and backward."""
+    fmask = mask.to(leaf.dtype)
+
+    def verl(v):
+        return trainers.verl_compute_value_loss(v, returns, old_values, fmask, clip)
+
+    return [Provider("verl eager", forward_backward(verl, leaf), compile="inline")]
+
+
+# --------------------------------------------------------------------------------------------------------
+# bellman: Q-learning targets, the TD loss, model-based backups
+# --------------------------------------------------------------------------------------------------------
+
+
+def eager_q_targets(kind, r, next_q, term, online, probs, gamma, temperature):
+    """The eager torch code of a DQN-family trainer's targets (max: DQN, double: Double DQN, expected: expected
+    SARSA, soft: soft Q-learning)."""
+    if kind == "max":
+        v = next_q.max(1).values
+    elif kind == "double":
+        v = next_q.gather(1, online.argmax(1, keepdim=True)).squeeze(1)
+    elif kind == "expected":
+        v = (probs * next_q).sum(1)
+    else:
+        v = temperature * torch.logsumexp(next_q / temperature, 1)
+    return r + gamma * (1.0 - term.float()) * v
+
+
+def q_targets_providers(kind, r, next_q, term, online, probs, gamma, temperature) -> list[Provider]:
+    call = lambda: eager_q_targets(kind, r, next_q, term, online, probs, gamma, temperature)
+    return [Provider("eager torch", call, compile="inline")]
+
+
+def eager_td_step(q, actions, targets):
+    """SB3's DQN loss step (smooth_l1 = Huber, delta 1, mean) as eager torch: gather, loss, backward."""
+    q.grad = None
+    qsa = q.gather(1, actions.unsqueeze(1)).squeeze(1)
+    loss = F.huber_loss(qsa, targets)
+    loss.backward()
+    return loss.detach(), (targets - qsa).detach(), q.grad
+
+
+def td_loss_providers(q, actions, targets) -> list[Provider]:
+    return [Provider("eager torch", lambda: eager_td_step(q, actions, targets), compile="inline")]
+
+
+def eager_backup(P, R, V, gamma):
+    """One Bellman optimality backup as planners write it: einsum, then max over actions."""
+    Q = R + gamma * torch.einsum("bsat,bt->bsa", P, V)
+    V_new, policy = Q.max(-1)
+    return Q, V_new, policy
+
+
+def eager_value_iteration(P, R, gamma, tol, max_iters, backup=eager_backup):
+    """Value iteration as a Python loop: a backup, then a convergence test that syncs with the host."""
+    V = torch.zeros(P.shape[:2], dtype=P.dtype, device=P.device)
+    for k in range(1, max_iters + 1):
+        Q, V_new, policy = backup(P, R, V, gamma)
+        residual = (V_new - V).abs().amax(-1)
+        V = V_new
+        if residual.max().item() < tol:  # the host sync every Python loop pays
+            break
+    return V, Q, policy, k, residual
+
+
+def backup_providers(P, R, V, gamma) -> list[Provider]:
+    return [Provider("eager torch", lambda: eager_backup(P, R, V, gamma), note="einsum + max", compile="inline")]
+
+
+def value_iteration_providers(P, R, gamma, tol, max_iters) -> list[Provider]:
+    """The eager loop, and the same loop around torch.compile of the backup (the loop itself stays Python:
+    its convergence test needs the host)."""
+    compiled = []
+
+    def compiled_loop():
+        if not compiled:
+            compiled.append(torch.compile(eager_backup))
+        return eager_value_iteration(P, R, gamma, tol, max_iters, backup=compiled[0])
+
+    return [
+        Provider(
+            "eager torch",
+            lambda: eager_value_iteration(P, R, gamma, tol, max_iters),
+            lambda out: out[0],
+            note="einsum loop, .item() per iteration",
+        ),
+        Provider("torch.compile(backup) loop", compiled_loop, lambda out: out[0], compile="self"),
+    ]

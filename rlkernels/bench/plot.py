@@ -1,6 +1,6 @@
 """Plots a results CSV of ``rlkernels-bench`` (``python -m rlkernels.bench``).
 
-Fixed shapes: one panel per (op, shape), achieved GB/s per provider as bars on a log axis. A ``--sizes``
+Fixed shapes: one panel per op, shape and cache state, achieved GB/s per provider as bars on a log axis. A ``--sizes``
 sweep (the CSV's ``series`` column is filled): one panel per op and layout, GB/s against the number of
 elements, one line per provider. Both draw the measured copy bandwidth as the line to reach.
 
@@ -42,19 +42,22 @@ def _copy_gbps(rows: list[dict]) -> float:
 
 def _plot_shapes(rows: list[dict]):
     copy_gbps = _copy_gbps(rows)
-    groups: dict[tuple[str, str], list[dict]] = {}
+    groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
         if r["op"] != "copy" and r["gbps"]:
-            groups.setdefault((r["op"], r["shape"]), []).append(r)
-    fig, axes = plt.subplots(max(1, len(groups)), 1, figsize=(8, 1.2 + 0.45 * len(rows)), squeeze=False)
-    for ax, ((op, shape), members) in zip(axes[:, 0], groups.items()):
+            groups.setdefault((r["op"], r["shape"], r.get("cache", "")), []).append(r)
+    states = {cache for _, _, cache in groups}
+    bars = sum(len(members) for members in groups.values())
+    fig, axes = plt.subplots(max(1, len(groups)), 1, figsize=(8, 1.2 + 0.3 * bars + 0.5 * len(groups)),
+                             squeeze=False)
+    for ax, ((op, shape, cache), members) in zip(axes[:, 0], groups.items()):
         names = [m["provider"] for m in members]
         colors = ["tab:orange" if n.startswith("rlkernels") else "tab:gray" for n in names]
         ax.barh(names, [float(m["gbps"]) for m in members], color=colors)
         ax.axvline(copy_gbps, color="tab:red", linestyle="--", label=f"copy {copy_gbps:.1f} GB/s")
         ax.set_xscale("log")
         ax.invert_yaxis()
-        ax.set_title(f"{op} {shape}", fontsize=9)
+        ax.set_title(f"{op} {shape}" + (f", {cache}" if len(states) > 1 else ""), fontsize=9)
         ax.legend(fontsize=7, loc="lower right")
     axes[-1, 0].set_xlabel("GB/s (bytes the op must move / median time)")
     return fig
@@ -85,7 +88,7 @@ def _plot_sizes(rows: list[dict]):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(series, fontsize=9)
-        ax.set_xlabel("elements (T x B)")
+        ax.set_xlabel("elements (product of the shape)")
         ax.set_ylabel("GB/s")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
