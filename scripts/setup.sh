@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 # torch first: the extension is compiled against it, so the build runs without isolation.
 "$PYTHON" -m pip install -q --disable-pip-version-check "torch>=2.6" numpy ninja "setuptools>=64" wheel
 "$PYTHON" -m pip install -q --disable-pip-version-check \
-    pytest hypothesis pytest-benchmark scipy triton torchrl stable-baselines3 gymnasium trl rich tqdm matplotlib
+    pytest hypothesis scipy triton torchrl stable-baselines3 gymnasium trl rich tqdm matplotlib
 
 # CUDA kernels are compiled when torch has CUDA and nvcc is found (setup.py looks in /usr/local/cuda);
 # RLKERNELS_SKIP_CUDA_BUILD=1 builds the CPU kernels only.
