@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import assert_close
+
 import rlkernels
 from rlkernels import reference
 
@@ -44,21 +46,27 @@ DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def tol(dtype):
-    """(rtol, atol) of a kernel's output against the CPU kernel's (same input values, other summation order)."""
-    return {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-4, 1e-4),
-            torch.float16: (1e-4, 1e-4)}[dtype]
+    """assert_close's tolerances of a kernel's output against the CPU kernel's (same input values, other
+    summation order): absolute atol (scale=1.0)."""
+    rtol, atol = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-4, 1e-4),
+                  torch.float16: (1e-4, 1e-4)}[dtype]
+    return {"rtol": rtol, "atol": atol, "scale": 1.0}
 
 
 def ref_tol(dtype):
-    """(rtol, atol) against the float64 reference of the same (rounded) inputs."""
-    return {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-3, 2e-3),
-            torch.float16: (2e-3, 2e-3)}[dtype]
+    """The tolerances against the float64 reference of the same (rounded) inputs."""
+    rtol, atol = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-3, 2e-3),
+                  torch.float16: (2e-3, 2e-3)}[dtype]
+    return {"rtol": rtol, "atol": atol, "scale": 1.0}
 
 
 def grad_tol(dtype):
     """Gradients are returned in the input dtype: a 16-bit gradient may round one unit apart where the float32
     values of the two backends differ in the last bit (FMA contraction, matmul order)."""
-    return {torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}.get(dtype, tol(dtype))
+    if dtype in (torch.bfloat16, torch.float16):
+        rtol, atol = {torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}[dtype]
+        return {"rtol": rtol, "atol": atol, "scale": 1.0}
+    return tol(dtype)
 
 
 def gen(seed):
@@ -71,13 +79,6 @@ def dev(x):
 
 def cpu(x):
     return None if x is None else x.detach().cpu()
-
-
-def close(actual, expected, dtype, ref=False, grad=False):
-    rtol, atol = ref_tol(dtype) if ref else (grad_tol(dtype) if grad else tol(dtype))
-    expected = torch.as_tensor(expected)
-    torch.testing.assert_close(cpu(actual).to(torch.float64), expected.to(torch.float64), rtol=rtol, atol=atol,
-                               equal_nan=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -118,13 +119,13 @@ def test_q_targets_match_cpu_and_reference(kind, A, dtype, with_term):
     y = rlkernels.q_targets(dev(r), dev(q), **{k: dev(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()},
                             backend=BACKEND)
     assert y.dtype == y_cpu.dtype and y.device.type == DEVICE and y.shape == (B,)
-    close(y, y_cpu, dtype)
+    assert_close(y, y_cpu, **tol(dtype))
     expected = reference.q_targets(r.double().numpy(), q.double().numpy(),
                                    terminated=None if term is None else term.numpy(), gamma=0.9, kind=kind,
                                    next_q_online=online.double().numpy(), next_probs=probs.double().numpy(),
                                    temperature=0.7 if kind == "soft" else None, n=3)
     with np.errstate(all="ignore"):
-        close(y, torch.from_numpy(np.asarray(expected)), dtype, ref=True)
+        assert_close(y, torch.from_numpy(np.asarray(expected)), **ref_tol(dtype))
 
 
 @pytest.mark.parametrize("kind", ("max", "double", "expected", "soft"))
@@ -138,7 +139,7 @@ def test_q_targets_leading_dims_uint8_flags_and_empty(kind):
     y = rlkernels.q_targets(dev(r.reshape(3, 4, 5)), dev(q.reshape(3, 4, 5, 5)),
                             terminated=dev(term.to(torch.uint8).reshape(3, 4, 5)), backend=BACKEND,
                             **{k: dev(v) if isinstance(v, torch.Tensor) else v for k, v in shaped.items()})
-    close(y, y_cpu, torch.float32)
+    assert_close(y, y_cpu, **tol(torch.float32))
     empty = rlkernels.q_targets(dev(torch.zeros(0)), dev(torch.zeros(0, 5)), backend=BACKEND, kind="max")
     assert empty.shape == (0,)
 
@@ -177,17 +178,17 @@ def test_td_loss_forward_and_gradients_match_cpu(B, A, weighted, loss, reduction
     # B = 1.2M: more rows than kMaxPartials * kThreads * kRowsPerThread, so the reducing grid strides.
     q, actions, targets, weights = td_inputs(B, A, dtype, seed=B + A)
     w = weights if weighted else None
-    kw = dict(loss=loss, delta=0.8, reduction=reduction)
+    kw = {"loss": loss, "delta": 0.8, "reduction": reduction}
     expected = td_run(q, actions, targets, w, "cpu", **kw)
     got = td_run(dev(q), dev(actions), dev(targets), dev(w), BACKEND, **kw)
     for k, (a, e) in enumerate(zip(got, expected)):
         assert a.dtype == e.dtype and a.shape == e.shape
-        close(a, e, dtype, grad=k >= 2)
+        assert_close(a, e, **(grad_tol(dtype) if k >= 2 else tol(dtype)))
     if B <= 5000:
         lo, e = reference.td_loss(q.double().numpy(), actions.numpy(), targets.double().numpy(),
                                   weights=None if w is None else w.double().numpy(), **kw)
-        close(got[0], torch.as_tensor(np.asarray(lo)), dtype, ref=True)
-        close(got[1], torch.as_tensor(np.asarray(e)), dtype, ref=True)
+        assert_close(got[0], torch.as_tensor(np.asarray(lo)), **ref_tol(dtype))
+        assert_close(got[1], torch.as_tensor(np.asarray(e)), **ref_tol(dtype))
 
 
 def test_td_loss_backward_op_directly():
@@ -203,7 +204,7 @@ def test_td_loss_backward_op_directly():
         got = torch.ops.rlkernels.td_loss_backward(dev(gl), dev(gt), dev(q), dev(actions), dev(targets),
                                                   dev(weights), *args)
         for a, e in zip(got, ref):
-            close(a, e, torch.float32)
+            assert_close(a, e, **tol(torch.float32))
         assert int((cpu(got[0]) != 0).sum(1).max()) <= 1
 
 
@@ -268,11 +269,11 @@ def test_n_step_returns_forward_and_gradients_match_cpu(shape, time_dim, n, flag
     out_cpu, g_cpu = nstep_run(x, n, "cpu", time_dim)
     out, g = nstep_run({k: dev(v) for k, v in x.items()}, n, BACKEND, time_dim)
     assert out.dtype == out_cpu.dtype and out.shape == out_cpu.shape
-    close(out, out_cpu, dtype)
+    assert_close(out, out_cpu, **tol(dtype))
     assert g.keys() == g_cpu.keys()
     for k in g:
         assert g[k].dtype == g_cpu[k].dtype, k
-        close(g[k], g_cpu[k], dtype, grad=True)
+        assert_close(g[k], g_cpu[k], **grad_tol(dtype))
     expected = reference.n_step_returns(
         x["rewards"].double().numpy(), x["values"].double().numpy(), n=n, gamma=0.9,
         terminated=None if x["terminated"] is None else x["terminated"].numpy(),
@@ -280,7 +281,7 @@ def test_n_step_returns_forward_and_gradients_match_cpu(shape, time_dim, n, flag
         next_values=None if x["next_values"] is None else x["next_values"].double().numpy(),
         bootstrap_value=None if x["bootstrap_value"] is None else x["bootstrap_value"].double().numpy(),
         time_dim=time_dim)
-    close(out, torch.as_tensor(np.asarray(expected)), dtype, ref=True)
+    assert_close(out, torch.as_tensor(np.asarray(expected)), **ref_tol(dtype))
 
 
 def test_n_step_returns_empty_and_nonfinite():
@@ -293,7 +294,7 @@ def test_n_step_returns_empty_and_nonfinite():
     x["rewards"][10, 2] = float("nan")
     out_cpu, _ = nstep_run(x, 4, "cpu")
     out, _ = nstep_run({k: dev(v) for k, v in x.items()}, 4, BACKEND)
-    close(out, out_cpu, torch.float32)
+    assert_close(out, out_cpu, **tol(torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -332,18 +333,18 @@ def test_bellman_backup_matches_cpu_and_gradients(shape, dtype):
 
     (Qc, Vc, pc), gc = run(P, R, V, "cpu")
     (Q, Vn, pol), g = run(dev(P), dev(R), dev(V), BACKEND)
-    close(Q, Qc, dtype)
-    close(Vn, Vc, dtype)
+    assert_close(Q, Qc, **tol(dtype))
+    assert_close(Vn, Vc, **tol(dtype))
     assert pol.dtype == torch.int64
     same_policy = torch.equal(cpu(pol), pc)
     if dtype in (torch.float32, torch.float64):  # 16-bit inputs can make near-ties that rounding decides
         assert same_policy
     if same_policy:  # V_new's gradient goes to the argmax action
         for a, e in zip(g, gc):
-            close(a, e, dtype, grad=True)
+            assert_close(a, e, **grad_tol(dtype))
     Qr, Vr, pr = reference.bellman_backup(P.double().numpy(), R.double().numpy(), V.double().numpy(), 0.95)
-    close(Q, torch.as_tensor(Qr), dtype, ref=True)
-    close(Vn, torch.as_tensor(Vr), dtype, ref=True)
+    assert_close(Q, torch.as_tensor(Qr), **ref_tol(dtype))
+    assert_close(Vn, torch.as_tensor(Vr), **ref_tol(dtype))
 
 
 def test_bellman_backup_nan_and_empty():
@@ -352,15 +353,15 @@ def test_bellman_backup_nan_and_empty():
     V[1, 5] = float("inf")
     Qc, Vc, pc = rlkernels.bellman_backup(P, R, V, gamma=0.9, backend="cpu")
     Q, Vn, pol = rlkernels.bellman_backup(dev(P), dev(R), dev(V), gamma=0.9, backend=BACKEND)
-    close(Q, Qc, torch.float32)
-    close(Vn, Vc, torch.float32)
+    assert_close(Q, Qc, **tol(torch.float32))
+    assert_close(Vn, Vc, **tol(torch.float32))
     assert torch.equal(cpu(pol), pc)
     for B, S, A in ((0, 4, 2), (2, 0, 3), (2, 3, 0)):
         P, R, V = mdp(B, S, A, torch.float32, seed=0)
         Qc, Vc, pc = rlkernels.bellman_backup(P, R, V, backend="cpu")
         Q, Vn, pol = rlkernels.bellman_backup(dev(P), dev(R), dev(V), backend=BACKEND)
         assert Q.shape == Qc.shape and Vn.shape == Vc.shape and pol.shape == pc.shape
-        close(Vn, Vc, torch.float32)
+        assert_close(Vn, Vc, **tol(torch.float32))
         assert torch.equal(cpu(pol), pc)
 
 
@@ -377,20 +378,20 @@ def test_value_iteration_matches_reference_float64(shape, with_v0):
     assert iters.dtype == torch.int64 and iters.shape == () and iters.device.type == DEVICE
     assert int(iters) == ir
     assert 1 < ir < 500
-    close(res, torch.as_tensor(np.asarray(rr)), torch.float64, ref=True)
-    close(V, torch.as_tensor(Vr), torch.float64, ref=True)
-    close(Q, torch.as_tensor(Qr), torch.float64, ref=True)
+    assert_close(res, torch.as_tensor(np.asarray(rr)), **ref_tol(torch.float64))
+    assert_close(V, torch.as_tensor(Vr), **ref_tol(torch.float64))
+    assert_close(Q, torch.as_tensor(Qr), **ref_tol(torch.float64))
     assert torch.equal(cpu(pol), torch.as_tensor(pr))
     cpu_out = rlkernels.value_iteration(P, R, gamma=0.9, tol=1e-8, max_iters=500, V0=V0, backend="cpu")
     assert int(cpu_out[3]) == int(iters)
     for a, e in zip(out, cpu_out):
-        close(a, e, torch.float64)
+        assert_close(a, e, **tol(torch.float64))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_value_iteration_other_dtypes_match_cpu(dtype):
     P, R, V0 = mdp(5, 12, 3, dtype, seed=9)
-    kw = dict(gamma=0.8, tol=1e-3, max_iters=300)
+    kw = {"gamma": 0.8, "tol": 1e-3, "max_iters": 300}
     V, Q, pol, iters, res = rlkernels.value_iteration(dev(P), dev(R), backend=BACKEND, **kw)
     Vc, Qc, pc, ic, rc = rlkernels.value_iteration(P, R, backend="cpu", **kw)
     assert V.dtype == Vc.dtype and Q.dtype == Qc.dtype and res.dtype == rc.dtype
@@ -408,8 +409,8 @@ def test_value_iteration_stops_at_max_iters_and_edge_cases():
                                                           backend=BACKEND)
         Vr, Qr, pr, ir, rr = reference.value_iteration(P.numpy(), R.numpy(), 0.99, tol=0.0, max_iters=max_iters)
         assert int(iters) == ir == max_iters
-        close(V, torch.as_tensor(Vr), torch.float64, ref=True)  # the buffer of the last backup (iters % 2)
-        close(res, torch.as_tensor(np.asarray(rr)), torch.float64, ref=True)
+        assert_close(V, torch.as_tensor(Vr), **ref_tol(torch.float64))  # the buffer of the last backup (iters % 2)
+        assert_close(res, torch.as_tensor(np.asarray(rr)), **ref_tol(torch.float64))
     # A NaN reward never converges: max_iters backups, NaN residual for that MDP only.
     R_nan = R.clone()
     R_nan[1, 2, 3] = float("nan")
@@ -424,7 +425,7 @@ def test_value_iteration_stops_at_max_iters_and_edge_cases():
         assert int(out[3]) == int(cpu_out[3]) == 1
         for a, e in zip(out, cpu_out):
             assert a.shape == e.shape and a.dtype == e.dtype
-        close(out[4], cpu_out[4], torch.float32)
+        assert_close(out[4], cpu_out[4], **tol(torch.float32))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -18,6 +18,8 @@ import itertools
 import pytest
 import torch
 
+from conftest import assert_close
+
 import rlkernels
 
 pytestmark = pytest.mark.cuda
@@ -123,6 +125,9 @@ DIFFERENTIABLE = {
 # Both backends read the same inputs and accumulate in float32 (float64 for float64), so outputs differ only
 # by the order of float32 additions; gradients cast back to a 16-bit input dtype may differ by one ulp.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+# assert_close's arguments for a CUDA output against the CPU one: the same dtype, rtol = TOL and atol = TOL times
+# the largest finite |expected| (at least 1).
+MATCH = {dtype: {"rtol": tol, "atol": tol, "same_dtype": True} for dtype, tol in TOL.items()}
 
 
 def _seed(*key) -> int:
@@ -198,18 +203,6 @@ def call(op, x, backend):
     raise KeyError(op)
 
 
-def assert_matches(actual, expected, tol_dtype=None):
-    """`actual` (CUDA) equals `expected` (CPU) in dtype and shape, and in value up to rounding."""
-    assert actual.device.type == DEVICE
-    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    if expected.numel() == 0:
-        return
-    tol = TOL[tol_dtype or expected.dtype]
-    scale = max(1.0, expected.abs().max().item())
-    torch.testing.assert_close(actual.cpu(), expected, rtol=tol, atol=tol * scale)
-
-
 def leaves(x, names):
     """Copies of x with the float tensors named in `names` (that are present) as leaves requiring grad."""
     out = dict(x)
@@ -247,7 +240,7 @@ def test_forward_matches_cpu(op, case, flags, dtype):
     actual = call(op, to_cuda(x), "cuda")
     assert len(actual) == len(expected)
     for a, e in zip(actual, expected):
-        assert_matches(a, e)
+        assert_close(a, e, **MATCH[e.dtype], device=DEVICE)
 
 
 @needs_cuda("discounted_returns", "gae", "vtrace", "discounted_returns_backward", "gae_backward", "vtrace_backward")
@@ -261,7 +254,7 @@ def test_gradients_match_cpu(op, case, flags, dtype):
     _, actual = gradients(op, to_cuda(x), "cuda")
     assert expected.keys() == actual.keys() and "rewards" in actual
     for name in expected:
-        assert_matches(actual[name], expected[name])
+        assert_close(actual[name], expected[name], **MATCH[expected[name].dtype], device=DEVICE)
 
 
 @needs_cuda("discounted_returns", "gae", "vtrace", "discounted_returns_backward", "gae_backward", "vtrace_backward")
@@ -273,9 +266,9 @@ def test_long_sequences_match_cpu(op, case, flags):
     outs_cpu, grads_cpu = gradients(op, x, "cpu")
     outs_cuda, grads_cuda = gradients(op, to_cuda(x), "cuda")
     for a, e in zip(outs_cuda, outs_cpu):
-        assert_matches(a, e)
+        assert_close(a, e, **MATCH[e.dtype], device=DEVICE)
     for name in grads_cpu:
-        assert_matches(grads_cuda[name], grads_cpu[name])
+        assert_close(grads_cuda[name], grads_cpu[name], **MATCH[grads_cpu[name].dtype], device=DEVICE)
 
 
 @needs_cuda("linear_scan")
@@ -301,9 +294,9 @@ def test_linear_scan_matches_cpu(case, dtype, reverse, with_initial):
 
     out_cpu, grads_cpu = run("cpu", "cpu")
     out_cuda, grads_cuda = run(DEVICE, "cuda")
-    assert_matches(out_cuda, out_cpu)
+    assert_close(out_cuda, out_cpu, **MATCH[out_cpu.dtype], device=DEVICE)
     for a_, e_ in zip(grads_cuda, grads_cpu):
-        assert_matches(a_, e_)
+        assert_close(a_, e_, **MATCH[e_.dtype], device=DEVICE)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -393,7 +386,7 @@ def test_ops_match_cpu(case, flags, dtype):
     for name in expected:
         assert len(actual[name]) == len(expected[name]), name
         for a, e in zip(actual[name], expected[name]):
-            assert_matches(a, e)
+            assert_close(a, e, **MATCH[e.dtype], device=DEVICE)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
@@ -412,7 +405,7 @@ def test_triton_ops_match_cpu(case, flags, dtype):
     for name in expected:
         assert len(actual[name]) == len(expected[name]), name
         for a, e in zip(actual[name], expected[name]):
-            assert_matches(a, e)
+            assert_close(a, e, **MATCH[e.dtype], device=DEVICE)
 
 
 @needs_cuda()
@@ -427,18 +420,7 @@ def test_ops_accept_int32_offsets_and_bool_flags(case):
     expected, actual = op_calls(x), op_calls(to_cuda(y))
     for name in expected:
         for a, e in zip(actual[name], expected[name]):
-            assert_matches(a, e)
-
-
-def assert_matches_non_finite(actual, expected):
-    """Like assert_matches, with NaN, +Inf and -Inf required at exactly the same places."""
-    actual = actual.cpu()
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape
-    for predicate in (torch.isnan, torch.isposinf, torch.isneginf):
-        assert torch.equal(predicate(actual), predicate(expected)), predicate.__name__
-    finite = torch.isfinite(expected)
-    if finite.any():
-        assert_matches(actual[finite].to(DEVICE), expected[finite])
+            assert_close(a, e, **MATCH[e.dtype], device=DEVICE)
 
 
 def inject_non_finite(x, seed):
@@ -471,7 +453,7 @@ def test_non_finite_inputs_propagate_like_cpu(case, flags):
     expected, actual = op_calls(x), op_calls(to_cuda(x))
     for name in expected:
         for a, e in zip(actual[name], expected[name]):
-            assert_matches_non_finite(a, e)
+            assert_close(a, e, **MATCH[e.dtype])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -738,7 +720,7 @@ def test_non_finite_before_the_last_global_chunk(layout):
     assert torch.isfinite(expected[..., :2501]).all()
     actual = rlkernels.discounted_returns(r.cuda(), next_values=nv.cuda(), truncated=tr.cuda(), time_dim=td,
                                           backend="cuda")
-    assert_matches_non_finite(actual, expected)
+    assert_close(actual, expected, **MATCH[expected.dtype])
     for a, e in zip(rlkernels.gae(r.cuda(), v.cuda(), time_dim=td, backend="cuda"),
                     rlkernels.gae(r, v, time_dim=td, backend="cpu")):
-        assert_matches_non_finite(a, e)
+        assert_close(a, e, **MATCH[e.dtype])

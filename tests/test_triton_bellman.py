@@ -1,14 +1,10 @@
 """Tests of the Triton backend of the Bellman family (rlkernels/triton/bellman.py) under TRITON_INTERPRET=1.
 
-The oracles are the NumPy reference (rlkernels.reference) and the CPU backend (gradients). TRITON_INTERPRET=1
-is set before triton or rlkernels is imported, so the kernels are interpreted and accept CPU tensors; shapes
+The oracles are the NumPy reference (rlkernels.reference) and the CPU backend (gradients). tests/conftest.py
+sets TRITON_INTERPRET=1 for the session, so the kernels are interpreted and accept CPU tensors; shapes
 stay tiny because the interpreter is slow, and the `small_tiles` fixture shrinks the kernels' tiles so that
 those tiny shapes still cross every tile boundary (several row / action / state / next-state chunks).
 """
-
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
 
 import itertools
 import math

@@ -1,13 +1,9 @@
 """Tests of the Triton backend of the PPO loss family (rlkernels/triton/ppo.py) under TRITON_INTERPRET=1.
 
 The oracle is the CPU backend (checked against rlkernels.reference and torch autograd in test_ppo.py) and the
-NumPy reference. TRITON_INTERPRET=1 is set before triton or rlkernels is imported, so the kernels are
-interpreted and accept CPU tensors; shapes stay small because the interpreter is slow.
+NumPy reference. tests/conftest.py sets TRITON_INTERPRET=1 for the session, so the kernels are interpreted
+and accept CPU tensors; shapes stay small because the interpreter is slow.
 """
-
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
 
 import itertools
 

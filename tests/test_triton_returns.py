@@ -4,17 +4,12 @@ The oracle is the CPU backend (itself checked against the NumPy reference in tes
 flag combinations, `rlkernels.reference` directly. Both regimes of the Triton engine are run: one lane per
 sequence, and the chunked three-pass scan, forced on small shapes by lowering the module's thresholds.
 
-TRITON_INTERPRET=1 is set before triton or rlkernels is imported: `@triton.jit` decides when a kernel is
-decorated (at the import of rlkernels.triton.returns) whether it is compiled for a GPU or run by the
-interpreter, and only interpreted kernels accept the CPU tensors CI has. The interpreter is slow (NumPy, one
-program after another), so shapes stay small.
+Without a GPU the kernels run under TRITON_INTERPRET=1 (set once for the session by tests/conftest.py). The
+interpreter is slow (NumPy, one program after another), so shapes stay small.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
-
 import itertools
+import os
 
 import pytest
 
@@ -22,6 +17,8 @@ pytest.importorskip("triton")
 
 import torch
 import triton
+
+from conftest import assert_close
 
 import rlkernels
 from rlkernels.triton import returns as triton_returns
@@ -169,10 +166,6 @@ def leaves(op, combo, floats):
     return [floats[n] for n in leaf_names(op, combo)]
 
 
-def close(got, want, tol, what):
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{what}: {m}")
-
-
 def accumulate_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -193,8 +186,8 @@ def test_every_flag_combination_matches_cpu_and_reference(op, layout, regime):
         ref = run(op, "reference", case, combo, floats)
         for i, (g, w, r) in enumerate(zip(got, want, ref)):
             assert g.dtype == torch.float64 and g.shape == case.rewards.shape
-            close(g, w, 1e-12, f"{op} output {i} with {combo} vs cpu")
-            close(g, r, 1e-12, f"{op} output {i} with {combo} vs reference")
+            assert_close(g, w, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"{op} output {i} with {combo} vs cpu")
+            assert_close(g, r, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"{op} output {i} with {combo} vs reference")
         if "mask" in combo:
             assert all((g[~case.mask] == 0).all() for g in got), f"{op} with {combo}: masked outputs not 0"
 
@@ -217,7 +210,7 @@ def test_dtypes_match_cpu(op, dtype, layout, regime):
         want = run(op, "cpu", case, combo, floats)
         for i, (g, w) in enumerate(zip(got, want)):
             assert g.dtype == accumulate_dtype(dtype)
-            close(g, w, tol, f"{op} output {i} {dtype} {combo}")
+            assert_close(g, w, rtol=tol, atol=tol, scale=1.0, same_dtype=True, name=f"{op} output {i} {dtype} {combo}")
 
 
 @pytest.mark.parametrize("dtype, layout", DTYPE_LAYOUTS)
@@ -230,7 +223,7 @@ def test_linear_scan_matches_cpu(dtype, layout, regime):
         got = rlkernels.linear_scan(f["a"], f["rewards"], backend="triton", **kw)
         want = rlkernels.linear_scan(f["a"], f["rewards"], backend="cpu", **kw)
         assert got.dtype == accumulate_dtype(dtype)
-        close(got, want, tol, f"linear_scan reverse={reverse} initial={initial is not None}")
+        assert_close(got, want, rtol=tol, atol=tol, scale=1.0, same_dtype=True, name=f"linear_scan reverse={reverse} initial={initial is not None}")
 
 
 def test_flags_as_uint8_and_bool_agree():
@@ -258,7 +251,7 @@ def test_masked_nan_does_not_leak_and_results_are_deterministic():
     adv2, ret2 = rlkernels.gae(rewards, case.values, **kw)
     assert torch.equal(adv, adv2) and torch.equal(ret, ret2)
     want = rlkernels.gae(rewards, case.values, **{**kw, "backend": "cpu"})
-    close(adv, want[0], 1e-12, "advantages")
+    assert_close(adv, want[0], rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name="advantages")
 
 
 def test_empty_inputs():
@@ -299,7 +292,7 @@ def test_gradients_match_cpu(op, layout, regime):
         got = grads(op, "triton", case, combo, floats)
         want = grads(op, "cpu", case, combo, floats)
         for i, (g, w) in enumerate(zip(got, want)):
-            close(g, w, 1e-12, f"{op} gradient {i} with {combo}")
+            assert_close(g, w, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"{op} gradient {i} with {combo}")
 
 
 def test_vtrace_gradients_without_log_rho_gradient(regime):
@@ -310,7 +303,7 @@ def test_vtrace_gradients_without_log_rho_gradient(regime):
         got = grads("vtrace", "triton", case, combo, floats, log_rhos_grad=False)
         want = grads("vtrace", "cpu", case, combo, floats, log_rhos_grad=False)
         for i, (g, w) in enumerate(zip(got, want)):
-            close(g, w, 1e-12, f"vtrace gradient {i} with {combo}")
+            assert_close(g, w, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"vtrace gradient {i} with {combo}")
 
 
 @pytest.mark.parametrize("layout", ["time_major", "batch_major", "middle"])
@@ -326,7 +319,7 @@ def test_linear_scan_gradients_match_cpu(layout, regime):
             inputs = [f["a"], f["rewards"]] + ([initial] if with_initial else [])
             res[backend] = torch.autograd.grad((x * case.weights[0]).sum(), inputs)
         for i, (g, w) in enumerate(zip(res["triton"], res["cpu"])):
-            close(g, w, 1e-12, f"linear_scan gradient {i} reverse={reverse} initial={with_initial}")
+            assert_close(g, w, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"linear_scan gradient {i} reverse={reverse} initial={with_initial}")
 
 
 def test_backward_ops_match_cpu_with_missing_gradients():
@@ -339,18 +332,18 @@ def test_backward_ops_match_cpu_with_missing_gradients():
         got = torch.ops.rlkernels.triton_gae_backward(None, g, *flags, r, GAMMA, LAM, has_next)
         want = torch.ops.rlkernels.gae_backward(None, g, *flags, r, GAMMA, LAM, has_next)
         for a, b in zip(got, want):
-            close(a, b, 1e-12, f"gae_backward has_next={has_next}")
+            assert_close(a, b, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"gae_backward has_next={has_next}")
         got = torch.ops.rlkernels.triton_discounted_returns_backward(None, *flags, r, GAMMA, has_next)
         want = torch.ops.rlkernels.discounted_returns_backward(None, *flags, r, GAMMA, has_next)
         for a, b in zip(got, want):
-            close(a, b, 1e-12, f"discounted_returns_backward has_next={has_next}")
+            assert_close(a, b, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"discounted_returns_backward has_next={has_next}")
     nv = case.next_values
     args = (g, None, r, case.values, case.log_rhos, nv, None, None, *flags, GAMMA, LAM,
             *VTRACE_CLIPS.values())
     got = torch.ops.rlkernels.triton_vtrace_backward(*args)
     want = torch.ops.rlkernels.vtrace_backward(*args)
     for a, b in zip(got, want):
-        close(a, b, 1e-12, "vtrace_backward")
+        assert_close(a, b, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name="vtrace_backward")
 
 
 @pytest.mark.parametrize("op, chunked", [(op, False) for op in ESTIMATORS] + [("gae", True)])
@@ -428,10 +421,10 @@ def test_torch_compile_fullgraph():
     got = compiled(r, case.values)
     want = f(r, case.values)
     for a, b in zip(got, want):
-        close(a, b, 1e-12, "compiled gae")
+        assert_close(a, b, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name="compiled gae")
     (g_got,) = torch.autograd.grad(got[0].sum(), [r])
     (g_want,) = torch.autograd.grad(want[0].sum(), [r])
-    close(g_got, g_want, 1e-12, "compiled gae gradient")
+    assert_close(g_got, g_want, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name="compiled gae gradient")
 
 
 # ----------------------------------------------------------------------------------------------------
