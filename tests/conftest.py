@@ -516,6 +516,9 @@ def sample_inputs(op, shape, *, dtype=torch.float64, device="cpu", seed=0, **opt
     - ppo_policy_loss: (logp, old_logp, advantages), log-ratios of spread `scale` (0.3);
       value_loss: (values, old_values, returns); kl_penalty: (logp, ref_logp) of spread `scale` (1.0).
       Masks come from sample_mask.
+    - Bellman family: q_targets, shape (B,), option A (actions) and scale (3.0); td_loss, shape (B, A),
+      scale (2.0); n_step_returns, shape (T, N), p_term and p_trunc (0.1); bellman_backup and
+      value_iteration, shape (B, S, A), sparse (False). The tuples are listed by their factories below.
     """
     if op in OPS:
         sample = make_inputs(op, shape, dtype=dtype, seed=seed, **options)
@@ -549,7 +552,64 @@ def sample_inputs(op, shape, *, dtype=torch.float64, device="cpu", seed=0, **opt
         old = v + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)
         ret = v + torch.randn(shape, generator=g, dtype=torch.float64)
         return tuple(x.to(device=device, dtype=dtype) for x in (v, old, ret))
+    if op in BELLMAN_SAMPLES:
+        out = BELLMAN_SAMPLES[op](shape, dtype, torch.Generator().manual_seed(seed), **options)
+        return tuple(x.to(device) for x in out)
     raise ValueError(f"no sample_inputs for {op!r}")
+
+
+def _q_targets_sample(shape, dtype, g, A, scale=3.0):
+    """(rewards [B], next_q [B, A], next_q_online [B, A], next_probs [B, A], terminated [B]) for shape (B,)."""
+    (B,) = shape
+    r = (torch.randn(B, generator=g, dtype=torch.float64) * scale).to(dtype)
+    q = (torch.randn(B, A, generator=g, dtype=torch.float64) * scale).to(dtype)
+    online = (torch.randn(B, A, generator=g, dtype=torch.float64) * scale).to(dtype)
+    probs = torch.softmax(torch.randn(B, A, generator=g, dtype=torch.float64), -1).to(dtype)
+    term = torch.rand(B, generator=g) < 0.3
+    return r, q, online, probs, term
+
+
+def _td_loss_sample(shape, dtype, g, scale=2.0):
+    """(q [B, A], actions [B], targets [B], weights [B]) for shape (B, A)."""
+    B, A = shape
+    q = (torch.randn(B, A, generator=g, dtype=torch.float64) * scale).to(dtype)
+    actions = torch.randint(0, A, (B,), generator=g)
+    targets = (torch.randn(B, generator=g, dtype=torch.float64) * scale).to(dtype)
+    weights = torch.rand(B, generator=g, dtype=torch.float64).to(dtype)
+    return q, actions, targets, weights
+
+
+def _n_step_sample(shape, dtype, g, p_term=0.1, p_trunc=0.1):
+    """(rewards, values, next_values, bootstrap_value [N], terminated, truncated) for shape (T, N)."""
+    T, N = shape
+    r = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
+    nv = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
+    boot = torch.randn(N, generator=g, dtype=torch.float64).to(dtype)
+    term = torch.rand(T, N, generator=g) < p_term
+    trunc = torch.rand(T, N, generator=g) < p_trunc
+    return r, v, nv, boot, term, trunc
+
+
+def _mdp_sample(shape, dtype, g, sparse=False):
+    """(P [B, S, A, S], R [B, S, A], V [B, S]) for shape (B, S, A); sparse: about 70% of P near 0."""
+    B, S, A = shape
+    P = torch.rand(B, S, A, S, generator=g, dtype=torch.float64)
+    if sparse:
+        P = P * (torch.rand(B, S, A, S, generator=g) < 0.3) + 1e-3
+    P = P / P.sum(-1, keepdim=True)
+    R = torch.randn(B, S, A, generator=g, dtype=torch.float64)
+    V = torch.randn(B, S, generator=g, dtype=torch.float64)
+    return P.to(dtype), R.to(dtype), V.to(dtype)
+
+
+BELLMAN_SAMPLES = {
+    "q_targets": _q_targets_sample,
+    "td_loss": _td_loss_sample,
+    "n_step_returns": _n_step_sample,
+    "bellman_backup": _mdp_sample,
+    "value_iteration": _mdp_sample,
+}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, LOW_PRECISION, assert_close, backends, finite_scale, gpu_backends
+from conftest import DTYPES, LOW_PRECISION, assert_close, backends, finite_scale, gpu_backends, sample_inputs
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -44,16 +44,6 @@ def _rounded(x, dtype):
     return x.to(dtype).double() if x.is_floating_point() else x
 
 
-def _q_inputs(B, A, dtype, seed, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    r = (torch.randn(B, generator=g, dtype=torch.float64) * scale).to(dtype)
-    q = (torch.randn(B, A, generator=g, dtype=torch.float64) * scale).to(dtype)
-    online = (torch.randn(B, A, generator=g, dtype=torch.float64) * scale).to(dtype)
-    probs = torch.softmax(torch.randn(B, A, generator=g, dtype=torch.float64), -1).to(dtype)
-    term = torch.rand(B, generator=g) < 0.3
-    return r, q, online, probs, term
-
-
 # ----------------------------------------------------------------------------------------------------
 # q_targets
 # ----------------------------------------------------------------------------------------------------
@@ -63,7 +53,7 @@ def _q_inputs(B, A, dtype, seed, scale=3.0):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("B,A", [(1, 1), (7, 3), (97, 18), (1025, 5)])
 def test_q_targets_matches_reference(kind, B, A, dtype):
-    r, q, online, probs, term = _q_inputs(B, A, dtype, seed=B * 31 + A)
+    r, q, online, probs, term = sample_inputs("q_targets", (B,), A=A, seed=B * 31 + A, dtype=dtype)
     kw = dict(terminated=term, gamma=0.97, kind=kind, next_q_online=online, next_probs=probs, n=2)
     y = rlkernels.q_targets(r, q, temperature=0.7 if kind == "soft" else None, **kw)
     assert y.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -150,7 +140,7 @@ def test_q_targets_terminated_ignores_garbage_next_q():
 
 
 def test_q_targets_leading_dims_and_mixed_dtypes():
-    r, q, online, probs, term = _q_inputs(24, 4, torch.float64, seed=5)
+    r, q, online, probs, term = sample_inputs("q_targets", (24,), A=4, seed=5, dtype=torch.float64)
     y = rlkernels.q_targets(
         r.reshape(2, 3, 4).float(),
         q.reshape(2, 3, 4, 4),
@@ -167,7 +157,7 @@ def test_q_targets_leading_dims_and_mixed_dtypes():
 
 
 def test_q_targets_uint8_and_float_terminated():
-    r, q, _, _, term = _q_inputs(33, 3, torch.float32, seed=2)
+    r, q, _, _, term = sample_inputs("q_targets", (33,), A=3, seed=2, dtype=torch.float32)
     base = rlkernels.q_targets(r, q, terminated=term)
     torch.testing.assert_close(rlkernels.q_targets(r, q, terminated=term.to(torch.uint8)), base)
     torch.testing.assert_close(rlkernels.q_targets(r, q, terminated=term.float()), base)
@@ -184,7 +174,7 @@ def test_q_targets_uint8_and_float_terminated():
     with_term=st.booleans(),
 )
 def test_q_targets_property(B, A, kind, n, gamma, temperature, seed, with_term):
-    r, q, online, probs, term = _q_inputs(B, A, torch.float64, seed)
+    r, q, online, probs, term = sample_inputs("q_targets", (B,), A=A, dtype=torch.float64, seed=seed)
     term = term if with_term else None
     y = rlkernels.q_targets(
         r,
@@ -291,7 +281,7 @@ def test_q_targets_16bit_equals_float32_of_the_same_values(kind, A, dtype):
 
 
 def test_q_targets_non_contiguous():
-    r, q, online, probs, term = _q_inputs(40, 6, torch.float32, seed=9)
+    r, q, online, probs, term = sample_inputs("q_targets", (40,), A=6, seed=9, dtype=torch.float32)
     q_t = q.t().contiguous().t()  # same values, column-major
     assert not q_t.is_contiguous()
     torch.testing.assert_close(
@@ -322,22 +312,13 @@ def torch_td_loss(q, actions, targets, loss="huber", delta=1.0, weights=None, re
     return (per.sum() / per.numel() if per.numel() else per.sum()), e
 
 
-def _td_inputs(B, A, dtype, seed, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    q = (torch.randn(B, A, generator=g, dtype=torch.float64) * scale).to(dtype)
-    actions = torch.randint(0, A, (B,), generator=g)
-    targets = (torch.randn(B, generator=g, dtype=torch.float64) * scale).to(dtype)
-    weights = torch.rand(B, generator=g, dtype=torch.float64).to(dtype)
-    return q, actions, targets, weights
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("loss", ["huber", "squared"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_td_loss_matches_reference_and_torch(dtype, loss, reduction, weighted):
     B, A = 1029, 18
-    q, actions, targets, weights = _td_inputs(B, A, dtype, seed=B)
+    q, actions, targets, weights = sample_inputs("td_loss", (B, A), seed=B, dtype=dtype)
     w = weights if weighted else None
     q_req = q.clone().requires_grad_()
     y_req = targets.clone().requires_grad_()
@@ -376,7 +357,7 @@ def test_td_loss_backward_from_saved_errors(dtype, reduction):
     # The backward op given the forward's td_errors (as the autograd kernel passes them) must equal the one that
     # gathers them from q again, bit for bit, with every upstream gradient present or absent.
     B, A = 1000, 7  # not a multiple of the kernel's row blocks nor of the vector width
-    q, actions, targets, weights = _td_inputs(B, A, dtype, seed=5, scale=1.5)
+    q, actions, targets, weights = sample_inputs("td_loss", (B, A), seed=5, scale=1.5, dtype=dtype)
     ops = torch.ops.rlkernels
     for loss in ("huber", "squared"):
         for w in (None, weights):
@@ -393,7 +374,7 @@ def test_td_loss_backward_from_saved_errors(dtype, reduction):
 
 def test_td_loss_backward_after_td_errors_modified_in_place():
     # Priority updates may modify td_errors in place before the backward; the gradient must not change.
-    q, actions, targets, _ = _td_inputs(300, 6, torch.float32, seed=8)
+    q, actions, targets, _ = sample_inputs("td_loss", (300, 6), seed=8, dtype=torch.float32)
     q1, q2 = q.clone().requires_grad_(), q.clone().requires_grad_()
     loss1, e1 = rlkernels.td_loss(q1, actions, targets)
     loss2, e2 = rlkernels.td_loss(q2, actions, targets)
@@ -407,7 +388,7 @@ def test_td_loss_backward_after_td_errors_modified_in_place():
 
 
 def test_td_loss_backward_bad_actions():
-    q, actions, targets, _ = _td_inputs(40, 5, torch.float32, seed=9)
+    q, actions, targets, _ = sample_inputs("td_loss", (40, 5), seed=9, dtype=torch.float32)
     _, e = torch.ops.rlkernels.td_loss(q, actions, targets, None, "huber", 1.0, "mean")
     bad = actions.clone()
     bad[17] = 5
@@ -426,8 +407,8 @@ def test_td_loss_backward_bad_actions():
 def test_td_loss_forward_reports_the_first_bad_action(dtype):
     # The float32 forward gathers 8 rows per step: a bad action inside such a group (and after the groups, in
     # the tail rows), the first of several reported, negative ones too, for every row chunk.
-    q, actions, targets, _ = _td_inputs(
-        5003, 5, dtype, seed=10
+    q, actions, targets, _ = sample_inputs(
+        "td_loss", (5003, 5), seed=10, dtype=dtype
     )  # the last chunk ends in 3 rows after its groups
     for rows, value in (
         ([37, 61], 5),
@@ -445,7 +426,7 @@ def test_td_loss_forward_reports_the_first_bad_action(dtype):
 
 
 def test_td_loss_gradcheck():
-    q, actions, targets, weights = _td_inputs(13, 4, torch.float64, seed=3)
+    q, actions, targets, weights = sample_inputs("td_loss", (13, 4), seed=3, dtype=torch.float64)
     targets = targets * 2  # both Huber branches
     for loss in ("huber", "squared"):
         for reduction in ("mean", "sum", "none"):
@@ -474,7 +455,7 @@ def test_td_loss_huber_boundary_and_empty():
 
 
 def test_td_loss_leading_dims_int32_actions():
-    q, actions, targets, weights = _td_inputs(24, 5, torch.float32, seed=11)
+    q, actions, targets, weights = sample_inputs("td_loss", (24, 5), seed=11, dtype=torch.float32)
     out, e = rlkernels.td_loss(
         q.reshape(4, 6, 5), actions.reshape(4, 6).int(), targets.reshape(4, 6), reduction="none"
     )
@@ -494,7 +475,7 @@ def test_td_loss_leading_dims_int32_actions():
     weighted=st.booleans(),
 )
 def test_td_loss_property(B, A, loss, reduction, delta, seed, weighted):
-    q, actions, targets, weights = _td_inputs(B, A, torch.float64, seed, scale=4.0)
+    q, actions, targets, weights = sample_inputs("td_loss", (B, A), scale=4.0, dtype=torch.float64, seed=seed)
     w = weights if weighted else None
     out, e = rlkernels.td_loss(q, actions, targets, loss=loss, delta=delta, weights=w, reduction=reduction)
     exp_out, exp_e = reference.td_loss(
@@ -505,7 +486,7 @@ def test_td_loss_property(B, A, loss, reduction, delta, seed, weighted):
 
 
 def test_td_loss_deterministic_across_threads():
-    q, actions, targets, _ = _td_inputs(50_000, 7, torch.float32, seed=1)
+    q, actions, targets, _ = sample_inputs("td_loss", (50_000, 7), seed=1, dtype=torch.float32)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -522,23 +503,12 @@ def test_td_loss_deterministic_across_threads():
 # ----------------------------------------------------------------------------------------------------
 
 
-def _n_step_inputs(T, N, dtype, seed, p_term=0.1, p_trunc=0.1):
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
-    v = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
-    nv = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
-    boot = torch.randn(N, generator=g, dtype=torch.float64).to(dtype)
-    term = torch.rand(T, N, generator=g) < p_term
-    trunc = torch.rand(T, N, generator=g) < p_trunc
-    return r, v, nv, boot, term, trunc
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [1, 3, 8])
 @pytest.mark.parametrize("with_next", [False, True])
 @pytest.mark.parametrize("T,N", [(1, 1), (17, 5), (129, 70)])
 def test_n_step_matches_reference(dtype, n, with_next, T, N):
-    r, v, nv, boot, term, trunc = _n_step_inputs(T, N, dtype, seed=T * N + n)
+    r, v, nv, boot, term, trunc = sample_inputs("n_step_returns", (T, N), seed=T * N + n, dtype=dtype)
     kw = dict(n=n, gamma=0.95, terminated=term)
     if with_next:
         kw.update(truncated=trunc, next_values=nv)
@@ -576,7 +546,9 @@ def test_n_step_hand_computed():
     time_dim=st.sampled_from([0, 1, -1]),
 )
 def test_n_step_property(T, N, n, gamma, seed, with_next, time_dim):
-    r, v, nv, boot, term, trunc = _n_step_inputs(T, N, torch.float64, seed, p_term=0.15, p_trunc=0.15)
+    r, v, nv, boot, term, trunc = sample_inputs(
+        "n_step_returns", (T, N), p_term=0.15, p_trunc=0.15, dtype=torch.float64, seed=seed
+    )
     if time_dim != 0:  # batch-major [N, T]
         r, v, nv, term, trunc = (x.t() for x in (r, v, nv, term, trunc))
     kw = dict(n=n, gamma=gamma, terminated=term, time_dim=time_dim)
@@ -585,7 +557,9 @@ def test_n_step_property(T, N, n, gamma, seed, with_next, time_dim):
 
 
 def test_n_step_gradcheck():
-    r, v, nv, boot, term, trunc = _n_step_inputs(19, 3, torch.float64, seed=4, p_term=0.2, p_trunc=0.2)
+    r, v, nv, boot, term, trunc = sample_inputs(
+        "n_step_returns", (19, 3), seed=4, p_term=0.2, p_trunc=0.2, dtype=torch.float64
+    )
     req = [x.clone().requires_grad_() for x in (r, v, nv, boot)]
     for n in (1, 2, 5):
         assert torch.autograd.gradcheck(
@@ -603,13 +577,13 @@ def test_n_step_gradcheck():
 
 
 def test_n_step_n1_is_one_step_td_target():
-    r, v, nv, boot, term, trunc = _n_step_inputs(50, 4, torch.float64, seed=8)
+    r, v, nv, boot, term, trunc = sample_inputs("n_step_returns", (50, 4), seed=8, dtype=torch.float64)
     out = rlkernels.n_step_returns(r, v, n=1, gamma=0.9, terminated=term, truncated=trunc, next_values=nv)
     torch.testing.assert_close(out, r + 0.9 * (~term) * nv)
 
 
 def test_n_step_large_n_equals_discounted_returns():
-    r, v, nv, boot, term, trunc = _n_step_inputs(40, 3, torch.float64, seed=6)
+    r, v, nv, boot, term, trunc = sample_inputs("n_step_returns", (40, 3), seed=6, dtype=torch.float64)
     out = rlkernels.n_step_returns(r, v, n=40, gamma=0.9, terminated=term, truncated=trunc, next_values=nv)
     full = rlkernels.discounted_returns(r, gamma=0.9, terminated=term, truncated=trunc, next_values=nv)
     torch.testing.assert_close(out, full)
@@ -620,21 +594,10 @@ def test_n_step_large_n_equals_discounted_returns():
 # ----------------------------------------------------------------------------------------------------
 
 
-def _mdps(B, S, A, dtype, seed, sparse=False):
-    g = torch.Generator().manual_seed(seed)
-    P = torch.rand(B, S, A, S, generator=g, dtype=torch.float64)
-    if sparse:
-        P = P * (torch.rand(B, S, A, S, generator=g) < 0.3) + 1e-3
-    P = P / P.sum(-1, keepdim=True)
-    R = torch.randn(B, S, A, generator=g, dtype=torch.float64)
-    V = torch.randn(B, S, generator=g, dtype=torch.float64)
-    return P.to(dtype), R.to(dtype), V.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,S,A", [(1, 1, 1), (3, 7, 4), (2, 33, 5), (1, 130, 2)])
 def test_bellman_backup_matches_reference(dtype, B, S, A):
-    P, R, V = _mdps(B, S, A, dtype, seed=B * S * A)
+    P, R, V = sample_inputs("bellman_backup", (B, S, A), seed=B * S * A, dtype=dtype)
     Q, Vn, pol = rlkernels.bellman_backup(P, R, V, 0.9)
     eQ, eV, ep = reference.bellman_backup(_rounded(P, dtype), _rounded(R, dtype), _rounded(V, dtype), 0.9)
     assert_close(Q, eQ, dtype, name="Q")
@@ -648,7 +611,7 @@ def test_bellman_backup_matches_reference(dtype, B, S, A):
 
 
 def test_bellman_backup_leading_dims_and_ties():
-    P, R, V = _mdps(6, 5, 3, torch.float32, seed=1)
+    P, R, V = sample_inputs("bellman_backup", (6, 5, 3), seed=1, dtype=torch.float32)
     R[..., 1] = R[..., 0]
     P[..., 1, :] = P[..., 0, :]  # actions 0 and 1 identical: argmax must be 0
     Q, Vn, pol = rlkernels.bellman_backup(
@@ -662,7 +625,7 @@ def test_bellman_backup_leading_dims_and_ties():
 
 
 def test_bellman_backup_gradcheck():
-    P, R, V = _mdps(2, 4, 3, torch.float64, seed=2)
+    P, R, V = sample_inputs("bellman_backup", (2, 4, 3), seed=2, dtype=torch.float64)
     args = tuple(x.clone().requires_grad_() for x in (P, R, V))
     assert torch.autograd.gradcheck(lambda P, R, V: rlkernels.bellman_backup(P, R, V, 0.9)[:2], args)
 
@@ -742,7 +705,7 @@ def _numpy_value_iteration(P, R, gamma, tol, max_iters):
 @pytest.mark.parametrize("B,S,A", [(1, 9, 3), (5, 16, 4), (3, 40, 2)])
 @pytest.mark.parametrize("max_iters", [3, 1000])
 def test_value_iteration_matches_numpy_and_reference(B, S, A, max_iters):
-    P, R, _ = _mdps(B, S, A, torch.float64, seed=B + S + A, sparse=True)
+    P, R, _ = sample_inputs("bellman_backup", (B, S, A), seed=B + S + A, sparse=True, dtype=torch.float64)
     # Different rewards scales give different convergence speeds: the batch must still stop together.
     R = R * torch.logspace(-2, 1, B, dtype=torch.float64)[:, None, None]
     out = rlkernels.value_iteration(P, R, 0.95, tol=1e-7, max_iters=max_iters)
@@ -760,7 +723,7 @@ def test_value_iteration_matches_numpy_and_reference(B, S, A, max_iters):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_value_iteration_dtypes_and_V0(dtype):
-    P, R, V0 = _mdps(4, 12, 3, dtype, seed=7)
+    P, R, V0 = sample_inputs("bellman_backup", (4, 12, 3), seed=7, dtype=dtype)
     out = rlkernels.value_iteration(P, R, 0.8, tol=1e-4, V0=V0, max_iters=200)
     exp = reference.value_iteration(
         _rounded(P, dtype), _rounded(R, dtype), 0.8, tol=1e-4, max_iters=200, V0=_rounded(V0, dtype)
@@ -774,7 +737,7 @@ def test_value_iteration_dtypes_and_V0(dtype):
 
 def test_value_iteration_few_mdps_split_states():
     """One MDP on several threads (states split) must equal the single-thread result exactly."""
-    P, R, _ = _mdps(1, 300, 4, torch.float32, seed=12)
+    P, R, _ = sample_inputs("bellman_backup", (1, 300, 4), seed=12, dtype=torch.float32)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -788,7 +751,7 @@ def test_value_iteration_few_mdps_split_states():
 
 
 def test_value_iteration_max_iters_and_nan():
-    P, R, _ = _mdps(2, 5, 2, torch.float64, seed=3)
+    P, R, _ = sample_inputs("bellman_backup", (2, 5, 2), seed=3, dtype=torch.float64)
     V, Q, pol, iters, res = rlkernels.value_iteration(P, R, 0.99, tol=0.0, max_iters=7)
     assert iters.item() == 7 and (res > 0).all()
     R_nan = R.clone()
@@ -806,7 +769,7 @@ def test_value_iteration_max_iters_and_nan():
     max_iters=st.integers(1, 60),
 )
 def test_value_iteration_property(B, S, A, gamma, seed, max_iters):
-    P, R, _ = _mdps(B, S, A, torch.float64, seed)
+    P, R, _ = sample_inputs("bellman_backup", (B, S, A), dtype=torch.float64, seed=seed)
     out = rlkernels.value_iteration(P, R, gamma, tol=1e-6, max_iters=max_iters)
     V, Q, pol, iters, res = reference.value_iteration(P, R, gamma, tol=1e-6, max_iters=max_iters)
     assert out[3].item() == iters
@@ -820,10 +783,10 @@ def test_value_iteration_property(B, S, A, gamma, seed, max_iters):
 
 
 def _op_samples():
-    r, q, online, probs, term = _q_inputs(9, 4, torch.float32, seed=1)
-    qd, actions, targets, weights = _td_inputs(9, 4, torch.float64, seed=2)
-    rn, vn, nvn, bn, tn, trn = _n_step_inputs(7, 3, torch.float64, seed=3)
-    P, R, V = _mdps(2, 5, 3, torch.float64, seed=4)
+    r, q, online, probs, term = sample_inputs("q_targets", (9,), A=4, seed=1, dtype=torch.float32)
+    qd, actions, targets, weights = sample_inputs("td_loss", (9, 4), seed=2, dtype=torch.float64)
+    rn, vn, nvn, bn, tn, trn = sample_inputs("n_step_returns", (7, 3), seed=3, dtype=torch.float64)
+    P, R, V = sample_inputs("bellman_backup", (2, 5, 3), seed=4, dtype=torch.float64)
     canon = lambda x: x.reshape(1, 7, 3).contiguous()  # noqa: E731
     qg = qd.clone().requires_grad_()
     yg = targets.clone().requires_grad_()
@@ -876,10 +839,10 @@ def test_opcheck():
 
 
 def test_torch_compile_fullgraph():
-    r, q, online, probs, term = _q_inputs(16, 4, torch.float32, seed=1)
-    qd, actions, targets, weights = _td_inputs(16, 4, torch.float32, seed=2)
-    rn, vn, nvn, bn, tn, trn = _n_step_inputs(9, 16, torch.float32, seed=3)
-    P, R, V = _mdps(2, 5, 3, torch.float32, seed=4)
+    r, q, online, probs, term = sample_inputs("q_targets", (16,), A=4, seed=1, dtype=torch.float32)
+    qd, actions, targets, weights = sample_inputs("td_loss", (16, 4), seed=2, dtype=torch.float32)
+    rn, vn, nvn, bn, tn, trn = sample_inputs("n_step_returns", (9, 16), seed=3, dtype=torch.float32)
+    P, R, V = sample_inputs("bellman_backup", (2, 5, 3), seed=4, dtype=torch.float32)
 
     def step(q_online):
         y = rlkernels.q_targets(r, q, terminated=term, kind="double", next_q_online=online)
@@ -902,13 +865,13 @@ def test_torch_compile_fullgraph():
 
 
 def test_reference_backend_agrees():
-    r, q, online, probs, term = _q_inputs(20, 3, torch.float64, seed=1)
+    r, q, online, probs, term = sample_inputs("q_targets", (20,), A=3, seed=1, dtype=torch.float64)
     for kind in KINDS:
         kw = dict(terminated=term, kind=kind, next_q_online=online, next_probs=probs, temperature=0.3)
         torch.testing.assert_close(
             rlkernels.q_targets(r, q, backend="reference", **kw), rlkernels.q_targets(r, q, **kw)
         )
-    P, R, V = _mdps(2, 6, 3, torch.float64, seed=2)
+    P, R, V = sample_inputs("bellman_backup", (2, 6, 3), seed=2, dtype=torch.float64)
     for a, b in zip(
         rlkernels.value_iteration(P, R, 0.9, backend="reference"), rlkernels.value_iteration(P, R, 0.9)
     ):
@@ -919,9 +882,9 @@ def test_reference_backend_agrees():
 # Bad input: the error names the argument
 # ----------------------------------------------------------------------------------------------------
 
-_r, _q, _on, _pr, _term = _q_inputs(6, 3, torch.float32, seed=0)
-_qd, _act, _y, _w = _td_inputs(6, 3, torch.float32, seed=0)
-_P, _R, _V = _mdps(2, 4, 3, torch.float32, seed=0)
+_r, _q, _on, _pr, _term = sample_inputs("q_targets", (6,), A=3, seed=0, dtype=torch.float32)
+_qd, _act, _y, _w = sample_inputs("td_loss", (6, 3), seed=0, dtype=torch.float32)
+_P, _R, _V = sample_inputs("bellman_backup", (2, 4, 3), seed=0, dtype=torch.float32)
 
 BAD = [
     (lambda: rlkernels.q_targets(_r, _q[:5]), ValueError, "next_q"),
