@@ -413,7 +413,7 @@ _WALK_SHAPES = {
 def test_specialized_walks_and_streaming_stores(op, inputs, walk, streaming, monkeypatch):
     monkeypatch.setenv("RLKERNELS_STREAMING_STORES", streaming)
     # The engine's walks: float32 GAE on long time-contiguous rows would otherwise take the time-vectorized
-    # path (csrc/cpu/gae_rows.h, tested in tests/test_gae_rows.py).
+    # path (csrc/cpu/gae_rows.h, tested in the rows section below).
     monkeypatch.setenv("RLKERNELS_GAE_ROWS", "0")
     shape, time_dim = _WALK_SHAPES[walk]
     s32 = make_inputs(op, shape, time_dim=time_dim, dtype=torch.float32, gamma=0.97, lam=0.9, seed=5,
