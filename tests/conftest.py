@@ -1,20 +1,36 @@
-"""Shared test machinery: tolerances, the input factory, hypothesis profiles and the `cuda` marker.
+"""Shared test machinery: the Triton interpreter switch, the backends to test, the one closeness check
+(`assert_close`, per-dtype TOLERANCES), the input factories, hypothesis profiles and the `cuda` marker.
 
-`make_inputs` is the one sample-input factory behind the correctness, gradient and opcheck tests (in the
-spirit of pytorch/extension-cpp's `sample_inputs`): it builds the arguments of a public function for any
-shape / layout / flag combination, and `Sample` turns them into a kernel call, a reference call or the
-canonical arguments of the raw custom op.
+`sample_inputs(op, shape, dtype=, device=, seed=, ...)` is the one sample-input factory per family behind the
+correctness, gradient and opcheck tests (in the spirit of pytorch/extension-cpp's `sample_inputs`); for the
+scan family it is `make_inputs`, which builds the arguments of a public function for any shape / layout /
+flag combination, and `Sample` turns them into a kernel call, a reference call or the canonical arguments of
+the raw custom op. `backends(op, ...)` parameterizes a test over cpu, triton and cuda (`device_for(backend)`
+says where its inputs live).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+# ----------------------------------------------------------------------------------------------------
+# The Triton interpreter, once for the session. `@triton.jit` decides when a kernel is decorated (at the
+# import of rlkernels.triton.*) whether it is compiled for a GPU or run by the interpreter, and only
+# interpreted kernels take CPU tensors. Without a CUDA device the Triton tests need the interpreter, so it
+# is switched on here, before any test module imports triton or rlkernels; an explicit TRITON_INTERPRET
+# (scripts/test.sh exports 1) is left as it is.
+# ----------------------------------------------------------------------------------------------------
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    assert "triton" not in sys.modules, "triton was imported before tests/conftest.py set TRITON_INTERPRET"
+    os.environ["TRITON_INTERPRET"] = "1"
 
 # ----------------------------------------------------------------------------------------------------
 # Hypothesis profiles: "ci" (default) keeps the whole suite within minutes on 2 cores; "dev" digs deeper.
@@ -68,10 +84,85 @@ if _TRITON_LAUNCHES:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The `cuda` marker: skipped where no CUDA device exists.
+# Backends. A test of a kernel is parameterized over `backend` with `backends(op, ...)`: "cpu" always;
+# "triton" (marked `triton`) when triton is importable, on CPU tensors under the interpreter and on CUDA
+# tensors otherwise (then also marked `cuda`); "cuda" (marked `cuda`) on a CUDA device with the ops' CUDA
+# kernels registered. Tests sized for a GPU take `gpu_backends(op, ...)`: "cuda" and "triton" on CUDA
+# tensors. A backend that cannot run here is a skipped case, so `-m cuda`, `-m triton` or `-m "cuda and not
+# triton"` select subsets; `device_for(backend)` says where a backend's inputs live.
 # ----------------------------------------------------------------------------------------------------
 
 
+def triton_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def has_cuda_kernel(op: str) -> bool:
+    """Whether rlkernels::<op> has a CUDA kernel registered (an rlkernels built with nvcc)."""
+    import rlkernels  # noqa: F401  (registers the ops)
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"rlkernels::{op}", "CUDA")
+
+
+def device_for(backend: str) -> str:
+    """The device type of the tensors a backend is tested on."""
+    if backend == "cuda":
+        return "cuda"
+    if backend == "triton":
+        return "cpu" if triton_interpreting() else "cuda"
+    return "cpu"
+
+
+def _cuda_skip(ops):
+    if not torch.cuda.is_available():
+        return pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    missing = [op for op in ops if not has_cuda_kernel(op)]
+    return pytest.mark.skipif(bool(missing), reason=f"no CUDA kernel for {', '.join(missing)}")
+
+
+def _triton_param(gpu_sized=False, cuda_ops=(), cpu_tensors=False):
+    marks = [
+        pytest.mark.triton,
+        pytest.mark.skipif(not triton_importable(), reason="needs the triton package"),
+    ]
+    if cpu_tensors:
+        reason = "runs Triton on CPU tensors: needs TRITON_INTERPRET=1"
+        marks.append(pytest.mark.skipif(not triton_interpreting(), reason=reason))
+    elif gpu_sized or not triton_interpreting():
+        marks += [pytest.mark.cuda, _cuda_skip(cuda_ops)]
+    return pytest.param("triton", marks=marks, id="triton")
+
+
+def backends(*ops, include=("cpu", "triton", "cuda"), cpu_tensors=False):
+    """pytest params of the backends that `ops` (rlkernels op names) are tested on (see the section
+    comment). cpu_tensors: the test keeps its inputs on the CPU (it patches Triton's tile sizes, say), so
+    its Triton case runs only under the interpreter."""
+    params = []
+    if "cpu" in include:
+        params.append(pytest.param("cpu", id="cpu"))
+    if "triton" in include:
+        params.append(_triton_param(cpu_tensors=cpu_tensors))
+    if "cuda" in include:
+        params.append(pytest.param("cuda", marks=[pytest.mark.cuda, _cuda_skip(ops)], id="cuda"))
+    return params
+
+
+def gpu_backends(*ops):
+    """The GPU backends for tests sized for a GPU: "cuda", and "triton" on CUDA tensors. Both need a CUDA
+    device and the CUDA kernels of `ops` (these tests also run the CUDA kernels, as a second oracle)."""
+    return [
+        pytest.param("cuda", marks=[pytest.mark.cuda, _cuda_skip(ops)], id="cuda"),
+        _triton_param(gpu_sized=True, cuda_ops=ops),
+    ]
+
+
+# The `cuda` marker: skipped where no CUDA device exists.
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
@@ -131,12 +222,30 @@ def finite_scale(values, at_least=1.0) -> float:
     return max(at_least, float(np.abs(finite).max())) if finite.size else at_least
 
 
-def assert_close(actual, expected, dtype=torch.float64, *, name="output", scale=None, rtol=None, atol=None):
-    """`actual` (tensor) against `expected` (array) with the tolerance of `dtype`.
+def assert_close(
+    actual,
+    expected,
+    dtype=torch.float64,
+    *,
+    name="output",
+    scale=None,
+    rtol=None,
+    atol=None,
+    same_dtype=False,
+    device=None,
+):
+    """`actual` (tensor) against `expected` (tensor, array or number) with the tolerance of `dtype`: the
+    one closeness check of the suite, |actual - expected| <= atol * scale + rtol * |expected|, in float64.
 
     NaN must sit where the expected NaN sits, infinities must match exactly, and the absolute tolerance is
-    relative to the largest finite |expected| (at least 1).
+    relative to `scale`, by default the largest finite |expected| (at least 1); scale=1.0 makes atol absolute.
+    rtol / atol override the per-dtype TOLERANCES. same_dtype: both are tensors of one dtype. device: the
+    device type `actual` must be on ("cuda", "cpu").
     """
+    if device is not None:
+        assert actual.device.type == device, f"{name}: on {actual.device}, expected {device}"
+    if same_dtype:
+        assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != expected {expected.dtype}"
     exp = to_numpy(expected)
     act = to_numpy(actual)
     assert act.shape == exp.shape, f"{name}: shape {act.shape} != expected {exp.shape}"
@@ -367,6 +476,143 @@ def make_inputs(
 
 
 # ----------------------------------------------------------------------------------------------------
+# sample_inputs: one factory per family (the scan family's is make_inputs above)
+# ----------------------------------------------------------------------------------------------------
+
+
+def randn(shape, dtype=torch.float64, *, scale=1.0, seed=0, device="cpu"):
+    """Standard normal values times `scale`, drawn in float64 from a generator seeded with `seed`, then
+    cast."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def random_tokens(shape, V, *, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, shape, generator=g).to(device)
+
+
+def sample_mask(shape, kind, seed=0, *, empty_row=True, device="cpu"):
+    """A token mask (True: used) with about 30% masked: kind None (no mask), "bool", "uint8", "float" or
+    "all-masked" (bool, nothing used). With empty_row, row 1 of a 2-D mask has no token."""
+    if kind is None:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    m = torch.rand(shape, generator=g, dtype=torch.float64) > 0.3
+    if empty_row and len(shape) == 2 and shape[0] > 1:
+        m[1] = False
+    if kind == "all-masked":
+        m[:] = False
+    m = {"bool": m, "all-masked": m, "uint8": m.to(torch.uint8), "float": m.to(torch.float32)}[kind]
+    return m.to(device)
+
+
+def sample_inputs(op, shape, *, dtype=torch.float64, device="cpu", seed=0, **options):
+    """One set of inputs of `op`, the one factory per family behind the reference, gradient and opcheck tests.
+
+    - scan family (linear_scan, discounted_returns, gae, vtrace): a `Sample`, see make_inputs (its options);
+    - gather_logprobs: (logits [..., V], tokens [...]) for shape [..., V]; options scale (3.0) and
+      token_seed (seed + 1);
+    - ppo_policy_loss: (logp, old_logp, advantages), log-ratios of spread `scale` (0.3);
+      value_loss: (values, old_values, returns); kl_penalty: (logp, ref_logp) of spread `scale` (1.0).
+      Masks come from sample_mask.
+    - Bellman family: q_targets, shape (B,), option A (actions) and scale (3.0); td_loss, shape (B, A),
+      scale (2.0); n_step_returns, shape (T, N), p_term and p_trunc (0.1); bellman_backup and
+      value_iteration, shape (B, S, A), sparse (False). The tuples are listed by their factories below.
+    """
+    if op in OPS:
+        sample = make_inputs(op, shape, dtype=dtype, seed=seed, **options)
+        if device != "cpu":
+            sample = dataclasses.replace(
+                sample,
+                tensors={k: v.to(device) for k, v in sample.tensors.items()},
+                scalars={
+                    k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in sample.scalars.items()
+                },
+            )
+        return sample
+    if op == "gather_logprobs":
+        token_seed = options.pop("token_seed", seed + 1)
+        logits = randn(shape, dtype, scale=options.pop("scale", 3.0), seed=seed, device=device)
+        assert not options, options
+        return logits, random_tokens(tuple(shape[:-1]), shape[-1], seed=token_seed, device=device)
+    if op in ("ppo_policy_loss", "kl_penalty"):
+        scale = options.pop("scale", 0.3 if op == "ppo_policy_loss" else 1.0)
+        assert not options, options
+        g = torch.Generator().manual_seed(seed)
+        logp = -torch.rand(shape, generator=g, dtype=torch.float64) * 3
+        old = logp + torch.randn(shape, generator=g, dtype=torch.float64) * scale
+        adv = torch.randn(shape, generator=g, dtype=torch.float64)
+        out = (logp, old, adv) if op == "ppo_policy_loss" else (logp, old)
+        return tuple(x.to(device=device, dtype=dtype) for x in out)
+    if op == "value_loss":
+        assert not options, options
+        g = torch.Generator().manual_seed(seed)
+        v = torch.randn(shape, generator=g, dtype=torch.float64)
+        old = v + 0.3 * torch.randn(shape, generator=g, dtype=torch.float64)
+        ret = v + torch.randn(shape, generator=g, dtype=torch.float64)
+        return tuple(x.to(device=device, dtype=dtype) for x in (v, old, ret))
+    if op in BELLMAN_SAMPLES:
+        out = BELLMAN_SAMPLES[op](shape, dtype, torch.Generator().manual_seed(seed), **options)
+        return tuple(x.to(device) for x in out)
+    raise ValueError(f"no sample_inputs for {op!r}")
+
+
+def _q_targets_sample(shape, dtype, g, A, scale=3.0):
+    """(rewards [B], next_q [B, A], next_q_online [B, A], next_probs [B, A], terminated [B]) for shape (B,)."""
+    (B,) = shape
+    r = (torch.randn(B, generator=g, dtype=torch.float64) * scale).to(dtype)
+    q = (torch.randn(B, A, generator=g, dtype=torch.float64) * scale).to(dtype)
+    online = (torch.randn(B, A, generator=g, dtype=torch.float64) * scale).to(dtype)
+    probs = torch.softmax(torch.randn(B, A, generator=g, dtype=torch.float64), -1).to(dtype)
+    term = torch.rand(B, generator=g) < 0.3
+    return r, q, online, probs, term
+
+
+def _td_loss_sample(shape, dtype, g, scale=2.0):
+    """(q [B, A], actions [B], targets [B], weights [B]) for shape (B, A)."""
+    B, A = shape
+    q = (torch.randn(B, A, generator=g, dtype=torch.float64) * scale).to(dtype)
+    actions = torch.randint(0, A, (B,), generator=g)
+    targets = (torch.randn(B, generator=g, dtype=torch.float64) * scale).to(dtype)
+    weights = torch.rand(B, generator=g, dtype=torch.float64).to(dtype)
+    return q, actions, targets, weights
+
+
+def _n_step_sample(shape, dtype, g, p_term=0.1, p_trunc=0.1):
+    """(rewards, values, next_values, bootstrap_value [N], terminated, truncated) for shape (T, N)."""
+    T, N = shape
+    r = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
+    nv = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
+    boot = torch.randn(N, generator=g, dtype=torch.float64).to(dtype)
+    term = torch.rand(T, N, generator=g) < p_term
+    trunc = torch.rand(T, N, generator=g) < p_trunc
+    return r, v, nv, boot, term, trunc
+
+
+def _mdp_sample(shape, dtype, g, sparse=False):
+    """(P [B, S, A, S], R [B, S, A], V [B, S]) for shape (B, S, A); sparse: about 70% of P near 0."""
+    B, S, A = shape
+    P = torch.rand(B, S, A, S, generator=g, dtype=torch.float64)
+    if sparse:
+        P = P * (torch.rand(B, S, A, S, generator=g) < 0.3) + 1e-3
+    P = P / P.sum(-1, keepdim=True)
+    R = torch.randn(B, S, A, generator=g, dtype=torch.float64)
+    V = torch.randn(B, S, generator=g, dtype=torch.float64)
+    return P.to(dtype), R.to(dtype), V.to(dtype)
+
+
+BELLMAN_SAMPLES = {
+    "q_targets": _q_targets_sample,
+    "td_loss": _td_loss_sample,
+    "n_step_returns": _n_step_sample,
+    "bellman_backup": _mdp_sample,
+    "value_iteration": _mdp_sample,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
 # Canonical arguments of the raw custom ops (for opcheck)
 # ----------------------------------------------------------------------------------------------------
 
@@ -540,10 +786,18 @@ __all__ = [
     "Sample",
     "assert_close",
     "assert_outputs_close",
+    "backends",
     "backward_op_args",
     "canonical_samples",
+    "device_for",
+    "gpu_backends",
+    "has_cuda_kernel",
     "make_inputs",
     "op_args",
     "output_dtype",
+    "randn",
+    "random_tokens",
+    "sample_inputs",
+    "sample_mask",
     "to_numpy",
 ]

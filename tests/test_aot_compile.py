@@ -21,7 +21,8 @@ def _run(*args):
 
 def test_recorded_launches_compile_and_a_broken_one_is_reported(tmp_path):
     records = tmp_path / "launches.pkl"
-    capture = _run("--records", str(records), "--capture-only", "--", "tests/test_triton_ppo.py", "-k", "kl_matches")
+    capture = _run("--records", str(records), "--capture-only", "--", "tests/test_ppo.py", "-k",
+                   "test_backend_kl_matches_cpu and triton")
     assert capture.returncode == 0, capture.stdout[-2000:] + capture.stderr[-2000:]
     with records.open("rb") as f:
         launches = pickle.load(f)

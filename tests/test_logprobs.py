@@ -1,46 +1,61 @@
-"""Tests of gather_logprobs (docs/design.md §4.3): CPU kernel, autograd, custom-op plumbing and the Triton backend.
+"""Tests of gather_logprobs (docs/design.md §4.3) on every backend: kernels, autograd, custom-op plumbing.
 
 Oracles: `rlkernels.reference.gather_logprobs` (NumPy) and torch float64 log_softmax / gather / entropy on
 the same (upcast) logits, so 16-bit inputs are compared without their input rounding and the tolerances
-measure the kernel's accumulation alone. TRITON_INTERPRET=1 is set before triton or rlkernels is imported
-(see tests/test_triton_returns.py); the Triton cases use small shapes because the interpreter is slow.
+measure the kernel's accumulation alone; the GPU backends are also checked against the CPU backend. Tests
+parameterized over `backend` (tests/conftest.py: backends) run Triton under the interpreter on CPU tensors
+without a GPU, with small shapes because the interpreter is slow; the GPU-sized tests (gpu_backends) are
+skipped without a CUDA device or without the ops' CUDA kernels (an rlkernels built without nvcc).
 """
-
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
-
-import importlib.util
 
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close, backends, device_for, gpu_backends, randn, random_tokens, sample_inputs
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
 import rlkernels
 from rlkernels import reference
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# (atol, rtol) of logp / entropy against float64 on the same logits: accumulation error only.
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (5e-5, 1e-5), torch.bfloat16: (5e-5, 1e-5),
-       torch.float16: (5e-5, 1e-5)}
+OPS = ("gather_logprobs", "gather_logprobs_backward", "gather_logprobs_backward_inplace")
+# Tolerances (absolute atol: scale=1.0) of logp / entropy against float64 on the same logits: accumulation
+# error only.
+TOL = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10, "scale": 1.0},
+    torch.float32: {"atol": 5e-5, "rtol": 1e-5, "scale": 1.0},
+    torch.bfloat16: {"atol": 5e-5, "rtol": 1e-5, "scale": 1.0},
+    torch.float16: {"atol": 5e-5, "rtol": 1e-5, "scale": 1.0},
+}
 # Gradients are stored in the logits' dtype, so they carry its rounding.
-GRAD_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-6, 1e-5), torch.bfloat16: (2e-3, 2e-2),
-            torch.float16: (2e-4, 2e-3)}
+GRAD_TOL = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10, "scale": 1.0},
+    torch.float32: {"atol": 1e-6, "rtol": 1e-5, "scale": 1.0},
+    torch.bfloat16: {"atol": 2e-3, "rtol": 2e-2, "scale": 1.0},
+    torch.float16: {"atol": 2e-4, "rtol": 2e-3, "scale": 1.0},
+}
+# A GPU kernel against the CPU kernel on the same input values (the GPU-sized tests): accumulation order only.
+GPU_TOL = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10, "scale": 1.0},
+    torch.float32: {"atol": 5e-5, "rtol": 2e-5, "scale": 1.0},
+    torch.bfloat16: {"atol": 5e-5, "rtol": 2e-5, "scale": 1.0},
+    torch.float16: {"atol": 5e-5, "rtol": 2e-5, "scale": 1.0},
+}
+# Their gradients: one ulp of the input dtype apart at most (different exp and summation).
+GPU_GRAD_TOL = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10, "scale": 1.0},
+    torch.float32: {"atol": 1e-6, "rtol": 2e-5, "scale": 1.0},
+    torch.bfloat16: {"atol": 2e-3, "rtol": 2e-2, "scale": 1.0},
+    torch.float16: {"atol": 2e-4, "rtol": 2e-3, "scale": 1.0},
+}
+VOCABS = (1, 7, 1000, 32000, 151936)
+DEVICE = "cuda"  # of the GPU-sized tests
 
 
 def acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def make_logits(shape, dtype, scale=3.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
-
-
-def make_tokens(shape, V, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, V, shape, generator=g)
 
 
 def torch_oracle(logits, tokens, temperature=1.0, ignore_index=None):
@@ -56,11 +71,6 @@ def torch_oracle(logits, tokens, temperature=1.0, ignore_index=None):
     return torch.where(ignored, 0.0, logp), torch.where(ignored, 0.0, entropy)
 
 
-def assert_close(actual, expected, tol):
-    atol, rtol = tol
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, equal_nan=True)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Forward against the oracles
 # ----------------------------------------------------------------------------------------------------
@@ -70,18 +80,19 @@ def assert_close(actual, expected, tol):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
 def test_forward_matches_oracles(V, dtype, temperature):
-    logits = make_logits((2, 3, V), dtype)
-    tokens = make_tokens((2, 3), V)
+    logits = randn((2, 3, V), dtype, scale=3.0)
+    tokens = random_tokens((2, 3), V)
     logp, entropy = rlkernels.gather_logprobs(logits, tokens, temperature=temperature, return_entropy=True)
     assert logp.dtype == entropy.dtype == acc_dtype(dtype)
     assert logp.shape == entropy.shape == tokens.shape
     want_logp, want_entropy = torch_oracle(logits, tokens, temperature)
-    assert_close(logp, want_logp, TOL[dtype])
-    assert_close(entropy, want_entropy, TOL[dtype])
-    ref_logp, ref_entropy = reference.gather_logprobs(logits.double().numpy(), tokens.numpy(),
-                                                      temperature=temperature, return_entropy=True)
-    assert_close(logp, torch.from_numpy(ref_logp), TOL[dtype])
-    assert_close(entropy, torch.from_numpy(ref_entropy), TOL[dtype])
+    assert_close(logp, want_logp, **TOL[dtype])
+    assert_close(entropy, want_entropy, **TOL[dtype])
+    ref_logp, ref_entropy = reference.gather_logprobs(
+        logits.double().numpy(), tokens.numpy(), temperature=temperature, return_entropy=True
+    )
+    assert_close(logp, torch.from_numpy(ref_logp), **TOL[dtype])
+    assert_close(entropy, torch.from_numpy(ref_entropy), **TOL[dtype])
     only_logp = rlkernels.gather_logprobs(logits, tokens, temperature=temperature)
     assert torch.equal(only_logp, logp)  # the entropy term does not change the logp path
 
@@ -89,18 +100,18 @@ def test_forward_matches_oracles(V, dtype, temperature):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_qwen_vocabulary(dtype):
     V = 151936
-    logits = make_logits((3, V), dtype, scale=5.0)
+    logits = randn((3, V), dtype, scale=5.0)
     tokens = torch.tensor([0, V - 1, 12345])
     logp, entropy = rlkernels.gather_logprobs(logits, tokens, return_entropy=True)
     want_logp, want_entropy = torch_oracle(logits, tokens)
-    assert_close(logp, want_logp, (2e-4, 1e-5))
-    assert_close(entropy, want_entropy, (2e-4, 1e-5))
+    assert_close(logp, want_logp, atol=2e-4, rtol=1e-5, scale=1.0)
+    assert_close(entropy, want_entropy, atol=2e-4, rtol=1e-5, scale=1.0)
 
 
 def test_extreme_logits():
     V = 300
     inf = float("inf")
-    logits = make_logits((6, V), torch.float64)
+    logits = randn((6, V), torch.float64, scale=3.0)
     logits[0] *= 1e4 / 3  # +-1e4: no overflow in exp(z - max)
     logits[1] = -1e4
     logits[1, 17] = 1e4
@@ -113,11 +124,13 @@ def test_extreme_logits():
     for dtype in (torch.float64, torch.float32, torch.bfloat16):
         x = logits.to(dtype)
         logp, entropy = rlkernels.gather_logprobs(x, tokens, return_entropy=True)
-        ref_logp, ref_entropy = reference.gather_logprobs(x.double().numpy(), tokens.numpy(), return_entropy=True)
+        ref_logp, ref_entropy = reference.gather_logprobs(
+            x.double().numpy(), tokens.numpy(), return_entropy=True
+        )
         assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
         assert (logp <= 0).all()
-        assert_close(logp, torch.from_numpy(ref_logp), (1e-4, 1e-6))
-        assert_close(entropy, torch.from_numpy(ref_entropy), (1e-4, 1e-6))
+        assert_close(logp, torch.from_numpy(ref_logp), atol=1e-4, rtol=1e-6, scale=1.0)
+        assert_close(entropy, torch.from_numpy(ref_entropy), atol=1e-4, rtol=1e-6, scale=1.0)
         assert logp[3] == 0 and entropy[3] == 0 and logp[5] == 0
         assert abs(float(logp[4]) + np.log(V)) < 1e-4
 
@@ -131,7 +144,7 @@ def test_all_minus_inf_row_is_nan():
 
 
 def test_nan_logit_propagates():
-    logits = make_logits((2, 50), torch.float32)
+    logits = randn((2, 50), torch.float32, scale=3.0)
     logits[0, 10] = float("nan")
     logp = rlkernels.gather_logprobs(logits, torch.tensor([1, 1]))
     assert torch.isnan(logp[0]) and torch.isfinite(logp[1])
@@ -140,14 +153,14 @@ def test_nan_logit_propagates():
 @pytest.mark.parametrize("ignore_index", [-100, 3])
 def test_ignore_index(ignore_index):
     V = 40
-    logits = make_logits((4, 5, V), torch.float32)
-    tokens = make_tokens((4, 5), V)
+    logits = randn((4, 5, V), torch.float32, scale=3.0)
+    tokens = random_tokens((4, 5), V)
     tokens[0, 1] = ignore_index
     tokens[2, :] = ignore_index
     logp, entropy = rlkernels.gather_logprobs(logits, tokens, return_entropy=True, ignore_index=ignore_index)
     want_logp, want_entropy = torch_oracle(logits, tokens, ignore_index=ignore_index)
-    assert_close(logp, want_logp, TOL[torch.float32])
-    assert_close(entropy, want_entropy, TOL[torch.float32])
+    assert_close(logp, want_logp, **TOL[torch.float32])
+    assert_close(entropy, want_entropy, **TOL[torch.float32])
     ignored = tokens == ignore_index
     assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
     x = logits.clone().requires_grad_()
@@ -159,8 +172,8 @@ def test_ignore_index(ignore_index):
 
 def test_leading_dims_and_token_dtypes():
     V = 33
-    logits = make_logits((2, 3, 4, V), torch.float32)
-    tokens = make_tokens((2, 3, 4), V)
+    logits = randn((2, 3, 4, V), torch.float32, scale=3.0)
+    tokens = random_tokens((2, 3, 4), V)
     want = rlkernels.gather_logprobs(logits.reshape(-1, V), tokens.reshape(-1)).reshape(2, 3, 4)
     for tok in (tokens, tokens.to(torch.int32), tokens.to(torch.uint8)):
         assert torch.equal(rlkernels.gather_logprobs(logits, tok), want)
@@ -170,27 +183,28 @@ def test_leading_dims_and_token_dtypes():
 
 def test_non_contiguous_logits():
     V = 1000
-    base = make_logits((6, 2 * V + 3), torch.float32)
-    tokens = make_tokens((6,), V)
+    base = randn((6, 2 * V + 3), torch.float32, scale=3.0)
+    tokens = random_tokens((6,), V)
     sliced = base[:, 3 : V + 3]  # row stride 2V + 3: read in place
     strided = base[:, 1 : 2 * V + 1 : 2]  # stride 2 along V
-    transposed = make_logits((V, 6), torch.float32).t()
+    transposed = randn((V, 6), torch.float32, scale=3.0).t()
     for logits in (sliced, strided, transposed):
         assert not logits.is_contiguous()
         logp, entropy = rlkernels.gather_logprobs(logits, tokens, return_entropy=True)
         want_logp, want_entropy = torch_oracle(logits, tokens)
-        assert_close(logp, want_logp, TOL[torch.float32])
-        assert_close(entropy, want_entropy, TOL[torch.float32])
+        assert_close(logp, want_logp, **TOL[torch.float32])
+        assert_close(entropy, want_entropy, **TOL[torch.float32])
         x = logits.detach().clone().requires_grad_()
         rlkernels.gather_logprobs(x, tokens).sum().backward()
         y = logits.detach().double().requires_grad_()
         torch_oracle(y, tokens)[0].sum().backward()
-        assert_close(x.grad, y.grad, GRAD_TOL[torch.float32])
+        assert_close(x.grad, y.grad, **GRAD_TOL[torch.float32])
 
 
 def test_empty_inputs():
-    logp, entropy = rlkernels.gather_logprobs(torch.zeros(0, 7), torch.zeros(0, dtype=torch.long),
-                                              return_entropy=True)
+    logp, entropy = rlkernels.gather_logprobs(
+        torch.zeros(0, 7), torch.zeros(0, dtype=torch.long), return_entropy=True
+    )
     assert logp.shape == entropy.shape == (0,)
     x = torch.zeros(2, 0, 5, requires_grad=True)
     out = rlkernels.gather_logprobs(x, torch.zeros(2, 0, dtype=torch.long))
@@ -205,8 +219,8 @@ def test_empty_inputs():
 
 
 def test_deterministic():
-    logits = make_logits((16, 5000), torch.float32)
-    tokens = make_tokens((16,), 5000)
+    logits = randn((16, 5000), torch.float32, scale=3.0)
+    tokens = random_tokens((16,), 5000)
     a = rlkernels.gather_logprobs(logits, tokens, return_entropy=True)
     b = rlkernels.gather_logprobs(logits, tokens, return_entropy=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -221,32 +235,38 @@ def test_deterministic():
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_gradcheck(which, temperature):
     V = 11
-    logits = make_logits((2, 3, V), torch.float64, scale=1.5).requires_grad_()
-    tokens = make_tokens((2, 3), V)
+    logits = randn((2, 3, V), torch.float64, scale=1.5).requires_grad_()
+    tokens = random_tokens((2, 3), V)
     tokens[1, 2] = -1
 
     def f(x):
-        logp, entropy = rlkernels.gather_logprobs(x, tokens, temperature=temperature, return_entropy=True,
-                                                  ignore_index=-1)
+        logp, entropy = rlkernels.gather_logprobs(
+            x, tokens, temperature=temperature, return_entropy=True, ignore_index=-1
+        )
         return {"logp": (logp,), "entropy": (entropy,), "both": (logp, entropy)}[which]
 
     assert torch.autograd.gradcheck(f, (logits,))
 
 
 def test_gradcheck_with_minus_inf_entries():
-    logits = make_logits((3, 9), torch.float64)
+    logits = randn((3, 9), torch.float64, scale=3.0)
     logits[:, ::2] = float("-inf")
     logits = logits.requires_grad_()
     tokens = torch.tensor([1, 3, 5])
-    assert torch.autograd.gradcheck(lambda x: rlkernels.gather_logprobs(x, tokens, return_entropy=True), (logits,))
+    assert torch.autograd.gradcheck(
+        lambda x: rlkernels.gather_logprobs(x, tokens, return_entropy=True), (logits,)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [7, 1000])
 def test_backward_matches_torch(dtype, V):
-    logits = make_logits((5, V), dtype)
-    tokens = make_tokens((5,), V)
-    g_logp, g_entropy = make_logits((5,), torch.float64, seed=3), make_logits((5,), torch.float64, seed=4)
+    logits = randn((5, V), dtype, scale=3.0)
+    tokens = random_tokens((5,), V)
+    g_logp, g_entropy = (
+        randn((5,), torch.float64, seed=3, scale=3.0),
+        randn((5,), torch.float64, seed=4, scale=3.0),
+    )
     x = logits.clone().requires_grad_()
     logp, entropy = rlkernels.gather_logprobs(x, tokens, temperature=0.8, return_entropy=True)
     (logp * g_logp.to(logp.dtype) + entropy * g_entropy.to(logp.dtype)).sum().backward()
@@ -254,13 +274,13 @@ def test_backward_matches_torch(dtype, V):
     y = logits.double().requires_grad_()
     want_logp, want_entropy = torch_oracle(y, tokens, 0.8)
     (want_logp * g_logp + want_entropy * g_entropy).sum().backward()
-    assert_close(x.grad, y.grad, GRAD_TOL[dtype])
+    assert_close(x.grad, y.grad, **GRAD_TOL[dtype])
 
 
 @pytest.mark.parametrize("return_entropy", [False, True])
 def test_inplace_backward(return_entropy):
-    logits = make_logits((4, 300), torch.float32)
-    tokens = make_tokens((4,), 300)
+    logits = randn((4, 300), torch.float32, scale=3.0)
+    tokens = random_tokens((4,), 300)
 
     def grad(inplace):
         x = logits.clone().requires_grad_()
@@ -272,7 +292,7 @@ def test_inplace_backward(return_entropy):
 
     want, h_kept = grad(False)
     got, h_destroyed = grad(True)
-    assert_close(got, want, GRAD_TOL[torch.float32])
+    assert_close(got, want, **GRAD_TOL[torch.float32])
     assert torch.equal(h_kept, logits)
     assert torch.equal(h_destroyed, got)  # documented: the logits' storage now holds the gradient
 
@@ -290,11 +310,13 @@ def _largest_allocation(fn):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_allocates_no_logits_sized_tensor(dtype):
-    logits = make_logits((64, 4000), dtype)
-    tokens = make_tokens((64,), 4000)
+    logits = randn((64, 4000), dtype, scale=3.0)
+    tokens = random_tokens((64,), 4000)
     # The probe sees the allocations of the eager baseline, so it can fail.
-    assert _largest_allocation(lambda: torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None])) >= \
-        logits.numel() * 4
+    assert (
+        _largest_allocation(lambda: torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None]))
+        >= logits.numel() * 4
+    )
     largest = _largest_allocation(lambda: rlkernels.gather_logprobs(logits, tokens, return_entropy=True))
     assert 0 < largest <= 64 * 8 * 4  # the per-row outputs only
 
@@ -305,8 +327,8 @@ def test_forward_allocates_no_logits_sized_tensor(dtype):
 
 
 def _op_args(dtype=torch.float32, requires_grad=False, return_entropy=True, ignore_index=-1):
-    logits = make_logits((6, 37), dtype).requires_grad_(requires_grad)
-    tokens = make_tokens((6,), 37)
+    logits = randn((6, 37), dtype, scale=3.0).requires_grad_(requires_grad)
+    tokens = random_tokens((6,), 37)
     tokens[2] = -1
     return logits, tokens, 0.9, return_entropy, ignore_index, False
 
@@ -315,25 +337,34 @@ def _op_args(dtype=torch.float32, requires_grad=False, return_entropy=True, igno
 @pytest.mark.parametrize("requires_grad", [False, True])
 @pytest.mark.parametrize("return_entropy", [False, True])
 def test_opcheck_forward(dtype, requires_grad, return_entropy):
-    torch.library.opcheck(torch.ops.rlkernels.gather_logprobs.default,
-                          _op_args(dtype, requires_grad, return_entropy))
+    torch.library.opcheck(
+        torch.ops.rlkernels.gather_logprobs.default, _op_args(dtype, requires_grad, return_entropy)
+    )
 
 
 def test_opcheck_backward():
     logits, tokens, temperature, _, ignore_index, _ = _op_args()
-    logp, entropy, lse = torch.ops.rlkernels.gather_logprobs(logits, tokens, temperature, True, ignore_index, False)
+    logp, entropy, lse = torch.ops.rlkernels.gather_logprobs(
+        logits, tokens, temperature, True, ignore_index, False
+    )
     g = torch.randn(6)
-    torch.library.opcheck(torch.ops.rlkernels.gather_logprobs_backward.default,
-                          (g, g.flip(0), logits, tokens, lse, entropy, temperature, ignore_index))
-    torch.library.opcheck(torch.ops.rlkernels.gather_logprobs_backward.default,
-                          (g, None, logits, tokens, lse, entropy, temperature, None))
-    torch.library.opcheck(torch.ops.rlkernels.gather_logprobs_backward_inplace.default,
-                          (g, g, logits.clone(), tokens, lse, entropy, temperature, ignore_index))
+    torch.library.opcheck(
+        torch.ops.rlkernels.gather_logprobs_backward.default,
+        (g, g.flip(0), logits, tokens, lse, entropy, temperature, ignore_index),
+    )
+    torch.library.opcheck(
+        torch.ops.rlkernels.gather_logprobs_backward.default,
+        (g, None, logits, tokens, lse, entropy, temperature, None),
+    )
+    torch.library.opcheck(
+        torch.ops.rlkernels.gather_logprobs_backward_inplace.default,
+        (g, g, logits.clone(), tokens, lse, entropy, temperature, ignore_index),
+    )
 
 
 def test_torch_compile_fullgraph():
-    logits = make_logits((2, 5, 50), torch.float32)
-    tokens = make_tokens((2, 5), 50)
+    logits = randn((2, 5, 50), torch.float32, scale=3.0)
+    tokens = random_tokens((2, 5), 50)
 
     def loss_fn(x, t):
         logp, entropy = rlkernels.gather_logprobs(x, t, temperature=0.7, return_entropy=True, ignore_index=0)
@@ -345,8 +376,8 @@ def test_torch_compile_fullgraph():
     x = logits.clone().requires_grad_()
     got = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(x, tokens)
     got.backward()
-    assert_close(got, want, (1e-6, 1e-6))
-    assert_close(x.grad, x_eager.grad, (1e-7, 1e-6))
+    assert_close(got, want, atol=1e-6, rtol=1e-6, scale=1.0)
+    assert_close(x.grad, x_eager.grad, atol=1e-7, rtol=1e-6, scale=1.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -354,23 +385,26 @@ def test_torch_compile_fullgraph():
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    ({"tokens": torch.tensor([0, 10])}, ValueError, "tokens"),
-    ({"tokens": torch.tensor([0, -1])}, ValueError, "tokens"),
-    ({"tokens": torch.tensor([0, -100]), "ignore_index": -99}, ValueError, "tokens"),
-    ({"tokens": torch.tensor([0.0, 1.0])}, TypeError, "tokens"),
-    ({"tokens": torch.tensor([0, 1, 2])}, ValueError, "tokens"),
-    ({"tokens": [0, 1]}, TypeError, "tokens"),
-    ({"logits": torch.zeros(2, 10, dtype=torch.long)}, TypeError, "logits"),
-    ({"logits": torch.tensor(1.0)}, ValueError, "logits"),
-    ({"temperature": 0.0}, ValueError, "temperature"),
-    ({"temperature": -1.0}, ValueError, "temperature"),
-    ({"temperature": float("inf")}, ValueError, "temperature"),
-    ({"temperature": True}, TypeError, "temperature"),
-    ({"ignore_index": 1.5}, TypeError, "ignore_index"),
-    ({"backend": "cuda"}, RuntimeError, "cuda"),
-    ({"backend": "nope"}, RuntimeError, "unknown backend"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"tokens": torch.tensor([0, 10])}, ValueError, "tokens"),
+        ({"tokens": torch.tensor([0, -1])}, ValueError, "tokens"),
+        ({"tokens": torch.tensor([0, -100]), "ignore_index": -99}, ValueError, "tokens"),
+        ({"tokens": torch.tensor([0.0, 1.0])}, TypeError, "tokens"),
+        ({"tokens": torch.tensor([0, 1, 2])}, ValueError, "tokens"),
+        ({"tokens": [0, 1]}, TypeError, "tokens"),
+        ({"logits": torch.zeros(2, 10, dtype=torch.long)}, TypeError, "logits"),
+        ({"logits": torch.tensor(1.0)}, ValueError, "logits"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"temperature": -1.0}, ValueError, "temperature"),
+        ({"temperature": float("inf")}, ValueError, "temperature"),
+        ({"temperature": True}, TypeError, "temperature"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index"),
+        ({"backend": "cuda"}, RuntimeError, "cuda"),
+        ({"backend": "nope"}, RuntimeError, "unknown backend"),
+    ],
+)
 def test_bad_inputs(kwargs, error, match):
     args = {"logits": torch.zeros(2, 10), "tokens": torch.tensor([0, 1])}
     args.update(kwargs)
@@ -385,116 +419,29 @@ def test_out_of_range_token_error_is_exact():
 
 
 def test_reference_backend():
-    logits = make_logits((3, 20), torch.float32)
-    tokens = make_tokens((3,), 20)
+    logits = randn((3, 20), torch.float32, scale=3.0)
+    tokens = random_tokens((3,), 20)
     got = rlkernels.gather_logprobs(logits, tokens, return_entropy=True, backend="reference")
     want = rlkernels.gather_logprobs(logits, tokens, return_entropy=True)
-    assert_close(got[0], want[0], TOL[torch.float32])
-    assert_close(got[1], want[1], TOL[torch.float32])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Triton backend (interpreter)
-# ----------------------------------------------------------------------------------------------------
-
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
-
-
-def _triton_module():
-    from rlkernels.triton import logprobs as triton_logprobs
-
-    if not triton_logprobs._interpreting():
-        pytest.skip("rlkernels.triton was imported before TRITON_INTERPRET=1 was set")
-    return triton_logprobs
-
-
-@needs_triton
-@pytest.mark.triton
-@pytest.mark.parametrize("V", [1, 7, 100, 1500])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_triton_matches_cpu(V, dtype, monkeypatch):
-    tl_mod = _triton_module()
-    monkeypatch.setattr(tl_mod, "BLOCK_V", 64)  # several blocks per row, and a ragged last one
-    logits = make_logits((2, 3, V), dtype)
-    logits[0, 0, ::5] = float("-inf")
-    tokens = make_tokens((2, 3), V)
-    tokens[1, 1] = -100
-    kw = {"temperature": 0.7, "return_entropy": True, "ignore_index": -100}
-    x_t = logits.clone().requires_grad_()
-    x_c = logits.clone().requires_grad_()
-    got = rlkernels.gather_logprobs(x_t, tokens, backend="triton", **kw)
-    want = rlkernels.gather_logprobs(x_c, tokens, backend="cpu", **kw)
-    for g, w in zip(got, want):
-        assert g.dtype == w.dtype
-        assert_close(g, w, TOL[dtype])
-    (got[0] + 0.3 * got[1]).sum().backward()
-    (want[0] + 0.3 * want[1]).sum().backward()
-    assert x_t.grad.dtype == dtype
-    assert_close(x_t.grad, x_c.grad, GRAD_TOL[dtype])
-
-
-@needs_triton
-@pytest.mark.triton
-def test_triton_extremes_and_inplace():
-    _triton_module()
-    logits = make_logits((4, 40), torch.float32)
-    logits[0] *= 1e4 / 3
-    logits[1] = float("-inf")
-    logits[1, 7] = 1.0
-    logits[2] = float("-inf")
-    tokens = torch.tensor([3, 7, 0, 39])
-    logp, entropy = rlkernels.gather_logprobs(logits, tokens, return_entropy=True, backend="triton")
-    ref_logp, ref_entropy = reference.gather_logprobs(logits.double().numpy(), tokens.numpy(), return_entropy=True)
-    assert_close(logp, torch.from_numpy(ref_logp), (1e-4, 1e-6))
-    assert_close(entropy, torch.from_numpy(ref_entropy), (1e-4, 1e-6))
-    live = logits[[0, 1, 3]]
-    t = tokens[[0, 1, 3]]
-    grads = []
-    for inplace in (False, True):
-        x = live.clone().requires_grad_()
-        h = x * 1.0
-        rlkernels.gather_logprobs(h, t, backend="triton", inplace_backward=inplace).sum().backward()
-        grads.append(x.grad)
-    assert_close(grads[1], grads[0], (1e-7, 1e-6))
-
-
-@needs_triton
-@pytest.mark.triton
-def test_triton_bad_tokens_give_nan_or_raise():
-    _triton_module()
-    logits = make_logits((3, 10), torch.float32)
-    tokens = torch.tensor([1, 10, -3])
-    logp = rlkernels.gather_logprobs(logits, tokens, backend="triton")
-    assert torch.isfinite(logp[0]) and torch.isnan(logp[1:]).all()
-    with pytest.raises(ValueError, match="tokens"):
-        rlkernels.gather_logprobs(logits, tokens, backend="triton", check_tokens=True)
-
-
-@needs_triton
-@pytest.mark.triton
-def test_triton_gradcheck_and_compile():
-    _triton_module()
-    logits = make_logits((3, 9), torch.float64).requires_grad_()
-    tokens = torch.tensor([1, -1, 8])
-    f = lambda x: rlkernels.gather_logprobs(x, tokens, temperature=0.5, return_entropy=True, ignore_index=-1,  # noqa: E731
-                                            backend="triton")
-    assert torch.autograd.gradcheck(f, (logits,))
-    x = logits.detach().float()
-    got = torch.compile(lambda x: f(x)[0], fullgraph=True, backend="aot_eager")(x)
-    assert_close(got, f(x)[0], (1e-6, 1e-6))
+    assert_close(got[0], want[0], **TOL[torch.float32])
+    assert_close(got[1], want[1], **TOL[torch.float32])
 
 
 # ----------------------------------------------------------------------------------------------------
 # Property-based: random shapes, scales, temperatures, -inf entries, ignored rows, all dtypes
 # ----------------------------------------------------------------------------------------------------
 
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
-
-@given(N=st.integers(0, 9), V=st.integers(1, 3000), dtype=st.sampled_from(DTYPES),
-       temperature=st.sampled_from([1.0, 0.3, 1.7, 50.0]), scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4]),
-       p_neg_inf=st.sampled_from([0.0, 0.3]), ignore=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    N=st.integers(0, 9),
+    V=st.integers(1, 3000),
+    dtype=st.sampled_from(DTYPES),
+    temperature=st.sampled_from([1.0, 0.3, 1.7, 50.0]),
+    scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4]),
+    p_neg_inf=st.sampled_from([0.0, 0.3]),
+    ignore=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_property_forward_backward(N, V, dtype, temperature, scale, p_neg_inf, ignore, seed):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(N, V, generator=g, dtype=torch.float64) * scale
@@ -507,18 +454,20 @@ def test_property_forward_backward(N, V, dtype, temperature, scale, p_neg_inf, i
     if ignore and N:
         tokens[torch.rand(N, generator=g) < 0.3] = -100
     x = logits.clone().requires_grad_()
-    logp, entropy = rlkernels.gather_logprobs(x, tokens, temperature=temperature, return_entropy=True,
-                                              ignore_index=ignore_index)
+    logp, entropy = rlkernels.gather_logprobs(
+        x, tokens, temperature=temperature, return_entropy=True, ignore_index=ignore_index
+    )
     assert logp.dtype == acc_dtype(dtype) and entropy.dtype == acc_dtype(dtype)
     want_logp, want_entropy = torch_oracle(logits, tokens, temperature, ignore_index)
     # |logp| and the entropy grow with the logits' spread: the tolerance is relative to their size
-    atol, rtol = TOL[dtype]
+    atol, rtol = TOL[dtype]["atol"], TOL[dtype]["rtol"]
     size = max(1.0, float(want_logp.abs().max()) if N else 1.0)
-    assert_close(logp, want_logp, (atol * size, rtol))
-    assert_close(entropy, want_entropy, (atol * size, rtol))
-    ref = reference.gather_logprobs(logits, tokens, temperature=temperature, return_entropy=True,
-                                    ignore_index=ignore_index)
-    assert_close(logp, torch.as_tensor(ref[0]), (atol * size, rtol))
+    assert_close(logp, want_logp, atol=atol * size, rtol=rtol, scale=1.0)
+    assert_close(entropy, want_entropy, atol=atol * size, rtol=rtol, scale=1.0)
+    ref = reference.gather_logprobs(
+        logits, tokens, temperature=temperature, return_entropy=True, ignore_index=ignore_index
+    )
+    assert_close(logp, torch.as_tensor(ref[0]), atol=atol * size, rtol=rtol, scale=1.0)
     # backward of both outputs against torch float64 autograd on the same logits
     g_logp = torch.randn(N, generator=g, dtype=torch.float64)
     g_ent = torch.randn(N, generator=g, dtype=torch.float64)
@@ -527,10 +476,402 @@ def test_property_forward_backward(N, V, dtype, temperature, scale, p_neg_inf, i
     wl, we = torch_oracle(y, tokens, temperature, ignore_index)
     (wl * g_logp + we * g_ent).sum().backward()
     assert x.grad.dtype == dtype
-    gatol, grtol = GRAD_TOL[dtype]
+    gatol, grtol = GRAD_TOL[dtype]["atol"], GRAD_TOL[dtype]["rtol"]
     gsize = max(1.0, float(y.grad.abs().max()) if N else 1.0)
     # In float32 the logsumexp carries an absolute error of about eps |z|, which p = exp(z - lse) turns into a
     # relative one: the tolerance grows with the largest |z| (FMA or not changes which rounding one sees).
     finite = (logits.double() / temperature)[torch.isfinite(logits)]
-    zscale = 1.0 if dtype == torch.float64 or finite.numel() == 0 else max(1.0, float(finite.abs().max()) / 10)
-    assert_close(x.grad, y.grad, (gatol * gsize * zscale, grtol * zscale))
+    zscale = (
+        1.0 if dtype == torch.float64 or finite.numel() == 0 else max(1.0, float(finite.abs().max()) / 10)
+    )
+    assert_close(x.grad, y.grad, atol=gatol * gsize * zscale, rtol=grtol * zscale, scale=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The other backends against the CPU backend and the oracles, on small shapes (Triton under the interpreter)
+# ----------------------------------------------------------------------------------------------------
+
+GPU_OR_TRITON = backends(*OPS, include=("triton", "cuda"))
+
+
+def _small_blocks(backend, monkeypatch):
+    """The Triton kernel with 64-entry blocks: several blocks per row, and a ragged last one."""
+    if backend == "triton":
+        from rlkernels.triton import logprobs as triton_logprobs
+
+        monkeypatch.setattr(triton_logprobs, "BLOCK_V", 64)
+
+
+@pytest.mark.parametrize("backend", GPU_OR_TRITON)
+@pytest.mark.parametrize("V", [1, 7, 100, 1500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_backend_matches_cpu(V, dtype, backend, monkeypatch):
+    _small_blocks(backend, monkeypatch)
+    device = device_for(backend)
+    logits, tokens = sample_inputs("gather_logprobs", (2, 3, V), dtype=dtype)
+    logits[0, 0, ::5] = float("-inf")
+    tokens[1, 1] = -100
+    kw = {"temperature": 0.7, "return_entropy": True, "ignore_index": -100}
+    x_t = logits.clone().to(device).requires_grad_()
+    x_c = logits.clone().requires_grad_()
+    got = rlkernels.gather_logprobs(x_t, tokens.to(device), backend=backend, **kw)
+    want = rlkernels.gather_logprobs(x_c, tokens, backend="cpu", **kw)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        assert_close(g, w, **TOL[dtype], device=device)
+    (got[0] + 0.3 * got[1]).sum().backward()
+    (want[0] + 0.3 * want[1]).sum().backward()
+    assert x_t.grad.dtype == dtype
+    assert_close(x_t.grad, x_c.grad, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", GPU_OR_TRITON)
+def test_backend_extremes_and_inplace(backend):
+    device = device_for(backend)
+    logits = randn((4, 40), torch.float32, scale=3.0)
+    logits[0] *= 1e4 / 3
+    logits[1] = float("-inf")
+    logits[1, 7] = 1.0
+    logits[2] = float("-inf")
+    tokens = torch.tensor([3, 7, 0, 39])
+    logp, entropy = rlkernels.gather_logprobs(
+        logits.to(device), tokens.to(device), return_entropy=True, backend=backend
+    )
+    ref_logp, ref_entropy = reference.gather_logprobs(
+        logits.double().numpy(), tokens.numpy(), return_entropy=True
+    )
+    assert_close(logp, torch.from_numpy(ref_logp), atol=1e-4, rtol=1e-6, scale=1.0)
+    assert_close(entropy, torch.from_numpy(ref_entropy), atol=1e-4, rtol=1e-6, scale=1.0)
+    live = logits[[0, 1, 3]].to(device)
+    t = tokens[[0, 1, 3]].to(device)
+    grads = []
+    for inplace in (False, True):
+        x = live.clone().requires_grad_()
+        h = x * 1.0
+        rlkernels.gather_logprobs(h, t, backend=backend, inplace_backward=inplace).sum().backward()
+        grads.append(x.grad)
+    assert_close(grads[1], grads[0], atol=1e-7, rtol=1e-6, scale=1.0)
+
+
+@pytest.mark.parametrize("backend", GPU_OR_TRITON)
+def test_backend_bad_tokens_give_nan_or_raise(backend):
+    device = device_for(backend)
+    logits = randn((3, 10), torch.float32, scale=3.0, device=device)
+    tokens = torch.tensor([1, 10, -3], device=device)
+    logp = rlkernels.gather_logprobs(logits, tokens, backend=backend).cpu()
+    assert torch.isfinite(logp[0]) and torch.isnan(logp[1:]).all()
+    with pytest.raises(ValueError, match="tokens"):
+        rlkernels.gather_logprobs(logits, tokens, backend=backend, check_tokens=True)
+
+
+@pytest.mark.parametrize("backend", GPU_OR_TRITON)
+def test_backend_gradcheck_and_compile(backend):
+    device = device_for(backend)
+    logits = randn((3, 9), torch.float64, scale=3.0, device=device).requires_grad_()
+    tokens = torch.tensor([1, -1, 8], device=device)
+    f = lambda x: rlkernels.gather_logprobs(
+        x, tokens, temperature=0.5, return_entropy=True, ignore_index=-1, backend=backend
+    )
+    assert torch.autograd.gradcheck(f, (logits,))
+    x = logits.detach().float()
+    got = torch.compile(lambda x: f(x)[0], fullgraph=True, backend="aot_eager")(x)
+    assert_close(got, f(x)[0], atol=1e-6, rtol=1e-6, scale=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU-sized tests: each GPU backend against the CPU backend and the oracles
+# ----------------------------------------------------------------------------------------------------
+
+
+def rows_for(V):
+    return 3 if V >= 32000 else 37  # 37 rows: several warp-per-row blocks, one partly filled
+
+
+def run_logprobs(logits, tokens, backend, grads=None, **kw):
+    """(logp, entropy, d logits) of one backend; grads = (g_logp, g_entropy) or None for no backward."""
+    x = logits.detach().clone().requires_grad_(grads is not None)
+    logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend=backend, **kw)
+    grad = None
+    if grads is not None:
+        torch.autograd.backward((logp, ent), grads)
+        grad = x.grad
+    return logp, ent, grad
+
+
+@pytest.mark.parametrize("backend", gpu_backends(*OPS))
+@pytest.mark.parametrize("ignore", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", VOCABS)
+def test_logprobs_forward_matches_cpu_and_oracle(V, dtype, temperature, ignore, backend):
+    N = rows_for(V)
+    logits = randn((N, V), dtype, seed=V, scale=3.0)
+    tokens = random_tokens((N,), V, seed=V + 1)
+    ignore_index = None
+    if ignore:
+        ignore_index = -100
+        tokens[::4] = -100
+    kw = {"temperature": temperature, "ignore_index": ignore_index}
+    for return_entropy in (False, True):
+        out = rlkernels.gather_logprobs(
+            logits.to(DEVICE), tokens.to(DEVICE), return_entropy=return_entropy, backend=backend, **kw
+        )
+        ref = rlkernels.gather_logprobs(logits, tokens, return_entropy=return_entropy, backend="cpu", **kw)
+        if not return_entropy:
+            out, ref = (out,), (ref,)
+        for a, e, name in zip(out, ref, ("logp", "entropy")):
+            assert a.device.type == "cuda" and a.dtype == acc_dtype(dtype) and a.shape == tokens.shape
+            assert_close(a, e, **GPU_TOL[dtype], name=name)
+    logp, ent = rlkernels.gather_logprobs(
+        logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend=backend, **kw
+    )
+    exp_logp, exp_ent = torch_oracle(logits, tokens, **kw)
+    assert_close(logp, exp_logp, **GPU_TOL[dtype], name="logp vs float64 torch")
+    assert_close(ent, exp_ent, **GPU_TOL[dtype], name="entropy vs float64 torch")
+    if ignore:
+        assert torch.all(logp.cpu()[::4] == 0) and torch.all(ent.cpu()[::4] == 0)
+    if V <= 1000:
+        np_logp, np_ent = reference.gather_logprobs(
+            logits, tokens, temperature=temperature, return_entropy=True, ignore_index=ignore_index
+        )
+        assert_close(logp, torch.as_tensor(np_logp), **GPU_TOL[dtype], name="logp vs reference")
+        assert_close(ent, torch.as_tensor(np_ent), **GPU_TOL[dtype], name="entropy vs reference")
+
+
+@pytest.mark.parametrize("backend", gpu_backends(*OPS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logprobs_leading_dims_and_strided_rows(dtype, backend):
+    """[B, T, V] input, and row views whose starts are not 16-byte aligned (the scalar head/tail paths)."""
+    base = randn((4, 5, 1003), dtype, seed=3, scale=3.0)
+    for logits in (base, base[..., 3:], base[:, 1:, 1:-1], base[::2, :, 5:900]):
+        tokens = random_tokens(logits.shape[:-1], logits.shape[-1], seed=4)
+        a = rlkernels.gather_logprobs(
+            logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend=backend
+        )
+        e = rlkernels.gather_logprobs(logits, tokens, return_entropy=True, backend="cpu")
+        for x, y in zip(a, e):
+            assert_close(x, y, **GPU_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", gpu_backends(*OPS))
+@pytest.mark.parametrize("V", [7, 1000, 32000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_logprobs_extreme_logits(V, dtype, backend):
+    inf = float("inf")
+    logits = randn((7, V), dtype, seed=5, scale=3.0)
+    logits[0] *= 1e4 / 3  # +-1e4: no overflow in exp(z - max)
+    logits[1] = -1e4
+    logits[1, V // 2] = 1e4
+    logits[2, ::3] = -inf  # -inf entries weigh nothing, entropy stays finite
+    logits[3] = -inf
+    logits[3, 5 % V] = 2.0  # all -inf except one entry
+    logits[4] = -inf  # all -inf: NaN, as on CPU
+    logits[5, : V - 1] = -inf  # only the last entry is live, in the ragged tail
+    logits[6] = -50.0  # all negative: the running max must start at -inf, not 0
+    tokens = torch.tensor([0, V // 2, 1, 5 % V, 0, V - 1, 3 % V])
+    a = rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend=backend)
+    e = rlkernels.gather_logprobs(logits, tokens, return_entropy=True, backend="cpu")
+    for x, y, name in zip(a, e, ("logp", "entropy")):
+        assert_close(x, y, **GPU_TOL[dtype], name=name)
+    logp = a[0].cpu()
+    assert torch.isnan(logp[4])
+    assert logp[3] == 0 and logp[5] == 0
+    assert abs(float(logp[6]) + torch.log(torch.tensor(float(V), dtype=torch.float64))) < 1e-4
+    assert torch.all(logp[~torch.isnan(logp)] <= 0)
+
+
+@pytest.mark.parametrize("backend", gpu_backends(*OPS))
+def test_logprobs_nan_and_out_of_range_tokens(backend):
+    logits = randn((4, 1000), torch.float32, seed=6, scale=3.0)
+    logits[1, 10] = float("nan")
+    tokens = torch.tensor([3, 4, 1000, -5])
+    logp, ent = rlkernels.gather_logprobs(
+        logits.to(DEVICE), tokens.to(DEVICE), return_entropy=True, backend=backend
+    )
+    logp = logp.cpu()
+    assert torch.isfinite(logp[0]) and torch.isnan(logp[1]) and torch.isnan(ent.cpu()[1])
+    assert torch.isnan(logp[2]) and torch.isnan(logp[3])  # docs/design.md §4.3: NaN on GPU, no crash
+    with pytest.raises(ValueError, match="tokens"):
+        rlkernels.gather_logprobs(logits.to(DEVICE), tokens.to(DEVICE), check_tokens=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", gpu_backends(*OPS))
+@pytest.mark.parametrize("ignore", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", VOCABS)
+def test_logprobs_gradients_match_cpu(V, dtype, ignore, backend):
+    N = rows_for(V)
+    logits = randn((N, V), dtype, seed=V + 7, scale=3.0)
+    tokens = random_tokens((N,), V, seed=V + 8)
+    ignore_index = -1 if ignore else None
+    if ignore:
+        tokens[1::3] = -1
+    g = torch.Generator().manual_seed(9)
+    g_logp = torch.randn(N, generator=g, dtype=acc_dtype(dtype))
+    g_ent = torch.randn(N, generator=g, dtype=acc_dtype(dtype))
+    for temperature in (1.0, 1.3):
+        kw = {"temperature": temperature, "ignore_index": ignore_index}
+        for grads in ((g_logp, g_ent), (g_logp, torch.zeros_like(g_ent))):
+            _, _, got = run_logprobs(
+                logits.to(DEVICE), tokens.to(DEVICE), "cuda", tuple(x.to(DEVICE) for x in grads), **kw
+            )
+            _, _, exp = run_logprobs(logits, tokens, "cpu", grads, **kw)
+            assert got.dtype == dtype and got.device.type == "cuda"
+            assert_close(got, exp, **GPU_GRAD_TOL[dtype], name=f"d logits T={temperature}")
+            if ignore:
+                assert torch.all(got.cpu()[1::3] == 0)
+    # logp alone (no entropy output: the backward gets no entropy gradient)
+    x = logits.to(DEVICE).detach().clone().requires_grad_(True)
+    rlkernels.gather_logprobs(
+        x, tokens.to(DEVICE), ignore_index=ignore_index, backend=backend
+    ).sum().backward()
+    y = logits.detach().clone().requires_grad_(True)
+    rlkernels.gather_logprobs(y, tokens, ignore_index=ignore_index, backend="cpu").sum().backward()
+    assert_close(x.grad, y.grad, **GPU_GRAD_TOL[dtype], name="d logits of logp.sum()")
+
+
+@pytest.mark.parametrize("backend", gpu_backends(*OPS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("V", [7, 1000, 32000])
+def test_logprobs_inplace_backward(V, dtype, backend):
+    N = rows_for(V)
+    logits = randn((N, V), dtype, seed=11, scale=3.0).to(DEVICE)
+    tokens = random_tokens((N,), V, seed=12).to(DEVICE)
+    tokens[0] = -100
+    g = torch.Generator().manual_seed(13)
+    grads = (
+        torch.randn(N, generator=g).to(DEVICE, acc_dtype(dtype)),
+        torch.randn(N, generator=g).to(DEVICE, acc_dtype(dtype)),
+    )
+    _, _, expected = run_logprobs(logits, tokens, "cuda", grads, ignore_index=-100, temperature=0.9)
+    leaf = logits.clone().requires_grad_(True)
+    work = leaf * 1  # the in-place backward destroys this non-leaf activation, as in a trainer
+    ptr = work.data_ptr()
+    logp, ent = rlkernels.gather_logprobs(
+        work,
+        tokens,
+        return_entropy=True,
+        ignore_index=-100,
+        temperature=0.9,
+        inplace_backward=True,
+        backend=backend,
+    )
+    torch.autograd.backward((logp, ent), grads)
+    assert torch.equal(leaf.grad, expected)  # the same kernel, written over the logits
+    assert torch.equal(work.detach(), expected) and work.data_ptr() == ptr
+    assert torch.all(leaf.grad[0] == 0)
+
+
+@pytest.mark.parametrize("backend", gpu_backends(*OPS))
+def test_logprobs_forward_allocates_nothing_of_logits_size(backend):
+    N, V = 64, 151936
+    logits = randn((N, V), torch.float32, seed=14, scale=3.0).to(DEVICE)
+    tokens = random_tokens((N,), V, seed=15).to(DEVICE)
+    logits_bytes = logits.numel() * logits.element_size()
+    for dtype in (torch.float32, torch.bfloat16):
+        x = logits.to(dtype)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend=backend)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        assert peak < (x.numel() * x.element_size()) // 16, f"{dtype}: forward allocated {peak} bytes"
+        assert peak < logits_bytes // 16
+        del out
+
+
+@pytest.mark.parametrize("backend", backends(*OPS, include=("cuda",)))
+@pytest.mark.parametrize("V", [1000, 151936])
+def test_logprobs_repeated_runs_are_bit_identical(V, backend):
+    N = 16
+    logits = randn((N, V), torch.bfloat16, seed=16, scale=3.0).to(DEVICE)
+    tokens = random_tokens((N,), V, seed=17).to(DEVICE)
+    g = (torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE))
+    first = run_logprobs(logits, tokens, "cuda", g, temperature=0.8)
+    for _ in range(3):
+        again = run_logprobs(logits, tokens, "cuda", g, temperature=0.8)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", backends(*OPS, include=("cuda",)))
+def test_logprobs_opcheck(backend):
+    for V in (7, 5000):
+        logits = randn((6, V), torch.float32, seed=18, scale=3.0).to(DEVICE)
+        tokens = random_tokens((6,), V, seed=19).to(DEVICE)
+        tokens[2] = -100
+        x = logits.clone().requires_grad_(True)
+        torch.library.opcheck(
+            torch.ops.rlkernels.gather_logprobs.default, (x, tokens, 0.9, True, -100, False)
+        )
+        torch.library.opcheck(
+            torch.ops.rlkernels.gather_logprobs.default, (x, tokens.clamp(min=0), 1.0, False, None, False)
+        )
+        _, ent, lse = torch.ops.rlkernels.gather_logprobs(logits, tokens, 0.9, True, -100, False)
+        gl, gh = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
+        torch.library.opcheck(
+            torch.ops.rlkernels.gather_logprobs_backward.default,
+            (gl, gh, logits, tokens, lse, ent, 0.9, -100),
+        )
+        torch.library.opcheck(
+            torch.ops.rlkernels.gather_logprobs_backward.default,
+            (gl, None, logits, tokens, lse, ent, 0.9, -100),
+        )
+        torch.library.opcheck(
+            torch.ops.rlkernels.gather_logprobs_backward_inplace.default,
+            (gl, gh, logits.clone(), tokens, lse, ent, 0.9, -100),
+        )
+
+
+@pytest.mark.parametrize("backend", gpu_backends(*OPS))
+def test_logprobs_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    logits = randn((2, 9, 1000), torch.bfloat16, seed=20, scale=3.0).to(DEVICE)
+    tokens = random_tokens((2, 9), 1000, seed=21).to(DEVICE)
+
+    def f(x):
+        logp, ent = rlkernels.gather_logprobs(
+            x, tokens, return_entropy=True, temperature=0.7, ignore_index=-100, backend=backend
+        )
+        return logp.sum() + 0.01 * ent.sum()
+
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    eager = f(x1)
+    compiled = torch.compile(f, fullgraph=True)(x2)
+    eager.backward()
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    assert_close(x2.grad, x1.grad, **GPU_GRAD_TOL[torch.bfloat16], name="d logits")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 64-bit indexing
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", gpu_backends(*OPS))
+def test_more_than_2_to_31_logits(backend):
+    """Row offsets r * V past 2^31 elements: the last rows must match the CPU kernel on the same values."""
+    V = 151936
+    N = (1 << 31) // V + 2
+    try:
+        logits = torch.empty((N, V), dtype=torch.bfloat16, device=DEVICE)
+    except torch.OutOfMemoryError:
+        pytest.skip("not enough GPU memory for a 4.3 GB logits tensor")
+    logits.normal_(0, 3, generator=torch.Generator(DEVICE).manual_seed(34))
+    tokens = torch.randint(0, V, (N,), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(35))
+    x = logits.requires_grad_(True)
+    logp, ent = rlkernels.gather_logprobs(x, tokens, return_entropy=True, backend=backend)
+    tail = slice(N - 3, N)
+    exp_logp, exp_ent = rlkernels.gather_logprobs(
+        logits.detach()[tail].cpu(), tokens[tail].cpu(), return_entropy=True, backend="cpu"
+    )
+    assert_close(logp[tail], exp_logp, **GPU_TOL[torch.bfloat16], name="logp of the last rows")
+    assert_close(ent[tail], exp_ent, **GPU_TOL[torch.bfloat16], name="entropy of the last rows")
+    y = logits.detach()[tail].cpu().requires_grad_(True)
+    rlkernels.gather_logprobs(y, tokens[tail].cpu(), backend="cpu").sum().backward()
+    logp.sum().backward()
+    assert_close(x.grad[tail], y.grad, **GPU_GRAD_TOL[torch.bfloat16], name="d logits of the last rows")
+    del logits, x

@@ -414,7 +414,7 @@ _WALK_SHAPES = {
 def test_specialized_walks_and_streaming_stores(op, inputs, walk, streaming, monkeypatch):
     monkeypatch.setenv("RLKERNELS_STREAMING_STORES", streaming)
     # The engine's walks: float32 GAE on long time-contiguous rows would otherwise take the time-vectorized
-    # path (csrc/cpu/gae_rows.h, tested in tests/test_gae_rows.py).
+    # path (csrc/cpu/gae_rows.h, tested in the rows section below).
     monkeypatch.setenv("RLKERNELS_GAE_ROWS", "0")
     shape, time_dim = _WALK_SHAPES[walk]
     s32 = make_inputs(op, shape, time_dim=time_dim, dtype=torch.float32, gamma=0.97, lam=0.9, seed=5,
@@ -1644,3 +1644,1349 @@ def test_time_first_fast_path_bad_bootstrap_still_named():
         rlkernels.gae(r, r, bootstrap_value=torch.zeros(4))
     with pytest.raises(ValueError, match="bootstrap_value"):
         torch.ops.rlkernels.gae(r, r, None, torch.zeros(4), None, None, None, None, 0.9, 0.9)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GAE on float32 sequences contiguous in time (csrc/cpu/gae_rows.h): vectorized along time, each thread one
+# chunk of a sequence, later chunks' carries added by a fix-up that stops where the carry's weight is 0.
+# Oracles: `rlkernels.reference` (NumPy, float64) for sizes its loops handle, and the engine's float64 walk
+# (the rows path is float32 only) for multi-chunk sequences; the float32 engine (RLKERNELS_GAE_ROWS=0) for
+# where NaN and inf must spread.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _rows_inputs(B, T, seed, p_term, has_next):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(B, T, generator=g)
+    v = torch.randn(B, T, generator=g)
+    kw = {"terminated": torch.rand(B, T, generator=g) < p_term}
+    if has_next:
+        kw["next_values"] = torch.randn(B, T, generator=g)
+        kw["truncated"] = torch.rand(B, T, generator=g) < p_term
+    else:
+        kw["bootstrap_value"] = torch.randn(B, generator=g)
+    return r, v, kw
+
+
+def _rows_layout(x, layout):
+    """[B, T] batch-major data as the caller passes it: ("batch_major", time_dim=1), ("time_major" [T, B],
+    time_dim=0), or ("1d" [T], B = 1)."""
+    if x is None or x.dim() == 1 and layout != "1d":
+        return x
+    if layout == "time_major":
+        return x.t().contiguous() if x.dim() == 2 else x
+    if layout == "1d":
+        return x.reshape(-1) if x.dim() == 2 else x.reshape(())
+    return x
+
+
+def _rows_call(r, v, kw, layout, gamma, lam):
+    time_dim = 1 if layout == "batch_major" else 0
+    args = {k: _rows_layout(x, layout) for k, x in kw.items()}
+    adv, ret = rlkernels.gae(_rows_layout(r, layout), _rows_layout(v, layout), gamma=gamma, lam=lam, time_dim=time_dim, **args)
+    back = (lambda x: x.t()) if layout == "time_major" else (lambda x: x.reshape(r.shape))
+    return back(adv), back(ret)
+
+
+def _rows_engine64(r, v, kw, gamma, lam):
+    """The engine's float64 walk: the oracle for sequences too long for the NumPy loops."""
+    args = {k: (x.double() if x.is_floating_point() else x) for k, x in kw.items()}
+    return rlkernels.gae(r.double(), v.double(), gamma=gamma, lam=lam, time_dim=1, **args)
+
+
+@pytest.mark.parametrize("B,T,layout", [(1, 1024, "1d"), (1, 1031, "time_major"), (3, 4099, "batch_major"),
+                                        (64, 256, "batch_major"), (2, 257, "batch_major"), (1, 8200, "1d")])
+@pytest.mark.parametrize("has_next", [False, True])
+@pytest.mark.parametrize("p_term", [0.0, 0.02, 0.5])
+def test_rows_match_reference(B, T, layout, has_next, p_term):
+    r, v, kw = _rows_inputs(B, T, seed=B * T + int(has_next), p_term=p_term, has_next=has_next)
+    adv, ret = _rows_call(r, v, kw, layout, 0.99, 0.95)
+    exp_adv, exp_ret = reference.gae(r.double(), v.double(), gamma=0.99, lam=0.95, time_dim=1,
+                                     **{k: (x.double() if x.is_floating_point() else x) for k, x in kw.items()})
+    assert adv.dtype == torch.float32
+    assert_close(adv, exp_adv, torch.float32, name="advantages")
+    assert_close(ret, exp_ret, torch.float32, name="returns")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("has_next", [False, True])
+@pytest.mark.parametrize("gamma,lam,p_term", [(0.99, 0.95, 0.01), (1.0, 1.0, 0.0), (0.999, 1.0, 1e-4)])
+def test_rows_chunked_carries(threads, has_next, gamma, lam, p_term):
+    # One sequence of 300,007 steps: 9 chunks (32,768 steps or more, boundaries on multiples of 8), whose
+    # carries chain through 8 fix-ups, shared by 1, 2 or 4 threads; gamma lam = 1 without flags makes each
+    # fix-up run its whole chunk. The chunks depend on the shape only: every thread count gives the same bits.
+    r, v, kw = _rows_inputs(1, 300_007, seed=7, p_term=p_term, has_next=has_next)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        adv, ret = _rows_call(r, v, kw, "batch_major", gamma, lam)
+        torch.set_num_threads(1)
+        one = _rows_call(r, v, kw, "batch_major", gamma, lam)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(adv, one[0]) and torch.equal(ret, one[1])
+    exp_adv, exp_ret = _rows_engine64(r, v, kw, gamma, lam)
+    # float32 sums over up to 300K steps at gamma lam = 1: rounding grows with the length (both paths).
+    tol = 2e-5 if gamma * lam < 1 else 2e-4
+    torch.testing.assert_close(adv.double(), exp_adv, rtol=0, atol=tol * max(1.0, exp_adv.abs().max().item()))
+    torch.testing.assert_close(ret.double(), exp_ret, rtol=0, atol=tol * max(1.0, exp_ret.abs().max().item()))
+
+
+def test_rows_nan_and_inf_spread_like_the_engine(monkeypatch):
+    # A NaN reward in the last chunk and an inf value in an earlier one: through the chunk carries and the
+    # fix-ups (which must not stop at a zero weight when the carry is not finite), NaN lands where the
+    # step-by-step recurrence puts it (0 * NaN is NaN, so it crosses terminated steps).
+    T = 200_003
+    r, v, kw = _rows_inputs(1, T, seed=5, p_term=0.01, has_next=False)
+    r[0, 180_000] = math.nan
+    v[0, 70_000] = math.inf
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        rows = _rows_call(r, v, kw, "batch_major", 0.99, 0.95)
+        monkeypatch.setenv("RLKERNELS_GAE_ROWS", "0")
+        engine = _rows_call(r, v, kw, "batch_major", 0.99, 0.95)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(rows, engine):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+        assert torch.equal(torch.isinf(a), torch.isinf(b))
+        assert torch.isnan(a).sum() > 100_000  # the NaN crossed the chunk boundaries
+        fin = torch.isfinite(b)
+        torch.testing.assert_close(a[fin], b[fin], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("T", [70_000, 70_001])  # outputs 16-byte aligned rows (T % 4 == 0) or not
+@pytest.mark.parametrize("streaming", ["always", "0"])
+def test_rows_streaming_stores(T, streaming, monkeypatch):
+    monkeypatch.setenv("RLKERNELS_STREAMING_STORES", streaming)
+    r, v, kw = _rows_inputs(3, T, seed=T, p_term=0.01, has_next=False)
+    adv, ret = _rows_call(r, v, kw, "batch_major", 0.99, 0.95)
+    exp_adv, exp_ret = _rows_engine64(r, v, kw, 0.99, 0.95)
+    assert_close(adv, exp_adv, torch.float32, name="advantages")
+    assert_close(ret, exp_ret, torch.float32, name="returns")
+
+
+def test_rows_and_engine_agree(monkeypatch):
+    r, v, kw = _rows_inputs(4, 5000, seed=3, p_term=0.05, has_next=True)
+    rows = _rows_call(r, v, kw, "batch_major", 0.97, 0.9)
+    monkeypatch.setenv("RLKERNELS_GAE_ROWS", "0")
+    engine = _rows_call(r, v, kw, "batch_major", 0.97, 0.9)
+    for a, b in zip(rows, engine):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@given(B=st.integers(1, 3), T=st.integers(256, 2500), has_next=st.booleans(),
+       p_term=st.sampled_from([0.0, 0.01, 0.2, 1.0]), gamma=st.floats(0.0, 1.0), lam=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16), layout=st.sampled_from(["batch_major", "time_major"]))
+def test_rows_property(B, T, has_next, p_term, gamma, lam, seed, layout):
+    r, v, kw = _rows_inputs(B, T, seed, p_term, has_next)
+    adv, ret = _rows_call(r, v, kw, layout, gamma, lam)
+    exp_adv, exp_ret = reference.gae(r.double(), v.double(), gamma=gamma, lam=lam, time_dim=1,
+                                     **{k: (x.double() if x.is_floating_point() else x) for k, x in kw.items()})
+    assert_close(adv, exp_adv, torch.float32, name="advantages")
+    assert_close(ret, exp_ret, torch.float32, name="returns")
+    assert np.isfinite(adv.numpy()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_dtypes_of_long_rows(dtype):
+    # The rows path reads float32 only: other dtypes of the same long shapes must not be read as float32 (a
+    # past bug read float16 data through it) and still match the reference.
+    r, v, kw = _rows_inputs(2, 3000, seed=11, p_term=0.02, has_next=False)
+    r, v = r.to(dtype), v.to(dtype)
+    kw["bootstrap_value"] = kw["bootstrap_value"].to(dtype)
+    adv, ret = _rows_call(r, v, kw, "batch_major", 0.99, 0.95)
+    exp_adv, exp_ret = reference.gae(r.double(), v.double(), gamma=0.99, lam=0.95, time_dim=1,
+                                     **{k: (x.double() if x.is_floating_point() else x) for k, x in kw.items()})
+    assert_close(adv, exp_adv, dtype, name="advantages")
+    assert_close(ret, exp_ret, dtype, name="returns")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Triton backend against the CPU backend and the reference (rlkernels/triton/returns.py), on small
+# shapes under the interpreter. Both regimes of the Triton engine are run: one lane per sequence, and the
+# chunked three-pass scan, forced on small shapes by lowering the module's thresholds.
+# ----------------------------------------------------------------------------------------------------
+
+import itertools
+
+from conftest import backends, gpu_backends
+
+SMALL_TRITON = backends(*OPS, include=("triton",), cpu_tensors=True)
+
+
+def _tr():
+    from rlkernels.triton import returns
+
+    return returns
+
+ESTIMATORS = ("discounted_returns", "gae", "vtrace")
+GAMMA, LAM = 0.9, 0.8
+VTRACE_CLIPS = {"rho_clip": 1.2, "c_clip": 0.9, "pg_rho_clip": 1.1}
+PACKED_LENGTHS = (5, 0, 8, 1, 3)  # an empty segment, a single step, ragged ends
+STEPS, BATCH = 8, 5  # chunked: chunks of 3, 3 and 2 steps
+
+
+# ----------------------------------------------------------------------------------------------------
+# Regimes
+# ----------------------------------------------------------------------------------------------------
+
+
+def force_chunks_of_3(monkeypatch):
+    # Every sequence of 6 steps or more is cut into chunks of 3: several chunks and a ragged last one.
+    monkeypatch.setattr(_tr(), "MANY_SEQUENCES", 10**9)
+    monkeypatch.setattr(_tr(), "TARGET_LANES", 10**9)
+    monkeypatch.setattr(_tr(), "MIN_CHUNK_STEPS", 3)
+
+
+@pytest.fixture(params=["lanes", "chunked"])
+def regime(request, monkeypatch):
+    """Runs a test in one regime of the engine, and checks afterwards that it was the one used."""
+    chunked = request.param == "chunked"
+    if chunked:
+        force_chunks_of_3(monkeypatch)
+    used = []
+    choose = _tr()._chunk_steps
+
+    def spy(num_seqs, steps):
+        chunk = choose(num_seqs, steps)
+        used.append(chunk < steps)
+        return chunk
+
+    monkeypatch.setattr(_tr(), "_chunk_steps", spy)
+    yield request.param
+    assert used, "the Triton engine never ran"
+    assert any(used) if chunked else not any(used), f"expected the {request.param} regime, got {used}"
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+def test_triton_regime_heuristic(backend):
+    import triton
+
+    choose = _tr()._chunk_steps
+    # Many sequences, or short ones: one lane per sequence walks the whole sequence.
+    assert choose(100_000, 1_000_000) == 1_000_000
+    assert choose(8, 100) == 100
+    assert choose(3, 0) == 1
+    # Few long sequences: chunks, at least MIN_CHUNK_STEPS long, sized for about TARGET_LANES lanes.
+    chunk = choose(8, 1 << 20)
+    assert _tr().MIN_CHUNK_STEPS <= chunk < 1 << 20
+    assert 8 * triton.cdiv(1 << 20, chunk) <= 2 * _tr().TARGET_LANES
+    assert choose(1, 1 << 24) < choose(1, 1 << 26)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------------------
+
+
+class Case:
+    """Random inputs of one layout, kept in float64 and cast per test."""
+
+    def __init__(self, layout, seed, steps=STEPS, batch=BATCH):
+        g = torch.Generator().manual_seed(seed)
+        self.layout = layout
+        self.cu_seqlens = None
+        self.time_dim = 0
+        if layout == "time_major":
+            shape, seq_shape = (steps, batch), (batch,)
+        elif layout == "batch_major":
+            shape, seq_shape = (batch, steps), (batch,)
+            self.time_dim = -1
+        elif layout == "middle":  # [O, T, I] with O and I both > 1
+            shape, seq_shape = (2, steps, 3), (2, 3)
+            self.time_dim = 1
+        elif layout == "packed":
+            cu = torch.tensor((0,) + tuple(itertools.accumulate(PACKED_LENGTHS)), dtype=torch.int32)
+            shape, seq_shape = (int(cu[-1]),), (len(PACKED_LENGTHS),)
+            self.cu_seqlens = cu
+        else:
+            raise ValueError(layout)
+
+        def randn(*s):
+            return torch.randn(*s, generator=g, dtype=torch.float64)
+
+        def flags(p):
+            return torch.rand(shape, generator=g) < p
+
+        self.rewards, self.values, self.next_values = randn(*shape), randn(*shape), randn(*shape)
+        self.log_rhos = 0.7 * randn(*shape)  # both sides of every clip
+        self.a = torch.rand(shape, generator=g, dtype=torch.float64)
+        self.bootstrap_value = randn(*seq_shape)
+        self.initial = randn(*seq_shape)
+        self.terminated, self.truncated, self.mask = flags(0.15), flags(0.15), flags(0.75)
+        self.weights = (randn(*shape), randn(*shape))  # a loss mixing every output, for gradients
+
+    def floats(self, dtype, requires_grad=False):
+        names = ("rewards", "values", "next_values", "log_rhos", "a", "bootstrap_value", "initial")
+        return {n: getattr(self, n).to(dtype).requires_grad_(requires_grad) for n in names}
+
+
+# Flag combinations: terminated x mask x {nothing, bootstrap_value, next_values, truncated + next_values}
+# (bootstrap_value is not used when next_values are given).
+COMBOS = [
+    tuple(name for name, on in zip(("terminated", "mask"), (term, mask)) if on) + nxt
+    for term, mask, nxt in itertools.product(
+        (False, True), (False, True),
+        ((), ("bootstrap_value",), ("next_values",), ("truncated", "next_values")))
+]
+ALL_FLAGS = ("terminated", "truncated", "next_values", "mask")
+BOOTSTRAPPED = ("terminated", "mask", "bootstrap_value")
+
+
+def run(op, backend, case, combo, floats):
+    """Calls the public function `op` with the options in `combo`; returns its outputs as a tuple."""
+    kw = {"gamma": GAMMA, "cu_seqlens": case.cu_seqlens, "time_dim": case.time_dim, "backend": backend}
+    for name in combo:
+        kw[name] = floats[name] if name in floats else getattr(case, name)
+    args = [floats["rewards"]]
+    if op in ("gae", "vtrace"):
+        args.append(floats["values"])
+        kw["lam"] = LAM
+    if op == "vtrace":
+        args.append(floats["log_rhos"])
+        kw.update(VTRACE_CLIPS)
+    out = getattr(rlkernels, op)(*args, **kw)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def leaf_names(op, combo):
+    names = ["rewards"] + (["values"] if op != "discounted_returns" else [])
+    names += ["log_rhos"] if op == "vtrace" else []
+    return names + [n for n in ("next_values", "bootstrap_value") if n in combo]
+
+
+def leaves(op, combo, floats):
+    return [floats[n] for n in leaf_names(op, combo)]
+
+
+def accumulate_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+@pytest.mark.parametrize("layout", ["time_major", "batch_major", "packed"])
+@pytest.mark.parametrize("op", ESTIMATORS)
+def test_backend_every_flag_combination_matches_cpu_and_reference(op, layout, regime, backend):
+    case = Case(layout, seed=10 * ESTIMATORS.index(op) + len(layout))
+    floats = case.floats(torch.float64)
+    for combo in COMBOS:
+        got = run(op, backend, case, combo, floats)
+        want = run(op, "cpu", case, combo, floats)
+        ref = run(op, "reference", case, combo, floats)
+        for i, (g, w, r) in enumerate(zip(got, want, ref)):
+            assert g.dtype == torch.float64 and g.shape == case.rewards.shape
+            assert_close(g, w, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"{op} output {i} with {combo} vs cpu")
+            assert_close(g, r, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"{op} output {i} with {combo} vs reference")
+        if "mask" in combo:
+            assert all((g[~case.mask] == 0).all() for g in got), f"{op} with {combo}: masked outputs not 0"
+
+
+TOLERANCES = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+DTYPE_LAYOUTS = [(dtype, layout) for dtype in TOLERANCES for layout in ("time_major", "batch_major")]
+DTYPE_LAYOUTS.append((torch.float64, "middle"))
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+@pytest.mark.parametrize("dtype, layout", DTYPE_LAYOUTS)
+@pytest.mark.parametrize("op", ESTIMATORS)
+def test_backend_dtypes_match_cpu(op, dtype, layout, regime, backend):
+    # 16-bit inputs are read as they are and accumulated in float32 by both backends: the results agree to
+    # float32 rounding (the chunked regime only reorders operations).
+    tol = TOLERANCES[dtype]
+    case = Case(layout, seed=7)
+    floats = case.floats(dtype)
+    for combo in (ALL_FLAGS, BOOTSTRAPPED):
+        got = run(op, backend, case, combo, floats)
+        want = run(op, "cpu", case, combo, floats)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert g.dtype == accumulate_dtype(dtype)
+            assert_close(g, w, rtol=tol, atol=tol, scale=1.0, same_dtype=True, name=f"{op} output {i} {dtype} {combo}")
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+@pytest.mark.parametrize("dtype, layout", DTYPE_LAYOUTS)
+def test_backend_linear_scan_matches_cpu(dtype, layout, regime, backend):
+    tol = TOLERANCES[dtype]
+    case = Case(layout, seed=11)
+    f = case.floats(dtype)
+    for reverse, initial in itertools.product((True, False), (None, f["initial"])):
+        kw = {"reverse": reverse, "initial": initial, "time_dim": case.time_dim}
+        got = rlkernels.linear_scan(f["a"], f["rewards"], backend=backend, **kw)
+        want = rlkernels.linear_scan(f["a"], f["rewards"], backend="cpu", **kw)
+        assert got.dtype == accumulate_dtype(dtype)
+        assert_close(got, want, rtol=tol, atol=tol, scale=1.0, same_dtype=True, name=f"linear_scan reverse={reverse} initial={initial is not None}")
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+def test_backend_flags_as_uint8_and_bool_agree(backend):
+    # The wrappers hand bool flags over; the ops read uint8 ones the same way.
+    case = Case("time_major", seed=3)
+    canon = (1, STEPS, BATCH)
+    r, v = case.rewards.reshape(canon), case.values.reshape(canon)
+    flags = [x.reshape(canon) for x in (case.terminated, case.mask)]
+    args = (r, v, None, case.bootstrap_value.reshape(1, BATCH))
+    as_bool = _tr().gae(*args, flags[0], None, flags[1], None, GAMMA, LAM)
+    as_uint8 = _tr().gae(*args, flags[0].to(torch.uint8), None, flags[1].to(torch.uint8), None,
+                                  GAMMA, LAM)
+    for a, b in zip(as_bool, as_uint8):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+def test_backend_masked_nan_does_not_leak_and_results_are_deterministic(backend):
+    case = Case("batch_major", seed=5)
+    rewards = case.rewards.clone()
+    rewards[~case.mask] = float("nan")
+    kw = {"gamma": GAMMA, "lam": LAM, "mask": case.mask, "terminated": case.terminated, "time_dim": -1,
+          "backend": "triton"}
+    adv, ret = rlkernels.gae(rewards, case.values, **kw)
+    assert torch.isfinite(adv).all() and torch.isfinite(ret).all()
+    adv2, ret2 = rlkernels.gae(rewards, case.values, **kw)
+    assert torch.equal(adv, adv2) and torch.equal(ret, ret2)
+    want = rlkernels.gae(rewards, case.values, **{**kw, "backend": "cpu"})
+    assert_close(adv, want[0], rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name="advantages")
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+def test_backend_empty_inputs(backend):
+    empty = torch.empty(0, 3, dtype=torch.float64)
+    adv, ret = rlkernels.gae(empty, empty, backend=backend)
+    assert adv.shape == (0, 3) and ret.shape == (0, 3) and adv.dtype == torch.float64
+    packed = torch.empty(0, dtype=torch.bfloat16)
+    cu = torch.zeros(3, dtype=torch.int64)  # two empty segments
+    out = rlkernels.discounted_returns(packed, cu_seqlens=cu, bootstrap_value=torch.ones(2), backend=backend)
+    assert out.shape == (0,) and out.dtype == torch.float32
+    boot = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    vs, pg = rlkernels.vtrace(packed.double(), packed.double(), packed.double(), cu_seqlens=cu,
+                              bootstrap_value=boot, backend=backend)
+    (grad,) = torch.autograd.grad(vs.sum() + pg.sum() + boot.sum(), [boot])
+    assert torch.equal(grad, torch.ones(2, dtype=torch.float64))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Gradients
+# ----------------------------------------------------------------------------------------------------
+
+
+def grads(op, backend, case, combo, floats, log_rhos_grad=True):
+    if not log_rhos_grad:
+        floats = {**floats, "log_rhos": floats["log_rhos"].detach()}
+    outs = run(op, backend, case, combo, floats)
+    loss = sum((o * w).sum() for o, w in zip(outs, case.weights + case.weights))
+    inputs = [x for x in leaves(op, combo, floats) if x.requires_grad]
+    return torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+@pytest.mark.parametrize("layout", ["time_major", "batch_major", "packed"])
+@pytest.mark.parametrize("op", ESTIMATORS)
+def test_backend_gradients_match_cpu(op, layout, regime, backend):
+    case = Case(layout, seed=13)
+    floats = case.floats(torch.float64, requires_grad=True)
+    for combo in ((), BOOTSTRAPPED, ALL_FLAGS, ("next_values",)):
+        got = grads(op, backend, case, combo, floats)
+        want = grads(op, "cpu", case, combo, floats)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"{op} gradient {i} with {combo}")
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+def test_backend_vtrace_gradients_without_log_rho_gradient(regime, backend):
+    # log_rhos not requiring grad: no carries are saved, and the other gradients must not need them.
+    case = Case("middle", seed=17)
+    floats = case.floats(torch.float64, requires_grad=True)
+    for combo in (BOOTSTRAPPED, ALL_FLAGS):
+        got = grads("vtrace", backend, case, combo, floats, log_rhos_grad=False)
+        want = grads("vtrace", "cpu", case, combo, floats, log_rhos_grad=False)
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"vtrace gradient {i} with {combo}")
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+@pytest.mark.parametrize("layout", ["time_major", "batch_major", "middle"])
+def test_backend_linear_scan_gradients_match_cpu(layout, regime, backend):
+    case = Case(layout, seed=19)
+    f = case.floats(torch.float64, requires_grad=True)
+    for reverse, with_initial in itertools.product((True, False), (True, False)):
+        res = {}
+        for b in (backend, "cpu"):
+            initial = f["initial"] if with_initial else None
+            x = rlkernels.linear_scan(f["a"], f["rewards"], reverse=reverse, initial=initial,
+                                      time_dim=case.time_dim, backend=b)
+            inputs = [f["a"], f["rewards"]] + ([initial] if with_initial else [])
+            res[b] = torch.autograd.grad((x * case.weights[0]).sum(), inputs)
+        for i, (g, w) in enumerate(zip(res[backend], res["cpu"])):
+            assert_close(g, w, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"linear_scan gradient {i} reverse={reverse} initial={with_initial}")
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+def test_triton_backward_ops_match_cpu_with_missing_gradients(backend):
+    # Autograd hands over zeros for unused outputs, but the schemas take None for them, as the C++ ones do.
+    case = Case("packed", seed=23)
+    r = case.rewards
+    flags = (case.terminated, case.truncated, case.mask, case.cu_seqlens)
+    g = case.weights[0]
+    for has_next in (False, True):
+        got = torch.ops.rlkernels.triton_gae_backward(None, g, *flags, r, GAMMA, LAM, has_next)
+        want = torch.ops.rlkernels.gae_backward(None, g, *flags, r, GAMMA, LAM, has_next)
+        for a, b in zip(got, want):
+            assert_close(a, b, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"gae_backward has_next={has_next}")
+        got = torch.ops.rlkernels.triton_discounted_returns_backward(None, *flags, r, GAMMA, has_next)
+        want = torch.ops.rlkernels.discounted_returns_backward(None, *flags, r, GAMMA, has_next)
+        for a, b in zip(got, want):
+            assert_close(a, b, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name=f"discounted_returns_backward has_next={has_next}")
+    nv = case.next_values
+    args = (g, None, r, case.values, case.log_rhos, nv, None, None, *flags, GAMMA, LAM,
+            *VTRACE_CLIPS.values())
+    got = torch.ops.rlkernels.triton_vtrace_backward(*args)
+    want = torch.ops.rlkernels.vtrace_backward(*args)
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name="vtrace_backward")
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+@pytest.mark.parametrize("op, chunked", [(op, False) for op in ESTIMATORS] + [("gae", True)])
+def test_backend_gradcheck(op, chunked, monkeypatch, backend):
+    if chunked:
+        force_chunks_of_3(monkeypatch)
+    case = Case("time_major", seed=29, steps=6, batch=2)
+    floats = case.floats(torch.float64, requires_grad=True)
+    combo = ("terminated", "mask", "bootstrap_value")
+    names = leaf_names(op, combo)
+
+    def fn(*xs):
+        return run(op, backend, case, combo, dict(zip(names, xs)))
+
+    inputs = [floats[n] for n in names]
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ops themselves
+# ----------------------------------------------------------------------------------------------------
+
+
+def _opcheck_samples():
+    case = Case("middle", seed=31, steps=5)
+    canon = (2, 5, 3)
+    c = {n: getattr(case, n).reshape(canon) for n in ("rewards", "values", "next_values", "log_rhos", "a",
+                                                        "terminated", "truncated", "mask")}
+    boot = case.bootstrap_value.requires_grad_()
+    r, v, lr, nv = (c[n].clone().requires_grad_() for n in ("rewards", "values", "log_rhos", "next_values"))
+    term, trunc, mask = c["terminated"], c["truncated"], c["mask"]
+    x = _tr().linear_scan(c["a"], c["rewards"], None, True)
+    vs_saved = _tr().vtrace(c["rewards"], c["values"], c["log_rhos"], None, boot.detach(), term,
+                                     None, mask, None, GAMMA, LAM, 1.0, 1.0, 1.0, True)
+    g = case.weights[0].reshape(canon)
+    ops = torch.ops.rlkernels
+    return {
+        "linear_scan": (ops.triton_linear_scan,
+                        (c["a"].requires_grad_(), r, case.initial.reshape(2, 3), True)),
+        "linear_scan_backward": (ops.triton_linear_scan_backward, (g, c["a"].detach(), x, None, True)),
+        "discounted_returns": (ops.triton_discounted_returns, (r, nv, None, term, trunc, mask, None, GAMMA)),
+        "discounted_returns_backward": (ops.triton_discounted_returns_backward,
+                                        (g, term, trunc, mask, None, c["rewards"], GAMMA, False)),
+        "gae": (ops.triton_gae, (r, v, None, boot, term, None, mask, None, GAMMA, LAM)),
+        "gae_backward": (ops.triton_gae_backward,
+                         (g, g, term, trunc, mask, None, c["rewards"], GAMMA, LAM, True)),
+        "vtrace": (ops.triton_vtrace,
+                   (r, v, lr, nv, None, term, trunc, mask, None, GAMMA, LAM, 1.2, 0.9, 1.1, True)),
+        "vtrace_backward": (ops.triton_vtrace_backward,
+                            (g, g, c["rewards"], c["values"], c["log_rhos"], None, vs_saved[2], vs_saved[3],
+                             term, None, mask, None, GAMMA, LAM, 1.0, 1.0, 1.0)),
+    }
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+@pytest.mark.parametrize("name", ["linear_scan", "linear_scan_backward", "discounted_returns",
+                                  "discounted_returns_backward", "gae", "gae_backward", "vtrace",
+                                  "vtrace_backward"])
+def test_triton_opcheck(name, backend):
+    # Schema, autograd registration, fake (meta) kernel and AOTDispatch (static and dynamic shapes). Under the
+    # interpreter AOTDispatch keeps the ops whole, as the interpreted kernels cannot be recorded in a graph
+    # (see _keep_whole_under_interpreter); on a GPU it decomposes them into their kernel launches.
+    op, args = _opcheck_samples()[name]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+def test_backend_torch_compile_fullgraph(backend):
+    case = Case("time_major", seed=37, steps=6, batch=2)
+    r = case.rewards.clone().requires_grad_()
+
+    def f(r, v):
+        adv, ret = rlkernels.gae(r, v, gamma=GAMMA, lam=LAM, terminated=case.terminated, backend=backend)
+        return adv, ret
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    got = compiled(r, case.values)
+    want = f(r, case.values)
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name="compiled gae")
+    (g_got,) = torch.autograd.grad(got[0].sum(), [r])
+    (g_want,) = torch.autograd.grad(want[0].sum(), [r])
+    assert_close(g_got, g_want, rtol=1e-12, atol=1e-12, scale=1.0, same_dtype=True, name="compiled gae gradient")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The GPU compiler
+# ----------------------------------------------------------------------------------------------------
+
+# Compiles kernel variants for sm_90 with the real Triton compiler, in a process without TRITON_INTERPRET:
+# the interpreter runs Python, so it accepts code the compiler rejects (an early return in a constexpr branch
+# once passed here and failed there). No GPU is needed to make a cubin.
+_COMPILE_SCRIPT = r"""
+import sys
+import torch  # noqa: F401  (loads libc10 before rlkernels._C)
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from rlkernels.triton import returns as tr
+
+assert not tr._interpreting()
+PTRS = [n for n in tr._scan_kernel.arg_names if n.endswith("_ptr")]
+INTS = ["num_lanes", "num_seqs", "num_chunks", "steps", "inner", "chunk"]
+FLOATS = ["gamma", "lam", "rho_clip", "c_clip", "pg_rho_clip"]
+
+
+def build(kernel, types, consts):
+    names = kernel.arg_names
+    signature = {n: types.get(n, "constexpr") for n in names}
+    constexprs = {(names.index(n),): consts.get(n) for n in names if signature[n] == "constexpr"}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+def scan(step, d, acc, ptrs, **consts):
+    types = {n: "i32" for n in INTS} | {n: "fp64" for n in FLOATS} | ptrs | {"OUT0_ptr": "*" + acc}
+    consts = {"STEP": step, "D": d, "REVERSE": step % 2 == 0, "HAS_NEXT": False, "MAP_ONLY": False,
+              "FINAL_J": -1, "BLOCK": 128, "UNROLL": 4} | consts
+    return build(tr._scan_kernel, types, consts)
+
+
+u8 = "*u8"
+flags = {"TERM_ptr": u8, "TRUNC_ptr": u8, "MASK_ptr": u8}
+# gae forward, bf16 inputs, pass 1 of packed input; and pass 3 with next values.
+scan(tr._GAE.value, 2, "fp32",
+     {"R_ptr": "*bf16", "V_ptr": "*bf16", "CU_ptr": "*i32", "MAP_ptr": "*fp32"} | flags, MAP_ONLY=True)
+scan(tr._GAE.value, 2, "fp32",
+     {"R_ptr": "*fp16", "V_ptr": "*fp16", "NV_ptr": "*fp16", "CARRY_IN_ptr": "*fp32", "OUT1_ptr": "*fp32"}
+     | flags, HAS_NEXT=True)
+# vtrace backward in float64 with the saved carries, no carry in, writing the bootstrap gradient.
+scan(tr._VTRACE_BACKWARD.value, 2, "fp64",
+     {n: "*fp64" for n in ("R_ptr", "V_ptr", "LR_ptr", "G0_ptr", "G1_ptr", "S0_ptr", "S1_ptr", "OUT1_ptr",
+                           "OUT2_ptr", "FINAL_ptr")} | flags, FINAL_J=1)
+# the linear scan's adjoint, and discounted returns with no stream but rewards.
+scan(tr._LINEAR_SCAN_BACKWARD.value, 1, "fp32",
+     {"A_ptr": "*bf16", "G0_ptr": "*fp32", "X_ptr": "*fp32", "X_INIT_ptr": "*fp32", "OUT1_ptr": "*fp32",
+      "FINAL_ptr": "*fp32"}, FINAL_J=0)
+scan(tr._RETURNS.value, 1, "fp32", {"R_ptr": "*fp32"})
+build(tr._compose_kernel,
+      {"MAP_ptr": "*fp64", "INIT_ptr": "*fp64", "CARRY_IN_ptr": "*fp64", "num_seqs": "i32",
+       "num_chunks": "i32", "num_lanes": "i32"}, {"D": 2, "REVERSE": True, "BLOCK": 16})
+print("compiled")
+"""
+
+
+@pytest.mark.parametrize("backend", SMALL_TRITON)
+def test_triton_kernels_compile_for_a_gpu(backend):
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    if proc.returncode != 0 and "CompilationError" not in proc.stderr:
+        # No ptxas, or another Triton version's compile API: nothing to learn about these kernels here.
+        pytest.skip(f"the Triton GPU compiler cannot run here: {proc.stderr.strip().splitlines()[-1:]}")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU-sized tests: the CUDA kernels of the scan family (csrc/cuda) against the CPU kernels, for every op,
+# flag combination, dtype, layout and regime of the CUDA engine, up to float rounding (the two engines add in
+# different orders); then bit-identical repeated runs, opcheck, torch.compile, CUDA-graph capture of forward
+# plus backward, 64-bit indexing. The cases are sized to reach each regime of plan_of() in
+# csrc/cuda/scan_engine.cuh; its constants are quoted where a case depends on them.
+# ----------------------------------------------------------------------------------------------------
+
+DEVICE = "cuda"
+GPU_OPS = ("linear_scan", "discounted_returns", "discounted_returns_backward", "gae", "gae_backward", "vtrace",
+           "vtrace_backward")
+
+def _packed_one_chunk(g):
+    # At most kWarpChunk = 2048 steps: one warp walks every segment, resetting at each start; empty segments
+    # at the start, in the middle and at the end.
+    return [0, 5, 0, 17, 1, 0, 130, 64, 3, 0]
+
+
+def _packed_global_chunks(g):
+    # Few long, uneven segments: global chunks of 2048 steps that straddle segment boundaries.
+    lengths = torch.randint(0, 3000, (20,), generator=g).tolist()
+    lengths[0] = lengths[7] = lengths[-1] = 0
+    return lengths
+
+
+def _packed_warp_per_seq(g):
+    # At least kWarpSeqsMin = 8192 segments averaging at least 32 steps: a warp per segment.
+    lengths = torch.randint(24, 61, (8200,), generator=g).tolist()
+    for i in range(0, len(lengths), 97):
+        lengths[i] = 0
+    return lengths
+
+
+def _packed_tiny_segments(g):
+    # Many segments of 0-4 steps: global chunks, many segment starts per thread.
+    return torch.randint(0, 5, (10000,), generator=g).tolist()
+
+
+# name -> (shape, time_dim) of a dense case, or a function of a generator giving packed segment lengths.
+CASES = {
+    # Time-major [T, B], B > 1: a thread per sequence, walked whole (T < kLaneChunkMinSteps = 1024).
+    "time_major": ((37, 301), 0),
+    "time_major_3d": ((5, 29, 3), 1),  # [O, T, I] = [5, 29, 3]: outer and inner dims around time
+    # Time-major, T >= 1024 and at most 32768 sequences: chunks of kLaneChunk = 256 steps, 3 passes.
+    "time_major_chunked": ((3000, 5), 0),
+    "time_major_chunked_3d": ((2, 1100, 3), 1),
+    # Batch-major [B, T] (time_dim=-1), T <= kShortRow = 64: a thread per row.
+    "batch_major_short_rows": ((300, 50), -1),
+    # Batch-major, 64 < T <= kWarpChunk = 2048: a warp per row, T not a multiple of the 128-step tile.
+    "batch_major_warp_per_row": ((40, 700), -1),
+    # Batch-major, T > 2048 and fewer than 8192 rows: global chunks crossing row boundaries.
+    "batch_major_global_chunks": ((3, 5000), -1),
+    # One 1-D sequence: global chunks.
+    "single_sequence": ((9000,), 0),
+    "packed_one_chunk": _packed_one_chunk,
+    "packed_global_chunks": _packed_global_chunks,
+    "packed_warp_per_seq": _packed_warp_per_seq,
+    "packed_tiny_segments": _packed_tiny_segments,
+}
+DENSE_CASES = [name for name, spec in CASES.items() if not callable(spec)]
+
+# Larger cases for the composition pass: more chunks than compose_kernel's 256 threads, so each thread
+# composes a run of several chunk maps.
+LONG_CASES = {
+    "time_major_chunked_long": ((70000, 2), 0),  # 274 chunks per sequence
+    "single_sequence_long": ((600_000,), 0),  # 293 global chunks
+}
+
+FLAGS = {
+    "plain": (),
+    "terminated": ("terminated",),
+    "bootstrap": ("bootstrap_value",),
+    "terminated_bootstrap_mask": ("terminated", "bootstrap_value", "mask"),
+    "next_values": ("next_values",),
+    "next_values_truncated": ("next_values", "truncated"),
+    "mask_bootstrap": ("mask", "bootstrap_value"),
+    "everything": ("next_values", "truncated", "terminated", "mask", "bootstrap_value"),
+}
+GRAD_FLAGS = ("plain", "terminated_bootstrap_mask", "next_values_truncated", "everything")
+
+GPU_ESTIMATORS = ("discounted_returns", "gae", "vtrace")
+DIFFERENTIABLE = {
+    "discounted_returns": ("rewards", "next_values", "bootstrap_value"),
+    "gae": ("rewards", "values", "next_values", "bootstrap_value"),
+    "vtrace": ("rewards", "values", "log_rhos", "next_values", "bootstrap_value"),
+}
+
+# Both backends read the same inputs and accumulate in float32 (float64 for float64), so outputs differ only
+# by the order of float32 additions; gradients cast back to a 16-bit input dtype may differ by one ulp.
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+# assert_close's arguments for a CUDA output against the CPU one: the same dtype, rtol = TOL and atol = TOL times
+# the largest finite |expected| (at least 1).
+MATCH = {dtype: {"rtol": tol, "atol": tol, "same_dtype": True} for dtype, tol in TOL.items()}
+
+
+def _seed(*key) -> int:
+    return sum((i + 1) * ord(ch) for i, ch in enumerate("/".join(map(str, key)))) % 100_003
+
+
+def gpu_inputs(case, dtype, flags, seed=0, cases=CASES):
+    """Inputs of every estimator on CPU: rewards, values, log_rhos and the optional tensors in `flags`."""
+    g = torch.Generator().manual_seed(seed)
+    spec = cases[case]
+    if callable(spec):
+        lengths = spec(g)
+        shape, time_dim = (sum(lengths),), 0
+        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+        seq_shape = (len(lengths),)
+    else:
+        shape, time_dim = spec
+        cu = None
+        td = time_dim % len(shape)
+        seq_shape = shape[:td] + shape[td + 1 :]
+
+    def floats(scale=1.0):
+        return (scale * torch.randn(shape, generator=g)).to(dtype)
+
+    def flag(p):
+        return torch.rand(shape, generator=g) < p
+
+    return {
+        "rewards": floats(),
+        "values": floats(),
+        "log_rhos": floats(0.5),
+        "next_values": floats() if "next_values" in flags else None,
+        "bootstrap_value": torch.randn(seq_shape, generator=g).to(dtype) if "bootstrap_value" in flags else None,
+        "terminated": flag(0.05) if "terminated" in flags else None,
+        "truncated": flag(0.03) if "truncated" in flags else None,
+        "mask": flag(0.8) if "mask" in flags else None,
+        "cu_seqlens": cu,
+        "time_dim": time_dim,
+    }
+
+
+def resample(x, seed):
+    """New values and flags of the same shapes as x; the same segments (cu_seqlens) and layout."""
+    g = torch.Generator(device=x["rewards"].device).manual_seed(seed)
+    out = dict(x)
+    for key, value in x.items():
+        if key == "cu_seqlens" or not isinstance(value, torch.Tensor):
+            continue
+        if value.dtype == torch.bool:
+            rate = value.float().mean().clamp(0.02, 0.98)
+            out[key] = torch.rand(value.shape, generator=g, device=value.device) < rate
+        else:
+            out[key] = torch.randn(value.shape, generator=g, device=value.device).to(value.dtype)
+    return out
+
+
+def to_cuda(inputs):
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def call(op, x, backend):
+    """The public function `op` on inputs `x`; always a tuple of outputs."""
+    common = {"gamma": 0.99, "terminated": x["terminated"], "truncated": x["truncated"],
+              "next_values": x["next_values"], "bootstrap_value": x["bootstrap_value"], "mask": x["mask"],
+              "cu_seqlens": x["cu_seqlens"], "time_dim": x["time_dim"], "backend": backend}
+    if op == "discounted_returns":
+        return (rlkernels.discounted_returns(x["rewards"], **common),)
+    if op == "gae":
+        return tuple(rlkernels.gae(x["rewards"], x["values"], lam=0.95, **common))
+    if op == "vtrace":
+        return tuple(rlkernels.vtrace(x["rewards"], x["values"], x["log_rhos"], lam=0.9, rho_clip=1.0, c_clip=0.9,
+                                      pg_rho_clip=1.2, **common))
+    raise KeyError(op)
+
+
+def gpu_leaves(x, names):
+    """Copies of x with the float tensors named in `names` (that are present) as leaves requiring grad."""
+    out = dict(x)
+    for name in names:
+        if out.get(name) is not None:
+            out[name] = out[name].detach().clone().requires_grad_(True)
+    return out
+
+
+def gradients(op, x, backend, seed=0):
+    """Outputs and the gradients of sum_k <out_k, w_k> (random w) with respect to each differentiable input."""
+    x = gpu_leaves(x, DIFFERENTIABLE[op])
+    outs = call(op, x, backend)
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device) for o in outs]
+    loss = sum((o * w).sum() for o, w in zip(outs, weights))
+    names = [n for n in DIFFERENTIABLE[op] if x.get(n) is not None]
+    grads = torch.autograd.grad(loss, [x[n] for n in names])
+    return outs, dict(zip(names, grads))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward and gradients against the CPU backend
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backends("discounted_returns", "gae", "vtrace", include=("cuda",)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("flags", FLAGS)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("op", GPU_ESTIMATORS)
+def test_gpu_forward_matches_cpu(op, case, flags, dtype, backend):
+    x = gpu_inputs(case, dtype, FLAGS[flags], seed=_seed(op, case, flags))
+    expected = call(op, x, "cpu")
+    actual = call(op, to_cuda(x), "cuda")
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert_close(a, e, **MATCH[e.dtype], device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", backends("discounted_returns", "gae", "vtrace", "discounted_returns_backward", "gae_backward", "vtrace_backward", include=("cuda",)))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("flags", GRAD_FLAGS)
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("op", GPU_ESTIMATORS)
+def test_gpu_gradients_match_cpu(op, case, flags, dtype, backend):
+    x = gpu_inputs(case, dtype, FLAGS[flags], seed=_seed("grad", op, case, flags))
+    _, expected = gradients(op, x, "cpu")
+    _, actual = gradients(op, to_cuda(x), "cuda")
+    assert expected.keys() == actual.keys() and "rewards" in actual
+    for name in expected:
+        assert_close(actual[name], expected[name], **MATCH[expected[name].dtype], device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", backends("discounted_returns", "gae", "vtrace", "discounted_returns_backward", "gae_backward", "vtrace_backward", include=("cuda",)))
+@pytest.mark.parametrize("flags", ("plain", "everything"))
+@pytest.mark.parametrize("case", LONG_CASES)
+@pytest.mark.parametrize("op", GPU_ESTIMATORS)
+def test_long_sequences_match_cpu(op, case, flags, backend):
+    x = gpu_inputs(case, torch.float32, FLAGS[flags], seed=_seed("long", op, case, flags), cases=LONG_CASES)
+    outs_cpu, grads_cpu = gradients(op, x, "cpu")
+    outs_cuda, grads_cuda = gradients(op, to_cuda(x), "cuda")
+    for a, e in zip(outs_cuda, outs_cpu):
+        assert_close(a, e, **MATCH[e.dtype], device=DEVICE)
+    for name in grads_cpu:
+        assert_close(grads_cuda[name], grads_cpu[name], **MATCH[grads_cpu[name].dtype], device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", backends("linear_scan", include=("cuda",)))
+@pytest.mark.parametrize("with_initial", (False, True))
+@pytest.mark.parametrize("reverse", (True, False))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", DENSE_CASES + list(LONG_CASES))
+def test_gpu_linear_scan_matches_cpu(case, dtype, reverse, with_initial, backend):
+    cases = {**CASES, **LONG_CASES}
+    x = gpu_inputs(case, dtype, ("bootstrap_value",), seed=_seed("linear", case), cases=cases)
+    g = torch.Generator().manual_seed(_seed("a", case))
+    # |a| < 1 keeps long scans bounded, so the tolerance is meaningful everywhere.
+    a = (0.98 * torch.rand(x["rewards"].shape, generator=g)).to(dtype)
+    b, initial, time_dim = x["rewards"], x["bootstrap_value"] if with_initial else None, cases[case][1]
+
+    def run(device, backend):
+        leaves_ = [t.detach().to(device).requires_grad_(True) if t is not None else None for t in (a, b, initial)]
+        out = rlkernels.linear_scan(leaves_[0], leaves_[1], reverse=reverse, initial=leaves_[2], time_dim=time_dim,
+                                    backend=backend)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=out.dtype).to(device)
+        wrt = [t for t in leaves_ if t is not None]
+        return out, torch.autograd.grad((out * w).sum(), wrt)
+
+    out_cpu, grads_cpu = run("cpu", "cpu")
+    out_cuda, grads_cuda = run(DEVICE, "cuda")
+    assert_close(out_cuda, out_cpu, **MATCH[out_cpu.dtype], device=DEVICE)
+    for a_, e_ in zip(grads_cuda, grads_cpu):
+        assert_close(a_, e_, **MATCH[e_.dtype], device=DEVICE)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The ops themselves, on canonical arguments: backward ops with absent upstream gradients, uint8 flags,
+# int64 offsets, saved V-trace carries or not
+# ----------------------------------------------------------------------------------------------------
+
+
+def canonical_inputs(case, dtype, flags, seed):
+    """Arguments in the ops' canonical layout: [O, T, I] contiguous or packed 1-D; uint8 flags."""
+    x = gpu_inputs(case, dtype, flags, seed)
+    if x["cu_seqlens"] is None:
+        shape = x["rewards"].shape
+        td = x["time_dim"] % len(shape)
+        outer = 1
+        for d in shape[:td]:
+            outer *= d
+        canon = (outer, shape[td], x["rewards"].numel() // max(1, outer * shape[td]))
+        for name in ("rewards", "values", "log_rhos", "next_values", "terminated", "truncated", "mask"):
+            if x[name] is not None:
+                x[name] = x[name].reshape(canon).contiguous()
+        if x["bootstrap_value"] is not None:
+            x["bootstrap_value"] = x["bootstrap_value"].reshape(canon[0], canon[2])
+    else:
+        x["cu_seqlens"] = x["cu_seqlens"].to(torch.int64)
+    for name in ("terminated", "truncated", "mask"):
+        if x[name] is not None:
+            x[name] = x[name].to(torch.uint8)
+    g = torch.Generator().manual_seed(seed + 1)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x["grad0"] = torch.randn(x["rewards"].shape, generator=g).to(acc)
+    x["grad1"] = torch.randn(x["rewards"].shape, generator=g).to(acc)
+    return x
+
+
+class _TritonOps:
+    """torch.ops.rlkernels with the Triton ops under the C++ names (same schemas): op_calls(x, TRITON_OPS)."""
+
+    def __getattr__(self, name):
+        return getattr(torch.ops.rlkernels, f"triton_{name}")
+
+
+TRITON_OPS = _TritonOps()
+
+
+def op_calls(x, ops=None):
+    """Every op of the family on canonical arguments x, with its variants; name -> tuple of outputs. ``ops``:
+    the op namespace (default torch.ops.rlkernels, whose kernels follow the tensors' device; TRITON_OPS for
+    the Triton kernels)."""
+    ops = torch.ops.rlkernels if ops is None else ops
+    r, v, lr, nv, boot = x["rewards"], x["values"], x["log_rhos"], x["next_values"], x["bootstrap_value"]
+    term, trunc, mask, cu, g0, g1 = x["terminated"], x["truncated"], x["mask"], x["cu_seqlens"], x["grad0"], x["grad1"]
+    has_next, gamma, lam = nv is not None, 0.99, 0.95
+    vt_args = (gamma, 0.9, 1.0, 0.9, 1.2)
+    out = {
+        "discounted_returns": (ops.discounted_returns(r, nv, boot, term, trunc, mask, cu, gamma),),
+        "discounted_returns_backward": ops.discounted_returns_backward(g0, term, trunc, mask, cu, r, gamma, has_next),
+        "discounted_returns_backward_no_grad": ops.discounted_returns_backward(None, term, trunc, mask, cu, r, gamma,
+                                                                               has_next),
+        "gae": ops.gae(r, v, nv, boot, term, trunc, mask, cu, gamma, lam),
+        "gae_backward": ops.gae_backward(g0, g1, term, trunc, mask, cu, r, gamma, lam, has_next),
+        "gae_backward_advantages_only": ops.gae_backward(g0, None, term, trunc, mask, cu, r, gamma, lam, has_next),
+        "gae_backward_returns_only": ops.gae_backward(None, g1, term, trunc, mask, cu, r, gamma, lam, has_next),
+    }
+    vt = ops.vtrace(r, v, lr, nv, boot, term, trunc, mask, cu, *vt_args, True)
+    out["vtrace"] = vt
+    out["vtrace_unsaved"] = ops.vtrace(r, v, lr, nv, boot, term, trunc, mask, cu, *vt_args, False)
+    out["vtrace_backward"] = ops.vtrace_backward(g0, g1, r, v, lr, nv, vt[2], vt[3], term, trunc, mask, cu, *vt_args)
+    out["vtrace_backward_unsaved"] = ops.vtrace_backward(g0, None, r, v, lr, nv, None, None, term, trunc, mask, cu,
+                                                         *vt_args)
+    if cu is None:
+        a = (0.98 * torch.rand(r.shape, generator=torch.Generator().manual_seed(1))).to(r.dtype).to(r.device)
+        out["linear_scan_reverse"] = (ops.linear_scan(a, r, boot, True),)
+        out["linear_scan_forward"] = (ops.linear_scan(a, r, boot, False),)
+    return out
+
+
+@pytest.mark.parametrize("backend", gpu_backends(*GPU_OPS))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("flags", ("plain", "terminated_bootstrap_mask", "everything"))
+@pytest.mark.parametrize("case", CASES)
+def test_ops_match_cpu(case, flags, dtype, backend):
+    """The CUDA ops, or the Triton ones on real hardware (CI runs those through the interpreter on CPU tensors
+    only), against the CPU ops."""
+    ops = None
+    if backend == "triton":
+        import rlkernels.triton.returns  # noqa: F401  (registers the triton_* ops)
+
+        ops = TRITON_OPS
+    x = canonical_inputs(case, dtype, FLAGS[flags], seed=_seed("ops", case, flags))
+    expected = op_calls(x)
+    actual = op_calls(to_cuda(x), ops)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert len(actual[name]) == len(expected[name]), name
+        for a, e in zip(actual[name], expected[name]):
+            assert_close(a, e, **MATCH[e.dtype], device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", backends(*GPU_OPS, include=("cuda",)))
+@pytest.mark.parametrize("case", ["time_major", "batch_major_warp_per_row", "packed_global_chunks"])
+def test_ops_accept_int32_offsets_and_bool_flags(case, backend):
+    x = canonical_inputs(case, torch.float32, FLAGS["everything"], seed=5)
+    y = dict(x)
+    for name in ("terminated", "truncated", "mask"):
+        y[name] = x[name].bool()
+    if x["cu_seqlens"] is not None:
+        y["cu_seqlens"] = x["cu_seqlens"].to(torch.int32)
+    expected, actual = op_calls(x), op_calls(to_cuda(y))
+    for name in expected:
+        for a, e in zip(actual[name], expected[name]):
+            assert_close(a, e, **MATCH[e.dtype], device=DEVICE)
+
+
+def inject_non_finite(x, seed):
+    """Inf rewards, +-Inf values, a NaN log-ratio and an Inf bootstrap value at random places."""
+    g = torch.Generator().manual_seed(seed)
+    n = x["rewards"].numel()
+    if n == 0:
+        return x
+    x = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    at = torch.randint(0, n, (5,), generator=g).tolist()
+    x["rewards"].view(-1)[at[0]] = float("inf")
+    x["rewards"].view(-1)[at[1]] = -float("inf")
+    x["values"].view(-1)[at[2]] = float("inf")
+    x["values"].view(-1)[at[3]] = -float("inf")
+    x["log_rhos"].view(-1)[at[4]] = float("nan")
+    if x["bootstrap_value"] is not None and x["bootstrap_value"].numel() > 1:
+        x["bootstrap_value"].view(-1)[1] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize("backend", backends(*GPU_OPS, include=("cuda",)))
+@pytest.mark.parametrize("flags", ("terminated_bootstrap_mask", "next_values_truncated"))
+@pytest.mark.parametrize("case", CASES)
+def test_non_finite_inputs_propagate_like_cpu(case, flags, backend):
+    """Inf and NaN propagate as the sequential formula says, in every regime: where a non-finite carry would
+    meet a chunk or tile map (0 * inf = NaN where the walk gives inf), the CUDA engine walks sequentially.
+    These cases are short enough that the CPU walks them sequentially too."""
+    x = canonical_inputs(case, torch.float32, FLAGS[flags], seed=_seed("inf", case, flags))
+    x = inject_non_finite(x, seed=_seed("where", case, flags))
+    expected, actual = op_calls(x), op_calls(to_cuda(x))
+    for name in expected:
+        for a, e in zip(actual[name], expected[name]):
+            assert_close(a, e, **MATCH[e.dtype])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Empty inputs and argument checks: the CPU ops' behaviour
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backends(*GPU_OPS, include=("cuda",)))
+@pytest.mark.parametrize("shape_or_lengths", [(0, 3, 4), (2, 0, 3), (2, 3, 0), [], [0, 0, 0]], ids=str)
+def test_gpu_empty_inputs_match_cpu(shape_or_lengths, backend):
+    if isinstance(shape_or_lengths, list):
+        cu = torch.tensor([0, *itertools.accumulate(shape_or_lengths)], dtype=torch.int64)
+        shape, boot_shape = (0,), (len(shape_or_lengths),)
+    else:
+        cu, shape = None, shape_or_lengths
+        boot_shape = (shape[0], shape[2])
+    x = {"rewards": torch.zeros(shape), "values": torch.zeros(shape), "log_rhos": torch.zeros(shape),
+         "next_values": None, "bootstrap_value": torch.zeros(boot_shape), "terminated": None, "truncated": None,
+         "mask": torch.zeros(shape, dtype=torch.uint8), "cu_seqlens": cu, "grad0": torch.zeros(shape),
+         "grad1": torch.zeros(shape)}
+    expected, actual = op_calls(x), op_calls(to_cuda(x))
+    for name in expected:
+        for a, e in zip(actual[name], expected[name]):
+            assert a.shape == e.shape and a.dtype == e.dtype, name
+            assert torch.equal(a.cpu(), e), name
+
+
+def _bad_calls(x):
+    """Calls that the CPU ops reject, each with a different bad argument."""
+    ops = torch.ops.rlkernels
+    r, v, cu = x["rewards"], x["values"], x["cu_seqlens"]
+    flat = r.reshape(-1)
+    return {
+        "values shape": lambda: ops.gae(r, v[:, :-1], None, None, None, None, None, None, 0.99, 0.95),
+        "values dtype": lambda: ops.gae(r, v.double(), None, None, None, None, None, None, 0.99, 0.95),
+        "float flag": lambda: ops.gae(r, v, None, None, r, None, None, None, 0.99, 0.95),
+        "flag shape": lambda: ops.discounted_returns(r, None, None, None, None, (r > 0)[:, 1:], None, 0.99),
+        "integer rewards": lambda: ops.discounted_returns(r.long(), None, None, None, None, None, None, 0.99),
+        "bootstrap shape": lambda: ops.gae(r, v, None, r[:, 0, :1], None, None, None, None, 0.99, 0.95),
+        "not canonical": lambda: ops.gae(r[0], v[0], None, None, None, None, None, None, 0.99, 0.95),
+        "float offsets": lambda: ops.discounted_returns(flat, None, None, None, None, None, cu.float(), 0.99),
+        "2-D offsets": lambda: ops.discounted_returns(flat, None, None, None, None, None, cu[None], 0.99),
+        "3-D with offsets": lambda: ops.discounted_returns(r, None, None, None, None, None, cu, 0.99),
+        "initial shape": lambda: ops.linear_scan(v, r, r[:, 0, :1], True),
+        "grad shape": lambda: ops.gae_backward(r[:, 1:], None, None, None, None, None, r, 0.99, 0.95, False),
+    }
+
+
+@pytest.mark.parametrize("backend", backends(*GPU_OPS, include=("cuda",)))
+def test_bad_arguments_raise_like_cpu(backend):
+    g = torch.Generator().manual_seed(0)
+    x = {"rewards": torch.randn(2, 5, 3, generator=g), "values": torch.randn(2, 5, 3, generator=g),
+         "cu_seqlens": torch.tensor([0, 10, 30])}
+    cpu_calls, cuda_calls = _bad_calls(x), _bad_calls(to_cuda(x))
+    for name in cpu_calls:
+        with pytest.raises(Exception) as cpu_error:
+            cpu_calls[name]()
+        with pytest.raises(type(cpu_error.value)):
+            cuda_calls[name]()
+
+
+@pytest.mark.parametrize("backend", backends("gae", "discounted_returns", include=("cuda",)))
+def test_mixed_devices_are_rejected(backend):
+    r = torch.randn(30, device="cuda")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        torch.ops.rlkernels.discounted_returns(r, None, None, None, None, None, torch.tensor([0, 10, 30]), 0.99)
+    r3 = r.reshape(1, 30, 1)
+    with pytest.raises(ValueError, match="values"):
+        torch.ops.rlkernels.gae(r3, r3.cpu(), None, None, None, None, None, None, 0.99, 0.95)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Determinism, opcheck, torch.compile, CUDA graphs
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backends(*GPU_OPS, include=("cuda",)))
+@pytest.mark.parametrize("case", list(CASES) + list(LONG_CASES))
+@pytest.mark.parametrize("op", GPU_ESTIMATORS)
+def test_gpu_repeated_runs_are_bit_identical(op, case, backend):
+    cases = {**CASES, **LONG_CASES}
+    x = to_cuda(gpu_inputs(case, torch.float32, FLAGS["everything"], seed=_seed("det", op, case), cases=cases))
+    outs1, grads1 = gradients(op, x, "cuda")
+    torch.cuda.synchronize()
+    outs2, grads2 = gradients(op, x, "cuda")
+    for a, b in zip(outs1, outs2):
+        assert torch.equal(a, b)
+    for name in grads1:
+        assert torch.equal(grads1[name], grads2[name]), name
+
+
+def _gpu_opcheck_samples(case, requires_grad):
+    x = to_cuda(canonical_inputs(case, torch.float32, FLAGS["everything"], seed=11))
+    r, v, lr, nv, boot = x["rewards"], x["values"], x["log_rhos"], x["next_values"], x["bootstrap_value"]
+    term, trunc, mask, cu, g0, g1 = x["terminated"], x["truncated"], x["mask"], x["cu_seqlens"], x["grad0"], x["grad1"]
+    if requires_grad:
+        r, v, lr, nv = (t.detach().clone().requires_grad_(True) for t in (r, v, lr, nv))
+    vt = (0.99, 0.9, 1.0, 0.9, 1.2)
+    saved = torch.ops.rlkernels.vtrace(r.detach(), v.detach(), lr.detach(), nv.detach(), boot, term, trunc, mask, cu,
+                                       *vt, True)
+    samples = {
+        "discounted_returns": (r, nv, boot, term, trunc, mask, cu, 0.99),
+        "discounted_returns_backward": (g0, term, trunc, mask, cu, r.detach(), 0.99, True),
+        "gae": (r, v, nv, boot, term, trunc, mask, cu, 0.99, 0.95),
+        "gae_backward": (g0, g1, term, trunc, mask, cu, r.detach(), 0.99, 0.95, True),
+        "vtrace": (r, v, lr, nv, boot, term, trunc, mask, cu, *vt, requires_grad),
+        "vtrace_backward": (g0, g1, r.detach(), v.detach(), lr.detach(), nv.detach(), saved[2], saved[3], term, trunc,
+                            mask, cu, *vt),
+    }
+    if cu is None:
+        a = torch.rand_like(r.detach()).mul_(0.9).requires_grad_(requires_grad)
+        samples["linear_scan"] = (a, r, boot, True)
+    return samples
+
+
+@pytest.mark.parametrize("backend", backends(*GPU_OPS, include=("cuda",)))
+@pytest.mark.parametrize("requires_grad", (False, True))
+@pytest.mark.parametrize("case", ["time_major", "time_major_chunked", "batch_major_warp_per_row", "packed_one_chunk"])
+def test_gpu_opcheck(case, requires_grad, backend):
+    for name, args in _gpu_opcheck_samples(case, requires_grad).items():
+        torch.library.opcheck(getattr(torch.ops.rlkernels, name).default, args)
+
+
+@pytest.mark.parametrize("backend", backends("discounted_returns", "gae", "vtrace", "discounted_returns_backward", "gae_backward", "vtrace_backward", include=("cuda",)))
+@pytest.mark.parametrize("case", ["time_major_chunked", "batch_major_global_chunks", "packed_global_chunks"])
+def test_ops_compile_fullgraph(case, backend):
+    """The custom ops (fake kernels plus CUDA kernels) compile with no graph break, forward and backward."""
+    torch._dynamo.reset()
+    x = to_cuda(canonical_inputs(case, torch.float32, FLAGS["everything"], seed=13))
+    r, v, lr, nv, boot = (x[k].detach().clone().requires_grad_(True)
+                          for k in ("rewards", "values", "log_rhos", "next_values", "bootstrap_value"))
+    term, trunc, mask, cu = x["terminated"], x["truncated"], x["mask"], x["cu_seqlens"]
+
+    def f(r, v, lr, nv, boot):
+        ops = torch.ops.rlkernels
+        dr = ops.discounted_returns(r, nv, boot, term, trunc, mask, cu, 0.99)
+        adv, ret = ops.gae(r, v, nv, boot, term, trunc, mask, cu, 0.99, 0.95)
+        vs, pg, _, _ = ops.vtrace(r, v, lr, nv, boot, term, trunc, mask, cu, 0.99, 0.9, 1.0, 0.9, 1.2, True)
+        return (dr * 1.5 + adv * 0.5 - ret + vs * 0.25 + pg).sum()
+
+    eager = torch.autograd.grad(f(r, v, lr, nv, boot), (r, v, lr, nv))
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True)(r, v, lr, nv, boot), (r, v, lr, nv))
+    for a, e in zip(compiled, eager):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends("discounted_returns", "gae", "vtrace", "discounted_returns_backward", "gae_backward", "vtrace_backward", include=("cuda",)))
+@pytest.mark.parametrize("case", ["time_major", "batch_major_warp_per_row", "packed_global_chunks"])
+@pytest.mark.parametrize("op", GPU_ESTIMATORS)
+def test_public_functions_compile_fullgraph(op, case, backend):
+    """docs/design.md §2: torch.compile(fullgraph=True) of every public function, backend="cuda"."""
+    torch._dynamo.reset()
+    x = to_cuda(gpu_inputs(case, torch.float32, FLAGS["everything"], seed=_seed("compile", op, case)))
+    _, eager = gradients(op, x, "cuda")
+    compiled_call = torch.compile(lambda y: call(op, y, "cuda"), fullgraph=True)
+    y = gpu_leaves(x, DIFFERENTIABLE[op])
+    outs = compiled_call(y)
+    w = torch.Generator().manual_seed(0)
+    weights = [torch.randn(o.shape, generator=w, dtype=o.dtype).to(o.device) for o in outs]
+    names = [n for n in DIFFERENTIABLE[op] if y.get(n) is not None]
+    grads = torch.autograd.grad(sum((o * wt).sum() for o, wt in zip(outs, weights)), [y[n] for n in names])
+    for name, grad in zip(names, grads):
+        torch.testing.assert_close(grad, eager[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends("discounted_returns", "gae", "vtrace", "discounted_returns_backward", "gae_backward", "vtrace_backward", include=("cuda",)))
+@pytest.mark.parametrize("case", ["time_major_chunked", "batch_major_warp_per_row", "single_sequence",
+                                  "packed_global_chunks"])
+@pytest.mark.parametrize("op", GPU_ESTIMATORS)
+def test_cuda_graph_captures_forward_and_backward(op, case, backend):
+    """Forward plus backward replay from a CUDA graph: no host synchronization inside, and replays with new
+    inputs give the eager results bit for bit (the same kernels run)."""
+    first = to_cuda(gpu_inputs(case, torch.float32, FLAGS["everything"], seed=_seed("graph", op, case)))
+    second = resample(first, seed=_seed("graph2", op, case))
+    static = gpu_leaves(first, DIFFERENTIABLE[op])
+    names = [n for n in DIFFERENTIABLE[op] if static.get(n) is not None]
+    weights = [torch.randn_like(first["rewards"], dtype=torch.float32) for _ in range(2)]
+
+    def step(x):
+        outs = call(op, x, "cuda")
+        loss = sum((o * w).sum() for o, w in zip(outs, weights))
+        return outs, torch.autograd.grad(loss, [x[n] for n in names])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_outs, static_grads = step(static)
+
+    with torch.no_grad():
+        for key, value in second.items():
+            if isinstance(value, torch.Tensor) and key != "cu_seqlens":
+                static[key].copy_(value)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected_outs, expected_grads = step(gpu_leaves(second, DIFFERENTIABLE[op]))
+    for a, e in zip(static_outs, expected_outs):
+        assert torch.equal(a, e)
+    for a, e in zip(static_grads, expected_grads):
+        assert torch.equal(a, e)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 64-bit indexing
+# ----------------------------------------------------------------------------------------------------
+
+
+def _free_gib():
+    free, _ = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", backends("linear_scan", include=("cuda",)))
+@pytest.mark.parametrize("layout", ["time_major", "single_sequence"])
+def test_more_than_2_to_31_elements(layout, backend):
+    """x_t = 1 + x_{t+1} / 2 over tensors of more than 2^31 elements: the exact values 2 - 2^-(k) near each
+    sequence's end (k = steps to the end) catch any 32-bit index wrap."""
+    n = 2**31 + 4099
+    if _free_gib() < 2 * n * 2 / 2**30 + n * 4 / 2**30 + 4:
+        pytest.skip("not enough GPU memory")
+    if layout == "time_major":
+        steps = 3
+        inner = -(-n // steps)
+        shape, time_dim = (steps, inner), 0
+    else:
+        shape, time_dim = (n,), 0
+    a = torch.full(shape, 0.5, dtype=torch.bfloat16, device="cuda")
+    b = torch.ones(shape, dtype=torch.bfloat16, device="cuda")
+    x = rlkernels.linear_scan(a, b, time_dim=time_dim, backend="cuda")
+    del a, b
+    assert x.dtype == torch.float32 and x.shape == shape
+    if layout == "time_major":
+        expected = torch.tensor([1.75, 1.5, 1.0], device="cuda")[:, None]
+        for cols in (slice(0, 1000), slice(inner - 1000, inner), slice(2**30, 2**30 + 1000)):
+            assert torch.equal(x[:, cols], expected.expand(3, 1000))
+    else:
+        k = torch.arange(1000, device="cuda", dtype=torch.float64)  # steps to the end
+        tail = (2 - torch.pow(2.0, -k)).float().flip(0)
+        assert torch.equal(x[n - 1000 :], tail)
+        assert torch.equal(x[2**31 - 1000 : 2**31 + 1000], torch.full((2000,), 2.0, device="cuda"))
+
+
+@pytest.mark.parametrize("backend", backends("discounted_returns", "gae", include=("cuda",)))
+@pytest.mark.parametrize("layout", ["1-d", "batch-major"])
+def test_non_finite_before_the_last_global_chunk(layout, backend):
+    """An Inf in a chunk feeding the *last* chunk in scan order: the composed carry entering that chunk may hold
+    0 * inf = NaN (a truncation cuts the dependence), so it must be checked too (found in review: only the
+    carries of earlier chunks were). 4096 steps are two global chunks; the reverse scan ends in [0, 2048)."""
+    n = 4096
+    g = torch.Generator().manual_seed(0)
+    r, v, nv = (torch.randn(n, generator=g) for _ in range(3))
+    r[3000] = float("inf")
+    tr = torch.zeros(n, dtype=torch.bool)
+    tr[2500] = True
+    shape = (n,) if layout == "1-d" else (2, n)
+    td = 0 if layout == "1-d" else -1
+    r, v, nv, tr = (x.expand(shape).contiguous() if layout != "1-d" else x for x in (r, v, nv, tr))
+    expected = rlkernels.discounted_returns(r, next_values=nv, truncated=tr, time_dim=td, backend="cpu")
+    assert torch.isfinite(expected[..., :2501]).all()
+    actual = rlkernels.discounted_returns(r.cuda(), next_values=nv.cuda(), truncated=tr.cuda(), time_dim=td,
+                                          backend="cuda")
+    assert_close(actual, expected, **MATCH[expected.dtype])
+    for a, e in zip(rlkernels.gae(r.cuda(), v.cuda(), time_dim=td, backend="cuda"),
+                    rlkernels.gae(r, v, time_dim=td, backend="cpu")):
+        assert_close(a, e, **MATCH[e.dtype])
