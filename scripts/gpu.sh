@@ -60,14 +60,11 @@ if "$PYTHON" -c "import xdist" 2>/dev/null; then
   parallel=(-n "${GPU_TEST_WORKERS:-8}")
 fi
 for backend in cuda triton; do
-  if [ "$backend" = cuda ]; then
-    returns_tests=(tests/test_cuda_returns.py -k "not test_triton_ops_match_cpu")
-  else
-    returns_tests=("tests/test_cuda_returns.py::test_triton_ops_match_cpu")
-  fi
-  RLKERNELS_GPU_TEST_BACKEND=$backend step "tests-$backend" 60 "$PYTHON" -m pytest -q -p no:cacheprovider \
-    "${parallel[@]}" --junitxml "$WORK/tests-$backend.xml" "${returns_tests[@]}" tests/test_cuda_bellman.py \
-    tests/test_cuda_logprobs_ppo.py
+  # Each family's module runs every backend; the marks pick one: cuda cases, or Triton cases on the GPU.
+  if [ "$backend" = cuda ]; then marks="cuda and not triton"; else marks="cuda and triton"; fi
+  step "tests-$backend" 60 "$PYTHON" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
+    --junitxml "$WORK/tests-$backend.xml" -m "$marks" \
+    tests/test_returns.py tests/test_bellman.py tests/test_logprobs.py tests/test_ppo.py
   step "record-$backend" 5 "$PYTHON" scripts/gpu_record.py "$WORK/tests-$backend.xml"
 done
 

@@ -23,13 +23,9 @@ RECORD = ROOT / "rlkernels" / "_gpu_validated.py"
 
 
 def family_of(classname: str, name: str) -> str | None:
-    if "test_cuda_returns" in classname:
-        return "returns"
-    if "test_cuda_bellman" in classname:
-        return "bellman"
-    if "test_cuda_logprobs_ppo" in classname:
-        return "logprobs" if re.search(r"logprob|gather|entropy", name) else "ppo"
-    return None
+    """The op family of a test, from its module (tests/test_<family>.py)."""
+    match = re.search(r"\btest_(returns|bellman|logprobs|ppo)\b", classname)
+    return match.group(1) if match else None
 
 
 def main(paths: list[str]) -> int:

@@ -11,7 +11,7 @@ generator rejects, a constexpr misuse). This script closes that gap without a GP
   2. compile: compiles each recorded specialization ahead of time for the target (Triton's own compiler down
      to a cubin with the ptxas it ships; no driver or device needed), and reports the ones that fail.
 
-    python scripts/triton_aot.py [--arch 90,80] [--records FILE] [-- PYTEST ARGS]   # default: tests/test_triton_*.py
+    python scripts/triton_aot.py [--arch 90,80] [--records FILE] [-- PYTEST ARGS]   # default: the Triton tests of every family
 
 The capture runs in a child process with TRITON_INTERPRET=1, the compile in this one without it (there the
 kernels are real JITFunctions). Exit status: 0 when every specialization compiled, 1 otherwise, 2 when the
@@ -220,7 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--_child-capture", dest="child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("pytest_args", nargs="*", help="tests to capture from (after --)")
     args = parser.parse_args(argv)
-    pytest_args = args.pytest_args or sorted(str(p) for p in (ROOT / "tests").glob("test_triton_*.py"))
+    pytest_args = args.pytest_args or ["-m", "triton", *(str(ROOT / "tests" / f"test_{family}.py")
+                                                        for family in ("returns", "logprobs", "ppo", "bellman"))]
     if args.child:
         return _capture(args.child, pytest_args)
     records_path = args.records
