@@ -9,6 +9,9 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
 
 namespace rlkernels {
 
@@ -81,6 +84,18 @@ inline void check_index(const at::Tensor& t, const char* name, const at::Tensor&
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "rlkernels: ", name, " must be int64 here, got ", t.scalar_type());
   check_shape(t, name, shape);
   check_same_device(t, name, ref, ref_name);
+}
+
+// A string option (kind, loss, reduction, agg...) as its enum value: `choices` lists every accepted string with
+// its value; anything else is a ValueError naming the argument and the accepted strings.
+template <typename E, size_t N>
+E choice_of(std::string_view value, const char* name, const std::pair<std::string_view, E> (&choices)[N]) {
+  for (const auto& [text, e] : choices)
+    if (value == text) return e;
+  std::string accepted;
+  for (const auto& [text, e] : choices) accepted += (accepted.empty() ? "'" : ", '") + std::string(text) + "'";
+  TORCH_CHECK_VALUE(false, "rlkernels: ", name, " must be one of ", accepted, ", got '", value, "'");
+  return choices[0].second;
 }
 
 }  // namespace rlkernels
