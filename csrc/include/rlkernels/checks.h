@@ -1,8 +1,8 @@
-// Argument checks of the op entry points, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) sources. The
-// Python wrappers check the same things first (rlkernels/_checks.py); these guard the ops when called
-// directly (torch.ops.rlkernels.*) and are the only checks on the paths that skip the wrappers' work. Every
-// error names the argument and what was expected (docs/design.md §3): ValueError for shapes, devices and
-// ranges, TypeError for dtypes. Host code only, light headers only (docs/design.md §7).
+// Argument checks of the op entry points, shared by the CPU (csrc/cpu) and CUDA (csrc/cuda) sources. They
+// guard the ops when called directly (torch.ops.rlkernels.*) and wherever a Python wrapper hands tensors over
+// without checking them itself, in the wording of rlkernels/_checks.py: every error names the argument and
+// what was expected (docs/design.md §3), ValueError for shapes, devices and ranges, TypeError for dtypes.
+// Host code only, light headers only (docs/design.md §7).
 #pragma once
 
 #include <ATen/core/Tensor.h>
