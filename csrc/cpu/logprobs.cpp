@@ -16,7 +16,6 @@
 #pragma GCC optimize("no-trapping-math")
 #endif
 
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
@@ -32,12 +31,15 @@
 #include <tuple>
 
 #include "clones.h"
+#include "rlkernels/checks.h"
+#include "rlkernels/dispatch.h"
+#include "rlkernels/logprobs_args.h"
 
 namespace rlkernels::cpu {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
+using namespace rlkernels::logprobs;
 
 constexpr int64_t kLanes = 16;
 // Elements per chunk of the online pass: the float buffer stays in L1, and the max of a chunk is known
@@ -138,21 +140,6 @@ __attribute__((always_inline)) inline RowState<acc_t> row_state(const scalar_t* 
   return st;
 }
 
-void check_inputs(const Tensor& logits, const Tensor& tokens, double temperature) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "rlkernels.gather_logprobs: logits must be [N, V] here, got ", logits.dim(),
-                    " dims");
-  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()),
-                   "rlkernels.gather_logprobs: logits must be a float tensor, got ", logits.scalar_type());
-  TORCH_CHECK_VALUE(logits.size(0) == 0 || logits.size(1) <= 1 || logits.stride(1) == 1,
-                    "rlkernels.gather_logprobs: logits must have a unit stride along V");
-  TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "rlkernels.gather_logprobs: tokens must be int64 here, got ",
-                   tokens.scalar_type());
-  TORCH_CHECK_VALUE(tokens.dim() == 1 && tokens.size(0) == logits.size(0),
-                    "rlkernels.gather_logprobs: tokens must be [N] with N = ", logits.size(0), ", got ",
-                    tokens.sizes());
-  TORCH_CHECK_VALUE(temperature > 0, "rlkernels.gather_logprobs: temperature must be > 0, got ", temperature);
-}
-
 void check_token_range(const int64_t* tok, int64_t N, int64_t V, std::optional<int64_t> ignore_index) {
   for (int64_t r = 0; r < N; ++r) {
     const int64_t t = tok[r];
@@ -205,10 +192,9 @@ std::tuple<Tensor, Tensor, Tensor> gather_logprobs_cpu(const Tensor& logits, con
                                                        double temperature, bool return_entropy,
                                                        std::optional<int64_t> ignore_index, bool inplace_backward) {
   (void)inplace_backward;  // read by the autograd formula only
-  check_inputs(logits, tokens, temperature);
+  check_gather_logprobs(logits, tokens, temperature);
   const int64_t N = logits.size(0), V = logits.size(1);
-  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto opts = logits.options().dtype(acc_type);
+  auto opts = acc_options(logits);
   Tensor logp = at::empty({N}, opts);
   Tensor entropy = at::empty({return_entropy ? N : 0}, opts);
   Tensor lse = at::empty({N}, opts);
@@ -217,8 +203,8 @@ std::tuple<Tensor, Tensor, Tensor> gather_logprobs_cpu(const Tensor& logits, con
   const int64_t* tok_p = tok.data_ptr<int64_t>();
   check_token_range(tok_p, N, V, ignore_index);
   const int64_t row_stride = logits.stride(0);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gather_logprobs_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  RLK_DISPATCH_FLOATS(logits.scalar_type(), "gather_logprobs_cpu", [&] {
+    using acc_t = acc_of<scalar_t>;
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     acc_t* logp_p = logp.data_ptr<acc_t>();
     acc_t* ent_p = return_entropy ? entropy.data_ptr<acc_t>() : nullptr;
@@ -308,11 +294,11 @@ void backward_rows(const Tensor& logits, const Tensor& out, const OptTensor& gra
 void backward_into(const OptTensor& grad_logp, const OptTensor& grad_entropy, const Tensor& logits,
                    const Tensor& out, const Tensor& tokens, const Tensor& lse, const Tensor& entropy,
                    double temperature, std::optional<int64_t> ignore_index) {
-  check_inputs(logits, tokens, temperature);
+  check_gather_logprobs(logits, tokens, temperature);
   if (logits.size(0) == 0 || logits.size(1) == 0) return;
   const Tensor tok = tokens.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gather_logprobs_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  RLK_DISPATCH_FLOATS(logits.scalar_type(), "gather_logprobs_backward_cpu", [&] {
+    using acc_t = acc_of<scalar_t>;
     backward_rows<scalar_t, acc_t>(logits, out, grad_logp, grad_entropy, tok, lse.contiguous(), entropy.contiguous(),
                                    temperature, ignore_index);
   });

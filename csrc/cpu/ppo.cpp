@@ -5,7 +5,6 @@
 // into a Partial (sums in float64) on one thread, then the chunks of a row and the rows are combined in
 // index order on one thread. The chunk grid depends only on the shape, so results are bit-identical for
 // any number of threads.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,67 +21,20 @@
 #include <vector>
 
 #include "ppo_lanes_dispatch.h"
+#include "rlkernels/checks.h"
+#include "rlkernels/dispatch.h"
 #include "rlkernels/ppo.h"
+#include "rlkernels/ppo_args.h"
 
 namespace rlkernels::cpu {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 using namespace rlkernels::ppo;
 
 // Tokens per chunk: large enough that the per-chunk overhead vanishes, small enough that a single long
 // row (1-D token-mean input) still spreads over the threads.
 constexpr int64_t kChunk = 4096;
-
-enum class Agg { kTokenMean, kSeqMeanTokenSum, kSeqMeanTokenMean, kSeqMeanTokenSumNorm };
-
-Agg agg_of(std::string_view agg) {
-  if (agg == "token-mean") return Agg::kTokenMean;
-  if (agg == "seq-mean-token-sum") return Agg::kSeqMeanTokenSum;
-  if (agg == "seq-mean-token-mean") return Agg::kSeqMeanTokenMean;
-  if (agg == "seq-mean-token-sum-norm") return Agg::kSeqMeanTokenSumNorm;
-  TORCH_CHECK_VALUE(false, "rlkernels: agg must be one of 'token-mean', 'seq-mean-token-sum', "
-                    "'seq-mean-token-mean', 'seq-mean-token-sum-norm', got '", agg, "'");
-  return Agg::kTokenMean;
-}
-
-KlKind kl_kind_of(std::string_view kind) {
-  if (kind == "k1") return KlKind::kK1;
-  if (kind == "abs") return KlKind::kAbs;
-  if (kind == "k2") return KlKind::kK2;
-  if (kind == "k3") return KlKind::kK3;
-  TORCH_CHECK_VALUE(false, "rlkernels: kind must be one of 'k1', 'abs', 'k2', 'k3', got '", kind, "'");
-  return KlKind::kK1;
-}
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-// Checks shared by the ops: canonical [B, T] (or any shape for kl_penalty), one dtype, one device.
-void check_input(const Tensor& ref, const char* ref_name, const Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "rlkernels: ", name, " must be a floating tensor, got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "rlkernels: ", name, " must have the shape of ", ref_name, " ",
-                    ref.sizes(), ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "rlkernels: ", name, " must have dtype ",
-                   ref.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "rlkernels: ", name, " is on ", t.device(), " but ", ref_name,
-                    " is on ", ref.device());
-}
-
-const uint8_t* mask_data(const Tensor& ref, const OptTensor& mask, Tensor& keep) {
-  if (!mask.has_value() || !mask->defined()) return nullptr;
-  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool || mask->scalar_type() == at::kByte,
-                   "rlkernels: mask must be bool or uint8 here, got ", mask->scalar_type());
-  TORCH_CHECK_VALUE(mask->sizes() == ref.sizes(), "rlkernels: mask must have the shape ", ref.sizes(), ", got ",
-                    mask->sizes());
-  keep = mask->contiguous();
-  return static_cast<const uint8_t*>(keep.data_ptr());
-}
-
-void check_rows(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2, "rlkernels: ", name, " must be canonical [B, T], got ", t.dim(), " dims");
-}
 
 // Sums of one chunk, row or batch. Float64 sums keep 1M-token means exact to float32 rounding.
 struct Partial {
@@ -183,7 +135,7 @@ std::vector<double> token_weights(int64_t B, int64_t T, const uint8_t* mask, Agg
 }
 
 Tensor scalar_out(const Tensor& ref, double value) {
-  Tensor out = at::empty({}, ref.options().dtype(acc_type_of(ref.scalar_type())));
+  Tensor out = at::empty({}, acc_options(ref));
   if (out.scalar_type() == at::kDouble)
     *out.data_ptr<double>() = value;
   else
@@ -194,20 +146,6 @@ Tensor scalar_out(const Tensor& ref, double value) {
 double scalar_in(const Tensor& grad) {
   TORCH_CHECK_VALUE(grad.numel() == 1, "rlkernels: the loss gradient must be a scalar, got ", grad.sizes());
   return grad.to(at::kDouble).contiguous().data_ptr<double>()[0];  // a CPU tensor: no device sync
-}
-
-template <typename acc_t>
-PolicyParams<acc_t> policy_params(double clip_low, double clip_high, std::optional<double> dual_clip) {
-  TORCH_CHECK_VALUE(clip_low >= 0, "rlkernels: clip_low must be >= 0, got ", clip_low);
-  TORCH_CHECK_VALUE(clip_high >= 0, "rlkernels: clip_high must be >= 0, got ", clip_high);
-  TORCH_CHECK_VALUE(!dual_clip.has_value() || *dual_clip > 1.0, "rlkernels: dual_clip must be > 1, got ",
-                    dual_clip.value_or(0.0));
-  PolicyParams<acc_t> p;
-  p.clip_lo = static_cast<acc_t>(1.0 - clip_low);
-  p.clip_hi = static_cast<acc_t>(1.0 + clip_high);
-  p.has_dual_clip = dual_clip.has_value();
-  p.dual_clip = static_cast<acc_t>(dual_clip.value_or(1.0));
-  return p;
 }
 
 // The float32 lane path is reached only when scalar_t is float; the dispatch lambda is not a template, so
@@ -222,16 +160,14 @@ float* as_float_out(T* p) { return reinterpret_cast<float*>(p); }
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
     const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const OptTensor& mask, double clip_low,
     double clip_high, std::optional<double> dual_clip, c10::string_view agg_name, double norm_length) {
-  check_rows(logp, "logp");
-  check_input(logp, "logp", old_logp, "old_logp");
-  check_input(logp, "logp", advantages, "advantages");
+  check_loss_inputs(logp, "logp", old_logp, "old_logp", advantages, "advantages");
   const Agg agg = agg_of(agg_name);
   TORCH_CHECK_VALUE(norm_length > 0, "rlkernels: norm_length must be > 0, got ", norm_length);
   const int64_t B = logp.size(0), T = logp.size(1);
   Tensor lp = logp.contiguous(), old = old_logp.contiguous(), adv = advantages.contiguous(), mask_keep;
-  const uint8_t* m = mask_data(logp, mask, mask_keep);
+  const uint8_t* m = mask_data(logp, "logp", mask, mask_keep);
   std::vector<Partial> rows;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ppo_policy_loss", [&] {
+  RLK_DISPATCH_FLOATS(lp.scalar_type(), "ppo_policy_loss", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = policy_params<acc_t>(clip_low, clip_high, dual_clip);
     const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *adv_d = adv.data_ptr<scalar_t>();
@@ -285,17 +221,15 @@ Tensor ppo_policy_loss_backward_cpu(const Tensor& grad_loss, const Tensor& logp,
                                     const Tensor& advantages, const OptTensor& mask, double clip_low,
                                     double clip_high, std::optional<double> dual_clip, c10::string_view agg_name,
                                     double norm_length) {
-  check_rows(logp, "logp");
-  check_input(logp, "logp", old_logp, "old_logp");
-  check_input(logp, "logp", advantages, "advantages");
+  check_loss_inputs(logp, "logp", old_logp, "old_logp", advantages, "advantages");
   const Agg agg = agg_of(agg_name);
   const int64_t B = logp.size(0), T = logp.size(1);
   Tensor lp = logp.contiguous(), old = old_logp.contiguous(), adv = advantages.contiguous(), mask_keep;
-  const uint8_t* m = mask_data(logp, mask, mask_keep);
+  const uint8_t* m = mask_data(logp, "logp", mask, mask_keep);
   const std::vector<double> w = token_weights(B, T, m, agg, norm_length);
   const double g = scalar_in(grad_loss);
   Tensor grad = at::empty({B, T}, lp.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "ppo_policy_loss_backward", [&] {
+  RLK_DISPATCH_FLOATS(lp.scalar_type(), "ppo_policy_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = policy_params<acc_t>(clip_low, clip_high, dual_clip);
     const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *adv_d = adv.data_ptr<scalar_t>();
@@ -328,16 +262,14 @@ Tensor ppo_policy_loss_backward_cpu(const Tensor& grad_loss, const Tensor& logp,
 std::tuple<Tensor, Tensor> value_loss_cpu(const Tensor& values, const Tensor& old_values, const Tensor& returns,
                                           const OptTensor& mask, std::optional<double> clip,
                                           c10::string_view agg_name) {
-  check_rows(values, "values");
-  check_input(values, "values", old_values, "old_values");
-  check_input(values, "values", returns, "returns");
+  check_loss_inputs(values, "values", old_values, "old_values", returns, "returns");
   TORCH_CHECK_VALUE(!clip.has_value() || *clip >= 0, "rlkernels: clip must be >= 0, got ", clip.value_or(0.0));
   const Agg agg = agg_of(agg_name);
   const int64_t B = values.size(0), T = values.size(1);
   Tensor v = values.contiguous(), old = old_values.contiguous(), ret = returns.contiguous(), mask_keep;
-  const uint8_t* m = mask_data(values, mask, mask_keep);
+  const uint8_t* m = mask_data(values, "values", mask, mask_keep);
   std::vector<Partial> rows;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "value_loss", [&] {
+  RLK_DISPATCH_FLOATS(v.scalar_type(), "value_loss", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const bool has_clip = clip.has_value();
     const acc_t c = static_cast<acc_t>(clip.value_or(0.0));
@@ -361,17 +293,15 @@ std::tuple<Tensor, Tensor> value_loss_cpu(const Tensor& values, const Tensor& ol
 Tensor value_loss_backward_cpu(const Tensor& grad_loss, const Tensor& values, const Tensor& old_values,
                                const Tensor& returns, const OptTensor& mask, std::optional<double> clip,
                                c10::string_view agg_name) {
-  check_rows(values, "values");
-  check_input(values, "values", old_values, "old_values");
-  check_input(values, "values", returns, "returns");
+  check_loss_inputs(values, "values", old_values, "old_values", returns, "returns");
   const Agg agg = agg_of(agg_name);
   const int64_t B = values.size(0), T = values.size(1);
   Tensor v = values.contiguous(), old = old_values.contiguous(), ret = returns.contiguous(), mask_keep;
-  const uint8_t* m = mask_data(values, mask, mask_keep);
+  const uint8_t* m = mask_data(values, "values", mask, mask_keep);
   const std::vector<double> w = token_weights(B, T, m, agg, static_cast<double>(T));
   const double g = scalar_in(grad_loss);
   Tensor grad = at::empty({B, T}, v.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "value_loss_backward", [&] {
+  RLK_DISPATCH_FLOATS(v.scalar_type(), "value_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const bool has_clip = clip.has_value();
     const acc_t c = static_cast<acc_t>(clip.value_or(0.0));
@@ -398,13 +328,12 @@ Tensor value_loss_backward_cpu(const Tensor& grad_loss, const Tensor& values, co
 constexpr int64_t kElementGrain = 32768;
 
 Tensor kl_penalty_cpu(const Tensor& logp, const Tensor& ref_logp, c10::string_view kind_name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(logp.scalar_type()), "rlkernels: logp must be a floating tensor, got ",
-                   logp.scalar_type());
+  check_float(logp, "logp");
   check_input(logp, "logp", ref_logp, "ref_logp");
   const KlKind kind = kl_kind_of(kind_name);
   Tensor lp = logp.contiguous(), ref = ref_logp.contiguous();
-  Tensor out = at::empty(lp.sizes(), lp.options().dtype(acc_type_of(lp.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "kl_penalty", [&] {
+  Tensor out = at::empty(lp.sizes(), acc_options(lp));
+  RLK_DISPATCH_FLOATS(lp.scalar_type(), "kl_penalty", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *ref_d = ref.data_ptr<scalar_t>();
     acc_t* o = out.data_ptr<acc_t>();
@@ -419,12 +348,11 @@ Tensor kl_penalty_cpu(const Tensor& logp, const Tensor& ref_logp, c10::string_vi
 Tensor kl_penalty_backward_cpu(const Tensor& grad, const Tensor& logp, const Tensor& ref_logp,
                                c10::string_view kind_name) {
   check_input(logp, "logp", ref_logp, "ref_logp");
-  TORCH_CHECK_VALUE(grad.sizes() == logp.sizes(), "rlkernels: grad must have the shape of logp ", logp.sizes(),
-                    ", got ", grad.sizes());
+  check_same_shape(grad, "grad", logp, "logp");
   const KlKind kind = kl_kind_of(kind_name);
   Tensor lp = logp.contiguous(), ref = ref_logp.contiguous();
   Tensor out = at::empty(lp.sizes(), lp.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, lp.scalar_type(), "kl_penalty_backward", [&] {
+  RLK_DISPATCH_FLOATS(lp.scalar_type(), "kl_penalty_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Tensor g = grad.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     const acc_t* g_d = g.data_ptr<acc_t>();

@@ -1,6 +1,5 @@
 // CPU kernels of the reverse linear scan family: linear_scan, discounted_returns, gae, vtrace and their
 // backwards. Each op turns its tensors into a Problem (csrc/cpu/scan_engine.h) and runs its step.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,6 +12,10 @@
 
 #include "alloc.h"
 #include "gae_rows.h"
+#include "rlkernels/checks.h"
+#include "rlkernels/dispatch.h"
+#include "rlkernels/layout.h"
+#include "rlkernels/returns_args.h"
 #include "scan_engine.h"
 
 namespace rlkernels::cpu {
@@ -24,27 +27,17 @@ using rlkernels::Problem;
 struct ScalarExp {};
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 
-bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-// Geometry of the canonical layout, with the packed offsets read once into int64.
-struct Geometry {
-  int64_t outer = 1, steps = 0, inner = 1, num_seqs = 0;
+// The canonical layout, with the packed offsets read once into int64.
+struct Geometry : SeqLayout {
   std::vector<int64_t> cu;
-  std::vector<int64_t> seq_shape;  // shape of one value per sequence: [O, I] or [n]
 };
 
 Geometry geometry_of(const Tensor& ref, const OptTensor& cu_seqlens) {
   Geometry g;
   if (given(cu_seqlens)) {
-    const Tensor& cu = *cu_seqlens;
-    TORCH_CHECK_VALUE(ref.dim() == 1, "rlkernels: with cu_seqlens the inputs must be 1-D packed sequences, got ",
-                      ref.dim(), " dims");
-    TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong,
-                     "rlkernels: cu_seqlens must be int32 or int64, got ", cu.scalar_type());
-    TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "rlkernels: cu_seqlens must be 1-D with n + 1 >= 1 entries");
-    Tensor c = cu.to(at::kLong).contiguous();
+    static_cast<SeqLayout&>(g) = packed_layout(ref, "rewards", *cu_seqlens);
+    Tensor c = cu_seqlens->to(at::kLong).contiguous();
     g.cu.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
     TORCH_CHECK_VALUE(g.cu.front() == 0, "rlkernels: cu_seqlens[0] must be 0, got ", g.cu.front());
     for (size_t i = 1; i < g.cu.size(); ++i)
@@ -52,15 +45,8 @@ Geometry geometry_of(const Tensor& ref, const OptTensor& cu_seqlens) {
                         "] = ", g.cu[i], " < cu_seqlens[", i - 1, "] = ", g.cu[i - 1]);
     TORCH_CHECK_VALUE(g.cu.back() == ref.numel(), "rlkernels: cu_seqlens[-1] = ", g.cu.back(),
                       " must equal the packed length ", ref.numel());
-    g.num_seqs = static_cast<int64_t>(g.cu.size()) - 1;
-    g.steps = ref.numel();
-    g.seq_shape = {g.num_seqs};
   } else if (ref.dim() == 3) {
-    g.outer = ref.size(0);
-    g.steps = ref.size(1);
-    g.inner = ref.size(2);
-    g.num_seqs = g.outer * g.inner;
-    g.seq_shape = {g.outer, g.inner};
+    static_cast<SeqLayout&>(g) = dense_layout(ref);
   } else {
     // [T, I] and [T] (time first) are [1, T, I] and [1, T, 1], with one value per sequence shaped [I] and []:
     // the Python wrappers pass such CPU tensors as they are, saving the reshapes of each call.
@@ -86,42 +72,24 @@ Problem<acc_t> problem_of(const Geometry& g) {
   return pb;
 }
 
-// Tensors outlive the Problem that points into them: they are held here.
-struct Inputs {
-  std::vector<Tensor> keep;
-  const void* data(const Tensor& t) {
-    keep.push_back(t.contiguous());
-    return keep.back().data_ptr();
-  }
-};
-
-void check_same_shape(const Tensor& ref, const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "rlkernels: ", name, " must have the shape of rewards ", ref.sizes(),
-                    ", got ", t.sizes());
-}
-
 template <typename acc_t>
 void set_scalar(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, const OptTensor& t, const char* name) {
   if (!given(t)) return;
-  check_same_shape(ref, *t, name);
-  TORCH_CHECK_TYPE(t->scalar_type() == ref.scalar_type(), "rlkernels: ", name, " must have dtype ", ref.scalar_type(),
-                   ", got ", t->scalar_type());
+  check_like(*t, name, ref, "rewards");
   pb.set(s, keep.data(*t), Kind::kScalar);
 }
 
 template <typename acc_t>
 void set_flag(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, const OptTensor& t, const char* name) {
   if (!given(t)) return;
-  check_same_shape(ref, *t, name);
-  TORCH_CHECK_TYPE(t->scalar_type() == at::kBool || t->scalar_type() == at::kByte, "rlkernels: ", name,
-                   " must be bool or uint8 here, got ", t->scalar_type());
+  check_flag(*t, name, ref, "rewards", ref.sizes());
   pb.set(s, keep.data(*t), Kind::kFlag);
 }
 
 template <typename acc_t>
 void set_acc(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, const OptTensor& t, const char* name) {
   if (!given(t)) return;
-  check_same_shape(ref, *t, name);
+  check_same_shape(*t, name, ref, "rewards");
   pb.set(s, keep.data(t->to(c10::CppTypeToScalarType<acc_t>::value)), Kind::kAcc);
 }
 
@@ -129,32 +97,12 @@ void set_acc(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, cons
 template <typename acc_t>
 void set_initial(std::vector<acc_t>& init, int j, const Geometry& g, const OptTensor& t, const char* name) {
   if (!given(t)) return;
-  TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(g.seq_shape), "rlkernels: ", name,
-                    " must have one value per sequence, shape ", at::IntArrayRef(g.seq_shape), ", got ", t->sizes());
+  check_per_sequence(*t, name, g);
   Tensor c = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   std::copy(c.data_ptr<acc_t>(), c.data_ptr<acc_t>() + g.num_seqs, init.begin() + j * g.num_seqs);
 }
 
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-Tensor empty_out(const Tensor& ref) { return empty_output(ref.sizes(), ref.options().dtype(acc_type_of(ref.scalar_type()))); }
-
-void check_float(const Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "rlkernels: ", name, " must be a floating tensor, got ",
-                   t.scalar_type());
-}
-
-template <typename acc_t>
-ScanParams<acc_t> params_of(double gamma, double lam, bool has_next) {
-  ScanParams<acc_t> p;
-  p.gamma = static_cast<acc_t>(gamma);
-  p.lam = static_cast<acc_t>(lam);
-  p.has_next = has_next;
-  return p;
-}
-
-#define RLK_DISPATCH_FLOATS(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
+Tensor empty_out(const Tensor& ref) { return empty_output(ref.sizes(), acc_options(ref)); }
 
 Tensor linear_scan_cpu(const Tensor& a, const Tensor& b, const OptTensor& initial, bool reverse) {
   check_float(b, "b");
@@ -320,16 +268,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gae_backward_cpu(const OptTensor& gra
     }
   });
   return {grad_rewards, grad_values, grad_next, grad_boot};
-}
-
-template <typename acc_t>
-ScanParams<acc_t> vtrace_params_of(double gamma, double lam, double rho_clip, double c_clip, double pg_rho_clip,
-                                   bool has_next) {
-  ScanParams<acc_t> p = params_of<acc_t>(gamma, lam, has_next);
-  p.rho_clip = static_cast<acc_t>(rho_clip);
-  p.c_clip = static_cast<acc_t>(c_clip);
-  p.pg_rho_clip = static_cast<acc_t>(pg_rho_clip);
-  return p;
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> vtrace_cpu(const Tensor& rewards, const Tensor& values,

@@ -1,5 +1,5 @@
 // CUDA kernels of the model-based Bellman ops (docs/design.md §4.5): bellman_backup and value_iteration, with the
-// semantics of csrc/cpu/bellman.cpp.
+// semantics of csrc/cpu/bellman_mdp.cpp.
 //
 // backup_kernel (both ops): P [B, S, A, S] is the only large input and is read once, coalesced, with 16-byte
 // vector loads where S allows. The rows (b, s, a) of P are dotted with V[b] by groups of G lanes, G = the
@@ -174,14 +174,6 @@ __global__ void __launch_bounds__(kThreads)
     out[k] = src[k];
 }
 
-void check_mdp(const Tensor& P, const Tensor& R, const OptTensor& V, const char* v_name) {
-  check_cuda(P, "P");
-  TORCH_CHECK_VALUE(P.dim() == 4 && P.size(1) == P.size(3), "rlkernels: P must be [B, S, A, S], got ", P.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(P.scalar_type()), "rlkernels: P must be a float tensor");
-  check_like(R, "R", P, "P", {P.size(0), P.size(1), P.size(2)});
-  if (has(V)) check_like(*V, v_name, P, "P", {P.size(0), P.size(1)});
-}
-
 int sm_count(const Tensor& t) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.get_device()));
@@ -229,6 +221,7 @@ void launch_backup(const Plan<scalar_t>& p, const scalar_t* P, const scalar_t* R
 
 std::tuple<Tensor, Tensor, Tensor> bellman_backup_cuda(const Tensor& P_in, const Tensor& R_in, const Tensor& V_in,
                                                        double gamma) {
+  check_cuda(P_in, "P");
   check_mdp(P_in, R_in, V_in, "V");
   const c10::cuda::CUDAGuard guard(P_in.device());
   const Tensor P = P_in.contiguous(), R = R_in.contiguous();
@@ -240,7 +233,7 @@ std::tuple<Tensor, Tensor, Tensor> bellman_backup_cuda(const Tensor& P_in, const
   Tensor policy = at::empty({B, S}, P.options().dtype(at::kLong));
   if (B * S == 0) return {Q, V_new, policy};
   const int sms = sm_count(P);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, P.scalar_type(), "bellman_backup_cuda", [&] {
+  RLK_DISPATCH_FLOATS(P.scalar_type(), "bellman_backup_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
     launch_backup<scalar_t, false>(plan_of<scalar_t>(P, sms), P.const_data_ptr<scalar_t>(),
                                    R.const_data_ptr<scalar_t>(), V.const_data_ptr<acc_t>(), gamma,
@@ -253,8 +246,8 @@ std::tuple<Tensor, Tensor, Tensor> bellman_backup_cuda(const Tensor& P_in, const
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> value_iteration_cuda(const Tensor& P_in, const Tensor& R_in,
                                                                         const OptTensor& V0, double gamma,
                                                                         double tol, int64_t max_iters) {
-  check_mdp(P_in, R_in, V0, "V0");
-  TORCH_CHECK_VALUE(max_iters >= 1, "rlkernels: max_iters must be >= 1, got ", max_iters);
+  check_cuda(P_in, "P");
+  check_value_iteration(P_in, R_in, V0, max_iters);
   const c10::cuda::CUDAGuard guard(P_in.device());
   const Tensor P = P_in.contiguous(), R = R_in.contiguous();
   const int64_t B = P.size(0), S = P.size(1), A = P.size(2);
@@ -262,7 +255,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> value_iteration_cuda(const Te
   const auto opts = P.options().dtype(acc);
   // V_k lives in buffers[k % 2]; buffers[0] starts as V0 (zeros if None).
   Tensor buffers = at::empty({2, B, S}, opts);
-  if (has(V0))
+  if (given(V0))
     buffers.select(0, 0).copy_(*V0);
   else
     buffers.select(0, 0).zero_();
@@ -275,7 +268,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> value_iteration_cuda(const Te
   Tensor res_bits = at::zeros({std::max<int64_t>(B, 1)}, P.options().dtype(at::kLong));
   const cudaStream_t stream = current_stream();
   const int sms = B * S > 0 ? sm_count(P) : 1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, P.scalar_type(), "value_iteration_cuda", [&] {
+  RLK_DISPATCH_FLOATS(P.scalar_type(), "value_iteration_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
     const Plan<scalar_t> plan = plan_of<scalar_t>(P, sms);
     acc_t* buf[2] = {buffers.select(0, 0).mutable_data_ptr<acc_t>(), buffers.select(0, 1).mutable_data_ptr<acc_t>()};

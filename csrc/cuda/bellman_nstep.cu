@@ -1,5 +1,5 @@
 // CUDA kernels of n_step_returns and its backward on the canonical [O, T, I] layout (docs/design.md §4.5), with
-// the semantics of csrc/cpu/bellman.cpp.
+// the semantics of csrc/cpu/bellman_nstep.cpp.
 //
 // One thread per element (o, t, i), i fastest, so a warp reads 32 adjacent elements of each stream at every
 // step of its window (coalesced for I >= 32; for I = 1 the windows of adjacent threads overlap and the
@@ -17,18 +17,6 @@ namespace {
 struct Geometry {
   int64_t O, T, I;
 };
-
-Geometry n_step_geometry(const Tensor& rewards, const Tensor& values, const OptTensor& next_values,
-                         const OptTensor& bootstrap) {
-  check_cuda(rewards, "rewards");
-  TORCH_CHECK_VALUE(rewards.dim() == 3, "rlkernels: rewards must be canonical [O, T, I], got ", rewards.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(rewards.scalar_type()), "rlkernels: rewards must be a float tensor");
-  check_like(values, "values", rewards, "rewards", rewards.sizes());
-  if (has(next_values)) check_like(*next_values, "next_values", rewards, "rewards", rewards.sizes());
-  if (has(bootstrap))
-    check_like(*bootstrap, "bootstrap_value", rewards, "rewards", {rewards.size(0), rewards.size(2)});
-  return {rewards.size(0), rewards.size(1), rewards.size(2)};
-}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
@@ -68,18 +56,19 @@ __global__ void __launch_bounds__(kThreads)
 Tensor n_step_returns_cuda(const Tensor& rewards_in, const Tensor& values_in, const OptTensor& next_values_in,
                            const OptTensor& bootstrap_in, const OptTensor& terminated, const OptTensor& truncated,
                            double gamma_d, int64_t n) {
-  TORCH_CHECK_VALUE(n >= 1, "rlkernels: n must be >= 1, got ", n);
-  const Geometry g = n_step_geometry(rewards_in, values_in, next_values_in, bootstrap_in);
+  check_cuda(rewards_in, "rewards");
+  check_n_step(rewards_in, values_in, next_values_in, bootstrap_in, n);
+  const Geometry g{rewards_in.size(0), rewards_in.size(1), rewards_in.size(2)};
   const c10::cuda::CUDAGuard guard(rewards_in.device());
   const Tensor r = rewards_in.contiguous(), v = values_in.contiguous();
-  const Tensor nv = has(next_values_in) ? next_values_in->contiguous() : Tensor();
-  const Tensor boot = has(bootstrap_in) ? bootstrap_in->contiguous() : Tensor();
+  const Tensor nv = given(next_values_in) ? next_values_in->contiguous() : Tensor();
+  const Tensor boot = given(bootstrap_in) ? bootstrap_in->contiguous() : Tensor();
   Tensor keep_term, keep_trunc;
-  const uint8_t* term = flag_data(terminated, "terminated", r, r.sizes(), keep_term);
-  const uint8_t* trunc = flag_data(truncated, "truncated", r, r.sizes(), keep_trunc);
-  Tensor out = at::empty(r.sizes(), r.options().dtype(acc_type_of(r.scalar_type())));
+  const uint8_t* term = flag_data(terminated, "terminated", r, "rewards", r.sizes(), keep_term);
+  const uint8_t* trunc = flag_data(truncated, "truncated", r, "rewards", r.sizes(), keep_trunc);
+  Tensor out = at::empty(r.sizes(), acc_options(r));
   if (r.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "n_step_returns_cuda", [&] {
+  RLK_DISPATCH_FLOATS(r.scalar_type(), "n_step_returns_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
     n_step_kernel<scalar_t><<<grid_for(r.numel(), kThreads), kThreads, 0, current_stream()>>>(
         r.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
@@ -152,19 +141,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> n_step_returns_backward_cuda(const Te
                                                                         const OptTensor& truncated, const Tensor& like,
                                                                         double gamma_d, int64_t n,
                                                                         bool has_next_values) {
-  TORCH_CHECK_VALUE(n >= 1, "rlkernels: n must be >= 1, got ", n);
   check_cuda(like, "rewards_like");
-  TORCH_CHECK_VALUE(like.dim() == 3, "rlkernels: rewards_like must be canonical [O, T, I]");
+  check_n_step_backward(grad_in, like, n);
   const Geometry g{like.size(0), like.size(1), like.size(2)};
   const auto acc = acc_type_of(like.scalar_type());
-  TORCH_CHECK_VALUE(grad_in.sizes() == like.sizes(), "rlkernels: grad must have shape ", like.sizes());
-  TORCH_CHECK_VALUE(grad_in.device() == like.device(), "rlkernels: grad is on ", grad_in.device(),
-                    " but rewards_like is on ", like.device());
   const c10::cuda::CUDAGuard guard(like.device());
   const Tensor grad = grad_in.to(acc).contiguous();
   Tensor keep_term, keep_trunc;
-  const uint8_t* term = flag_data(terminated, "terminated", like, like.sizes(), keep_term);
-  const uint8_t* trunc = flag_data(truncated, "truncated", like, like.sizes(), keep_trunc);
+  const uint8_t* term = flag_data(terminated, "terminated", like, "rewards_like", like.sizes(), keep_term);
+  const uint8_t* trunc = flag_data(truncated, "truncated", like, "rewards_like", like.sizes(), keep_trunc);
   const auto opts = like.options().dtype(acc);
   Tensor g_r = at::empty(like.sizes(), opts);
   Tensor g_v = at::empty(like.sizes(), opts);

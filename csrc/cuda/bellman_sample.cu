@@ -1,5 +1,5 @@
 // CUDA kernels of the sample-based Bellman ops (docs/design.md §4.5): q_targets, td_loss and td_loss_backward.
-// Signatures, dtypes and semantics are those of csrc/cpu/bellman.cpp; the per-element math is the shared
+// Signatures, dtypes and semantics are those of csrc/cpu/bellman_sample.cpp; the per-element math is the shared
 // csrc/include/rlkernels/bellman.h.
 //
 // Kernel layout:
@@ -116,31 +116,18 @@ Tensor q_targets_cuda(const Tensor& rewards, const Tensor& next_q, const OptTens
                       std::string_view kind_name, double temperature) {
   const QKind kind = q_kind_of(kind_name);
   check_cuda(next_q, "next_q");
-  TORCH_CHECK_VALUE(next_q.dim() == 2, "rlkernels: next_q must be [B, A], got ", next_q.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(next_q.scalar_type()), "rlkernels: next_q must be a float tensor");
+  check_q_targets(rewards, next_q, next_q_online, next_probs, kind, temperature);
   const int64_t B = next_q.size(0), A = next_q.size(1);
-  TORCH_CHECK_VALUE(A >= 1, "rlkernels: next_q needs at least one action, got shape ", next_q.sizes());
   TORCH_CHECK_VALUE(A < INT_MAX, "rlkernels: next_q has too many actions for the CUDA kernel: ", A);
-  check_like(rewards, "rewards", next_q, "next_q", {B});
   const c10::cuda::CUDAGuard guard(next_q.device());
   Tensor keep_term, q = next_q.contiguous(), r = rewards.contiguous(), online, probs;
-  const uint8_t* term = flag_data(terminated, "terminated", next_q, {B}, keep_term);
-  if (kind == QKind::kDouble) {
-    TORCH_CHECK_VALUE(has(next_q_online), "rlkernels: kind='double' needs next_q_online");
-    check_like(*next_q_online, "next_q_online", next_q, "next_q", next_q.sizes());
-    online = next_q_online->contiguous();
-  }
-  if (kind == QKind::kExpected) {
-    TORCH_CHECK_VALUE(has(next_probs), "rlkernels: kind='expected' needs next_probs");
-    check_like(*next_probs, "next_probs", next_q, "next_q", next_q.sizes());
-    probs = next_probs->contiguous();
-  }
-  TORCH_CHECK_VALUE(kind != QKind::kSoft || temperature > 0, "rlkernels: kind='soft' needs temperature > 0, got ",
-                    temperature);
-  Tensor out = at::empty({B}, next_q.options().dtype(acc_type_of(next_q.scalar_type())));
+  const uint8_t* term = flag_data(terminated, "terminated", next_q, "next_q", {B}, keep_term);
+  if (kind == QKind::kDouble) online = next_q_online->contiguous();
+  if (kind == QKind::kExpected) probs = next_probs->contiguous();
+  Tensor out = at::empty({B}, acc_options(next_q));
   if (B == 0) return out;
   const int G = group_width(A);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "q_targets_cuda", [&] {
+  RLK_DISPATCH_FLOATS(q.scalar_type(), "q_targets_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
     q_targets_kernel<scalar_t><<<grid_for(B, kThreads / G), kThreads, 0, current_stream()>>>(
         r.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), term,
@@ -159,22 +146,13 @@ Tensor q_targets_cuda(const Tensor& rewards, const Tensor& next_q, const OptTens
 constexpr int kMaxPartials = 1024;  // blocks of the reducing td_loss kernel (a grid-stride loop beyond)
 constexpr int kRowsPerThread = 4;   // rows each thread adds before the block tree, at full grids
 
-void check_td(const Tensor& q, const Tensor& actions, const Tensor& targets, const OptTensor& weights) {
+// check_td (bellman_args.h) on CUDA tensors, and the one range check that needs no device values: with no
+// actions at all, no action is in range.
+void check_td_cuda(const Tensor& q, const Tensor& actions, const Tensor& targets, const OptTensor& weights) {
   check_cuda(q, "q");
-  TORCH_CHECK_VALUE(q.dim() == 2, "rlkernels: q must be [B, A], got ", q.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), "rlkernels: q must be a float tensor");
-  const int64_t B = q.size(0);
-  TORCH_CHECK_TYPE(actions.scalar_type() == at::kLong, "rlkernels: actions must be int64 here, got ",
-                   actions.scalar_type());
-  TORCH_CHECK_VALUE(actions.sizes() == at::IntArrayRef{B}, "rlkernels: actions must have shape [", B, "], got ",
-                    actions.sizes());
-  TORCH_CHECK_VALUE(actions.device() == q.device(), "rlkernels: actions is on ", actions.device(), " but q is on ",
-                    q.device());
-  check_like(targets, "targets", q, "q", {B});
-  if (has(weights)) check_like(*weights, "weights", q, "q", {B});
-  // The one range check that needs no device values: with no actions at all, no action is in range.
-  TORCH_CHECK_VALUE(B == 0 || q.size(1) >= 1, "rlkernels: actions must be in [0, ", q.size(1), "), but q has no "
-                    "actions");
+  check_td(q, actions, targets, weights);
+  TORCH_CHECK_VALUE(q.size(0) == 0 || q.size(1) >= 1, "rlkernels: actions must be in [0, ", q.size(1),
+                    "), but q has no actions");
 }
 
 // e = targets[b] - q[b, actions[b]], NaN (after a device assert) for an action outside [0, A).
@@ -239,13 +217,13 @@ std::tuple<Tensor, Tensor> td_loss_cuda(const Tensor& q_in, const Tensor& action
                                         std::string_view reduction_name) {
   const TdLoss kind = td_kind_of(loss);
   const Reduction reduction = reduction_of(reduction_name);
-  check_td(q_in, actions_in, targets_in, weights_in);
+  check_td_cuda(q_in, actions_in, targets_in, weights_in);
   TORCH_CHECK_VALUE(kind != TdLoss::kHuber || delta > 0, "rlkernels: delta must be > 0, got ", delta);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = q_in.contiguous(), actions = actions_in.contiguous(), targets = targets_in.contiguous();
-  const Tensor weights = has(weights_in) ? weights_in->contiguous() : Tensor();
+  const Tensor weights = given(weights_in) ? weights_in->contiguous() : Tensor();
   const int64_t B = q.size(0), A = q.size(1);
-  const auto opts = q.options().dtype(acc_type_of(q.scalar_type()));
+  const auto opts = acc_options(q);
   Tensor td = at::empty({B}, opts);
   const bool per_sample = reduction == Reduction::kNone;
   Tensor per = per_sample ? at::empty({B}, opts) : Tensor();
@@ -255,7 +233,7 @@ std::tuple<Tensor, Tensor> td_loss_cuda(const Tensor& q_in, const Tensor& action
   const unsigned int grid =
       per_sample ? grid_for(B, kThreads) : std::min<unsigned int>(grid_for(B, kThreads * kRowsPerThread), kMaxPartials);
   Tensor partials = per_sample ? Tensor() : at::empty({static_cast<int64_t>(grid)}, q.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "td_loss_cuda", [&] {
+  RLK_DISPATCH_FLOATS(q.scalar_type(), "td_loss_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
     td_loss_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         q.const_data_ptr<scalar_t>(), actions.const_data_ptr<int64_t>(), targets.const_data_ptr<scalar_t>(),
@@ -318,31 +296,20 @@ std::tuple<Tensor, Tensor> td_loss_backward_cuda(const OptTensor& grad_loss, con
                                                  const OptTensor& /*td_errors: gathered from q here*/) {
   const TdLoss kind = td_kind_of(loss);
   const Reduction reduction = reduction_of(reduction_name);
-  check_td(q_in, actions_in, targets_in, weights_in);
+  check_td_cuda(q_in, actions_in, targets_in, weights_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const Tensor q = q_in.contiguous(), actions = actions_in.contiguous(), targets = targets_in.contiguous();
-  const Tensor weights = has(weights_in) ? weights_in->contiguous() : Tensor();
+  const Tensor weights = given(weights_in) ? weights_in->contiguous() : Tensor();
   const int64_t B = q.size(0), A = q.size(1);
   const bool per_sample = reduction == Reduction::kNone;
-  Tensor gl, gt;
-  if (has(grad_loss)) {
-    TORCH_CHECK_VALUE(per_sample ? grad_loss->numel() == B : grad_loss->numel() == 1,
-                      "rlkernels: grad_loss has the wrong number of elements: ", grad_loss->sizes());
-    TORCH_CHECK_VALUE(grad_loss->device() == q.device(), "rlkernels: grad_loss is on ", grad_loss->device(),
-                      " but q is on ", q.device());
-    gl = grad_loss->to(at::kDouble).contiguous();
-  }
-  if (has(grad_td)) {
-    TORCH_CHECK_VALUE(grad_td->numel() == B, "rlkernels: grad_td_errors must have ", B, " elements");
-    TORCH_CHECK_VALUE(grad_td->device() == q.device(), "rlkernels: grad_td_errors is on ", grad_td->device(),
-                      " but q is on ", q.device());
-    gt = grad_td->to(at::kDouble).contiguous();
-  }
+  check_td_grads(grad_loss, grad_td, q, per_sample);
+  const Tensor gl = given(grad_loss) ? grad_loss->to(at::kDouble).contiguous() : Tensor();
+  const Tensor gt = given(grad_td) ? grad_td->to(at::kDouble).contiguous() : Tensor();
   const double scale = reduction == Reduction::kMean ? (B > 0 ? 1.0 / static_cast<double>(B) : 0.0) : 1.0;
   Tensor grad_q = at::empty({B, A}, q.options());
   Tensor grad_targets = at::empty({B}, targets.options());
   if (B == 0) return {grad_q, grad_targets};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "td_loss_backward_cuda", [&] {
+  RLK_DISPATCH_FLOATS(q.scalar_type(), "td_loss_backward_cuda", [&] {
     using acc_t = acc_of<scalar_t>;
     td_loss_backward_kernel<scalar_t><<<grid_for(B * A, kThreads), kThreads, 0, current_stream()>>>(
         gl.defined() ? gl.const_data_ptr<double>() : nullptr, per_sample,

@@ -27,7 +27,6 @@
 // itself. Rows of ignore_index get zeros.
 //
 // Nothing here synchronizes with the host; everything runs on the current stream.
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -46,12 +45,16 @@
 #include <tuple>
 #include <type_traits>
 
+#include "rlkernels/checks.h"
+#include "rlkernels/dispatch.h"
+#include "rlkernels/logprobs_args.h"
+
 namespace rlkernels {
 namespace cuda_logprobs {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
+using namespace rlkernels::logprobs;
 
 constexpr int kWarp = 32;
 constexpr int kBlockThreads = 512;  // a block per row (large V)
@@ -381,27 +384,9 @@ __global__ void __launch_bounds__(kBlockThreads) backward_block_rows(const BwdAr
 
 // ---- host side ----
 
-bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_inputs(const Tensor& logits, const Tensor& tokens, double temperature) {
-  TORCH_CHECK_VALUE(logits.is_cuda(), "rlkernels.gather_logprobs: the CUDA kernel takes CUDA tensors, got ",
-                    logits.device());
-  TORCH_CHECK_VALUE(logits.dim() == 2, "rlkernels.gather_logprobs: logits must be [N, V] here, got ", logits.dim(),
-                    " dims");
-  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()),
-                   "rlkernels.gather_logprobs: logits must be a float tensor, got ", logits.scalar_type());
-  TORCH_CHECK_VALUE(logits.size(0) == 0 || logits.size(1) <= 1 || logits.stride(1) == 1,
-                    "rlkernels.gather_logprobs: logits must have a unit stride along V");
-  TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "rlkernels.gather_logprobs: tokens must be int64 here, got ",
-                   tokens.scalar_type());
-  TORCH_CHECK_VALUE(tokens.dim() == 1 && tokens.size(0) == logits.size(0),
-                    "rlkernels.gather_logprobs: tokens must be [N] with N = ", logits.size(0), ", got ",
-                    tokens.sizes());
-  TORCH_CHECK_VALUE(tokens.device() == logits.device(), "rlkernels.gather_logprobs: tokens are on ", tokens.device(),
-                    " but logits are on ", logits.device());
-  TORCH_CHECK_VALUE(temperature > 0, "rlkernels.gather_logprobs: temperature must be > 0, got ", temperature);
+  check_cuda(logits, "logits");
+  check_gather_logprobs(logits, tokens, temperature);
 }
 
 int64_t blocks_for(int64_t N, bool warp_rows) { return warp_rows ? (N + kRowsPerBlock - 1) / kRowsPerBlock : N; }
@@ -413,7 +398,7 @@ std::tuple<Tensor, Tensor, Tensor> gather_logprobs_cuda(const Tensor& logits, co
   check_inputs(logits, tokens, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
-  auto opts = logits.options().dtype(acc_type_of(logits.scalar_type()));
+  auto opts = acc_options(logits);
   Tensor logp = at::empty({N}, opts);
   Tensor entropy = at::empty({return_entropy ? N : 0}, opts);
   Tensor lse = at::empty({N}, opts);
@@ -424,8 +409,8 @@ std::tuple<Tensor, Tensor, Tensor> gather_logprobs_cuda(const Tensor& logits, co
   TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(), "rlkernels.gather_logprobs: too many rows (",
                     N, ")");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gather_logprobs_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  RLK_DISPATCH_FLOATS(logits.scalar_type(), "gather_logprobs_cuda", [&] {
+    using acc_t = acc_of<scalar_t>;
     FwdArgs<scalar_t, acc_t> a;
     a.logits = logits.const_data_ptr<scalar_t>();
     a.tokens = tok.const_data_ptr<int64_t>();
@@ -482,8 +467,8 @@ void backward_into(const OptTensor& grad_logp, const OptTensor& grad_entropy, co
   TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(),
                     "rlkernels.gather_logprobs_backward: too many rows (", N, ")");
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "gather_logprobs_backward_cuda", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+  RLK_DISPATCH_FLOATS(logits.scalar_type(), "gather_logprobs_backward_cuda", [&] {
+    using acc_t = acc_of<scalar_t>;
     BwdArgs<scalar_t, acc_t> A;
     A.logits = logits.const_data_ptr<scalar_t>();
     A.out = out.data_ptr<scalar_t>();

@@ -21,7 +21,6 @@
 // Nothing here synchronizes with the host (a CPU grad_loss is copied to the device, which is the caller's
 // choice); everything runs on the current stream. The ppo.h functions are called from device code only, so
 // nvcc emits no host copies of them to merge with the CPU objects'.
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -40,14 +39,16 @@
 #include <string_view>
 #include <tuple>
 
+#include "rlkernels/checks.h"
+#include "rlkernels/dispatch.h"
 #include "rlkernels/ppo.h"
+#include "rlkernels/ppo_args.h"
 
 namespace rlkernels {
 namespace cuda_ppo {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 using namespace rlkernels::ppo;
 
 constexpr int kWarp = 32;
@@ -56,29 +57,6 @@ constexpr int kUnitThreads = kWarp * kUnitsPerBlock;
 constexpr int64_t kUnitTokens = 1024;  // tokens of one row per unit (per warp)
 constexpr int kFinalThreads = 256;     // the one-block kernels
 constexpr int kElementThreads = 256;   // kl_penalty
-
-enum Agg : int { kTokenMean = 0, kSeqMeanTokenSum = 1, kSeqMeanTokenMean = 2, kSeqMeanTokenSumNorm = 3 };
-
-Agg agg_of(std::string_view agg) {
-  if (agg == "token-mean") return kTokenMean;
-  if (agg == "seq-mean-token-sum") return kSeqMeanTokenSum;
-  if (agg == "seq-mean-token-mean") return kSeqMeanTokenMean;
-  if (agg == "seq-mean-token-sum-norm") return kSeqMeanTokenSumNorm;
-  TORCH_CHECK_VALUE(false, "rlkernels: agg must be one of 'token-mean', 'seq-mean-token-sum', "
-                    "'seq-mean-token-mean', 'seq-mean-token-sum-norm', got '", agg, "'");
-  return kTokenMean;
-}
-
-KlKind kl_kind_of(std::string_view kind) {
-  if (kind == "k1") return KlKind::kK1;
-  if (kind == "abs") return KlKind::kAbs;
-  if (kind == "k2") return KlKind::kK2;
-  if (kind == "k3") return KlKind::kK3;
-  TORCH_CHECK_VALUE(false, "rlkernels: kind must be one of 'k1', 'abs', 'k2', 'k3', got '", kind, "'");
-  return KlKind::kK1;
-}
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // ---- device side ----
 
@@ -405,54 +383,12 @@ unsigned element_blocks(int64_t n) {
   return static_cast<unsigned>(blocks < (int64_t{1} << 20) ? blocks : (int64_t{1} << 20));  // grid-stride beyond
 }
 
-void check_input(const Tensor& ref, const char* ref_name, const Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "rlkernels: ", name, " must be a floating tensor, got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "rlkernels: ", name, " must have the shape of ", ref_name, " ",
-                    ref.sizes(), ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "rlkernels: ", name, " must have dtype ",
-                   ref.scalar_type(), ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "rlkernels: ", name, " is on ", t.device(), " but ", ref_name,
-                    " is on ", ref.device());
-}
-
-void check_rows(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda(), "rlkernels: the CUDA kernels take CUDA tensors, got ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == 2, "rlkernels: ", name, " must be canonical [B, T], got ", t.dim(), " dims");
-}
-
-const uint8_t* mask_data(const Tensor& ref, const OptTensor& mask, Tensor& keep) {
-  if (!mask.has_value() || !mask->defined()) return nullptr;
-  TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool || mask->scalar_type() == at::kByte,
-                   "rlkernels: mask must be bool or uint8 here, got ", mask->scalar_type());
-  TORCH_CHECK_VALUE(mask->sizes() == ref.sizes(), "rlkernels: mask must have the shape ", ref.sizes(), ", got ",
-                    mask->sizes());
-  TORCH_CHECK_VALUE(mask->device() == ref.device(), "rlkernels: mask is on ", mask->device(), " but the inputs are on ",
-                    ref.device());
-  keep = mask->contiguous();
-  return static_cast<const uint8_t*>(keep.const_data_ptr());
-}
-
-Tensor scalar_like(const Tensor& ref) { return at::empty({}, ref.options().dtype(acc_type_of(ref.scalar_type()))); }
+Tensor scalar_like(const Tensor& ref) { return at::empty({}, acc_options(ref)); }
 
 // The upstream gradient of a loss as a float64 scalar on the inputs' device (no host read).
 Tensor grad_scalar(const Tensor& grad_loss, const Tensor& ref) {
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, "rlkernels: the loss gradient must be a scalar, got ", grad_loss.sizes());
   return grad_loss.to(ref.device(), at::kDouble).reshape({1}).contiguous();
-}
-
-template <typename acc_t>
-PolicyParams<acc_t> policy_params(double clip_low, double clip_high, std::optional<double> dual_clip) {
-  TORCH_CHECK_VALUE(clip_low >= 0, "rlkernels: clip_low must be >= 0, got ", clip_low);
-  TORCH_CHECK_VALUE(clip_high >= 0, "rlkernels: clip_high must be >= 0, got ", clip_high);
-  TORCH_CHECK_VALUE(!dual_clip.has_value() || *dual_clip > 1.0, "rlkernels: dual_clip must be > 1, got ",
-                    dual_clip.value_or(0.0));
-  PolicyParams<acc_t> p;
-  p.clip_lo = static_cast<acc_t>(1.0 - clip_low);
-  p.clip_hi = static_cast<acc_t>(1.0 + clip_high);
-  p.has_dual_clip = dual_clip.has_value();
-  p.dual_clip = static_cast<acc_t>(dual_clip.value_or(1.0));
-  return p;
 }
 
 // Runs the unit reduction of `op` and the finalize kernel into outs.
@@ -496,23 +432,19 @@ void run_grad(const Op& op, const uint8_t* mask, const Units& g, Agg agg, double
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-#define RLK_DISPATCH_FLOATS(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
-
 // ---- ppo_policy_loss ----
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_policy_loss_cuda(
     const Tensor& logp, const Tensor& old_logp, const Tensor& advantages, const OptTensor& mask, double clip_low,
     double clip_high, std::optional<double> dual_clip, c10::string_view agg_name, double norm_length) {
-  check_rows(logp, "logp");
-  check_input(logp, "logp", old_logp, "old_logp");
-  check_input(logp, "logp", advantages, "advantages");
+  check_cuda(logp, "logp");
+  check_loss_inputs(logp, "logp", old_logp, "old_logp", advantages, "advantages");
   const Agg agg = agg_of(agg_name);
   TORCH_CHECK_VALUE(norm_length > 0, "rlkernels: norm_length must be > 0, got ", norm_length);
   const c10::cuda::CUDAGuard guard(logp.device());
   const Units g = units_of(logp.size(0), logp.size(1));
   Tensor lp = logp.contiguous(), old = old_logp.contiguous(), adv = advantages.contiguous(), mask_keep;
-  const uint8_t* m = mask_data(logp, mask, mask_keep);
+  const uint8_t* m = mask_data(logp, "logp", mask, mask_keep);
   Tensor outs[6];
   for (auto& o : outs) o = scalar_like(logp);
   RLK_DISPATCH_FLOATS(lp.scalar_type(), "ppo_policy_loss_cuda", [&] {
@@ -531,15 +463,14 @@ Tensor ppo_policy_loss_backward_cuda(const Tensor& grad_loss, const Tensor& logp
                                      const Tensor& advantages, const OptTensor& mask, double clip_low,
                                      double clip_high, std::optional<double> dual_clip, c10::string_view agg_name,
                                      double norm_length) {
-  check_rows(logp, "logp");
-  check_input(logp, "logp", old_logp, "old_logp");
-  check_input(logp, "logp", advantages, "advantages");
+  check_cuda(logp, "logp");
+  check_loss_inputs(logp, "logp", old_logp, "old_logp", advantages, "advantages");
   const Agg agg = agg_of(agg_name);
   TORCH_CHECK_VALUE(norm_length > 0, "rlkernels: norm_length must be > 0, got ", norm_length);
   const c10::cuda::CUDAGuard guard(logp.device());
   const Units g = units_of(logp.size(0), logp.size(1));
   Tensor lp = logp.contiguous(), old = old_logp.contiguous(), adv = advantages.contiguous(), mask_keep;
-  const uint8_t* m = mask_data(logp, mask, mask_keep);
+  const uint8_t* m = mask_data(logp, "logp", mask, mask_keep);
   Tensor grad = at::empty({g.B, g.T}, lp.options());
   RLK_DISPATCH_FLOATS(lp.scalar_type(), "ppo_policy_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -556,15 +487,14 @@ Tensor ppo_policy_loss_backward_cuda(const Tensor& grad_loss, const Tensor& logp
 std::tuple<Tensor, Tensor> value_loss_cuda(const Tensor& values, const Tensor& old_values, const Tensor& returns,
                                            const OptTensor& mask, std::optional<double> clip,
                                            c10::string_view agg_name) {
-  check_rows(values, "values");
-  check_input(values, "values", old_values, "old_values");
-  check_input(values, "values", returns, "returns");
+  check_cuda(values, "values");
+  check_loss_inputs(values, "values", old_values, "old_values", returns, "returns");
   TORCH_CHECK_VALUE(!clip.has_value() || *clip >= 0, "rlkernels: clip must be >= 0, got ", clip.value_or(0.0));
   const Agg agg = agg_of(agg_name);
   const c10::cuda::CUDAGuard guard(values.device());
   const Units g = units_of(values.size(0), values.size(1));
   Tensor v = values.contiguous(), old = old_values.contiguous(), ret = returns.contiguous(), mask_keep;
-  const uint8_t* m = mask_data(values, mask, mask_keep);
+  const uint8_t* m = mask_data(values, "values", mask, mask_keep);
   Tensor loss = scalar_like(values), clipfrac = scalar_like(values);
   RLK_DISPATCH_FLOATS(v.scalar_type(), "value_loss_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -584,14 +514,13 @@ std::tuple<Tensor, Tensor> value_loss_cuda(const Tensor& values, const Tensor& o
 Tensor value_loss_backward_cuda(const Tensor& grad_loss, const Tensor& values, const Tensor& old_values,
                                 const Tensor& returns, const OptTensor& mask, std::optional<double> clip,
                                 c10::string_view agg_name) {
-  check_rows(values, "values");
-  check_input(values, "values", old_values, "old_values");
-  check_input(values, "values", returns, "returns");
+  check_cuda(values, "values");
+  check_loss_inputs(values, "values", old_values, "old_values", returns, "returns");
   const Agg agg = agg_of(agg_name);
   const c10::cuda::CUDAGuard guard(values.device());
   const Units g = units_of(values.size(0), values.size(1));
   Tensor v = values.contiguous(), old = old_values.contiguous(), ret = returns.contiguous(), mask_keep;
-  const uint8_t* m = mask_data(values, mask, mask_keep);
+  const uint8_t* m = mask_data(values, "values", mask, mask_keep);
   Tensor grad = at::empty({g.B, g.T}, v.options());
   RLK_DISPATCH_FLOATS(v.scalar_type(), "value_loss_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -607,14 +536,13 @@ Tensor value_loss_backward_cuda(const Tensor& grad_loss, const Tensor& values, c
 // ---- kl_penalty (elementwise, any shape) ----
 
 Tensor kl_penalty_cuda(const Tensor& logp, const Tensor& ref_logp, c10::string_view kind_name) {
-  TORCH_CHECK_VALUE(logp.is_cuda(), "rlkernels: the CUDA kernels take CUDA tensors, got ", logp.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(logp.scalar_type()), "rlkernels: logp must be a floating tensor, got ",
-                   logp.scalar_type());
+  check_cuda(logp, "logp");
+  check_float(logp, "logp");
   check_input(logp, "logp", ref_logp, "ref_logp");
   const KlKind kind = kl_kind_of(kind_name);
   const c10::cuda::CUDAGuard guard(logp.device());
   Tensor lp = logp.contiguous(), ref = ref_logp.contiguous();
-  Tensor out = at::empty(lp.sizes(), lp.options().dtype(acc_type_of(lp.scalar_type())));
+  Tensor out = at::empty(lp.sizes(), acc_options(lp));
   const int64_t n = lp.numel();
   if (n == 0) return out;
   RLK_DISPATCH_FLOATS(lp.scalar_type(), "kl_penalty_cuda", [&] {
@@ -628,12 +556,10 @@ Tensor kl_penalty_cuda(const Tensor& logp, const Tensor& ref_logp, c10::string_v
 
 Tensor kl_penalty_backward_cuda(const Tensor& grad, const Tensor& logp, const Tensor& ref_logp,
                                 c10::string_view kind_name) {
-  TORCH_CHECK_VALUE(logp.is_cuda(), "rlkernels: the CUDA kernels take CUDA tensors, got ", logp.device());
+  check_cuda(logp, "logp");
   check_input(logp, "logp", ref_logp, "ref_logp");
-  TORCH_CHECK_VALUE(grad.sizes() == logp.sizes(), "rlkernels: grad must have the shape of logp ", logp.sizes(),
-                    ", got ", grad.sizes());
-  TORCH_CHECK_VALUE(grad.device() == logp.device(), "rlkernels: grad is on ", grad.device(), " but logp is on ",
-                    logp.device());
+  check_same_shape(grad, "grad", logp, "logp");
+  check_same_device(grad, "grad", logp, "logp");
   const KlKind kind = kl_kind_of(kind_name);
   const c10::cuda::CUDAGuard guard(logp.device());
   Tensor lp = logp.contiguous(), ref = ref_logp.contiguous();

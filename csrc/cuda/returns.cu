@@ -9,7 +9,6 @@
 //  * Everything runs on the current stream; temporaries come from the caching allocator.
 #include "scan_problem.h"  // first: it names the inline namespace of the portable headers
 
-#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -22,52 +21,34 @@
 #include <tuple>
 #include <vector>
 
+#include "rlkernels/checks.h"
+#include "rlkernels/dispatch.h"
+#include "rlkernels/layout.h"
+#include "rlkernels/returns_args.h"
+
 namespace rlkernels {
 inline namespace RLK_ISA {
 namespace cuda {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 
-bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-void check_device(const Tensor& ref, const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "rlkernels: ", name, " is on ", t.device(), " but the inputs are on ",
-                    ref.device(), "; all tensors must be on one CUDA device");
-}
-
-// Geometry of the canonical layout. Packed offsets are converted to int64 on the device, never read here.
-struct Geometry {
-  int64_t outer = 1, steps = 0, inner = 1, num_seqs = 0, numel = 0;
-  Tensor cu;                       // int64 offsets on the device, or undefined (dense)
-  std::vector<int64_t> seq_shape;  // shape of one value per sequence: [O, I] or [n]
+// The canonical layout. Packed offsets are converted to int64 on the device, never read here.
+struct Geometry : SeqLayout {
+  int64_t numel = 0;
+  Tensor cu;  // int64 offsets on the device, or undefined (dense)
 };
 
 Geometry geometry_of(const Tensor& ref, const OptTensor& cu_seqlens) {
-  TORCH_CHECK_VALUE(ref.is_cuda(), "rlkernels: the CUDA kernels take CUDA tensors, got ", ref.device());
+  check_cuda(ref, "the inputs");
   Geometry g;
-  g.numel = ref.numel();
   if (given(cu_seqlens)) {
-    const Tensor& cu = *cu_seqlens;
-    TORCH_CHECK_VALUE(ref.dim() == 1, "rlkernels: with cu_seqlens the inputs must be 1-D packed sequences, got ",
-                      ref.dim(), " dims");
-    TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong,
-                     "rlkernels: cu_seqlens must be int32 or int64, got ", cu.scalar_type());
-    TORCH_CHECK_VALUE(cu.dim() == 1 && cu.numel() >= 1, "rlkernels: cu_seqlens must be 1-D with n + 1 >= 1 entries");
-    check_device(ref, cu, "cu_seqlens");
-    g.cu = cu.to(at::kLong).contiguous();
-    g.num_seqs = cu.numel() - 1;
-    g.steps = ref.numel();
-    g.seq_shape = {g.num_seqs};
+    static_cast<SeqLayout&>(g) = packed_layout(ref, "rewards", *cu_seqlens);
+    g.cu = cu_seqlens->to(at::kLong).contiguous();
   } else {
-    TORCH_CHECK_VALUE(ref.dim() == 3, "rlkernels: scan ops take canonical [O, T, I] tensors, got ", ref.dim(), " dims");
-    g.outer = ref.size(0);
-    g.steps = ref.size(1);
-    g.inner = ref.size(2);
-    g.num_seqs = g.outer * g.inner;
-    g.seq_shape = {g.outer, g.inner};
+    static_cast<SeqLayout&>(g) = dense_layout(ref);
   }
+  g.numel = ref.numel();
   return g;
 }
 
@@ -83,43 +64,24 @@ Problem<scalar_t, acc_t> problem_of(const Geometry& g) {
   return pb;
 }
 
-// Tensors outlive the launches that read them: held here until the op returns (the caching allocator
-// reuses their memory only in stream order after that).
-struct Inputs {
-  std::vector<Tensor> keep;
-  const void* data(const Tensor& t) {
-    keep.push_back(t.contiguous());
-    return keep.back().data_ptr();
-  }
-};
-
-void check_same_shape(const Tensor& ref, const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), "rlkernels: ", name, " must have the shape of rewards ", ref.sizes(),
-                    ", got ", t.sizes());
-  check_device(ref, t, name);
-}
-
 template <typename scalar_t>
 const scalar_t* scalar_stream(Inputs& keep, const Tensor& ref, const OptTensor& t, const char* name) {
   if (!given(t)) return nullptr;
-  check_same_shape(ref, *t, name);
-  TORCH_CHECK_TYPE(t->scalar_type() == ref.scalar_type(), "rlkernels: ", name, " must have dtype ", ref.scalar_type(),
-                   ", got ", t->scalar_type());
+  check_like(*t, name, ref, "rewards");
   return static_cast<const scalar_t*>(keep.data(*t));
 }
 
 const uint8_t* flag_stream(Inputs& keep, const Tensor& ref, const OptTensor& t, const char* name) {
   if (!given(t)) return nullptr;
-  check_same_shape(ref, *t, name);
-  TORCH_CHECK_TYPE(t->scalar_type() == at::kBool || t->scalar_type() == at::kByte, "rlkernels: ", name,
-                   " must be bool or uint8 here, got ", t->scalar_type());
+  check_flag(*t, name, ref, "rewards", ref.sizes());
   return static_cast<const uint8_t*>(keep.data(*t));
 }
 
 template <typename acc_t>
 const acc_t* acc_stream(Inputs& keep, const Tensor& ref, const OptTensor& t, const char* name) {
   if (!given(t)) return nullptr;
-  check_same_shape(ref, *t, name);
+  check_same_shape(*t, name, ref, "rewards");
+  check_same_device(*t, name, ref, "rewards");
   return static_cast<const acc_t*>(keep.data(t->to(c10::CppTypeToScalarType<acc_t>::value)));
 }
 
@@ -129,9 +91,8 @@ template <typename acc_t>
 const acc_t* initial_carries(Inputs& keep, int num_carries, int j, const Geometry& g, const Tensor& ref,
                              const OptTensor& t, const char* name) {
   if (!given(t)) return nullptr;
-  TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(g.seq_shape), "rlkernels: ", name,
-                    " must have one value per sequence, shape ", at::IntArrayRef(g.seq_shape), ", got ", t->sizes());
-  check_device(ref, *t, name);
+  check_per_sequence(*t, name, g);
+  check_same_device(*t, name, ref, "rewards");
   const auto acc = c10::CppTypeToScalarType<acc_t>::value;
   Tensor values = t->to(acc).reshape({g.num_seqs});
   Tensor init = at::zeros({num_carries, g.num_seqs}, ref.options().dtype(acc));
@@ -140,43 +101,14 @@ const acc_t* initial_carries(Inputs& keep, int num_carries, int j, const Geometr
   return init.data_ptr<acc_t>();
 }
 
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Packed outputs start zeroed: malformed cu_seqlens (not checked on the device, which would need a host sync)
 // then leave zeros, never stale memory, at positions no segment covers.
 Tensor empty_out(const Tensor& ref, const OptTensor& cu_seqlens = std::nullopt) {
-  const auto opts = ref.options().dtype(acc_type_of(ref.scalar_type()));
-  return cu_seqlens.has_value() && cu_seqlens->defined() ? at::zeros(ref.sizes(), opts) : at::empty(ref.sizes(), opts);
-}
-
-void check_float(const Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "rlkernels: ", name, " must be a floating tensor, got ",
-                   t.scalar_type());
-}
-
-template <typename acc_t>
-ScanParams<acc_t> params_of(double gamma, double lam, bool has_next) {
-  ScanParams<acc_t> p;
-  p.gamma = static_cast<acc_t>(gamma);
-  p.lam = static_cast<acc_t>(lam);
-  p.has_next = has_next;
-  return p;
-}
-
-template <typename acc_t>
-ScanParams<acc_t> vtrace_params_of(double gamma, double lam, double rho_clip, double c_clip, double pg_rho_clip,
-                                   bool has_next) {
-  ScanParams<acc_t> p = params_of<acc_t>(gamma, lam, has_next);
-  p.rho_clip = static_cast<acc_t>(rho_clip);
-  p.c_clip = static_cast<acc_t>(c_clip);
-  p.pg_rho_clip = static_cast<acc_t>(pg_rho_clip);
-  return p;
+  const auto opts = acc_options(ref);
+  return given(cu_seqlens) ? at::zeros(ref.sizes(), opts) : at::empty(ref.sizes(), opts);
 }
 
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-
-#define RLK_DISPATCH_FLOATS(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
 Tensor linear_scan_cuda(const Tensor& a, const Tensor& b, const OptTensor& initial, bool reverse) {
   check_float(b, "b");

@@ -1,97 +1,31 @@
-// CPU kernels of the Bellman family (docs/design.md §4.5): q_targets, td_loss (+ backward), n_step_returns
-// (+ backward), bellman_backup and value_iteration. The per-element math lives in
-// csrc/include/rlkernels/bellman.h.
+// CPU kernels of the sample-based Bellman ops (docs/design.md §4.5): q_targets and td_loss (+ backward). The
+// CUDA twin is csrc/cuda/bellman_sample.cu.
 //
-// Reductions (td_loss's mean and sum) run over a fixed grid of row chunks combined in order, so results are
-// bit-identical for any number of threads. value_iteration keeps each MDP's P in cache across iterations: an
-// MDP is iterated by one thread (or, with fewer MDPs than threads, its states are split across threads),
-// instead of streaming the whole batch of P from memory once per iteration as a batched einsum loop does.
-// No FP exception flags are read here, so selects may evaluate both sides: under GCC's default
-// -ftrapping-math the Huber and max selects stay branches, which mispredict on random data.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC optimize("no-trapping-math")
-#endif
-
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <torch/library.h>
+// td_loss's mean and sum run over a fixed grid of row chunks combined in order, so results are bit-identical
+// for any number of threads.
+#include "bellman_common.h"  // first: its pragma applies to everything below
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <optional>
 #include <string_view>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
-#include "alloc.h"
-#include "clones.h"
 #include "exp_poly.h"
-#include "rlkernels/bellman.h"
 
 namespace rlkernels::cpu {
 namespace {
 
 using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 using namespace rlkernels::bellman;
 
 constexpr int64_t kRowChunk = 4096;
 // Rows of q requested this far ahead of the row-by-row gathers of td_loss: without it the gathers ran with
-// little memory parallelism (~50 cycles a row here, 4x torch.gather on the same rows).
+// little memory parallelism, at 4x the time of torch.gather on the same rows.
 constexpr int64_t kAhead = 32;
-
-at::ScalarType acc_type_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-bool has(const OptTensor& t) { return t.has_value() && t->defined(); }
-
-void check_like(const Tensor& t, const char* name, const Tensor& ref, const char* ref_name, at::IntArrayRef shape) {
-  TORCH_CHECK_VALUE(t.sizes() == shape, "rlkernels: ", name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "rlkernels: ", name, " must have the dtype of ", ref_name,
-                   " (", ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "rlkernels: ", name, " is on ", t.device(), " but ", ref_name,
-                    " is on ", ref.device());
-}
-
-const bool* flag_data(const OptTensor& t, const char* name, at::IntArrayRef shape, Tensor& keep) {
-  if (!has(t)) return nullptr;
-  TORCH_CHECK_TYPE(t->scalar_type() == at::kBool, "rlkernels: ", name, " must be bool here, got ", t->scalar_type());
-  TORCH_CHECK_VALUE(t->sizes() == shape, "rlkernels: ", name, " must have shape ", shape, ", got ", t->sizes());
-  keep = t->contiguous();
-  return keep.data_ptr<bool>();
-}
-
-QKind q_kind_of(std::string_view kind) {
-  if (kind == "max") return QKind::kMax;
-  if (kind == "double") return QKind::kDouble;
-  if (kind == "expected") return QKind::kExpected;
-  if (kind == "soft") return QKind::kSoft;
-  TORCH_CHECK_VALUE(false, "rlkernels: kind must be one of 'max', 'double', 'expected', 'soft', got '", kind, "'");
-  return QKind::kMax;
-}
-
-TdLoss td_kind_of(std::string_view loss) {
-  if (loss == "huber") return TdLoss::kHuber;
-  if (loss == "squared") return TdLoss::kSquared;
-  TORCH_CHECK_VALUE(false, "rlkernels: loss must be 'huber' or 'squared', got '", loss, "'");
-  return TdLoss::kHuber;
-}
-
-Reduction reduction_of(std::string_view r) {
-  if (r == "mean") return Reduction::kMean;
-  if (r == "sum") return Reduction::kSum;
-  if (r == "none") return Reduction::kNone;
-  TORCH_CHECK_VALUE(false, "rlkernels: reduction must be 'mean', 'sum' or 'none', got '", r, "'");
-  return Reduction::kMean;
-}
-
-template <typename T>
-using acc_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // ------------------------------------------------------------------------------------------------------
 // q_targets
@@ -492,26 +426,13 @@ Tensor q_targets_cpu(const Tensor& rewards, const Tensor& next_q, const OptTenso
                      const OptTensor& next_q_online, const OptTensor& next_probs, double discount,
                      std::string_view kind_name, double temperature) {
   const QKind kind = q_kind_of(kind_name);
-  TORCH_CHECK_VALUE(next_q.dim() == 2, "rlkernels: next_q must be [B, A], got ", next_q.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(next_q.scalar_type()), "rlkernels: next_q must be a float tensor");
+  check_q_targets(rewards, next_q, next_q_online, next_probs, kind, temperature);
   const int64_t B = next_q.size(0), A = next_q.size(1);
-  TORCH_CHECK_VALUE(A >= 1, "rlkernels: next_q needs at least one action, got shape ", next_q.sizes());
-  check_like(rewards, "rewards", next_q, "next_q", {B});
   Tensor keep_term, q = next_q.contiguous(), r = rewards.contiguous(), online, probs;
-  const bool* term = flag_data(terminated, "terminated", {B}, keep_term);
-  if (kind == QKind::kDouble) {
-    TORCH_CHECK_VALUE(has(next_q_online), "rlkernels: kind='double' needs next_q_online");
-    check_like(*next_q_online, "next_q_online", next_q, "next_q", next_q.sizes());
-    online = next_q_online->contiguous();
-  }
-  if (kind == QKind::kExpected) {
-    TORCH_CHECK_VALUE(has(next_probs), "rlkernels: kind='expected' needs next_probs");
-    check_like(*next_probs, "next_probs", next_q, "next_q", next_q.sizes());
-    probs = next_probs->contiguous();
-  }
-  TORCH_CHECK_VALUE(kind != QKind::kSoft || temperature > 0, "rlkernels: kind='soft' needs temperature > 0, got ",
-                    temperature);
-  Tensor out = at::empty({B}, next_q.options().dtype(acc_type_of(next_q.scalar_type())));
+  const bool* term = flag_data(terminated, "terminated", next_q, "next_q", {B}, keep_term);
+  if (kind == QKind::kDouble) online = next_q_online->contiguous();
+  if (kind == QKind::kExpected) probs = next_probs->contiguous();
+  Tensor out = at::empty({B}, acc_options(next_q));
   if (q.scalar_type() == at::kFloat) {
     const float *rp = r.data_ptr<float>(), *qp = q.data_ptr<float>();
     const float* on = online.defined() ? online.data_ptr<float>() : nullptr;
@@ -532,7 +453,7 @@ Tensor q_targets_cpu(const Tensor& rewards, const Tensor& next_q, const OptTenso
     });
     return out;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "q_targets", [&] {
+  RLK_DISPATCH_FLOATS(q.scalar_type(), "q_targets", [&] {
     q_targets_rows<scalar_t>(r.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), term,
                              online.defined() ? online.data_ptr<scalar_t>() : nullptr,
                              probs.defined() ? probs.data_ptr<scalar_t>() : nullptr, B, A, kind, discount,
@@ -586,18 +507,6 @@ struct TdArgs {
   Reduction reduction;
   double delta;
 };
-
-void check_td(const Tensor& q, const Tensor& actions, const Tensor& targets, const OptTensor& weights) {
-  TORCH_CHECK_VALUE(q.dim() == 2, "rlkernels: q must be [B, A], got ", q.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(q.scalar_type()), "rlkernels: q must be a float tensor");
-  const int64_t B = q.size(0);
-  TORCH_CHECK_TYPE(actions.scalar_type() == at::kLong, "rlkernels: actions must be int64 here, got ",
-                   actions.scalar_type());
-  TORCH_CHECK_VALUE(actions.sizes() == at::IntArrayRef{B}, "rlkernels: actions must have shape [", B, "], got ",
-                    actions.sizes());
-  check_like(targets, "targets", q, "q", {B});
-  if (has(weights)) check_like(*weights, "weights", q, "q", {B});
-}
 
 // Fails naming the first out-of-range action, given each chunk's first (-1 if none), chunks in row order.
 void report_bad_action(const std::vector<int64_t>& bad, const int64_t* act, int64_t A) {
@@ -697,7 +606,7 @@ std::tuple<Tensor, Tensor> td_loss_cpu(const Tensor& q_in, const Tensor& actions
   check_td(q_in, actions_in, targets_in, weights_in);
   TORCH_CHECK_VALUE(args.kind != TdLoss::kHuber || delta > 0, "rlkernels: delta must be > 0, got ", delta);
   const Tensor q = q_in.contiguous(), actions = actions_in.contiguous(), targets = targets_in.contiguous();
-  const Tensor weights = has(weights_in) ? weights_in->contiguous() : Tensor();
+  const Tensor weights = given(weights_in) ? weights_in->contiguous() : Tensor();
   const int64_t B = q.size(0), A = q.size(1);
   const int64_t* act = actions.data_ptr<int64_t>();
   const auto acc_type = acc_type_of(q.scalar_type());
@@ -706,7 +615,7 @@ std::tuple<Tensor, Tensor> td_loss_cpu(const Tensor& q_in, const Tensor& actions
   double total = 0;
   const int64_t chunks = (B + kRowChunk - 1) / kRowChunk;
   std::vector<int64_t> bad(chunks, -1);  // per chunk, its first out-of-range action
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "td_loss", [&] {
+  RLK_DISPATCH_FLOATS(q.scalar_type(), "td_loss", [&] {
     using acc_t = acc_of<scalar_t>;
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* y = targets.data_ptr<scalar_t>();
@@ -803,8 +712,8 @@ constexpr int64_t kGradRows = 256;
 // n rows of grad_q (zeroed, then the one non-zero per row: -g, as e = y - q) and of grad_targets (g); returns the
 // first row whose action is out of range (its row left zero), or -1. Zeroed ~1 KB at a time, each piece's
 // non-zeros placed right after it: libc zeroes a piece that small with vector stores, which leave its lines in
-// L1 for the placements, where one memset of the whole block (rep stosb) left every placement a miss (measured
-// on the 2-core EPYC, 2 threads, B = 65536, A = 18: 81-85 us against 107-110 us).
+// L1 for the placements, where one memset of the whole block (rep stosb) left every placement a miss (about
+// 1.3x slower at B = 65536, A = 18).
 template <typename scalar_t, typename acc_t>
 int64_t place_grads(scalar_t* __restrict rows, const int64_t* __restrict act, const acc_t* __restrict g,
                     int64_t n, int64_t A, scalar_t* __restrict gy) {
@@ -837,37 +746,31 @@ std::tuple<Tensor, Tensor> td_loss_backward_cpu(const OptTensor& grad_loss, cons
   const TdArgs args{td_kind_of(loss), reduction_of(reduction), delta};
   check_td(q_in, actions_in, targets_in, weights_in);
   const Tensor q = q_in.contiguous(), actions = actions_in.contiguous(), targets = targets_in.contiguous();
-  const Tensor weights = has(weights_in) ? weights_in->contiguous() : Tensor();
+  const Tensor weights = given(weights_in) ? weights_in->contiguous() : Tensor();
   const int64_t B = q.size(0), A = q.size(1);
   const int64_t* act = actions.data_ptr<int64_t>();
   const bool per_sample = args.reduction == Reduction::kNone;
   const auto acc_type = acc_type_of(q.scalar_type());
   // Per-row upstream gradients in the accumulation type: float32 values widened to double and back, as
   // before, are unchanged; the mean's 1/B is applied in double to the one shared value.
+  check_td_grads(grad_loss, grad_td, q, per_sample);
   Tensor gl, gt, e_saved;
-  if (has(grad_loss)) {
-    TORCH_CHECK_VALUE(per_sample ? grad_loss->numel() == B : grad_loss->numel() == 1,
-                      "rlkernels: grad_loss has the wrong number of elements: ", grad_loss->sizes());
-    // (A reduced loss's one gradient is read as a double by item(), without a tensor of its own.)
-    if (per_sample) gl = grad_loss->to(acc_type).contiguous();
-  }
-  if (has(grad_td)) {
-    TORCH_CHECK_VALUE(grad_td->numel() == B, "rlkernels: grad_td_errors must have ", B, " elements");
-    gt = grad_td->to(acc_type).contiguous();
-  }
-  if (has(td_errors)) {
+  // (A reduced loss's one gradient is read as a double by item(), without a tensor of its own.)
+  if (given(grad_loss) && per_sample) gl = grad_loss->to(acc_type).contiguous();
+  if (given(grad_td)) gt = grad_td->to(acc_type).contiguous();
+  if (given(td_errors)) {
     TORCH_CHECK_VALUE(td_errors->numel() == B, "rlkernels: td_errors must have ", B, " elements, got ",
                       td_errors->sizes());
     e_saved = td_errors->to(acc_type).contiguous();
   }
   const double scale = args.reduction == Reduction::kMean ? (B > 0 ? 1.0 / static_cast<double>(B) : 0.0) : 1.0;
-  const bool has_gl = has(grad_loss);
+  const bool has_gl = given(grad_loss);
   const double shared_d = has_gl && !per_sample ? grad_loss->item<double>() * scale : 0.0;
   Tensor grad_q = empty_output({B, A}, q.options());  // (huge pages when large: alloc.h)
   Tensor grad_targets = at::empty({B}, targets.options());
   const int64_t blocks = (B + kGradRows - 1) / kGradRows;
   std::vector<int64_t> bad(blocks, -1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "td_loss_backward", [&] {
+  RLK_DISPATCH_FLOATS(q.scalar_type(), "td_loss_backward", [&] {
     using acc_t = acc_of<scalar_t>;
     const scalar_t* qp = q.data_ptr<scalar_t>();
     const scalar_t* y = targets.data_ptr<scalar_t>();
@@ -908,365 +811,12 @@ std::tuple<Tensor, Tensor> td_loss_backward_cpu(const OptTensor& grad_loss, cons
   return {grad_q, grad_targets};
 }
 
-// ------------------------------------------------------------------------------------------------------
-// n_step_returns on [O, T, I]
-// ------------------------------------------------------------------------------------------------------
-
-constexpr int64_t kLaneBlock = 64;
-
-struct NStepGeometry {
-  int64_t O, T, I;
-  int64_t idx(int64_t o, int64_t t, int64_t i) const { return (o * T + t) * I + i; }
-};
-
-NStepGeometry n_step_geometry(const Tensor& rewards, const Tensor& values, const OptTensor& next_values,
-                              const OptTensor& bootstrap) {
-  TORCH_CHECK_VALUE(rewards.dim() == 3, "rlkernels: rewards must be canonical [O, T, I], got ", rewards.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(rewards.scalar_type()), "rlkernels: rewards must be a float tensor");
-  check_like(values, "values", rewards, "rewards", rewards.sizes());
-  if (has(next_values)) check_like(*next_values, "next_values", rewards, "rewards", rewards.sizes());
-  if (has(bootstrap))
-    check_like(*bootstrap, "bootstrap_value", rewards, "rewards", {rewards.size(0), rewards.size(2)});
-  return {rewards.size(0), rewards.size(1), rewards.size(2)};
-}
-
-Tensor n_step_returns_cpu(const Tensor& rewards_in, const Tensor& values_in, const OptTensor& next_values_in,
-                          const OptTensor& bootstrap_in, const OptTensor& terminated, const OptTensor& truncated,
-                          double gamma_d, int64_t n) {
-  TORCH_CHECK_VALUE(n >= 1, "rlkernels: n must be >= 1, got ", n);
-  const NStepGeometry g = n_step_geometry(rewards_in, values_in, next_values_in, bootstrap_in);
-  const Tensor r = rewards_in.contiguous(), v = values_in.contiguous();
-  const Tensor nv = has(next_values_in) ? next_values_in->contiguous() : Tensor();
-  const Tensor boot = has(bootstrap_in) ? bootstrap_in->contiguous() : Tensor();
-  Tensor keep_term, keep_trunc;
-  const bool* term = flag_data(terminated, "terminated", r.sizes(), keep_term);
-  const bool* trunc = flag_data(truncated, "truncated", r.sizes(), keep_trunc);
-  Tensor out = empty_output(r.sizes(), r.options().dtype(acc_type_of(r.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, r.scalar_type(), "n_step_returns", [&] {
-    using acc_t = acc_of<scalar_t>;
-    const scalar_t* rp = r.data_ptr<scalar_t>();
-    const scalar_t* vp = v.data_ptr<scalar_t>();
-    const scalar_t* nvp = nv.defined() ? nv.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* bp = boot.defined() ? boot.data_ptr<scalar_t>() : nullptr;
-    acc_t* op = out.data_ptr<acc_t>();
-    const acc_t gamma = static_cast<acc_t>(gamma_d);
-    const int64_t blocks_per_o = (g.I + kLaneBlock - 1) / kLaneBlock;
-    at::parallel_for(0, g.O * blocks_per_o, 1, [&](int64_t begin, int64_t end) {
-      acc_t G[kLaneBlock];
-      bool alive[kLaneBlock];
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t o = blk / blocks_per_o, i0 = (blk % blocks_per_o) * kLaneBlock;
-        const int64_t L = std::min(kLaneBlock, g.I - i0);
-        for (int64_t t = 0; t < g.T; ++t) {
-          for (int64_t l = 0; l < L; ++l) G[l] = 0, alive[l] = true;
-          acc_t disc = 1;
-          int64_t left = L;
-          for (int64_t d = 0; d < n && t + d < g.T && left > 0; ++d) {
-            const int64_t j = t + d;
-            const bool last = j == g.T - 1 || d == n - 1;
-            for (int64_t l = 0; l < L; ++l) {
-              if (!alive[l]) continue;
-              const int64_t k = g.idx(o, j, i0 + l);
-              G[l] += disc * static_cast<acc_t>(rp[k]);
-              const bool tm = term != nullptr && term[k];
-              if (tm || (trunc != nullptr && trunc[k]) || last) {
-                acc_t vn;
-                if (nvp != nullptr)
-                  vn = static_cast<acc_t>(nvp[k]);
-                else if (j + 1 < g.T)
-                  vn = static_cast<acc_t>(vp[k + g.I]);
-                else
-                  vn = bp != nullptr ? static_cast<acc_t>(bp[o * g.I + i0 + l]) : acc_t(0);
-                G[l] += disc * gamma * (acc_t(1) - acc_t(tm)) * vn;
-                alive[l] = false;
-                --left;
-              }
-            }
-            disc *= gamma;
-          }
-          for (int64_t l = 0; l < L; ++l) op[g.idx(o, t, i0 + l)] = G[l];
-        }
-      }
-    });
-  });
-  return out;
-}
-
-// The adjoint, as a gather (no atomics): reward s is summed by the windows t = s, s-1, ... that reach it
-// (none of the steps t..s-1 stops a window); V'_j is read by the windows that end at j.
-std::tuple<Tensor, Tensor, Tensor, Tensor> n_step_returns_backward_cpu(
-    const Tensor& grad_in, const OptTensor& terminated, const OptTensor& truncated, const Tensor& like,
-    double gamma_d, int64_t n, bool has_next_values) {
-  TORCH_CHECK_VALUE(n >= 1, "rlkernels: n must be >= 1, got ", n);
-  TORCH_CHECK_VALUE(like.dim() == 3, "rlkernels: rewards_like must be canonical [O, T, I]");
-  const NStepGeometry g{like.size(0), like.size(1), like.size(2)};
-  const auto acc = acc_type_of(like.scalar_type());
-  TORCH_CHECK_VALUE(grad_in.sizes() == like.sizes(), "rlkernels: grad must have shape ", like.sizes());
-  const Tensor grad = grad_in.to(acc).contiguous();
-  Tensor keep_term, keep_trunc;
-  const bool* term = flag_data(terminated, "terminated", like.sizes(), keep_term);
-  const bool* trunc = flag_data(truncated, "truncated", like.sizes(), keep_trunc);
-  const auto opts = like.options().dtype(acc);
-  Tensor g_r = empty_output(like.sizes(), opts);
-  Tensor g_v = empty_output(like.sizes(), opts);
-  Tensor g_nv = has_next_values ? empty_output(like.sizes(), opts) : at::empty({0}, opts);
-  Tensor g_boot = at::empty({g.O, g.I}, opts);
-  AT_DISPATCH_FLOATING_TYPES(acc, "n_step_returns_backward", [&] {
-    using acc_t = scalar_t;
-    const acc_t* gp = grad.data_ptr<acc_t>();
-    acc_t* grp = g_r.data_ptr<acc_t>();
-    acc_t* gvp = g_v.data_ptr<acc_t>();
-    acc_t* gnvp = has_next_values ? g_nv.data_ptr<acc_t>() : nullptr;
-    acc_t* gbp = g_boot.data_ptr<acc_t>();
-    const acc_t gamma = static_cast<acc_t>(gamma_d);
-    acc_t gamma_n = 1;
-    for (int64_t k = 0; k < n; ++k) gamma_n *= gamma;
-    at::parallel_for(0, g.O * g.I, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t seq = begin; seq < end; ++seq) {
-        const int64_t o = seq / g.I, i = seq % g.I;
-        if (!has_next_values && g.T > 0) gvp[g.idx(o, 0, i)] = 0;
-        gbp[seq] = 0;
-        for (int64_t j = 0; j < g.T; ++j) {
-          const int64_t kj = g.idx(o, j, i);
-          acc_t acc_r = 0, disc = 1;
-          bool full = true;
-          for (int64_t d = 0; d < n; ++d) {
-            const int64_t t = j - d;
-            if (t < 0) {
-              full = false;
-              break;
-            }
-            const int64_t kt = g.idx(o, t, i);
-            if (d > 0 && ((term != nullptr && term[kt]) || (trunc != nullptr && trunc[kt]))) {
-              full = false;
-              break;
-            }
-            acc_r += disc * gp[kt];
-            disc *= gamma;
-          }
-          grp[kj] = acc_r;
-          const bool tm = term != nullptr && term[kj];
-          const bool natural = tm || (trunc != nullptr && trunc[kj]) || j == g.T - 1;
-          acc_t gvn = 0;
-          if (!tm) {
-            if (natural)
-              gvn = gamma * acc_r;
-            else if (full)
-              gvn = gamma_n * gp[g.idx(o, j - n + 1, i)];
-          }
-          if (has_next_values)
-            gnvp[kj] = gvn;
-          else if (j + 1 < g.T)
-            gvp[g.idx(o, j + 1, i)] = gvn;
-          else
-            gbp[seq] = gvn;
-        }
-        if (has_next_values)
-          for (int64_t t = 0; t < g.T; ++t) gvp[g.idx(o, t, i)] = 0;
-      }
-    });
-  });
-  return {g_r, g_v, g_nv, g_boot};
-}
-
-// ------------------------------------------------------------------------------------------------------
-// bellman_backup and value_iteration
-// ------------------------------------------------------------------------------------------------------
-
-// Dot products of a row of P with V, compiled for AVX-512, AVX2 and SSE2 and chosen at load time (GCC's
-// target_clones: one binary runs on any x86-64 CPU). Sixteen independent partial sums let the compiler
-// keep two to four vector accumulators in flight.
-
-RLK_CLONES float dot_f32(const float* __restrict p, const float* __restrict v, int64_t n) {
-  float acc[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) acc[l] += p[i + l] * v[i + l];
-  float s = 0;
-  for (; i < n; ++i) s += p[i] * v[i];
-  for (int l = 0; l < 16; ++l) s += acc[l];
-  return s;
-}
-
-RLK_CLONES double dot_f64(const double* __restrict p, const double* __restrict v, int64_t n) {
-  double acc[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += p[i + l] * v[i + l];
-  double s = 0;
-  for (; i < n; ++i) s += p[i] * v[i];
-  for (int l = 0; l < 8; ++l) s += acc[l];
-  return s;
-}
-
-inline float dot(const float* p, const float* v, int64_t n) { return dot_f32(p, v, n); }
-inline double dot(const double* p, const double* v, int64_t n) { return dot_f64(p, v, n); }
-
-// Q[s, a] = R[s, a] + gamma P[s, a, :] . V for states [s0, s1) of one MDP, with V_new = max_a Q and the
-// policy (first maximizing action, NaN counting as the maximum). P here is in the accumulation type (16-bit
-// P is widened by the caller); R in its own type.
-template <typename acc_t, typename r_t>
-void backup_states(const acc_t* P, const r_t* R, const acc_t* V, int64_t S, int64_t A, acc_t gamma, int64_t s0,
-                   int64_t s1, acc_t* Q, acc_t* V_new, int64_t* policy) {
-  for (int64_t s = s0; s < s1; ++s) {
-    acc_t best = -std::numeric_limits<acc_t>::infinity(), vmax = best;
-    int64_t arg = 0;
-    for (int64_t a = 0; a < A; ++a) {
-      const int64_t sa = s * A + a;
-      const acc_t q = static_cast<acc_t>(R[sa]) + gamma * dot(P + sa * S, V, S);
-      Q[sa] = q;
-      vmax = nan_max(vmax, q);
-      if (a == 0 || takes_argmax(best, q)) best = q, arg = a;
-    }
-    V_new[s] = vmax;
-    policy[s] = arg;
-  }
-}
-
-void check_mdp(const Tensor& P, const Tensor& R, const OptTensor& V, const char* v_name) {
-  TORCH_CHECK_VALUE(P.dim() == 4 && P.size(1) == P.size(3), "rlkernels: P must be [B, S, A, S], got ", P.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(P.scalar_type()), "rlkernels: P must be a float tensor");
-  check_like(R, "R", P, "P", {P.size(0), P.size(1), P.size(2)});
-  if (has(V)) check_like(*V, v_name, P, "P", {P.size(0), P.size(1)});
-}
-
-// P[b] in the accumulation type: a view for float32/float64, a widened copy for 16-bit P.
-template <typename scalar_t>
-const acc_of<scalar_t>* widened(const scalar_t* P, int64_t n, std::vector<acc_of<scalar_t>>& buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_of<scalar_t>>) {
-    return P;
-  } else {
-    buf.resize(n);
-    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<acc_of<scalar_t>>(P[k]);
-    return buf.data();
-  }
-}
-
-std::tuple<Tensor, Tensor, Tensor> bellman_backup_cpu(const Tensor& P_in, const Tensor& R_in, const Tensor& V_in,
-                                                      double gamma_d) {
-  check_mdp(P_in, R_in, V_in, "V");
-  const Tensor P = P_in.contiguous(), R = R_in.contiguous();
-  const int64_t B = P.size(0), S = P.size(1), A = P.size(2);
-  const auto acc = acc_type_of(P.scalar_type());
-  const Tensor V = V_in.to(acc).contiguous();
-  Tensor Q = at::empty({B, S, A}, P.options().dtype(acc));
-  Tensor V_new = at::empty({B, S}, P.options().dtype(acc));
-  Tensor policy = at::empty({B, S}, P.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, P.scalar_type(), "bellman_backup", [&] {
-    using acc_t = acc_of<scalar_t>;
-    const scalar_t* Pp = P.data_ptr<scalar_t>();
-    const scalar_t* Rp = R.data_ptr<scalar_t>();
-    const acc_t* Vp = V.data_ptr<acc_t>();
-    acc_t* Qp = Q.data_ptr<acc_t>();
-    acc_t* Vn = V_new.data_ptr<acc_t>();
-    int64_t* pol = policy.data_ptr<int64_t>();
-    const acc_t gamma = static_cast<acc_t>(gamma_d);
-    const int64_t row = A * S;
-    at::parallel_for(0, B * S, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, row)), [&](int64_t begin,
-                                                                                              int64_t end) {
-      std::vector<acc_t> buf;
-      for (int64_t bs = begin; bs < end; ++bs) {
-        const int64_t b = bs / S;
-        // State bs % S alone, as a one-state slice (index 0) of its MDP; V is the MDP's whole value vector.
-        backup_states(widened(Pp + bs * row, row, buf), Rp + bs * A, Vp + b * S, S, A, gamma, 0, 1, Qp + bs * A,
-                      Vn + bs, pol + bs);
-      }
-    });
-  });
-  return {Q, V_new, policy};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> value_iteration_cpu(const Tensor& P_in, const Tensor& R_in,
-                                                                       const OptTensor& V0, double gamma_d,
-                                                                       double tol_d, int64_t max_iters) {
-  check_mdp(P_in, R_in, V0, "V0");
-  TORCH_CHECK_VALUE(max_iters >= 1, "rlkernels: max_iters must be >= 1, got ", max_iters);
-  const Tensor P = P_in.contiguous(), R = R_in.contiguous();
-  const int64_t B = P.size(0), S = P.size(1), A = P.size(2);
-  const auto acc = acc_type_of(P.scalar_type());
-  const auto opts = P.options().dtype(acc);
-  Tensor V = has(V0) ? V0->to(acc).contiguous().clone() : at::zeros({B, S}, opts);
-  Tensor Q = at::empty({B, S, A}, opts);
-  Tensor policy = at::empty({B, S}, P.options().dtype(at::kLong));
-  Tensor residual = at::empty({B}, opts);
-  std::vector<int64_t> iters(B, 0);
-  int64_t K = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, P.scalar_type(), "value_iteration", [&] {
-    using acc_t = acc_of<scalar_t>;
-    const scalar_t* Pp = P.data_ptr<scalar_t>();
-    const scalar_t* Rp = R.data_ptr<scalar_t>();
-    acc_t* Vp = V.data_ptr<acc_t>();
-    acc_t* Qp = Q.data_ptr<acc_t>();
-    int64_t* pol = policy.data_ptr<int64_t>();
-    acc_t* res = residual.data_ptr<acc_t>();
-    const acc_t gamma = static_cast<acc_t>(gamma_d), tol = static_cast<acc_t>(tol_d);
-    const int64_t mdp = S * A * S;
-    for (int64_t b = 0; b < B; ++b) res[b] = std::numeric_limits<acc_t>::infinity();
-    // With at least as many MDPs as threads, each MDP is iterated by one thread with its P hot in cache;
-    // otherwise the states of one MDP are split across the threads in every backup.
-    const bool per_mdp = B >= at::get_num_threads();
-
-    // One backup of MDP b: Q, policy and the residual max_s |V_new - V| (NaN propagates), then V <- V_new.
-    auto iterate = [&](int64_t b, const acc_t* Pb, std::vector<acc_t>& V_new) {
-      acc_t* Vb = Vp + b * S;
-      const scalar_t* Rb = Rp + b * S * A;
-      V_new.resize(S);
-      if (per_mdp) {
-        backup_states(Pb, Rb, Vb, S, A, gamma, 0, S, Qp + b * S * A, V_new.data(), pol + b * S);
-      } else {
-        at::parallel_for(0, S, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, A * S)), [&](int64_t s0, int64_t s1) {
-          backup_states(Pb, Rb, Vb, S, A, gamma, s0, s1, Qp + b * S * A, V_new.data(), pol + b * S);
-        });
-      }
-      acc_t r = 0;
-      for (int64_t s = 0; s < S; ++s) r = nan_max(r, std::fabs(V_new[s] - Vb[s]));
-      std::copy(V_new.begin(), V_new.end(), Vb);
-      res[b] = r;
-      ++iters[b];
-    };
-    // Brings MDP b to K backups, then on until it converges or reaches max_iters.
-    auto run = [&](int64_t b, std::vector<acc_t>& P_buf, std::vector<acc_t>& V_new) {
-      const acc_t* Pb = widened(Pp + b * mdp, mdp, P_buf);
-      while (iters[b] < K) iterate(b, Pb, V_new);
-      while (iters[b] < max_iters && !(res[b] < tol)) iterate(b, Pb, V_new);
-    };
-    // All MDPs iterate together (docs/design.md §4.5): the batch stops at the first backup after which every
-    // residual is below tol. Each MDP runs on alone until it converges; the batch count K is the largest of
-    // theirs; MDPs behind K catch up and, should one's residual have risen above tol again, the round repeats.
-    while (true) {
-      if (per_mdp) {
-        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-          std::vector<acc_t> P_buf, V_new;
-          for (int64_t b = b0; b < b1; ++b) run(b, P_buf, V_new);
-        });
-      } else {
-        std::vector<acc_t> P_buf, V_new;
-        for (int64_t b = 0; b < B; ++b) run(b, P_buf, V_new);
-      }
-      int64_t K_new = 0;
-      for (int64_t b = 0; b < B; ++b) K_new = std::max(K_new, iters[b]);
-      bool level = true;
-      for (int64_t b = 0; b < B; ++b) level = level && iters[b] == K_new;
-      K = K_new;
-      if (level) break;
-    }
-  });
-  if (B == 0) K = 1;  // the reference makes one (empty) backup
-  Tensor it = at::empty({}, P.options().dtype(at::kLong));
-  *it.data_ptr<int64_t>() = K;
-  return {V, Q, policy, it, residual};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
   m.impl("q_targets", &q_targets_cpu);
   m.impl("td_loss", &td_loss_cpu);
   m.impl("td_loss_backward", &td_loss_backward_cpu);
-  m.impl("n_step_returns", &n_step_returns_cpu);
-  m.impl("n_step_returns_backward", &n_step_returns_backward_cpu);
-  m.impl("bellman_backup", &bellman_backup_cpu);
-  m.impl("value_iteration", &value_iteration_cpu);
 }
 
 }  // namespace rlkernels::cpu
