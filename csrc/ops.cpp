@@ -47,6 +47,13 @@ TORCH_LIBRARY(rlkernels, m) {
       "Tensor? truncated, Tensor? mask, Tensor? cu_seqlens, float gamma, float lam, float rho_clip, "
       "float c_clip, float pg_rho_clip) -> (Tensor grad_rewards, Tensor grad_values, Tensor grad_log_rhos, "
       "Tensor grad_next_values, Tensor grad_bootstrap_value)");
+  m.def(
+      "retrace(Tensor rewards, Tensor q_taken, Tensor next_v, Tensor log_rhos, Tensor? terminated, "
+      "Tensor? truncated, Tensor? mask, Tensor? cu_seqlens, float gamma, float lam, float c_clip) -> Tensor");
+  m.def(
+      "retrace_backward(Tensor grad, Tensor targets, Tensor q_taken, Tensor log_rhos, Tensor? terminated, "
+      "Tensor? truncated, Tensor? mask, Tensor? cu_seqlens, float gamma, float lam, float c_clip) "
+      "-> (Tensor grad_rewards, Tensor grad_q_taken, Tensor grad_next_v, Tensor grad_log_rhos)");
 
   // ---- PPO loss family (rlkernels/ppo.py): canonical [B, T] inputs of one dtype, mask bool/uint8 or None.
   // The losses return 0-d tensors (loss, then the stats); backwards give the gradient w.r.t. logp / values.

@@ -9,28 +9,13 @@ from ._load import load_library as _load_library
 
 _C = _load_library()  # loads the compiled kernels and registers the ops, or says which torch they need
 
+from . import bellman, logprobs, ppo, returns
 from ._backend import BACKENDS, available_backends
-from .bellman import bellman_backup, n_step_returns, q_targets, td_loss, value_iteration
-from .logprobs import gather_logprobs
-from .ppo import kl_penalty, ppo_policy_loss, value_loss
-from .returns import discounted_returns, gae, linear_scan, vtrace
+from .bellman import *
+from .logprobs import *
+from .ppo import *
+from .returns import *
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BACKENDS",
-    "available_backends",
-    "bellman_backup",
-    "discounted_returns",
-    "gae",
-    "gather_logprobs",
-    "kl_penalty",
-    "linear_scan",
-    "n_step_returns",
-    "ppo_policy_loss",
-    "q_targets",
-    "td_loss",
-    "value_iteration",
-    "value_loss",
-    "vtrace",
-]
+__all__ = ["BACKENDS", "available_backends", *returns.__all__, *logprobs.__all__, *ppo.__all__, *bellman.__all__]  # noqa: PLE0604

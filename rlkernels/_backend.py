@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from ._ops import FAMILIES
+
 BACKENDS = ("cpu", "cuda", "triton", "reference")
 _ENV = "RLKERNELS_BACKEND"
 # The GPU backends for CUDA tensors when none is asked for, before the GPU test record is consulted
@@ -22,14 +24,8 @@ _ENV = "RLKERNELS_BACKEND"
 # through the interpreter, while the CUDA C++ kernels are only compiled there.
 _PREFERRED_GPU_BACKENDS = ("triton", "cuda")
 
-# Op -> family of the GPU test record.
-_FAMILIES = {
-    "returns": ("linear_scan", "discounted_returns", "gae", "vtrace"),
-    "logprobs": ("gather_logprobs",),
-    "ppo": ("ppo_policy_loss", "value_loss", "kl_penalty"),
-    "bellman": ("q_targets", "td_loss", "n_step_returns", "bellman_backup", "value_iteration"),
-}
-_FAMILY_OF = {op: family for family, ops in _FAMILIES.items() for op in ops}
+# Op -> family of the GPU test record (each family's ops are listed in rlkernels/_ops/<family>.py).
+_FAMILY_OF = {op: family for family, ops in FAMILIES.items() for op in ops}
 
 
 @functools.cache

@@ -2,8 +2,9 @@
 
 Sample-based ops work on a replay batch (``next_q [..., A]``, one reward per transition); model-based ops
 on known MDPs (``P [..., S, A, S]``, ``R [..., S, A]``). The wrappers check arguments, bring inputs to the
-kernels' canonical layout (flat rows, one dtype), pick the backend and register autograd and fake kernels
-for the custom ops declared in csrc/ops.cpp. Outputs are float32 for 16-bit inputs, else the input dtype.
+kernels' canonical layout (flat rows, one dtype; rlkernels/_layout.py) and run the backend's op
+(rlkernels/_dispatch.py); the ops' autograd is in rlkernels/_ops/bellman.py. Outputs are float32 for 16-bit
+inputs, else the input dtype.
 """
 
 from __future__ import annotations
@@ -12,42 +13,15 @@ import math
 
 import torch
 
-from . import _C  # noqa: F401  (loads the kernels and the schemas)
 from . import _checks as checks
-from ._backend import resolve
-from .returns import _Scan, _check_truncated
+from . import _dispatch as dispatch
+from ._layout import ScanLayout, check_truncated, int_arg, mdp_tensors
 
-_ops = torch.ops.rlkernels
+__all__ = ["bellman_backup", "n_step_returns", "q_targets", "td_loss", "value_iteration"]
 
 Q_KINDS = ("max", "double", "expected", "soft")
 TD_LOSSES = ("huber", "squared")
 REDUCTIONS = ("mean", "sum", "none")
-
-
-def _reference(name):
-    from . import reference
-
-    return getattr(reference, name)
-
-
-def _triton():
-    from .triton import bellman as triton_bellman
-
-    return triton_bellman
-
-
-def _pick(impl, name):
-    return getattr(_triton(), name) if impl == "triton" else getattr(_ops, name)
-
-
-def _out(array, device, dtype):
-    return torch.as_tensor(array, dtype=checks.accumulate_dtype(dtype), device=device)
-
-
-def _int_arg(op, name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"rlkernels.{op}: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,7 +45,7 @@ def q_targets(rewards, next_q, *, terminated=None, gamma=0.99, kind="max", next_
     """
     op = "q_targets"
     gamma = checks.unit_interval(op, "gamma", gamma)
-    n = _int_arg(op, "n", n, 1)
+    n = int_arg(op, "n", n, 1)
     if kind not in Q_KINDS:
         raise ValueError(f"rlkernels.{op}: kind must be one of {Q_KINDS}, got {kind!r}")
     checks.float_tensor(op, "rewards", rewards)
@@ -99,31 +73,32 @@ def q_targets(rewards, next_q, *, terminated=None, gamma=0.99, kind="max", next_
     checks.same_shape(op, "next_q", next_q, next_q_online=online if kind == "double" else None,
                       next_probs=probs if kind == "expected" else None)
     checks.same_shape(op, "rewards", rewards, terminated=term)
-    impl = resolve(backend, next_q.device, op)
+    impl = dispatch.resolve(backend, next_q.device, op)
     dtype = checks.common_float_dtype(rewards, next_q, online if kind == "double" else None,
                                       probs if kind == "expected" else None)
     if impl == "reference":
-        y = _reference(op)(rewards, next_q, terminated=terminated, gamma=gamma, kind=kind, next_q_online=online,
-                           next_probs=probs, temperature=temperature if kind == "soft" else None, n=n)
-        return _out(y, next_q.device, dtype)
+        y = dispatch.reference(op)(rewards, next_q, terminated=terminated, gamma=gamma, kind=kind,
+                                   next_q_online=online, next_probs=probs,
+                                   temperature=temperature if kind == "soft" else None, n=n)
+        return dispatch.from_reference(y, next_q.device, dtype)
     extra = online if kind == "double" else (probs if kind == "expected" else None)
     if (next_q.dim() == 2 and rewards.dtype == dtype and next_q.dtype == dtype
             and (extra is None or extra.dtype == dtype)
             and not (rewards.requires_grad or next_q.requires_grad or (extra is not None and extra.requires_grad))):
         # Already the op's layout: no reshapes, casts or copies (each a dispatcher call; the op makes its
         # inputs contiguous).
-        return _pick(impl, op)(rewards, next_q, term, online if kind == "double" else None,
-                               probs if kind == "expected" else None, gamma**n, kind, temperature)
+        return dispatch.kernel(op, impl)(rewards, next_q, term, online if kind == "double" else None,
+                                         probs if kind == "expected" else None, gamma**n, kind, temperature)
     A = next_q.shape[-1]
     B = math.prod(rewards.shape)
 
     def rows(x, shape):
         return None if x is None else x.detach().to(dtype).reshape(shape).contiguous()
 
-    y = _pick(impl, op)(rows(rewards, (B,)), rows(next_q, (B, A)),
-                        None if term is None else term.reshape(B).contiguous(),
-                        rows(online, (B, A)) if kind == "double" else None,
-                        rows(probs, (B, A)) if kind == "expected" else None, gamma**n, kind, temperature)
+    y = dispatch.kernel(op, impl)(rows(rewards, (B,)), rows(next_q, (B, A)),
+                                  None if term is None else term.reshape(B).contiguous(),
+                                  rows(online, (B, A)) if kind == "double" else None,
+                                  rows(probs, (B, A)) if kind == "expected" else None, gamma**n, kind, temperature)
     return y.reshape(rewards.shape)
 
 
@@ -156,25 +131,27 @@ def td_loss(q, actions, targets, *, loss="huber", delta=1.0, weights=None, reduc
         raise ValueError(f"rlkernels.{op}: q must have shape {(*actions.shape, 'A')} (actions' shape plus "
                          f"actions), got {tuple(q.shape)}")
     checks.same_shape(op, "actions", actions, targets=targets, weights=w)
-    impl = resolve(backend, q.device, op)
+    impl = dispatch.resolve(backend, q.device, op)
     dtype = checks.common_float_dtype(q, targets, w)
     if impl == "reference":
         A = q.shape[-1]
-        lo, e = _reference(op)(q.reshape(-1, A), actions.reshape(-1), targets.reshape(-1), loss=loss, delta=delta,
-                               weights=None if w is None else w.reshape(-1), reduction=reduction)
-        lo = _out(lo, q.device, dtype)
-        return (lo.reshape(actions.shape) if reduction == "none" else lo), _out(e, q.device, dtype).reshape(
-            actions.shape)
+        lo, e = dispatch.reference(op)(q.reshape(-1, A), actions.reshape(-1), targets.reshape(-1), loss=loss,
+                                       delta=delta, weights=None if w is None else w.reshape(-1),
+                                       reduction=reduction)
+        lo = dispatch.from_reference(lo, q.device, dtype)
+        e = dispatch.from_reference(e, q.device, dtype).reshape(actions.shape)
+        return (lo.reshape(actions.shape) if reduction == "none" else lo), e
     if (q.dim() == 2 and actions.dim() == 1 and actions.dtype == torch.int64 and q.dtype == dtype
             and targets.dtype == dtype and w is None):
         # Already the op's layout (a replay batch): no reshapes, casts or copies, each a dispatcher call and,
         # with q requiring grad, a view node more for the backward (the op makes its inputs contiguous).
-        return _pick(impl, op)(q, actions, targets, None, loss, delta, reduction)
+        return dispatch.kernel(op, impl)(q, actions, targets, None, loss, delta, reduction)
     B, A = math.prod(actions.shape), q.shape[-1]
-    lo, e = _pick(impl, op)(q.to(dtype).reshape(B, A).contiguous(), actions.reshape(B).to(torch.int64).contiguous(),
-                            targets.to(dtype).reshape(B).contiguous(),
-                            None if w is None else w.detach().to(dtype).reshape(B).contiguous(), loss, delta,
-                            reduction)
+    lo, e = dispatch.kernel(op, impl)(q.to(dtype).reshape(B, A).contiguous(),
+                                      actions.reshape(B).to(torch.int64).contiguous(),
+                                      targets.to(dtype).reshape(B).contiguous(),
+                                      None if w is None else w.detach().to(dtype).reshape(B).contiguous(), loss,
+                                      delta, reduction)
     return (lo.reshape(actions.shape) if reduction == "none" else lo), e.reshape(actions.shape)
 
 
@@ -195,19 +172,19 @@ def n_step_returns(rewards, values, *, n, gamma=0.99, terminated=None, truncated
     n-step TD (1 to a few dozen), not for n of the order of T (use discounted_returns there).
     """
     op = "n_step_returns"
-    n = _int_arg(op, "n", n, 1)
+    n = int_arg(op, "n", n, 1)
     gamma = checks.unit_interval(op, "gamma", gamma)
-    _check_truncated(op, truncated, next_values)
-    s = _Scan(op, "rewards", rewards, time_dim=time_dim, cu_seqlens=None,
+    check_truncated(op, truncated, next_values)
+    s = ScanLayout(op, "rewards", rewards, time_dim=time_dim, cu_seqlens=None,
               floats={"values": values, "next_values": next_values},
               flags={"terminated": terminated, "truncated": truncated}, per_seq={"bootstrap_value": bootstrap_value})
-    impl = resolve(backend, s.device, op)
+    impl = dispatch.resolve(backend, s.device, op)
     if impl == "reference":
-        out = _reference(op)(rewards, values, n=n, gamma=gamma, terminated=terminated, truncated=truncated,
+        out = dispatch.reference(op)(rewards, values, n=n, gamma=gamma, terminated=terminated, truncated=truncated,
                              next_values=next_values, bootstrap_value=bootstrap_value, time_dim=time_dim)
-        return _out(out, s.device, s.dtype)
+        return dispatch.from_reference(out, s.device, s.dtype)
     fl = s.flags
-    y = _pick(impl, op)(s.rewards, s.floats["values"], s.floats["next_values"], s.per_seq["bootstrap_value"],
+    y = dispatch.kernel(op, impl)(s.rewards, s.floats["values"], s.floats["next_values"], s.per_seq["bootstrap_value"],
                         fl["terminated"], fl["truncated"], gamma, n)
     return s.restore(y)
 
@@ -215,27 +192,6 @@ def n_step_returns(rewards, values, *, n, gamma=0.99, terminated=None, truncated
 # ----------------------------------------------------------------------------------------------------
 # Model-based: bellman_backup, value_iteration
 # ----------------------------------------------------------------------------------------------------
-
-
-def _mdp(op, P, R, V, v_name):
-    checks.float_tensor(op, "P", P)
-    checks.float_tensor(op, "R", R)
-    checks.float_tensor(op, v_name, V, optional=True)
-    checks.same_device(op, "P", P, R=R, **{v_name: V})
-    if P.dim() < 3 or P.shape[-1] != P.shape[-3]:
-        raise ValueError(f"rlkernels.{op}: P must have shape [..., S, A, S], got {tuple(P.shape)}")
-    if tuple(R.shape) != tuple(P.shape[:-1]):
-        raise ValueError(f"rlkernels.{op}: R must have shape {tuple(P.shape[:-1])} ([..., S, A]), got "
-                         f"{tuple(R.shape)}")
-    if V is not None and tuple(V.shape) != tuple(P.shape[:-2]):
-        raise ValueError(f"rlkernels.{op}: {v_name} must have shape {tuple(P.shape[:-2])} ([..., S]), got "
-                         f"{tuple(V.shape)}")
-    batch, (S, A) = tuple(P.shape[:-3]), tuple(P.shape[-3:-1])
-    B = math.prod(batch)
-    dtype = checks.common_float_dtype(P, R, V)
-    canon = (P.to(dtype).reshape(B, S, A, S).contiguous(), R.to(dtype).reshape(B, S, A).contiguous(),
-             None if V is None else V.to(dtype).reshape(B, S).contiguous())
-    return canon, batch, dtype
 
 
 def bellman_backup(P, R, V, gamma=0.99, *, backend=None):
@@ -249,14 +205,14 @@ def bellman_backup(P, R, V, gamma=0.99, *, backend=None):
     op = "bellman_backup"
     gamma = checks.unit_interval(op, "gamma", gamma)
     checks.tensor(op, "V", V)
-    (Pc, Rc, Vc), batch, dtype = _mdp(op, P, R, V, "V")
-    impl = resolve(backend, P.device, op)
+    (Pc, Rc, Vc), batch, dtype = mdp_tensors(op, P, R, V, "V")
+    impl = dispatch.resolve(backend, P.device, op)
     S, A = P.shape[-3], P.shape[-2]
     if impl == "reference":
-        Q, Vn, pol = _reference(op)(P, R, V, gamma)
-        return (_out(Q, P.device, dtype), _out(Vn, P.device, dtype),
+        Q, Vn, pol = dispatch.reference(op)(P, R, V, gamma)
+        return (dispatch.from_reference(Q, P.device, dtype), dispatch.from_reference(Vn, P.device, dtype),
                 torch.as_tensor(pol, dtype=torch.int64, device=P.device))
-    Q, Vn, pol = _pick(impl, op)(Pc, Rc, Vc, gamma)
+    Q, Vn, pol = dispatch.kernel(op, impl)(Pc, Rc, Vc, gamma)
     return Q.reshape(*batch, S, A), Vn.reshape(*batch, S), pol.reshape(*batch, S)
 
 
@@ -275,142 +231,15 @@ def value_iteration(P, R, gamma=0.99, *, tol=1e-6, max_iters=1000, V0=None, back
     tol = checks.real(op, "tol", tol)
     if not tol >= 0:
         raise ValueError(f"rlkernels.{op}: tol must be >= 0, got {tol}")
-    max_iters = _int_arg(op, "max_iters", max_iters, 1)
-    (Pc, Rc, Vc), batch, dtype = _mdp(op, P, R, V0, "V0")
-    impl = resolve(backend, P.device, op)
+    max_iters = int_arg(op, "max_iters", max_iters, 1)
+    (Pc, Rc, Vc), batch, dtype = mdp_tensors(op, P, R, V0, "V0")
+    impl = dispatch.resolve(backend, P.device, op)
     S, A = P.shape[-3], P.shape[-2]
     if impl == "reference":
-        V, Q, pol, iters, res = _reference(op)(P, R, gamma, tol=tol, max_iters=max_iters, V0=V0)
-        return (_out(V, P.device, dtype), _out(Q, P.device, dtype),
+        V, Q, pol, iters, res = dispatch.reference(op)(P, R, gamma, tol=tol, max_iters=max_iters, V0=V0)
+        return (dispatch.from_reference(V, P.device, dtype), dispatch.from_reference(Q, P.device, dtype),
                 torch.as_tensor(pol, dtype=torch.int64, device=P.device),
-                torch.tensor(iters, dtype=torch.int64, device=P.device), _out(res, P.device, dtype))
-    V, Q, pol, iters, res = _pick(impl, op)(Pc.detach(), Rc.detach(), None if Vc is None else Vc.detach(), gamma,
+                torch.tensor(iters, dtype=torch.int64, device=P.device), dispatch.from_reference(res, P.device, dtype))
+    V, Q, pol, iters, res = dispatch.kernel(op, impl)(Pc.detach(), Rc.detach(), None if Vc is None else Vc.detach(), gamma,
                                            tol, max_iters)
     return V.reshape(*batch, S), Q.reshape(*batch, S, A), pol.reshape(*batch, S), iters, res.reshape(batch)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Fake kernels
-# ----------------------------------------------------------------------------------------------------
-
-
-def _acc(x, shape=None):
-    return x.new_empty(x.shape if shape is None else shape, dtype=checks.accumulate_dtype(x.dtype))
-
-
-@torch.library.register_fake("rlkernels::q_targets")
-def _(rewards, next_q, terminated, next_q_online, next_probs, discount, kind, temperature):
-    return _acc(next_q, (next_q.shape[0],))
-
-
-@torch.library.register_fake("rlkernels::td_loss")
-def _(q, actions, targets, weights, loss, delta, reduction):
-    B = q.shape[0]
-    return _acc(q, (B,) if reduction == "none" else ()), _acc(q, (B,))
-
-
-@torch.library.register_fake("rlkernels::td_loss_backward")
-def _(grad_loss, grad_td_errors, q, actions, targets, weights, loss, delta, reduction, td_errors=None):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty_like(targets)
-
-
-@torch.library.register_fake("rlkernels::n_step_returns")
-def _(rewards, values, next_values, bootstrap_value, terminated, truncated, gamma, n):
-    return _acc(rewards)
-
-
-@torch.library.register_fake("rlkernels::n_step_returns_backward")
-def _(grad, terminated, truncated, rewards_like, gamma, n, has_next_values):
-    O, _, I = rewards_like.shape
-    return (_acc(rewards_like), _acc(rewards_like), _acc(rewards_like) if has_next_values else _acc(rewards_like, (0,)),
-            _acc(rewards_like, (O, I)))
-
-
-@torch.library.register_fake("rlkernels::bellman_backup")
-def _(P, R, V, gamma):
-    B, S, A, _ = P.shape
-    return _acc(P, (B, S, A)), _acc(P, (B, S)), P.new_empty((B, S), dtype=torch.int64)
-
-
-@torch.library.register_fake("rlkernels::value_iteration")
-def _(P, R, V0, gamma, tol, max_iters):
-    B, S, A, _ = P.shape
-    return (_acc(P, (B, S)), _acc(P, (B, S, A)), P.new_empty((B, S), dtype=torch.int64),
-            P.new_empty((), dtype=torch.int64), _acc(P, (B,)))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Autograd
-# ----------------------------------------------------------------------------------------------------
-
-
-def _td_setup(ctx, inputs, output):
-    q, actions, targets, weights, loss, delta, reduction = inputs
-    ctx.args = (loss, delta, reduction)
-    ctx.set_materialize_grads(False)  # td_errors is rarely differentiated: no zero-filled gradient for it
-    ctx.save_for_backward(q, actions, targets, weights)
-
-
-def _td_backward_using(backward_op):
-    """The autograd formula of td_loss around a backward op (C++/CUDA or Triton: one schema)."""
-
-    def backward(ctx, grad_loss, grad_td):
-        q, actions, targets, weights = ctx.saved_tensors
-        g_q, g_y = backward_op(grad_loss, grad_td, q, actions, targets, weights, *ctx.args)
-        return g_q, None, g_y, None, None, None, None
-
-    return backward
-
-
-# rlkernels::td_loss (the C++/CUDA op) has its autograd kernel in C++ (csrc/autograd.cpp, the same formula):
-# at replay-batch sizes the Python autograd layer cost as much as the kernels. The Triton op uses the one above.
-
-
-def _n_step_setup(ctx, inputs, output):
-    rewards, values, next_values, bootstrap_value, terminated, truncated, gamma, n = inputs
-    ctx.args = (gamma, n, next_values is not None)
-    ctx.likes = (values, next_values, bootstrap_value)
-    ctx.save_for_backward(rewards, terminated, truncated)
-
-
-def _n_step_backward_using(backward_op):
-    """The autograd formula of n_step_returns around a backward op (C++/CUDA or Triton: one schema)."""
-
-    def backward(ctx, grad):
-        rewards, terminated, truncated = ctx.saved_tensors
-        gamma, n, has_next = ctx.args
-        g_r, g_v, g_nv, g_b = backward_op(grad.contiguous(), terminated, truncated, rewards, gamma, n, has_next)
-        values, next_values, bootstrap_value = ctx.likes
-        return (g_r.to(rewards.dtype), g_v.to(values.dtype), g_nv.to(next_values.dtype) if has_next else None,
-                None if bootstrap_value is None else g_b.to(bootstrap_value.dtype), None, None, None, None)
-
-    return backward
-
-
-torch.library.register_autograd("rlkernels::n_step_returns",
-                                _n_step_backward_using(torch.ops.rlkernels.n_step_returns_backward),
-                                setup_context=_n_step_setup)
-
-
-def _backup_setup(ctx, inputs, output):
-    P, R, V, gamma = inputs
-    ctx.gamma = gamma
-    ctx.mark_non_differentiable(output[2])
-    ctx.save_for_backward(P, V, output[2])
-
-
-def _backup_backward(ctx, grad_q, grad_v, _grad_policy):
-    # Q = R + gamma P @ V and V_new = Q[argmax]: plain tensor algebra on the (small) Q-shaped gradient.
-    P, V, policy = ctx.saved_tensors
-    acc = checks.accumulate_dtype(P.dtype)
-    g = torch.zeros(P.shape[:-1], dtype=acc, device=P.device) if grad_q is None else grad_q.to(acc)
-    if grad_v is not None:
-        g = g.scatter_add(-1, policy.unsqueeze(-1), grad_v.to(acc).unsqueeze(-1))
-    need_p, need_r, need_v, _ = ctx.needs_input_grad
-    g_p = (ctx.gamma * g.unsqueeze(-1) * V.to(acc)[:, None, None, :]).to(P.dtype) if need_p else None
-    g_r = g.to(P.dtype) if need_r else None
-    g_v = (ctx.gamma * torch.einsum("bsat,bsa->bt", P.to(acc), g)).to(V.dtype) if need_v else None
-    return g_p, g_r, g_v, None
-
-
-torch.library.register_autograd("rlkernels::bellman_backup", _backup_backward, setup_context=_backup_setup)

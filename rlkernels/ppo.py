@@ -2,8 +2,8 @@
 
 The losses are one fused pass over [B, T]: per-token terms, clip flags and every masked reduction, with the
 statistics returned as 0-d tensors (no ``.item()``, no host sync). The wrappers here check arguments, bring
-inputs to the kernels' canonical layout (contiguous [B, T] of one dtype, mask bool), pick the backend and
-register autograd and fake kernels for the custom ops declared in csrc/ops.cpp.
+inputs to the kernels' canonical layout (contiguous [B, T] of one dtype, mask bool; rlkernels/_layout.py)
+and run the backend's op (rlkernels/_dispatch.py); the ops' autograd is in rlkernels/_ops/ppo.py.
 
 Defined behaviour without tokens: a row with no unmasked token adds nothing (and is left out of
 ``seq-mean-token-mean``); when no token of the batch is unmasked, or the batch is empty, the loss and every
@@ -14,69 +14,18 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the kernels and the schemas)
 from . import _checks as checks
-from ._backend import resolve
+from . import _dispatch as dispatch
+from ._layout import AGGS, loss_rows  # noqa: F401  (AGGS: the aggregations, rlkernels.ppo.AGGS)
 
-_ops = torch.ops.rlkernels
+__all__ = ["kl_penalty", "ppo_policy_loss", "value_loss"]
 
-AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_KINDS = ("k1", "abs", "k2", "k3")
 POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl", "ratio_mean", "ratio_max")
 
 
-def _reference(name):
-    from . import reference
-
-    return getattr(reference, name)
-
-
-def _triton():
-    from .triton import ppo as triton_ppo
-
-    return triton_ppo
-
-
 def _scalar(value, device, dtype):
     return torch.tensor(value, dtype=checks.accumulate_dtype(dtype), device=device)
-
-
-def _check_agg(op, agg):
-    if agg not in AGGS:
-        raise ValueError(f"rlkernels.{op}: agg must be one of {AGGS}, got {agg!r}")
-
-
-def _rows(op, ref_name, ref, agg, floats, mask):
-    """Checked inputs as canonical [B, T] tensors of one dtype, and the mask as bool (or None)."""
-    checks.float_tensor(op, ref_name, ref)
-    for name, x in floats.items():
-        checks.float_tensor(op, name, x)
-    mask = checks.flag_tensor(op, "mask", mask)
-    checks.same_device(op, ref_name, ref, **floats, mask=mask)
-    checks.same_shape(op, ref_name, ref, **floats, mask=mask)
-    _check_agg(op, agg)
-    if ref.dim() == 0:
-        raise ValueError(f"rlkernels.{op}: {ref_name} must be [B, T] (or 1-D for token-mean), got a 0-d tensor")
-    if ref.dim() == 1:
-        if agg != "token-mean":
-            raise ValueError(
-                f"rlkernels.{op}: agg={agg!r} needs [B, T] inputs; {ref_name} has shape {tuple(ref.shape)}"
-            )
-        canon = (1, ref.shape[0])
-    else:
-        canon = (_lead(ref), ref.shape[-1])
-    dtype = checks.common_float_dtype(ref, *floats.values())
-    tensors = [x.to(dtype).reshape(canon).contiguous() for x in (ref, *floats.values())]
-    if mask is not None:
-        mask = mask.reshape(canon).contiguous()
-    return tensors, mask, dtype
-
-
-def _lead(x):
-    n = 1
-    for s in x.shape[:-1]:
-        n *= s
-    return n
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,18 +62,18 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip
         dual_clip = checks.real(op, "dual_clip", dual_clip)
         if not dual_clip > 1.0:
             raise ValueError(f"rlkernels.{op}: dual_clip must be > 1, got {dual_clip}")
-    (lp, old, adv), mask_c, dtype = _rows(op, "logp", logp, agg,
+    (lp, old, adv), mask_c, dtype = loss_rows(op, "logp", logp, agg,
                                           {"old_logp": old_logp, "advantages": advantages}, mask)
     if norm_length is None:
         norm_length = float(lp.shape[1])
     else:
         norm_length = checks.positive(op, "norm_length", norm_length)
-    impl = resolve(backend, logp.device, op)
+    impl = dispatch.resolve(backend, logp.device, op)
     if impl == "reference":
-        loss, stats = _reference(op)(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
+        loss, stats = dispatch.reference(op)(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
                                      dual_clip=dual_clip, agg=agg, norm_length=norm_length)
         return _scalar(loss, logp.device, dtype), {k: _scalar(v, logp.device, dtype) for k, v in stats.items()}
-    fn = _triton().ppo_policy_loss if impl == "triton" else _ops.ppo_policy_loss
+    fn = dispatch.kernel(op, impl)
     # An empty T makes norm_length 0; no token counts then and the kernels return 0 before dividing.
     out = fn(lp, old, adv, mask_c, clip_low, clip_high, dual_clip, agg, max(norm_length, 1.0))
     return out[0], dict(zip(POLICY_STATS, out[1:]))
@@ -143,13 +92,13 @@ def value_loss(values, old_values, returns, mask=None, *, clip=None, agg="token-
         clip = checks.real(op, "clip", clip)
         if not clip >= 0.0:
             raise ValueError(f"rlkernels.{op}: clip must be >= 0, got {clip}")
-    (v, old, ret), mask_c, dtype = _rows(op, "values", values, agg,
+    (v, old, ret), mask_c, dtype = loss_rows(op, "values", values, agg,
                                          {"old_values": old_values, "returns": returns}, mask)
-    impl = resolve(backend, values.device, op)
+    impl = dispatch.resolve(backend, values.device, op)
     if impl == "reference":
-        loss, stats = _reference(op)(values, old_values, returns, mask, clip=clip, agg=agg)
+        loss, stats = dispatch.reference(op)(values, old_values, returns, mask, clip=clip, agg=agg)
         return _scalar(loss, values.device, dtype), {k: _scalar(x, values.device, dtype) for k, x in stats.items()}
-    fn = _triton().value_loss if impl == "triton" else _ops.value_loss
+    fn = dispatch.kernel(op, impl)
     loss, vf_clipfrac = fn(v, old, ret, mask_c, clip, agg)
     return loss, {"vf_clipfrac": vf_clipfrac}
 
@@ -169,101 +118,9 @@ def kl_penalty(logp, ref_logp, kind="k1", *, backend=None):
     if kind not in KL_KINDS:
         raise ValueError(f"rlkernels.{op}: kind must be one of {KL_KINDS}, got {kind!r}")
     dtype = checks.common_float_dtype(logp, ref_logp)
-    impl = resolve(backend, logp.device, op)
+    impl = dispatch.resolve(backend, logp.device, op)
     if impl == "reference":
-        out = _reference(op)(logp, ref_logp, kind)
-        return torch.as_tensor(out, dtype=checks.accumulate_dtype(dtype), device=logp.device)
-    fn = _triton().kl_penalty if impl == "triton" else _ops.kl_penalty
+        out = dispatch.reference(op)(logp, ref_logp, kind)
+        return dispatch.from_reference(out, logp.device, dtype)
+    fn = dispatch.kernel(op, impl)
     return fn(logp.to(dtype), ref_logp.to(dtype), kind)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Fake kernels
-# ----------------------------------------------------------------------------------------------------
-
-
-def _scalar_like(x):
-    return x.new_empty((), dtype=checks.accumulate_dtype(x.dtype))
-
-
-@torch.library.register_fake("rlkernels::ppo_policy_loss")
-def _(logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, norm_length):
-    torch._check(logp.dim() == 2, lambda: "rlkernels: logp must be canonical [B, T]")
-    return tuple(_scalar_like(logp) for _ in range(6))
-
-
-@torch.library.register_fake("rlkernels::ppo_policy_loss_backward")
-def _(grad_loss, logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, norm_length):
-    return torch.empty_like(logp, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("rlkernels::value_loss")
-def _(values, old_values, returns, mask, clip, agg):
-    torch._check(values.dim() == 2, lambda: "rlkernels: values must be canonical [B, T]")
-    return _scalar_like(values), _scalar_like(values)
-
-
-@torch.library.register_fake("rlkernels::value_loss_backward")
-def _(grad_loss, values, old_values, returns, mask, clip, agg):
-    return torch.empty_like(values, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("rlkernels::kl_penalty")
-def _(logp, ref_logp, kind):
-    return logp.new_empty(logp.shape, dtype=checks.accumulate_dtype(logp.dtype))
-
-
-@torch.library.register_fake("rlkernels::kl_penalty_backward")
-def _(grad, logp, ref_logp, kind):
-    return torch.empty_like(logp, memory_format=torch.contiguous_format)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Autograd: the backwards are custom ops too, so compiled graphs keep them fused
-# ----------------------------------------------------------------------------------------------------
-
-
-def _policy_setup(ctx, inputs, output):
-    logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, norm_length = inputs
-    ctx.args = (clip_low, clip_high, dual_clip, agg, norm_length)
-    ctx.mark_non_differentiable(*output[1:])  # the stats are diagnostics, like verl's detached ones
-    ctx.save_for_backward(logp, old_logp, advantages, mask)
-
-
-def _policy_backward(ctx, grad_loss, *_grad_stats):
-    logp, old_logp, advantages, mask = ctx.saved_tensors
-    grad = _ops.ppo_policy_loss_backward(grad_loss, logp, old_logp, advantages, mask, *ctx.args)
-    return grad, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("rlkernels::ppo_policy_loss", _policy_backward, setup_context=_policy_setup)
-
-
-def _value_setup(ctx, inputs, output):
-    values, old_values, returns, mask, clip, agg = inputs
-    ctx.args = (clip, agg)
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(values, old_values, returns, mask)
-
-
-def _value_backward(ctx, grad_loss, _grad_clipfrac):
-    values, old_values, returns, mask = ctx.saved_tensors
-    grad = _ops.value_loss_backward(grad_loss, values, old_values, returns, mask, *ctx.args)
-    return grad, None, None, None, None, None
-
-
-torch.library.register_autograd("rlkernels::value_loss", _value_backward, setup_context=_value_setup)
-
-
-def _kl_setup(ctx, inputs, output):
-    logp, ref_logp, kind = inputs
-    ctx.kind = kind
-    ctx.save_for_backward(logp, ref_logp)
-
-
-def _kl_backward(ctx, grad):
-    logp, ref_logp = ctx.saved_tensors
-    return _ops.kl_penalty_backward(grad, logp, ref_logp, ctx.kind), None, None
-
-
-torch.library.register_autograd("rlkernels::kl_penalty", _kl_backward, setup_context=_kl_setup)

@@ -417,6 +417,69 @@ def vtrace(
 
 
 # --------------------------------------------------------------------------------------------
+# 4.6 Retrace(lambda)
+# --------------------------------------------------------------------------------------------
+
+
+def retrace(
+    rewards,
+    q_taken,
+    next_v,
+    log_rhos,
+    *,
+    gamma,
+    lam,
+    c_clip=1.0,
+    terminated=None,
+    truncated=None,
+    mask=None,
+    cu_seqlens=None,
+    time_dim=0,
+):
+    """Retrace(lambda) targets (Munos et al. 2016), one reverse scan per sequence.
+
+    c_t = lam * min(c_clip, exp(log_rhos_t)); with u the next valid step after t,
+    G_t = r_t + gamma * (1 - term_t) * next_v_t + gamma * (1 - done_t) * c_u * (G_u - q_taken_u),
+    the last term 0 at the last valid step. So G_t = r_t where s_{t+1} is terminal and
+    G_t = r_t + gamma * next_v_t where the episode is cut after t (truncated) or the data ends.
+    Written with products, not branches, as the kernels compute it: a NaN after a cut still
+    reaches G_t (0 * NaN), as in ``gae``. Mask and cu_seqlens as in ``gae``; 0 at masked positions.
+    """
+    _check_unit(gamma, "gamma")
+    _check_unit(lam, "lam")
+    for name, x in (("q_taken", q_taken), ("next_v", next_v), ("log_rhos", log_rhos)):
+        if x is None:
+            raise TypeError(f"{name} is required")
+    layout, tab = _scan_inputs(
+        rewards,
+        None,
+        terminated,
+        truncated,
+        None,
+        mask,
+        time_dim,
+        cu_seqlens,
+        value_names=(("q_taken", q_taken), ("next_v", next_v), ("log_rhos", log_rhos)),
+    )
+    out = np.zeros_like(tab["rewards"])
+    for _, idx in layout.sequences():
+        r, q, nv = tab["rewards"][idx], tab["q_taken"][idx], tab["next_v"][idx]
+        lr = tab["log_rhos"][idx]
+        term, trunc = tab["terminated"][idx], tab["truncated"][idx]
+        steps = _valid_steps(tab["mask"][idx])
+        G = out[idx]
+        x_next = 0.0  # c_u * (G_u - q_u) of the next valid step u
+        for k in range(len(steps) - 1, -1, -1):
+            t = steps[k]
+            not_term = 1.0 - float(term[t])
+            not_done = not_term * (1.0 - float(trunc[t]))
+            G[t] = r[t] + gamma * not_term * nv[t] + gamma * not_done * x_next
+            c = lam * np.minimum(c_clip, np.exp(lr[t]))  # np.minimum propagates NaN, builtin min does not
+            x_next = c * (G[t] - q[t])
+    return layout.merge(out)
+
+
+# --------------------------------------------------------------------------------------------
 # 4.5 n-step returns
 # --------------------------------------------------------------------------------------------
 

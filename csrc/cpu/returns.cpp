@@ -1,4 +1,4 @@
-// CPU kernels of the reverse linear scan family: linear_scan, discounted_returns, gae, vtrace and their
+// CPU kernels of the reverse linear scan family: linear_scan, discounted_returns, gae, vtrace, retrace and their
 // backwards. Each op turns its tensors into a Problem (csrc/cpu/scan_engine.h) and runs its step.
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -351,6 +351,65 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vtrace_backward_cpu(
   return {grad_rewards, grad_values, grad_log_rhos, grad_next, grad_boot};
 }
 
+Tensor retrace_cpu(const Tensor& rewards, const Tensor& q_taken, const Tensor& next_v, const Tensor& log_rhos,
+                   const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask,
+                   const OptTensor& cu_seqlens, double gamma, double lam, double c_clip) {
+  check_float(rewards, "rewards");
+  const Geometry g = geometry_of(rewards, cu_seqlens);
+  Tensor out = empty_out(rewards);
+  if (rewards.numel() == 0) return out;
+  RLK_DISPATCH_FLOATS(rewards.scalar_type(), "retrace", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Problem<acc_t> pb = problem_of<acc_t>(g);
+    Inputs keep;
+    set_scalar(pb, keep, kR, rewards, rewards, "rewards");
+    set_scalar(pb, keep, kV, rewards, q_taken, "q_taken");
+    set_scalar(pb, keep, kNV, rewards, next_v, "next_v");
+    set_scalar(pb, keep, kLR, rewards, log_rhos, "log_rhos");
+    set_flag(pb, keep, kTerm, rewards, terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards, truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards, mask, "mask");
+    pb.out[0] = out.data_ptr<acc_t>();
+    std::vector<acc_t> init(g.num_seqs, acc_t(0));
+    run_scan<RetraceStepT<ScalarExp>, scalar_t, acc_t>(StepId::kRetrace, pb,
+                                                       vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false),
+                                                       true, init.data(), nullptr);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> retrace_backward_cpu(
+    const Tensor& grad, const Tensor& targets, const Tensor& q_taken, const Tensor& log_rhos,
+    const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask, const OptTensor& cu_seqlens,
+    double gamma, double lam, double c_clip) {
+  check_float(q_taken, "q_taken");
+  const Geometry g = geometry_of(q_taken, cu_seqlens);
+  Tensor grad_rewards = empty_out(q_taken), grad_q = empty_out(q_taken), grad_next = empty_out(q_taken),
+         grad_log_rhos = empty_out(q_taken);
+  if (q_taken.numel() == 0) return {grad_rewards, grad_q, grad_next, grad_log_rhos};
+  RLK_DISPATCH_FLOATS(q_taken.scalar_type(), "retrace_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    Problem<acc_t> pb = problem_of<acc_t>(g);
+    Inputs keep;
+    set_scalar(pb, keep, kV, q_taken, q_taken, "q_taken");
+    set_scalar(pb, keep, kLR, q_taken, log_rhos, "log_rhos");
+    set_acc(pb, keep, kG0, q_taken, grad, "grad");
+    set_acc(pb, keep, kS0, q_taken, targets, "targets");
+    set_flag(pb, keep, kTerm, q_taken, terminated, "terminated");
+    set_flag(pb, keep, kTrunc, q_taken, truncated, "truncated");
+    set_flag(pb, keep, kMask, q_taken, mask, "mask");
+    pb.out[0] = grad_rewards.data_ptr<acc_t>();
+    pb.out[1] = grad_q.data_ptr<acc_t>();
+    pb.out[2] = grad_next.data_ptr<acc_t>();
+    pb.out[3] = grad_log_rhos.data_ptr<acc_t>();
+    std::vector<acc_t> final_carry(g.num_seqs);
+    run_scan<RetraceBackwardStepT<ScalarExp>, scalar_t, acc_t>(
+        StepId::kRetraceBackward, pb, vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false), false, nullptr,
+        final_carry.data());
+  });
+  return {grad_rewards, grad_q, grad_next, grad_log_rhos};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
@@ -361,6 +420,8 @@ TORCH_LIBRARY_IMPL(rlkernels, CPU, m) {
   m.impl("gae_backward", &gae_backward_cpu);
   m.impl("vtrace", &vtrace_cpu);
   m.impl("vtrace_backward", &vtrace_backward_cpu);
+  m.impl("retrace", &retrace_cpu);
+  m.impl("retrace_backward", &retrace_backward_cpu);
 }
 
 }  // namespace rlkernels::cpu

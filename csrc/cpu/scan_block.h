@@ -115,17 +115,13 @@ RLK_FN void advance(const ScanParams<V>& p, const StepIn<V>& in, C (&carry)[Step
   for (int j = 0; j < Step::kCarry; ++j) carry[j] = select(in.valid, c[j], carry[j]);
 }
 
-// The step of each StepId, as FN(Step) (one table for the three walks).
-#define RLK_STEP_TABLE(FN)                                                   \
-  switch (id) {                                                              \
-    case StepId::kLinearScan: return FN(LinearScanStep);                     \
-    case StepId::kDiscountedReturns: return FN(DiscountedReturnsStep);       \
-    case StepId::kDiscountedReturnsBackward: return FN(DiscountedReturnsBackwardStep); \
-    case StepId::kGae: return FN(GaeStep);                                   \
-    case StepId::kGaeBackward: return FN(GaeBackwardStep);                   \
-    case StepId::kVtrace: return FN(VtraceStepT<VecExp>);                    \
-    case StepId::kVtraceBackward: return FN(VtraceBackwardStepT<VecExp>);    \
-  }                                                                          \
+// The switch over every StepId (RLK_SCAN_STEPS in scan.h): each case returns RLK_STEP_FN(Step, sets), a macro
+// the caller defines.
+#define RLK_STEP_CASE(id, STEP, SETS) \
+  case StepId::id:                    \
+    return RLK_STEP_FN(STEP, SETS);
+#define RLK_STEP_SWITCH                          \
+  switch (id) { RLK_SCAN_STEPS(RLK_STEP_CASE, VecExp) } \
   return nullptr
 
 // The kLanes lanes are processed as kLanes / N native vectors (N = RLK_VEC_BYTES / sizeof(acc_t)):
@@ -321,16 +317,14 @@ RLK_FN void transpose(native (&m)[N]) {
   }
 }
 
-// The directions a step is walked in: forward estimators in reverse time, their adjoints forwards, the linear
-// scan both ways.
+// The directions a step is walked in (Step::kWalk): only those are compiled.
 template <class Step>
 constexpr bool walks_backward() {
-  return !std::is_same_v<Step, DiscountedReturnsBackwardStep> && !std::is_same_v<Step, GaeBackwardStep> &&
-         !std::is_same_v<Step, VtraceBackwardStepT<VecExp>>;
+  return Step::kWalk != Walk::kForward;
 }
 template <class Step>
 constexpr bool walks_forward() {
-  return !walks_backward<Step>() || std::is_same_v<Step, LinearScanStep>;
+  return Step::kWalk != Walk::kReverse;
 }
 
 // Stores a vector at p, 64-byte aligned with the rest of its cache line written next, without reading the line
@@ -492,20 +486,9 @@ auto pick_presence(uint32_t present) {
   return pick_presence<acc_t, kSets, Walk>(present, std::make_index_sequence<sizeof(kSets) / sizeof(kSets[0])>{});
 }
 
-// The step of each StepId with the input sets its in-place walks are specialized for, as FN(Step, sets).
+// The input sets of the steps whose in-place walks are not specialized, and of linear_scan.
 constexpr uint32_t kNoSets[] = {kEveryBit};  // no specializations
 constexpr uint32_t kLinearScanSets[] = {bit(kA) | bit(kB)};
-#define RLK_STEP_SETS_TABLE(FN)                                                              \
-  switch (id) {                                                                              \
-    case StepId::kLinearScan: return FN(LinearScanStep, kLinearScanSets);                    \
-    case StepId::kDiscountedReturns: return FN(DiscountedReturnsStep, kReturnsSets);         \
-    case StepId::kDiscountedReturnsBackward: return FN(DiscountedReturnsBackwardStep, kReturnsBackwardSets); \
-    case StepId::kGae: return FN(GaeStep, kGaeSets);                                         \
-    case StepId::kGaeBackward: return FN(GaeBackwardStep, kGaeBackwardSets);                 \
-    case StepId::kVtrace: return FN(VtraceStepT<VecExp>, kNoSets);                           \
-    case StepId::kVtraceBackward: return FN(VtraceBackwardStepT<VecExp>, kNoSets);           \
-  }                                                                                          \
-  return nullptr
 
 template <class Step, bool kSymbolic>
 struct TransposedWalk {
@@ -543,28 +526,28 @@ TransposedFn<acc_t> transposed_function(StepId id, bool symbolic, uint32_t prese
   if constexpr (!kCompiled) {
     return nullptr;
   } else {
-#define RLK_TRANSPOSED(STEP, SETS)                                                          \
+#define RLK_STEP_FN(STEP, SETS)                                                             \
   symbolic ? pick_presence<acc_t, SETS, TransposedWalk<STEP, true>::template With>(present) \
            : pick_presence<acc_t, SETS, TransposedWalk<STEP, false>::template With>(present)
-    RLK_STEP_SETS_TABLE(RLK_TRANSPOSED);
-#undef RLK_TRANSPOSED
+    RLK_STEP_SWITCH;
+#undef RLK_STEP_FN
   }
 }
 
 template <typename acc_t>
 DirectFn<acc_t> direct_function(StepId id, bool symbolic, uint32_t present) {
-#define RLK_DIRECT(STEP, SETS)                                                          \
+#define RLK_STEP_FN(STEP, SETS)                                                         \
   symbolic ? pick_presence<acc_t, SETS, DirectWalk<STEP, true>::template With>(present) \
            : pick_presence<acc_t, SETS, DirectWalk<STEP, false>::template With>(present)
-  RLK_STEP_SETS_TABLE(RLK_DIRECT);
-#undef RLK_DIRECT
+  RLK_STEP_SWITCH;
+#undef RLK_STEP_FN
 }
 
 template <typename acc_t>
 BlockFn<acc_t> block_function(StepId id, bool symbolic) {
-#define RLK_BLOCK(STEP) symbolic ? &run_block<STEP, acc_t, true> : &run_block<STEP, acc_t, false>
-  RLK_STEP_TABLE(RLK_BLOCK);
-#undef RLK_BLOCK
+#define RLK_STEP_FN(STEP, SETS) symbolic ? &run_block<STEP, acc_t, true> : &run_block<STEP, acc_t, false>
+  RLK_STEP_SWITCH;
+#undef RLK_STEP_FN
 }
 
 }  // namespace RLK_ISA

@@ -9,15 +9,9 @@ namespace rlkernels {
 namespace cpu {
 
 enum Stream : int { kR, kV, kNV, kLR, kA, kB, kTerm, kTrunc, kMask, kG0, kG1, kS0, kS1, kNumStreams };
-enum class StepId : int {
-  kLinearScan,
-  kDiscountedReturns,
-  kDiscountedReturnsBackward,
-  kGae,
-  kGaeBackward,
-  kVtrace,
-  kVtraceBackward,
-};
+#define RLK_STEP_ID(id, Step, sets) id,
+enum class StepId : int { RLK_SCAN_STEPS(RLK_STEP_ID, void) };
+#undef RLK_STEP_ID
 constexpr int kLanes = 16;
 constexpr int kBlock = 32;
 constexpr int kMaxCarry = 2;

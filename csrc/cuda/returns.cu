@@ -1,4 +1,4 @@
-// CUDA kernels of the reverse linear scan family: linear_scan, discounted_returns, gae, vtrace and their
+// CUDA kernels of the reverse linear scan family: linear_scan, discounted_returns, gae, vtrace, retrace and their
 // backwards. Each op checks its arguments and builds a Problem exactly as csrc/cpu/returns.cpp does, then
 // runs the estimator's step with the CUDA engine (scan_engine.cuh, instantiated in the scan_*.cu files).
 //
@@ -314,6 +314,62 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vtrace_backward_cuda(
   return {grad_rewards, grad_values, grad_log_rhos, grad_next, grad_boot};
 }
 
+Tensor retrace_cuda(const Tensor& rewards, const Tensor& q_taken, const Tensor& next_v, const Tensor& log_rhos,
+                    const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask,
+                    const OptTensor& cu_seqlens, double gamma, double lam, double c_clip) {
+  check_float(rewards, "rewards");
+  const Geometry g = geometry_of(rewards, cu_seqlens);
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  Tensor out = empty_out(rewards, cu_seqlens);
+  if (rewards.numel() == 0) return out;
+  RLK_DISPATCH_FLOATS(rewards.scalar_type(), "retrace", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto pb = problem_of<scalar_t, acc_t>(g);
+    Inputs keep;
+    pb.r = scalar_stream<scalar_t>(keep, rewards, rewards, "rewards");
+    pb.v = scalar_stream<scalar_t>(keep, rewards, q_taken, "q_taken");
+    pb.nv = scalar_stream<scalar_t>(keep, rewards, next_v, "next_v");
+    pb.lr = scalar_stream<scalar_t>(keep, rewards, log_rhos, "log_rhos");
+    pb.term = flag_stream(keep, rewards, terminated, "terminated");
+    pb.trunc = flag_stream(keep, rewards, truncated, "truncated");
+    pb.mask = flag_stream(keep, rewards, mask, "mask");
+    pb.out[0] = out.data_ptr<acc_t>();
+    run_scan<RetraceStep>(pb, vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false), true, current_stream());
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> retrace_backward_cuda(
+    const Tensor& grad, const Tensor& targets, const Tensor& q_taken, const Tensor& log_rhos,
+    const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask, const OptTensor& cu_seqlens,
+    double gamma, double lam, double c_clip) {
+  check_float(q_taken, "q_taken");
+  const Geometry g = geometry_of(q_taken, cu_seqlens);
+  const c10::cuda::CUDAGuard guard(q_taken.device());
+  Tensor grad_rewards = empty_out(q_taken, cu_seqlens), grad_q = empty_out(q_taken, cu_seqlens);
+  Tensor grad_next = empty_out(q_taken, cu_seqlens), grad_log_rhos = empty_out(q_taken, cu_seqlens);
+  if (q_taken.numel() == 0) return {grad_rewards, grad_q, grad_next, grad_log_rhos};
+  RLK_DISPATCH_FLOATS(q_taken.scalar_type(), "retrace_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto pb = problem_of<scalar_t, acc_t>(g);
+    Inputs keep;
+    pb.v = scalar_stream<scalar_t>(keep, q_taken, q_taken, "q_taken");
+    pb.lr = scalar_stream<scalar_t>(keep, q_taken, log_rhos, "log_rhos");
+    pb.g0 = acc_stream<acc_t>(keep, q_taken, grad, "grad");
+    pb.s0 = acc_stream<acc_t>(keep, q_taken, targets, "targets");
+    pb.term = flag_stream(keep, q_taken, terminated, "terminated");
+    pb.trunc = flag_stream(keep, q_taken, truncated, "truncated");
+    pb.mask = flag_stream(keep, q_taken, mask, "mask");
+    pb.out[0] = grad_rewards.data_ptr<acc_t>();
+    pb.out[1] = grad_q.data_ptr<acc_t>();
+    pb.out[2] = grad_next.data_ptr<acc_t>();
+    pb.out[3] = grad_log_rhos.data_ptr<acc_t>();
+    run_scan<RetraceBackwardStep>(pb, vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false), false,
+                                  current_stream());
+  });
+  return {grad_rewards, grad_q, grad_next, grad_log_rhos};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rlkernels, CUDA, m) {
@@ -324,6 +380,8 @@ TORCH_LIBRARY_IMPL(rlkernels, CUDA, m) {
   m.impl("gae_backward", &gae_backward_cuda);
   m.impl("vtrace", &vtrace_cuda);
   m.impl("vtrace_backward", &vtrace_backward_cuda);
+  m.impl("retrace", &retrace_cuda);
+  m.impl("retrace_backward", &retrace_backward_cuda);
 }
 
 }  // namespace cuda

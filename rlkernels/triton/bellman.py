@@ -23,8 +23,8 @@ rounded to the accumulation type in the kernel as the CPU kernel's static_cast d
   the maximum) are folded in action order, exactly the CPU kernel's selects.
 * value_iteration: see the op's docstring (a gated launch per iteration; no host synchronization).
 
-The ops are `torch.library.triton_op`s named ``rlkernels::triton_<name>``; autograd reuses the formulas of
-rlkernels/bellman.py around the Triton backward ops.
+The ops are `torch.library.triton_op`s named ``rlkernels::triton_<name>``; autograd is the family's formulas
+(rlkernels/_ops/bellman.py) around the Triton backward ops.
 """
 
 # ruff: noqa: PLR0124  (x != x is the NaN test inside Triton kernels)
@@ -34,10 +34,16 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .. import _C  # noqa: F401  (the rlkernels namespace and the C++ schemas exist before ours join them)
-from .. import bellman as _bellman  # the autograd formulas, shared with the C++/CUDA ops
-from ._launch import wrap_triton
-from .returns import _keep_whole_under_interpreter
+from .._ops import bellman as _formulas
+from ._common import (
+    acc_dtype,
+    flag,
+    keep_whole_under_interpreter,
+    pow2,
+    skip_launch,
+    tl_acc,
+    wrap_triton,
+)
 
 Tensor = torch.Tensor
 
@@ -55,42 +61,6 @@ BACKUP_MAX_A = 16  # actions per tile of P
 BACKUP_TILE = 4096  # elements per tile of P
 RESIDUAL_BLOCK_B = 64  # MDPs per tile of value_iteration's residual reduction
 RESIDUAL_BLOCK_N = 32  # state blocks per tile of it
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _interpreting() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_q_targets_kernel, InterpretedFunction)
-
-
-def _skip_launch(out) -> bool:
-    # Under the interpreter a fake (meta) run would execute the kernel on tensors without data.
-    return _interpreting() and torch._subclasses.fake_tensor.is_fake(out)
-
-
-def _pow2(n, lo, hi):
-    """The smallest power of two >= n, clamped to [min(lo, hi), hi] (comparisons only: traces with a symbolic
-    n). lo and hi are powers of two."""
-    block = min(lo, hi)
-    while block < hi and block < n:
-        block *= 2
-    return block
-
-
-def _flag(x):
-    # bool is stored one byte per element; the kernels read it as uint8 (no copy).
-    if x is None:
-        return None
-    x = x.contiguous()
-    return x.view(torch.uint8) if x.dtype == torch.bool else x
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,7 +132,7 @@ def _q_targets_kernel(R_ptr, Q_ptr, TERM_ptr, ON_ptr, PR_ptr, OUT_ptr, B, A, dis
     tl.store(OUT_ptr + rows, y, mask=row_ok)
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_q_targets", mutates_args=())
 def q_targets(rewards: Tensor, next_q: Tensor, terminated: Tensor | None, next_q_online: Tensor | None,
               next_probs: Tensor | None, discount: float, kind: str, temperature: float) -> Tensor:
@@ -174,14 +144,14 @@ def q_targets(rewards: Tensor, next_q: Tensor, terminated: Tensor | None, next_q
     code = _Q_KINDS[kind]
     torch._check(code != 1 or next_q_online is not None, lambda: "rlkernels: kind='double' needs next_q_online")
     torch._check(code != 2 or next_probs is not None, lambda: "rlkernels: kind='expected' needs next_probs")
-    out = torch.empty((B,), dtype=_acc_dtype(next_q.dtype), device=next_q.device)
-    if B > 0 and not _skip_launch(out):
-        block_a = _pow2(A, 2, MAX_BLOCK_A)
-        block_b = _pow2(B, 16, max(2, ROW_TILE // block_a))
+    out = torch.empty((B,), dtype=acc_dtype(next_q.dtype), device=next_q.device)
+    if B > 0 and not skip_launch(out):
+        block_a = pow2(A, 2, MAX_BLOCK_A)
+        block_b = pow2(B, 16, max(2, ROW_TILE // block_a))
         wrap_triton(_q_targets_kernel)[(triton.cdiv(B, block_b),)](
-            rewards.contiguous(), next_q.contiguous(), _flag(terminated),
+            rewards.contiguous(), next_q.contiguous(), flag(terminated),
             next_q_online.contiguous() if code == 1 else None, next_probs.contiguous() if code == 2 else None,
-            out, B, A, float(discount), float(temperature), KIND=code, ACC=_tl_acc(next_q.dtype),
+            out, B, A, float(discount), float(temperature), KIND=code, ACC=tl_acc(next_q.dtype),
             BLOCK_B=block_b, BLOCK_A=block_a)
     return out
 
@@ -268,7 +238,7 @@ def _td_check(q, loss, reduction):
     torch._check(q.dim() == 2, lambda: f"rlkernels: q must be [B, A], got {tuple(q.shape)}")
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_td_loss", mutates_args=())
 def td_loss(q: Tensor, actions: Tensor, targets: Tensor, weights: Tensor | None, loss: str, delta: float,
             reduction: str) -> tuple[Tensor, Tensor]:
@@ -276,17 +246,17 @@ def td_loss(q: Tensor, actions: Tensor, targets: Tensor, weights: Tensor | None,
     [B] for none; td_errors [B]), both in the accumulation dtype."""
     _td_check(q, loss, reduction)
     B, A = q.shape
-    acc = _acc_dtype(q.dtype)
-    block = _pow2(B, 16, MAX_BLOCK_ROWS)
+    acc = acc_dtype(q.dtype)
+    block = pow2(B, 16, MAX_BLOCK_ROWS)
     num_blocks = triton.cdiv(B, block)
     td = torch.empty((B,), dtype=acc, device=q.device)
     per = torch.empty((B,), dtype=acc, device=q.device) if reduction == "none" else None
     parts = None if reduction == "none" else torch.zeros((num_blocks,), dtype=torch.float64, device=q.device)
-    if B > 0 and not _skip_launch(td):
+    if B > 0 and not skip_launch(td):
         wrap_triton(_td_forward_kernel)[(num_blocks,)](
             q.contiguous(), actions.contiguous(), targets.contiguous(),
             None if weights is None else weights.contiguous(), td, per, parts, B, A, float(delta),
-            SQUARED=loss == "squared", ACC=_tl_acc(q.dtype), BLOCK=block)
+            SQUARED=loss == "squared", ACC=tl_acc(q.dtype), BLOCK=block)
     if per is not None:
         return per, td
     total = parts.sum()  # float64 partials of a fixed grid, summed in a fixed order
@@ -295,7 +265,7 @@ def td_loss(q: Tensor, actions: Tensor, targets: Tensor, weights: Tensor | None,
     return total.to(acc), td
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_td_loss_backward", mutates_args=())
 def td_loss_backward(grad_loss: Tensor | None, grad_td_errors: Tensor | None, q: Tensor, actions: Tensor,
                      targets: Tensor, weights: Tensor | None, loss: str, delta: float,
@@ -303,7 +273,7 @@ def td_loss_backward(grad_loss: Tensor | None, grad_td_errors: Tensor | None, q:
     """Dense grad_q (q's dtype, one non-zero per row) and grad_targets (targets' dtype)."""
     _td_check(q, loss, reduction)
     B, A = q.shape
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     grad_q = torch.empty((B, A), dtype=q.dtype, device=q.device)
     grad_y = torch.empty((B,), dtype=targets.dtype, device=targets.device)
     gl = None
@@ -314,19 +284,18 @@ def td_loss_backward(grad_loss: Tensor | None, grad_td_errors: Tensor | None, q:
             gl = gl * (1.0 / B if B > 0 else 0.0)
         gl = gl.to(acc).contiguous()
     gt = None if grad_td_errors is None else grad_td_errors.to(acc).reshape(-1).contiguous()
-    if B > 0 and not _skip_launch(grad_q):
-        block_a = _pow2(A, 2, MAX_BLOCK_A)
-        block_b = _pow2(B, 16, max(2, ROW_TILE // block_a))
+    if B > 0 and not skip_launch(grad_q):
+        block_a = pow2(A, 2, MAX_BLOCK_A)
+        block_b = pow2(B, 16, max(2, ROW_TILE // block_a))
         wrap_triton(_td_backward_kernel)[(triton.cdiv(B, block_b),)](
             q.contiguous(), actions.contiguous(), targets.contiguous(),
             None if weights is None else weights.contiguous(), gl, gt, grad_q, grad_y, B, A, float(delta),
-            SQUARED=loss == "squared", GL_PER_ROW=reduction == "none", ACC=_tl_acc(q.dtype), BLOCK_B=block_b,
+            SQUARED=loss == "squared", GL_PER_ROW=reduction == "none", ACC=tl_acc(q.dtype), BLOCK_B=block_b,
             BLOCK_A=block_a)
     return grad_q, grad_y
 
 
-td_loss.register_autograd(_bellman._td_backward_using(torch.ops.rlkernels.triton_td_loss_backward),
-                          setup_context=_bellman._td_setup)
+_formulas.register_td_loss(td_loss, torch.ops.rlkernels.triton_td_loss_backward)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -425,11 +394,11 @@ def _n_step_backward_kernel(G_ptr, TERM_ptr, TRUNC_ptr, GR_ptr, GV_ptr, GNV_ptr,
 
 
 def _lane_grid(O, I):
-    block = _pow2(I, 16, LANE_BLOCK)
+    block = pow2(I, 16, LANE_BLOCK)
     return block, (O, triton.cdiv(I, block))
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_n_step_returns", mutates_args=())
 def n_step_returns(rewards: Tensor, values: Tensor, next_values: Tensor | None, bootstrap_value: Tensor | None,
                    terminated: Tensor | None, truncated: Tensor | None, gamma: float, n: int) -> Tensor:
@@ -437,17 +406,17 @@ def n_step_returns(rewards: Tensor, values: Tensor, next_values: Tensor | None, 
     torch._check(n >= 1, lambda: f"rlkernels: n must be >= 1, got {n}")
     torch._check(rewards.dim() == 3, lambda: "rlkernels: rewards must be canonical [O, T, I]")
     O, T, I = rewards.shape
-    out = torch.empty(rewards.shape, dtype=_acc_dtype(rewards.dtype), device=rewards.device)
-    if O * T * I > 0 and not _skip_launch(out):
+    out = torch.empty(rewards.shape, dtype=acc_dtype(rewards.dtype), device=rewards.device)
+    if O * T * I > 0 and not skip_launch(out):
         block, grid = _lane_grid(O, I)
         wrap_triton(_n_step_kernel)[grid](
             rewards.contiguous(), values.contiguous(), None if next_values is None else next_values.contiguous(),
-            None if bootstrap_value is None else bootstrap_value.contiguous(), _flag(terminated), _flag(truncated),
-            out, T, I, float(gamma), n, ACC=_tl_acc(rewards.dtype), BLOCK=block)
+            None if bootstrap_value is None else bootstrap_value.contiguous(), flag(terminated), flag(truncated),
+            out, T, I, float(gamma), n, ACC=tl_acc(rewards.dtype), BLOCK=block)
     return out
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_n_step_returns_backward", mutates_args=())
 def n_step_returns_backward(grad: Tensor, terminated: Tensor | None, truncated: Tensor | None,
                             rewards_like: Tensor, gamma: float, n: int,
@@ -456,23 +425,21 @@ def n_step_returns_backward(grad: Tensor, terminated: Tensor | None, truncated: 
     all in the accumulation dtype."""
     torch._check(n >= 1, lambda: f"rlkernels: n must be >= 1, got {n}")
     O, T, I = rewards_like.shape
-    acc = _acc_dtype(rewards_like.dtype)
+    acc = acc_dtype(rewards_like.dtype)
     dev = rewards_like.device
     g_r = torch.empty((O, T, I), dtype=acc, device=dev)
     g_v = torch.zeros((O, T, I), dtype=acc, device=dev)
     g_nv = torch.empty((O, T, I) if has_next_values else (0,), dtype=acc, device=dev)
     g_b = torch.zeros((O, I), dtype=acc, device=dev)
-    if O * T * I > 0 and not _skip_launch(g_r):
+    if O * T * I > 0 and not skip_launch(g_r):
         block, grid = _lane_grid(O, I)
         wrap_triton(_n_step_backward_kernel)[grid](
-            grad.to(acc).contiguous(), _flag(terminated), _flag(truncated), g_r, g_v,
-            g_nv if has_next_values else None, g_b, T, I, float(gamma), n, ACC=_tl_acc(acc), BLOCK=block)
+            grad.to(acc).contiguous(), flag(terminated), flag(truncated), g_r, g_v,
+            g_nv if has_next_values else None, g_b, T, I, float(gamma), n, ACC=tl_acc(acc), BLOCK=block)
     return g_r, g_v, g_nv, g_b
 
 
-n_step_returns.register_autograd(
-    _bellman._n_step_backward_using(torch.ops.rlkernels.triton_n_step_returns_backward),
-    setup_context=_bellman._n_step_setup)
+_formulas.register_n_step_returns(n_step_returns, torch.ops.rlkernels.triton_n_step_returns_backward)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -566,9 +533,9 @@ def _vi_residual_kernel(PART_ptr, RES_ptr, STATE_ptr, B, num_blocks, tol: tl.flo
 
 def _backup_blocks(S, A):
     """(BLOCK_S, BLOCK_A, BLOCK_K, number of state blocks): tiles of about 4096 elements of P."""
-    block_k = _pow2(S, 16, BACKUP_MAX_K)
-    block_a = _pow2(A, 2, BACKUP_MAX_A)
-    block_s = _pow2(S, 2, max(2, BACKUP_TILE // (block_k * block_a)))
+    block_k = pow2(S, 16, BACKUP_MAX_K)
+    block_a = pow2(A, 2, BACKUP_MAX_A)
+    block_s = pow2(S, 2, max(2, BACKUP_TILE // (block_k * block_a)))
     return block_s, block_a, block_k, triton.cdiv(S, block_s)
 
 
@@ -581,7 +548,7 @@ def _launch_backup(P, R, V, Q, V_new, policy, parts, state, gamma):
     B, S, A, _ = P.shape
     block_s, block_a, block_k, num_blocks = _backup_blocks(S, A)
     wrap_triton(_backup_kernel)[(B, num_blocks)](
-        P, R, V, Q, V_new, policy, parts, state, S, A, float(gamma), num_blocks, ACC=_tl_acc(P.dtype),
+        P, R, V, Q, V_new, policy, parts, state, S, A, float(gamma), num_blocks, ACC=tl_acc(P.dtype),
         BLOCK_S=block_s, BLOCK_A=block_a, BLOCK_K=block_k, num_warps=4)
 
 
@@ -593,28 +560,26 @@ def _check_mdp(P, R, V):
         torch._check(tuple(V.shape) == tuple(P.shape[:2]), lambda: f"rlkernels: V must be [B, S], got {tuple(V.shape)}")
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_bellman_backup", mutates_args=())
 def bellman_backup(P: Tensor, R: Tensor, V: Tensor, gamma: float) -> tuple[Tensor, Tensor, Tensor]:
     """P [B, S, A, S], R [B, S, A], V [B, S] of one dtype. Q [B, S, A] and V_new [B, S] in the accumulation
     dtype, policy int64 [B, S]."""
     _check_mdp(P, R, V)
     B, S, A, _ = P.shape
-    acc = _acc_dtype(P.dtype)
+    acc = acc_dtype(P.dtype)
     Q = torch.empty((B, S, A), dtype=acc, device=P.device)
     V_new = torch.empty((B, S), dtype=acc, device=P.device)
     policy = torch.empty((B, S), dtype=torch.int64, device=P.device)
-    if B * S > 0 and not _skip_launch(Q):
+    if B * S > 0 and not skip_launch(Q):
         _launch_backup(P.contiguous(), R.contiguous(), V.contiguous(), Q, V_new, policy, None, None, gamma)
     return Q, V_new, policy
 
 
-# The autograd formula of the C++ op (plain tensor algebra on the small Q-shaped gradient).
-torch.library.register_autograd("rlkernels::triton_bellman_backup", _bellman._backup_backward,
-                                setup_context=_bellman._backup_setup)
+_formulas.register_bellman_backup(bellman_backup)
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_value_iteration", mutates_args=())
 def value_iteration(P: Tensor, R: Tensor, V0: Tensor | None, gamma: float, tol: float,
                     max_iters: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -645,7 +610,7 @@ def value_iteration(P: Tensor, R: Tensor, V0: Tensor | None, gamma: float, tol: 
     _check_mdp(P, R, V0)
     torch._check(max_iters >= 1, lambda: f"rlkernels: max_iters must be >= 1, got {max_iters}")
     B, S, A, _ = P.shape
-    acc = _acc_dtype(P.dtype)
+    acc = acc_dtype(P.dtype)
     dev = P.device
     buf = torch.zeros((2, B, S), dtype=acc, device=dev)  # V after an even / odd number of backups
     if V0 is not None:
@@ -656,15 +621,15 @@ def value_iteration(P: Tensor, R: Tensor, V0: Tensor | None, gamma: float, tol: 
     state = torch.zeros((2,), dtype=torch.int64, device=dev)  # [done, iters]
     num_blocks = _backup_blocks(S, A)[3]
     parts = torch.zeros((B, num_blocks), dtype=acc, device=dev)
-    if not _skip_launch(Q):
+    if not skip_launch(Q):
         P, R = P.contiguous(), R.contiguous()
-        block_b = _pow2(B, 16, RESIDUAL_BLOCK_B)
-        block_n = _pow2(num_blocks, 2, RESIDUAL_BLOCK_N)
+        block_b = pow2(B, 16, RESIDUAL_BLOCK_B)
+        block_n = pow2(num_blocks, 2, RESIDUAL_BLOCK_N)
         for k in range(max_iters):
             if B * S > 0:
                 _launch_backup(P, R, buf[k % 2], Q, buf[(k + 1) % 2], policy, parts, state, gamma)
             wrap_triton(_vi_residual_kernel)[(1,)](
-                parts, residual, state, B, num_blocks, float(tol), max_iters, ACC=_tl_acc(P.dtype),
+                parts, residual, state, B, num_blocks, float(tol), max_iters, ACC=tl_acc(P.dtype),
                 BLOCK_B=block_b, BLOCK_N=block_n)
             if _STOP_EARLY_ON_CPU and state.device.type == "cpu" and bool(state[0]):
                 break  # interpreter only: a CPU tensor is read without a device sync; the launches left are no-ops

@@ -17,27 +17,16 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .. import _C  # noqa: F401  (the rlkernels namespace exists before our ops join it)
-from ._launch import wrap_triton
-from .returns import _keep_whole_under_interpreter
+from .._ops import logprobs as _formulas
+from ._common import acc_dtype, interpreting, keep_whole_under_interpreter, wrap_triton
 
 Tensor = torch.Tensor
 
 BLOCK_V = 1024
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _block(V: int) -> int:
     return max(16, min(BLOCK_V, triton.next_power_of_2(max(V, 1))))
-
-
-def _interpreting() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_gather_logprobs_forward_kernel, InterpretedFunction)
 
 
 @triton.jit
@@ -130,11 +119,11 @@ def _gather_logprobs_backward_kernel(X_ptr, X_row_stride, DX_ptr, DX_row_stride,
 
 def _launch_forward(logits, tokens, temperature, return_entropy, ignore_index):
     N, V = logits.shape
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     logp = torch.empty((N,), dtype=acc, device=logits.device)
     entropy = torch.empty((N if return_entropy else 0,), dtype=acc, device=logits.device)
     lse = torch.empty((N,), dtype=acc, device=logits.device)
-    if N == 0 or (_interpreting() and torch._subclasses.fake_tensor.is_fake(logp)):
+    if N == 0 or (interpreting() and torch._subclasses.fake_tensor.is_fake(logp)):
         return logp, entropy, lse
     wrap_triton(_gather_logprobs_forward_kernel)[(N,)](
         logits, logits.stride(0), tokens, logp, entropy if return_entropy else logp, lse, V, float(temperature),
@@ -145,7 +134,7 @@ def _launch_forward(logits, tokens, temperature, return_entropy, ignore_index):
 
 def _launch_backward(grad_logp, grad_entropy, logits, out, tokens, lse, entropy, temperature, ignore_index):
     N, V = logits.shape
-    if N == 0 or V == 0 or (_interpreting() and torch._subclasses.fake_tensor.is_fake(out)):
+    if N == 0 or V == 0 or (interpreting() and torch._subclasses.fake_tensor.is_fake(out)):
         return
     use_h = grad_entropy is not None and entropy.numel() == N
     glogp = None if grad_logp is None else grad_logp.to(lse.dtype).contiguous()
@@ -157,7 +146,7 @@ def _launch_backward(grad_logp, grad_entropy, logits, out, tokens, lse, entropy,
         HAS_GLOGP=glogp is not None, ENTROPY=use_h, BLOCK_SIZE=_block(V))
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_gather_logprobs", mutates_args=())
 def gather_logprobs(logits: Tensor, tokens: Tensor, temperature: float, return_entropy: bool,
                     ignore_index: int | None, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -165,7 +154,7 @@ def gather_logprobs(logits: Tensor, tokens: Tensor, temperature: float, return_e
     return _launch_forward(logits, tokens, temperature, return_entropy, ignore_index)
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_gather_logprobs_backward", mutates_args=())
 def gather_logprobs_backward(grad_logp: Tensor | None, grad_entropy: Tensor | None, logits: Tensor, tokens: Tensor,
                              lse: Tensor, entropy: Tensor, temperature: float,
@@ -184,32 +173,6 @@ def gather_logprobs_backward_inplace(grad_logp: Tensor | None, grad_entropy: Ten
     _launch_backward(grad_logp, grad_entropy, logits, logits, tokens, lse, entropy, temperature, ignore_index)
 
 
-@gather_logprobs.register_fake
-def _(logits, tokens, temperature, return_entropy, ignore_index, inplace_backward):
-    acc = _acc_dtype(logits.dtype)
-    n = logits.shape[0]
-    return (logits.new_empty((n,), dtype=acc), logits.new_empty((n if return_entropy else 0,), dtype=acc),
-            logits.new_empty((n,), dtype=acc))
-
-
-def _setup(ctx, inputs, output):
-    logits, tokens, temperature, return_entropy, ignore_index, inplace_backward = inputs
-    _, entropy, lse = output
-    ctx.scalars = (temperature, ignore_index)
-    ctx.inplace = inplace_backward
-    ctx.save_for_backward(logits, tokens, lse, entropy)
-
-
-def _backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, tokens, lse, entropy = ctx.saved_tensors
-    if ctx.inplace:
-        torch.ops.rlkernels.triton_gather_logprobs_backward_inplace(grad_logp, grad_entropy, logits, tokens, lse,
-                                                                    entropy, *ctx.scalars)
-        grad = logits
-    else:
-        grad = torch.ops.rlkernels.triton_gather_logprobs_backward(grad_logp, grad_entropy, logits, tokens, lse,
-                                                                   entropy, *ctx.scalars)
-    return grad, None, None, None, None, None
-
-
-gather_logprobs.register_autograd(_backward, setup_context=_setup)
+_formulas.register_fake_forward(gather_logprobs)
+_formulas.register_gather_logprobs(gather_logprobs, torch.ops.rlkernels.triton_gather_logprobs_backward,
+                                   torch.ops.rlkernels.triton_gather_logprobs_backward_inplace)

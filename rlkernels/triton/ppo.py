@@ -6,8 +6,8 @@ The losses take canonical contiguous [B, T] inputs. A program reduces one BLOCK-
 few partial sums; the chunk partials are then combined by torch reductions of fixed shape. There are no
 atomics, so results are deterministic run to run, and nothing reads a value on the host.
 
-The ops are `torch.library.triton_op`s named ``rlkernels::triton_<name>``, with autograd through
-``rlkernels::triton_<name>_backward``.
+The ops are `torch.library.triton_op`s named ``rlkernels::triton_<name>``; their autograd is the family's
+formula (rlkernels/_ops/ppo.py) around ``rlkernels::triton_<name>_backward``.
 """
 
 import torch
@@ -15,9 +15,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .. import _C  # noqa: F401  (the rlkernels namespace exists before our ops join it)
-from ._launch import wrap_triton
-from .returns import _keep_whole_under_interpreter
+from .._ops import ppo as _formulas
+from ._common import acc_dtype, keep_whole_under_interpreter, skip_launch, tl_acc, wrap_triton
 
 Tensor = torch.Tensor
 
@@ -28,25 +27,6 @@ _NUM_PARTIALS = 8
 
 _AGGS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 _KL_KINDS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _tl_acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _interpreting() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_policy_forward_kernel, InterpretedFunction)
-
-
-def _skip_launch(out) -> bool:
-    # Under the interpreter a fake (meta) run would execute the kernel on tensors without data.
-    return _interpreting() and torch._subclasses.fake_tensor.is_fake(out)
 
 
 @triton.jit
@@ -279,7 +259,7 @@ def _row_weights(ref, mask, agg, norm_length, grad_loss, acc):
 def _partials(ref):
     B, T = ref.shape
     num_chunks = max(triton.cdiv(T, BLOCK), 1)
-    return torch.zeros((B, num_chunks, _NUM_PARTIALS), dtype=_acc_dtype(ref.dtype), device=ref.device), num_chunks
+    return torch.zeros((B, num_chunks, _NUM_PARTIALS), dtype=acc_dtype(ref.dtype), device=ref.device), num_chunks
 
 
 def _rows_of(parts):
@@ -290,7 +270,7 @@ def _rows_of(parts):
 # ---- ppo_policy_loss ----
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_ppo_policy_loss", mutates_args=())
 def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor | None, clip_low: float,
                     clip_high: float, dual_clip: float | None, agg: str,
@@ -298,11 +278,11 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     """Canonical [B, T] inputs; returns (loss, clipfrac, clipfrac_lower, approx_kl, ratio_mean, ratio_max)."""
     B, T = logp.shape
     parts, num_chunks = _partials(logp)
-    if B > 0 and T > 0 and not _skip_launch(parts):
+    if B > 0 and T > 0 and not skip_launch(parts):
         wrap_triton(_policy_forward_kernel)[(B, num_chunks)](
             logp, old_logp, advantages, mask, parts, T, num_chunks, 1.0 - clip_low, 1.0 + clip_high,
             1.0 if dual_clip is None else dual_clip, HAS_MASK=mask is not None, HAS_DUAL=dual_clip is not None,
-            ACC=_tl_acc(logp.dtype), BLOCK=BLOCK)
+            ACC=tl_acc(logp.dtype), BLOCK=BLOCK)
     rows, row_max = _rows_of(parts)
     total = rows.sum(0)
     count = total[1]
@@ -311,86 +291,59 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     return (_aggregate(rows, agg, norm_length), *stats, ratio_max)
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_ppo_policy_loss_backward", mutates_args=())
 def ppo_policy_loss_backward(grad_loss: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor,
                              mask: Tensor | None, clip_low: float, clip_high: float, dual_clip: float | None,
                              agg: str, norm_length: float) -> Tensor:
     B, T = logp.shape
     grad = torch.empty_like(logp)
-    w = _row_weights(logp, mask, agg, norm_length, grad_loss, _acc_dtype(logp.dtype))
-    if B > 0 and T > 0 and not _skip_launch(grad):
+    w = _row_weights(logp, mask, agg, norm_length, grad_loss, acc_dtype(logp.dtype))
+    if B > 0 and T > 0 and not skip_launch(grad):
         wrap_triton(_policy_backward_kernel)[(B, triton.cdiv(T, BLOCK))](
             logp, old_logp, advantages, mask, w, grad, T, 1.0 - clip_low, 1.0 + clip_high,
             1.0 if dual_clip is None else dual_clip, HAS_MASK=mask is not None, HAS_DUAL=dual_clip is not None,
-            ACC=_tl_acc(logp.dtype), BLOCK=BLOCK)
+            ACC=tl_acc(logp.dtype), BLOCK=BLOCK)
     return grad
 
 
-def _policy_setup(ctx, inputs, output):
-    logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, agg, norm_length = inputs
-    ctx.args = (clip_low, clip_high, dual_clip, agg, norm_length)
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(logp, old_logp, advantages, mask)
-
-
-def _policy_bwd(ctx, grad_loss, *_):
-    logp, old_logp, advantages, mask = ctx.saved_tensors
-    grad = torch.ops.rlkernels.triton_ppo_policy_loss_backward(grad_loss, logp, old_logp, advantages, mask,
-                                                               *ctx.args)
-    return grad, None, None, None, None, None, None, None, None
-
-
-ppo_policy_loss.register_autograd(_policy_bwd, setup_context=_policy_setup)
+_formulas.register_policy_loss(ppo_policy_loss, torch.ops.rlkernels.triton_ppo_policy_loss_backward)
 
 
 # ---- value_loss ----
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_value_loss", mutates_args=())
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor | None, clip: float | None,
                agg: str) -> tuple[Tensor, Tensor]:
     """Canonical [B, T] inputs; returns (loss, vf_clipfrac)."""
     B, T = values.shape
     parts, num_chunks = _partials(values)
-    if B > 0 and T > 0 and not _skip_launch(parts):
+    if B > 0 and T > 0 and not skip_launch(parts):
         wrap_triton(_value_forward_kernel)[(B, num_chunks)](
             values, old_values, returns, mask, parts, T, num_chunks, 0.0 if clip is None else clip,
-            HAS_MASK=mask is not None, HAS_CLIP=clip is not None, ACC=_tl_acc(values.dtype), BLOCK=BLOCK)
+            HAS_MASK=mask is not None, HAS_CLIP=clip is not None, ACC=tl_acc(values.dtype), BLOCK=BLOCK)
     rows, _ = _rows_of(parts)
     total = rows.sum(0)
     return _aggregate(rows, agg, float(T)), _mean_or_zero(total[2], total[1])
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_value_loss_backward", mutates_args=())
 def value_loss_backward(grad_loss: Tensor, values: Tensor, old_values: Tensor, returns: Tensor,
                         mask: Tensor | None, clip: float | None, agg: str) -> Tensor:
     B, T = values.shape
     grad = torch.empty_like(values)
-    w = _row_weights(values, mask, agg, float(T), grad_loss, _acc_dtype(values.dtype))
-    if B > 0 and T > 0 and not _skip_launch(grad):
+    w = _row_weights(values, mask, agg, float(T), grad_loss, acc_dtype(values.dtype))
+    if B > 0 and T > 0 and not skip_launch(grad):
         wrap_triton(_value_backward_kernel)[(B, triton.cdiv(T, BLOCK))](
             values, old_values, returns, mask, w, grad, T, 0.0 if clip is None else clip,
-            HAS_MASK=mask is not None, HAS_CLIP=clip is not None, ACC=_tl_acc(values.dtype), BLOCK=BLOCK)
+            HAS_MASK=mask is not None, HAS_CLIP=clip is not None, ACC=tl_acc(values.dtype), BLOCK=BLOCK)
     return grad
 
 
-def _value_setup(ctx, inputs, output):
-    values, old_values, returns, mask, clip, agg = inputs
-    ctx.args = (clip, agg)
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(values, old_values, returns, mask)
-
-
-def _value_bwd(ctx, grad_loss, _):
-    values, old_values, returns, mask = ctx.saved_tensors
-    grad = torch.ops.rlkernels.triton_value_loss_backward(grad_loss, values, old_values, returns, mask, *ctx.args)
-    return grad, None, None, None, None, None
-
-
-value_loss.register_autograd(_value_bwd, setup_context=_value_setup)
+_formulas.register_value_loss(value_loss, torch.ops.rlkernels.triton_value_loss_backward)
 
 
 # ---- kl_penalty ----
@@ -398,22 +351,22 @@ value_loss.register_autograd(_value_bwd, setup_context=_value_setup)
 
 def _kl_launch(logp, ref_logp, grad, out, kind, backward):
     n = logp.numel()
-    if n > 0 and not _skip_launch(out):
+    if n > 0 and not skip_launch(out):
         wrap_triton(_kl_kernel)[(triton.cdiv(n, ELEMENT_BLOCK),)](
-            logp, ref_logp, grad, out, n, KIND=_KL_KINDS[kind], BACKWARD=backward, ACC=_tl_acc(logp.dtype),
+            logp, ref_logp, grad, out, n, KIND=_KL_KINDS[kind], BACKWARD=backward, ACC=tl_acc(logp.dtype),
             BLOCK=ELEMENT_BLOCK)
     return out
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_kl_penalty", mutates_args=())
 def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     logp, ref_logp = logp.contiguous(), ref_logp.contiguous()
-    out = torch.empty(logp.shape, dtype=_acc_dtype(logp.dtype), device=logp.device)
+    out = torch.empty(logp.shape, dtype=acc_dtype(logp.dtype), device=logp.device)
     return _kl_launch(logp, ref_logp, None, out, kind, False)
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_kl_penalty_backward", mutates_args=())
 def kl_penalty_backward(grad: Tensor, logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     logp, ref_logp = logp.contiguous(), ref_logp.contiguous()
@@ -421,15 +374,4 @@ def kl_penalty_backward(grad: Tensor, logp: Tensor, ref_logp: Tensor, kind: str)
     return _kl_launch(logp, ref_logp, grad.contiguous(), out, kind, True)
 
 
-def _kl_setup(ctx, inputs, output):
-    logp, ref_logp, kind = inputs
-    ctx.kind = kind
-    ctx.save_for_backward(logp, ref_logp)
-
-
-def _kl_bwd(ctx, grad):
-    logp, ref_logp = ctx.saved_tensors
-    return torch.ops.rlkernels.triton_kl_penalty_backward(grad, logp, ref_logp, ctx.kind), None, None
-
-
-kl_penalty.register_autograd(_kl_bwd, setup_context=_kl_setup)
+_formulas.register_kl_penalty(kl_penalty, torch.ops.rlkernels.triton_kl_penalty_backward)

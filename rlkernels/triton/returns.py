@@ -23,8 +23,9 @@ and log_rhos. So the chunk's offset c is the walk from carry 0 with the true sou
 walk from the unit carry e_j with the sources set to 0: D + 1 concrete walks, run as the columns of one 2-D
 walk, each the exact composition of the steps' maps (no difference of two runs, so no cancellation).
 
-The ops are `torch.library.triton_op`s named ``rlkernels::triton_<name>``, with autograd through
-``rlkernels::triton_<name>_backward`` ops that run the adjoint steps on the same kernels.
+The ops are `torch.library.triton_op`s named ``rlkernels::triton_<name>``. Their autograd is the family's
+formulas (rlkernels/_ops/returns.py) around ``rlkernels::triton_<name>_backward`` ops that run the adjoint
+steps on the same kernels; linear_scan's adjoint is triton_linear_scan itself on shifted coefficients.
 """
 
 
@@ -33,9 +34,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from .. import _C  # noqa: F401  (the rlkernels namespace and the C++ schemas exist before ours join them)
-from .. import returns as _scan  # the autograd formulas, shared with the C++/CUDA ops
-from ._launch import wrap_triton
+from .._ops import returns as _formulas
+from ._common import acc_dtype, flag, keep_whole_under_interpreter, skip_launch, wrap_triton
 
 Tensor = torch.Tensor
 
@@ -72,18 +72,6 @@ def _block(num_lanes: int) -> int:
     return block
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _interpreting() -> bool:
-    # Under TRITON_INTERPRET=1, @triton.jit gives an InterpretedFunction; wrap_triton then hands the raw
-    # kernel back, so the fake (meta) run of a triton_op would execute it on tensors that have no data.
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_scan_kernel, InterpretedFunction)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Step functions: one per estimator and per adjoint, mirroring csrc/include/rlkernels/scan.h.
 # Carries and sources are accumulation-type tensors; flags are 0/1 in the accumulation type.
@@ -91,13 +79,14 @@ def _interpreting() -> bool:
 # ----------------------------------------------------------------------------------------------------
 
 _LINEAR_SCAN = tl.constexpr(0)
-_LINEAR_SCAN_BACKWARD = tl.constexpr(1)
-_RETURNS = tl.constexpr(2)
-_RETURNS_BACKWARD = tl.constexpr(3)
-_GAE = tl.constexpr(4)
-_GAE_BACKWARD = tl.constexpr(5)
-_VTRACE = tl.constexpr(6)
-_VTRACE_BACKWARD = tl.constexpr(7)
+_RETURNS = tl.constexpr(1)
+_RETURNS_BACKWARD = tl.constexpr(2)
+_GAE = tl.constexpr(3)
+_GAE_BACKWARD = tl.constexpr(4)
+_VTRACE = tl.constexpr(5)
+_VTRACE_BACKWARD = tl.constexpr(6)
+_RETRACE = tl.constexpr(7)
+_RETRACE_BACKWARD = tl.constexpr(8)
 
 
 @triton.jit
@@ -105,13 +94,6 @@ def _linear_scan_step(c0, a, b):
     """x_t = b_t + a_t x_next (carry: x of the neighbour in scan order)."""
     x = b + a * c0
     return x, x
-
-
-@triton.jit
-def _linear_scan_backward_step(c0, a, g, x_neighbour):
-    """Adjoint of x_t = b_t + a_t x_nb: y_t = g_t + (carry = a_prev y_prev); grad b = y, grad a = y x_nb."""
-    y = g + c0
-    return a * y, y, y * x_neighbour
 
 
 @triton.jit
@@ -232,15 +214,39 @@ def _vtrace_backward_step(c0, c1, r, v, nv, lr, g0, g1, s0, s1, term, trunc, gam
 
 
 @triton.jit
-def _step(STEP: tl.constexpr, c0, c1, r, v, nv, lr, a, b, g0, g1, s0, s1, xn, term, trunc,
+def _trace_coefficient(lr, c_clip, lam):
+    """c = lam min(c_clip, e), e = exp(log_rho), and dc / d log_rho (0 where the clip binds)."""
+    e = tl.exp(lr)
+    return lam * tl.where(c_clip < e, c_clip, e), tl.where(e < c_clip, lam * e, 0.0)
+
+
+@triton.jit
+def _retrace_step(c0, r, q, nv, lr, term, trunc, gamma, lam, c_clip):
+    """Retrace (Munos et al. 2016): G_t = r_t + gamma (1 - term_t) nv_t + gamma (1 - done_t) X_next.
+    Carry: X = c (G - q_taken) of the next valid step. Outputs: G."""
+    c, _dc = _trace_coefficient(lr, c_clip, lam)
+    disc = gamma * (1.0 - term)
+    g = r + disc * nv + (disc * (1.0 - trunc)) * c0
+    return c * (g - q), g
+
+
+@triton.jit
+def _retrace_backward_step(c0, q, lr, g0, s0, term, trunc, gamma, lam, c_clip):
+    """Adjoint of _retrace_step. Carry: dL/dX flowing from the previous valid step; s0 is the saved G.
+    Outputs: grad rewards, q_taken, next_v, log_rhos."""
+    c, dc = _trace_coefficient(lr, c_clip, lam)
+    disc = gamma * (1.0 - term)
+    y = g0 + c * c0  # dL/dG_t
+    return (disc * (1.0 - trunc)) * y, y, -(c * c0), disc * y, (c0 * (s0 - q)) * dc
+
+
+@triton.jit
+def _step(STEP: tl.constexpr, c0, c1, r, v, nv, lr, a, b, g0, g1, s0, s1, term, trunc,
           gamma, lam, rho_clip, c_clip, pg_rho_clip, HAS_NEXT: tl.constexpr):
     """One step of estimator STEP: returns (carry0, carry1, out0, out1, out2, out3); unused slots repeat."""
     if STEP == _LINEAR_SCAN:
         n0, o0 = _linear_scan_step(c0, a, b)
         n1, o1, o2, o3 = c1, o0, o0, o0
-    elif STEP == _LINEAR_SCAN_BACKWARD:
-        n0, o0, o1 = _linear_scan_backward_step(c0, a, g0, xn)
-        n1, o2, o3 = c1, o0, o0
     elif STEP == _RETURNS:
         n0, o0 = _returns_step(c0, r, nv, term, trunc, gamma, HAS_NEXT)
         n1, o1, o2, o3 = c1, o0, o0, o0
@@ -256,6 +262,12 @@ def _step(STEP: tl.constexpr, c0, c1, r, v, nv, lr, a, b, g0, g1, s0, s1, xn, te
     elif STEP == _VTRACE:
         n0, n1, o0, o1, o2, o3 = _vtrace_step(c0, c1, r, v, nv, lr, term, trunc, gamma, lam, rho_clip, c_clip,
                                               pg_rho_clip, HAS_NEXT)
+    elif STEP == _RETRACE:
+        n0, o0 = _retrace_step(c0, r, v, nv, lr, term, trunc, gamma, lam, c_clip)
+        n1, o1, o2, o3 = c1, o0, o0, o0
+    elif STEP == _RETRACE_BACKWARD:
+        n0, o0, o1, o2, o3 = _retrace_backward_step(c0, v, lr, g0, s0, term, trunc, gamma, lam, c_clip)
+        n1 = c1
     else:
         n0, n1, o0, o1, o2, o3 = _vtrace_backward_step(c0, c1, r, v, nv, lr, g0, g1, s0, s1, term, trunc,
                                                        gamma, lam, rho_clip, c_clip, pg_rho_clip, HAS_NEXT)
@@ -345,7 +357,7 @@ _MAP_WIDTH = tl.constexpr(4)
 
 @triton.jit
 def _scan_kernel(
-    R_ptr, V_ptr, NV_ptr, LR_ptr, A_ptr, B_ptr, G0_ptr, G1_ptr, S0_ptr, S1_ptr, X_ptr, X_INIT_ptr,
+    R_ptr, V_ptr, NV_ptr, LR_ptr, A_ptr, B_ptr, G0_ptr, G1_ptr, S0_ptr, S1_ptr,
     TERM_ptr, TRUNC_ptr, MASK_ptr, CU_ptr,
     CARRY_IN_ptr, OUT0_ptr, OUT1_ptr, OUT2_ptr, OUT3_ptr, MAP_ptr, FINAL_ptr,
     num_lanes, num_seqs, num_chunks, steps, inner, chunk,
@@ -414,19 +426,6 @@ def _scan_kernel(
             r, v, nv, lr, a, b, g0, g1, s0, s1, term, trunc, valid = _load_step(
                 R_ptr, V_ptr, NV_ptr, LR_ptr, A_ptr, B_ptr, G0_ptr, G1_ptr, S0_ptr, S1_ptr, TERM_ptr,
                 TRUNC_ptr, MASK_ptr, off, inb, zero, ACC)
-            xn = zero
-            if X_ptr is not None:
-                # The linear scan's adjoint needs x at the neighbour in the forward scan's order: t + 1 for a
-                # reverse scan (walked forward here), t - 1 for a forward one; past the end, `initial`.
-                if REVERSE:
-                    t_nb = t - 1
-                else:
-                    t_nb = t + 1
-                nb_in = inb & (t_nb >= 0) & (t_nb < seq_len)
-                x_edge = zero
-                if X_INIT_ptr is not None:
-                    x_edge = tl.load(X_INIT_ptr + s, mask=inb & ~nb_in, other=0)
-                xn = tl.where(nb_in, tl.load(X_ptr + off + (t_nb - t) * ts, mask=nb_in, other=0), x_edge)
 
             if MAP_ONLY:
                 # Sources only feed column 0; coefficients (flags, a, log_rhos) are shared by every column.
@@ -437,9 +436,9 @@ def _scan_kernel(
                 b = tl.where(src, b[:, None], 0.0)
                 g0 = tl.where(src, g0[:, None], 0.0)
                 g1 = tl.where(src, g1[:, None], 0.0)
-                lr, a, s0, s1, xn = lr[:, None], a[:, None], s0[:, None], s1[:, None], xn[:, None]
+                lr, a, s0, s1 = lr[:, None], a[:, None], s0[:, None], s1[:, None]
                 term, trunc, valid = term[:, None], trunc[:, None], valid[:, None]
-            n0, n1, o0, o1, o2, o3 = _step(STEP, c0, c1, r, v, nv, lr, a, b, g0, g1, s0, s1, xn, term, trunc,
+            n0, n1, o0, o1, o2, o3 = _step(STEP, c0, c1, r, v, nv, lr, a, b, g0, g1, s0, s1, term, trunc,
                                            gamma_, lam_, rho_clip_, c_clip_, pg_rho_clip_, HAS_NEXT)
             c0 = tl.where(valid, n0, c0)
             c1 = tl.where(valid, n1, c1)
@@ -512,14 +511,6 @@ def _compose_kernel(MAP_ptr, INIT_ptr, CARRY_IN_ptr, num_seqs, num_chunks, num_l
 # ----------------------------------------------------------------------------------------------------
 
 
-def _flag(x: Tensor | None) -> Tensor | None:
-    # bool is stored one byte per element; the kernels read it as uint8 (no copy).
-    if x is None:
-        return None
-    x = x.contiguous()
-    return x.view(torch.uint8) if x.dtype == torch.bool else x
-
-
 def _stream(x: Tensor | None, dtype: torch.dtype | None = None) -> Tensor | None:
     if x is None:
         return None
@@ -543,13 +534,12 @@ def _run_scan(step, d, reverse, ref, cu_seqlens, streams, outs, init=None, final
               has_next=False, params=(0.0, 0.0, 0.0, 0.0, 0.0)):
     """Runs estimator `step` (carry size d) over every sequence of `ref`'s layout.
 
-    streams: keyword inputs of _scan_kernel (R, V, NV, LR, A, B, G0, G1, S0, S1, X, X_INIT, TERM, TRUNC,
-    MASK), each a contiguous tensor or None. outs: up to four outputs in the accumulation dtype (the first
+    streams: keyword inputs of _scan_kernel (R, V, NV, LR, A, B, G0, G1, S0, S1, TERM, TRUNC, MASK), each a contiguous tensor or None. outs: up to four outputs in the accumulation dtype (the first
     required). init: [d, num_seqs] initial carries or None (zeros). final: [num_seqs] output for the final
     carry `final_j` of each sequence.
     """
     num_seqs, steps, inner, _ = _geometry(ref, cu_seqlens)
-    if num_seqs == 0 or (_interpreting() and torch._subclasses.fake_tensor.is_fake(outs[0])):
+    if num_seqs == 0 or skip_launch(outs[0]):
         # Nothing to walk; or a fake (meta) run under the interpreter, where only the outputs' shapes matter
         # (on a GPU, wrap_triton records the launch instead of running it).
         return
@@ -559,7 +549,7 @@ def _run_scan(step, d, reverse, ref, cu_seqlens, streams, outs, init=None, final
     acc = outs[0].dtype
     outs = list(outs) + [None] * (4 - len(outs))
     ptrs = {f"{k}_ptr": streams.get(k) for k in
-            ("R", "V", "NV", "LR", "A", "B", "G0", "G1", "S0", "S1", "X", "X_INIT", "TERM", "TRUNC", "MASK")}
+            ("R", "V", "NV", "LR", "A", "B", "G0", "G1", "S0", "S1", "TERM", "TRUNC", "MASK")}
     geometry = {"CU_ptr": cu_seqlens, "num_lanes": num_lanes, "num_seqs": num_seqs, "num_chunks": num_chunks,
                 "steps": steps, "inner": inner, "chunk": chunk}
     scalars = dict(zip(("gamma", "lam", "rho_clip", "c_clip", "pg_rho_clip"), (float(p) for p in params)))
@@ -585,27 +575,12 @@ def _run_scan(step, d, reverse, ref, cu_seqlens, streams, outs, init=None, final
         UNROLL=UNROLL, num_warps=num_warps)
 
 
-def _keep_whole_under_interpreter(op):
-    """Under TRITON_INTERPRET=1 the kernels run through NumPy and cannot be recorded in a graph (wrap_triton
-    hands back the raw interpreted function), so AOTDispatch (torch.compile, opcheck) keeps the op whole, as
-    it does for torch.export, instead of decomposing it into kernel launches it would not see. On a GPU the
-    triton_op decomposition stays, so Inductor sees the kernels."""
-    if _interpreting():
-        from torch._subclasses.functional_tensor import FunctionalTensorMode
-
-        def keep_whole(mode, op_overload, types, args, kwargs):
-            return mode.__torch_dispatch__(op_overload, types, args, kwargs)
-
-        op.register_torch_dispatch(FunctionalTensorMode, keep_whole)
-    return op
-
-
 def _empty_acc(ref: Tensor) -> Tensor:
-    return torch.empty(ref.shape, dtype=_acc_dtype(ref.dtype), device=ref.device)
+    return torch.empty(ref.shape, dtype=acc_dtype(ref.dtype), device=ref.device)
 
 
 def _none_acc(ref: Tensor) -> Tensor:
-    return torch.empty((0,), dtype=_acc_dtype(ref.dtype), device=ref.device)
+    return torch.empty((0,), dtype=acc_dtype(ref.dtype), device=ref.device)
 
 
 def _initial(d: int, j: int, value: Tensor | None, num_seqs: int, acc: torch.dtype) -> Tensor | None:
@@ -622,7 +597,7 @@ def _initial(d: int, j: int, value: Tensor | None, num_seqs: int, acc: torch.dty
 # ---- linear_scan ----
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_linear_scan", mutates_args=())
 def linear_scan(a: Tensor, b: Tensor, initial: Tensor | None, reverse: bool) -> Tensor:
     """x_t = b_t + a_t x_{t+1} (reverse) or b_t + a_t x_{t-1}, x beyond the end = initial (0 if None).
@@ -634,46 +609,13 @@ def linear_scan(a: Tensor, b: Tensor, initial: Tensor | None, reverse: bool) -> 
     return out
 
 
-@_keep_whole_under_interpreter
-@triton_op("rlkernels::triton_linear_scan_backward", mutates_args=())
-def linear_scan_backward(grad: Tensor, a: Tensor, x: Tensor, initial: Tensor | None,
-                         reverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Adjoint of linear_scan, walked in the opposite time direction: y_t = g_t + a_nb y_nb (the neighbour
-    that x_t fed), grad_b = y, grad_a = y x_nb, grad_initial = a y at the scan's last step.
-    Returns (grad_a, grad_b, grad_initial) in the accumulation dtype."""
-    acc = x.dtype
-    grad_b = torch.empty(x.shape, dtype=acc, device=x.device)
-    grad_a = torch.empty(x.shape, dtype=acc, device=x.device)
-    grad_initial = torch.zeros((x.shape[0], x.shape[2]), dtype=acc, device=x.device)
-    streams = {"A": _stream(a), "G0": _stream(grad, acc), "X": _stream(x),
-               "X_INIT": None if initial is None else _stream(initial, acc)}
-    _run_scan(_LINEAR_SCAN_BACKWARD.value, 1, not reverse, x, None, streams, [grad_b, grad_a],
-              final=grad_initial, final_j=0)
-    return grad_a, grad_b, grad_initial
-
-
-def _linear_scan_setup(ctx, inputs, output):
-    a, _b, initial, reverse = inputs
-    ctx.reverse = reverse
-    ctx.initial_dtype = None if initial is None else initial.dtype
-    ctx.save_for_backward(a, initial, output)
-
-
-def _linear_scan_bwd(ctx, grad):
-    a, initial, x = ctx.saved_tensors
-    grad_a, grad_b, grad_initial = torch.ops.rlkernels.triton_linear_scan_backward(grad, a, x, initial,
-                                                                                   ctx.reverse)
-    return (grad_a.to(a.dtype), grad_b.to(a.dtype),
-            None if initial is None else grad_initial.to(ctx.initial_dtype), None)
-
-
-linear_scan.register_autograd(_linear_scan_bwd, setup_context=_linear_scan_setup)
+_formulas.register_linear_scan(linear_scan, torch.ops.rlkernels.triton_linear_scan)
 
 
 # ---- discounted_returns ----
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_discounted_returns", mutates_args=())
 def discounted_returns(rewards: Tensor, next_values: Tensor | None, bootstrap_value: Tensor | None,
                        terminated: Tensor | None, truncated: Tensor | None, mask: Tensor | None,
@@ -684,27 +626,27 @@ def discounted_returns(rewards: Tensor, next_values: Tensor | None, bootstrap_va
     num_seqs = _geometry(rewards, cu_seqlens)[0]
     has_next = next_values is not None
     streams = {"R": _stream(rewards), "NV": _stream(next_values),
-               "TERM": _flag(terminated), "TRUNC": _flag(truncated), "MASK": _flag(mask)}
+               "TERM": flag(terminated), "TRUNC": flag(truncated), "MASK": flag(mask)}
     _run_scan(_RETURNS.value, 1, True, rewards, cu_seqlens, streams, [out],
               init=None if has_next else _initial(1, 0, bootstrap_value, num_seqs, out.dtype),
               has_next=has_next, params=(gamma, 1.0, 1.0, 1.0, 1.0))
     return out
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_discounted_returns_backward", mutates_args=())
 def discounted_returns_backward(grad: Tensor | None, terminated: Tensor | None, truncated: Tensor | None,
                                 mask: Tensor | None, cu_seqlens: Tensor | None, rewards_like: Tensor,
                                 gamma: float, has_next_values: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Adjoint of discounted_returns (a forward-time walk). Returns (grad_rewards, grad_next_values (empty
     without next values), grad_bootstrap_value), in the accumulation dtype."""
-    acc = _acc_dtype(rewards_like.dtype)
+    acc = acc_dtype(rewards_like.dtype)
     _, _, _, seq_shape = _geometry(rewards_like, cu_seqlens)
     grad_rewards = _empty_acc(rewards_like)
     grad_next = _empty_acc(rewards_like) if has_next_values else _none_acc(rewards_like)
     grad_boot = torch.zeros(seq_shape, dtype=acc, device=rewards_like.device)
     streams = {"G0": _stream(grad, acc),
-               "TERM": _flag(terminated), "TRUNC": _flag(truncated), "MASK": _flag(mask)}
+               "TERM": flag(terminated), "TRUNC": flag(truncated), "MASK": flag(mask)}
     _run_scan(_RETURNS_BACKWARD.value, 1, False, rewards_like, cu_seqlens, streams,
               [grad_rewards, grad_next if has_next_values else None],
               final=None if has_next_values else grad_boot, final_j=0, has_next=has_next_values,
@@ -712,16 +654,13 @@ def discounted_returns_backward(grad: Tensor | None, terminated: Tensor | None, 
     return grad_rewards, grad_next, grad_boot
 
 
-# The autograd formulas are the C++ ops' (rlkernels/returns.py) around the Triton backward ops.
-discounted_returns.register_autograd(
-    _scan._returns_backward_using(torch.ops.rlkernels.triton_discounted_returns_backward),
-    setup_context=_scan._returns_setup)
+_formulas.register_discounted_returns(discounted_returns, torch.ops.rlkernels.triton_discounted_returns_backward)
 
 
 # ---- gae ----
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_gae", mutates_args=())
 def gae(rewards: Tensor, values: Tensor, next_values: Tensor | None, bootstrap_value: Tensor | None,
         terminated: Tensor | None, truncated: Tensor | None, mask: Tensor | None,
@@ -732,14 +671,14 @@ def gae(rewards: Tensor, values: Tensor, next_values: Tensor | None, bootstrap_v
     num_seqs = _geometry(rewards, cu_seqlens)[0]
     has_next = next_values is not None
     streams = {"R": _stream(rewards), "V": _stream(values), "NV": _stream(next_values),
-               "TERM": _flag(terminated), "TRUNC": _flag(truncated), "MASK": _flag(mask)}
+               "TERM": flag(terminated), "TRUNC": flag(truncated), "MASK": flag(mask)}
     _run_scan(_GAE.value, 2, True, rewards, cu_seqlens, streams, [adv, ret],
               init=None if has_next else _initial(2, 1, bootstrap_value, num_seqs, adv.dtype),
               has_next=has_next, params=(gamma, lam, 1.0, 1.0, 1.0))
     return adv, ret
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_gae_backward", mutates_args=())
 def gae_backward(grad_advantages: Tensor | None, grad_returns: Tensor | None, terminated: Tensor | None,
                  truncated: Tensor | None, mask: Tensor | None, cu_seqlens: Tensor | None,
@@ -747,13 +686,13 @@ def gae_backward(grad_advantages: Tensor | None, grad_returns: Tensor | None, te
                  has_next_values: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Adjoint of gae. Returns (grad_rewards, grad_values, grad_next_values (empty without next values),
     grad_bootstrap_value), in the accumulation dtype."""
-    acc = _acc_dtype(rewards_like.dtype)
+    acc = acc_dtype(rewards_like.dtype)
     _, _, _, seq_shape = _geometry(rewards_like, cu_seqlens)
     grad_rewards, grad_values = _empty_acc(rewards_like), _empty_acc(rewards_like)
     grad_next = _empty_acc(rewards_like) if has_next_values else _none_acc(rewards_like)
     grad_boot = torch.zeros(seq_shape, dtype=acc, device=rewards_like.device)
     streams = {"G0": _stream(grad_advantages, acc), "G1": _stream(grad_returns, acc),
-               "TERM": _flag(terminated), "TRUNC": _flag(truncated), "MASK": _flag(mask)}
+               "TERM": flag(terminated), "TRUNC": flag(truncated), "MASK": flag(mask)}
     _run_scan(_GAE_BACKWARD.value, 2, False, rewards_like, cu_seqlens, streams,
               [grad_rewards, grad_values, grad_next if has_next_values else None],
               final=None if has_next_values else grad_boot, final_j=1, has_next=has_next_values,
@@ -761,14 +700,13 @@ def gae_backward(grad_advantages: Tensor | None, grad_returns: Tensor | None, te
     return grad_rewards, grad_values, grad_next, grad_boot
 
 
-gae.register_autograd(_scan._gae_backward_using(torch.ops.rlkernels.triton_gae_backward),
-                      setup_context=_scan._gae_setup)
+_formulas.register_gae(gae, torch.ops.rlkernels.triton_gae_backward)
 
 
 # ---- vtrace ----
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_vtrace", mutates_args=())
 def vtrace(rewards: Tensor, values: Tensor, log_rhos: Tensor, next_values: Tensor | None,
            bootstrap_value: Tensor | None, terminated: Tensor | None, truncated: Tensor | None,
@@ -784,7 +722,7 @@ def vtrace(rewards: Tensor, values: Tensor, log_rhos: Tensor, next_values: Tenso
     has_next = next_values is not None
     streams = {"R": _stream(rewards), "V": _stream(values), "LR": _stream(log_rhos),
                "NV": _stream(next_values),
-               "TERM": _flag(terminated), "TRUNC": _flag(truncated), "MASK": _flag(mask)}
+               "TERM": flag(terminated), "TRUNC": flag(truncated), "MASK": flag(mask)}
     outs = [vs, pg] + ([next_x, next_v] if save_carries else [])
     _run_scan(_VTRACE.value, 2, True, rewards, cu_seqlens, streams, outs,
               init=None if has_next else _initial(2, 1, bootstrap_value, num_seqs, vs.dtype),
@@ -792,7 +730,7 @@ def vtrace(rewards: Tensor, values: Tensor, log_rhos: Tensor, next_values: Tenso
     return vs, pg, next_x, next_v
 
 
-@_keep_whole_under_interpreter
+@keep_whole_under_interpreter
 @triton_op("rlkernels::triton_vtrace_backward", mutates_args=())
 def vtrace_backward(grad_vs: Tensor | None, grad_pg_advantages: Tensor | None, rewards: Tensor,
                     values: Tensor, log_rhos: Tensor, next_values: Tensor | None,
@@ -802,7 +740,7 @@ def vtrace_backward(grad_vs: Tensor | None, grad_pg_advantages: Tensor | None, r
                     pg_rho_clip: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Adjoint of vtrace. Returns (grad_rewards, grad_values, grad_log_rhos (zeros without the saved carries,
     which it needs), grad_next_values (empty without next values), grad_bootstrap_value)."""
-    acc = _acc_dtype(rewards.dtype)
+    acc = acc_dtype(rewards.dtype)
     _, _, _, seq_shape = _geometry(rewards, cu_seqlens)
     has_next = next_values is not None
     saved = saved_next_x is not None and saved_next_v is not None
@@ -818,7 +756,7 @@ def vtrace_backward(grad_vs: Tensor | None, grad_pg_advantages: Tensor | None, r
                "G0": _stream(grad_vs, acc), "G1": _stream(grad_pg_advantages, acc),
                "S0": _stream(saved_next_x, acc) if saved else None,
                "S1": _stream(saved_next_v, acc) if saved else None,
-               "TERM": _flag(terminated), "TRUNC": _flag(truncated), "MASK": _flag(mask)}
+               "TERM": flag(terminated), "TRUNC": flag(truncated), "MASK": flag(mask)}
     _run_scan(_VTRACE_BACKWARD.value, 2, False, rewards, cu_seqlens, streams,
               [grad_rewards, grad_values, grad_log_rhos if saved else None, grad_next if has_next else None],
               final=None if has_next else grad_boot, final_j=1, has_next=has_next,
@@ -826,5 +764,40 @@ def vtrace_backward(grad_vs: Tensor | None, grad_pg_advantages: Tensor | None, r
     return grad_rewards, grad_values, grad_log_rhos, grad_next, grad_boot
 
 
-vtrace.register_autograd(_scan._vtrace_backward_using(torch.ops.rlkernels.triton_vtrace_backward),
-                         setup_context=_scan._vtrace_setup)
+_formulas.register_vtrace(vtrace, torch.ops.rlkernels.triton_vtrace_backward)
+
+
+# ---- retrace ----
+
+
+@keep_whole_under_interpreter
+@triton_op("rlkernels::triton_retrace", mutates_args=())
+def retrace(rewards: Tensor, q_taken: Tensor, next_v: Tensor, log_rhos: Tensor, terminated: Tensor | None,
+            truncated: Tensor | None, mask: Tensor | None, cu_seqlens: Tensor | None, gamma: float, lam: float,
+            c_clip: float) -> Tensor:
+    """Retrace(lambda) targets (Munos et al. 2016): G_t = r_t + gamma (1 - term_t) next_v_t
+    + gamma (1 - done_t) c_{t+1} (G_{t+1} - q_taken_{t+1}), c = lam min(c_clip, e^log_rho)."""
+    out = _empty_acc(rewards)
+    streams = {"R": _stream(rewards), "V": _stream(q_taken), "NV": _stream(next_v), "LR": _stream(log_rhos),
+               "TERM": flag(terminated), "TRUNC": flag(truncated), "MASK": flag(mask)}
+    _run_scan(_RETRACE.value, 1, True, rewards, cu_seqlens, streams, [out], params=(gamma, lam, 1.0, c_clip, 1.0))
+    return out
+
+
+@keep_whole_under_interpreter
+@triton_op("rlkernels::triton_retrace_backward", mutates_args=())
+def retrace_backward(grad: Tensor, targets: Tensor, q_taken: Tensor, log_rhos: Tensor, terminated: Tensor | None,
+                     truncated: Tensor | None, mask: Tensor | None, cu_seqlens: Tensor | None, gamma: float,
+                     lam: float, c_clip: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Adjoint of retrace (a forward-time walk) from the forward's targets. Returns (grad_rewards,
+    grad_q_taken, grad_next_v, grad_log_rhos) in the accumulation dtype."""
+    acc = targets.dtype
+    outs = [torch.empty(targets.shape, dtype=acc, device=targets.device) for _ in range(4)]
+    streams = {"V": _stream(q_taken), "LR": _stream(log_rhos), "G0": _stream(grad, acc), "S0": _stream(targets),
+               "TERM": flag(terminated), "TRUNC": flag(truncated), "MASK": flag(mask)}
+    _run_scan(_RETRACE_BACKWARD.value, 1, False, targets, cu_seqlens, streams, outs,
+              params=(gamma, lam, 1.0, c_clip, 1.0))
+    return tuple(outs)
+
+
+_formulas.register_retrace(retrace, torch.ops.rlkernels.triton_retrace_backward)

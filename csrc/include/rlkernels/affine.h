@@ -64,7 +64,7 @@ RLK_FN Affine<T, D> operator+(T s, const Affine<T, D>& a) {
 template <typename T, int D>
 RLK_FN Affine<T, D> operator-(const Affine<T, D>& a, T s) {
   Affine<T, D> r = a;
-  r.c -= s;
+  r.c = r.c - s;  // (the SIMD vectors of csrc/cpu/simd.h have no -=)
   return r;
 }
 template <typename T, int D>

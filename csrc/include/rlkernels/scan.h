@@ -37,10 +37,15 @@ struct StepIn {
   T s0, s1;              // carries saved by the forward (vtrace)
 };
 
+// The time direction an engine walks a step in: estimators in reverse time, their adjoints forwards, the
+// linear scan either way.
+enum class Walk : int { kReverse, kForward, kBoth };
+
 inline namespace RLK_ISA {
 
 // x_t = b_t + a_t * x_next. Carry: x of the neighbour in scan order.
 struct LinearScanStep {
+  static constexpr Walk kWalk = Walk::kBoth;
   static constexpr int kCarry = 1;
   static constexpr int kOut = 1;
   template <typename T, typename C>
@@ -54,6 +59,7 @@ struct LinearScanStep {
 // G_t = r_t + gamma (1 - term_t) (trunc_t ? V'_t : G_next). Carry: G of the next valid step, initially
 // the bootstrap value (or 0 with next_values, where the last step is a truncation).
 struct DiscountedReturnsStep {
+  static constexpr Walk kWalk = Walk::kReverse;
   static constexpr int kCarry = 1;
   static constexpr int kOut = 1;
   template <typename T, typename C>
@@ -68,6 +74,7 @@ struct DiscountedReturnsStep {
 // Adjoint of DiscountedReturnsStep. Carry: d loss / d G_next seen from the previous valid step.
 // Outputs: grad rewards, grad next_values. The final carry is the bootstrap value's gradient.
 struct DiscountedReturnsBackwardStep {
+  static constexpr Walk kWalk = Walk::kForward;
   static constexpr int kCarry = 1;
   static constexpr int kOut = 2;
   template <typename T, typename C>
@@ -87,6 +94,7 @@ struct DiscountedReturnsBackwardStep {
 // delta_t = r_t + gamma (1 - term_t) V'_t - V_t;  A_t = delta_t + gamma lam (1 - done_t) A_next.
 // Carry: (A of the next valid step, V of the next valid step or the bootstrap value).
 struct GaeStep {
+  static constexpr Walk kWalk = Walk::kReverse;
   static constexpr int kCarry = 2;
   static constexpr int kOut = 2;
   template <typename T, typename C>
@@ -104,6 +112,7 @@ struct GaeStep {
 // Adjoint of GaeStep. Carry: (d loss / d delta flowing forward through the A recursion,
 // d loss / d V flowing from the previous step's V'). Outputs: grad rewards, values, next_values.
 struct GaeBackwardStep {
+  static constexpr Walk kWalk = Walk::kForward;
   static constexpr int kCarry = 2;
   static constexpr int kOut = 3;
   template <typename T, typename C>
@@ -149,6 +158,7 @@ RLK_FN VtraceWeights<T> vtrace_weights(const ScanParams<T>& p, T log_rho, MathEx
 // Outputs: vs, pg_advantages, and the incoming carry (x_next, V_next) that the backward needs.
 template <typename MathExp>
 struct VtraceStepT {
+  static constexpr Walk kWalk = Walk::kReverse;
   static constexpr int kCarry = 2;
   static constexpr int kOut = 4;
   template <typename T, typename C>
@@ -173,6 +183,7 @@ struct VtraceStepT {
 // Outputs: grad rewards, values, log_rhos, next_values. s0, s1 are the saved (x_next, V_next).
 template <typename MathExp>
 struct VtraceBackwardStepT {
+  static constexpr Walk kWalk = Walk::kForward;
   static constexpr int kCarry = 2;
   static constexpr int kOut = 4;
   template <typename T, typename C>
@@ -200,6 +211,70 @@ struct VtraceBackwardStepT {
     return p.has_next ? T(0) : carry[1];
   }
 };
+
+template <typename T>
+struct TraceCoefficient {
+  T c, dc;  // lam * min(c_clip, e) and its derivative with respect to log_rho
+};
+
+template <typename T, typename MathExp>
+RLK_FN TraceCoefficient<T> trace_coefficient(const ScanParams<T>& p, T log_rho, MathExp exp_fn) {
+  T e = exp_fn(log_rho);
+  // As in vtrace_weights: constant in log_rho where the clip binds, equality included.
+  return {p.lam * min_(p.c_clip, e), select_lt(e, p.c_clip, p.lam * e, T(0))};
+}
+
+// Retrace(lambda) (Munos et al. 2016; docs/design.md §4.6): G_t = r_t + gamma (1 - term_t) next_v_t
+// + gamma (1 - done_t) X_next, with X = c (G - q_taken) of the next valid step, c = lam min(c_clip, e^lr).
+// q_taken arrives as `v`, next_v as `nv`. Carry: X (0 after the last step). Output: G.
+template <typename MathExp>
+struct RetraceStepT {
+  static constexpr Walk kWalk = Walk::kReverse;
+  static constexpr int kCarry = 1;
+  static constexpr int kOut = 1;
+  template <typename T, typename C>
+  RLK_FN static void step(const ScanParams<T>& p, const StepIn<T>& in, C* carry, C* out) {
+    TraceCoefficient<T> w = trace_coefficient(p, in.lr, MathExp());
+    T disc = p.gamma * (T(1) - in.term);
+    C g = (in.r + disc * in.nv) + (disc * (T(1) - in.trunc)) * carry[0];
+    carry[0] = w.c * (g - in.v);
+    out[0] = g;
+  }
+};
+
+// Adjoint of RetraceStep. Carry: d loss / d X flowing from the previous valid step; s0 is the saved G.
+// Outputs: grad rewards, q_taken, next_v, log_rhos.
+template <typename MathExp>
+struct RetraceBackwardStepT {
+  static constexpr Walk kWalk = Walk::kForward;
+  static constexpr int kCarry = 1;
+  static constexpr int kOut = 4;
+  template <typename T, typename C>
+  RLK_FN static void step(const ScanParams<T>& p, const StepIn<T>& in, C* carry, C* out) {
+    TraceCoefficient<T> w = trace_coefficient(p, in.lr, MathExp());
+    T disc = p.gamma * (T(1) - in.term);
+    C y = in.g0 + w.c * carry[0];  // d loss / d G_t
+    out[0] = y;
+    out[1] = (-w.c) * carry[0];
+    out[2] = disc * y;
+    out[3] = (carry[0] * (in.s0 - in.v)) * w.dc;
+    carry[0] = (disc * (T(1) - in.trunc)) * y;
+  }
+};
+
+// Every step of the family, once, as X(id, Step, sets) with `Exp` the backend's exp functor: the CPU engine's
+// StepId and dispatch tables are made from this list (csrc/cpu/scan_types.h, scan_block.h). `sets` names the
+// input sets the CPU engine's in-place walks are specialized for (csrc/cpu/scan_types.h; kNoSets: none).
+#define RLK_SCAN_STEPS(X, Exp)                                                  \
+  X(kLinearScan, LinearScanStep, kLinearScanSets)                               \
+  X(kDiscountedReturns, DiscountedReturnsStep, kReturnsSets)                    \
+  X(kDiscountedReturnsBackward, DiscountedReturnsBackwardStep, kReturnsBackwardSets) \
+  X(kGae, GaeStep, kGaeSets)                                                    \
+  X(kGaeBackward, GaeBackwardStep, kGaeBackwardSets)                            \
+  X(kVtrace, VtraceStepT<Exp>, kNoSets)                                         \
+  X(kVtraceBackward, VtraceBackwardStepT<Exp>, kNoSets)                         \
+  X(kRetrace, RetraceStepT<Exp>, kNoSets)                                       \
+  X(kRetraceBackward, RetraceBackwardStepT<Exp>, kNoSets)
 
 }  // namespace RLK_ISA
 }  // namespace rlkernels
