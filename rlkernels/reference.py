@@ -198,9 +198,19 @@ def _next_value(k, steps, next_values, values, bootstrap):
 
 
 def _scan_inputs(
-    rewards, values, terminated, truncated, next_values, mask, time_dim, cu_seqlens, value_names=()
+    rewards,
+    values,
+    terminated,
+    truncated,
+    next_values,
+    mask,
+    time_dim,
+    cu_seqlens,
+    value_names=(),
+    next_name="next_values",
 ):
-    """Convert and check the inputs shared by the scan estimators; return the layout and tables."""
+    """Convert and check the inputs shared by the scan estimators; return the layout and tables
+    (``next_values`` is tabled as "next_values", whatever ``next_name`` the estimator calls it)."""
     r = _float(rewards, "rewards")
     layout = _Layout(r.shape, time_dim, cu_seqlens)
     if truncated is not None and next_values is None:
@@ -209,10 +219,14 @@ def _scan_inputs(
             "the next episode's first state"
         )
     tables = {"rewards": layout.split(r)}
-    for name, x in (("values", values), ("next_values", next_values), *tuple(value_names)):
+    for name, key, x in (
+        ("values", "values", values),
+        (next_name, "next_values", next_values),
+        *((name, name, x) for name, x in value_names),
+    ):
         a = _float(x, name)
         _same_shape(a, name, r.shape)
-        tables[name] = layout.split(a)
+        tables[key] = layout.split(a)
     tables["terminated"] = layout.split(_flag(terminated, "terminated", r.shape))
     tables["truncated"] = layout.split(_flag(truncated, "truncated", r.shape))
     mask_all = np.ones(r.shape, dtype=bool) if mask is None else _flag(mask, "mask", r.shape)
@@ -455,15 +469,16 @@ def retrace(
         None,
         terminated,
         truncated,
-        None,
+        next_v,
         mask,
         time_dim,
         cu_seqlens,
-        value_names=(("q_taken", q_taken), ("next_v", next_v), ("log_rhos", log_rhos)),
+        value_names=(("q_taken", q_taken), ("log_rhos", log_rhos)),
+        next_name="next_v",
     )
     out = np.zeros_like(tab["rewards"])
     for _, idx in layout.sequences():
-        r, q, nv = tab["rewards"][idx], tab["q_taken"][idx], tab["next_v"][idx]
+        r, q, nv = tab["rewards"][idx], tab["q_taken"][idx], tab["next_values"][idx]
         lr = tab["log_rhos"][idx]
         term, trunc = tab["terminated"][idx], tab["truncated"][idx]
         steps = _valid_steps(tab["mask"][idx])
