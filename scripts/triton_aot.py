@@ -80,7 +80,7 @@ def install_recorder() -> None:
     launch options, then launches as before."""
     import importlib
 
-    import rlkernels.triton._launch as launch
+    import rlkernels.triton._common as launch
 
     original = launch.wrap_triton
 
