@@ -334,7 +334,7 @@ Tensor retrace_cuda(const Tensor& rewards, const Tensor& q_taken, const Tensor& 
     pb.trunc = flag_stream(keep, rewards, truncated, "truncated");
     pb.mask = flag_stream(keep, rewards, mask, "mask");
     pb.out[0] = out.data_ptr<acc_t>();
-    run_scan<RetraceStep>(pb, vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false), true, current_stream());
+    run_scan<RetraceStepT<CudaExp>>(pb, vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false), true, current_stream());
   });
   return out;
 }
@@ -364,7 +364,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> retrace_backward_cuda(
     pb.out[1] = grad_q.data_ptr<acc_t>();
     pb.out[2] = grad_next.data_ptr<acc_t>();
     pb.out[3] = grad_log_rhos.data_ptr<acc_t>();
-    run_scan<RetraceBackwardStep>(pb, vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false), false,
+    run_scan<RetraceBackwardStepT<CudaExp>>(pb, vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false), false,
                                   current_stream());
   });
   return {grad_rewards, grad_q, grad_next, grad_log_rhos};

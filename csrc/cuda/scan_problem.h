@@ -22,8 +22,8 @@ namespace rlkernels {
 inline namespace RLK_ISA {
 namespace cuda {
 
-// The device's exp for the importance weights of V-trace and Retrace: the precise expf/exp, never the
-// fast-math __expf.
+// The device's exp for the importance weights (V-trace, Retrace): the precise expf/exp, never the fast-math
+// __expf.
 struct CudaExp {
   RLK_FN float operator()(float x) const { return ::expf(x); }
   RLK_FN double operator()(double x) const { return ::exp(x); }
@@ -31,8 +31,6 @@ struct CudaExp {
 
 using VtraceStep = VtraceStepT<CudaExp>;
 using VtraceBackwardStep = VtraceBackwardStepT<CudaExp>;
-using RetraceStep = RetraceStepT<CudaExp>;
-using RetraceBackwardStep = RetraceBackwardStepT<CudaExp>;
 
 // One scan problem, as device pointers into canonical contiguous tensors: [O, T, I] (sequence s = o * I + i,
 // element t at o * T * I + t * I + i) or 1-D packed with cu_seqlens (segment s = [cu[s], cu[s + 1])).
