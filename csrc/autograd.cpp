@@ -2,7 +2,7 @@
 // whose call overhead matters most: discounted_returns, gae, td_loss. Their formulas run without Python:
 // torch.library's Python autograd layer costs tens of microseconds per call and per backward, as much as the
 // kernels themselves at rollout and replay-batch sizes. The other ops register their formulas from Python
-// (rlkernels/<family>.py), and so do the Triton variants of these three, with the same formulas.
+// (rlkernels/_ops/<family>.py), and so do the Triton variants of these three, with the same formulas.
 #include <torch/autograd.h>
 #include <torch/library.h>
 

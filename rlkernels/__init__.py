@@ -18,4 +18,6 @@ from .returns import *
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "available_backends", *returns.__all__, *logprobs.__all__, *ppo.__all__, *bellman.__all__]  # noqa: PLE0604
+__all__ = [  # noqa: PLE0604  (the families' lists)
+    "BACKENDS", "available_backends", *returns.__all__, *logprobs.__all__, *ppo.__all__, *bellman.__all__
+]

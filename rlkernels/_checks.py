@@ -9,6 +9,8 @@ import numbers
 
 import torch
 
+from ._ops import _util
+
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -69,7 +71,7 @@ def unit_interval(op: str, name: str, value) -> float:
 
 
 def real(op: str, name: str, value) -> float:
-    if type(value) is float:  # the common case, without the ABC check below (~0.7 us a call)
+    if type(value) is float:  # the common case, without the slower numbers.Real ABC check below
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{_where(op)}: {name} must be a real number, got {type(value).__name__}")
@@ -99,6 +101,4 @@ def common_float_dtype(*tensors) -> torch.dtype:
     return dtype
 
 
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Outputs are float32 for 16-bit inputs, else the input dtype (docs/design.md §3)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+accumulate_dtype = _util.accumulate_dtype

@@ -45,5 +45,4 @@ def reference(op: str):
 
 def from_reference(array, device, dtype) -> torch.Tensor:
     """A reference result as a tensor in the accumulation dtype of ``dtype`` (docs/design.md §3)."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.as_tensor(array, dtype=acc, device=device)
+    return torch.as_tensor(array, dtype=_ops._util.accumulate_dtype(dtype), device=device)

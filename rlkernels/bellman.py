@@ -181,11 +181,11 @@ def n_step_returns(rewards, values, *, n, gamma=0.99, terminated=None, truncated
     impl = dispatch.resolve(backend, s.device, op)
     if impl == "reference":
         out = dispatch.reference(op)(rewards, values, n=n, gamma=gamma, terminated=terminated, truncated=truncated,
-                             next_values=next_values, bootstrap_value=bootstrap_value, time_dim=time_dim)
+                                     next_values=next_values, bootstrap_value=bootstrap_value, time_dim=time_dim)
         return dispatch.from_reference(out, s.device, s.dtype)
     fl = s.flags
     y = dispatch.kernel(op, impl)(s.rewards, s.floats["values"], s.floats["next_values"], s.per_seq["bootstrap_value"],
-                        fl["terminated"], fl["truncated"], gamma, n)
+                                  fl["terminated"], fl["truncated"], gamma, n)
     return s.restore(y)
 
 
@@ -241,5 +241,5 @@ def value_iteration(P, R, gamma=0.99, *, tol=1e-6, max_iters=1000, V0=None, back
                 torch.as_tensor(pol, dtype=torch.int64, device=P.device),
                 torch.tensor(iters, dtype=torch.int64, device=P.device), dispatch.from_reference(res, P.device, dtype))
     V, Q, pol, iters, res = dispatch.kernel(op, impl)(Pc.detach(), Rc.detach(), None if Vc is None else Vc.detach(), gamma,
-                                           tol, max_iters)
+                                                      tol, max_iters)
     return V.reshape(*batch, S), Q.reshape(*batch, S, A), pol.reshape(*batch, S), iters, res.reshape(batch)

@@ -71,7 +71,7 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip
     impl = dispatch.resolve(backend, logp.device, op)
     if impl == "reference":
         loss, stats = dispatch.reference(op)(logp, old_logp, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-                                     dual_clip=dual_clip, agg=agg, norm_length=norm_length)
+                                             dual_clip=dual_clip, agg=agg, norm_length=norm_length)
         return _scalar(loss, logp.device, dtype), {k: _scalar(v, logp.device, dtype) for k, v in stats.items()}
     fn = dispatch.kernel(op, impl)
     # An empty T makes norm_length 0; no token counts then and the kernels return 0 before dividing.

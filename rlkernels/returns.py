@@ -1,7 +1,7 @@
-"""The reverse linear scan family: linear_scan, discounted_returns, gae, vtrace.
+"""The reverse linear scan family: linear_scan, discounted_returns, gae, vtrace, retrace.
 
 Each estimator is one reverse scan x_t = b_t + a_t x_next with a fused prologue (the coefficients from
-rewards, values and flags) and epilogue (the outputs); docs/design.md §4.1-4.2 is the definition. The wrappers
+rewards, values and flags) and epilogue (the outputs); docs/design.md §4.1, §4.2 and §4.6 are the definition. The wrappers
 here check arguments and bring any layout to the kernels' canonical one (rlkernels/_layout.py), then run the
 backend's op (rlkernels/_dispatch.py); the ops' autograd is in rlkernels/_ops/returns.py.
 """
@@ -31,7 +31,8 @@ def linear_scan(a, b, *, reverse=True, initial=None, time_dim=0, backend=None):
     are combined, so one sequence of millions of steps is not bound by its serial dependency chain.
     """
     op = "linear_scan"
-    s = ScanLayout(op, "b", b, time_dim=time_dim, cu_seqlens=None, floats={"a": a}, flags={}, per_seq={"initial": initial})
+    s = ScanLayout(op, "b", b, time_dim=time_dim, cu_seqlens=None, floats={"a": a}, flags={},
+                   per_seq={"initial": initial})
     reverse = bool(reverse)
     impl = dispatch.resolve(backend, s.device, op)
     if impl == "reference":
@@ -57,14 +58,15 @@ def discounted_returns(rewards, *, gamma=0.99, terminated=None, truncated=None, 
     flags = (terminated, truncated, mask)
     if next_values is None and direct_cpu(op, rewards, time_dim, cu_seqlens, backend, (), flags, bootstrap_value):
         return _native.discounted_returns(rewards, None, bootstrap_value, terminated, truncated, mask, None, gamma)
-    s = ScanLayout(op, "rewards", rewards, time_dim=time_dim, cu_seqlens=cu_seqlens, floats={"next_values": next_values},
-              flags={"terminated": terminated, "truncated": truncated, "mask": mask},
-              per_seq={"bootstrap_value": bootstrap_value})
+    s = ScanLayout(op, "rewards", rewards, time_dim=time_dim, cu_seqlens=cu_seqlens,
+                   floats={"next_values": next_values},
+                   flags={"terminated": terminated, "truncated": truncated, "mask": mask},
+                   per_seq={"bootstrap_value": bootstrap_value})
     impl = dispatch.resolve(backend, s.device, op)
     if impl == "reference":
         out = dispatch.reference(op)(rewards, gamma=gamma, terminated=terminated, truncated=truncated,
-                             next_values=next_values, bootstrap_value=bootstrap_value, mask=mask,
-                             cu_seqlens=cu_seqlens, time_dim=time_dim)
+                                     next_values=next_values, bootstrap_value=bootstrap_value, mask=mask,
+                                     cu_seqlens=cu_seqlens, time_dim=time_dim)
         return dispatch.from_reference(out, s.device, s.dtype)
     next_v, mask_c = s.floats["next_values"], s.flags["mask"]
     trunc = s.flags["truncated"]
@@ -93,14 +95,14 @@ def gae(rewards, values, *, gamma=0.99, lam=0.95, terminated=None, truncated=Non
                    bootstrap_value, optional_floats=(next_values,)):
         return _native.gae(rewards, values, next_values, bootstrap_value, terminated, truncated, mask, None, gamma, lam)
     s = ScanLayout(op, "rewards", rewards, time_dim=time_dim, cu_seqlens=cu_seqlens,
-              floats={"values": values, "next_values": next_values},
-              flags={"terminated": terminated, "truncated": truncated, "mask": mask},
-              per_seq={"bootstrap_value": bootstrap_value})
+                   floats={"values": values, "next_values": next_values},
+                   flags={"terminated": terminated, "truncated": truncated, "mask": mask},
+                   per_seq={"bootstrap_value": bootstrap_value})
     impl = dispatch.resolve(backend, s.device, op)
     if impl == "reference":
         adv, ret = dispatch.reference(op)(rewards, values, gamma=gamma, lam=lam, terminated=terminated,
-                                  truncated=truncated, next_values=next_values, bootstrap_value=bootstrap_value,
-                                  mask=mask, cu_seqlens=cu_seqlens, time_dim=time_dim)
+                                          truncated=truncated, next_values=next_values, bootstrap_value=bootstrap_value,
+                                          mask=mask, cu_seqlens=cu_seqlens, time_dim=time_dim)
         return dispatch.from_reference(adv, s.device, s.dtype), dispatch.from_reference(ret, s.device, s.dtype)
     fn = dispatch.kernel(op, impl)
     adv, ret = fn(s.rewards, s.floats["values"], s.floats["next_values"], s.per_seq["bootstrap_value"],
@@ -126,15 +128,15 @@ def vtrace(rewards, values, log_rhos, *, gamma=0.99, lam=1.0, rho_clip=1.0, c_cl
     pg_rho_clip = checks.positive(op, "pg_rho_clip", pg_rho_clip)
     check_truncated(op, truncated, next_values)
     s = ScanLayout(op, "rewards", rewards, time_dim=time_dim, cu_seqlens=cu_seqlens,
-              floats={"values": values, "log_rhos": log_rhos, "next_values": next_values},
-              flags={"terminated": terminated, "truncated": truncated, "mask": mask},
-              per_seq={"bootstrap_value": bootstrap_value})
+                   floats={"values": values, "log_rhos": log_rhos, "next_values": next_values},
+                   flags={"terminated": terminated, "truncated": truncated, "mask": mask},
+                   per_seq={"bootstrap_value": bootstrap_value})
     impl = dispatch.resolve(backend, s.device, op)
     if impl == "reference":
         vs, pg = dispatch.reference(op)(rewards, values, log_rhos, gamma=gamma, lam=lam, rho_clip=rho_clip,
-                                c_clip=c_clip, pg_rho_clip=pg_rho_clip, terminated=terminated,
-                                truncated=truncated, next_values=next_values, bootstrap_value=bootstrap_value,
-                                mask=mask, cu_seqlens=cu_seqlens, time_dim=time_dim)
+                                        c_clip=c_clip, pg_rho_clip=pg_rho_clip, terminated=terminated,
+                                        truncated=truncated, next_values=next_values, bootstrap_value=bootstrap_value,
+                                        mask=mask, cu_seqlens=cu_seqlens, time_dim=time_dim)
         return dispatch.from_reference(vs, s.device, s.dtype), dispatch.from_reference(pg, s.device, s.dtype)
     next_v, mask_c = s.floats["next_values"], s.flags["mask"]
     trunc = s.flags["truncated"]

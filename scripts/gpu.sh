@@ -7,14 +7,14 @@
 #   3. runs the benchmark engine (rlkernels-bench) on the GPU, every op family, Bellman first, writing
 #      <gpu>-<date>.csv / .md / .png (device, commit, date in every row; the CSV is rewritten after each shape,
 #      so a run stopped at the budget keeps what it measured).
-# Usage: bash scripts/gpu.sh [OUT_DIR]   (default benchmarks/results; the device tool passes $OUT)
+# Usage: bash scripts/gpu.sh [OUT_DIR]   (default benchmarks/results)
 #
-# Sized for the device tool's limits (10 minutes a command, 15 minutes of device time a session, at most 8
-# files back from $OUT): the steps share a budget of GPU_BUDGET_S seconds (default 540) in the order above,
-# each under `timeout` for what is left, and a step the budget cannot start is recorded as skipped; the tests
-# run on pytest-xdist workers when it is installed (Triton compiles each specialization on first launch,
-# CPU-bound: ~900 of them). $OUT gets at most 7 files: gpu-status.txt, _gpu_validated.py, the benchmark CSV
-# and its markdown table, and gpu-logs.tar.gz (every log, the JUnit files and the plot).
+# For a time-boxed GPU session: the steps share a budget of GPU_BUDGET_S seconds (default 540, for a command
+# limited to 10 minutes) in the order above, each under `timeout` for what is left, and a step the budget
+# cannot start is recorded as skipped; the tests run on pytest-xdist workers when it is installed (Triton
+# compiles each specialization on first launch, CPU-bound: ~900 of them). OUT_DIR gets few files:
+# gpu-status.txt, _gpu_validated.py, the benchmark CSV and its markdown table, and gpu-logs.tar.gz (every log,
+# the JUnit files and the plot).
 # Each step's exit status is recorded and the script goes on, so one failure still leaves the rest measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."

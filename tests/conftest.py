@@ -233,6 +233,7 @@ def assert_close(
     atol=None,
     same_dtype=False,
     device=None,
+    equal_nan=True,
 ):
     """`actual` (tensor) against `expected` (tensor, array or number) with the tolerance of `dtype`: the
     one closeness check of the suite, |actual - expected| <= atol * scale + rtol * |expected|, in float64.
@@ -240,7 +241,7 @@ def assert_close(
     NaN must sit where the expected NaN sits, infinities must match exactly, and the absolute tolerance is
     relative to `scale`, by default the largest finite |expected| (at least 1); scale=1.0 makes atol absolute.
     rtol / atol override the per-dtype TOLERANCES. same_dtype: both are tensors of one dtype. device: the
-    device type `actual` must be on ("cuda", "cpu").
+    device type `actual` must be on ("cuda", "cpu"). equal_nan=False: any NaN fails.
     """
     if device is not None:
         assert actual.device.type == device, f"{name}: on {actual.device}, expected {device}"
@@ -257,7 +258,7 @@ def assert_close(
     # A NaN scale would make atol NaN, which numpy reads as "bit-identical": a test that then fails on a CPU
     # whose rounding differs (AVX2 vs AVX-512), not a looser one.
     assert np.isfinite(scale), f"{name}: the tolerance scale must be finite, got {scale}"
-    np.testing.assert_allclose(act, exp, rtol=rtol, atol=atol * scale, equal_nan=True, err_msg=name)
+    np.testing.assert_allclose(act, exp, rtol=rtol, atol=atol * scale, equal_nan=equal_nan, err_msg=name)
 
 
 def assert_outputs_close(actual, expected, dtype, names=None):

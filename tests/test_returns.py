@@ -2406,8 +2406,10 @@ DIFFERENTIABLE = {
 # by the order of float32 additions; gradients cast back to a 16-bit input dtype may differ by one ulp.
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 # assert_close's arguments for a CUDA output against the CPU one: the same dtype, rtol = TOL and atol = TOL times
-# the largest finite |expected| (at least 1).
-MATCH = {dtype: {"rtol": tol, "atol": tol, "same_dtype": True} for dtype, tol in TOL.items()}
+# the largest finite |expected| (at least 1), and no NaN.
+MATCH = {
+    dtype: {"rtol": tol, "atol": tol, "same_dtype": True, "equal_nan": False} for dtype, tol in TOL.items()
+}
 
 
 def _seed(*key) -> int:
@@ -2721,7 +2723,7 @@ def test_non_finite_inputs_propagate_like_cpu(case, flags, backend):
     expected, actual = op_calls(x), op_calls(to_cuda(x))
     for name in expected:
         for a, e in zip(actual[name], expected[name]):
-            assert_close(a, e, **MATCH[e.dtype])
+            assert_close(a, e, **{**MATCH[e.dtype], "equal_nan": True})  # NaN where the CPU gives NaN
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -3189,6 +3191,23 @@ def test_retrace_gradcheck(backend, layout):
     assert torch.autograd.gradcheck(fn, inputs)
 
 
+def _retrace_autograd_grads(tensors, flags, w, gamma, lam, c_clip):
+    """Gradients of sum(G * w) by torch autograd through the recursion written out in float64, time-first."""
+    ys = {k: v.detach().double().requires_grad_(True) for k, v in tensors.items()}
+    T = ys["rewards"].shape[0]
+    term = flags["terminated"].double() if "terminated" in flags else torch.zeros_like(ys["rewards"])
+    trunc = flags["truncated"].double() if "truncated" in flags else torch.zeros_like(ys["rewards"])
+    c = lam * torch.clamp(ys["log_rhos"].exp(), max=c_clip)
+    out, x_next = [], torch.zeros_like(ys["rewards"][0])
+    for t in range(T - 1, -1, -1):
+        disc = gamma * (1 - term[t])
+        g = ys["rewards"][t] + disc * ys["next_v"][t] + disc * (1 - trunc[t]) * x_next
+        out.append(g)
+        x_next = c[t] * (g - ys["q_taken"][t])
+    (torch.stack(out[::-1]) * w.double()).sum().backward()
+    return {k: y.grad for k, y in ys.items()}
+
+
 @pytest.mark.parametrize("backend", RETRACE_BACKENDS)
 def test_retrace_gradient_against_autograd_of_the_reference_formula(backend):
     """float32 and bfloat16 gradients against torch autograd through the recursion written out (float64)."""
@@ -3199,20 +3218,26 @@ def test_retrace_gradient_against_autograd_of_the_reference_formula(backend):
         G = _retrace_call(xs, flags, backend, gamma=0.9, lam=0.8, c_clip=1.2)
         w = torch.linspace(-1, 1, G.numel(), device=dev).reshape(G.shape)
         (G * w).sum().backward()
-
-        ys = {k: v.detach().double().requires_grad_(True) for k, v in tensors.items()}
-        term = flags["terminated"].double()
-        trunc = flags["truncated"].double()
-        c = 0.8 * torch.clamp(ys["log_rhos"].exp(), max=1.2)
-        out, x_next = [], torch.zeros(2, dtype=torch.float64, device=dev)
-        for t in range(6, -1, -1):
-            g = ys["rewards"][t] + 0.9 * (1 - term[t]) * ys["next_v"][t] + 0.9 * (1 - term[t]) * (1 - trunc[t]) * x_next
-            out.insert(0, g)
-            x_next = c[t] * (g - ys["q_taken"][t])
-        (torch.stack(out) * w.double()).sum().backward()
+        expected = _retrace_autograd_grads(tensors, flags, w, 0.9, 0.8, 1.2)
         for k, x in xs.items():
             assert x.grad.dtype == dtype
-            assert_close(x.grad, ys[k].grad, dtype, name=f"grad {k} ({dtype})")
+            assert_close(x.grad, expected[k], dtype, name=f"grad {k} ({dtype})")
+
+
+@pytest.mark.parametrize("backend", RETRACE_BACKENDS)
+def test_retrace_gradient_long_sequences_chunked(backend):
+    """Few long sequences: the backward takes the chunked scan too (chunk maps of the adjoint combined across
+    chunks); gradients against autograd through the recursion."""
+    T = 20_000 if backend != "triton" else 1_200
+    dev = device_for(backend)
+    tensors, flags = _retrace_inputs((T, 2), torch.float64, 12, terminal_p=0.001, trunc_p=0.001, device=dev)
+    xs = {k: v.detach().requires_grad_(True) for k, v in tensors.items()}
+    G = _retrace_call(xs, flags, backend, gamma=0.999, lam=0.95, c_clip=1.0)
+    w = torch.randn(G.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dev)
+    (G * w).sum().backward()
+    expected = _retrace_autograd_grads(tensors, flags, w, 0.999, 0.95, 1.0)
+    for k, x in xs.items():
+        assert_close(x.grad, expected[k], torch.float64, name=f"grad {k}")
 
 
 @pytest.mark.parametrize("backend", RETRACE_BACKENDS)

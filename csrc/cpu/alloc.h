@@ -1,10 +1,9 @@
 // Output allocation of the CPU kernels: large outputs come from a small cache of mapped, huge-page buffers.
 //
 // A large output is otherwise fresh memory: glibc hands out blocks over its mmap threshold (at most 32 MiB) as
-// new mappings, and every 4 KiB page faults on its first write. Measured on a 2-core EPYC VM: writing a fresh
-// 32 MB tensor takes ~13 ms with 4 KiB pages (8,192 faults) and ~5 ms on transparent huge pages, while the GAE
-// kernel takes ~8 ms on 4M steps; whether glibc reuses a freed block instead depends on its heap's history
-// (measured 7-20 ms per 4M-step call). So outputs of kCachedOutputBytes or more are mapped by us, 2 MiB-aligned
+// new mappings, and every 4 KiB page faults on its first write: for a 32 MB output the faults cost more than
+// GAE's kernel over 4M steps (docs/performance.md), and whether glibc reuses a freed block instead depends on
+// its heap's history. So outputs of kCachedOutputBytes or more are mapped by us, 2 MiB-aligned
 // and marked MADV_HUGEPAGE, and when the tensor is freed its buffer is kept for the next output of the same
 // size, as PyTorch's caching allocator does on GPUs: a training loop calling the op every iteration writes
 // into memory that is already mapped. At most RLKERNELS_OUTPUT_CACHE_MB (default 256) MiB of freed buffers are

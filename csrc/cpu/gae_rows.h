@@ -3,10 +3,9 @@
 //
 // The scan engine's layout for such sequences cuts each one into chunks, walks 16 chunks per thread in the
 // lanes of a vector, and so transposes every 8 x 8 block of every input and output in registers and reads the
-// inputs twice (once for the chunks' affine maps, once for the outputs). Profiled on one 4M-step sequence
-// (2-core EPYC VM), that walk ran ~6 cycles per step per pass: a third of its instructions were shuffles, a
-// third loads of the 100-odd lane pointers and spills. Here each thread walks one contiguous chunk of a
-// sequence, 8 consecutive steps per vector:
+// inputs twice (once for the chunks' affine maps, once for the outputs); on one long sequence a third of that
+// walk's instructions are shuffles and a third loads of the 100-odd lane pointers and spills. Here each thread
+// walks one contiguous chunk of a sequence, 8 consecutive steps per vector:
 //   - per step t, the map x_t = d_t + c_t x_{t+1} comes from GaeStep itself (scan.h) run on an affine carry,
 //     8 steps at once from contiguous loads, with V'_t as data (next_values[t], V_{t+1} by a load one step
 //     on, or bootstrap_value after the last step): the estimator's arithmetic is written once;
@@ -59,11 +58,9 @@ struct Params {
   float gamma, lam;
 };
 
-// Which problems take this path (measured against the engine, same process, 2-core EPYC VM, cold inputs):
-// it is faster from 1,024 steps per sequence on (x1.06 at [1024, 1024], x1.16 at [4096, 1024], x3.5 on one
-// sequence of 4,096 steps, x3 at 4M), and from 256 steps with few sequences (x1.14 at [64, 256]); below
-// that, or with many short sequences (x0.92 at [512, 256], [1024, 512]), the engine's lanes across
-// sequences win.
+// Which problems take this path: those where it measured faster than the engine with cold inputs
+// (docs/performance.md): from 1,024 steps per sequence on, and from 256 steps with few sequences; below that,
+// or with many short sequences, the engine's lanes across sequences win.
 inline bool suits(int64_t sequences, int64_t steps) {
   return steps >= 1024 || (steps >= 256 && sequences <= 64);
 }

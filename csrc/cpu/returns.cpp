@@ -370,10 +370,9 @@ Tensor retrace_cpu(const Tensor& rewards, const Tensor& q_taken, const Tensor& n
     set_flag(pb, keep, kTrunc, rewards, truncated, "truncated");
     set_flag(pb, keep, kMask, rewards, mask, "mask");
     pb.out[0] = out.data_ptr<acc_t>();
-    std::vector<acc_t> init(g.num_seqs, acc_t(0));
-    run_scan<RetraceStepT<ScalarExp>, scalar_t, acc_t>(StepId::kRetrace, pb,
-                                                       vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false),
-                                                       true, init.data(), nullptr);
+    // No bootstrap value: every sequence starts from a zero carry (init nullptr).
+    run_scan<RetraceStepT<ScalarExp>, scalar_t, acc_t>(
+        StepId::kRetrace, pb, vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false), true, nullptr, nullptr);
   });
   return out;
 }
@@ -402,10 +401,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> retrace_backward_cpu(
     pb.out[1] = grad_q.data_ptr<acc_t>();
     pb.out[2] = grad_next.data_ptr<acc_t>();
     pb.out[3] = grad_log_rhos.data_ptr<acc_t>();
-    std::vector<acc_t> final_carry(g.num_seqs);
     run_scan<RetraceBackwardStepT<ScalarExp>, scalar_t, acc_t>(
         StepId::kRetraceBackward, pb, vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false), false, nullptr,
-        final_carry.data());
+        nullptr);
   });
   return {grad_rewards, grad_q, grad_next, grad_log_rhos};
 }

@@ -116,10 +116,10 @@ RLK_FN void advance(const ScanParams<V>& p, const StepIn<V>& in, C (&carry)[Step
 }
 
 // The switch over every StepId (RLK_SCAN_STEPS in scan.h): each case returns RLK_STEP_FN(Step, sets), a macro
-// the caller defines.
-#define RLK_STEP_CASE(id, STEP, SETS) \
-  case StepId::id:                    \
-    return RLK_STEP_FN(STEP, SETS);
+// the caller defines, with the step's in-place input sets (InPlaceSets below).
+#define RLK_STEP_CASE(id, STEP) \
+  case StepId::id:              \
+    return RLK_STEP_FN(STEP, InPlaceSets<STEP>::value);
 #define RLK_STEP_SWITCH                          \
   switch (id) { RLK_SCAN_STEPS(RLK_STEP_CASE, VecExp) } \
   return nullptr
@@ -486,9 +486,25 @@ auto pick_presence(uint32_t present) {
   return pick_presence<acc_t, kSets, Walk>(present, std::make_index_sequence<sizeof(kSets) / sizeof(kSets[0])>{});
 }
 
-// The input sets of the steps whose in-place walks are not specialized, and of linear_scan.
-constexpr uint32_t kNoSets[] = {kEveryBit};  // no specializations
+// The input sets each step's in-place walks are specialized for (scan_types.h); a step not named here gets
+// none: its walks look every input up at run time.
+constexpr uint32_t kNoSets[] = {kEveryBit};
 constexpr uint32_t kLinearScanSets[] = {bit(kA) | bit(kB)};
+template <class Step>
+struct InPlaceSets {
+  static constexpr const auto& value = kNoSets;
+};
+#define RLK_IN_PLACE_SETS(STEP, SETS)               \
+  template <>                                       \
+  struct InPlaceSets<STEP> {                        \
+    static constexpr const auto& value = SETS;      \
+  };
+RLK_IN_PLACE_SETS(LinearScanStep, kLinearScanSets)
+RLK_IN_PLACE_SETS(DiscountedReturnsStep, kReturnsSets)
+RLK_IN_PLACE_SETS(DiscountedReturnsBackwardStep, kReturnsBackwardSets)
+RLK_IN_PLACE_SETS(GaeStep, kGaeSets)
+RLK_IN_PLACE_SETS(GaeBackwardStep, kGaeBackwardSets)
+#undef RLK_IN_PLACE_SETS
 
 template <class Step, bool kSymbolic>
 struct TransposedWalk {

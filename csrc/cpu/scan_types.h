@@ -9,7 +9,7 @@ namespace rlkernels {
 namespace cpu {
 
 enum Stream : int { kR, kV, kNV, kLR, kA, kB, kTerm, kTrunc, kMask, kG0, kG1, kS0, kS1, kNumStreams };
-#define RLK_STEP_ID(id, Step, sets) id,
+#define RLK_STEP_ID(id, Step) id,
 enum class StepId : int { RLK_SCAN_STEPS(RLK_STEP_ID, void) };
 #undef RLK_STEP_ID
 constexpr int kLanes = 16;

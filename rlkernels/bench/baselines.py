@@ -91,6 +91,20 @@ def _numpy_pair(out, device):
     )
 
 
+def retrace_providers(rewards, q_taken, next_v, log_rhos, terminated, gamma, lam) -> list[Provider]:
+    """Baselines for time-major Retrace on ``[T, B]`` (c_clip 1): rlax's recursion as a torch loop, with
+    rlax's inputs made from ours (q and c of times 1..T-1, discount gamma (1 - terminated))."""
+    discounts = gamma * (~terminated).to(rewards.dtype)
+    c = lam * torch.clamp(torch.exp(log_rhos), max=1.0)
+    return [
+        Provider(
+            "rlax loop",
+            lambda: trainers.rlax_general_off_policy_returns_from_q_and_v(q_taken[1:], next_v, rewards, discounts,
+                                                                         c[1:]),
+        )
+    ]
+
+
 # --------------------------------------------------------------------------------------------------------
 # returns: GAE, discounted returns, V-trace
 # --------------------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ MDP_GAMMA = 0.9
 VI_TOL, VI_MAX_ITERS = 1e-4, 1000  # float32: a tol near V's rounding (1e-6 of |V| ~ 10) would time noise
 
 FAMILIES = {
-    "returns": ("gae", "gae-masked", "discounted_returns", "vtrace"),
+    "returns": ("gae", "gae-masked", "discounted_returns", "vtrace", "retrace"),
     "logprobs": ("gather_logprobs",),
     "ppo": ("ppo_policy_loss", "value_loss"),
     "bellman": ("q_targets", "td_loss", "bellman_backup", "value_iteration"),
@@ -49,6 +49,7 @@ SHAPES = {
         ("gae", (LONG_T, 1)),
         ("discounted_returns", (2048, 64)),
         ("vtrace", (2048, 64)),
+        ("retrace", (2048, 64)),
         ("gather_logprobs", (1024, 32000)),
         ("ppo_policy_loss", (256, 4096)),
         ("value_loss", (256, 4096)),
@@ -68,6 +69,7 @@ SHAPES = {
         ("gae", (1_000_000, 1)),
         ("discounted_returns", (2048, 64)),
         ("vtrace", (2048, 64)),
+        ("retrace", (2048, 64)),
         ("gather_logprobs", (16384, 32000)),
         ("ppo_policy_loss", (512, 8192)),
         ("value_loss", (512, 8192)),
@@ -85,6 +87,7 @@ SHAPES = {
         ("gae", (10_000, 1)),
         ("discounted_returns", (256, 16)),
         ("vtrace", (256, 16)),
+        ("retrace", (256, 16)),
         ("gather_logprobs", (64, 1000)),
         ("ppo_policy_loss", (16, 256)),
         ("value_loss", (16, 256)),
@@ -243,6 +246,16 @@ def _returns_cases(kind, dims, device, rlk, numpy) -> list[Case]:
         if rlk is not None:
             run = lambda backend: rlk.vtrace(rewards, values, log_rhos, gamma=GAMMA, **boot, backend=backend)
         reads, writes = [rewards, values, log_rhos, terminated, bootstrap], [rewards, rewards]
+    elif kind == "retrace":
+        gen = _generator(1)
+        next_v = torch.randn(a, b, generator=gen).to(device)
+        log_rhos = (0.5 * torch.randn(a, b, generator=gen)).to(device)
+        q_taken = values
+        providers = baselines.retrace_providers(rewards, q_taken, next_v, log_rhos, terminated, GAMMA, LAM)
+        if rlk is not None:
+            run = lambda backend: rlk.retrace(rewards, q_taken, next_v, log_rhos, gamma=GAMMA, lam=LAM,
+                                              terminated=terminated, backend=backend)
+        reads, writes = [rewards, q_taken, next_v, log_rhos, terminated], [rewards]
     else:
         providers = baselines.gae_providers(rewards, values, terminated, bootstrap, GAMMA, LAM, numpy=numpy)
         if rlk is not None:

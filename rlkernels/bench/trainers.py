@@ -86,6 +86,17 @@ def cleanrl_returns(rewards, dones, next_value, next_done, gamma):
     return returns
 
 
+def rlax_general_off_policy_returns_from_q_and_v(q_t, v_t, r_t, discount_t, c_t):
+    """rlax (google-deepmind/rlax), multistep.py general_off_policy_returns_from_q_and_v, batched over trailing
+    dims: r_t, v_t, discount_t [K, ...], q_t, c_t [K - 1, ...] (times 1..K-1); the returns G_0..G_{K-1}."""
+    g = r_t[-1] + discount_t[-1] * v_t[-1]
+    returns = [g]
+    for i in range(q_t.shape[0] - 1, -1, -1):
+        g = r_t[i] + discount_t[i] * (v_t[i] - c_t[i] * q_t[i] + c_t[i] * g)
+        returns.append(g)
+    return torch.stack(returns[::-1])
+
+
 def torchbeast_vtrace(log_rhos, discounts, rewards, values, bootstrap_value, clip_rho_threshold=1.0,
                       clip_pg_rho_threshold=1.0):
     """TorchBeast (facebookresearch/torchbeast), core/vtrace.py from_importance_weights ([T, B]): (vs, pg_advantages)."""

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton as _torch_wrap_triton
 
-from .. import _C  # noqa: F401  (the rlkernels namespace and the C++ schemas exist before the Triton ops join them)
+from .. import _C  # noqa: F401  (the namespace and the C++ schemas exist before the Triton ops join them)
+from .._ops._util import accumulate_dtype as acc_dtype  # noqa: F401  (for every Triton module)
 
 Tensor = torch.Tensor
 
@@ -64,11 +65,6 @@ def keep_whole_under_interpreter(op):
 
         op.register_torch_dispatch(FunctionalTensorMode, keep_whole)
     return op
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 inputs, else float32 (docs/design.md §3)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tl_acc(dtype: torch.dtype):

@@ -1,4 +1,4 @@
-"""Triton kernels of the reverse linear scan family: linear_scan, discounted_returns, gae, vtrace.
+"""Triton kernels of the reverse linear scan family: linear_scan, discounted_returns, gae, vtrace, retrace.
 
 Every estimator is one scan x_t = b_t + a_t x_next whose per-step math is written once below, mirroring
 csrc/include/rlkernels/scan.h line for line (same carries, same order of operations, same selects), so the
@@ -534,9 +534,10 @@ def _run_scan(step, d, reverse, ref, cu_seqlens, streams, outs, init=None, final
               has_next=False, params=(0.0, 0.0, 0.0, 0.0, 0.0)):
     """Runs estimator `step` (carry size d) over every sequence of `ref`'s layout.
 
-    streams: keyword inputs of _scan_kernel (R, V, NV, LR, A, B, G0, G1, S0, S1, TERM, TRUNC, MASK), each a contiguous tensor or None. outs: up to four outputs in the accumulation dtype (the first
-    required). init: [d, num_seqs] initial carries or None (zeros). final: [num_seqs] output for the final
-    carry `final_j` of each sequence.
+    streams: keyword inputs of _scan_kernel (R, V, NV, LR, A, B, G0, G1, S0, S1, TERM, TRUNC, MASK), each a
+    contiguous tensor or None. outs: up to four outputs in the accumulation dtype (the first required). init:
+    [d, num_seqs] initial carries or None (zeros). final: [num_seqs] output for the final carry `final_j` of
+    each sequence.
     """
     num_seqs, steps, inner, _ = _geometry(ref, cu_seqlens)
     if num_seqs == 0 or skip_launch(outs[0]):

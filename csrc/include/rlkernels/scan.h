@@ -262,19 +262,18 @@ struct RetraceBackwardStepT {
   }
 };
 
-// Every step of the family, once, as X(id, Step, sets) with `Exp` the backend's exp functor: the CPU engine's
-// StepId and dispatch tables are made from this list (csrc/cpu/scan_types.h, scan_block.h). `sets` names the
-// input sets the CPU engine's in-place walks are specialized for (csrc/cpu/scan_types.h; kNoSets: none).
-#define RLK_SCAN_STEPS(X, Exp)                                                  \
-  X(kLinearScan, LinearScanStep, kLinearScanSets)                               \
-  X(kDiscountedReturns, DiscountedReturnsStep, kReturnsSets)                    \
-  X(kDiscountedReturnsBackward, DiscountedReturnsBackwardStep, kReturnsBackwardSets) \
-  X(kGae, GaeStep, kGaeSets)                                                    \
-  X(kGaeBackward, GaeBackwardStep, kGaeBackwardSets)                            \
-  X(kVtrace, VtraceStepT<Exp>, kNoSets)                                         \
-  X(kVtraceBackward, VtraceBackwardStepT<Exp>, kNoSets)                         \
-  X(kRetrace, RetraceStepT<Exp>, kNoSets)                                       \
-  X(kRetraceBackward, RetraceBackwardStepT<Exp>, kNoSets)
+// Every step of the family, once, as X(id, Step) with `Exp` the backend's exp functor: the CPU engine's StepId
+// and dispatch tables are made from this list (csrc/cpu/scan_types.h, scan_block.h).
+#define RLK_SCAN_STEPS(X, Exp)                                 \
+  X(kLinearScan, LinearScanStep)                               \
+  X(kDiscountedReturns, DiscountedReturnsStep)                 \
+  X(kDiscountedReturnsBackward, DiscountedReturnsBackwardStep) \
+  X(kGae, GaeStep)                                             \
+  X(kGaeBackward, GaeBackwardStep)                             \
+  X(kVtrace, VtraceStepT<Exp>)                                 \
+  X(kVtraceBackward, VtraceBackwardStepT<Exp>)                 \
+  X(kRetrace, RetraceStepT<Exp>)                               \
+  X(kRetraceBackward, RetraceBackwardStepT<Exp>)
 
 }  // namespace RLK_ISA
 }  // namespace rlkernels
