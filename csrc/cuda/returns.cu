@@ -1,6 +1,6 @@
 // CUDA kernels of the reverse linear scan family: linear_scan, discounted_returns, gae, vtrace, retrace and their
 // backwards. Each op checks its arguments and builds a Problem exactly as csrc/cpu/returns.cpp does, then
-// runs the estimator's step with the CUDA engine (scan_engine.cuh, instantiated in the scan_*.cu files).
+// runs the estimator's step with the CUDA engine (scan_engine.cuh, instantiated in the scan_part_*.cu files).
 //
 // Differences from the CPU ops, all forced by "no host synchronization" (docs/design.md §2):
 //  * cu_seqlens stay on the device. Their dtype, shape and device are checked here; their values

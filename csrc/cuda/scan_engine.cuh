@@ -703,17 +703,6 @@ void run_scan(const Problem<scalar_t, acc_t>& pb, const ScanParams<acc_t>& param
   }
 }
 
-// Explicit instantiations, one line per estimator, in the scan_*.cu files.
-#define RLK_INSTANTIATE_SCAN(STEP, SCALAR, ACC)                                                        \
-  template void run_scan<STEP, SCALAR, ACC>(const Problem<SCALAR, ACC>&, const ScanParams<ACC>&, bool, \
-                                            cudaStream_t);
-// Forward steps read the inputs' dtype as they are: every float dtype.
-#define RLK_INSTANTIATE_SCAN_ALL_DTYPES(STEP)         \
-  RLK_INSTANTIATE_SCAN(STEP, double, double)          \
-  RLK_INSTANTIATE_SCAN(STEP, float, float)            \
-  RLK_INSTANTIATE_SCAN(STEP, c10::Half, float)        \
-  RLK_INSTANTIATE_SCAN(STEP, c10::BFloat16, float)
-
 }  // namespace cuda
 }  // namespace RLK_ISA
 }  // namespace rlkernels

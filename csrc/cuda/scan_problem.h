@@ -1,8 +1,8 @@
 // The interface between the CUDA op entry points (returns.cu) and the CUDA scan engine (scan_engine.cuh):
 // the problem description, the exp functor of the device, and the launcher's declaration. The launcher is
-// defined in scan_engine.cuh and instantiated per estimator in the scan_*.cu files (the mamba
-// selective_scan split), so the op entry points compile without any kernel code and the kernels compile
-// two files at a time.
+// defined in scan_engine.cuh and instantiated for every step of RLK_SCAN_STEPS in the scan_part_*.cu files
+// (scan_parts.cuh), so the op entry points compile without any kernel code and the kernels compile two files
+// at a time.
 #pragma once
 
 // CUDA translation units get their own inline namespace for the portable headers: the host-side copies

@@ -75,6 +75,7 @@ struct DiscountedReturnsStep {
 // Outputs: grad rewards, grad next_values. The final carry is the bootstrap value's gradient.
 struct DiscountedReturnsBackwardStep {
   static constexpr Walk kWalk = Walk::kForward;
+  static constexpr bool kAccInputsOnly = true;  // reads upstream gradients and flags only
   static constexpr int kCarry = 1;
   static constexpr int kOut = 2;
   template <typename T, typename C>
@@ -113,6 +114,7 @@ struct GaeStep {
 // d loss / d V flowing from the previous step's V'). Outputs: grad rewards, values, next_values.
 struct GaeBackwardStep {
   static constexpr Walk kWalk = Walk::kForward;
+  static constexpr bool kAccInputsOnly = true;  // reads upstream gradients and flags only
   static constexpr int kCarry = 2;
   static constexpr int kOut = 3;
   template <typename T, typename C>
