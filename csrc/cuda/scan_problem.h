@@ -22,8 +22,8 @@ namespace rlkernels {
 inline namespace RLK_ISA {
 namespace cuda {
 
-// The device's exp for the importance weights (V-trace, Retrace): the precise expf/exp, never the fast-math
-// __expf.
+// The device's exp for the off-policy estimators' importance weights: the precise expf/exp, never the
+// fast-math __expf.
 struct CudaExp {
   RLK_FN float operator()(float x) const { return ::expf(x); }
   RLK_FN double operator()(double x) const { return ::exp(x); }
