@@ -61,8 +61,8 @@ class ScanLayout:
             if isinstance(x, torch.Tensor):
                 checks.float_tensor(op, name, x)
                 mixed = mixed or x.dtype != dtype
-            elif x is not None and not isinstance(x, (int, float)):
-                checks.float_tensor(op, name, x)  # raises: not a tensor
+            elif x is not None and (isinstance(x, bool) or not isinstance(x, (int, float))):
+                raise TypeError(f"rlkernels.{op}: {name} must be a number or a float tensor, got {type(x).__name__}")
         flag_values = {name: checks.flag_tensor(op, name, x) for name, x in flags.items()}
         checks.tensor(op, "cu_seqlens", cu_seqlens, optional=True)
         for group in (floats, flag_values, per_seq):
@@ -92,6 +92,7 @@ class ScanLayout:
                     f"rlkernels.{op}: with cu_seqlens, {rewards_name} must be 1-D packed sequences, "
                     f"got shape {tuple(rewards.shape)}"
                 )
+            checks.dim_index(op, "time_dim", time_dim, 1)  # 1-D: 0 or -1; anything else is a mistake, not ignored
             self.canon = (rewards.shape[0],)
             self.seq_shape = (cu_seqlens.shape[0] - 1,)
             self.canon_seq = self.seq_shape
@@ -277,6 +278,8 @@ def mdp_tensors(op, P, R, V, v_name):
         raise ValueError(f"rlkernels.{op}: {v_name} must have shape {tuple(P.shape[:-2])} ([..., S]), got "
                          f"{tuple(V.shape)}")
     batch, (S, A) = tuple(P.shape[:-3]), tuple(P.shape[-3:-1])
+    if A == 0:
+        raise ValueError(f"rlkernels.{op}: P must have at least one action (A >= 1), got shape {tuple(P.shape)}")
     B = math.prod(batch)
     dtype = checks.common_float_dtype(P, R, V)
     canon = (P.to(dtype).reshape(B, S, A, S).contiguous(), R.to(dtype).reshape(B, S, A).contiguous(),

@@ -74,8 +74,9 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip
                                              dual_clip=dual_clip, agg=agg, norm_length=norm_length)
         return _scalar(loss, logp.device, dtype), {k: _scalar(v, logp.device, dtype) for k, v in stats.items()}
     fn = dispatch.kernel(op, impl)
-    # An empty T makes norm_length 0; no token counts then and the kernels return 0 before dividing.
-    out = fn(lp, old, adv, mask_c, clip_low, clip_high, dual_clip, agg, max(norm_length, 1.0))
+    # An empty T makes the default norm_length 0; no token counts then and the kernels return 0 before dividing.
+    # A norm_length given is passed as it is (checked > 0 above).
+    out = fn(lp, old, adv, mask_c, clip_low, clip_high, dual_clip, agg, norm_length if norm_length > 0 else 1.0)
     return out[0], dict(zip(POLICY_STATS, out[1:]))
 
 

@@ -128,6 +128,7 @@ class _Layout:
             cu = _index(cu_seqlens, "cu_seqlens")
             if len(self.shape) != 1:
                 raise ValueError(f"with cu_seqlens the inputs must be 1-D, got shape {self.shape}")
+            _time_axis(1, time_dim)  # 0 or -1 on 1-D packed inputs
             if cu.ndim != 1 or cu.shape[0] < 1 or cu[0] != 0 or np.any(np.diff(cu) < 0):
                 raise ValueError("cu_seqlens must be a non-decreasing 1-D array starting at 0")
             if cu[-1] != self.shape[0]:

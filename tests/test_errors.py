@@ -427,3 +427,48 @@ def test_unknown_backend_from_environment(op, monkeypatch):
     monkeypatch.setenv("RLKERNELS_BACKEND", "numpy")
     tensors, kwargs = _valid(op)
     _raises(op, tensors, kwargs, RuntimeError, "backend", backend=None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Arguments taken as given or refused, never replaced (no silent change of meaning)
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_norm_length_below_one_is_used_as_given(backend):
+    g = torch.Generator().manual_seed(0)
+    logp, old, adv = (torch.randn(2, 5, generator=g, dtype=torch.float64) for _ in range(3))
+    loss, _ = rlkernels.ppo_policy_loss(logp, old, adv, agg="seq-mean-token-sum-norm", norm_length=0.5,
+                                        backend=backend)
+    one, _ = rlkernels.ppo_policy_loss(logp, old, adv, agg="seq-mean-token-sum-norm", norm_length=1.0,
+                                       backend=backend)
+    torch.testing.assert_close(loss, 2 * one, rtol=1e-12, atol=0)  # sum(l m) / (B * norm_length)
+
+
+@pytest.mark.parametrize("op", ["bellman_backup", "value_iteration"])
+def test_mdp_without_actions_is_an_error(op):
+    P, R, V = torch.zeros(2, 3, 0, 3), torch.zeros(2, 3, 0), torch.zeros(2, 3)
+    args = (P, R, V) if op == "bellman_backup" else (P, R)
+    with pytest.raises(ValueError, match=r"P must have at least one action"):
+        getattr(rlkernels, op)(*args, 0.9)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("time_dim", [1, -2, 5])
+def test_time_dim_out_of_range_with_cu_seqlens(backend, time_dim):
+    r, cu = torch.randn(5), torch.tensor([0, 2, 5])
+    with pytest.raises(ValueError, match="time_dim"):
+        rlkernels.discounted_returns(r, cu_seqlens=cu, time_dim=time_dim, backend=backend)
+    # 0 and -1 both name the one axis of packed inputs
+    a = rlkernels.discounted_returns(r, cu_seqlens=cu, time_dim=0, backend=backend)
+    b = rlkernels.discounted_returns(r, cu_seqlens=cu, time_dim=-1, backend=backend)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", ["gae", "discounted_returns", "vtrace", "n_step_returns"])
+def test_bool_bootstrap_value_is_refused(op):
+    r = torch.randn(4, 2)
+    args = {"gae": (r, r), "discounted_returns": (r,), "vtrace": (r, r, r), "n_step_returns": (r, r)}[op]
+    kw = {"n": 2} if op == "n_step_returns" else {}
+    with pytest.raises(TypeError, match="bootstrap_value"):
+        getattr(rlkernels, op)(*args, bootstrap_value=True, **kw)

@@ -119,7 +119,7 @@ def test_discounted_returns_cu_seqlens():
         gamma=0.5,
         cu_seqlens=np.array([0, 2, 5], np.int32),
         bootstrap_value=[2.0, 4.0],
-        time_dim=1,
+        time_dim=-1,  # packed inputs are 1-D: 0 or -1 (anything else is refused, test_errors.py)
     )
     close(G, [2.0, 2.0, 2.25, 2.5, 3.0])
 
