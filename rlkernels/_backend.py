@@ -134,7 +134,9 @@ def resolve(backend: str | None, device: torch.device, op: str) -> str:
                 f"rlkernels.{op}: no GPU backend is available for CUDA tensors: "
                 + "; ".join(_why_unavailable(b, device) for b in _PREFERRED_GPU_BACKENDS)
             )
-        return "cpu" if device.type == "cpu" else "reference"
+        # Meta tensors (shape inference, torch.device("meta") model init) take the C++ ops, whose fake kernels
+        # give the outputs' shapes and dtypes; the NumPy reference cannot read them.
+        return "cpu" if device.type in ("cpu", "meta") else "reference"
     if not isinstance(backend, str):
         raise TypeError(f"rlkernels.{op}: backend must be a string or None, got {type(backend).__name__}")
     why = _why_unavailable(backend, device)

@@ -472,3 +472,55 @@ def test_bool_bootstrap_value_is_refused(op):
     kw = {"n": 2} if op == "n_step_returns" else {}
     with pytest.raises(TypeError, match="bootstrap_value"):
         getattr(rlkernels, op)(*args, bootstrap_value=True, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Meta tensors (shape inference): the C++ ops' fake kernels, not the NumPy reference
+# ----------------------------------------------------------------------------------------------------
+
+
+def _every_op_call(dev):
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g).to(dev)
+
+    def b(*shape):
+        return (torch.rand(*shape, generator=g) < 0.2).to(dev)
+
+    def i(high, *shape):
+        return torch.randint(0, high, shape, generator=g).to(dev)
+
+    r, v = t(6, 3), t(6, 3)
+    P = t(2, 3, 2, 3).softmax(-1)
+    return {
+        "linear_scan": rlkernels.linear_scan(t(6, 3), t(6, 3)),
+        "discounted_returns": rlkernels.discounted_returns(r, terminated=b(6, 3)),
+        "gae": rlkernels.gae(r, v, terminated=b(6, 3)),
+        "gae masked": rlkernels.gae(t(3, 6), t(3, 6), mask=b(3, 6), time_dim=-1),
+        "vtrace": rlkernels.vtrace(r, v, t(6, 3)),
+        "retrace": rlkernels.retrace(r, v, t(6, 3), t(6, 3), gamma=0.9, lam=0.9),
+        "gather_logprobs": rlkernels.gather_logprobs(t(4, 10), i(10, 4), return_entropy=True),
+        "ppo_policy_loss": rlkernels.ppo_policy_loss(t(2, 5), t(2, 5), t(2, 5)),
+        "value_loss": rlkernels.value_loss(t(2, 5), t(2, 5), t(2, 5), clip=0.2),
+        "kl_penalty": rlkernels.kl_penalty(t(2, 5), t(2, 5), "k3"),
+        "q_targets": rlkernels.q_targets(t(4), t(4, 3)),
+        "td_loss": rlkernels.td_loss(t(4, 3), i(3, 4), t(4)),
+        "n_step_returns": rlkernels.n_step_returns(r, v, n=2),
+        "bellman_backup": rlkernels.bellman_backup(P, t(2, 3, 2), t(2, 3)),
+        "value_iteration": rlkernels.value_iteration(P, t(2, 3, 2), max_iters=3),
+    }
+
+
+def _shapes(x):
+    if isinstance(x, torch.Tensor):
+        return [(tuple(x.shape), x.dtype, x.device.type)]
+    values = x.values() if isinstance(x, dict) else x
+    return [s for v in values for s in _shapes(v)]
+
+
+def test_meta_tensors_give_the_shapes_and_dtypes_of_cpu_outputs():
+    cpu, meta = _every_op_call("cpu"), _every_op_call("meta")
+    for name in cpu:
+        want = [(shape, dtype, "meta") for shape, dtype, _ in _shapes(cpu[name])]
+        assert _shapes(meta[name]) == want, name
