@@ -188,6 +188,21 @@ TOLERANCES = {
     torch.bfloat16: (2e-2, 2e-2),
     torch.float16: (2e-2, 2e-2),
 }
+# A GPU kernel against the CPU kernel on the same input values (the GPU-sized log-prob and PPO tests):
+# accumulation order only. Absolute tolerances (scale=1.0) for the outputs and stats.
+GPU_TOL = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10, "scale": 1.0},
+    torch.float32: {"atol": 5e-5, "rtol": 2e-5, "scale": 1.0},
+    torch.bfloat16: {"atol": 5e-5, "rtol": 2e-5, "scale": 1.0},
+    torch.float16: {"atol": 5e-5, "rtol": 2e-5, "scale": 1.0},
+}
+# Their gradients, stored in the input dtype: one ulp of it apart at most (different exp and summation).
+GPU_GRAD_TOL = {
+    torch.float64: {"atol": 1e-10, "rtol": 1e-10, "scale": 1.0},
+    torch.float32: {"atol": 1e-6, "rtol": 2e-5, "scale": 1.0},
+    torch.bfloat16: {"atol": 2e-3, "rtol": 2e-2, "scale": 1.0},
+    torch.float16: {"atol": 2e-4, "rtol": 2e-3, "scale": 1.0},
+}
 
 
 def clamp_open(x: torch.Tensor, min=None, max=None) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Tests of the Bellman family (rlkernels/bellman.py, csrc/cpu/bellman.cpp; docs/design.md §4.5) on every backend.
+"""Tests of the Bellman family (rlkernels/bellman.py, csrc/cpu/bellman_*.cpp; docs/design.md §4.5) on every backend.
 
 Oracles: `rlkernels.reference` (NumPy, float64) on random and property-based cases; hand-computed double-Q
 and expected-SARSA targets; value iteration against MDPs with known solutions (a chain with a closed form,

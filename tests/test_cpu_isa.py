@@ -1,8 +1,8 @@
 """The CPU kernels built for each instruction set, not only the widest this machine runs.
 
 The scan engine and the PPO lanes are compiled for SSE2, AVX2 and AVX-512 and pick one when first used;
-RLKERNELS_CPU_ISA caps the choice. A subprocess per level runs the in-place and buffered scan walks and the
-PPO lanes against the NumPy reference, so the SSE2 build (what a CPU without AVX2 runs) executes in CI too.
+RLKERNELS_CPU_ISA caps the choice. A subprocess per level runs the in-place and buffered scan walks (GAE and
+Retrace) and the PPO lanes against the NumPy reference, so the SSE2 build (what a CPU without AVX2 runs) executes in CI too.
 (Levels this CPU lacks are capped to the widest it has, so they re-run that build.)
 """
 
@@ -29,6 +29,14 @@ for shape, td in (((64, 48), 0), ((16, 103), -1), ((2, 20000), -1), ((37, 5), 0)
                                      time_dim=td)
         scale = max(1.0, float(np.abs(e_adv).max()))
         worst = max(worst, float(np.abs(adv.double().numpy() - e_adv).max()) / scale)
+        # Retrace: the V-trace-like exp of its trace coefficients, one carry, through the same walks
+        q, nv = (torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+        lr = (0.5 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+        G = rlkernels.retrace(r, q, nv, lr, gamma=0.99, lam=0.95, terminated=term, mask=mask, time_dim=td)
+        e_G = reference.retrace(r.double(), q.double(), nv.double(), lr.double(), gamma=0.99, lam=0.95,
+                                terminated=term, mask=mask, time_dim=td)
+        scale = max(1.0, float(np.abs(e_G).max()))
+        worst = max(worst, float(np.abs(G.double().numpy() - e_G).max()) / scale)
 lp = -torch.rand(8, 300, generator=g)
 old = lp + 0.3 * torch.randn(8, 300, generator=g)
 adv = torch.randn(8, 300, generator=g)

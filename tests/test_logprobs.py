@@ -11,7 +11,18 @@ skipped without a CUDA device or without the ops' CUDA kernels (an rlkernels bui
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, backends, device_for, gpu_backends, randn, random_tokens, sample_inputs
+from conftest import (
+    DTYPES,
+    GPU_GRAD_TOL,
+    GPU_TOL,
+    assert_close,
+    backends,
+    device_for,
+    gpu_backends,
+    randn,
+    random_tokens,
+    sample_inputs,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
@@ -19,7 +30,6 @@ from torch.profiler import ProfilerActivity, profile
 import rlkernels
 from rlkernels import reference
 
-DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 OPS = ("gather_logprobs", "gather_logprobs_backward", "gather_logprobs_backward_inplace")
 # Tolerances (absolute atol: scale=1.0) of logp / entropy against float64 on the same logits: accumulation
 # error only.
@@ -33,20 +43,6 @@ TOL = {
 GRAD_TOL = {
     torch.float64: {"atol": 1e-10, "rtol": 1e-10, "scale": 1.0},
     torch.float32: {"atol": 1e-6, "rtol": 1e-5, "scale": 1.0},
-    torch.bfloat16: {"atol": 2e-3, "rtol": 2e-2, "scale": 1.0},
-    torch.float16: {"atol": 2e-4, "rtol": 2e-3, "scale": 1.0},
-}
-# A GPU kernel against the CPU kernel on the same input values (the GPU-sized tests): accumulation order only.
-GPU_TOL = {
-    torch.float64: {"atol": 1e-10, "rtol": 1e-10, "scale": 1.0},
-    torch.float32: {"atol": 5e-5, "rtol": 2e-5, "scale": 1.0},
-    torch.bfloat16: {"atol": 5e-5, "rtol": 2e-5, "scale": 1.0},
-    torch.float16: {"atol": 5e-5, "rtol": 2e-5, "scale": 1.0},
-}
-# Their gradients: one ulp of the input dtype apart at most (different exp and summation).
-GPU_GRAD_TOL = {
-    torch.float64: {"atol": 1e-10, "rtol": 1e-10, "scale": 1.0},
-    torch.float32: {"atol": 1e-6, "rtol": 2e-5, "scale": 1.0},
     torch.bfloat16: {"atol": 2e-3, "rtol": 2e-2, "scale": 1.0},
     torch.float16: {"atol": 2e-4, "rtol": 2e-3, "scale": 1.0},
 }

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    GPU_GRAD_TOL,
+    GPU_TOL,
     TOLERANCES,
     assert_close,
     backends,
@@ -48,21 +50,6 @@ OPS = (
     "kl_penalty_backward",
 )
 DEVICE = "cuda"  # of the GPU-sized tests
-# A GPU kernel against the CPU kernel on the same input values (the GPU-sized tests): accumulation order only.
-# Absolute tolerances (scale=1.0) for the losses and stats.
-GPU_TOL = {
-    torch.float64: {"atol": 1e-10, "rtol": 1e-10, "scale": 1.0},
-    torch.float32: {"atol": 5e-5, "rtol": 2e-5, "scale": 1.0},
-    torch.bfloat16: {"atol": 5e-5, "rtol": 2e-5, "scale": 1.0},
-    torch.float16: {"atol": 5e-5, "rtol": 2e-5, "scale": 1.0},
-}
-# Gradients are stored in the input dtype: one ulp of it apart at most.
-GPU_GRAD_TOL = {
-    torch.float64: {"atol": 1e-10, "rtol": 1e-10, "scale": 1.0},
-    torch.float32: {"atol": 1e-6, "rtol": 2e-5, "scale": 1.0},
-    torch.bfloat16: {"atol": 2e-3, "rtol": 2e-2, "scale": 1.0},
-    torch.float16: {"atol": 2e-4, "rtol": 2e-3, "scale": 1.0},
-}
 
 
 def acc_dtype(dtype):

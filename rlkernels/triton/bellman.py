@@ -1,7 +1,7 @@
 """Triton kernels of the Bellman family (docs/design.md §4.5): q_targets, td_loss (+ backward), n_step_returns
 (+ backward), bellman_backup and value_iteration.
 
-Each op has the signature of its C++ schema in csrc/ops.cpp and mirrors the CPU kernel of csrc/cpu/bellman.cpp
+Each op has the signature of its C++ schema in csrc/ops.cpp and mirrors the CPU kernels of csrc/cpu/bellman_*.cpp
 (the per-element math of csrc/include/rlkernels/bellman.h: NaN rules, the terminated select, first-index
 argmax), so the backends agree up to the rounding of a different summation order. Inputs are read in their
 own dtype and widened in registers; arithmetic is float32 (float64 for float64 inputs). Float scalars

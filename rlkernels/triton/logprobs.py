@@ -18,15 +18,11 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .._ops import logprobs as _formulas
-from ._common import acc_dtype, interpreting, keep_whole_under_interpreter, wrap_triton
+from ._common import acc_dtype, interpreting, keep_whole_under_interpreter, pow2, wrap_triton
 
 Tensor = torch.Tensor
 
 BLOCK_V = 1024
-
-
-def _block(V: int) -> int:
-    return max(16, min(BLOCK_V, triton.next_power_of_2(max(V, 1))))
 
 
 @triton.jit
@@ -128,7 +124,7 @@ def _launch_forward(logits, tokens, temperature, return_entropy, ignore_index):
     wrap_triton(_gather_logprobs_forward_kernel)[(N,)](
         logits, logits.stride(0), tokens, logp, entropy if return_entropy else logp, lse, V, float(temperature),
         0 if ignore_index is None else ignore_index, HAS_IGNORE=ignore_index is not None, ENTROPY=return_entropy,
-        BLOCK_SIZE=_block(V))
+        BLOCK_SIZE=pow2(V, 16, BLOCK_V))
     return logp, entropy, lse
 
 
@@ -143,7 +139,7 @@ def _launch_backward(grad_logp, grad_entropy, logits, out, tokens, lse, entropy,
         logits, logits.stride(0), out, out.stride(0), tokens, glogp if glogp is not None else lse,
         gent if use_h else lse, lse, entropy if use_h else lse, V, float(temperature),
         0 if ignore_index is None else ignore_index, HAS_IGNORE=ignore_index is not None,
-        HAS_GLOGP=glogp is not None, ENTROPY=use_h, BLOCK_SIZE=_block(V))
+        HAS_GLOGP=glogp is not None, ENTROPY=use_h, BLOCK_SIZE=pow2(V, 16, BLOCK_V))
 
 
 @keep_whole_under_interpreter

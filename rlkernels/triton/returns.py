@@ -35,7 +35,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .._ops import returns as _formulas
-from ._common import acc_dtype, flag, keep_whole_under_interpreter, skip_launch, wrap_triton
+from ._common import acc_dtype, flag, keep_whole_under_interpreter, pow2, skip_launch, wrap_triton
 
 Tensor = torch.Tensor
 
@@ -62,14 +62,6 @@ def _chunk_steps(num_seqs: int, steps: int) -> int:
         return max(steps, 1)
     chunk = max(MIN_CHUNK_STEPS, triton.cdiv(steps * num_seqs, TARGET_LANES))
     return chunk if chunk < steps else max(steps, 1)
-
-
-def _block(num_lanes: int) -> int:
-    # Comparisons only, so a symbolic num_lanes under torch.compile(dynamic=True) adds guards, not errors.
-    block = 16
-    while block < BLOCK_LANES and block < num_lanes:
-        block *= 2
-    return block
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -554,7 +546,7 @@ def _run_scan(step, d, reverse, ref, cu_seqlens, streams, outs, init=None, final
     geometry = {"CU_ptr": cu_seqlens, "num_lanes": num_lanes, "num_seqs": num_seqs, "num_chunks": num_chunks,
                 "steps": steps, "inner": inner, "chunk": chunk}
     scalars = dict(zip(("gamma", "lam", "rho_clip", "c_clip", "pg_rho_clip"), (float(p) for p in params)))
-    block = _block(num_lanes)
+    block = pow2(num_lanes, 16, BLOCK_LANES)
     grid = (triton.cdiv(num_lanes, block),)
     num_warps = max(1, min(4, block // 32))
     carry_in = init
@@ -565,7 +557,7 @@ def _run_scan(step, d, reverse, ref, cu_seqlens, streams, outs, init=None, final
             MAP_ptr=maps, FINAL_ptr=None, **geometry, **scalars, STEP=step, D=d, REVERSE=reverse,
             HAS_NEXT=has_next, MAP_ONLY=True, FINAL_J=-1, BLOCK=block, UNROLL=UNROLL, num_warps=num_warps)
         carry_in = torch.empty((d, num_lanes), dtype=acc, device=ref.device)
-        seq_block = _block(num_seqs)
+        seq_block = pow2(num_seqs, 16, BLOCK_LANES)
         wrap_triton(_compose_kernel)[(triton.cdiv(num_seqs, seq_block),)](
             maps, init, carry_in, num_seqs, num_chunks, num_lanes, D=d, REVERSE=reverse, BLOCK=seq_block,
             num_warps=max(1, min(4, seq_block // 32)))
