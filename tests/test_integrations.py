@@ -210,6 +210,116 @@ def test_torchrl_errors_name_the_argument(ours_torchrl):
 
 
 # ====================================================================================================
+# TorchRL's modules: ValueEstimator classes on a real rollout (SerialEnv, StepCounter time limit)
+# ====================================================================================================
+
+
+@pytest.fixture(scope="module")
+def torchrl_rollout():
+    """Two CartPole envs in a SerialEnv with a 30-step time limit, 100 steps of a stochastic linear policy:
+    episodes end both by termination (the pole falls) and by truncation (StepCounter), mid-rollout."""
+    pytest.importorskip("torchrl")
+    pytest.importorskip("gymnasium")
+    from tensordict.nn import InteractionType, TensorDictModule
+    from torchrl.envs import GymEnv, SerialEnv, StepCounter, TransformedEnv
+    from torchrl.modules import OneHotCategorical, ProbabilisticActor
+
+    torch.manual_seed(0)
+    env = SerialEnv(2, lambda: TransformedEnv(GymEnv("CartPole-v1"), StepCounter(max_steps=30)))
+    env.set_seed(0)
+    actor = ProbabilisticActor(TensorDictModule(torch.nn.Linear(4, 2), in_keys=["observation"], out_keys=["logits"]),
+                               in_keys=["logits"], distribution_class=OneHotCategorical, return_log_prob=True,
+                               spec=env.action_spec, default_interaction_type=InteractionType.RANDOM)
+    value_net = TensorDictModule(torch.nn.Linear(4, 1), in_keys=["observation"], out_keys=["state_value"])
+    with torch.no_grad():
+        data = env.rollout(100, actor, break_when_any_done=False)
+    env.close()
+    nxt = data["next"]
+    assert nxt["terminated"].any() and (nxt["truncated"] & ~nxt["terminated"]).any()
+    return data, actor, value_net
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("GAE", {"gamma": 0.99, "lmbda": 0.95}),
+    ("GAE", {"gamma": 0.9, "lmbda": 0.8, "vectorized": False, "average_gae": True}),
+    ("GAE", {"gamma": 0.97, "lmbda": 0.9, "shifted": True}),
+    ("TDLambdaEstimator", {"gamma": 0.99, "lmbda": 0.95}),
+    ("TDLambdaEstimator", {"gamma": 0.9, "lmbda": 0.7, "vectorized": False}),
+    ("VTrace", {"gamma": 0.99}),
+    ("VTrace", {"gamma": 0.95, "rho_thresh": 2.0, "c_thresh": 0.5}),
+])
+def test_torchrl_modules_equal_torchrl_on_a_rollout(torchrl_rollout, ours_torchrl, monkeypatch, name, kwargs):
+    from torchrl.objectives import value as trl_value
+
+    data, actor, value_net = torchrl_rollout
+    if name == "VTrace":  # off-policy: the learner's policy moved away from the one that collected the data
+        actor = copy.deepcopy(actor)
+        with torch.no_grad():
+            actor.module[0].module.weight.add_(0.5)
+        kwargs = {**kwargs, "actor_network": actor}
+    theirs = getattr(trl_value, name)(value_network=value_net, **kwargs)
+    ours = getattr(ours_torchrl, name)(value_network=value_net, **kwargs)
+    assert isinstance(ours, getattr(trl_value, name))
+    calls = []
+    for fn in ("vec_generalized_advantage_estimate", "generalized_advantage_estimate", "vec_td_lambda_return_estimate",
+               "td_lambda_return_estimate", "vtrace_advantage_estimate"):
+        original = getattr(ours_torchrl, fn)
+        monkeypatch.setattr(ours_torchrl, fn, lambda *a, _f=original, **k: calls.append(a[0]) or _f(*a, **k))
+    torch.manual_seed(1)  # VTrace's actor samples: the same seed for both
+    exp = theirs(data.clone())
+    torch.manual_seed(1)
+    got = ours(data.clone())
+    assert calls and all(type(g) is float for g in calls), "the estimator must get the module's host gamma"
+    for key in ("advantage", "value_target"):
+        assert_close(got[key], exp[key], F32, name=key)
+
+
+def test_torchrl_gae_in_a_ppo_loss(torchrl_rollout, ours_torchrl, monkeypatch):
+    from torchrl.objectives import ClipPPOLoss
+    from torchrl.objectives.value import GAE as TorchRLGAE
+
+    import rlkernels
+
+    data, actor, value_net = torchrl_rollout
+    spy = []
+    monkeypatch.setattr(rlkernels, "gae", lambda *a, _f=rlkernels.gae, **k: spy.append(1) or _f(*a, **k))
+    results = []
+    for how in ("torchrl", "instance", "class"):
+        loss = ClipPPOLoss(actor, value_net)
+        if how == "torchrl":
+            loss.make_value_estimator(TorchRLGAE(gamma=0.9, lmbda=0.9, value_network=value_net))
+        elif how == "instance":
+            loss.make_value_estimator(ours_torchrl.GAE(gamma=0.9, lmbda=0.9, value_network=value_net))
+        else:
+            loss.make_value_estimator(ours_torchrl.GAE, gamma=0.9, lmbda=0.9, value_network=value_net)
+        assert isinstance(loss.value_estimator, ours_torchrl.GAE) == (how != "torchrl")
+        td = data.clone()
+        loss.value_estimator(td)
+        out = loss(td)
+        results.append((td["advantage"], out["loss_objective"].detach(), out["loss_critic"].detach()))
+    assert len(spy) == 2
+    for got in results[1:]:
+        for o, e, n in zip(got, results[0], ("advantage", "loss_objective", "loss_critic")):
+            assert_close(o, e, F32, name=n)
+
+
+def test_torchrl_module_rereads_gamma_written_in_place(torchrl_rollout, ours_torchrl):
+    from torchrl.objectives.value import GAE as TorchRLGAE
+
+    data, _, value_net = torchrl_rollout
+    ours = ours_torchrl.GAE(gamma=0.99, lmbda=0.95, value_network=value_net)
+    first = ours(data.clone())["advantage"]
+    with torch.no_grad():
+        ours.gamma.fill_(0.5)  # also what load_state_dict does
+    got = ours(data.clone())["advantage"]
+    exp = TorchRLGAE(gamma=0.5, lmbda=0.95, value_network=value_net)(data.clone())["advantage"]
+    assert not torch.allclose(first, exp)
+    assert_close(got, exp, F32)
+    ours.load_state_dict({"gamma": torch.tensor(0.99), "lmbda": torch.tensor(0.95)}, strict=False)
+    assert_close(ours(data.clone())["advantage"], first, F32)
+
+
+# ====================================================================================================
 # Stable-Baselines3: the RolloutBuffer subclass against SB3's own buffer
 # ====================================================================================================
 
