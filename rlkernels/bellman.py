@@ -16,6 +16,7 @@ import torch
 from . import _checks as checks
 from . import _dispatch as dispatch
 from ._layout import ScanLayout, check_truncated, int_arg, mdp_tensors
+from .returns import _on_device
 
 __all__ = ["bellman_backup", "n_step_returns", "q_targets", "td_loss", "value_iteration"]
 
@@ -57,7 +58,7 @@ def q_targets(rewards, next_q, *, terminated=None, gamma=0.99, kind="max", next_
     garbage, even inf). Targets carry no gradient: every input is read as data.
     """
     op = "q_targets"
-    if isinstance(gamma, torch.Tensor) and gamma.device.type != "cpu":
+    if _on_device(gamma):
         # A GPU tensor is not read on the host (docs/design.md §3): y = r + gamma^n * (targets with r = 0, gamma = 1).
         g = checks.scalar_tensor(op, "gamma", gamma)
         checks.float_tensor(op, "rewards", rewards)
