@@ -20,6 +20,7 @@ from conftest import assert_close
 
 from rlkernels.bench.trainers import cleanrl_dqn_update as _cleanrl_dqn
 from rlkernels.bench.trainers import cleanrl_gae as _cleanrl_gae
+from rlkernels.bench.trainers import cleanrl_ppo_losses as _cleanrl_ppo_losses
 from rlkernels.bench.trainers import sb3_dqn_targets as _sb3_dqn_targets
 from rlkernels.bench.trainers import verl_compute_gae_advantage_return as _verl_gae
 from rlkernels.bench.trainers import verl_compute_policy_loss as _verl_policy_loss
@@ -555,6 +556,73 @@ def test_cleanrl_errors_name_the_argument():
         compute_gae(rewards, values, dones, next_value, next_done, 0.99, 1.5)
     with pytest.raises(TypeError, match="rewards"):
         compute_gae(rewards.long(), values, dones, next_value, next_done, 0.99, 0.95)
+
+
+def _cleanrl_minibatch(n, seed, dtype=F32):
+    g = torch.Generator().manual_seed(seed)
+    logprobs = _randn((n,), g, dtype, 0.5) - 1.0
+    newlogprob = logprobs + _randn((n,), g, dtype, 0.3)  # |ratio - 1| > 0.2 for many samples
+    advantages, newvalue, values = (_randn((n,), g, dtype) for _ in range(3))
+    returns = values + _randn((n,), g, dtype)
+    return newlogprob, logprobs, advantages, newvalue[:, None], values, returns  # newvalue [n, 1] as the critic's
+
+
+@pytest.mark.parametrize("norm_adv,clip_vloss", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_cleanrl_ppo_loss(dtype, norm_adv, clip_vloss):
+    from rlkernels.integrations import cleanrl
+
+    newlogprob, logprobs, adv, newvalue, values, returns = _cleanrl_minibatch(256, 3, dtype)
+    ins = [newlogprob.clone().requires_grad_(True), newvalue.clone().requires_grad_(True)]
+    exp = _cleanrl_ppo_losses(ins[0], logprobs, adv, ins[1], values, returns, 0.2, norm_adv, clip_vloss)
+    eg = torch.autograd.grad(exp[0] + exp[1], ins)
+    got_ins = [newlogprob.clone().requires_grad_(True), newvalue.clone().requires_grad_(True)]
+    pg, v, stats = cleanrl.ppo_loss(got_ins[0], logprobs, adv, got_ins[1], values, returns, 0.2, norm_adv=norm_adv,
+                                    clip_vloss=clip_vloss)
+    og = torch.autograd.grad(pg + v, got_ins)
+    assert_close(pg, exp[0], dtype, name="pg_loss")
+    assert_close(v, exp[1], dtype, name="v_loss")
+    for name, e in zip(("old_approx_kl", "approx_kl", "clipfrac"), exp[2:]):
+        assert_close(stats[name], e, dtype, name=name)
+    for o, e, n in zip(og, eg, ("newlogprob", "newvalue")):
+        assert_close(o, e, dtype, name=f"grad {n}")
+
+
+def test_cleanrl_ppo_stats_are_cleanrls_not_the_core_ops():
+    # Same batch, same names, other definitions: the core op counts a clipped sample only where clipping changes
+    # the loss, and its approx_kl is k1; CleanRL's --target-kl early stop compares k3.
+    import rlkernels
+    from rlkernels.integrations import cleanrl
+
+    newlogprob, logprobs, adv, newvalue, values, returns = _cleanrl_minibatch(512, 4)
+    _, _, old_kl, k3, clipfrac = _cleanrl_ppo_losses(newlogprob, logprobs, adv, newvalue, values, returns, 0.2,
+                                                     False, True)
+    _, core = rlkernels.ppo_policy_loss(newlogprob, logprobs, adv, clip_low=0.2)
+    _, _, stats = cleanrl.ppo_loss(newlogprob, logprobs, adv, newvalue, values, returns, 0.2, norm_adv=False)
+    assert abs(float(core["clipfrac"]) - float(clipfrac)) > 0.1
+    assert abs(float(core["approx_kl"]) - float(k3)) > 1e-3
+    assert_close(core["approx_kl"], old_kl, F32)
+    assert_close(stats["clipfrac"], clipfrac, F32)
+    assert_close(stats["approx_kl"], k3, F32)
+
+
+def test_cleanrl_ppo_loss_errors_name_the_argument():
+    from rlkernels.integrations import cleanrl
+
+    newlogprob, logprobs, adv, newvalue, values, returns = _cleanrl_minibatch(16, 0)
+    cases = [
+        ("logprobs", dict(logprobs=logprobs[:8])),
+        ("newvalue", dict(newvalue=newvalue[:8])),
+        ("advantages", dict(advantages=adv.long())),
+        ("clip_coef", dict(clip_coef=-0.1)),
+        ("newlogprob", dict(newlogprob=newlogprob[None])),
+    ]
+    for name, change in cases:
+        args = dict(newlogprob=newlogprob, logprobs=logprobs, advantages=adv, newvalue=newvalue, values=values,
+                    returns=returns, clip_coef=0.2)
+        args.update(change)
+        with pytest.raises((TypeError, ValueError), match=name):
+            cleanrl.ppo_loss(**args)
 
 
 @pytest.mark.filterwarnings("ignore:Using a target size")  # B = 1: CleanRL's squeeze() leaves a 0-d old_val
