@@ -50,7 +50,8 @@ def discounted_returns(rewards, *, gamma=0.99, terminated=None, truncated=None, 
     (0 if None). ``terminated``: s_{t+1} is terminal (no bootstrap); ``truncated``: the episode stopped after t
     without terminating (bootstrap from ``next_values``, required then). ``mask`` (LLM token-level RL): masked
     positions are skipped and give 0. ``cu_seqlens``: packed 1-D sequences. ``time_dim`` picks the time axis.
-    Differentiable in rewards, next_values and bootstrap_value.
+    Differentiable in rewards, next_values and bootstrap_value. Flags by trainer: as in :func:`gae` (CleanRL's
+    ``dones[t]`` is step t - 1's outcome: pass ``terminated=torch.cat([dones[1:], next_done[None]])``).
     """
     op = "discounted_returns"
     if _on_device(gamma):
@@ -90,6 +91,13 @@ def gae(rewards, values, *, gamma=0.99, lam=0.95, terminated=None, truncated=Non
     ``bootstrap_value`` (0 if None) after the last step; done = terminated or truncated. With ``mask``, masked
     positions are skipped ("next" is the next unmasked position, verl's convention) and give 0.
     Differentiable in rewards, values, next_values and bootstrap_value.
+
+    Flags by trainer (one step off gives wrong advantages without an error): ``terminated[t]`` is the outcome of
+    step t, as ``env.step(a_t)`` returns it (Gymnasium; TorchRL's ``("next", "terminated")``). CleanRL's ppo.py
+    stores ``dones[t]`` with observation t, the outcome of step t - 1: pass
+    ``terminated=torch.cat([dones[1:], next_done[None]]), bootstrap_value=next_value``, or call
+    ``rlkernels.integrations.cleanrl.compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda)``.
+    SB3's ``episode_starts`` are shifted the same way: use ``rlkernels.integrations.sb3.RolloutBuffer``.
     """
     op = "gae"
     if _on_device(gamma, lam):

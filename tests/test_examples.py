@@ -88,3 +88,31 @@ def test_llm_ppo_step_runs_and_is_deterministic():
     assert stats["history"][0]["ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert stats["history"][0]["clipfrac"] == 0.0
     assert llm.main(argv)["loss"] == stats["loss"]
+
+
+def _readme_example():
+    text = (EXAMPLES.parent / "README.md").read_text()
+    section = text[text.index("## Example\n"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+
+
+def test_readme_example_gives_cleanrls_advantages():
+    """The README's CleanRL call and its core-op equivalent both give the advantages of CleanRL's own loop, and
+    the flags taken as stored (off by one step) would not."""
+    from conftest import assert_close
+
+    import rlkernels
+    from rlkernels.bench.trainers import cleanrl_gae
+
+    torch.manual_seed(0)
+    ns = {}
+    exec(compile(_readme_example(), "README.md", "exec"), ns)  # noqa: S102  (the README's own code)
+    exp_adv, exp_ret = cleanrl_gae(ns["rewards"], ns["values"], ns["dones"], ns["next_value"], ns["next_done"],
+                                   0.99, 0.95)
+    for adv, ret in ((ns["advantages"], ns["returns"]), (ns["core_adv"], ns["core_ret"])):
+        assert_close(adv, exp_adv, torch.float32)
+        assert_close(ret, exp_ret, torch.float32)
+    wrong, _ = rlkernels.gae(ns["rewards"], ns["values"], gamma=0.99, lam=0.95, terminated=ns["dones"],
+                             bootstrap_value=ns["next_value"])
+    assert (wrong - exp_adv).abs().max() > 0.5
+    assert ns["adv"].shape == (2048, 64) and ns["tok_adv"].shape == (8, 512)
