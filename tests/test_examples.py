@@ -116,3 +116,28 @@ def test_readme_example_gives_cleanrls_advantages():
                              bootstrap_value=ns["next_value"])
     assert (wrong - exp_adv).abs().max() > 0.5
     assert ns["adv"].shape == (2048, 64) and ns["tok_adv"].shape == (8, 512)
+
+
+def test_llm_ppo_step_eager_baseline_is_the_same_computation():
+    """--impl torch (the eager code the ops replace) gives the same losses and stats: the timings it prints
+    compare two implementations of one step."""
+    llm = load("llm_ppo_step")
+    argv = ["--iterations", "2", "--ppo-epochs", "2", "--batch", "4", "--response-len", "8", "--seed", "1",
+            "--quiet"]
+    ours, eager = llm.main(argv), llm.main(argv + ["--impl", "torch"])
+    assert set(ours["phases"]) == {"sample", "score", "update"} and all(t > 0 for t in eager["phases"].values())
+    for a, b in zip(ours["history"], eager["history"]):
+        for k in ("loss", "pg_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "ratio_max", "vf_clipfrac",
+                  "kl_ref", "score"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+
+
+def test_ppo_cartpole_eager_baseline_is_the_same_computation():
+    pytest.importorskip("gymnasium")
+    ppo = load("ppo_cartpole")
+    argv = ["--total-timesteps", "1024", "--num-envs", "4", "--num-steps", "128", "--update-epochs", "2",
+            "--seed", "2", "--quiet"]
+    ours, eager = ppo.main(argv), ppo.main(argv + ["--impl", "torch"])
+    assert ours["global_step"] == eager["global_step"] == 1024
+    for k in ("avg_return", "pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac"):
+        assert ours[k] == pytest.approx(eager[k], rel=1e-4, abs=1e-5), k
