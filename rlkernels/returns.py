@@ -54,7 +54,7 @@ def discounted_returns(rewards, *, gamma=0.99, terminated=None, truncated=None, 
     ``dones[t]`` is step t - 1's outcome: pass ``terminated=torch.cat([dones[1:], next_done[None]])``).
     """
     op = "discounted_returns"
-    if _on_device(gamma):
+    if type(gamma) is not float and _on_device(gamma):
         return _discounted_returns_device_gamma(op, rewards, gamma, terminated, truncated, next_values,
                                                 bootstrap_value, mask, cu_seqlens, time_dim, backend)
     gamma = gamma_lam(op, gamma)
@@ -100,7 +100,7 @@ def gae(rewards, values, *, gamma=0.99, lam=0.95, terminated=None, truncated=Non
     SB3's ``episode_starts`` are shifted the same way: use ``rlkernels.integrations.sb3.RolloutBuffer``.
     """
     op = "gae"
-    if _on_device(gamma, lam):
+    if (type(gamma) is not float or type(lam) is not float) and _on_device(gamma, lam):
         return _gae_device_gamma(op, rewards, values, gamma, lam, terminated, truncated, next_values, bootstrap_value,
                                  mask, cu_seqlens, time_dim, backend)
     gamma, lam = gamma_lam(op, gamma, lam)
