@@ -611,15 +611,15 @@ def test_cleanrl_ppo_loss_errors_name_the_argument():
 
     newlogprob, logprobs, adv, newvalue, values, returns = _cleanrl_minibatch(16, 0)
     cases = [
-        ("logprobs", dict(logprobs=logprobs[:8])),
-        ("newvalue", dict(newvalue=newvalue[:8])),
-        ("advantages", dict(advantages=adv.long())),
-        ("clip_coef", dict(clip_coef=-0.1)),
-        ("newlogprob", dict(newlogprob=newlogprob[None])),
+        ("logprobs", {"logprobs": logprobs[:8]}),
+        ("newvalue", {"newvalue": newvalue[:8]}),
+        ("advantages", {"advantages": adv.long()}),
+        ("clip_coef", {"clip_coef": -0.1}),
+        ("newlogprob", {"newlogprob": newlogprob[None]}),
     ]
     for name, change in cases:
-        args = dict(newlogprob=newlogprob, logprobs=logprobs, advantages=adv, newvalue=newvalue, values=values,
-                    returns=returns, clip_coef=0.2)
+        args = {"newlogprob": newlogprob, "logprobs": logprobs, "advantages": adv, "newvalue": newvalue,
+                "values": values, "returns": returns, "clip_coef": 0.2}
         args.update(change)
         with pytest.raises((TypeError, ValueError), match=name):
             cleanrl.ppo_loss(**args)

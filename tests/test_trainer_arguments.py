@@ -101,10 +101,10 @@ def _scan_inputs(shape=(23, 4), seed=3, dtype=F64):
 
 
 def test_cpu_tensor_scalars_equal_floats():
-    r, v, nv, term, trunc, boot = _scan_inputs()
+    r, v, nv, term, _, boot = _scan_inputs()
     P = torch.rand(2, 3, 2, 3, dtype=F64).softmax(-1)
     R, V = torch.randn(2, 3, 2, dtype=F64), torch.randn(2, 3, dtype=F64)
-    _, next_q, actions, rewards, dones = _batch()
+    _, next_q, _, rewards, dones = _batch()
     t = torch.tensor
     calls = [
         lambda g, l: rlkernels.gae(r, v, gamma=g, lam=l, terminated=term, bootstrap_value=boot),
@@ -213,7 +213,7 @@ def test_gpu_tensor_scalar_in_an_op_that_reads_it_is_a_clear_error():
 def test_cuda_tensor_gamma_does_not_synchronize():
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
-    r, v, nv, term, trunc, boot = (x.cuda() for x in _scan_inputs(dtype=F32))
+    r, v, nv, term, trunc, _ = (x.cuda() for x in _scan_inputs(dtype=F32))
     gamma, lam = torch.tensor(0.93, device="cuda"), torch.tensor(0.85, device="cuda")
     exp = rlkernels.gae(r, v, gamma=0.93, lam=0.85, terminated=term, truncated=trunc, next_values=nv)
     torch.cuda.synchronize()

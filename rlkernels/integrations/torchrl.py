@@ -8,8 +8,8 @@ a loss with ``loss_module.make_value_estimator(estimator)`` (module docstring of
 
 The functionals are drop-ins for ``generalized_advantage_estimate``, ``vec_generalized_advantage_estimate``,
 ``td_lambda_return_estimate``, ``vec_td_lambda_return_estimate`` and ``vtrace_advantage_estimate`` of
-``torchrl.objectives.value.functional``. Conventions, as in TorchRL: tensors of shape ``[*B, T, *F]`` with the time axis at
-``time_dim`` (default -2, so ``[*B, T, 1]``); ``next_state_value[t]`` is V(s_{t+1}) for every step (the true next
+``torchrl.objectives.value.functional``. Conventions, as in TorchRL: tensors of shape ``[*B, T, *F]`` with the
+time axis at ``time_dim`` (default -2, so ``[*B, T, 1]``); ``next_state_value[t]`` is V(s_{t+1}) for every step (the true next
 state, also after a reset); ``done`` ends a trajectory (cuts the recursion), ``terminated`` (defaults to
 ``done``) means s_{t+1} is terminal (its value counts as 0). In rlkernels terms: ``terminated=terminated``,
 ``truncated=done & ~terminated``, ``next_values=next_state_value`` (docs/design.md §4.2).
@@ -40,9 +40,9 @@ from .. import _checks as checks
 from ._util import same_shape, scalar
 
 __all__ = [
-    "GAE",
-    "TDLambdaEstimator",
-    "VTrace",
+    "GAE",  # noqa: F822  (GAE, TDLambdaEstimator, VTrace: loaded by __getattr__, which imports torchrl)
+    "TDLambdaEstimator",  # noqa: F822
+    "VTrace",  # noqa: F822
     "generalized_advantage_estimate",
     "td_lambda_return_estimate",
     "vec_generalized_advantage_estimate",
