@@ -10,7 +10,7 @@ vector env hands over in ``info["final_obs"]`` (``autoreset_mode=SAME_STEP``). E
 truncated=, next_values=)`` does the rest (docs/design.md §4.2). The loss is ``rlkernels.ppo_policy_loss`` +
 ``rlkernels.value_loss`` (clipped), minus ``--ent-coef`` times the entropy, with log-probs and
 entropy from ``rlkernels.gather_logprobs``. At the end it prints the time spent per
-phase (env stepping with action sampling, advantages, loss/backward/optimizer).
+phase (env stepping with action sampling, next values, GAE, loss/backward/optimizer).
 
 Defaults: 8 envs x 32 steps per rollout, one 256-sample minibatch, 20 epochs, lr 1e-3 annealed over
 the budget, gamma 0.98, lambda 0.8, no entropy bonus (the rl-zoo CartPole setting, CleanRL's loop).
@@ -170,7 +170,7 @@ def main(argv=None):
     truncated = torch.zeros(T, B, dtype=torch.bool)
     values = torch.zeros(T, B)
 
-    phases = collections.OrderedDict(env=0.0, gae=0.0, update=0.0)
+    phases = collections.OrderedDict(env=0.0, next_values=0.0, gae=0.0, update=0.0)
     recent = collections.deque(maxlen=args.window)
     ep_return = np.zeros(B)
     ep_len = np.zeros(B, dtype=np.int64)
@@ -221,6 +221,10 @@ def main(argv=None):
         t0 = time.perf_counter()
         with torch.no_grad():
             next_values = agent.value(next_obs_buf)  # V(s_{t+1}) for every step, one batched forward
+        t1 = time.perf_counter()
+        phases["next_values"] += t1 - t0
+        t0 = t1
+        with torch.no_grad():
             advantages, returns = ops.gae(
                 rewards, values, gamma=args.gamma, lam=args.gae_lambda,
                 terminated=terminated, truncated=truncated, next_values=next_values,
@@ -282,9 +286,11 @@ def main(argv=None):
     log(f"{'reached' if reached else 'did not reach'} avg return {avg:.1f} (target {args.target_return}, "
         f"last {len(recent)} episodes) after {global_step} steps, {n_episodes} episodes, {wall:.1f}s")
     log("time per phase:")
-    for k, label in (("env", "env stepping + action sampling"), ("gae", f"next values + GAE ({args.impl})"),
+    for k, label in (("env", "env stepping + action sampling"), ("next_values", "V(s_{t+1}) forward"),
+                     ("gae", f"GAE ({args.impl})"),
                      ("update", "loss/backward/optimizer")):
-        log(f"  {label:32s} {phases[k]:7.2f}s  ({100 * phases[k] / wall:4.1f}%)")
+        log(f"  {label:32s} {phases[k]:7.2f}s  ({100 * phases[k] / wall:4.1f}%)  "
+            f"{1e3 * phases[k] / update:9.2f} ms/update")
     return dict(reached=reached, avg_return=avg, global_step=global_step, episodes=n_episodes,
                 wall_time=wall, phases=dict(phases), **stats)
 

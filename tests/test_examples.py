@@ -43,7 +43,8 @@ def test_ppo_cartpole_runs():
     assert stats["global_step"] == 2048
     assert stats["episodes"] > 0 and math.isfinite(stats["avg_return"])
     assert_finite(stats, ["pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac"])
-    assert set(stats["phases"]) == {"env", "gae", "update"} and all(t > 0 for t in stats["phases"].values())
+    assert set(stats["phases"]) == {"env", "next_values", "gae", "update"}
+    assert all(t > 0 for t in stats["phases"].values())
 
 
 def test_ppo_cartpole_stops_at_target_and_is_deterministic():
