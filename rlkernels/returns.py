@@ -136,6 +136,10 @@ def vtrace(rewards, values, log_rhos, *, gamma=0.99, lam=1.0, rho_clip=1.0, c_cl
     Differentiable in rewards, values, log_rhos, next_values and bootstrap_value.
     """
     op = "vtrace"
+    if _on_device(gamma, lam, rho_clip, c_clip, pg_rho_clip):
+        return _vtrace_device_gamma(op, rewards, values, log_rhos, gamma, lam, rho_clip, c_clip, pg_rho_clip,
+                                    terminated, truncated, next_values, bootstrap_value, mask, cu_seqlens, time_dim,
+                                    backend)
     gamma, lam = gamma_lam(op, gamma, lam)
     rho_clip = checks.positive(op, "rho_clip", rho_clip)
     c_clip = checks.positive(op, "c_clip", c_clip)
@@ -209,11 +213,16 @@ def _coefficient(op, name, x, device, dtype):
     its range is not checked)."""
     if not isinstance(x, torch.Tensor) or x.device.type == "cpu":
         return checks.unit_interval(op, name, x)
+    return _device_scalar(op, name, x, device).to(dtype)
+
+
+def _device_scalar(op, name, x, device):
+    """A one-element device tensor on the data's device, as a 0-d tensor, unread."""
     x = checks.scalar_tensor(op, name, x)
     if x.device != device:
         raise ValueError(f"rlkernels.{op}: {name} is on {x.device} but rewards is on {device}; all tensors must be "
                          "on one device")
-    return x.to(dtype)
+    return x
 
 
 def _device_layout(op, rewards, floats, terminated, truncated, mask, cu_seqlens, bootstrap_value, time_dim):
@@ -223,6 +232,25 @@ def _device_layout(op, rewards, floats, terminated, truncated, mask, cu_seqlens,
     return ScanLayout(op, "rewards", rewards, time_dim=time_dim, cu_seqlens=None, floats=floats,
                       flags={"terminated": terminated, "truncated": truncated, "mask": None},
                       per_seq={"bootstrap_value": bootstrap_value})
+
+
+def _next_values_and_flags(s, v, acc):
+    """V'_t (next_values, else values[t + 1] and bootstrap_value after the last step), 1 - term_t and
+    1 - done_t on [O, T, I], in ``acc``."""
+    nv = s.floats["next_values"]
+    if nv is not None:
+        nv = nv.to(acc)
+    elif v.shape[1] == 0:
+        nv = v
+    else:
+        boot = s.per_seq["bootstrap_value"]
+        boot = torch.zeros(s.canon_seq, dtype=acc, device=s.device) if boot is None else boot.to(acc)
+        nv = torch.cat([v[:, 1:], boot.unsqueeze(1)], 1)
+    term, trunc = s.flags["terminated"], s.flags["truncated"]
+    keep = torch.ones_like(v) if term is None else (~term).to(acc)
+    done = term if trunc is None else (trunc if term is None else term | trunc)
+    cont = torch.ones_like(v) if done is None else (~done).to(acc)
+    return nv, keep, cont
 
 
 def _gae_device_gamma(op, rewards, values, gamma, lam, terminated, truncated, next_values, bootstrap_value, mask,
@@ -235,19 +263,7 @@ def _gae_device_gamma(op, rewards, values, gamma, lam, terminated, truncated, ne
     acc = checks.accumulate_dtype(s.dtype)
     g, lam = _coefficient(op, "gamma", gamma, s.device, acc), _coefficient(op, "lam", lam, s.device, acc)
     r, v = s.rewards.to(acc), s.floats["values"].to(acc)
-    nv = s.floats["next_values"]
-    if nv is not None:
-        nv = nv.to(acc)
-    elif r.shape[1] == 0:
-        nv = v
-    else:
-        boot = s.per_seq["bootstrap_value"]
-        boot = torch.zeros(s.canon_seq, dtype=acc, device=s.device) if boot is None else boot.to(acc)
-        nv = torch.cat([v[:, 1:], boot.unsqueeze(1)], 1)
-    term, trunc = s.flags["terminated"], s.flags["truncated"]
-    keep = 1.0 if term is None else (~term).to(acc)
-    done = term if trunc is None else (trunc if term is None else term | trunc)
-    cont = torch.ones_like(r) if done is None else (~done).to(acc)
+    nv, keep, cont = _next_values_and_flags(s, v, acc)
     delta = r + g * keep * nv - v
     adv = linear_scan((g * lam) * cont, delta, reverse=True, time_dim=1, backend=backend)
     return s.restore(adv), s.restore(adv + v)
@@ -275,3 +291,36 @@ def _discounted_returns_device_gamma(op, rewards, gamma, terminated, truncated, 
     b = r + g * keep * torch.where(cut, nv.to(acc), torch.zeros((), dtype=acc, device=s.device))
     out = linear_scan(g * keep * (~cut).to(acc), b, reverse=True, time_dim=1, backend=backend)
     return s.restore(out)
+
+
+def _vtrace_device_gamma(op, rewards, values, log_rhos, gamma, lam, rho_clip, c_clip, pg_rho_clip, terminated,
+                         truncated, next_values, bootstrap_value, mask, cu_seqlens, time_dim, backend):
+    """vtrace's formula with tensor coefficients on [O, T, I]: weights and delta in torch, vs - V as one
+    linear_scan with a_t = gamma (1 - done_t) c_t, b_t = rho_t delta_t, then the policy-gradient advantages.
+    The clip bounds may be device tensors too (TorchRL's rho_thresh and c_thresh buffers), unread."""
+    check_truncated(op, truncated, next_values)
+    s = _device_layout(op, rewards, {"values": values, "log_rhos": log_rhos, "next_values": next_values}, terminated,
+                       truncated, mask, cu_seqlens, bootstrap_value, time_dim)
+    acc = checks.accumulate_dtype(s.dtype)
+    g, lam = _coefficient(op, "gamma", gamma, s.device, acc), _coefficient(op, "lam", lam, s.device, acc)
+    bounds = {}
+    for name, bound in (("rho_clip", rho_clip), ("c_clip", c_clip), ("pg_rho_clip", pg_rho_clip)):
+        if isinstance(bound, torch.Tensor) and bound.device.type != "cpu":
+            bound = _device_scalar(op, name, bound, s.device)
+        else:
+            bound = checks.positive(op, name, bound)
+        bounds[name] = torch.as_tensor(bound, dtype=acc, device=s.device)
+    r, v = s.rewards.to(acc), s.floats["values"].to(acc)
+    nv, keep, cont = _next_values_and_flags(s, v, acc)
+    w = s.floats["log_rhos"].to(acc).exp()
+
+    def clipped(name):  # min(bound, w) with no gradient where the clip binds, equality included (§4.2)
+        return torch.where(w < bounds[name], w, bounds[name])
+
+    delta = r + g * keep * nv - v
+    vs = linear_scan(g * cont * (lam * clipped("c_clip")), clipped("rho_clip") * delta, reverse=True, time_dim=1,
+                     backend=backend) + v
+    # v'_t: vs at the next step where the recursion continues; V'_t where t is done or the last step.
+    v_next = torch.where(cont.bool(), torch.cat([vs[:, 1:], nv[:, -1:]], 1), nv)
+    pg = clipped("pg_rho_clip") * (r + g * keep * v_next - v)
+    return s.restore(vs), s.restore(pg)

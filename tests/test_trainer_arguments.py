@@ -176,6 +176,41 @@ def test_device_gamma_gae_and_returns_match_the_reference(as_if_on_gpu, flags, s
             assert_close(o, e, F64)
 
 
+@pytest.mark.parametrize("flags", ["none", "terminated", "truncated"])
+@pytest.mark.parametrize("shape,time_dim", [((23, 4), 0), ((3, 31), -1), ((17,), 0), ((0, 3), 0)])
+@pytest.mark.parametrize("tensor_clips", [False, True])
+def test_device_gamma_vtrace_matches_the_reference(as_if_on_gpu, flags, shape, time_dim, tensor_clips):
+    r, v, nv, term, trunc, _ = _scan_inputs(shape, seed=5)
+    log_rhos = 0.8 * torch.randn(shape, generator=torch.Generator().manual_seed(6), dtype=F64)
+    if r.numel():
+        log_rhos.view(-1)[::5] = 0.0  # on-policy steps: e^0 equals clip 1, no log_rho gradient there
+    seq_shape = tuple(s for i, s in enumerate(shape) if i != time_dim % len(shape))
+    kw = {"time_dim": time_dim}
+    if flags != "none":
+        kw["terminated"] = term
+    if flags == "truncated":
+        kw.update(truncated=trunc, next_values=nv)
+    else:
+        kw["bootstrap_value"] = torch.randn(seq_shape, dtype=F64)
+    clips = {"rho_clip": 1.0, "c_clip": 0.9, "pg_rho_clip": 1.3}
+    t_clips = {k: torch.tensor(c, dtype=F64) for k, c in clips.items()} if tensor_clips else clips
+    ref_kw = {k: (x.numpy() if isinstance(x, torch.Tensor) else x) for k, x in kw.items()}
+    exp = reference.vtrace(r.numpy(), v.numpy(), log_rhos.numpy(), gamma=0.93, lam=0.85, **clips, **ref_kw)
+    leaves = [x.clone().requires_grad_(True) for x in (r, v, log_rhos)]
+    got = rlkernels.vtrace(*leaves, gamma=torch.tensor(0.93, dtype=F64), lam=torch.tensor(0.85, dtype=F64),
+                           **t_clips, **kw)
+    for name, o, e in zip(("vs", "pg_advantages"), got, exp):
+        assert_close(o, torch.from_numpy(e), F64, name=name)
+    if r.numel():  # gradients equal those of the fused op with float scalars
+        w = [torch.randn(shape, dtype=F64) for _ in got]
+        grads = torch.autograd.grad(sum((o * wi).sum() for o, wi in zip(got, w)), leaves)
+        leaves2 = [x.clone().requires_grad_(True) for x in (r, v, log_rhos)]
+        fused = rlkernels.vtrace(*leaves2, gamma=0.93, lam=0.85, **clips, **kw)
+        exp_grads = torch.autograd.grad(sum((o * wi).sum() for o, wi in zip(fused, w)), leaves2)
+        for name, a, b in zip(("rewards", "values", "log_rhos"), grads, exp_grads):
+            assert_close(a, b, F64, name=f"d {name}")
+
+
 def test_device_gamma_16bit_inputs_give_float32(as_if_on_gpu):
     r, v, *_ = _scan_inputs(dtype=torch.bfloat16)
     adv, ret = rlkernels.gae(r, v, gamma=torch.tensor(0.9), lam=torch.tensor(0.9))
@@ -206,7 +241,7 @@ def test_gpu_tensor_scalar_in_an_op_that_reads_it_is_a_clear_error():
     # No GPU needed: the check looks at the device only (a meta tensor stands in for a GPU tensor).
     r, v, nv, *_ = _scan_inputs()
     with pytest.raises(TypeError, match="gamma is a tensor on meta.*synchronize"):
-        rlkernels.vtrace(r, v, nv, gamma=torch.tensor(0.9, device="meta"))
+        rlkernels.retrace(r, v, nv, nv, gamma=torch.tensor(0.9, device="meta"), lam=0.9)
 
 
 @pytest.mark.cuda

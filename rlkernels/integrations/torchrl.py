@@ -17,9 +17,8 @@ state, also after a reset); ``done`` ends a trajectory (cuts the recursion), ``t
 Differences from TorchRL, all outside what TorchRL's own callers produce:
 
 - ``gamma``, ``lmbda``, ``rho_thresh``, ``c_thresh`` are scalars: Python numbers or one-element tensors (TorchRL's
-  modules pass 0-d tensors). A CPU tensor is read as a number. A GPU tensor is not read on the host by the GAE
-  and TD(lambda) functionals (it stays a tensor on the device, docs/design.md §3); the V-trace functional reads
-  it (one device synchronization; the ``VTrace`` module passes host values and does not). TorchRL's per-step
+  modules pass 0-d tensors). A CPU tensor is read as a number. A GPU tensor is not read on the host by the GAE,
+  TD(lambda) and V-trace functionals (it stays a tensor on the device, docs/design.md §3). TorchRL's per-step
   gamma/lambda tensors raise a ValueError here.
 - ``terminated`` is taken to imply ``done`` (as TorchRL's environments guarantee): a terminated step always
   cuts the recursion.
@@ -91,7 +90,10 @@ def _unit(op, name, value, *, on_device=False):
     return value
 
 
-def _positive(op, name, value):
+def _positive(op, name, value, *, on_device=False):
+    """A scalar > 0; with ``on_device``, a one-element GPU tensor is returned unread as a 0-d tensor."""
+    if on_device and isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        return checks.scalar_tensor(op, name, value)
     value = scalar(f"rlkernels.{op}", name, value)
     if not value > 0.0:
         raise ValueError(f"rlkernels.{op}: {name} must be > 0, got {value}")
@@ -175,8 +177,9 @@ def vtrace_advantage_estimate(gamma, log_pi, log_mu, state_value, next_state_val
     c_t at ``c_thresh``; no lambda (lam = 1). :func:`rlkernels.vtrace` with log_rhos = log_pi - log_mu.
     """
     op = _op("vtrace_advantage_estimate")
-    gamma = _unit(op, "gamma", gamma)
-    rho_thresh, c_thresh = _positive(op, "rho_thresh", rho_thresh), _positive(op, "c_thresh", c_thresh)
+    gamma = _unit(op, "gamma", gamma, on_device=True)
+    rho_thresh = _positive(op, "rho_thresh", rho_thresh, on_device=True)
+    c_thresh = _positive(op, "c_thresh", c_thresh, on_device=True)
     _floats(op, log_pi=log_pi, log_mu=log_mu, state_value=state_value, next_state_value=next_state_value,
             reward=reward)
     term, trunc = _flags(op, done, terminated)
