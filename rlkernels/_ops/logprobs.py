@@ -7,7 +7,7 @@ import torch
 from ._util import accumulate_dtype, register
 
 FAMILY = "logprobs"
-OPS = ("gather_logprobs",)
+OPS = ("gather_logprobs", "linear_logprobs")
 
 
 def _forward_fake(logits, tokens, temperature, return_entropy, ignore_index, inplace_backward):
@@ -63,3 +63,232 @@ def register_gather_logprobs(op, backward_op, backward_inplace_op):
 
 _ops = torch.ops.rlkernels
 register_gather_logprobs("gather_logprobs", _ops.gather_logprobs_backward, _ops.gather_logprobs_backward_inplace)
+
+
+# ----------------------------------------------------------------------------------------------------
+# linear_logprobs: log-probs from hidden states through a linear head, without the [N, V] logits
+# (docs/design.md §4.7). The op is defined here, in Python: row chunks of logits through torch's matmul
+# (BLAS on CPU, cuBLAS on GPU), each folded by a gather_logprobs op (the C++ one for the cpu and cuda backends,
+# the Triton one for triton, rlkernels/triton/logprobs.py). Per row the fold leaves (lse, logp, entropy): lse and
+# the entropy are the (max, sum-exp, entropy term) state of §4.3 in closed form, from which shards of the
+# vocabulary combine (§4.8): lse = logsumexp_r lse_r, E[z] = sum_r exp(lse_r - lse) (lse_r - H_r), H = lse - E[z].
+# ----------------------------------------------------------------------------------------------------
+
+Tensor = torch.Tensor
+
+# Bytes of one chunk of logits when chunk_size is None, and the bounds of its rows: on CPU a chunk that stays
+# near the caches and is 2-3% of the unfused path's memory at [2048, 32000]; on GPUs rows enough that each
+# chunk's GEMM is compute-bound (the weight is read once per chunk).
+_CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
+_CHUNK_ROWS = {"cpu": (32, 2048), "cuda": (512, 16384)}
+# Vocabulary rows per 16-bit grad_weight product on CPU (the partial sums' staging buffer).
+_GRAD_WEIGHT_BLOCK = 8192
+
+
+def default_chunk_rows(n: int, v: int, dtype: torch.dtype, device_type: str) -> int:
+    """Rows of logits per chunk when chunk_size is None: a fixed byte budget, so memory is flat in N."""
+    kind = "cpu" if device_type == "cpu" else "cuda"
+    lo, hi = _CHUNK_ROWS[kind]
+    rows = _CHUNK_BYTES[kind] // (max(v, 1) * dtype.itemsize)
+    rows = max(lo, min(hi, rows // 16 * 16))
+    return max(1, min(n, rows))
+
+
+def _kept_rows(tokens, ignore_index):
+    """Row indices to compute on CPU, where ignored rows are dropped before the matmuls; None elsewhere (on a GPU
+    that would read the tokens on the host) and when nothing is ignored."""
+    if ignore_index is None or tokens.device.type != "cpu":
+        return None
+    keep = tokens != ignore_index
+    if bool(keep.all()):
+        return None
+    return keep.nonzero().squeeze(1)
+
+
+def _chunk_logits(out, h, weight, bias, logit_scale, softcap, tanh_out=None):
+    """out = logit_scale * (h @ weight.T + bias), softcapped; tanh_out (when given) receives tanh(z / softcap)."""
+    if bias is not None:
+        torch.addmm(bias, h, weight.t(), beta=logit_scale, alpha=logit_scale, out=out)
+    elif logit_scale != 1.0:
+        torch.addmm(out, h, weight.t(), beta=0.0, alpha=logit_scale, out=out)
+    else:
+        torch.mm(h, weight.t(), out=out)
+    if softcap is not None:
+        if tanh_out is None:
+            out.div_(softcap).tanh_().mul_(softcap)
+        else:
+            torch.div(out, softcap, out=tanh_out).tanh_()
+            torch.mul(tanh_out, softcap, out=out)
+
+
+def linear_forward(fold, hidden, weight, tokens, bias, temperature, return_entropy, ignore_index, logit_scale,
+                   softcap, chunk_size):
+    """(logp, entropy, lse) of the rows, one chunk of logits at a time; `fold` is a gather_logprobs op."""
+    N, V = hidden.shape[0], weight.shape[0]
+    acc = accumulate_dtype(hidden.dtype)
+    logp = hidden.new_zeros((N,), dtype=acc)
+    entropy = hidden.new_zeros((N if return_entropy else 0,), dtype=acc)
+    lse = hidden.new_zeros((N,), dtype=acc)
+    rows = _kept_rows(tokens, ignore_index)
+    if rows is not None:
+        hidden, tokens = hidden.index_select(0, rows), tokens.index_select(0, rows)
+    n = hidden.shape[0]
+    if n == 0:
+        return logp, entropy, lse
+    step = max(1, min(chunk_size, n))
+    buf = hidden.new_empty((step, V))
+    outs = []
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        z = buf[: end - start]
+        _chunk_logits(z, hidden[start:end], weight, bias, logit_scale, softcap)
+        outs.append(fold(z, tokens[start:end], temperature, return_entropy, ignore_index, False))
+    if len(outs) == 1:
+        lp, en, ls = outs[0]
+    else:
+        lp, en, ls = (torch.cat([o[k] for o in outs]) for k in range(3))
+    if rows is None:
+        return lp, en, ls
+    logp.index_copy_(0, rows, lp)
+    lse.index_copy_(0, rows, ls)
+    if return_entropy:
+        entropy.index_copy_(0, rows, en)
+    return logp, entropy, lse
+
+
+def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy,
+                    temperature, ignore_index, logit_scale, softcap, chunk_size, need_hidden, need_weight, need_bias):
+    """(grad_hidden, grad_weight, grad_bias), each empty when not needed. Each chunk's logits are recomputed and
+    turned into d logits in place (`fold_backward_inplace`, a gather_logprobs_backward_inplace op), then
+    grad_hidden[chunk] = d @ weight (one GEMM over V) and grad_weight += d.T @ hidden[chunk], summed over the
+    chunks in float32 (float64 for float64)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    acc = accumulate_dtype(hidden.dtype)
+    low = hidden.dtype in (torch.float16, torch.bfloat16)
+    grad_hidden = hidden.new_zeros(hidden.shape if need_hidden else (0,))
+    grad_weight = weight.new_zeros(weight.shape if need_weight else (0,), dtype=acc)
+    grad_bias = hidden.new_zeros((V if need_bias else 0,), dtype=acc)
+    rows = _kept_rows(tokens, ignore_index)
+    if rows is not None:
+        hidden, tokens = hidden.index_select(0, rows), tokens.index_select(0, rows)
+        lse, grad_logp = lse.index_select(0, rows), None if grad_logp is None else grad_logp.index_select(0, rows)
+        if entropy.numel():
+            entropy = entropy.index_select(0, rows)
+            grad_entropy = None if grad_entropy is None else grad_entropy.index_select(0, rows)
+    n = hidden.shape[0]
+    if n == 0 or V == 0 or not (need_hidden or need_weight or need_bias):
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(hidden.dtype if bias is None else bias.dtype)
+    step = max(1, min(chunk_size, n))
+    buf = hidden.new_empty((step, V))
+    # tanh(z / softcap) of the chunk, in float32 for 16-bit inputs: 1 - tanh^2 near saturation needs the bits
+    tanh_buf = hidden.new_empty((step, V), dtype=acc) if softcap is not None else None
+    gh_rows = hidden.new_empty((n, hidden.shape[1])) if (need_hidden and rows is not None) else None
+    # 16-bit grad_weight on CPU: torch's CPU matmul has no float32 output for 16-bit inputs, so each chunk's
+    # product is staged in the inputs' dtype, a block of vocabulary rows at a time, and added in float32.
+    fp32_out = low and hidden.device.type == "cuda"
+    stage = None
+    if need_weight and low and not fp32_out:
+        stage = weight.new_empty((min(V, _GRAD_WEIGHT_BLOCK), weight.shape[1]))
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        g = buf[: end - start]
+        h = hidden[start:end]
+        t = None if tanh_buf is None else tanh_buf[: end - start]
+        _chunk_logits(g, h, weight, bias, logit_scale, softcap, t)
+        gl = None if grad_logp is None else grad_logp[start:end]
+        ge = None if grad_entropy is None or entropy.numel() == 0 else grad_entropy[start:end]
+        fold_backward_inplace(gl, ge, g, tokens[start:end], lse[start:end], entropy[start:end] if ge is not None
+                              else entropy, temperature, ignore_index)
+        # d y = d z * (1 - tanh^2) for the softcap, times logit_scale: folded into d once
+        if t is not None:
+            t.square_().neg_().add_(1.0)
+            if logit_scale != 1.0:
+                t.mul_(logit_scale)
+            g.mul_(t)
+        elif logit_scale != 1.0:
+            g.mul_(logit_scale)
+        if need_hidden:
+            target = grad_hidden if gh_rows is None else gh_rows
+            torch.mm(g, weight, out=target[start:end])
+        if need_weight:
+            if not low:
+                grad_weight.addmm_(g.t(), h)
+            elif fp32_out:
+                torch.addmm(grad_weight, g.t(), h, out_dtype=torch.float32, out=grad_weight)
+            else:
+                for v0 in range(0, V, stage.shape[0]):
+                    v1 = min(V, v0 + stage.shape[0])
+                    part = stage[: v1 - v0]
+                    torch.mm(g[:, v0:v1].t(), h, out=part)
+                    grad_weight[v0:v1].add_(part)
+        if need_bias:
+            grad_bias.add_(g.sum(0, dtype=acc))
+    if gh_rows is not None:
+        grad_hidden.index_copy_(0, rows, gh_rows)
+    return (grad_hidden, grad_weight.to(weight.dtype),
+            grad_bias.to(hidden.dtype if bias is None else bias.dtype))
+
+
+def _linear_fake(hidden, weight, tokens, bias, temperature, return_entropy, ignore_index, logit_scale, softcap,
+                 chunk_size):
+    torch._check(hidden.dim() == 2, lambda: "rlkernels.linear_logprobs: hidden must be [N, H] here")
+    torch._check(weight.dim() == 2, lambda: "rlkernels.linear_logprobs: weight must be [V, H] here")
+    acc = accumulate_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    return (hidden.new_empty((n,), dtype=acc), hidden.new_empty((n if return_entropy else 0,), dtype=acc),
+            hidden.new_empty((n,), dtype=acc))
+
+
+def _linear_backward_fake(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy, temperature,
+                          ignore_index, logit_scale, softcap, chunk_size, need_hidden, need_weight, need_bias):
+    V = weight.shape[0]
+    return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,)),
+            hidden.new_empty((V if need_bias else 0,), dtype=hidden.dtype if bias is None else bias.dtype))
+
+
+def define_linear_logprobs(name, fold, fold_backward_inplace, device_types):
+    """Defines rlkernels::<name> and rlkernels::<name>_backward on the given gather_logprobs ops, with their fake
+    kernels and autograd. Returns the forward op."""
+
+    @torch.library.custom_op(f"rlkernels::{name}_backward", mutates_args=(), device_types=device_types)
+    def backward_op(grad_logp: Tensor | None, grad_entropy: Tensor | None, hidden: Tensor, weight: Tensor,
+                    tokens: Tensor, bias: Tensor | None, lse: Tensor, entropy: Tensor, temperature: float,
+                    ignore_index: int | None, logit_scale: float, softcap: float | None, chunk_size: int,
+                    need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+        return linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weight, tokens, bias, lse,
+                               entropy, temperature, ignore_index, logit_scale, softcap, chunk_size, need_hidden,
+                               need_weight, need_bias)
+
+    @torch.library.custom_op(f"rlkernels::{name}", mutates_args=(), device_types=device_types)
+    def forward_op(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None, temperature: float,
+                   return_entropy: bool, ignore_index: int | None, logit_scale: float, softcap: float | None,
+                   chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        return linear_forward(fold, hidden, weight, tokens, bias, temperature, return_entropy, ignore_index,
+                              logit_scale, softcap, chunk_size)
+
+    backward_op.register_fake(_linear_backward_fake)
+    forward_op.register_fake(_linear_fake)
+
+    def setup(ctx, inputs, output):
+        hidden, weight, tokens, bias, temperature, _, ignore_index, logit_scale, softcap, chunk_size = inputs
+        _, entropy, lse = output
+        ctx.scalars = (temperature, ignore_index, logit_scale, softcap, chunk_size)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, weight, tokens, bias, lse, entropy)
+
+    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
+        hidden, weight, tokens, bias, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight, _, need_bias = ctx.needs_input_grad[:4]
+        need_bias = need_bias and ctx.has_bias
+        gh, gw, gb = backward_op(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy, *ctx.scalars,
+                                 need_hidden, need_weight, need_bias)
+        return (gh if need_hidden else None, gw if need_weight else None, None, gb if need_bias else None,
+                None, None, None, None, None, None)
+
+    forward_op.register_autograd(backward, setup_context=setup)
+    return forward_op
+
+
+linear_logprobs = define_linear_logprobs("linear_logprobs", _ops.gather_logprobs, _ops.gather_logprobs_backward_inplace,
+                                         ("cpu", "cuda"))
