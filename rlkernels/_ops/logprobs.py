@@ -105,6 +105,18 @@ def _kept_rows(tokens, ignore_index):
     return keep.nonzero().squeeze(1)
 
 
+def check_token_range(tokens, V, ignore_index):
+    """CPU tokens in [0, V) (or ignore_index): a ValueError naming linear_logprobs, before any matmul runs."""
+    if tokens.device.type != "cpu" or tokens.numel() == 0:
+        return
+    bad = (tokens < 0) | (tokens >= V)
+    if ignore_index is not None:
+        bad &= tokens != ignore_index
+    if bool(bad.any()):
+        raise ValueError(f"rlkernels.linear_logprobs: tokens must be in [0, {V}) (or ignore_index), got "
+                         f"{int(tokens[bad][0])} at row {int(bad.nonzero()[0, 0])}")
+
+
 def _chunk_logits(out, h, weight, bias, logit_scale, softcap, tanh_out=None):
     """out = logit_scale * (h @ weight.T + bias), softcapped; tanh_out (when given) receives tanh(z / softcap)."""
     if bias is not None:
@@ -122,9 +134,11 @@ def _chunk_logits(out, h, weight, bias, logit_scale, softcap, tanh_out=None):
 
 
 def linear_forward(fold, hidden, weight, tokens, bias, temperature, return_entropy, ignore_index, logit_scale,
-                   softcap, chunk_size):
+                   softcap, chunk_size, check_tokens):
     """(logp, entropy, lse) of the rows, one chunk of logits at a time; `fold` is a gather_logprobs op."""
     N, V = hidden.shape[0], weight.shape[0]
+    if check_tokens:
+        check_token_range(tokens, V, ignore_index)
     acc = accumulate_dtype(hidden.dtype)
     logp = hidden.new_zeros((N,), dtype=acc)
     entropy = hidden.new_zeros((N if return_entropy else 0,), dtype=acc)
@@ -247,9 +261,10 @@ def _linear_backward_fake(grad_logp, grad_entropy, hidden, weight, tokens, bias,
             hidden.new_empty((V if need_bias else 0,), dtype=hidden.dtype if bias is None else bias.dtype))
 
 
-def define_linear_logprobs(name, fold, fold_backward_inplace, device_types):
+def define_linear_logprobs(name, fold, fold_backward_inplace, device_types, check_tokens):
     """Defines rlkernels::<name> and rlkernels::<name>_backward on the given gather_logprobs ops, with their fake
-    kernels and autograd. Returns the forward op."""
+    kernels and autograd. Returns the forward op. check_tokens: CPU token ids out of range raise (docs/design.md
+    §4.3: the cpu backend raises, the GPU backends give NaN)."""
 
     @torch.library.custom_op(f"rlkernels::{name}_backward", mutates_args=(), device_types=device_types)
     def backward_op(grad_logp: Tensor | None, grad_entropy: Tensor | None, hidden: Tensor, weight: Tensor,
@@ -265,7 +280,7 @@ def define_linear_logprobs(name, fold, fold_backward_inplace, device_types):
                    return_entropy: bool, ignore_index: int | None, logit_scale: float, softcap: float | None,
                    chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
         return linear_forward(fold, hidden, weight, tokens, bias, temperature, return_entropy, ignore_index,
-                              logit_scale, softcap, chunk_size)
+                              logit_scale, softcap, chunk_size, check_tokens)
 
     backward_op.register_fake(_linear_backward_fake)
     forward_op.register_fake(_linear_fake)
@@ -291,4 +306,4 @@ def define_linear_logprobs(name, fold, fold_backward_inplace, device_types):
 
 
 linear_logprobs = define_linear_logprobs("linear_logprobs", _ops.gather_logprobs, _ops.gather_logprobs_backward_inplace,
-                                         ("cpu", "cuda"))
+                                         ("cpu", "cuda"), check_tokens=True)

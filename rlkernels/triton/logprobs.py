@@ -177,4 +177,4 @@ _formulas.register_gather_logprobs(gather_logprobs, torch.ops.rlkernels.triton_g
 # the Triton kernels above; on CPU tensors under the interpreter, on CUDA tensors compiled.
 linear_logprobs = _formulas.define_linear_logprobs(
     "triton_linear_logprobs", torch.ops.rlkernels.triton_gather_logprobs,
-    torch.ops.rlkernels.triton_gather_logprobs_backward_inplace, ("cpu", "cuda"))
+    torch.ops.rlkernels.triton_gather_logprobs_backward_inplace, ("cpu", "cuda"), check_tokens=False)
