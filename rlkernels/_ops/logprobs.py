@@ -76,11 +76,12 @@ register_gather_logprobs("gather_logprobs", _ops.gather_logprobs_backward, _ops.
 
 Tensor = torch.Tensor
 
-# Bytes of one chunk of logits when chunk_size is None, and the bounds of its rows: on CPU a chunk that stays
-# near the caches and is 2-3% of the unfused path's memory at [2048, 32000]; on GPUs rows enough that each
-# chunk's GEMM is compute-bound (the weight is read once per chunk).
-_CHUNK_BYTES = {"cpu": 16 << 20, "cuda": 512 << 20}
-_CHUNK_ROWS = {"cpu": (32, 2048), "cuda": (512, 16384)}
+# Bytes of one chunk of logits when chunk_size is None, and the bounds of its rows: on CPU 32 MiB, 3% of the
+# unfused forward's memory at [2048, 32000] in float32, with rows enough (256 there) that each chunk's GEMM runs
+# as fast as the whole one; on GPUs rows enough that each chunk's GEMM is compute-bound (the weight is read
+# once per chunk).
+_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
+_CHUNK_ROWS = {"cpu": (64, 4096), "cuda": (512, 16384)}
 # Vocabulary rows per 16-bit grad_weight product on CPU (the partial sums' staging buffer).
 _GRAD_WEIGHT_BLOCK = 8192
 
