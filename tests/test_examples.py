@@ -88,3 +88,14 @@ def test_llm_ppo_step_runs_and_is_deterministic():
     assert stats["history"][0]["ratio_max"] == pytest.approx(1.0, abs=1e-5)
     assert stats["history"][0]["clipfrac"] == 0.0
     assert llm.main(argv)["loss"] == stats["loss"]
+
+
+def test_llm_ppo_step_fused_head_matches_logits_head():
+    llm = load("llm_ppo_step")
+    argv = ["--iterations", "1", "--ppo-epochs", "2", "--batch", "4", "--response-len", "8", "--seed", "2",
+            "--quiet"]
+    fused = llm.main([*argv, "--head", "fused"])["history"]
+    logits = llm.main([*argv, "--head", "logits"])["history"]
+    for a, b in zip(fused, logits, strict=True):
+        for key in ("loss", "pg_loss", "vf_loss", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
