@@ -1091,10 +1091,12 @@ def test_linear_opcheck():
     tokens[2] = -1
     for bias in (None, b):
         for softcap in (None, 3.0):
-            args = (hidden.requires_grad_(), weight.requires_grad_(), tokens, bias, 0.9, True, -1, 0.7, softcap, 4)
-            torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args)
+            for tile in (37, 16):
+                args = (hidden.requires_grad_(), weight.requires_grad_(), tokens, bias, 0.9, True, -1, 0.7, softcap,
+                        4, 5, tile)
+                torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args)
     hidden, weight = hidden.detach(), weight.detach()
-    logp, ent, lse = torch.ops.rlkernels.linear_logprobs(hidden, weight, tokens, b, 0.9, True, -1, 0.7, 3.0, 4)
+    logp, ent, lse = torch.ops.rlkernels.linear_logprobs(hidden, weight, tokens, b, 0.9, True, -1, 0.7, 3.0, 4, 4, 37)
     g = torch.randn(6)
     for grads in ((g, g.flip(0)), (g, None), (None, g)):
         torch.library.opcheck(torch.ops.rlkernels.linear_logprobs_backward.default,
@@ -1255,3 +1257,48 @@ def test_linear_gpu_memory_is_flat_in_n(backend):
     # one chunk of logits, the float32 grad_weight and its 16-bit copy, grad_hidden: far below [N, V]
     assert peaks[1] - peaks[0] < 16384 * H * 8
     assert peaks[1] < 2 * chunk + V * H * 8 + 16384 * H * 4
+
+
+@pytest.mark.parametrize("backend", backends(*LINEAR_OPS, cpu_tensors=True, include=("cpu", "triton")))
+@pytest.mark.parametrize("keep_ignored_rows", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_linear_forward_vocabulary_tiles(dtype, keep_ignored_rows, backend, monkeypatch):
+    """The default forward's tiles over part of the vocabulary, merged as shards (several tiles and rows chunks,
+    a ragged last tile); with keep_ignored_rows, ignored rows go through the tiles as on a GPU."""
+    from rlkernels._ops import logprobs as ops
+
+    monkeypatch.setattr(ops, "_CHUNK_BYTES", {"cpu": 4 * 40 * dtype.itemsize, "cuda": 1 << 20})
+    monkeypatch.setattr(ops, "_CHUNK_ROWS", {"cpu": (1, 4), "cuda": (1, 4)})
+    monkeypatch.setattr(ops, "_MIN_VOCAB_TILE", 1)
+    monkeypatch.setattr(ops, "_VOCAB_ALIGN", 1)
+    if keep_ignored_rows:
+        monkeypatch.setattr(ops, "_kept_rows", lambda tokens, ignore_index: None)
+    rows, cols = ops.default_forward_tiles(10, 97, dtype, "cpu")
+    assert (rows, cols) == (4, 40)  # three row chunks of three tiles, the last ones ragged
+    hidden, weight, b, tokens = linear_inputs((10,), 12, 97, dtype, bias=True, seed=91)
+    tokens[[1, 6]] = -100
+    tokens[2], tokens[3] = 0, 96  # the first and the last column
+    kw = dict(bias=b, temperature=0.9, ignore_index=-100, logit_scale=0.8, softcap=5.0)
+    ops_tiles = []
+    real_fold = ops._fold_tiles
+
+    def counting_fold(*args):
+        ops_tiles.append(1)
+        return real_fold(*args)
+
+    monkeypatch.setattr(ops, "_fold_tiles", counting_fold)
+    h = hidden.clone().requires_grad_()
+    logp, ent = rlkernels.linear_logprobs(h, weight, tokens, return_entropy=True, backend=backend, **kw)
+    assert ops_tiles, f"the forward took one tile per row ({rows} x {cols})"
+    want_logp, want_ent = linear_oracle(hidden, weight, tokens, **kw)
+    tol = linear_tol(dtype, 12)
+    assert_close(logp, want_logp, **tol, name="logp")
+    assert_close(ent, want_ent, **tol, name="entropy")
+    assert logp[1] == 0 and ent[6] == 0
+    (logp.sum() + ent.sum()).backward()
+    ref = hidden.double().requires_grad_()
+    wl, we = linear_oracle(ref, weight, tokens, **kw)
+    (wl.sum() + we.sum()).backward()
+    size = float(ref.grad.abs().max())
+    rel = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 6e-2)
+    assert_close(h.grad, ref.grad, atol=rel * size, rtol=rel, scale=1.0, name="d hidden")

@@ -81,18 +81,33 @@ Tensor = torch.Tensor
 # as fast as the whole one; on GPUs rows enough that each chunk's GEMM is compute-bound (the weight is read
 # once per chunk).
 _CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
-_CHUNK_ROWS = {"cpu": (64, 4096), "cuda": (512, 16384)}
+_CHUNK_ROWS = {"cpu": (64, 2048), "cuda": (512, 8192)}
+# The narrowest vocabulary tile of the forward's default tiling, and the multiple its width is rounded to.
+_MIN_VOCAB_TILE = 1024
+_VOCAB_ALIGN = 256
 # Vocabulary rows per 16-bit grad_weight product on CPU (the partial sums' staging buffer).
 _GRAD_WEIGHT_BLOCK = 8192
 
 
 def default_chunk_rows(n: int, v: int, dtype: torch.dtype, device_type: str) -> int:
-    """Rows of logits per chunk when chunk_size is None: a fixed byte budget, so memory is flat in N."""
+    """Rows of logits per chunk of the backward when chunk_size is None: a fixed byte budget, so memory is flat
+    in N."""
     kind = "cpu" if device_type == "cpu" else "cuda"
     lo, hi = _CHUNK_ROWS[kind]
     rows = _CHUNK_BYTES[kind] // (max(v, 1) * dtype.itemsize)
     rows = max(lo, min(hi, rows // 16 * 16))
     return max(1, min(n, rows))
+
+
+def default_forward_tiles(n: int, v: int, dtype: torch.dtype, device_type: str) -> tuple[int, int]:
+    """(rows, vocabulary columns) of the forward's tiles of logits when chunk_size is None: the same byte budget
+    as the backward's chunks, spent on more rows and fewer columns (a GEMM over more rows runs closer to the
+    speed of the whole one). One tile spans V when the budget holds the rows' whole logits."""
+    kind = "cpu" if device_type == "cpu" else "cuda"
+    rows = max(1, min(n, _CHUNK_ROWS[kind][1]))
+    cols = _CHUNK_BYTES[kind] // (rows * dtype.itemsize)
+    cols = max(_MIN_VOCAB_TILE, cols // _VOCAB_ALIGN * _VOCAB_ALIGN)
+    return rows, (v if cols >= v else cols)
 
 
 def _kept_rows(tokens, ignore_index):
@@ -134,9 +149,45 @@ def _chunk_logits(out, h, weight, bias, logit_scale, softcap, tanh_out=None):
             torch.mul(tanh_out, softcap, out=out)
 
 
+def _fold_tiles(fold, z_tiles, tokens, temperature, return_entropy, ignore_index):
+    """(logp, entropy, lse) of rows whose logits come in vocabulary tiles: each tile is folded by `fold` (a
+    gather_logprobs op) into its own (lse_t, entropy_t) and its target's logit where the token falls in it, and
+    the tiles' states are merged as vocabulary shards merge (docs/design.md §4.7): lse = logsumexp_t lse_t,
+    E[z] = sum_t exp(lse_t - lse) (lse_t - H_t), H = lse - E[z]. `z_tiles` yields (v0, tile)."""
+    lse = ez = zt = None
+    ignored = None if ignore_index is None else tokens == ignore_index
+    for v0, z in z_tiles:
+        local = tokens - v0
+        inside = (local >= 0) & (local < z.shape[1])
+        if ignored is not None:
+            inside = inside & ~ignored
+        tok = torch.where(inside, local, torch.zeros_like(local))
+        if ignored is not None:  # the fold skips ignored rows (their state is 0, merged away below)
+            tok = torch.where(ignored, torch.full_like(local, ignore_index), tok)
+        lp_t, en_t, ls_t = fold(z, tok, temperature, return_entropy, ignore_index, False)
+        target = torch.where(inside, lp_t + ls_t, torch.zeros_like(ls_t))
+        if lse is None:
+            lse, zt = ls_t, target
+            ez = (ls_t - en_t) if return_entropy else None
+            continue
+        new = torch.logaddexp(lse, ls_t)
+        if return_entropy:
+            ez = torch.exp(lse - new) * ez + torch.exp(ls_t - new) * (ls_t - en_t)
+        lse, zt = new, zt + target
+    logp = zt - lse
+    entropy = (lse - ez) if return_entropy else lse.new_zeros((0,))
+    if ignored is not None:
+        zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+        logp, lse = torch.where(ignored, zero, logp), torch.where(ignored, zero, lse)
+        if return_entropy:
+            entropy = torch.where(ignored, zero, entropy)
+    return logp, entropy, lse
+
+
 def linear_forward(fold, hidden, weight, tokens, bias, temperature, return_entropy, ignore_index, logit_scale,
-                   softcap, chunk_size, check_tokens):
-    """(logp, entropy, lse) of the rows, one chunk of logits at a time; `fold` is a gather_logprobs op."""
+                   softcap, rows_per_tile, vocab_tile, check_tokens):
+    """(logp, entropy, lse) of the rows, one tile of logits (rows_per_tile x vocab_tile) at a time; `fold` is a
+    gather_logprobs op. A tile spanning V is folded directly; narrower tiles are merged by _fold_tiles."""
     N, V = hidden.shape[0], weight.shape[0]
     if check_tokens:
         check_token_range(tokens, V, ignore_index)
@@ -150,14 +201,27 @@ def linear_forward(fold, hidden, weight, tokens, bias, temperature, return_entro
     n = hidden.shape[0]
     if n == 0:
         return logp, entropy, lse
-    step = max(1, min(chunk_size, n))
-    buf = hidden.new_empty((step, V))
+    step = max(1, min(rows_per_tile, n))
+    width = max(1, min(vocab_tile, V))
+    buf = hidden.new_empty((step, width))
     outs = []
     for start in range(0, n, step):
         end = min(n, start + step)
-        z = buf[: end - start]
-        _chunk_logits(z, hidden[start:end], weight, bias, logit_scale, softcap)
-        outs.append(fold(z, tokens[start:end], temperature, return_entropy, ignore_index, False))
+        h, tok = hidden[start:end], tokens[start:end]
+        if width == V:
+            z = buf[: end - start]
+            _chunk_logits(z, h, weight, bias, logit_scale, softcap)
+            outs.append(fold(z, tok, temperature, return_entropy, ignore_index, False))
+            continue
+
+        def tiles(h=h, rows=end - start):
+            for v0 in range(0, V, width):
+                v1 = min(V, v0 + width)
+                z = buf[:rows, : v1 - v0]
+                _chunk_logits(z, h, weight[v0:v1], None if bias is None else bias[v0:v1], logit_scale, softcap)
+                yield v0, z
+
+        outs.append(_fold_tiles(fold, tiles(), tok, temperature, return_entropy, ignore_index))
     if len(outs) == 1:
         lp, en, ls = outs[0]
     else:
@@ -245,7 +309,7 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
 
 
 def _linear_fake(hidden, weight, tokens, bias, temperature, return_entropy, ignore_index, logit_scale, softcap,
-                 chunk_size):
+                 chunk_size, forward_rows, vocab_tile):
     torch._check(hidden.dim() == 2, lambda: "rlkernels.linear_logprobs: hidden must be [N, H] here")
     torch._check(weight.dim() == 2, lambda: "rlkernels.linear_logprobs: weight must be [V, H] here")
     acc = accumulate_dtype(hidden.dtype)
@@ -279,15 +343,16 @@ def define_linear_logprobs(name, fold, fold_backward_inplace, device_types, chec
     @torch.library.custom_op(f"rlkernels::{name}", mutates_args=(), device_types=device_types)
     def forward_op(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None, temperature: float,
                    return_entropy: bool, ignore_index: int | None, logit_scale: float, softcap: float | None,
-                   chunk_size: int) -> tuple[Tensor, Tensor, Tensor]:
+                   chunk_size: int, forward_rows: int, vocab_tile: int) -> tuple[Tensor, Tensor, Tensor]:
+        """chunk_size: rows per chunk of the backward; (forward_rows, vocab_tile): the forward's tiles."""
         return linear_forward(fold, hidden, weight, tokens, bias, temperature, return_entropy, ignore_index,
-                              logit_scale, softcap, chunk_size, check_tokens)
+                              logit_scale, softcap, forward_rows, vocab_tile, check_tokens)
 
     backward_op.register_fake(_linear_backward_fake)
     forward_op.register_fake(_linear_fake)
 
     def setup(ctx, inputs, output):
-        hidden, weight, tokens, bias, temperature, _, ignore_index, logit_scale, softcap, chunk_size = inputs
+        hidden, weight, tokens, bias, temperature, _, ignore_index, logit_scale, softcap, chunk_size, _, _ = inputs
         _, entropy, lse = output
         ctx.scalars = (temperature, ignore_index, logit_scale, softcap, chunk_size)
         ctx.has_bias = bias is not None
@@ -300,7 +365,7 @@ def define_linear_logprobs(name, fold, fold_backward_inplace, device_types, chec
         gh, gw, gb = backward_op(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy, *ctx.scalars,
                                  need_hidden, need_weight, need_bias)
         return (gh if need_hidden else None, gw if need_weight else None, None, gb if need_bias else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
     forward_op.register_autograd(backward, setup_context=setup)
     return forward_op
