@@ -264,7 +264,7 @@ def test_discount_outside_unit_interval(op, name, value):
 @pytest.mark.parametrize("op", SCAN_OPS)
 @pytest.mark.parametrize("name", ["gamma", "lam"])
 @pytest.mark.parametrize(
-    "value", ["0.9", None, True, torch.tensor(0.9)], ids=["str", "None", "bool", "tensor"]
+    "value", ["0.9", None, True, torch.tensor(True)], ids=["str", "None", "bool", "bool-tensor"]
 )
 def test_discount_wrong_type(op, name, value):
     if name == "lam" and op == "discounted_returns":

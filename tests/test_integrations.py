@@ -20,6 +20,7 @@ from conftest import assert_close
 
 from rlkernels.bench.trainers import cleanrl_dqn_update as _cleanrl_dqn
 from rlkernels.bench.trainers import cleanrl_gae as _cleanrl_gae
+from rlkernels.bench.trainers import cleanrl_ppo_losses as _cleanrl_ppo_losses
 from rlkernels.bench.trainers import sb3_dqn_targets as _sb3_dqn_targets
 from rlkernels.bench.trainers import verl_compute_gae_advantage_return as _verl_gae
 from rlkernels.bench.trainers import verl_compute_policy_loss as _verl_policy_loss
@@ -207,6 +208,117 @@ def test_torchrl_errors_name_the_argument(ours_torchrl):
         ours_torchrl.vtrace_advantage_estimate(0.9, r, r, v, nv, r, done, rho_thresh=0.0)
     with pytest.raises(ValueError, match="log_mu"):
         ours_torchrl.vtrace_advantage_estimate(0.9, r, r[:1], v, nv, r, done)
+
+
+# ====================================================================================================
+# TorchRL's modules: ValueEstimator classes on a real rollout (SerialEnv, StepCounter time limit)
+# ====================================================================================================
+
+
+@pytest.fixture(scope="module")
+def torchrl_rollout():
+    """Two CartPole envs in a SerialEnv with a 30-step time limit, 100 steps of a stochastic linear policy:
+    episodes end both by termination (the pole falls) and by truncation (StepCounter), mid-rollout."""
+    pytest.importorskip("torchrl")
+    pytest.importorskip("gymnasium")
+    from tensordict.nn import InteractionType, TensorDictModule
+    from torchrl.envs import GymEnv, SerialEnv, StepCounter, TransformedEnv
+    from torchrl.modules import OneHotCategorical, ProbabilisticActor
+
+    torch.manual_seed(0)
+    env = SerialEnv(2, lambda: TransformedEnv(GymEnv("CartPole-v1"), StepCounter(max_steps=30)))
+    env.set_seed(0)
+    actor = ProbabilisticActor(TensorDictModule(torch.nn.Linear(4, 2), in_keys=["observation"], out_keys=["logits"]),
+                               in_keys=["logits"], distribution_class=OneHotCategorical, return_log_prob=True,
+                               spec=env.action_spec, default_interaction_type=InteractionType.RANDOM)
+    value_net = TensorDictModule(torch.nn.Linear(4, 1), in_keys=["observation"], out_keys=["state_value"])
+    with torch.no_grad():
+        data = env.rollout(100, actor, break_when_any_done=False)
+    env.close()
+    nxt = data["next"]
+    assert nxt["terminated"].any() and (nxt["truncated"] & ~nxt["terminated"]).any()
+    return data, actor, value_net
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("GAE", {"gamma": 0.99, "lmbda": 0.95}),
+    ("GAE", {"gamma": 0.9, "lmbda": 0.8, "vectorized": False, "average_gae": True}),
+    ("GAE", {"gamma": 0.97, "lmbda": 0.9, "shifted": True}),
+    ("TDLambdaEstimator", {"gamma": 0.99, "lmbda": 0.95}),
+    ("TDLambdaEstimator", {"gamma": 0.9, "lmbda": 0.7, "vectorized": False}),
+    ("VTrace", {"gamma": 0.99}),
+    ("VTrace", {"gamma": 0.95, "rho_thresh": 2.0, "c_thresh": 0.5}),
+])
+def test_torchrl_modules_equal_torchrl_on_a_rollout(torchrl_rollout, ours_torchrl, monkeypatch, name, kwargs):
+    from torchrl.objectives import value as trl_value
+
+    data, actor, value_net = torchrl_rollout
+    if name == "VTrace":  # off-policy: the learner's policy moved away from the one that collected the data
+        actor = copy.deepcopy(actor)
+        with torch.no_grad():
+            actor.module[0].module.weight.add_(0.5)
+        kwargs = {**kwargs, "actor_network": actor}
+    theirs = getattr(trl_value, name)(value_network=value_net, **kwargs)
+    ours = getattr(ours_torchrl, name)(value_network=value_net, **kwargs)
+    assert isinstance(ours, getattr(trl_value, name))
+    calls = []
+    for fn in ("vec_generalized_advantage_estimate", "generalized_advantage_estimate", "vec_td_lambda_return_estimate",
+               "td_lambda_return_estimate", "vtrace_advantage_estimate"):
+        original = getattr(ours_torchrl, fn)
+        monkeypatch.setattr(ours_torchrl, fn, lambda *a, _f=original, **k: calls.append(a[0]) or _f(*a, **k))
+    torch.manual_seed(1)  # VTrace's actor samples: the same seed for both
+    exp = theirs(data.clone())
+    torch.manual_seed(1)
+    got = ours(data.clone())
+    assert calls and all(type(g) is float for g in calls), "the estimator must get the module's host gamma"
+    for key in ("advantage", "value_target"):
+        assert_close(got[key], exp[key], F32, name=key)
+
+
+def test_torchrl_gae_in_a_ppo_loss(torchrl_rollout, ours_torchrl, monkeypatch):
+    from torchrl.objectives import ClipPPOLoss
+    from torchrl.objectives.value import GAE as TorchRLGAE
+
+    import rlkernels
+
+    data, actor, value_net = torchrl_rollout
+    spy = []
+    monkeypatch.setattr(rlkernels, "gae", lambda *a, _f=rlkernels.gae, **k: spy.append(1) or _f(*a, **k))
+    results = []
+    # (Assigning loss.value_estimator = module does not reach TorchRL's property setter: nn.Module registers the
+    # module as a child named value_estimator instead, for TorchRL's estimators as for these.)
+    for how in ("torchrl", "instance", "class"):
+        loss = ClipPPOLoss(actor, value_net)
+        if how == "torchrl":
+            loss.make_value_estimator(TorchRLGAE(gamma=0.9, lmbda=0.9, value_network=value_net))
+        elif how == "instance":
+            loss.make_value_estimator(ours_torchrl.GAE(gamma=0.9, lmbda=0.9, value_network=value_net))
+        else:
+            loss.make_value_estimator(ours_torchrl.GAE, gamma=0.9, lmbda=0.9, value_network=value_net)
+        assert isinstance(loss.value_estimator, ours_torchrl.GAE) == (how != "torchrl")
+        out = loss(data.clone())  # without an "advantage" entry, the loss calls its value estimator
+        adv = loss.value_estimator(data.clone())["advantage"]
+        results.append((adv, out["loss_objective"].detach(), out["loss_critic"].detach()))
+    assert len(spy) == 2 * 2
+    for got in results[1:]:
+        for o, e, n in zip(got, results[0], ("advantage", "loss_objective", "loss_critic")):
+            assert_close(o, e, F32, name=n)
+
+
+def test_torchrl_module_rereads_gamma_written_in_place(torchrl_rollout, ours_torchrl):
+    from torchrl.objectives.value import GAE as TorchRLGAE
+
+    data, _, value_net = torchrl_rollout
+    ours = ours_torchrl.GAE(gamma=0.99, lmbda=0.95, value_network=value_net)
+    first = ours(data.clone())["advantage"]
+    with torch.no_grad():
+        ours.gamma.fill_(0.5)  # also what load_state_dict does
+    got = ours(data.clone())["advantage"]
+    exp = TorchRLGAE(gamma=0.5, lmbda=0.95, value_network=value_net)(data.clone())["advantage"]
+    assert not torch.allclose(first, exp)
+    assert_close(got, exp, F32)
+    ours.load_state_dict({"gamma": torch.tensor(0.99), "lmbda": torch.tensor(0.95)}, strict=False)
+    assert_close(ours(data.clone())["advantage"], first, F32)
 
 
 # ====================================================================================================
@@ -445,6 +557,73 @@ def test_cleanrl_errors_name_the_argument():
         compute_gae(rewards, values, dones, next_value, next_done, 0.99, 1.5)
     with pytest.raises(TypeError, match="rewards"):
         compute_gae(rewards.long(), values, dones, next_value, next_done, 0.99, 0.95)
+
+
+def _cleanrl_minibatch(n, seed, dtype=F32):
+    g = torch.Generator().manual_seed(seed)
+    logprobs = _randn((n,), g, dtype, 0.5) - 1.0
+    newlogprob = logprobs + _randn((n,), g, dtype, 0.3)  # |ratio - 1| > 0.2 for many samples
+    advantages, newvalue, values = (_randn((n,), g, dtype) for _ in range(3))
+    returns = values + _randn((n,), g, dtype)
+    return newlogprob, logprobs, advantages, newvalue[:, None], values, returns  # newvalue [n, 1] as the critic's
+
+
+@pytest.mark.parametrize("norm_adv,clip_vloss", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_cleanrl_ppo_loss(dtype, norm_adv, clip_vloss):
+    from rlkernels.integrations import cleanrl
+
+    newlogprob, logprobs, adv, newvalue, values, returns = _cleanrl_minibatch(256, 3, dtype)
+    ins = [newlogprob.clone().requires_grad_(True), newvalue.clone().requires_grad_(True)]
+    exp = _cleanrl_ppo_losses(ins[0], logprobs, adv, ins[1], values, returns, 0.2, norm_adv, clip_vloss)
+    eg = torch.autograd.grad(exp[0] + exp[1], ins)
+    got_ins = [newlogprob.clone().requires_grad_(True), newvalue.clone().requires_grad_(True)]
+    pg, v, stats = cleanrl.ppo_loss(got_ins[0], logprobs, adv, got_ins[1], values, returns, 0.2, norm_adv=norm_adv,
+                                    clip_vloss=clip_vloss)
+    og = torch.autograd.grad(pg + v, got_ins)
+    assert_close(pg, exp[0], dtype, name="pg_loss")
+    assert_close(v, exp[1], dtype, name="v_loss")
+    for name, e in zip(("old_approx_kl", "approx_kl", "clipfrac"), exp[2:]):
+        assert_close(stats[name], e, dtype, name=name)
+    for o, e, n in zip(og, eg, ("newlogprob", "newvalue")):
+        assert_close(o, e, dtype, name=f"grad {n}")
+
+
+def test_cleanrl_ppo_stats_are_cleanrls_not_the_core_ops():
+    # Same batch, same names, other definitions: the core op counts a clipped sample only where clipping changes
+    # the loss, and its approx_kl is k1; CleanRL's --target-kl early stop compares k3.
+    import rlkernels
+    from rlkernels.integrations import cleanrl
+
+    newlogprob, logprobs, adv, newvalue, values, returns = _cleanrl_minibatch(512, 4)
+    _, _, old_kl, k3, clipfrac = _cleanrl_ppo_losses(newlogprob, logprobs, adv, newvalue, values, returns, 0.2,
+                                                     False, True)
+    _, core = rlkernels.ppo_policy_loss(newlogprob, logprobs, adv, clip_low=0.2)
+    _, _, stats = cleanrl.ppo_loss(newlogprob, logprobs, adv, newvalue, values, returns, 0.2, norm_adv=False)
+    assert abs(float(core["clipfrac"]) - float(clipfrac)) > 0.1
+    assert abs(float(core["approx_kl"]) - float(k3)) > 1e-3
+    assert_close(core["approx_kl"], old_kl, F32)
+    assert_close(stats["clipfrac"], clipfrac, F32)
+    assert_close(stats["approx_kl"], k3, F32)
+
+
+def test_cleanrl_ppo_loss_errors_name_the_argument():
+    from rlkernels.integrations import cleanrl
+
+    newlogprob, logprobs, adv, newvalue, values, returns = _cleanrl_minibatch(16, 0)
+    cases = [
+        ("logprobs", {"logprobs": logprobs[:8]}),
+        ("newvalue", {"newvalue": newvalue[:8]}),
+        ("advantages", {"advantages": adv.long()}),
+        ("clip_coef", {"clip_coef": -0.1}),
+        ("newlogprob", {"newlogprob": newlogprob[None]}),
+    ]
+    for name, change in cases:
+        args = {"newlogprob": newlogprob, "logprobs": logprobs, "advantages": adv, "newvalue": newvalue,
+                "values": values, "returns": returns, "clip_coef": 0.2}
+        args.update(change)
+        with pytest.raises((TypeError, ValueError), match=name):
+            cleanrl.ppo_loss(**args)
 
 
 @pytest.mark.filterwarnings("ignore:Using a target size")  # B = 1: CleanRL's squeeze() leaves a 0-d old_val
