@@ -91,9 +91,9 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, retur
     ``hidden`` is [..., H], ``weight`` [V, H] (an ``nn.Linear``'s weight), ``bias`` [V] or None, ``tokens`` [...]
     (any integer dtype, hidden's leading shape); float inputs of different dtypes are promoted to a common one.
     Returns logp, or (logp, entropy) with ``return_entropy=True``, shaped like ``tokens``, float32 (float64 for
-    float64 inputs). The logits are made ``chunk_size`` rows at a time (None: a budget of bytes per chunk chosen
-    from V and the device, so memory is flat in N; the forward then takes tiles of more rows and part of the
-    vocabulary) and folded into the online log-sum-exp state; rows whose token
+    float64 inputs). The logits are made ``chunk_size`` rows at a time (None: tiles of up to 2048 rows (8192 on
+    GPUs) and part of the vocabulary within a budget of bytes, so memory is flat in N) and folded into the online
+    log-sum-exp state; rows whose token
     equals ``ignore_index`` give 0 and no gradient (on CPU they are not computed at all).
 
     Differentiable in ``hidden``, ``weight`` and ``bias``: the backward recomputes each chunk of logits, turns it
@@ -152,13 +152,12 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, retur
     rows = hidden.reshape(-1, H)
     tok = tokens.reshape(-1).to(torch.int64)
     if chunk_size is None:
-        chunk_size = dispatch.default_chunk_rows(rows.shape[0], V, dtype, hidden.device.type)
-        forward_rows, vocab_tile = dispatch.default_forward_tiles(rows.shape[0], V, dtype, hidden.device.type)
+        chunk_size, vocab_tile = dispatch.default_tiles(rows.shape[0], V, dtype, hidden.device.type)
     else:
-        forward_rows, vocab_tile = chunk_size, V
+        vocab_tile = V
     fn = dispatch.kernel(op, impl)
     logp, entropy, _ = fn(rows, weight, tok, bias, temperature, return_entropy, ignore_index, logit_scale, softcap,
-                          chunk_size, forward_rows, vocab_tile)
+                          chunk_size, vocab_tile)
     logp = logp.reshape(tokens.shape)
     if return_entropy:
         return logp, entropy.reshape(tokens.shape)

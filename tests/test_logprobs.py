@@ -1076,14 +1076,18 @@ def test_linear_forward_allocates_no_logits_sized_tensor():
     assert 0 < largest <= 16 * V * 4  # one chunk of logits
 
 
-def test_linear_default_chunk_is_flat_in_n():
-    from rlkernels._ops.logprobs import default_chunk_rows
+def test_linear_default_tiles_are_flat_in_n():
+    from rlkernels._ops.logprobs import default_tiles
 
-    for V in (1000, 32000, 151936):
-        for dtype in (torch.float32, torch.bfloat16):
-            rows = [default_chunk_rows(n, V, dtype, "cpu") for n in (4096, 1 << 16, 1 << 20)]
-            assert rows[0] == rows[1] == rows[2] and 1 <= rows[0] <= 4096
-    assert default_chunk_rows(3, 32000, torch.float32, "cpu") == 3
+    for device in ("cpu", "cuda"):
+        for V in (1000, 32000, 151936):
+            for dtype in (torch.float32, torch.bfloat16):
+                tiles = [default_tiles(n, V, dtype, device) for n in (16384, 1 << 16, 1 << 20)]
+                assert tiles[0] == tiles[1] == tiles[2], tiles
+                rows, cols = tiles[0]
+                assert 1 <= cols <= V and rows * cols * dtype.itemsize <= (512 << 20)
+    assert default_tiles(3, 32000, torch.float32, "cpu") == (3, 32000)
+    assert default_tiles(2048, 32000, torch.float32, "cpu") == (2048, 4096)
 
 
 def test_linear_opcheck():
@@ -1093,15 +1097,16 @@ def test_linear_opcheck():
         for softcap in (None, 3.0):
             for tile in (37, 16):
                 args = (hidden.requires_grad_(), weight.requires_grad_(), tokens, bias, 0.9, True, -1, 0.7, softcap,
-                        4, 5, tile)
+                        4, tile)
                 torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args)
     hidden, weight = hidden.detach(), weight.detach()
-    logp, ent, lse = torch.ops.rlkernels.linear_logprobs(hidden, weight, tokens, b, 0.9, True, -1, 0.7, 3.0, 4, 4, 37)
+    logp, ent, lse = torch.ops.rlkernels.linear_logprobs(hidden, weight, tokens, b, 0.9, True, -1, 0.7, 3.0, 4, 37)
     g = torch.randn(6)
     for grads in ((g, g.flip(0)), (g, None), (None, g)):
-        torch.library.opcheck(torch.ops.rlkernels.linear_logprobs_backward.default,
-                              (*grads, hidden, weight, tokens, b, lse, ent, 0.9, -1, 0.7, 3.0, 4,
-                               True, True, True))
+        for tile in (37, 16):
+            torch.library.opcheck(torch.ops.rlkernels.linear_logprobs_backward.default,
+                                  (*grads, hidden, weight, tokens, b, lse, ent, 0.9, -1, 0.7, 3.0, 4, tile,
+                                   True, True, True))
 
 
 def test_linear_torch_compile_fullgraph():
@@ -1262,9 +1267,10 @@ def test_linear_gpu_memory_is_flat_in_n(backend):
 @pytest.mark.parametrize("backend", backends(*LINEAR_OPS, cpu_tensors=True, include=("cpu", "triton")))
 @pytest.mark.parametrize("keep_ignored_rows", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_linear_forward_vocabulary_tiles(dtype, keep_ignored_rows, backend, monkeypatch):
-    """The default forward's tiles over part of the vocabulary, merged as shards (several tiles and rows chunks,
-    a ragged last tile); with keep_ignored_rows, ignored rows go through the tiles as on a GPU."""
+def test_linear_vocabulary_tiles(dtype, keep_ignored_rows, backend, monkeypatch):
+    """The default tiles over part of the vocabulary (several tiles and row chunks, a ragged last tile), merged as
+    shards in the forward and summed in the backward; with keep_ignored_rows, ignored rows go through the tiles
+    as on a GPU."""
     from rlkernels._ops import logprobs as ops
 
     monkeypatch.setattr(ops, "_CHUNK_BYTES", {"cpu": 4 * 40 * dtype.itemsize, "cuda": 1 << 20})
@@ -1273,7 +1279,7 @@ def test_linear_forward_vocabulary_tiles(dtype, keep_ignored_rows, backend, monk
     monkeypatch.setattr(ops, "_VOCAB_ALIGN", 1)
     if keep_ignored_rows:
         monkeypatch.setattr(ops, "_kept_rows", lambda tokens, ignore_index: None)
-    rows, cols = ops.default_forward_tiles(10, 97, dtype, "cpu")
+    rows, cols = ops.default_tiles(10, 97, dtype, "cpu")
     assert (rows, cols) == (4, 40)  # three row chunks of three tiles, the last ones ragged
     hidden, weight, b, tokens = linear_inputs((10,), 12, 97, dtype, bias=True, seed=91)
     tokens[[1, 6]] = -100
@@ -1287,18 +1293,22 @@ def test_linear_forward_vocabulary_tiles(dtype, keep_ignored_rows, backend, monk
         return real_fold(*args)
 
     monkeypatch.setattr(ops, "_fold_tiles", counting_fold)
-    h = hidden.clone().requires_grad_()
-    logp, ent = rlkernels.linear_logprobs(h, weight, tokens, return_entropy=True, backend=backend, **kw)
+    h, w, bb = hidden.clone().requires_grad_(), weight.clone().requires_grad_(), b.clone().requires_grad_()
+    logp, ent = rlkernels.linear_logprobs(h, w, tokens, return_entropy=True, backend=backend,
+                                          **{**kw, "bias": bb})
     assert ops_tiles, f"the forward took one tile per row ({rows} x {cols})"
     want_logp, want_ent = linear_oracle(hidden, weight, tokens, **kw)
     tol = linear_tol(dtype, 12)
     assert_close(logp, want_logp, **tol, name="logp")
     assert_close(ent, want_ent, **tol, name="entropy")
     assert logp[1] == 0 and ent[6] == 0
-    (logp.sum() + ent.sum()).backward()
-    ref = hidden.double().requires_grad_()
-    wl, we = linear_oracle(ref, weight, tokens, **kw)
-    (wl.sum() + we.sum()).backward()
-    size = float(ref.grad.abs().max())
+    g = torch.Generator().manual_seed(92)
+    g_logp, g_ent = torch.randn(10, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    (logp * g_logp.to(logp) + ent * g_ent.to(ent)).sum().backward()
+    ref = [x.double().requires_grad_() for x in (hidden, weight, b)]
+    wl, we = linear_oracle(ref[0], ref[1], tokens, **{**kw, "bias": ref[2]})
+    (wl * g_logp + we * g_ent).sum().backward()
     rel = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 6e-2)
-    assert_close(h.grad, ref.grad, atol=rel * size, rtol=rel, scale=1.0, name="d hidden")
+    for name, got, want in zip(("hidden", "weight", "bias"), (h, w, bb), ref):
+        size = float(want.grad.abs().max())
+        assert_close(got.grad, want.grad, atol=rel * size, rtol=rel, scale=1.0, name=f"d {name}")

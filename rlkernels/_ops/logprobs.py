@@ -76,33 +76,23 @@ register_gather_logprobs("gather_logprobs", _ops.gather_logprobs_backward, _ops.
 
 Tensor = torch.Tensor
 
-# Bytes of one chunk of logits when chunk_size is None, and the bounds of its rows: on CPU 32 MiB, 3% of the
-# unfused forward's memory at [2048, 32000] in float32, with rows enough (256 there) that each chunk's GEMM runs
-# as fast as the whole one; on GPUs rows enough that each chunk's GEMM is compute-bound (the weight is read
-# once per chunk).
+# Bytes of one tile of logits when chunk_size is None, and the bounds of its rows: on CPU 32 MiB, 4% of the
+# unfused forward's memory at [2048, 32000] in float32; on GPUs 512 MiB, rows enough that each tile's GEMM is
+# compute-bound (the weight is read once per row chunk).
 _CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
 _CHUNK_ROWS = {"cpu": (64, 2048), "cuda": (512, 8192)}
-# The narrowest vocabulary tile of the forward's default tiling, and the multiple its width is rounded to.
+# The narrowest vocabulary tile of the default tiling, and the multiple its width is rounded to.
 _MIN_VOCAB_TILE = 1024
 _VOCAB_ALIGN = 256
 # Vocabulary rows per 16-bit grad_weight product on CPU (the partial sums' staging buffer).
 _GRAD_WEIGHT_BLOCK = 8192
 
 
-def default_chunk_rows(n: int, v: int, dtype: torch.dtype, device_type: str) -> int:
-    """Rows of logits per chunk of the backward when chunk_size is None: a fixed byte budget, so memory is flat
-    in N."""
-    kind = "cpu" if device_type == "cpu" else "cuda"
-    lo, hi = _CHUNK_ROWS[kind]
-    rows = _CHUNK_BYTES[kind] // (max(v, 1) * dtype.itemsize)
-    rows = max(lo, min(hi, rows // 16 * 16))
-    return max(1, min(n, rows))
-
-
-def default_forward_tiles(n: int, v: int, dtype: torch.dtype, device_type: str) -> tuple[int, int]:
-    """(rows, vocabulary columns) of the forward's tiles of logits when chunk_size is None: the same byte budget
-    as the backward's chunks, spent on more rows and fewer columns (a GEMM over more rows runs closer to the
-    speed of the whole one). One tile spans V when the budget holds the rows' whole logits."""
+def default_tiles(n: int, v: int, dtype: torch.dtype, device_type: str) -> tuple[int, int]:
+    """(rows, vocabulary columns) of the tiles of logits when chunk_size is None: a fixed byte budget, so memory
+    is flat in N, spent on many rows (up to the row bound: a GEMM over more rows runs closer to the speed of the
+    whole one, and a tile over all rows gives grad_weight in one GEMM) and as many columns as fit. One tile
+    spans V when the budget holds the rows' whole logits."""
     kind = "cpu" if device_type == "cpu" else "cuda"
     rows = max(1, min(n, _CHUNK_ROWS[kind][1]))
     cols = _CHUNK_BYTES[kind] // (rows * dtype.itemsize)
@@ -235,12 +225,41 @@ def linear_forward(fold, hidden, weight, tokens, bias, temperature, return_entro
     return logp, entropy, lse
 
 
+def _fold_tile_backward(fold_backward_inplace, z, v0, tokens, gl, ge, lse, entropy, temperature, ignore_index):
+    """d z of one tile (columns v0.. of the rows' logits) written over it by the gather_logprobs backward, given the
+    rows' lse and entropy over the whole vocabulary. Rows whose token lies outside the tile pass column 0 as their
+    token, and that column is then rewritten without the one-hot term, from its logit read before."""
+    width = z.shape[1]
+    ignored = None if ignore_index is None else tokens == ignore_index
+    local = tokens - v0
+    inside = (local >= 0) & (local < width)
+    tok = torch.where(inside, local, torch.zeros_like(local))
+    if ignored is not None:
+        tok = torch.where(ignored, torch.full_like(local, ignore_index), tok)
+    outside = ~inside if ignored is None else ~inside & ~ignored
+    acc = lse.dtype
+    z0 = z[:, 0].to(acc, copy=True)  # before it is overwritten
+    fold_backward_inplace(gl, ge, z, tok, lse, entropy if ge is not None else entropy[:0], temperature, ignore_index)
+    inv_t = 1.0 / temperature
+    zt = z0 * inv_t
+    p = torch.exp(zt - lse)
+    col = torch.zeros_like(p)
+    if gl is not None:
+        col = col - gl.to(acc) * inv_t * p
+    if ge is not None:
+        term = torch.where(p == 0, torch.zeros_like(p), p * (zt + entropy - lse))
+        col = col - ge.to(acc) * inv_t * term
+    z[:, 0] = torch.where(outside, col.to(z.dtype), z[:, 0])
+
+
 def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy,
-                    temperature, ignore_index, logit_scale, softcap, chunk_size, need_hidden, need_weight, need_bias):
-    """(grad_hidden, grad_weight, grad_bias), each empty when not needed. Each chunk's logits are recomputed and
-    turned into d logits in place (`fold_backward_inplace`, a gather_logprobs_backward_inplace op), then
-    grad_hidden[chunk] = d @ weight (one GEMM over V) and grad_weight += d.T @ hidden[chunk], summed over the
-    chunks in float32 (float64 for float64)."""
+                    temperature, ignore_index, logit_scale, softcap, chunk_size, vocab_tile, need_hidden, need_weight,
+                    need_bias):
+    """(grad_hidden, grad_weight, grad_bias), each empty when not needed. The logits are recomputed a tile
+    (chunk_size rows x vocab_tile columns) at a time and turned into d logits in place
+    (`fold_backward_inplace`, a gather_logprobs_backward_inplace op), then grad_hidden[rows] += d @ weight[tile]
+    and grad_weight[tile] += d.T @ hidden[rows], summed over the tiles in float32 (float64 for float64): a tile
+    spanning V gives grad_hidden in one GEMM, a tile spanning all rows gives grad_weight in one GEMM."""
     N, V = hidden.shape[0], weight.shape[0]
     acc = accumulate_dtype(hidden.dtype)
     low = hidden.dtype in (torch.float16, torch.bfloat16)
@@ -257,59 +276,85 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
     n = hidden.shape[0]
     if n == 0 or V == 0 or not (need_hidden or need_weight or need_bias):
         return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(hidden.dtype if bias is None else bias.dtype)
+    if entropy.numel() == 0:
+        grad_entropy = None
     step = max(1, min(chunk_size, n))
-    buf = hidden.new_empty((step, V))
-    # tanh(z / softcap) of the chunk, in float32 for 16-bit inputs: 1 - tanh^2 near saturation needs the bits
-    tanh_buf = hidden.new_empty((step, V), dtype=acc) if softcap is not None else None
-    gh_rows = hidden.new_empty((n, hidden.shape[1])) if (need_hidden and rows is not None) else None
-    # 16-bit grad_weight on CPU: torch's CPU matmul has no float32 output for 16-bit inputs, so each chunk's
+    width = max(1, min(vocab_tile, V))
+    buf = hidden.new_empty((step, width))
+    # tanh(z / softcap) of the tile, in float32 for 16-bit inputs: 1 - tanh^2 near saturation needs the bits
+    tanh_buf = hidden.new_empty((step, width), dtype=acc) if softcap is not None else None
+    # grad_hidden: rows of a whole-V tile are one GEMM, written in place; with narrower tiles the partial sums go
+    # to a float32 (float64) accumulator, each 16-bit product staged in the inputs' dtype first
+    tiled = width < V
+    gh = None
+    if need_hidden:
+        gh = hidden.new_zeros((n, hidden.shape[1]), dtype=acc) if tiled else (
+            grad_hidden if rows is None else hidden.new_empty((n, hidden.shape[1])))
+    gh_stage = hidden.new_empty((step, hidden.shape[1])) if (need_hidden and tiled and low) else None
+    # 16-bit grad_weight on CPU: torch's CPU matmul has no float32 output for 16-bit inputs, so each tile's
     # product is staged in the inputs' dtype, a block of vocabulary rows at a time, and added in float32.
     fp32_out = low and hidden.device.type == "cuda"
     stage = None
     if need_weight and low and not fp32_out:
-        stage = weight.new_empty((min(V, _GRAD_WEIGHT_BLOCK), weight.shape[1]))
+        stage = weight.new_empty((min(width, _GRAD_WEIGHT_BLOCK), weight.shape[1]))
     for start in range(0, n, step):
         end = min(n, start + step)
-        g = buf[: end - start]
         h = hidden[start:end]
-        t = None if tanh_buf is None else tanh_buf[: end - start]
-        _chunk_logits(g, h, weight, bias, logit_scale, softcap, t)
         gl = None if grad_logp is None else grad_logp[start:end]
-        ge = None if grad_entropy is None or entropy.numel() == 0 else grad_entropy[start:end]
-        fold_backward_inplace(gl, ge, g, tokens[start:end], lse[start:end], entropy[start:end] if ge is not None
-                              else entropy, temperature, ignore_index)
-        # d y = d z * (1 - tanh^2) for the softcap, times logit_scale: folded into d once
-        if t is not None:
-            t.square_().neg_().add_(1.0)
-            if logit_scale != 1.0:
-                t.mul_(logit_scale)
-            g.mul_(t)
-        elif logit_scale != 1.0:
-            g.mul_(logit_scale)
-        if need_hidden:
-            target = grad_hidden if gh_rows is None else gh_rows
-            torch.mm(g, weight, out=target[start:end])
-        if need_weight:
-            if not low:
-                grad_weight.addmm_(g.t(), h)
-            elif fp32_out:
-                torch.addmm(grad_weight, g.t(), h, out_dtype=torch.float32, out=grad_weight)
+        ge = None if grad_entropy is None else grad_entropy[start:end]
+        ent = entropy[start:end] if entropy.numel() else entropy
+        for v0 in range(0, V, width):
+            v1 = min(V, v0 + width)
+            g = buf[: end - start, : v1 - v0]
+            t = None if tanh_buf is None else tanh_buf[: end - start, : v1 - v0]
+            _chunk_logits(g, h, weight[v0:v1], None if bias is None else bias[v0:v1], logit_scale, softcap, t)
+            if not tiled:
+                fold_backward_inplace(gl, ge, g, tokens[start:end], lse[start:end], ent, temperature, ignore_index)
             else:
-                for v0 in range(0, V, stage.shape[0]):
-                    v1 = min(V, v0 + stage.shape[0])
-                    part = stage[: v1 - v0]
-                    torch.mm(g[:, v0:v1].t(), h, out=part)
-                    grad_weight[v0:v1].add_(part)
-        if need_bias:
-            grad_bias.add_(g.sum(0, dtype=acc))
-    if gh_rows is not None:
-        grad_hidden.index_copy_(0, rows, gh_rows)
+                _fold_tile_backward(fold_backward_inplace, g, v0, tokens[start:end], gl, ge, lse[start:end], ent,
+                                    temperature, ignore_index)
+            # d y = d z * (1 - tanh^2) for the softcap, times logit_scale: folded into d once
+            if t is not None:
+                t.square_().neg_().add_(1.0)
+                if logit_scale != 1.0:
+                    t.mul_(logit_scale)
+                g.mul_(t)
+            elif logit_scale != 1.0:
+                g.mul_(logit_scale)
+            if need_hidden:
+                if not tiled:
+                    torch.mm(g, weight, out=gh[start:end])
+                elif gh_stage is None:
+                    gh[start:end].addmm_(g, weight[v0:v1])
+                else:
+                    part = gh_stage[: end - start]
+                    torch.mm(g, weight[v0:v1], out=part)
+                    gh[start:end].add_(part)
+            if need_weight:
+                gw = grad_weight[v0:v1]
+                if not low:
+                    gw.addmm_(g.t(), h)
+                elif fp32_out:
+                    torch.addmm(gw, g.t(), h, out_dtype=torch.float32, out=gw)
+                else:
+                    for b0 in range(0, v1 - v0, stage.shape[0]):
+                        b1 = min(v1 - v0, b0 + stage.shape[0])
+                        part = stage[: b1 - b0]
+                        torch.mm(g[:, b0:b1].t(), h, out=part)
+                        gw[b0:b1].add_(part)
+            if need_bias:
+                grad_bias[v0:v1].add_(g.sum(0, dtype=acc))
+    if need_hidden and gh is not grad_hidden:
+        if rows is None:
+            grad_hidden.copy_(gh)
+        else:
+            grad_hidden.index_copy_(0, rows, gh.to(grad_hidden.dtype))
     return (grad_hidden, grad_weight.to(weight.dtype),
             grad_bias.to(hidden.dtype if bias is None else bias.dtype))
 
 
 def _linear_fake(hidden, weight, tokens, bias, temperature, return_entropy, ignore_index, logit_scale, softcap,
-                 chunk_size, forward_rows, vocab_tile):
+                 chunk_size, vocab_tile):
     torch._check(hidden.dim() == 2, lambda: "rlkernels.linear_logprobs: hidden must be [N, H] here")
     torch._check(weight.dim() == 2, lambda: "rlkernels.linear_logprobs: weight must be [V, H] here")
     acc = accumulate_dtype(hidden.dtype)
@@ -319,7 +364,8 @@ def _linear_fake(hidden, weight, tokens, bias, temperature, return_entropy, igno
 
 
 def _linear_backward_fake(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy, temperature,
-                          ignore_index, logit_scale, softcap, chunk_size, need_hidden, need_weight, need_bias):
+                          ignore_index, logit_scale, softcap, chunk_size, vocab_tile, need_hidden, need_weight,
+                          need_bias):
     V = weight.shape[0]
     return (hidden.new_empty(hidden.shape if need_hidden else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
@@ -335,26 +381,27 @@ def define_linear_logprobs(name, fold, fold_backward_inplace, device_types, chec
     def backward_op(grad_logp: Tensor | None, grad_entropy: Tensor | None, hidden: Tensor, weight: Tensor,
                     tokens: Tensor, bias: Tensor | None, lse: Tensor, entropy: Tensor, temperature: float,
                     ignore_index: int | None, logit_scale: float, softcap: float | None, chunk_size: int,
-                    need_hidden: bool, need_weight: bool, need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+                    vocab_tile: int, need_hidden: bool, need_weight: bool,
+                    need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
         return linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weight, tokens, bias, lse,
-                               entropy, temperature, ignore_index, logit_scale, softcap, chunk_size, need_hidden,
-                               need_weight, need_bias)
+                               entropy, temperature, ignore_index, logit_scale, softcap, chunk_size, vocab_tile,
+                               need_hidden, need_weight, need_bias)
 
     @torch.library.custom_op(f"rlkernels::{name}", mutates_args=(), device_types=device_types)
     def forward_op(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None, temperature: float,
                    return_entropy: bool, ignore_index: int | None, logit_scale: float, softcap: float | None,
-                   chunk_size: int, forward_rows: int, vocab_tile: int) -> tuple[Tensor, Tensor, Tensor]:
-        """chunk_size: rows per chunk of the backward; (forward_rows, vocab_tile): the forward's tiles."""
+                   chunk_size: int, vocab_tile: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The logits are made in tiles of chunk_size rows x vocab_tile columns, forward and backward."""
         return linear_forward(fold, hidden, weight, tokens, bias, temperature, return_entropy, ignore_index,
-                              logit_scale, softcap, forward_rows, vocab_tile, check_tokens)
+                              logit_scale, softcap, chunk_size, vocab_tile, check_tokens)
 
     backward_op.register_fake(_linear_backward_fake)
     forward_op.register_fake(_linear_fake)
 
     def setup(ctx, inputs, output):
-        hidden, weight, tokens, bias, temperature, _, ignore_index, logit_scale, softcap, chunk_size, _, _ = inputs
+        hidden, weight, tokens, bias, temperature, _, ignore_index, logit_scale, softcap, chunk_size, tile = inputs
         _, entropy, lse = output
-        ctx.scalars = (temperature, ignore_index, logit_scale, softcap, chunk_size)
+        ctx.scalars = (temperature, ignore_index, logit_scale, softcap, chunk_size, tile)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(hidden, weight, tokens, bias, lse, entropy)
 
@@ -365,7 +412,7 @@ def define_linear_logprobs(name, fold, fold_backward_inplace, device_types, chec
         gh, gw, gb = backward_op(grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy, *ctx.scalars,
                                  need_hidden, need_weight, need_bias)
         return (gh if need_hidden else None, gw if need_weight else None, None, gb if need_bias else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
     forward_op.register_autograd(backward, setup_context=setup)
     return forward_op
