@@ -7,10 +7,11 @@ What it shows, in the ``[B, T]`` layout of LLM trainers (verl, OpenRLHF):
 - a 2-layer causal transformer (d=64) over a 32000-token vocabulary with a value head; random prompts;
   responses sampled token by token and cut at an EOS token, so ``response_mask`` marks the real tokens;
 - ``rlkernels.linear_logprobs(hidden, lm_head.weight, tokens, return_entropy=True)`` in the PPO update (the
-  default ``--head fused`` of ``--impl rlkernels``): log-probs of the sampled tokens and the entropy from the last hidden states, without the
-  [B, T, 32000] logits; with ``--head logits``, ``rlkernels.gather_logprobs(logits, tokens,
-  return_entropy=True)``, one pass over the logits (as for the old and reference log-probs). At the end the
-  peak memory of one PPO update (forward and backward) is printed for both heads;
+  default ``--head fused`` of ``--impl rlkernels``): log-probs of the sampled tokens and the entropy from the
+  last hidden states, without the [B, T, 32000] logits; with ``--head logits``,
+  ``rlkernels.gather_logprobs(logits, tokens, return_entropy=True)``, one pass over the logits (as for the old
+  and reference log-probs). At the end the peak memory of one PPO update (forward and backward) is printed for
+  both heads;
 - ``rlkernels.kl_penalty(logp, ref_logp, kind)`` against a frozen reference copy of the initial policy,
   turned into a per-token reward of ``-kl_coef * kl``; the score of a toy reward model (the fraction of
   response tokens with an even id) is added at the last response token;
@@ -278,7 +279,8 @@ def main(argv=None):
         phases["score"] += t2 - t1
 
         # ---- PPO epochs (one full-batch optimizer step each) ----------------------------------------
-        def ppo_loss(head):
+        def ppo_loss(head, prompts=prompts, responses=responses, old_logp=old_logp, advantages=advantages,
+                     mask=mask, old_values=old_values, returns=returns):
             logp, entropy, values = response_logprobs(policy, prompts, responses, head, ops)
             pg_loss, pstats = ops.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=args.clip, agg=args.agg)
             vf_loss, vstats = ops.value_loss(values, old_values, returns, mask, clip=args.clip, agg=args.agg)

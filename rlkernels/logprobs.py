@@ -1,8 +1,8 @@
 """Log-prob gathering: the log-probability of sampled tokens (and the entropy) from a policy's logits, or from
 its hidden states and LM head without the logits (linear_logprobs).
 
-docs/design.md §4.3 and §4.7 are the definitions. The wrapper checks arguments, flattens the leading dimensions to rows
-([N, V], unit stride along V, no copy for contiguous logits; rlkernels/_layout.py) and runs the backend's op
+docs/design.md §4.3 and §4.7 are the definitions. The wrapper checks arguments, flattens the leading dimensions to
+rows ([N, V], unit stride along V, no copy for contiguous logits; rlkernels/_layout.py) and runs the backend's op
 (rlkernels/_dispatch.py); the ops' autograd is in rlkernels/_ops/logprobs.py.
 """
 

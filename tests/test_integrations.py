@@ -893,8 +893,8 @@ def _tiny_causal_lm(kind, seed=0):
     softcapping) or Cohere (logit_scale), so the head transforms are exercised."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2)
+    common = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2}
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     elif kind == "gemma2":
@@ -945,7 +945,7 @@ def test_trl_add_fused_lm_head_matches_trl(kind, outputs):
     for (name, p), q in zip(theirs.named_parameters(), ours.parameters()):
         assert_close(q.grad, p.grad, F32, name=f"grad {name}")
     # shift_labels (pre-shifted, as under context parallelism), num_items_in_batch
-    kw = dict(input_ids=ids, shift_labels=labels, num_items_in_batch=7, fused_lm_head=True)
+    kw = {"input_ids": ids, "shift_labels": labels, "num_items_in_batch": 7, "fused_lm_head": True}
     assert_close(ours(**kw).log_probs, theirs(**kw).log_probs, F32, name="shift_labels log_probs")
     assert_close(ours(**kw).loss, theirs(**kw).loss, F32, name="num_items_in_batch loss")
     # without fused_lm_head the model's own forward runs

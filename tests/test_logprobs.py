@@ -924,7 +924,7 @@ def test_linear_forward_matches_oracles(chunk_size, dtype, head, backend):
     bias, logit_scale, softcap, temperature = HEADS[head]
     hidden, weight, b, tokens = linear_inputs((2, 7), 16, 97, dtype, bias=bias, device=device_for(backend))
     tokens[1, 2] = -100
-    kw = dict(bias=b, temperature=temperature, ignore_index=-100, logit_scale=logit_scale, softcap=softcap)
+    kw = {"bias": b, "temperature": temperature, "ignore_index": -100, "logit_scale": logit_scale, "softcap": softcap}
     logp, ent = rlkernels.linear_logprobs(hidden, weight, tokens, return_entropy=True, chunk_size=chunk_size,
                                           backend=backend, **kw)
     assert logp.shape == tokens.shape and ent.shape == tokens.shape
@@ -967,7 +967,7 @@ def test_linear_backward_matches_torch(head, dtype, backend):
     H, V = 24, 131
     hidden, weight, b, tokens = linear_inputs((3, 6), H, V, dtype, bias=bias, seed=5, device=device_for(backend))
     tokens[0, 0] = -100
-    kw = dict(temperature=temperature, ignore_index=-100, logit_scale=logit_scale, softcap=softcap)
+    kw = {"temperature": temperature, "ignore_index": -100, "logit_scale": logit_scale, "softcap": softcap}
     leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
     if bias:
         leaves.append(b.clone().requires_grad_())
@@ -1100,7 +1100,7 @@ def test_linear_opcheck():
                         4, tile)
                 torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args)
     hidden, weight = hidden.detach(), weight.detach()
-    logp, ent, lse = torch.ops.rlkernels.linear_logprobs(hidden, weight, tokens, b, 0.9, True, -1, 0.7, 3.0, 4, 37)
+    _, ent, lse = torch.ops.rlkernels.linear_logprobs(hidden, weight, tokens, b, 0.9, True, -1, 0.7, 3.0, 4, 37)
     g = torch.randn(6)
     for grads in ((g, g.flip(0)), (g, None), (None, g)):
         for tile in (37, 16):
@@ -1165,7 +1165,7 @@ def test_linear_bad_inputs(kwargs, error, match):
 
 def test_linear_reference_backend():
     hidden, weight, b, tokens = linear_inputs((3, 4), 8, 40, torch.float32, bias=True, seed=61)
-    kw = dict(bias=b, return_entropy=True, logit_scale=1.5, softcap=6.0, temperature=0.9)
+    kw = {"bias": b, "return_entropy": True, "logit_scale": 1.5, "softcap": 6.0, "temperature": 0.9}
     got = rlkernels.linear_logprobs(hidden, weight, tokens, backend="reference", **kw)
     want = rlkernels.linear_logprobs(hidden, weight, tokens, **kw)
     for a, c in zip(got, want):
@@ -1194,8 +1194,8 @@ def test_linear_property_forward_backward(N, H, V, dtype, temperature, scale, he
     tokens = torch.randint(0, V, (N,), generator=g)
     if ignore and N:
         tokens[torch.rand(N, generator=g) < 0.3] = -100
-    kw = dict(bias=b, temperature=temperature, ignore_index=-100 if ignore else None, logit_scale=logit_scale,
-              softcap=softcap)
+    kw = {"bias": b, "temperature": temperature, "ignore_index": -100 if ignore else None, "logit_scale": logit_scale,
+              "softcap": softcap}
     leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
     logp, ent = rlkernels.linear_logprobs(*leaves, tokens, return_entropy=True, chunk_size=chunk, **kw)
     want_logp, want_ent = linear_oracle(hidden, weight, tokens, **kw)
@@ -1225,7 +1225,8 @@ def test_linear_gpu_matches_cpu(dtype, backend):
     N, H, V = 1100, 256, 32000
     hidden, weight, b, tokens = linear_inputs((N,), H, V, dtype, bias=True, seed=71)
     tokens[::5] = -100
-    kw = dict(bias=b, temperature=0.8, ignore_index=-100, logit_scale=0.9, softcap=20.0, return_entropy=True)
+    kw = {"bias": b, "temperature": 0.8, "ignore_index": -100, "logit_scale": 0.9, "softcap": 20.0,
+          "return_entropy": True}
     leaves = [x.to(DEVICE).requires_grad_() for x in (hidden, weight)]
     logp, ent = rlkernels.linear_logprobs(*leaves, tokens.to(DEVICE), backend=backend, chunk_size=512,
                                           **{**kw, "bias": b.to(DEVICE)})
@@ -1274,7 +1275,7 @@ def test_linear_vocabulary_tiles(dtype, keep_ignored_rows, backend, monkeypatch)
     from rlkernels._ops import logprobs as ops
 
     monkeypatch.setattr(ops, "_CHUNK_BYTES", {"cpu": 4 * 40 * dtype.itemsize, "cuda": 1 << 20})
-    monkeypatch.setattr(ops, "_CHUNK_ROWS", {"cpu": (1, 4), "cuda": (1, 4)})
+    monkeypatch.setattr(ops, "_TILE_ROWS", {"cpu": 4, "cuda": 4})
     monkeypatch.setattr(ops, "_MIN_VOCAB_TILE", 1)
     monkeypatch.setattr(ops, "_VOCAB_ALIGN", 1)
     if keep_ignored_rows:
@@ -1284,7 +1285,7 @@ def test_linear_vocabulary_tiles(dtype, keep_ignored_rows, backend, monkeypatch)
     hidden, weight, b, tokens = linear_inputs((10,), 12, 97, dtype, bias=True, seed=91)
     tokens[[1, 6]] = -100
     tokens[2], tokens[3] = 0, 96  # the first and the last column
-    kw = dict(bias=b, temperature=0.9, ignore_index=-100, logit_scale=0.8, softcap=5.0)
+    kw = {"bias": b, "temperature": 0.9, "ignore_index": -100, "logit_scale": 0.8, "softcap": 5.0}
     ops_tiles = []
     real_fold = ops._fold_tiles
 

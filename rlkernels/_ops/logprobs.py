@@ -67,11 +67,12 @@ register_gather_logprobs("gather_logprobs", _ops.gather_logprobs_backward, _ops.
 
 # ----------------------------------------------------------------------------------------------------
 # linear_logprobs: log-probs from hidden states through a linear head, without the [N, V] logits
-# (docs/design.md §4.7). The op is defined here, in Python: row chunks of logits through torch's matmul
-# (BLAS on CPU, cuBLAS on GPU), each folded by a gather_logprobs op (the C++ one for the cpu and cuda backends,
-# the Triton one for triton, rlkernels/triton/logprobs.py). Per row the fold leaves (lse, logp, entropy): lse and
-# the entropy are the (max, sum-exp, entropy term) state of §4.3 in closed form, from which shards of the
-# vocabulary combine (§4.8): lse = logsumexp_r lse_r, E[z] = sum_r exp(lse_r - lse) (lse_r - H_r), H = lse - E[z].
+# (docs/design.md §4.7). The op is defined here, in Python: tiles of logits (rows x vocabulary columns) through
+# torch's matmul (BLAS on CPU, cuBLAS on GPU), each folded by a gather_logprobs op (the C++ one for the cpu and
+# cuda backends, the Triton one for triton, rlkernels/triton/logprobs.py). Per row the fold of a tile leaves
+# (lse, entropy, target logit): the (max, sum-exp, entropy term) state of §4.3 in closed form, from which tiles,
+# and later shards of the vocabulary (§4.8), combine: lse = logsumexp_r lse_r, E[z] = sum_r exp(lse_r - lse)
+# (lse_r - H_r), H = lse - E[z].
 # ----------------------------------------------------------------------------------------------------
 
 Tensor = torch.Tensor
@@ -80,7 +81,7 @@ Tensor = torch.Tensor
 # unfused forward's memory at [2048, 32000] in float32; on GPUs 512 MiB, rows enough that each tile's GEMM is
 # compute-bound (the weight is read once per row chunk).
 _CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
-_CHUNK_ROWS = {"cpu": (64, 2048), "cuda": (512, 8192)}
+_TILE_ROWS = {"cpu": 2048, "cuda": 8192}
 # The narrowest vocabulary tile of the default tiling, and the multiple its width is rounded to.
 _MIN_VOCAB_TILE = 1024
 _VOCAB_ALIGN = 256
@@ -94,10 +95,10 @@ def default_tiles(n: int, v: int, dtype: torch.dtype, device_type: str) -> tuple
     whole one, and a tile over all rows gives grad_weight in one GEMM) and as many columns as fit. One tile
     spans V when the budget holds the rows' whole logits."""
     kind = "cpu" if device_type == "cpu" else "cuda"
-    rows = max(1, min(n, _CHUNK_ROWS[kind][1]))
+    rows = max(1, min(n, _TILE_ROWS[kind]))
     cols = _CHUNK_BYTES[kind] // (rows * dtype.itemsize)
     cols = max(_MIN_VOCAB_TILE, cols // _VOCAB_ALIGN * _VOCAB_ALIGN)
-    return rows, (v if cols >= v else cols)
+    return rows, (min(v, cols))
 
 
 def _kept_rows(tokens, ignore_index):
@@ -260,7 +261,7 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
     (`fold_backward_inplace`, a gather_logprobs_backward_inplace op), then grad_hidden[rows] += d @ weight[tile]
     and grad_weight[tile] += d.T @ hidden[rows], summed over the tiles in float32 (float64 for float64): a tile
     spanning V gives grad_hidden in one GEMM, a tile spanning all rows gives grad_weight in one GEMM."""
-    N, V = hidden.shape[0], weight.shape[0]
+    V = weight.shape[0]
     acc = accumulate_dtype(hidden.dtype)
     low = hidden.dtype in (torch.float16, torch.bfloat16)
     grad_hidden = hidden.new_zeros(hidden.shape if need_hidden else (0,))

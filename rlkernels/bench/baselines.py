@@ -310,7 +310,7 @@ def _eager_fits(n, vocab, dtype, device, tensors_of_logits) -> str:
     if device != "cuda":
         return ""
     need = n * vocab * (dtype.itemsize + 4 * tensors_of_logits)
-    free, total = torch.cuda.mem_get_info()
+    free, _ = torch.cuda.mem_get_info()
     if need < 0.9 * free:
         return ""
     return f"out of memory: needs about {need / 2**30:.0f} GiB of logits-sized tensors, {free / 2**30:.0f} GiB free"

@@ -327,7 +327,7 @@ def _linear_cases(kind, dims, device, rlk, numpy) -> list[Case]:
                 lambda h, w: rlk.linear_logprobs(h, w, tokens, return_entropy=True, backend=backend), *lv)()
         per_row = tokens.float()
         tol = (1e-4, 1e-3) if dtype == torch.float32 else (5e-2, 5e-2)
-        kw = dict(dtype=str(dtype).removeprefix("torch."), memory=True, tol=tol)
+        kw = {"dtype": str(dtype).removeprefix("torch."), "memory": True, "tol": tol}
         out += [
             _case(kind, dims, f"linear_logprobs+entropy {name}", shape, f"linear_logprobs {name} {series}", fwd,
                   baselines.linear_logprobs_providers(hidden, weight, tokens, device), [hidden, weight, tokens],
