@@ -306,7 +306,8 @@ def head_forward_backward(fn, hidden, weight):
 
 
 def _eager_fits(n, vocab, dtype, device, tensors_of_logits) -> str:
-    """'' when the unfused head's logits-sized tensors fit on the GPU, else the note of its skipped row."""
+    """'' when the unfused head's logits-sized tensors (the logits, then ``tensors_of_logits`` float32 ones, counted
+    with a margin) fit on the GPU, else the note of its skipped row."""
     if device != "cuda":
         return ""
     need = n * vocab * (dtype.itemsize + 4 * tensors_of_logits)
@@ -327,7 +328,7 @@ def linear_logprobs_providers(hidden, weight, tokens, device) -> list[Provider]:
     """The unfused head (eager and compiled), TRL's chunked head, and the forward's one matmul alone (the floor,
     not comparable). The first that runs is the reference."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    oom = _eager_fits(n, vocab, hidden.dtype, device, 4)
+    oom = _eager_fits(n, vocab, hidden.dtype, device, 6)
     eager = Provider("torch matmul+log_softmax+gather+entropy", None if oom else
                      (lambda: torch_head_logprobs(hidden, weight, tokens)), note=oom, comparable=not oom,
                      compile="" if oom else "inline")
@@ -343,7 +344,7 @@ def linear_logprobs_backward_providers(hidden, weight, tokens, device) -> list[P
     """As linear_logprobs_providers, forward and backward (logp.sum() + entropy.sum()); the floor is the unfused
     path's three matmuls."""
     n, vocab = hidden.shape[0], weight.shape[0]
-    oom = _eager_fits(n, vocab, hidden.dtype, device, 7)
+    oom = _eager_fits(n, vocab, hidden.dtype, device, 10)
     eager = Provider("torch matmul+log_softmax+gather+entropy",
                      None if oom else head_forward_backward(lambda h, w: torch_head_logprobs(h, w, tokens), hidden,
                                                             weight),
