@@ -317,6 +317,19 @@ def _eager_fits(n, vocab, dtype, device, tensors_of_logits) -> str:
     return f"out of memory: needs about {need / 2**30:.0f} GiB of logits-sized tensors, {free / 2**30:.0f} GiB free"
 
 
+def torch_head_logprobs_checkpointed(hidden, weight, tokens, rows=4096):
+    """The unfused head over row chunks, each under torch.utils.checkpoint (recomputed in the backward): what a
+    user does when the whole logits do not fit."""
+    from torch.utils.checkpoint import checkpoint
+
+    outs = [checkpoint(torch_head_logprobs, hidden[i:i + rows], weight, tokens[i:i + rows], use_reentrant=False)
+            for i in range(0, hidden.shape[0], rows)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+CHECKPOINTED = "torch matmul+log_softmax+gather+entropy, 4096-row chunks, checkpointed"
+
+
 def _trl_chunked(hidden, weight, tokens):
     from trl.kernels import ChunkedLogProbFunction
 
@@ -337,7 +350,9 @@ def linear_logprobs_providers(hidden, weight, tokens, device) -> list[Provider]:
                    note=trl_note or "", comparable=not trl_note)
     matmul = Provider("matmul alone (hidden @ weight.T)", lambda: hidden @ weight.t(), comparable=False,
                       note="the forward's one matmul: the floor, not the same output")
-    return [p for p in (eager, trl) if p.call is not None] + [p for p in (eager, trl) if p.call is None] + [matmul]
+    chunked = [Provider(CHECKPOINTED, lambda: torch_head_logprobs_checkpointed(hidden, weight, tokens))] if oom else []
+    return chunked + [p for p in (eager, trl) if p.call is not None] + [p for p in (eager, trl) if p.call is None] + [
+        matmul]
 
 
 def linear_logprobs_backward_providers(hidden, weight, tokens, device) -> list[Provider]:
@@ -362,7 +377,10 @@ def linear_logprobs_backward_providers(hidden, weight, tokens, device) -> list[P
 
     matmul = Provider("3 matmuls alone (forward, d hidden, d weight)", None if oom else three_matmuls,
                       comparable=False, note=oom or "the unfused path's matmuls: the floor, not the same output")
-    return [p for p in (eager, trl) if p.call is not None] + [p for p in (eager, trl) if p.call is None] + [matmul]
+    chunked = [Provider(CHECKPOINTED, head_forward_backward(
+        lambda h, w: torch_head_logprobs_checkpointed(h, w, tokens), hidden, weight))] if oom else []
+    return chunked + [p for p in (eager, trl) if p.call is not None] + [p for p in (eager, trl) if p.call is None] + [
+        matmul]
 
 
 # --------------------------------------------------------------------------------------------------------
