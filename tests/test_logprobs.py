@@ -1313,3 +1313,24 @@ def test_linear_vocabulary_tiles(dtype, keep_ignored_rows, backend, monkeypatch)
     for name, got, want in zip(("hidden", "weight", "bias"), (h, w, bb), ref):
         size = float(want.grad.abs().max())
         assert_close(got.grad, want.grad, atol=rel * size, rtol=rel, scale=1.0, name=f"d {name}")
+
+
+@pytest.mark.parametrize("backend", backends(*LINEAR_OPS, cpu_tensors=True, include=("triton",)))
+def test_linear_out_of_range_tokens_give_nan_in_vocabulary_tiles(backend, monkeypatch):
+    """Off the CPU backend a token id outside [0, V) gives NaN for its row (no host check), whether one tile
+    spans V (the gather_logprobs kernel's NaN) or several do (no tile holds it)."""
+    from rlkernels._ops import logprobs as ops
+
+    hidden, weight, _, tokens = linear_inputs((6,), 8, 50, torch.float32, seed=95)
+    tokens[1], tokens[4] = 50, -3
+    for tiles in (False, True):
+        if tiles:
+            monkeypatch.setattr(ops, "_CHUNK_BYTES", {"cpu": 6 * 16 * 4, "cuda": 1 << 20})
+            monkeypatch.setattr(ops, "_MIN_VOCAB_TILE", 1)
+            monkeypatch.setattr(ops, "_VOCAB_ALIGN", 1)
+            assert ops.default_tiles(6, 50, torch.float32, "cpu") == (6, 16)
+        logp, ent = rlkernels.linear_logprobs(hidden, weight, tokens, return_entropy=True, backend=backend)
+        bad = torch.zeros(6, dtype=torch.bool)
+        bad[[1, 4]] = True
+        assert torch.isnan(logp[bad]).all() and torch.isfinite(logp[~bad]).all(), tiles
+        assert torch.isnan(ent[1]) and torch.isfinite(ent[~bad]).all(), tiles

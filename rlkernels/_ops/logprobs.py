@@ -140,7 +140,7 @@ def _chunk_logits(out, h, weight, bias, logit_scale, softcap, tanh_out=None):
             torch.mul(tanh_out, softcap, out=out)
 
 
-def _fold_tiles(fold, z_tiles, tokens, temperature, return_entropy, ignore_index):
+def _fold_tiles(fold, z_tiles, tokens, vocab, temperature, return_entropy, ignore_index):
     """(logp, entropy, lse) of rows whose logits come in vocabulary tiles: each tile is folded by `fold` (a
     gather_logprobs op) into its own (lse_t, entropy_t) and its target's logit where the token falls in it, and
     the tiles' states are merged as vocabulary shards merge (docs/design.md §4.7): lse = logsumexp_t lse_t,
@@ -167,6 +167,14 @@ def _fold_tiles(fold, z_tiles, tokens, temperature, return_entropy, ignore_index
         lse, zt = new, zt + target
     logp = zt - lse
     entropy = (lse - ez) if return_entropy else lse.new_zeros((0,))
+    # a token id in no tile (outside [0, V)): NaN for its row, as the gather_logprobs kernels give on GPUs
+    bad = (tokens < 0) | (tokens >= vocab)
+    if ignored is not None:
+        bad = bad & ~ignored
+    nan = torch.full((), float("nan"), dtype=lse.dtype, device=lse.device)
+    logp = torch.where(bad, nan, logp)
+    if return_entropy:
+        entropy = torch.where(bad, nan, entropy)
     if ignored is not None:
         zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
         logp, lse = torch.where(ignored, zero, logp), torch.where(ignored, zero, lse)
@@ -212,7 +220,7 @@ def linear_forward(fold, hidden, weight, tokens, bias, temperature, return_entro
                 _chunk_logits(z, h, weight[v0:v1], None if bias is None else bias[v0:v1], logit_scale, softcap)
                 yield v0, z
 
-        outs.append(_fold_tiles(fold, tiles(), tok, temperature, return_entropy, ignore_index))
+        outs.append(_fold_tiles(fold, tiles(), tok, V, temperature, return_entropy, ignore_index))
     if len(outs) == 1:
         lp, en, ls = outs[0]
     else:
