@@ -1,12 +1,17 @@
 """A few LLM-style PPO steps (RLHF layout) on a tiny transformer, with every RL op from rlkernels.
 
     python examples/llm_ppo_step.py                      # 3 rollouts x 2 PPO epochs, prints loss and stats
+    python examples/llm_ppo_step.py --head logits        # the same through the full [B, T, V] logits
 
 What it shows, in the ``[B, T]`` layout of LLM trainers (verl, OpenRLHF):
 - a 2-layer causal transformer (d=64) over a 32000-token vocabulary with a value head; random prompts;
   responses sampled token by token and cut at an EOS token, so ``response_mask`` marks the real tokens;
-- ``rlkernels.gather_logprobs(logits, tokens, return_entropy=True)``: log-probs of the sampled tokens and
-  the entropy, one pass over the [B, T, 32000] logits;
+- ``rlkernels.linear_logprobs(hidden, lm_head.weight, tokens, return_entropy=True)`` in the PPO update (the
+  default ``--head fused`` of ``--impl rlkernels``): log-probs of the sampled tokens and the entropy from the
+  last hidden states, without the [B, T, 32000] logits; with ``--head logits``,
+  ``rlkernels.gather_logprobs(logits, tokens, return_entropy=True)``, one pass over the logits (as for the old
+  and reference log-probs). At the end the peak memory of one PPO update (forward and backward) is printed for
+  both heads;
 - ``rlkernels.kl_penalty(logp, ref_logp, kind)`` against a frozen reference copy of the initial policy,
   turned into a per-token reward of ``-kl_coef * kl``; the score of a toy reward model (the fraction of
   response tokens with an even id) is added at the last response token;
@@ -68,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--vf-coef", type=float, default=0.5)
     p.add_argument("--impl", default="rlkernels", choices=("rlkernels", "torch"),
                    help="rlkernels' fused ops, or the eager torch code they replace")
+    p.add_argument("--head", default="fused", choices=("fused", "logits"),
+                   help="with --impl rlkernels, the update's log-probs from hidden states (linear_logprobs) or from "
+                        "the full logits (gather_logprobs)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -87,11 +95,14 @@ class TinyLM(nn.Module):
         self.lm_head = nn.Linear(d, vocab, bias=False)
         self.value_head = nn.Linear(d, 1)
 
-    def forward(self, ids, last_only=False):
+    def hidden(self, ids):
         T = ids.shape[1]
         h = self.tok(ids) + self.pos(torch.arange(T, device=ids.device))
         causal = nn.Transformer.generate_square_subsequent_mask(T, device=ids.device)
-        h = self.norm(self.body(h, mask=causal, is_causal=True))
+        return self.norm(self.body(h, mask=causal, is_causal=True))
+
+    def forward(self, ids, last_only=False):
+        h = self.hidden(ids)
         if last_only:  # sampling needs the next token's logits only
             h = h[:, -1:]
         return self.lm_head(h), self.value_head(h).squeeze(-1)
@@ -121,6 +132,18 @@ def response_outputs(model, prompts, responses):
     P = prompts.shape[1]
     logits, values = model(torch.cat([prompts, responses], 1))
     return logits[:, P - 1 : -1], values[:, P - 1 : -1]
+
+
+def response_logprobs(model, prompts, responses, head, ops):
+    """Log-probs of the response tokens and the entropies [B, R], and the values [B, R]: from the hidden states
+    through the fused head (no [B, R, V] logits), or from the logits (``ops.gather_logprobs``)."""
+    if head == "logits":
+        logits, values = response_outputs(model, prompts, responses)
+        return (*ops.gather_logprobs(logits, responses, return_entropy=True), values)
+    P = prompts.shape[1]
+    h = model.hidden(torch.cat([prompts, responses], 1))[:, P - 1 : -1]
+    logp, entropy = rlkernels.linear_logprobs(h, model.lm_head.weight, responses, return_entropy=True)
+    return logp, entropy, model.value_head(h).squeeze(-1)
 
 
 def reward_model(responses, mask):
@@ -256,15 +279,18 @@ def main(argv=None):
         phases["score"] += t2 - t1
 
         # ---- PPO epochs (one full-batch optimizer step each) ----------------------------------------
-        for epoch in range(args.ppo_epochs):
-            t3 = time.perf_counter()
-            logits, values = response_outputs(policy, prompts, responses)
-            logp, entropy = ops.gather_logprobs(logits, responses, return_entropy=True)
-            del logits
+        def ppo_loss(head, prompts=prompts, responses=responses, old_logp=old_logp, advantages=advantages,
+                     mask=mask, old_values=old_values, returns=returns):
+            logp, entropy, values = response_logprobs(policy, prompts, responses, head, ops)
             pg_loss, pstats = ops.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=args.clip, agg=args.agg)
             vf_loss, vstats = ops.value_loss(values, old_values, returns, mask, clip=args.clip, agg=args.agg)
             ent = (entropy * mask).sum() / mask.sum()
-            loss = pg_loss + args.vf_coef * vf_loss - args.ent_coef * ent
+            return pg_loss + args.vf_coef * vf_loss - args.ent_coef * ent, pg_loss, vf_loss, ent, pstats, vstats
+
+        head = args.head if args.impl == "rlkernels" else "logits"
+        for epoch in range(args.ppo_epochs):
+            t3 = time.perf_counter()
+            loss, pg_loss, vf_loss, ent, pstats, vstats = ppo_loss(head)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -288,7 +314,22 @@ def main(argv=None):
     for k, label in (("sample", "sampling"), ("score", "old/ref log-probs, KL, GAE"),
                      ("update", "log-probs, losses, backward, step")):
         log(f"  {label:34s} {phases[k]:7.2f}s  ({100 * phases[k] / wall:4.1f}%)")
-    return {"history": history, "wall_time": wall, "phases": phases, **history[-1]}
+    peaks = update_peak_memory(ppo_loss, policy) if not args.quiet and args.impl == "rlkernels" else {}
+    for head, peak in peaks.items():
+        log(f"peak memory of one PPO update (forward + backward), {head} head: {peak / 2**20:.1f} MiB")
+    return {"history": history, "wall_time": wall, "phases": phases, "peak_bytes": peaks, **history[-1]}
+
+
+def update_peak_memory(ppo_loss, policy):
+    """The peak memory of one loss forward and backward through each head (gradients discarded)."""
+    from rlkernels.bench.common import peak_bytes
+
+    def update(head):
+        policy.zero_grad(set_to_none=True)
+        ppo_loss(head)[0].backward()
+        policy.zero_grad(set_to_none=True)
+
+    return {head: peak_bytes(lambda h=head: update(h), "cpu") for head in ("fused", "logits")}
 
 
 if __name__ == "__main__":

@@ -91,6 +91,17 @@ def test_llm_ppo_step_runs_and_is_deterministic():
     assert llm.main(argv)["loss"] == stats["loss"]
 
 
+def test_llm_ppo_step_fused_head_matches_logits_head():
+    llm = load("llm_ppo_step")
+    argv = ["--iterations", "1", "--ppo-epochs", "2", "--batch", "4", "--response-len", "8", "--seed", "2",
+            "--quiet"]
+    fused = llm.main([*argv, "--head", "fused"])["history"]
+    logits = llm.main([*argv, "--head", "logits"])["history"]
+    for a, b in zip(fused, logits, strict=True):
+        for key in ("loss", "pg_loss", "vf_loss", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
 def _readme_example():
     text = (EXAMPLES.parent / "README.md").read_text()
     section = text[text.index("## Example\n"):]

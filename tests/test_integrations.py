@@ -881,3 +881,188 @@ def test_trl_errors_name_the_argument():
         selective_log_softmax(logits, torch.zeros(2, 3, dtype=torch.long), row_mask=torch.ones(2, 2))
     with pytest.raises(ValueError, match="temperature"):
         selective_log_softmax(logits, torch.zeros(2, 3, dtype=torch.long), temperature=0.0)
+
+
+# ====================================================================================================
+# The fused LM head: TRL's add_fused_lm_head, transformers' per-token log-probs, verl's linear_cross_entropy
+# ====================================================================================================
+
+
+def _tiny_causal_lm(kind, seed=0):
+    """A randomly initialized 2-layer causal LM built here (no downloads): Llama, or Gemma 2 (final logit
+    softcapping) or Cohere (logit_scale), so the head transforms are exercised."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    common = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2}
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    elif kind == "gemma2":
+        config = transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0)
+        model = transformers.Gemma2ForCausalLM(config)
+    else:
+        model = transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.5))
+    # larger head weights than the default init, so the softcap and the scale matter
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "cohere"])
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy")])
+def test_trl_add_fused_lm_head_matches_trl(kind, outputs):
+    pytest.importorskip("trl")
+    from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+
+    from rlkernels.integrations.trl import add_fused_lm_head
+
+    theirs = _tiny_causal_lm(kind)
+    ours = copy.deepcopy(theirs)
+    trl_add_fused_lm_head(theirs, temperature=0.7, outputs=outputs)
+    add_fused_lm_head(ours, temperature=0.7, outputs=outputs)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[2, 7] = -100
+    exp = theirs(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert type(got) is type(exp)
+    assert got.log_probs.shape == exp.log_probs.shape == (3, 10)
+    assert_close(got.log_probs, exp.log_probs, F32, name="log_probs")
+    assert torch.equal(got.label_mask, exp.label_mask)
+    assert_close(got.loss, exp.loss, F32, name="loss")
+    if "entropy" in outputs:
+        assert_close(got.entropy, exp.entropy, F32, name="entropy")
+        loss_e, loss_o = exp.loss - 0.1 * exp.entropy.sum(), got.loss - 0.1 * got.entropy.sum()
+    else:
+        assert got.entropy is None and exp.entropy is None
+        loss_e, loss_o = exp.loss, got.loss
+    loss_e.backward()
+    loss_o.backward()
+    for (name, p), q in zip(theirs.named_parameters(), ours.parameters()):
+        assert_close(q.grad, p.grad, F32, name=f"grad {name}")
+    # shift_labels (pre-shifted, as under context parallelism), num_items_in_batch
+    kw = {"input_ids": ids, "shift_labels": labels, "num_items_in_batch": 7, "fused_lm_head": True}
+    assert_close(ours(**kw).log_probs, theirs(**kw).log_probs, F32, name="shift_labels log_probs")
+    assert_close(ours(**kw).loss, theirs(**kw).loss, F32, name="num_items_in_batch loss")
+    # without fused_lm_head the model's own forward runs
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, F32, name="logits")
+
+
+def test_trl_add_fused_lm_head_fp32_head_and_errors():
+    pytest.importorskip("trl")
+    from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+
+    from rlkernels.integrations.trl import add_fused_lm_head
+
+    theirs = _tiny_causal_lm("llama").to(torch.bfloat16)
+    ours = copy.deepcopy(theirs)
+    trl_add_fused_lm_head(theirs, cast_lm_head_to_fp32=True)
+    add_fused_lm_head(ours, cast_lm_head_to_fp32=True)
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(4))
+    exp = theirs(input_ids=ids, labels=ids, fused_lm_head=True)
+    got = ours(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert got.log_probs.dtype == torch.float32
+    assert_close(got.log_probs, exp.log_probs, F32, name="log_probs with an fp32 head")
+    with pytest.raises(ValueError, match="is_top1"):
+        add_fused_lm_head(copy.deepcopy(ours), outputs=("log_probs", "is_top1"))
+    with pytest.raises(ValueError, match="temperature"):
+        add_fused_lm_head(copy.deepcopy(ours), temperature=0.0)
+
+
+def _logits_path(model, ids, mask, logits_to_keep, temperature):
+    """What TRL's GRPO trainer does (_get_per_token_logps_and_entropies): full logits of the kept positions."""
+    K = ids.shape[1] - 1 if logits_to_keep is None else logits_to_keep
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=K + 1).logits[:, :-1, :]
+    logits = logits[:, -K:] / temperature if K else logits[:, :0]
+    logps = torch.log_softmax(logits.double(), -1)
+    logp = logps.gather(-1, ids[:, ids.shape[1] - K:, None]).squeeze(-1)
+    entropy = -(logps.exp() * logps).sum(-1)
+    return logp, entropy
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "cohere"])
+@pytest.mark.parametrize("logits_to_keep", [None, 5, 0])
+def test_transformers_token_logprobs_matches_logits_path(kind, logits_to_keep):
+    from rlkernels.integrations.transformers import token_logprobs
+
+    model = _tiny_causal_lm(kind, seed=1)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 97, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    logp, entropy = token_logprobs(model, ids, mask, logits_to_keep=logits_to_keep, temperature=0.8,
+                                   return_entropy=True)
+    want_logp, want_entropy = _logits_path(model, ids, mask, logits_to_keep, 0.8)
+    assert logp.shape == want_logp.shape and logp.dtype == F32
+    assert_close(logp, want_logp, F32, name="log-probs")
+    assert_close(entropy, want_entropy, F32, name="entropy")
+    if logits_to_keep == 0:
+        return
+    w = torch.randn(logp.shape, generator=g)
+    (logp * w).sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    (want_logp.float() * w).sum().backward()
+    for n, p in model.named_parameters():
+        assert_close(ours[n], p.grad, F32, name=f"grad {n}")
+    only = token_logprobs(model, ids, mask, logits_to_keep=logits_to_keep, temperature=0.8)
+    assert torch.equal(only.detach(), logp.detach())
+
+
+def test_transformers_token_logprobs_errors():
+    from rlkernels.integrations.transformers import token_logprobs
+
+    model = _tiny_causal_lm("llama")
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        token_logprobs(model, ids, logits_to_keep=5)
+    with pytest.raises(TypeError, match="logits_to_keep"):
+        token_logprobs(model, ids, logits_to_keep=2.0)
+    with pytest.raises(ValueError, match="input_ids"):
+        token_logprobs(model, ids[0])
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+def test_verl_linear_cross_entropy_matches_formula(reduction, dtype):
+    from rlkernels.bench.trainers import verl_linear_cross_entropy as _verl_lce
+    from rlkernels.integrations.verl import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(8)
+    hidden = _randn((2, 13, 32), g, dtype)
+    # logits of order 1 for bf16: rlkernels rounds 16-bit logits to the inputs' dtype (as hidden @ weight.T does),
+    # verl's formula keeps them in float32, and the difference grows with |logits|
+    weight = _randn((151, 32), g, dtype, 0.5 if dtype == F32 else 0.1)
+    labels = torch.randint(0, 151, (2, 13), generator=g)
+    labels[0, :3] = -100
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, ent = linear_cross_entropy(h1, w1, labels, 0.6, reduction)
+    want_logp, want_ent = _verl_lce(h2, w2, labels, 0.6, reduction)
+    assert logp.shape == want_logp.shape and ent.shape == want_ent.shape == (26,)
+    tol = F32 if dtype == F32 else torch.bfloat16
+    assert_close(logp, want_logp, tol, name="logprobs")
+    assert_close(ent, want_ent, tol, name="entropy")
+    w = _randn(ent.shape, g)
+    (logp.sum() + (ent * w).sum()).backward()
+    (want_logp.sum() + (want_ent * w).sum()).backward()
+    assert_close(h1.grad, h2.grad, tol, name="grad hidden")
+    assert_close(w1.grad, w2.grad, tol, name="grad weight")
+
+
+def test_verl_linear_cross_entropy_errors():
+    from rlkernels.integrations.verl import linear_cross_entropy
+
+    hidden, weight, labels = torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="dist_process_group"):
+        linear_cross_entropy(hidden, weight, labels, dist_process_group=object())
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(hidden, weight, labels, reduction="avg")
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy(hidden, weight, labels[:3])
+    with pytest.raises(ValueError, match="weight"):
+        linear_cross_entropy(hidden, torch.zeros(10, 7), labels)

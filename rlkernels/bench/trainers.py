@@ -288,6 +288,25 @@ def verl_entropy_from_logits(logits):
     return torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)
 
 
+def verl_linear_cross_entropy(hidden, weight, labels, temperature, reduction="none"):
+    """verl 0.9.1, tests/utils/test_linear_cross_entropy.py run_torch_entropy: the formula of
+    utils/kernel/linear_cross_entropy.py linear_cross_entropy (weight [V, H]; returns (logprobs, entropy))."""
+    if len(hidden.shape) > 2:
+        hidden = hidden.view(-1, hidden.shape[-1])
+    if len(labels.shape) > 1:
+        labels = labels.view(-1)
+    logits = torch.matmul(hidden.to(torch.float32), weight.to(torch.float32) if weight.size(0) == hidden.size(1)
+                          else weight.T.to(torch.float32))
+    logits /= temperature
+    pd = torch.nn.functional.softmax(logits, dim=-1)
+    entropy_a = torch.logsumexp(logits, dim=-1)
+    entropy_b = torch.sum(pd * logits, dim=-1)
+    entropy = entropy_a - entropy_b
+    logprobs = torch.nn.functional.cross_entropy(logits, labels, reduction=reduction)
+    logprobs = torch.neg(logprobs)
+    return logprobs, entropy
+
+
 # ----------------------------------------------------------------------------------------------------
 # TRL
 # ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ One module per trainer; each is a thin translation of the trainer's arguments on
 - :mod:`rlkernels.integrations.cleanrl`: the GAE loop of CleanRL's ppo.py as ``compute_gae``, its update's
   losses and logged statistics as ``ppo_loss``, the update of dqn.py as ``dqn_loss``
 - :mod:`rlkernels.integrations.verl`: verl's GAE, policy/value losses, KL penalty, log-probs and entropy
-- :mod:`rlkernels.integrations.trl`: TRL's ``selective_log_softmax``
+- :mod:`rlkernels.integrations.trl`: TRL's ``selective_log_softmax`` and ``add_fused_lm_head``
+- :mod:`rlkernels.integrations.transformers`: per-token log-probs of a Hugging Face causal LM without its logits
+  (``token_logprobs``)
 
 The trainers are optional dependencies: importing this package imports none of them, and the submodules
 are loaded on first attribute access (only ``sb3`` imports its trainer, since it subclasses SB3's classes;
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["cleanrl", "sb3", "torchrl", "trl", "verl"]
+__all__ = ["cleanrl", "sb3", "torchrl", "transformers", "trl", "verl"]
 
 
 def __getattr__(name):
