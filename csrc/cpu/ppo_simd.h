@@ -52,13 +52,15 @@ RLK_INLINE void policy_forward_vec(vf lp, vf old, vf a, vi ok, const PolicyConst
     s.ratio += ratio;
     s.ratio_max = bigger ? ratio : s.ratio_max;
   } else {
+    // Nested blends, one mask each: GCC turned the AND of an integer and a float compare's masks into scalar
+    // bit twiddling under AVX-512.
     s.loss += ok ? loss : zero;
     s.count += ok ? one : zero;
-    s.clipped += ok & took_clip ? one : zero;
-    s.lower += ok & lower ? one : zero;
+    s.clipped += ok ? (took_clip ? one : zero) : zero;
+    s.lower += ok ? (lower ? one : zero) : zero;
     s.kl -= ok ? raw : zero;
     s.ratio += ok ? ratio : zero;
-    s.ratio_max = ok & bigger ? ratio : s.ratio_max;
+    s.ratio_max = ok ? (bigger ? ratio : s.ratio_max) : s.ratio_max;
   }
 }
 

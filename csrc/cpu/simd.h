@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <utility>
 
 #include "exp_poly.h"
 #include "rlkernels/macros.h"
@@ -132,11 +133,21 @@ RLK_INLINE vi lane_index() {
   for (int l = 0; l < kW; ++l) r[l] = l;
   return r;
 }
-// kW flag bytes: -1 where nonzero.
+// kW flag bytes: -1 where nonzero. Byte j is moved to the low byte of lane j by one shuffle with zeros (a
+// zero-extension GCC emits as pmovzxbd or pshufb): __builtin_convertvector from bytes, and under AVX-512 an
+// integer compare's mask turned into a vector, were lowered lane by lane.
+typedef uint8_t vbytes __attribute__((vector_size(RLK_VEC_BYTES)));
+template <size_t... I>
+RLK_INLINE vbytes spread_bytes(vbytes b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(b, vbytes{}, (I % 4 == 0 ? static_cast<int>(I / 4) : RLK_VEC_BYTES)...);
+}
 RLK_INLINE vi flags_set(const uint8_t* p) {
-  vb b;
-  __builtin_memcpy(&b, p, sizeof(b));
-  return __builtin_convertvector(b, vi) != 0;
+  vbytes b{};
+  __builtin_memcpy(&b, p, kW);
+  const vbytes wide = spread_bytes(b, std::make_index_sequence<RLK_VEC_BYTES>());
+  vi r;
+  __builtin_memcpy(&r, &wide, sizeof(r));
+  return (0 - r) >> 31;  // -1 for 1..255, 0 for 0: arithmetic, as a compare's result was lowered lane by lane
 }
 // kW bfloat16 values (their bits) widened to float: exact, a shift into the high half.
 RLK_INLINE vf load_bf16(const uint16_t* p) {
