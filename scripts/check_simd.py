@@ -11,7 +11,8 @@ floating-point arithmetic. It asserts that there is at least one, and that every
 
   - does packed arithmetic on registers of its level's width (xmm for default, ymm for avx2, zmm for avx512,
     or the width the kernel is written for, listed in KERNELS), and
-  - does no scalar ss/sd arithmetic (add, mul, fma, compare, min/max, conversions of a single float).
+  - does no scalar ss/sd arithmetic (add, mul, fma, compare, min/max, conversions of a single float), and
+    builds no mask lane by lane (setcc: a vector compare or flag lowered to one boolean per lane).
 
 It reads the compiled code only, so it needs no AVX-512 hardware. Exit status 0 when every check passes, 1
 otherwise (each failure printed), 2 when the library or objdump is missing.
@@ -56,6 +57,7 @@ SCALAR_ARITH = re.compile(
 PACKED_ARITH = re.compile(
     r"^v?(add|sub|mul|div|sqrt|max|min|cmp\w*|f?n?m(add|sub)\w*|blendv?|blendm|and|andn|or|xor|cvt\w*)(ps|pd)$"
 )
+LANE_MASK = re.compile(r"^set[a-z]+$")
 FUNC = re.compile(r"^([0-9a-f]+) <(.*)>:$")
 INSN = re.compile(r"^\s*([0-9a-f]+):\s+(\S+)\s*(.*)$")
 
@@ -175,6 +177,9 @@ def check_kernel(funcs, level, name, patterns, width) -> list[str]:
             scalar = sorted({op for op, _ in body if SCALAR_ARITH.match(op)})
             if scalar:
                 failures.append(f"{where} does scalar arithmetic: {', '.join(scalar)}")
+            lane_masks = sum(1 for op, _ in body if LANE_MASK.match(op))
+            if lane_masks:
+                failures.append(f"{where} builds masks lane by lane ({lane_masks} setcc)")
             widest = max((WIDTH_ORDER[r] for op, args in body if PACKED_ARITH.match(op)
                           for r in re.findall(r"%(xmm|ymm|zmm)", args)), default=-1)
             if widest != WIDTH_ORDER[width]:

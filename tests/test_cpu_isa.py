@@ -278,8 +278,8 @@ def _listing(body):
 
 
 def test_check_simd_flags_scalar_and_narrow_loops():
-    """The disassembly check fails on what it is meant to catch: a loop of scalar ss arithmetic, or one on
-    registers narrower than its level's."""
+    """The disassembly check fails on what it is meant to catch: a loop of scalar ss arithmetic, one on
+    registers narrower than its level's, one that builds a mask lane by lane."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import check_simd
@@ -291,5 +291,6 @@ def test_check_simd_flags_scalar_and_narrow_loops():
     assert "scalar arithmetic: vaddss" in check([("vmulps", "%ymm1,%ymm2,%ymm3"), ("vaddss", "%xmm3,%xmm4,%xmm4")])[0]
     assert "computes on xmm, not ymm" in check([("vmulps", "%xmm1,%xmm2,%xmm3")])[0]
     assert "not vectorized" in check([("vaddss", "%xmm3,%xmm4,%xmm4")])[0]
+    assert "masks lane by lane" in check([("vaddps", "%ymm3,%ymm4,%ymm4"), ("setne", "%al")])[0]
     assert "no function" in check_simd.check_kernel({}, "avx2", "ppo_policy_forward", ("ppo_policy_forward(",),
                                                     "ymm")[0]
