@@ -29,6 +29,7 @@
 #include <optional>
 #include <tuple>
 
+#include "alloc.h"
 #include "rlkernels/checks.h"
 #include "rlkernels/dispatch.h"
 #include "rlkernels/logprobs_args.h"
@@ -316,7 +317,9 @@ void backward_into(const OptTensor& grad_logp, const OptTensor& grad_entropy, co
 Tensor gather_logprobs_backward_cpu(const OptTensor& grad_logp, const OptTensor& grad_entropy, const Tensor& logits,
                                     const Tensor& tokens, const Tensor& lse, const Tensor& entropy,
                                     double temperature, std::optional<int64_t> ignore_index) {
-  Tensor out = at::empty(logits.sizes(), logits.options());
+  // The gradient is the logits' size: a fresh one page-faults on every 4 KiB at its first write, which cost
+  // about as much as the kernel; the output cache (alloc.h) maps it on huge pages and reuses it.
+  Tensor out = empty_output(logits.sizes(), logits.options());
   backward_into(grad_logp, grad_entropy, logits, out, tokens, lse, entropy, temperature, ignore_index);
   return out;
 }
