@@ -107,7 +107,6 @@ constexpr int kW = RLK_VEC_BYTES / 4;
 typedef float vf __attribute__((vector_size(RLK_VEC_BYTES)));
 typedef int32_t vi __attribute__((vector_size(RLK_VEC_BYTES)));
 typedef uint32_t vu __attribute__((vector_size(RLK_VEC_BYTES)));
-typedef uint8_t vb __attribute__((vector_size(RLK_VEC_BYTES / 4)));   // kW bytes (flags)
 typedef uint16_t vh __attribute__((vector_size(RLK_VEC_BYTES / 2)));  // kW 16-bit values (bfloat16 bits)
 
 RLK_INLINE vf loadu(const float* p) {
