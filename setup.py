@@ -108,9 +108,10 @@ def extensions():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cu_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    # -O3 for the auto-vectorized lane loops. No -march: the instruction set is chosen at run time (the
-    # per-ISA translation units csrc/cpu/*_avx2.cpp and *_avx512.cpp, and target_clones: csrc/cpu/clones.h),
-    # so the wheel also runs on CPUs without AVX-512.
+    # No -march: the SIMD kernels are compiled once per instruction set in their own translation units
+    # (csrc/cpu/simd_<level>.cpp, scan_block_<level>.cpp, each switching its target with a pragma) and chosen at
+    # run time (csrc/cpu/isa.h), so the wheel also runs on CPUs without AVX-512. -O3 for the loops left to the
+    # compiler (the float64 and float16 paths).
     # -fopenmp: at::parallel_for is a header template that runs serially unless the including code is
     # compiled with OpenMP (_OPENMP defines ATen's INTRA_OP_PARALLEL). The library then needs libgomp.so.1,
     # which torch already loaded from torch/lib (rlkernels imports torch first), so the loader reuses that one

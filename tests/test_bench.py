@@ -145,6 +145,21 @@ def test_quick_sizes_sweep_writes_csv_and_plot(tmp_path):
         assert "torch.compile(cleanrl loop)" not in providers  # not part of a size sweep
 
 
+def test_isa_rows_one_per_level_this_cpu_runs(tmp_path):
+    """--isa times the cpu backend once per listed level the CPU runs, each row checked against the reference
+    (a failed check fails the run); a level the CPU lacks is named and left out. The device name carries the
+    CPU's widest level."""
+    _, rows, stdout = _bench(tmp_path, "--ops", "ppo_policy_loss", "--isa", "default,avx2,avx512", timeout=300)
+    runs_here = common.cpu_isa_levels()
+    for (op, shape, cache), providers in _groups(rows).items():
+        levels = [p for p in providers if p.startswith("rlkernels[")]
+        assert levels == [f"rlkernels[cpu:{level}]" for level in runs_here], (op, shape)
+        assert all(_timed(providers[p]) for p in levels)
+    assert {r["device"].rsplit(" ", 1)[-1] for r in rows} == {runs_here[-1]}
+    if len(runs_here) < 3:
+        assert "this CPU does not run" in stdout
+
+
 def test_ops_select_families_and_kinds_in_order():
     bellman = cases.entries(cases.SHAPES, "quick", ["bellman"])
     assert {kind for kind, _, _ in bellman} == set(cases.FAMILIES["bellman"])

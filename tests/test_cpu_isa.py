@@ -1,21 +1,220 @@
 """The CPU kernels built for each instruction set, not only the widest this machine runs.
 
-The scan engine and the PPO lanes are compiled for SSE2, AVX2 and AVX-512 and pick one when first used;
-RLKERNELS_CPU_ISA caps the choice. A subprocess per level runs the in-place and buffered scan walks (GAE and
-Retrace) and the PPO lanes against the NumPy reference, so the SSE2 build (what a CPU without AVX2 runs) executes in CI too.
-(Levels this CPU lacks are capped to the widest it has, so they re-run that build.)
+Every SIMD kernel is compiled for SSE2, AVX2 and AVX-512 (csrc/cpu/simd_<level>.cpp, scan_block_<level>.cpp)
+and the level is chosen per call by one dispatcher (csrc/cpu/isa.h). torch.ops.rlkernels._cpu_isa caps the
+level in this process, so every kernel runs here at every level this CPU has, against the NumPy reference and
+the torch oracles of the family tests (levels the CPU lacks are skipped: an AVX2-only machine runs default and
+avx2). A subprocess per level checks that RLKERNELS_CPU_ISA caps the level as _cpu_isa does. The levels are
+never expected to agree bit for bit (FMA contraction and lane counts differ): each is held to the tolerances.
+scripts/check_simd.py (test_every_build_is_vectorized) checks from the library's disassembly that each level's
+build of these kernels runs on vectors of its width.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from conftest import assert_close, randn, random_tokens, sample_inputs, sample_mask
+from test_logprobs import GRAD_TOL, torch_oracle
+from test_ppo import check_policy, check_value, torch_kl
+
+import rlkernels
+from rlkernels import reference
+
+LEVELS = ("default", "avx2", "avx512")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _isa(level=""):
+    """(level in effect, widest level of this CPU), capping first when `level` is given."""
+    current, widest = torch.ops.rlkernels._cpu_isa(level).split("|")
+    return current, widest
+
+
+def machine_levels():
+    widest = _isa()[1]
+    return LEVELS[: LEVELS.index(widest) + 1]
+
+
+@pytest.fixture(params=LEVELS)
+def isa(request):
+    """Runs the test with the CPU kernels capped to one level, restored afterwards."""
+    if request.param not in machine_levels():
+        pytest.skip(f"this CPU does not run {request.param}")
+    before = _isa()[0]
+    assert _isa(request.param)[0] == request.param
+    yield request.param
+    _isa(before)
+
+
+def test_cap_is_read_and_set():
+    before, widest = _isa()
+    try:
+        assert widest in LEVELS
+        assert _isa("default")[0] == "default"
+        assert _isa("avx512")[0] == widest  # capped to what the CPU runs
+    finally:
+        _isa(before)
+    with pytest.raises(ValueError, match="unknown CPU instruction set"):
+        torch.ops.rlkernels._cpu_isa("sse9")
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 4099), (9001,)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_ppo_policy_loss(isa, shape, masked):
+    logp, old, adv = (x.float() for x in sample_inputs("ppo_policy_loss", shape, seed=len(shape) + shape[-1]))
+    mask = sample_mask(shape, "bool", 2) if masked else None
+    other = "token-mean" if len(shape) == 1 else "seq-mean-token-mean"  # (1-D inputs: token-mean only)
+    for kw in ({"agg": "token-mean"}, {"agg": other, "dual_clip": 3.0, "clip_high": 0.28}):
+        check_policy(logp, old, adv, mask, dtype=torch.float32, **kw)
+    # Ratios near e^2 with A < 0: the dual clip binds.
+    _, stats = check_policy(logp, old - 2.0, adv, mask, dtype=torch.float32, dual_clip=1.5)
+    assert float(stats["clipfrac_lower"]) > 0 or shape == (1, 1)
+
+
+def test_ppo_nan_reaches_loss_and_ratio_max(isa):
+    logp, old, adv = (x.float() for x in sample_inputs("ppo_policy_loss", (2, 45)))
+    mask = torch.ones(2, 45, dtype=torch.bool)
+    mask[0, 3] = False
+    masked_nan = logp.clone()
+    masked_nan[0, 3] = float("nan")  # a masked token is never read into a sum
+    loss, stats = rlkernels.ppo_policy_loss(masked_nan, old, adv, mask)
+    assert torch.isfinite(loss) and torch.isfinite(stats["ratio_max"])
+    for where in ((1, 44), (0, 17)):  # in the ragged end and in a full vector
+        for tensor in ("logp", "old"):
+            lp, o = logp.clone(), old.clone()
+            (lp if tensor == "logp" else o)[where] = float("nan")
+            loss, stats = rlkernels.ppo_policy_loss(lp, o, adv, mask)
+            exp_loss, exp_stats = reference.ppo_policy_loss(lp, o, adv, mask)
+            assert np.isnan(exp_loss) and np.isnan(exp_stats["ratio_max"])
+            assert torch.isnan(loss) and torch.isnan(stats["ratio_max"]), (where, tensor)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 4099), (9001,)])
+@pytest.mark.parametrize("clip", [None, 0.2])
+def test_value_loss(isa, shape, clip):
+    v, old, ret = (x.float() for x in sample_inputs("value_loss", shape, seed=shape[-1]))
+    mask = sample_mask(shape, "bool", 4) if len(shape) == 2 else None
+    check_value(v, old, ret, mask, dtype=torch.float32, clip=clip)
+    check_value(v, v.clone(), ret, mask, dtype=torch.float32, clip=0.0)  # v on both clip bounds
+    if clip is not None:  # a NaN old value makes the clipped loss NaN, as torch.clamp and the reference do
+        old[..., -1] = float("nan")
+        loss, _ = rlkernels.value_loss(v, old, ret, clip=clip)
+        assert np.isnan(reference.value_loss(v, old, ret, clip=clip)[0]) and torch.isnan(loss)
+
+
+@pytest.mark.parametrize("kind", ["k1", "abs", "k2", "k3"])
+def test_kl_penalty(isa, kind):
+    g = torch.Generator().manual_seed(5)
+    logp = -torch.rand(3, 1037, generator=g, dtype=torch.float64) * 3
+    ref = logp + torch.randn(3, 1037, generator=g, dtype=torch.float64)
+    ref[0, :4] = logp[0, :4] + torch.tensor([30.0, -30.0, 0.0, 3.0], dtype=torch.float64)  # both clamps
+    logp, ref = logp.float(), ref.float()
+    x = logp.clone().requires_grad_()
+    out = rlkernels.kl_penalty(x, ref, kind)
+    assert_close(out, reference.kl_penalty(logp, ref, kind), torch.float32, name=kind)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    out.backward(w.float())
+    y = logp.double().requires_grad_()
+    torch_kl(y, ref.double(), kind).backward(w)
+    assert_close(x.grad, y.grad, torch.float32, name=f"grad {kind}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("V", [1, 7, 2053, 4099])
+def test_gather_logprobs(isa, dtype, V):
+    logits = randn((5, V), dtype, scale=3.0, seed=V)
+    logits[2, : V // 2] = float("-inf")  # entries that weigh nothing
+    tokens = random_tokens((5,), V, seed=V + 1)
+    tokens[2] = V - 1
+    tokens[4] = -100
+    x = logits.clone().requires_grad_()
+    logp, entropy = rlkernels.gather_logprobs(x, tokens, temperature=0.8, return_entropy=True, ignore_index=-100)
+    want_logp, want_entropy = reference.gather_logprobs(
+        logits.double(), tokens, temperature=0.8, return_entropy=True, ignore_index=-100
+    )
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-5, "atol": 5e-5}
+    assert_close(logp, want_logp, name="logp", **tol)
+    assert_close(entropy, want_entropy, name="entropy", **tol)
+    g_logp, g_entropy = randn((5,), seed=3, scale=3.0), randn((5,), seed=4, scale=3.0)
+    (logp * g_logp.float() + entropy * g_entropy.float()).sum().backward()
+    y = logits.double().requires_grad_()
+    o_logp, o_entropy = torch_oracle(y, tokens, 0.8, ignore_index=-100)
+    (o_logp * g_logp + o_entropy * g_entropy).sum().backward()
+    assert_close(x.grad, y.grad, **GRAD_TOL[dtype])
+    # Without entropy the backward takes the other vector loop.
+    x.grad = None
+    rlkernels.gather_logprobs(x, tokens, temperature=0.8, ignore_index=-100).sum().backward()
+    y.grad = None
+    torch_oracle(y, tokens, 0.8, ignore_index=-100)[0].sum().backward()
+    assert_close(x.grad, y.grad, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("shape", [(5003,), (3, 1030)])
+def test_gae_rows(isa, shape):
+    g = torch.Generator().manual_seed(shape[-1])
+    r, v = (torch.randn(shape, generator=g) for _ in range(2))
+    term = torch.rand(shape, generator=g) < 0.01
+    time_dim = 0 if len(shape) == 1 else -1
+    adv, ret = rlkernels.gae(r, v, gamma=0.99, lam=0.95, terminated=term, bootstrap_value=0.5 if len(shape) == 1
+                             else torch.full(shape[:1], 0.5), time_dim=time_dim)
+    e_adv, e_ret = reference.gae(r.double(), v.double(), gamma=0.99, lam=0.95, terminated=term,
+                                 bootstrap_value=0.5 if len(shape) == 1 else np.full(shape[:1], 0.5),
+                                 time_dim=time_dim)
+    assert_close(adv, e_adv, torch.float32, name="advantages")
+    assert_close(ret, e_ret, torch.float32, name="returns")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("A", [3, 18])
+@pytest.mark.parametrize("kind", ["max", "double", "expected", "soft"])
+def test_q_targets(isa, dtype, A, kind):
+    r, q, online, probs, term = sample_inputs("q_targets", (37,), dtype=dtype, A=A)
+    extra = {"double": {"next_q_online": online}, "expected": {"next_probs": probs},
+             "soft": {"temperature": 0.7}}.get(kind, {})
+    y = rlkernels.q_targets(r, q, terminated=term, gamma=0.9, kind=kind, **extra)
+    want = reference.q_targets(r.double(), q.double(), terminated=term, gamma=0.9, kind=kind,
+                               **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in extra.items()})
+    assert_close(y, want, torch.float32)
+
+
+@pytest.mark.parametrize("loss", ["huber", "squared"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_td_loss(isa, loss, reduction):
+    q, actions, targets, weights = sample_inputs("td_loss", (1037, 6), dtype=torch.float32)
+    qg = q.clone().requires_grad_()
+    out, td = rlkernels.td_loss(qg, actions, targets, loss=loss, weights=weights, reduction=reduction)
+    want, want_td = reference.td_loss(q.double(), actions, targets.double(), loss=loss, weights=weights.double(),
+                                      reduction=reduction)
+    assert_close(out, want, torch.float32, name="loss")
+    assert_close(td, want_td, torch.float32, name="td_errors")
+    out.sum().backward()
+    x = q.double().requires_grad_()
+    e = targets.double() - x.gather(1, actions[:, None])[:, 0]
+    per = torch.nn.functional.huber_loss(e, torch.zeros_like(e), reduction="none") if loss == "huber" else e * e
+    per = per * weights.double()
+    (per.mean() if reduction == "mean" else per.sum()).backward()
+    assert_close(qg.grad, x.grad, torch.float32, name="grad q")
+
+
+def test_bellman_backup(isa):
+    P, R, V = sample_inputs("bellman_backup", (2, 37, 3), dtype=torch.float32)
+    Q, V_new, policy = rlkernels.bellman_backup(P, R, V, gamma=0.9)
+    e_Q, e_V, e_policy = reference.bellman_backup(P.double(), R.double(), V.double(), 0.9)
+    assert_close(Q, e_Q, torch.float32)
+    assert_close(V_new, e_V, torch.float32)
+
 
 SCRIPT = r"""
 import json, numpy as np, torch, rlkernels
 from rlkernels import reference
+level = torch.ops.rlkernels._cpu_isa("").split("|")[0]
 g = torch.Generator().manual_seed(0)
 worst = 0.0
 for shape, td in (((64, 48), 0), ((16, 103), -1), ((2, 20000), -1), ((37, 5), 0)):
@@ -37,23 +236,61 @@ for shape, td in (((64, 48), 0), ((16, 103), -1), ((2, 20000), -1), ((37, 5), 0)
                                 terminated=term, mask=mask, time_dim=td)
         scale = max(1.0, float(np.abs(e_G).max()))
         worst = max(worst, float(np.abs(G.double().numpy() - e_G).max()) / scale)
-lp = -torch.rand(8, 300, generator=g)
-old = lp + 0.3 * torch.randn(8, 300, generator=g)
-adv = torch.randn(8, 300, generator=g)
-mask = torch.rand(8, 300, generator=g) < 0.8
-loss, _ = rlkernels.ppo_policy_loss(lp, old, adv, mask, clip_low=0.2, dual_clip=3.0)
-e_loss, _ = reference.ppo_policy_loss(lp, old, adv, mask, clip_low=0.2, clip_high=0.2, dual_clip=3.0)
-print(json.dumps({"scan": worst, "ppo": abs(float(loss) - e_loss) / max(1.0, abs(e_loss))}))
+print(json.dumps({"level": level, "scan": worst}))
 """
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
-def test_each_instruction_set_matches_reference(isa):
-    env = {**os.environ, "RLKERNELS_CPU_ISA": isa}
+@pytest.mark.parametrize("level", LEVELS)
+def test_environment_caps_the_level(level):
+    """RLKERNELS_CPU_ISA caps the level at first use, for the scan engine as for every other kernel."""
+    env = {**os.environ, "RLKERNELS_CPU_ISA": level}
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300,
                          check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    err = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    levels = machine_levels()
+    assert result["level"] == (level if level in levels else levels[-1])
     # bf16 inputs are compared on their rounded values, so the error is float32 accumulation only
-    assert err["scan"] < 1e-4, err
-    assert err["ppo"] < 1e-5, err
+    assert result["scan"] < 1e-4, result
+
+
+def test_every_build_is_vectorized():
+    """scripts/check_simd.py on the loaded library: needs objdump, not the instruction sets themselves."""
+    if shutil.which("objdump") is None:
+        pytest.skip("objdump (binutils) is not installed")
+    library = Path(rlkernels._C.__file__)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_simd.py"), str(library)],
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+
+
+def _listing(body):
+    """A function named like an avx2 kernel whose block loop is `body` (mnemonic, operands), as disassemble()
+    returns it."""
+    insns = [(0x100, "xor", "%eax,%eax")]
+    addr = 0x104
+    for op, args in body:
+        insns.append((addr, op, args))
+        addr += 4
+    insns.append((addr, "jne", "104 <f+0x4>"))
+    insns.append((addr + 4, "ret", ""))
+    return {"rlkernels::cpu::simd::isa_avx2::ppo_policy_forward(float const*)": insns}
+
+
+def test_check_simd_flags_scalar_and_narrow_loops():
+    """The disassembly check fails on what it is meant to catch: a loop of scalar ss arithmetic, one on
+    registers narrower than its level's, one that builds a mask lane by lane."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import check_simd
+    finally:
+        sys.path.pop(0)
+    check = lambda body: check_simd.check_kernel(_listing(body), "avx2", "ppo_policy_forward",  # noqa: E731
+                                                 ("ppo_policy_forward(",), "ymm")
+    assert check([("vmulps", "%ymm1,%ymm2,%ymm3"), ("vaddps", "%ymm3,%ymm4,%ymm4")]) == []
+    assert "scalar arithmetic: vaddss" in check([("vmulps", "%ymm1,%ymm2,%ymm3"), ("vaddss", "%xmm3,%xmm4,%xmm4")])[0]
+    assert "computes on xmm, not ymm" in check([("vmulps", "%xmm1,%xmm2,%xmm3")])[0]
+    assert "not vectorized" in check([("vaddss", "%xmm3,%xmm4,%xmm4")])[0]
+    assert "masks lane by lane" in check([("vaddps", "%ymm3,%ymm4,%ymm4"), ("setne", "%al")])[0]
+    assert "no function" in check_simd.check_kernel({}, "avx2", "ppo_policy_forward", ("ppo_policy_forward(",),
+                                                    "ymm")[0]

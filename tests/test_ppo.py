@@ -340,6 +340,21 @@ def test_value_dtypes(dtype):
     assert_close(loss, exp_loss, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_value_nan_old_value_propagates(dtype):
+    """A NaN old value gives a NaN clamp (torch.clamp to tensor bounds) and so a NaN clipped loss, as the
+    reference; without a clip old values are not read."""
+    v, old, ret = sample_inputs("value_loss", (2, 21), dtype=dtype)
+    old[1, 20] = float("nan")  # the ragged end of the float32 vectors
+    old[0, 3] = float("nan")
+    loss, _ = rlkernels.value_loss(v, old, ret, clip=0.2)
+    assert np.isnan(reference.value_loss(v, old, ret, clip=0.2)[0]) and torch.isnan(loss)
+    mask = torch.ones(2, 21, dtype=torch.bool)
+    mask[1, 20] = mask[0, 3] = False  # masked tokens are never read
+    assert torch.isfinite(rlkernels.value_loss(v, old, ret, mask, clip=0.2)[0])
+    assert torch.isfinite(rlkernels.value_loss(v, old, ret)[0])
+
+
 # ----------------------------------------------------------------------------------------------------
 # kl_penalty
 # ----------------------------------------------------------------------------------------------------

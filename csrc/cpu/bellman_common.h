@@ -20,7 +20,6 @@
 #include <optional>
 
 #include "alloc.h"
-#include "clones.h"
 #include "rlkernels/bellman.h"
 #include "rlkernels/bellman_args.h"
 #include "rlkernels/checks.h"

@@ -8,6 +8,8 @@
 
 #include <ATen/ops/zeros.h>
 
+#include "simd_kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -21,34 +23,9 @@ namespace {
 using at::Tensor;
 using namespace rlkernels::bellman;
 
-// Dot products of a row of P with V, compiled for AVX-512, AVX2 and SSE2 and chosen at load time (GCC's
-// target_clones: one binary runs on any x86-64 CPU). Sixteen independent partial sums let the compiler
-// keep two to four vector accumulators in flight.
-
-RLK_CLONES float dot_f32(const float* __restrict p, const float* __restrict v, int64_t n) {
-  float acc[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int l = 0; l < 16; ++l) acc[l] += p[i + l] * v[i + l];
-  float s = 0;
-  for (; i < n; ++i) s += p[i] * v[i];
-  for (int l = 0; l < 16; ++l) s += acc[l];
-  return s;
-}
-
-RLK_CLONES double dot_f64(const double* __restrict p, const double* __restrict v, int64_t n) {
-  double acc[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += p[i + l] * v[i + l];
-  double s = 0;
-  for (; i < n; ++i) s += p[i] * v[i];
-  for (int l = 0; l < 8; ++l) s += acc[l];
-  return s;
-}
-
-inline float dot(const float* p, const float* v, int64_t n) { return dot_f32(p, v, n); }
-inline double dot(const double* p, const double* v, int64_t n) { return dot_f64(p, v, n); }
+// Dot products of a row of P with V: simd_kernels.h, compiled per instruction set.
+inline float dot(const float* p, const float* v, int64_t n) { return simd::kernels().dot_f32(p, v, n); }
+inline double dot(const double* p, const double* v, int64_t n) { return simd::kernels().dot_f64(p, v, n); }
 
 // Q[s, a] = R[s, a] + gamma P[s, a, :] . V for states [s0, s1) of one MDP, with V_new = max_a Q and the
 // policy (first maximizing action, NaN counting as the maximum). P here is in the accumulation type (16-bit

@@ -2,11 +2,16 @@
 // level of the CPU cache (clflush), for the benchmark's "cold data" timing: the inputs come from DRAM, as
 // the byte model assumes, while code and interpreter state stay cached as they would in a training loop
 // (rewriting a buffer larger than the last-level cache evicts those too). Not part of the API.
+// rlkernels::_cpu_isa: the CPU kernels' instruction-set level (isa.h), read or capped, for the benchmark's
+// --isa rows and the per-level tests. Not part of the API either.
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string>
 
 #include "alloc.h"
+#include "isa.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -42,9 +47,24 @@ int64_t output_cache_bytes() {
 #endif
 }
 
+// With a level name ("default", "avx2", "avx512"), caps the level of the calls that follow to it (at most what
+// this CPU runs); with "", changes nothing. Returns the level in effect, and "|" with the widest this CPU runs:
+// "avx2|avx512".
+std::string cpu_isa(c10::string_view level) {
+  using namespace rlkernels::cpu;
+  if (!level.empty()) {
+    const int wanted = isa_level_of(std::string_view(level.data(), level.size()));
+    TORCH_CHECK_VALUE(wanted >= 0, "rlkernels: unknown CPU instruction set '", std::string(level),
+                      "'; expected default, avx2 or avx512");
+    set_cpu_isa_cap(wanted);
+  }
+  return std::string(cpu_isa_name()) + "|" + kIsaNames[detected_isa_level()];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlkernels, m) {
+  m.def("_cpu_isa(str level) -> str", &cpu_isa);
   m.def("_evict_from_cache(Tensor[] tensors) -> bool", &evict_from_cache);
   m.def("_output_cache_bytes() -> int", &output_cache_bytes);
 }

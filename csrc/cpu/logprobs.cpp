@@ -4,14 +4,13 @@
 // logits' own dtype chunk by chunk into a small float buffer on the stack, so nothing of the logits' size is
 // ever allocated. The state is the one a vocab-sharded or chunked-lm_head caller (§4.6) would merge:
 //   m = running max of z, s0 = sum exp(z - m), s1 = sum exp(z - m) (z - m).
-// Rows are split across threads with at::parallel_for. Inner loops run over kLanes independent partial
-// sums, which the compiler turns into SIMD; exp is a branch-free polynomial for float so those loops
-// vectorize (libm's expf would keep them scalar), std::exp for double (the gradcheck path).
-// Without no-trapping-math GCC keeps every select of the exp and entropy loops as a branch (a float
-// operation in a select arm "may trap"), and those loops stay scalar. It goes before the includes: placed
-// after them, the header functions the kernels inline differ in options and the loops again stayed scalar
-// (checked by counting mulps in the object). The kernels never read floating-point exception flags; NaN and
-// Inf still propagate (this is not -ffinite-math-only).
+// Rows are split across threads with at::parallel_for. float32 and bfloat16 logits, the hot cases, run the
+// explicit-vector rows of logprobs_simd.h, built per instruction set (simd_kernels.h). float16 and float64
+// (the gradcheck path) run the generic rows below, whose inner loops over kLanes partial sums are left to the
+// compiler. Without no-trapping-math GCC keeps every select of those loops as a branch (a float operation in
+// a select arm "may trap"); it goes before the includes, so the header functions they inline get the same
+// options. The kernels never read floating-point exception flags; NaN and Inf still propagate (this is not
+// -ffinite-math-only).
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC optimize("no-trapping-math")
 #endif
@@ -30,10 +29,11 @@
 #include <optional>
 #include <tuple>
 
-#include "clones.h"
+#include "alloc.h"
 #include "rlkernels/checks.h"
 #include "rlkernels/dispatch.h"
 #include "rlkernels/logprobs_args.h"
+#include "simd_kernels.h"
 
 namespace rlkernels::cpu {
 namespace {
@@ -180,14 +180,6 @@ __attribute__((always_inline)) inline void forward_rows(const scalar_t* x, int64
   }
 }
 
-// float32 logits, the hot case, compiled for AVX-512, AVX2 and SSE2 and chosen at load time (target_clones;
-// the inlined helpers above take each clone's target).
-RLK_CLONES void forward_rows_f32(const float* x, int64_t row_stride, int64_t V, const int64_t* tok_p, bool has_ignore,
-                      int64_t ignore, float inv_t, int64_t begin, int64_t end, float* logp_p, float* ent_p,
-                      float* lse_p) {
-  forward_rows<float, float>(x, row_stride, V, tok_p, has_ignore, ignore, inv_t, begin, end, logp_p, ent_p, lse_p);
-}
-
 std::tuple<Tensor, Tensor, Tensor> gather_logprobs_cpu(const Tensor& logits, const Tensor& tokens,
                                                        double temperature, bool return_entropy,
                                                        std::optional<int64_t> ignore_index, bool inplace_backward) {
@@ -214,12 +206,18 @@ std::tuple<Tensor, Tensor, Tensor> gather_logprobs_cpu(const Tensor& logits, con
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
     const bool has_ignore = ignore_index.has_value();
     const int64_t ignore = ignore_index.value_or(0);
+    const simd::Kernels& kernels = simd::kernels();
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      // The dispatch lambda is not a template: every dtype compiles this call, only float32 reaches it.
+      // The dispatch lambda is not a template: every dtype compiles these calls, only float32 and bfloat16
+      // reach them.
       if (std::is_same_v<scalar_t, float>) {
-        forward_rows_f32(reinterpret_cast<const float*>(x), row_stride, V, tok_p, has_ignore, ignore,
-                         static_cast<float>(inv_t), begin, end, reinterpret_cast<float*>(logp_p),
-                         reinterpret_cast<float*>(ent_p), reinterpret_cast<float*>(lse_p));
+        kernels.logprob_rows_f32(reinterpret_cast<const float*>(x), row_stride, V, tok_p, has_ignore, ignore,
+                                 static_cast<float>(inv_t), begin, end, reinterpret_cast<float*>(logp_p),
+                                 reinterpret_cast<float*>(ent_p), reinterpret_cast<float*>(lse_p));
+      } else if (std::is_same_v<scalar_t, c10::BFloat16>) {
+        kernels.logprob_rows_bf16(reinterpret_cast<const uint16_t*>(x), row_stride, V, tok_p, has_ignore, ignore,
+                                  static_cast<float>(inv_t), begin, end, reinterpret_cast<float*>(logp_p),
+                                  reinterpret_cast<float*>(ent_p), reinterpret_cast<float*>(lse_p));
       } else {
         forward_rows<scalar_t, acc_t>(x, row_stride, V, tok_p, has_ignore, ignore, inv_t, begin, end, logp_p,
                                       ent_p, lse_p);
@@ -250,6 +248,7 @@ void backward_rows(const Tensor& logits, const Tensor& out, const OptTensor& gra
   const int64_t* tok_p = tokens.const_data_ptr<int64_t>();
   const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1));
+  const simd::Kernels& kernels = simd::kernels();
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* yr = y + r * ys;
@@ -265,6 +264,16 @@ void backward_rows(const Tensor& logits, const Tensor& out, const OptTensor& gra
       const acc_t a = g_lp * inv_t;
       const acc_t b = gh_p ? gh_p[r] * inv_t : acc_t(0);
       const acc_t c = gh_p ? ent_p[r] - l : acc_t(0);
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+        // Explicit vectors (logprobs_simd.h); the row is rewritten whole, its target fixed below.
+        const float fa = static_cast<float>(a), fb = static_cast<float>(b), fc = static_cast<float>(c);
+        if constexpr (std::is_same_v<scalar_t, float>)
+          kernels.logprob_grad_row_f32(xr, yr, V, static_cast<float>(inv_t), static_cast<float>(l), fa, gh_p != nullptr,
+                                       fb, fc);
+        else
+          kernels.logprob_grad_row_bf16(reinterpret_cast<const uint16_t*>(xr), reinterpret_cast<uint16_t*>(yr), V,
+                                        static_cast<float>(inv_t), static_cast<float>(l), fa, gh_p != nullptr, fb, fc);
+      } else {
       // Chunks through a stack buffer: plain loops over it vectorize, and the conversions to and from
       // 16-bit types stay in their own loops.
       alignas(64) acc_t buf[kChunk];
@@ -281,6 +290,7 @@ void backward_rows(const Tensor& logits, const Tensor& out, const OptTensor& gra
           for (int64_t i = 0; i < n; ++i) buf[i] = -a * exp_acc(buf[i] - l);
         }
         for (int64_t i = 0; i < n; ++i) yr[off + i] = static_cast<scalar_t>(buf[i]);
+      }
       }
       // The target's one-hot term, from its value read above.
       const acc_t p_t = exp_acc(z_t - l);
@@ -307,7 +317,9 @@ void backward_into(const OptTensor& grad_logp, const OptTensor& grad_entropy, co
 Tensor gather_logprobs_backward_cpu(const OptTensor& grad_logp, const OptTensor& grad_entropy, const Tensor& logits,
                                     const Tensor& tokens, const Tensor& lse, const Tensor& entropy,
                                     double temperature, std::optional<int64_t> ignore_index) {
-  Tensor out = at::empty(logits.sizes(), logits.options());
+  // The gradient is the logits' size: a fresh one page-faults on every 4 KiB at its first write, which cost
+  // about as much as the kernel; the output cache (alloc.h) maps it on huge pages and reuses it.
+  Tensor out = empty_output(logits.sizes(), logits.options());
   backward_into(grad_logp, grad_entropy, logits, out, tokens, lse, entropy, temperature, ignore_index);
   return out;
 }

@@ -3,8 +3,10 @@
 //
 // The losses run one pass over [B, T]: each row is cut into fixed chunks, every chunk reduces its tokens
 // into a Partial (sums in float64) on one thread, then the chunks of a row and the rows are combined in
-// index order on one thread. The chunk grid depends only on the shape, so results are bit-identical for
-// any number of threads.
+// index order on one thread; the backwards walk the same chunk grid, so one long row (a 1-D input) spreads
+// over the threads as a batch does. The grid depends only on the shape, so results are bit-identical for
+// any number of threads. float32 runs the explicit-vector kernels of ppo_simd.h (built per instruction set,
+// simd_kernels.h); the other dtypes run the scalar math of ppo.h.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -20,11 +22,11 @@
 #include <type_traits>
 #include <vector>
 
-#include "ppo_lanes_dispatch.h"
 #include "rlkernels/checks.h"
 #include "rlkernels/dispatch.h"
 #include "rlkernels/ppo.h"
 #include "rlkernels/ppo_args.h"
+#include "simd_kernels.h"
 
 namespace rlkernels::cpu {
 namespace {
@@ -98,17 +100,35 @@ double aggregate(const std::vector<Partial>& rows, Partial& total, Agg agg, doub
   }
 }
 
+// Runs chunk_fn(row, t0, t1) over the chunk grid of reduce_rows in parallel: a single long row (1-D input)
+// spreads over the threads as a batch of rows does.
+template <typename ChunkFn>
+void for_chunks(int64_t B, int64_t T, const ChunkFn& chunk_fn) {
+  const int64_t chunks_per_row = (T + kChunk - 1) / kChunk;
+  at::parallel_for(0, B * chunks_per_row, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t row = c / chunks_per_row, t0 = (c % chunks_per_row) * kChunk;
+      chunk_fn(row, t0, std::min(T, t0 + kChunk));
+    }
+  });
+}
+
 // Per-row d loss / d l_t for unmasked tokens (masked tokens get 0).
 std::vector<double> token_weights(int64_t B, int64_t T, const uint8_t* mask, Agg agg, double norm_length) {
   std::vector<double> counts(B, static_cast<double>(T));
   if (mask != nullptr) {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        int64_t n = 0;
-        for (int64_t t = 0; t < T; ++t) n += mask[b * T + t] != 0;
-        counts[b] = static_cast<double>(n);
-      }
+    const int64_t chunks_per_row = (T + kChunk - 1) / kChunk;
+    std::vector<int64_t> chunk_counts(B * chunks_per_row, 0);
+    for_chunks(B, T, [&](int64_t b, int64_t t0, int64_t t1) {
+      int64_t n = 0;
+      for (int64_t t = t0; t < t1; ++t) n += mask[b * T + t] != 0;
+      chunk_counts[b * chunks_per_row + t0 / kChunk] = n;
     });
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t n = 0;
+      for (int64_t k = 0; k < chunks_per_row; ++k) n += chunk_counts[b * chunks_per_row + k];
+      counts[b] = static_cast<double>(n);
+    }
   }
   double total = 0, nonempty = 0;
   for (double c : counts) {
@@ -172,22 +192,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
     const auto p = policy_params<acc_t>(clip_low, clip_high, dual_clip);
     const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *adv_d = adv.data_ptr<scalar_t>();
     if constexpr (std::is_same_v<scalar_t, float>) {
+      // The float32 path on explicit vectors (ppo_simd.h), built per instruction set.
       const float dual = dual_clip.has_value() ? p.dual_clip : std::numeric_limits<float>::infinity();
+      const simd::Kernels& kernels = simd::kernels();
       rows = reduce_rows(B, T, [&](int64_t row, int64_t t0, int64_t t1, Partial& part) {
         const int64_t at = row * T + t0;
-        float s[7 * lanes::kLanesDecl];
-        lanes::policy_lanes().forward(as_float(lp_d + at), as_float(old_d + at), as_float(adv_d + at),
-                                  m == nullptr ? nullptr : m + at, t1 - t0, p.clip_lo, p.clip_hi, dual, s);
-        constexpr int L = lanes::kLanesDecl;
-        for (int l = 0; l < L; ++l) {
-          part.loss += s[0 * L + l];
-          part.count += s[1 * L + l];
-          part.clipped += s[2 * L + l];
-          part.lower += s[3 * L + l];
-          part.kl += s[4 * L + l];
-          part.ratio += s[5 * L + l];
-          if (s[1 * L + l] > 0) part.take_max(s[6 * L + l]);
-        }
+        double s[simd::kPolicySums];
+        kernels.ppo_policy_forward(as_float(lp_d + at), as_float(old_d + at), as_float(adv_d + at),
+                                   m == nullptr ? nullptr : m + at, t1 - t0, p.clip_lo, p.clip_hi, dual, s);
+        part.loss += s[simd::kLoss];
+        part.count += s[simd::kCount];
+        part.clipped += s[simd::kClipped];
+        part.lower += s[simd::kLower];
+        part.kl += s[simd::kKl];
+        part.ratio += s[simd::kRatio];
+        part.take_max(s[simd::kRatioMax]);  // -inf when no token counts
       });
       return;
     }
@@ -234,23 +253,23 @@ Tensor ppo_policy_loss_backward_cpu(const Tensor& grad_loss, const Tensor& logp,
     const auto p = policy_params<acc_t>(clip_low, clip_high, dual_clip);
     const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *adv_d = adv.data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const acc_t scale = static_cast<acc_t>(g * w[b]);
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          const float dual = dual_clip.has_value() ? p.dual_clip : std::numeric_limits<float>::infinity();
-          lanes::policy_lanes().backward(as_float(lp_d + b * T), as_float(old_d + b * T), as_float(adv_d + b * T),
-                                     m == nullptr ? nullptr : m + b * T, T, p.clip_lo, p.clip_hi, dual, scale,
-                                     as_float_out(out + b * T));
-          continue;
-        }
-        for (int64_t i = b * T; i < (b + 1) * T; ++i) {
-          acc_t d = 0;
-          if (m == nullptr || m[i] != 0)
-            d = scale * policy_token_grad<acc_t>(static_cast<acc_t>(lp_d[i]), static_cast<acc_t>(old_d[i]),
-                                                 static_cast<acc_t>(adv_d[i]), p);
-          out[i] = static_cast<scalar_t>(d);
-        }
+    const float dual = dual_clip.has_value() ? static_cast<float>(p.dual_clip) : std::numeric_limits<float>::infinity();
+    const simd::Kernels& kernels = simd::kernels();
+    for_chunks(B, T, [&](int64_t b, int64_t t0, int64_t t1) {
+      const acc_t scale = static_cast<acc_t>(g * w[b]);
+      const int64_t at = b * T + t0;
+      if constexpr (std::is_same_v<scalar_t, float>) {  // explicit vectors (ppo_simd.h)
+        kernels.ppo_policy_backward(as_float(lp_d + at), as_float(old_d + at), as_float(adv_d + at),
+                                    m == nullptr ? nullptr : m + at, t1 - t0, p.clip_lo, p.clip_hi, dual, scale,
+                                    as_float_out(out + at));
+        return;
+      }
+      for (int64_t i = at; i < b * T + t1; ++i) {
+        acc_t d = 0;
+        if (m == nullptr || m[i] != 0)
+          d = scale * policy_token_grad<acc_t>(static_cast<acc_t>(lp_d[i]), static_cast<acc_t>(old_d[i]),
+                                               static_cast<acc_t>(adv_d[i]), p);
+        out[i] = static_cast<scalar_t>(d);
       }
     });
   });
@@ -274,6 +293,19 @@ std::tuple<Tensor, Tensor> value_loss_cpu(const Tensor& values, const Tensor& ol
     const bool has_clip = clip.has_value();
     const acc_t c = static_cast<acc_t>(clip.value_or(0.0));
     const scalar_t *v_d = v.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *ret_d = ret.data_ptr<scalar_t>();
+    if constexpr (std::is_same_v<scalar_t, float>) {  // explicit vectors (ppo_simd.h)
+      const simd::Kernels& kernels = simd::kernels();
+      rows = reduce_rows(B, T, [&](int64_t row, int64_t t0, int64_t t1, Partial& part) {
+        const int64_t at = row * T + t0;
+        double s[simd::kValueSums];
+        kernels.ppo_value_forward(as_float(v_d + at), as_float(old_d + at), as_float(ret_d + at),
+                                  m == nullptr ? nullptr : m + at, t1 - t0, has_clip, static_cast<float>(c), s);
+        part.loss += s[simd::kValueLoss];
+        part.count += s[simd::kValueCount];
+        part.clipped += s[simd::kValueClipped];
+      });
+      return;
+    }
     rows = reduce_rows(B, T, [&](int64_t row, int64_t t0, int64_t t1, Partial& part) {
       for (int64_t i = row * T + t0; i < row * T + t1; ++i) {
         if (m != nullptr && m[i] == 0) continue;
@@ -307,16 +339,22 @@ Tensor value_loss_backward_cpu(const Tensor& grad_loss, const Tensor& values, co
     const acc_t c = static_cast<acc_t>(clip.value_or(0.0));
     const scalar_t *v_d = v.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *ret_d = ret.data_ptr<scalar_t>();
     scalar_t* out = grad.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        const acc_t scale = static_cast<acc_t>(g * w[b]);
-        for (int64_t i = b * T; i < (b + 1) * T; ++i) {
-          acc_t d = 0;
-          if (m == nullptr || m[i] != 0)
-            d = scale * value_token_grad<acc_t>(static_cast<acc_t>(v_d[i]), static_cast<acc_t>(old_d[i]),
-                                                static_cast<acc_t>(ret_d[i]), has_clip, c);
-          out[i] = static_cast<scalar_t>(d);
-        }
+    const simd::Kernels& kernels = simd::kernels();
+    for_chunks(B, T, [&](int64_t b, int64_t t0, int64_t t1) {
+      const acc_t scale = static_cast<acc_t>(g * w[b]);
+      const int64_t at = b * T + t0;
+      if constexpr (std::is_same_v<scalar_t, float>) {  // explicit vectors (ppo_simd.h)
+        kernels.ppo_value_backward(as_float(v_d + at), as_float(old_d + at), as_float(ret_d + at),
+                                   m == nullptr ? nullptr : m + at, t1 - t0, has_clip, static_cast<float>(c),
+                                   static_cast<float>(scale), as_float_out(out + at));
+        return;
+      }
+      for (int64_t i = at; i < b * T + t1; ++i) {
+        acc_t d = 0;
+        if (m == nullptr || m[i] != 0)
+          d = scale * value_token_grad<acc_t>(static_cast<acc_t>(v_d[i]), static_cast<acc_t>(old_d[i]),
+                                              static_cast<acc_t>(ret_d[i]), has_clip, c);
+        out[i] = static_cast<scalar_t>(d);
       }
     });
   });
@@ -337,7 +375,13 @@ Tensor kl_penalty_cpu(const Tensor& logp, const Tensor& ref_logp, c10::string_vi
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *ref_d = ref.data_ptr<scalar_t>();
     acc_t* o = out.data_ptr<acc_t>();
+    const simd::Kernels& kernels = simd::kernels();
     at::parallel_for(0, lp.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<scalar_t, float>) {  // explicit vectors (ppo_simd.h)
+        kernels.ppo_kl_forward(as_float(lp_d + begin), as_float(ref_d + begin), end - begin, static_cast<int>(kind),
+                               as_float_out(o + begin));
+        return;
+      }
       for (int64_t i = begin; i < end; ++i)
         o[i] = kl_token<acc_t>(static_cast<acc_t>(lp_d[i]), static_cast<acc_t>(ref_d[i]), kind);
     });
@@ -358,7 +402,13 @@ Tensor kl_penalty_backward_cpu(const Tensor& grad, const Tensor& logp, const Ten
     const acc_t* g_d = g.data_ptr<acc_t>();
     const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *ref_d = ref.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    const simd::Kernels& kernels = simd::kernels();
     at::parallel_for(0, lp.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
+      if constexpr (std::is_same_v<scalar_t, float>) {  // explicit vectors (ppo_simd.h)
+        kernels.ppo_kl_backward(as_float(g_d + begin), as_float(lp_d + begin), as_float(ref_d + begin), end - begin,
+                                static_cast<int>(kind), as_float_out(o + begin));
+        return;
+      }
       for (int64_t i = begin; i < end; ++i)
         o[i] = static_cast<scalar_t>(
             g_d[i] * kl_token_grad<acc_t>(static_cast<acc_t>(lp_d[i]), static_cast<acc_t>(ref_d[i]), kind));

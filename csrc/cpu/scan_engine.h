@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "isa.h"
 #include "rlkernels/scan.h"
 #include "scan_types.h"
 
@@ -52,37 +53,11 @@ RLK_DECLARE_BLOCKS(isa_avx512)
 inline namespace RLK_ISA {
 using namespace ::rlkernels::cpu;
 
-// The widest instruction set this CPU runs, once per process; RLKERNELS_CPU_ISA=default|avx2|avx512
-// caps it (to compare builds, or to step around a faulty one).
-inline int cpu_isa_level() {
-  static const int level = [] {
-    int best = 0;
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) best = 1;
-    if (best == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
-      best = 2;
-#endif
-    if (const char* cap = std::getenv("RLKERNELS_CPU_ISA")) {
-      const std::string want(cap);
-      const int asked = want == "avx512" ? 2 : want == "avx2" ? 1 : 0;
-      best = std::min(best, asked);
-    }
-    return best;
-  }();
-  return level;
-}
-
-inline const char* cpu_isa_name() {
-  static const char* names[] = {"default", "avx2", "avx512"};
-  return names[cpu_isa_level()];
-}
-
+// The blocks of the instruction set in effect (isa.h: detection and the RLKERNELS_CPU_ISA cap), read per call.
 template <typename acc_t>
 BlockFn<acc_t> pick_block(StepId id, bool symbolic) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  switch (cpu_isa_level()) {
+  switch (::rlkernels::cpu::cpu_isa_level()) {
     case 2: return isa_avx512::block_function<acc_t>(id, symbolic);
     case 1: return isa_avx2::block_function<acc_t>(id, symbolic);
     default: break;
@@ -94,7 +69,7 @@ BlockFn<acc_t> pick_block(StepId id, bool symbolic) {
 template <typename acc_t>
 DirectFn<acc_t> pick_direct(StepId id, bool symbolic, uint32_t present) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  switch (cpu_isa_level()) {
+  switch (::rlkernels::cpu::cpu_isa_level()) {
     case 2: return isa_avx512::direct_function<acc_t>(id, symbolic, present);
     case 1: return isa_avx2::direct_function<acc_t>(id, symbolic, present);
     default: break;
@@ -106,7 +81,7 @@ DirectFn<acc_t> pick_direct(StepId id, bool symbolic, uint32_t present) {
 template <typename acc_t>
 TransposedFn<acc_t> pick_transposed(StepId id, bool symbolic, uint32_t present) {
 #if defined(__x86_64__) && defined(__GNUC__)
-  switch (cpu_isa_level()) {
+  switch (::rlkernels::cpu::cpu_isa_level()) {
     case 2: return isa_avx512::transposed_function<acc_t>(id, symbolic, present);
     case 1: return isa_avx2::transposed_function<acc_t>(id, symbolic, present);
     default: break;

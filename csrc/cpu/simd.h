@@ -1,12 +1,19 @@
-// A fixed-width SIMD value for the CPU scan engine: GCC/Clang vector extensions, so the same source
-// compiles to SSE2, AVX2 or AVX-512 depending on the target of the translation unit that includes it
-// (csrc/cpu/scan_block_*.cpp), and the instruction set is chosen at run time, never by -march.
+// The explicit vectors of every CPU SIMD kernel: GCC/Clang vector extensions, so the same source compiles to
+// SSE2, AVX2 or AVX-512 depending on the target of the translation unit that includes it (csrc/cpu/simd_*.cpp,
+// csrc/cpu/scan_block_*.cpp, each defining RLK_VEC_BYTES to its register width), and the instruction set is
+// chosen at run time by csrc/cpu/isa.h, never by -march. The hot loops are written on these types, not left to
+// the auto-vectorizer; scripts/check_simd.py checks the result in the built library's disassembly.
 //
+// Vec<T, N> is the scan engine's value type.
 // The step functions of csrc/include/rlkernels/scan.h are templates over their value type; with Vec they
 // process kLanes sequences at once. The overloads of select / min_ / max_ / select_lt below are found by
 // argument-dependent lookup.
 #pragma once
 
+#include <cstdint>
+#include <utility>
+
+#include "exp_poly.h"
 #include "rlkernels/macros.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -40,8 +47,12 @@ struct Vec {
   friend RLK_FN Vec operator-(Vec a, Vec b) { return from(a.v - b.v); }
   friend RLK_FN Vec operator*(Vec a, Vec b) { return from(a.v * b.v); }
   friend RLK_FN Vec operator-(Vec a) { return from(-a.v); }
-  Vec& operator+=(Vec b) {
+  RLK_FN Vec& operator+=(Vec b) {
     v += b.v;
+    return *this;
+  }
+  RLK_FN Vec& operator-=(Vec b) {
+    v -= b.v;
     return *this;
   }
 };
@@ -86,6 +97,114 @@ struct VecExp {
     return x;
   }
 };
+
+#ifdef RLK_VEC_BYTES
+// One register of the translation unit's instruction set: kW floats (4 SSE2, 8 AVX2, 16 AVX-512). Compares
+// give vi masks (-1 where true) and `m ? a : b` on them is a blend, evaluated on both sides: no branch, so a
+// NaN in an unselected lane never reaches the result.
+namespace vec {
+constexpr int kW = RLK_VEC_BYTES / 4;
+typedef float vf __attribute__((vector_size(RLK_VEC_BYTES)));
+typedef int32_t vi __attribute__((vector_size(RLK_VEC_BYTES)));
+typedef uint32_t vu __attribute__((vector_size(RLK_VEC_BYTES)));
+typedef uint16_t vh __attribute__((vector_size(RLK_VEC_BYTES / 2)));  // kW 16-bit values (bfloat16 bits)
+
+RLK_INLINE vf loadu(const float* p) {
+  vf v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+RLK_INLINE void storeu(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
+RLK_INLINE vf splat(float x) { return vf{} + x; }
+RLK_INLINE vf as_float(vi x) {
+  vf r;
+  __builtin_memcpy(&r, &x, sizeof(r));
+  return r;
+}
+RLK_INLINE vu as_bits(vf x) {
+  vu r;
+  __builtin_memcpy(&r, &x, sizeof(r));
+  return r;
+}
+// 0, 1, ..., kW - 1.
+RLK_INLINE vi lane_index() {
+  vi r;
+  for (int l = 0; l < kW; ++l) r[l] = l;
+  return r;
+}
+// kW flag bytes: -1 where nonzero. Byte j is moved to the low byte of lane j by one shuffle with zeros (a
+// zero-extension GCC emits as pmovzxbd or pshufb): __builtin_convertvector from bytes, and under AVX-512 an
+// integer compare's mask turned into a vector, were lowered lane by lane.
+typedef uint8_t vbytes __attribute__((vector_size(RLK_VEC_BYTES)));
+template <size_t... I>
+RLK_INLINE vbytes spread_bytes(vbytes b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(b, vbytes{}, (I % 4 == 0 ? static_cast<int>(I / 4) : RLK_VEC_BYTES)...);
+}
+RLK_INLINE vi flags_set(const uint8_t* p) {
+  vbytes b{};
+  __builtin_memcpy(&b, p, kW);
+  const vbytes wide = spread_bytes(b, std::make_index_sequence<RLK_VEC_BYTES>());
+  vi r;
+  __builtin_memcpy(&r, &wide, sizeof(r));
+  return (0 - r) >> 31;  // -1 for 1..255, 0 for 0: arithmetic, as a compare's result was lowered lane by lane
+}
+// kW bfloat16 values (their bits) widened to float: exact, a shift into the high half.
+RLK_INLINE vf load_bf16(const uint16_t* p) {
+  vh h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  const vu bits = __builtin_convertvector(h, vu) << 16;
+  vf r;
+  __builtin_memcpy(&r, &bits, sizeof(r));
+  return r;
+}
+// float to bfloat16 bits, rounded to nearest even as c10::BFloat16 does; NaN stays a quiet NaN.
+RLK_INLINE void store_bf16(uint16_t* p, vf x) {
+  const vu bits = as_bits(x);
+  const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const vu out = x != x ? vu{} + 0x7fc0u : rounded;
+  const vh h = __builtin_convertvector(out, vh);
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+RLK_INLINE vf min_v(vf a, vf b) { return a < b ? a : b; }
+RLK_INLINE vf max_v(vf a, vf b) { return a > b ? a : b; }
+// x clamped to [lo, hi]; NaN stays NaN (both compares are false for it).
+RLK_INLINE vf clamp_v(vf x, vf lo, vf hi) {
+  const vf y = x < lo ? lo : x;
+  return y > hi ? hi : y;
+}
+// 2^k for integral float k in [-126, 127], built in the exponent bits.
+RLK_INLINE vf pow2i(vf k) { return as_float((__builtin_convertvector(k, vi) + 127) << 23); }
+// exp(x) for |x| <= 87 (NaN gives NaN): Cody-Waite reduction by k = round(x / ln 2) and the polynomial of
+// exp_poly.h; k rounds to nearest by the 1.5 * 2^23 trick.
+RLK_INLINE vf exp_v(vf x) {
+  const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  return exp_mantissa(x, k) * pow2i(k);
+}
+// exp(x) for x <= 0: exactly 0 below -87 (and for -inf), NaN stays NaN.
+RLK_INLINE vf exp_nonpositive_v(vf x) {
+  const vi tiny = x < -87.0f;
+  const vf e = exp_v(tiny ? vf{} - 87.0f : x);
+  return tiny ? vf{} : e;
+}
+// The sum of the lanes, in lane order, in double.
+RLK_INLINE double sum_lanes(vf v) {
+  double s = 0;
+  for (int l = 0; l < kW; ++l) s += static_cast<double>(v[l]);
+  return s;
+}
+RLK_INLINE float sum_lanes_f(vf v) {
+  float s = 0;
+  for (int l = 0; l < kW; ++l) s += v[l];
+  return s;
+}
+// The largest lane, NaN lanes ignored (-inf when every lane is -inf or NaN).
+RLK_INLINE float max_lanes(vf v) {
+  float m = v[0] == v[0] ? v[0] : -__builtin_inff();
+  for (int l = 1; l < kW; ++l) m = v[l] > m ? v[l] : m;
+  return m;
+}
+}  // namespace vec
+#endif
 
 }  // namespace RLK_ISA
 }  // namespace rlkernels

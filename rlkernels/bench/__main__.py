@@ -2,6 +2,7 @@
 
     rlkernels-bench [--device cpu|cuda] [--ops OP|FAMILY,...] [--quick] [--sizes] [--cache data|llc|warm]
                     [--csv PATH | --results-dir DIR] [--skip-baselines scipy,torchrl] [--no-compile]
+                    [--isa default,avx2,avx512]
     python -m rlkernels.bench ...        (the same)
 
 Every op family (rlkernels/bench/cases.py):
@@ -22,6 +23,10 @@ one run with cold data by default (--cache: each provider's inputs evicted from 
 GB/s from the bytes the op must move (the same for every provider of a case), its percent of the measured
 copy bandwidth, and the speedup of the fastest rlkernels backend over each provider (ratio of medians).
 rlkernels' output is checked against the case's first baseline on the same input before it is timed.
+
+--isa times the cpu backend once per listed instruction-set level this CPU runs (rows rlkernels[cpu:avx2] and
+so on; csrc/cpu/isa.h), to compare the per-ISA builds of the same kernels; the levels it lacks are named and
+skipped. The CPU model and its widest level are in the device name of every row and in the file name.
 
 Prints a table, and writes a CSV with a markdown table and a plot (PNG) next to it. ``--sizes`` sweeps a
 few sizes per op and layout instead of the fixed shapes and plots GB/s against size, one line per
@@ -150,6 +155,12 @@ def main(argv=None, *, prog: str | None = None) -> int:
         "rewrite 256 MiB so data, code and interpreter are all evicted (llc), or nothing (warm)",
     )
     parser.add_argument("--warm-cache", action="store_true", help="the same as --cache warm")
+    parser.add_argument(
+        "--isa",
+        default="",
+        metavar="LEVEL,...",
+        help="time the cpu backend once per instruction-set level (default, avx2, avx512; those this CPU runs)",
+    )
     args = parser.parse_args(argv)
     if args.warm_cache:
         args.cache = "warm"
@@ -174,6 +185,18 @@ def main(argv=None, *, prog: str | None = None) -> int:
         console = Console(width=180)
     rlk, why = common.import_rlkernels()
     backends = common.rlkernels_backends(rlk, device) if rlk else []
+    isa_levels = [level.strip() for level in args.isa.split(",") if level.strip()]
+    unknown = set(isa_levels) - set(common.CPU_ISA_LEVELS)
+    if unknown:
+        parser.error(f"--isa: unknown {sorted(unknown)}; choose from {', '.join(common.CPU_ISA_LEVELS)}")
+    if isa_levels and "cpu" in backends:
+        runs_here = common.cpu_isa_levels()
+        lacking = [level for level in isa_levels if level not in runs_here]
+        if lacking:
+            console.print(f"--isa: this CPU does not run {', '.join(lacking)}; skipped", markup=False)
+        at = backends.index("cpu")
+        backends[at : at + 1] = [f"cpu:{level}" for level in common.CPU_ISA_LEVELS if level in isa_levels
+                                 and level in runs_here]
     if rlk is None:
         console.print(f"[bold yellow]rlkernels does not import ({why}); timing the baselines alone.[/]")
     elif not backends:

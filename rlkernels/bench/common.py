@@ -42,6 +42,38 @@ def rlkernels_backends(rlkernels, device: str) -> list[str]:
     return [b for b in native if b in available]
 
 
+CPU_ISA_LEVELS = ("default", "avx2", "avx512")
+
+
+def cpu_isa_levels() -> list[str]:
+    """The instruction-set levels of rlkernels' CPU kernels this CPU runs (csrc/cpu/isa.h), narrowest first."""
+    widest = torch.ops.rlkernels._cpu_isa("").split("|")[1]
+    return list(CPU_ISA_LEVELS[: CPU_ISA_LEVELS.index(widest) + 1])
+
+
+def backend_and_isa(backend: str) -> tuple[str, str]:
+    """("cpu", "avx2") for the benchmark's pseudo-backend "cpu:avx2" (--isa); (backend, "") otherwise."""
+    base, _, level = backend.partition(":")
+    return base, level
+
+
+class cpu_isa:
+    """Caps rlkernels' CPU kernels to one instruction-set level inside the block (nothing for level "")."""
+
+    def __init__(self, level: str):
+        self.level, self.before = level, None
+
+    def __enter__(self):
+        if self.level:
+            self.before = torch.ops.rlkernels._cpu_isa("").split("|")[0]
+            torch.ops.rlkernels._cpu_isa(self.level)
+        return self
+
+    def __exit__(self, *exc):
+        if self.before:
+            torch.ops.rlkernels._cpu_isa(self.before)
+
+
 def check(out, ref, what: str, tol: tuple[float, float] = (1e-4, 1e-4)) -> str:
     """'' when ``out`` matches ``ref`` (rtol, atol = ``tol``), else the mismatch."""
     out = out if isinstance(out, (tuple, list)) else (out,)
@@ -280,15 +312,24 @@ def bytes_moved(reads: list[torch.Tensor], writes: list[torch.Tensor]) -> int:
 
 
 def device_name(device: str) -> str:
+    """The GPU's name; for the CPU its model and the widest instruction set of rlkernels' CPU kernels it runs
+    ("AMD EPYC avx512"), which names the result files."""
     if device == "cuda":
         return torch.cuda.get_device_name()
+    model, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    if {"avx512f", "avx512vl", "avx512bw", "avx512dq"} <= flags:
+        return f"{model} avx512"
+    if {"avx2", "fma", "f16c"} <= flags:
+        return f"{model} avx2"
+    return f"{model} default" if flags else model
 
 
 def slug(text: str) -> str:

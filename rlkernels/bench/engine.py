@@ -31,7 +31,7 @@ class Settings:
     """What a run times: the backends, the cache state (--cache), the timer's settings, whether to compile."""
 
     device: str
-    backends: list[str]
+    backends: list[str]  # "cpu:avx2" and the like: the cpu backend capped to one instruction set (--isa)
     cache: str = "data"
     runs: dict | None = None
     quick: bool = False
@@ -105,13 +105,15 @@ def run_case(case: Case, settings: Settings, status) -> tuple[list[tuple[Case, s
             for backend in settings.backends:
                 name = f"rlkernels[{backend}]"
                 status(f"{label} [{cache}]: {name}")
-                if backend not in checked:
-                    checked[backend] = _check_rlkernels(case, backend, ref, reference.name, failed)
-                if checked[backend]:
-                    add(name, note=checked[backend])
-                    continue
-                call = functools.partial(case.rlkernels, backend)
-                add(name, measure(call, cache)[0], fn=call)
+                base, level = common.backend_and_isa(backend)  # "cpu:avx2": the CPU kernels at one level
+                with common.cpu_isa(level):
+                    if backend not in checked:
+                        checked[backend] = _check_rlkernels(case, base, ref, reference.name, failed)
+                    if checked[backend]:
+                        add(name, note=checked[backend])
+                        continue
+                    call = functools.partial(case.rlkernels, base)
+                    add(name, measure(call, cache)[0], fn=call)
 
         for provider in [reference, *others]:
             if provider is not reference:

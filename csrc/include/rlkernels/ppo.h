@@ -108,11 +108,13 @@ RLK_FN ValueToken<acc_t> value_token(acc_t v, acc_t old_v, acc_t ret, bool has_c
   const acc_t err = (v - ret) * (v - ret);
   ValueToken<acc_t> out{acc_t(0.5) * err, false};
   if (has_clip) {
-    const acc_t vc = clamp_value(v, old_v - clip, old_v + clip);
+    // A NaN old value gives a NaN clamp (torch.clamp to tensor bounds), and a NaN term a NaN loss (torch.maximum).
+    const acc_t vc = old_v == old_v ? clamp_value(v, old_v - clip, old_v + clip) : old_v;
     const acc_t clipped_err = (vc - ret) * (vc - ret);
     out.clipped = clipped_err > err;
     out.loss = acc_t(0.5) * (out.clipped ? clipped_err : err);
     if (!(err == err)) out.loss = acc_t(0.5) * err;
+    if (!(clipped_err == clipped_err)) out.loss = acc_t(0.5) * clipped_err;
   }
   return out;
 }

@@ -1,0 +1,131 @@
+// The CPU SIMD kernels outside the scan engine, listed once: each is compiled per instruction set in
+// csrc/cpu/simd_{default,avx2,avx512}.cpp (namespace rlkernels::cpu::simd::isa_<level>, where
+// scripts/check_simd.py finds them in the built library) and called through simd::kernels(), the table of the
+// level isa.h says runs now. Their bodies are in the family headers ppo_simd.h, logprobs_simd.h,
+// gae_rows_simd.h and bellman_simd.h. No ATen here: these headers are compiled under each target.
+#pragma once
+
+#include <cstdint>
+
+#include "isa.h"
+
+namespace rlkernels::cpu {
+
+namespace gae_rows {
+// One sequence, contiguous in time. nv, term, trunc may be null (absent); flags are bytes, nonzero = set.
+struct Row {
+  const float *r, *v, *nv;
+  const unsigned char *term, *trunc;
+  float boot;  // V after the last step when nv is null
+  float *adv, *ret;
+  int64_t T;
+};
+
+struct Params {
+  float gamma, lam;
+};
+}  // namespace gae_rows
+
+namespace simd {
+
+// Sums of the PPO policy loss over some tokens, in the order ppo_policy_forward writes them.
+enum PolicySum : int { kLoss, kCount, kClipped, kLower, kKl, kRatio, kRatioMax, kPolicySums };
+// Sums of the value loss.
+enum ValueSum : int { kValueLoss, kValueCount, kValueClipped, kValueSums };
+
+// X(return type, name, (parameters)) for every kernel.
+#define RLK_SIMD_KERNELS(X)                                                                                      \
+  /* ppo_simd.h: sums[kPolicySums] of n tokens (ratio_max: -inf when none counts; NaN sticks) */               \
+  X(void, ppo_policy_forward,                                                                                  \
+    (const float* lp, const float* old, const float* adv, const uint8_t* mask, int64_t n, float clip_lo,         \
+     float clip_hi, float dual_clip, double* sums))                                                            \
+  X(void, ppo_policy_backward,                                                                                 \
+    (const float* lp, const float* old, const float* adv, const uint8_t* mask, int64_t n, float clip_lo,         \
+     float clip_hi, float dual_clip, float scale, float* grad))                                                \
+  X(void, ppo_value_forward,                                                                                   \
+    (const float* v, const float* old, const float* ret, const uint8_t* mask, int64_t n, bool has_clip,         \
+     float clip, double* sums))                                                                                \
+  X(void, ppo_value_backward,                                                                                  \
+    (const float* v, const float* old, const float* ret, const uint8_t* mask, int64_t n, bool has_clip,         \
+     float clip, float scale, float* grad))                                                                    \
+  X(void, ppo_kl_forward, (const float* lp, const float* ref, int64_t n, int kind, float* out))                \
+  X(void, ppo_kl_backward, (const float* g, const float* lp, const float* ref, int64_t n, int kind, float* out)) \
+  /* logprobs_simd.h: rows [begin, end) of the forward; one row of the backward (without its target term) */  \
+  X(void, logprob_rows_f32,                                                                                    \
+    (const float* x, int64_t row_stride, int64_t V, const int64_t* tok, bool has_ignore, int64_t ignore,        \
+     float inv_t, int64_t begin, int64_t end, float* logp, float* ent, float* lse))                            \
+  X(void, logprob_rows_bf16,                                                                                   \
+    (const uint16_t* x, int64_t row_stride, int64_t V, const int64_t* tok, bool has_ignore, int64_t ignore,     \
+     float inv_t, int64_t begin, int64_t end, float* logp, float* ent, float* lse))                            \
+  X(void, logprob_grad_row_f32,                                                                                \
+    (const float* x, float* y, int64_t V, float inv_t, float lse, float a, bool entropy, float b, float c))     \
+  X(void, logprob_grad_row_bf16,                                                                               \
+    (const uint16_t* x, uint16_t* y, int64_t V, float inv_t, float lse, float a, bool entropy, float b,         \
+     float c))                                                                                                 \
+  /* gae_rows_simd.h */                                                                                        \
+  X(void, gae_walk_chunk,                                                                                      \
+    (const gae_rows::Row& row, gae_rows::Params p, int64_t s, int64_t e, bool stream, float* x_s, float* prod)) \
+  X(void, gae_fix_chunk, (const gae_rows::Row& row, gae_rows::Params p, int64_t s, int64_t e, float k))         \
+  /* bellman_simd.h */                                                                                         \
+  X(void, q_rows_f32,                                                                                          \
+    (const float* r, const float* q, const bool* term, const float* online, const float* probs, int64_t b0,     \
+     int64_t b1, int64_t A, int kind, float discount, float temp, float* out))                                 \
+  X(void, q_rows_f32_wide,                                                                                     \
+    (const float* r, const float* q, const bool* term, const float* online, const float* probs, int64_t b0,     \
+     int64_t b1, int64_t A, int kind, float discount, float temp, float* out))                                 \
+  X(void, widen_bf16, (const uint16_t* x, int64_t n, float* y))                                                \
+  X(void, widen_f16, (const uint16_t* x, int64_t n, float* y))                                                 \
+  X(double, td_losses_f32, (const float* e, const float* w, float* per, int64_t n, int huber, float delta))   \
+  X(int64_t, gather_errors_f32,                                                                                \
+    (const float* q, const int64_t* act, const float* y, int64_t n, int64_t A, float* e))                      \
+  X(void, td_grads_f32,                                                                                        \
+    (const float* e, const float* w, bool has_gl, const float* gl, float shared, const float* gt, int64_t n,    \
+     int huber, float delta, float* g))                                                                        \
+  X(float, dot_f32, (const float* p, const float* v, int64_t n))                                               \
+  X(double, dot_f64, (const double* p, const double* v, int64_t n))
+
+struct Kernels {
+#define RLK_SIMD_FIELD(ret, name, params) ret(*name) params;
+  RLK_SIMD_KERNELS(RLK_SIMD_FIELD)
+#undef RLK_SIMD_FIELD
+};
+
+#define RLK_SIMD_DECLARE(ret, name, params) ret name params;
+namespace isa_default {
+RLK_SIMD_KERNELS(RLK_SIMD_DECLARE)
+extern const Kernels kTable;
+}  // namespace isa_default
+#if defined(__x86_64__) && defined(__GNUC__)
+namespace isa_avx2 {
+RLK_SIMD_KERNELS(RLK_SIMD_DECLARE)
+extern const Kernels kTable;
+}  // namespace isa_avx2
+namespace isa_avx512 {
+RLK_SIMD_KERNELS(RLK_SIMD_DECLARE)
+extern const Kernels kTable;
+}  // namespace isa_avx512
+#endif
+#undef RLK_SIMD_DECLARE
+
+// The kernels of the level in effect (isa.h).
+inline const Kernels& kernels() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  switch (cpu_isa_level()) {
+    case kIsaAvx512:
+      return isa_avx512::kTable;
+    case kIsaAvx2:
+      return isa_avx2::kTable;
+    default:
+      break;
+  }
+#endif
+  return isa_default::kTable;
+}
+
+}  // namespace simd
+}  // namespace rlkernels::cpu
+
+// In a csrc/cpu/simd_<level>.cpp, after the kernels' definitions: that level's table.
+#define RLK_SIMD_ADDRESS(ret, name, params) &name,
+#define RLK_SIMD_DEFINE_TABLE \
+  namespace rlkernels::cpu::simd::RLK_ISA { const Kernels kTable = {RLK_SIMD_KERNELS(RLK_SIMD_ADDRESS)}; }
