@@ -12,6 +12,7 @@ import math
 import torch
 
 from . import _checks as checks
+from . import _distributed
 from . import _dispatch as dispatch
 from ._layout import index_arg, logit_rows
 
@@ -20,7 +21,7 @@ _OP = "gather_logprobs"
 
 
 def gather_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, ignore_index=None,
-                    inplace_backward=False, check_tokens=False, backend=None):
+                    inplace_backward=False, check_tokens=False, process_group=None, backend=None):
     """Log-probability of ``tokens`` under softmax(logits / temperature), and optionally its entropy.
 
     z = logits / temperature (in float32; float64 for float64 logits);
@@ -36,23 +37,32 @@ def gather_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, ig
     Differentiable in ``logits``: d logits = (g_logp (onehot - p) - g_entropy p (z - lse + entropy)) / T, in
     the logits' dtype. With ``inplace_backward=True`` the backward writes that gradient over the logits'
     storage: the logits are destroyed by ``backward()`` (saves one logits-sized buffer, as Liger-Kernel does).
+
+    Vocab-parallel (tensor parallelism over the LM head, docs/design.md §4.8): with ``process_group``, each
+    rank passes its contiguous shard ``logits[..., V_r]`` of the vocabulary (shards in the group's rank order,
+    any sizes) and the same global token ids; the shards combine with two all-reduces per call (no logits are
+    exchanged) and every rank gets the full vocabulary's logp (and entropy), replicated. The backward writes
+    each rank's shard gradient without communication, given the same output gradients on every rank. A call
+    first exchanges a few integers per rank and reads them on the host (shard sizes, row counts, token range):
+    arguments that differ across ranks, or tokens outside the shards, raise the same ValueError on every rank.
     """
-    checks.float_tensor(_OP, "logits", logits)
-    checks.tensor(_OP, "tokens", tokens)
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise TypeError(f"rlkernels.{_OP}: tokens must be an integer tensor, got {tokens.dtype}")
-    checks.same_device(_OP, "logits", logits, tokens=tokens)
-    if logits.dim() == 0:
-        raise ValueError(f"rlkernels.{_OP}: logits must have shape [..., V], got a 0-d tensor")
-    if tuple(tokens.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"rlkernels.{_OP}: tokens must have shape {tuple(logits.shape[:-1])} (logits' leading "
-                         f"dims), got {tuple(tokens.shape)}")
-    temperature = checks.positive(_OP, "temperature", temperature)
-    if not math.isfinite(temperature):
-        raise ValueError(f"rlkernels.{_OP}: temperature must be finite, got {temperature}")
-    ignore_index = index_arg(_OP, "ignore_index", ignore_index)
+    if process_group is not None:
+        _distributed.check_group(_OP, process_group)
+        try:
+            temperature, ignore_index, impl = _checked(logits, tokens, temperature, ignore_index, backend)
+            if impl == "reference":
+                raise ValueError(f"rlkernels.{_OP}: process_group needs the cpu, cuda or triton backend (the "
+                                 "reference backend computes no shard state)")
+        except (TypeError, ValueError, RuntimeError) as error:
+            _distributed.fail_together(_OP, process_group, error)  # the other ranks raise too, instead of hanging
+        rows, tok = logit_rows(logits, tokens)
+        logp, entropy = _distributed.gather_logprobs(
+            _OP, rows, tok, temperature=temperature, return_entropy=bool(return_entropy), ignore_index=ignore_index,
+            inplace_backward=bool(inplace_backward), impl=impl, group=process_group)
+        logp = logp.reshape(tokens.shape)
+        return (logp, entropy.reshape(tokens.shape)) if return_entropy else logp
+    temperature, ignore_index, impl = _checked(logits, tokens, temperature, ignore_index, backend)
     return_entropy, inplace_backward = bool(return_entropy), bool(inplace_backward)
-    impl = dispatch.resolve(backend, logits.device, _OP)
     if check_tokens and impl not in ("cpu", "reference"):  # those two check every token themselves
         _check_tokens_on_host(tokens, logits.shape[-1], ignore_index)
     if impl == "reference":
@@ -68,6 +78,25 @@ def gather_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, ig
     if return_entropy:
         return logp, entropy.reshape(tokens.shape)
     return logp
+
+
+def _checked(logits, tokens, temperature, ignore_index, backend):
+    """The checked scalar arguments and the backend: (temperature, ignore_index, impl)."""
+    checks.float_tensor(_OP, "logits", logits)
+    checks.tensor(_OP, "tokens", tokens)
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"rlkernels.{_OP}: tokens must be an integer tensor, got {tokens.dtype}")
+    checks.same_device(_OP, "logits", logits, tokens=tokens)
+    if logits.dim() == 0:
+        raise ValueError(f"rlkernels.{_OP}: logits must have shape [..., V], got a 0-d tensor")
+    if tuple(tokens.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"rlkernels.{_OP}: tokens must have shape {tuple(logits.shape[:-1])} (logits' leading "
+                         f"dims), got {tuple(tokens.shape)}")
+    temperature = checks.positive(_OP, "temperature", temperature)
+    if not math.isfinite(temperature):
+        raise ValueError(f"rlkernels.{_OP}: temperature must be finite, got {temperature}")
+    ignore_index = index_arg(_OP, "ignore_index", ignore_index)
+    return temperature, ignore_index, dispatch.resolve(backend, logits.device, _OP)
 
 
 def _check_tokens_on_host(tokens, V, ignore_index):
