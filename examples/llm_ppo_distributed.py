@@ -167,7 +167,7 @@ def train_single(args, rollout):
     opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
     history = []
     for _ in range(args.steps):
-        loss, pg, vf, stats = micro_step_loss(policy, rollout, args)
+        loss, pg, vf, _ = micro_step_loss(policy, rollout, args)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -66,6 +66,10 @@ def _float_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
+def _bits_float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
 def _token_summary(tokens, ignore_index):
     """(min, max, checksum) of the tokens on their device; ignored rows do not count for min and max."""
     t = tokens.reshape(-1).to(torch.int64)
@@ -83,18 +87,14 @@ def _token_summary(tokens, ignore_index):
 class ShardLayout:
     """The vocabulary shards of a process group, as every rank passed them to one call."""
 
-    def __init__(self, rank, sizes, rows, token_min, token_max):
-        self.rank = rank
+    def __init__(self, rank, sizes):
         self.sizes = sizes
         self.start = sum(sizes[:rank])
         self.local_vocab = sizes[rank]
         self.vocab = sum(sizes)
-        self.rows = rows
-        self.token_min = token_min
-        self.token_max = token_max
 
 
-def _exchange(op, group, row, device):
+def _exchange(group, row, device):
     dist = _dist()
     world = dist.get_world_size(group)
     mine = row.to(device=device, dtype=torch.int64)
@@ -107,7 +107,7 @@ def fail_together(op, group, error):
     """Tells the other ranks of ``group`` that this rank's arguments were refused, then raises ``error``:
     they raise too instead of waiting in a collective this rank never enters."""
     row = torch.zeros(_META, dtype=torch.int64)
-    _exchange(op, group, row, _meta_device(group))
+    _exchange(group, row, _meta_device(group))
     raise error
 
 
@@ -119,7 +119,7 @@ def shard_layout(op, group, local_vocab, rows, acc_dtype, tokens, *, temperature
                          int(ignore_index is not None), 0 if ignore_index is None else ignore_index,
                          _float_bits(temperature)], dtype=torch.int64)
     device = _meta_device(group)
-    table = _exchange(op, group, torch.cat([head.to(device), summary.to(device)]), device)
+    table = _exchange(group, torch.cat([head.to(device), summary.to(device)]), device)
     rank = _dist().get_rank(group)
     failed = [r for r, entry in enumerate(table) if entry[0] == 0]
     if failed:
@@ -127,24 +127,25 @@ def shard_layout(op, group, local_vocab, rows, acc_dtype, tokens, *, temperature
                            "errors say why); no rank ran the op")
     where = f"rlkernels.{op}: with process_group,"
 
-    def same(index, what):
+    def same(index, what, show=lambda v: v):
         values = [entry[index] for entry in table]
         if any(v != values[0] for v in values):
-            raise ValueError(f"{where} {what} must be the same on every rank; by rank: {values}")
+            raise ValueError(f"{where} {what} must be the same on every rank; by rank: {[show(v) for v in values]}")
 
     same(2, "the number of rows (tokens.numel(), the logits' leading dimensions)")
     same(3, "the logits' float64-ness (float64 logits accumulate in float64)")
     same(4, "return_entropy")
     same(5, "whether ignore_index is given")
     same(6, "ignore_index")
-    same(7, "temperature")
+    same(7, "temperature", _bits_float)
     same(10, "tokens (global ids, identical on every rank of the vocab-parallel group)")
     sizes = [entry[1] for entry in table]
     if sum(sizes) == 0:
         raise ValueError(f"{where} the shards hold no vocabulary entry (every rank has a logits' last dim of 0)")
-    layout = ShardLayout(rank, sizes, table[0][2], table[0][8], table[0][9])
-    if layout.token_min < 0 or layout.token_max >= layout.vocab:
-        bad = layout.token_min if layout.token_min < 0 else layout.token_max
+    layout = ShardLayout(rank, sizes)
+    token_min, token_max = table[0][8], table[0][9]  # equal on every rank: the tokens' checksums are
+    if token_min < 0 or token_max >= layout.vocab:
+        bad = token_min if token_min < 0 else token_max
         raise ValueError(f"{where} tokens must be global ids in [0, {layout.vocab}) (the shards {sizes} of the "
                          f"ranks together, in rank order) or ignore_index, got {bad}")
     return layout

@@ -12,8 +12,8 @@ import math
 import torch
 
 from . import _checks as checks
-from . import _distributed
 from . import _dispatch as dispatch
+from . import _distributed
 from ._layout import index_arg, logit_rows
 
 __all__ = ["gather_logprobs"]

@@ -36,11 +36,12 @@ def _global_args(op, global_count, process_group):
                          "call's count over the group; global_count is the sum already)")
     if process_group is not None:
         _distributed.check_group(op, process_group)
-    if global_count is None or isinstance(global_count, torch.Tensor):
-        if isinstance(global_count, torch.Tensor):
-            if global_count.dim() != 0 or global_count.dtype.is_complex or global_count.dtype == torch.bool:
-                raise TypeError(f"rlkernels.{op}: global_count must be a number or a 0-d integer or float tensor, "
-                                f"got a {global_count.dtype} tensor of shape {tuple(global_count.shape)}")
+    if global_count is None:
+        return None
+    if isinstance(global_count, torch.Tensor):
+        if global_count.dim() != 0 or global_count.dtype.is_complex or global_count.dtype == torch.bool:
+            raise TypeError(f"rlkernels.{op}: global_count must be a number or a 0-d integer or float tensor, "
+                            f"got a {global_count.dtype} tensor of shape {tuple(global_count.shape)}")
         return global_count
     global_count = checks.real(op, "global_count", global_count)
     if not global_count >= 0:

@@ -65,7 +65,7 @@ def _worker(rank, world, port, backend, names, out_dir):
             try:
                 SCENARIOS[name][0](rank, world, dist.group.WORLD)
                 results[name] = None
-            except Exception:
+            except Exception:  # noqa: BLE001  (every failure is reported to the parent, by rank)
                 results[name] = traceback.format_exc()
     finally:
         with open(pathlib.Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
@@ -168,8 +168,8 @@ def compare_vocab_parallel(rank, group, sizes, dtype, *, backend="cpu", return_e
                            temperature=1.0, neg_inf=False, inplace=False, seed=0, lead=(3, 5)):
     """Returns a closure that compares, so that every collective of the case happens before any assertion."""
     logits, tokens, w_logp, w_ent = logprob_case(seed, sizes, dtype, ignore=ignore, neg_inf=neg_inf, lead=lead)
-    kw = dict(temperature=temperature, return_entropy=return_entropy, ignore_index=IGNORE if ignore else None,
-              backend=backend)
+    kw = {"temperature": temperature, "return_entropy": return_entropy,
+          "ignore_index": IGNORE if ignore else None, "backend": backend}
     shard = _shard(logits, sizes, rank).clone().requires_grad_(True)
     out = rlkernels.gather_logprobs(shard, tokens, process_group=group, inplace_backward=inplace, **kw)
     logp, entropy = out if return_entropy else (out, None)
@@ -189,7 +189,7 @@ def compare_vocab_parallel(rank, group, sizes, dtype, *, backend="cpu", return_e
         if return_entropy:
             assert_close(entropy.detach(), ref_entropy.detach(), tol, name=f"entropy {what}")
         assert grad.dtype == ref_grad.dtype and grad.shape == ref_grad.shape
-        gtol = dict(rtol=2e-2, atol=2e-2) if dtype in (torch.bfloat16, torch.float16) else {}
+        gtol = {"rtol": 2e-2, "atol": 2e-2} if dtype in (torch.bfloat16, torch.float16) else {}
         assert_close(grad.double(), ref_grad.double(), tol, name=f"grad {what}", **gtol)
         if ignore:
             ignored = tokens == IGNORE
