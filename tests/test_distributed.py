@@ -165,16 +165,18 @@ def _objective(logp, entropy, w_logp, w_ent):
 
 
 def compare_vocab_parallel(rank, group, sizes, dtype, *, backend="cpu", return_entropy=True, ignore=False,
-                           temperature=1.0, neg_inf=False, inplace=False, seed=0, lead=(3, 5)):
-    """Returns a closure that compares, so that every collective of the case happens before any assertion."""
+                           temperature=1.0, neg_inf=False, inplace=False, view=False, seed=0, lead=(3, 5)):
+    """Returns a closure that compares, so that every collective of the case happens before any assertion.
+    view: the shard is a strided view into the full logits rather than a tensor of its own."""
     logits, tokens, w_logp, w_ent = logprob_case(seed, sizes, dtype, ignore=ignore, neg_inf=neg_inf, lead=lead)
     kw = {"temperature": temperature, "return_entropy": return_entropy,
           "ignore_index": IGNORE if ignore else None, "backend": backend}
-    shard = _shard(logits, sizes, rank).clone().requires_grad_(True)
+    leaf = logits.clone().requires_grad_(True) if view else _shard(logits, sizes, rank).clone().requires_grad_(True)
+    shard = _shard(leaf, sizes, rank) if view else leaf
     out = rlkernels.gather_logprobs(shard, tokens, process_group=group, inplace_backward=inplace, **kw)
     logp, entropy = out if return_entropy else (out, None)
     _objective(logp, entropy, w_logp, w_ent).backward()
-    grad = shard.grad.clone() if not inplace else shard.grad  # in place: the gradient is written over the shard
+    grad = _shard(leaf.grad, sizes, rank) if view else leaf.grad  # in place: written over the shard itself
 
     full = logits.clone().requires_grad_(True)
     ref = rlkernels.gather_logprobs(full, tokens, **kw)
@@ -214,6 +216,7 @@ def logprobs_match_single_process(rank, world, group):
     checks.append(compare_vocab_parallel(rank, group, sizes, torch.float32, inplace=True, ignore=True, seed=31))
     checks.append(compare_vocab_parallel(rank, group, sizes, torch.bfloat16, seed=32))
     checks.append(compare_vocab_parallel(rank, group, sizes, torch.float32, lead=(0,), seed=33))  # no rows
+    checks.append(compare_vocab_parallel(rank, group, sizes, torch.float64, view=True, ignore=True, seed=34))
     for check in checks:
         check()
 
@@ -378,6 +381,55 @@ def ppo_global_token_mean_matches_single_process(rank, world, group):
         check()
 
 
+@scenario(4)
+def dp_by_tp_subgroups_match_single_process(rank, world, group):
+    """2 data-parallel x 2 vocab-parallel subgroups: log-probs of the vocabulary shards feed the global
+    token-mean policy loss; the loss and every shard's gradient against one process on the whole batch.
+    Data-parallel rank 0 has ignored tokens (and a row without loss tokens), rank 1 has no loss token at all."""
+    import torch.distributed as dist
+
+    tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    dp_rank, tp_rank = divmod(rank, 2)
+    tp_group, dp_group = tp_groups[dp_rank], dp_groups[tp_rank]
+    sizes = (9, 14)
+    V, B, T = sum(sizes), 3, 5
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(2 * B, T, V, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, V, (2 * B, T), generator=g)
+    mask = torch.rand(2 * B, T, generator=g) < 0.8
+    mask[1] = False
+    mask[B:] = False  # data-parallel rank 1: no loss token
+    tokens[:B][~mask[:B]] = IGNORE  # its ignored tokens are the positions without loss
+    tokens[B:][~mask[B:]] = IGNORE
+    old_logp = -torch.rand(2 * B, T, generator=g, dtype=torch.float64) * 3
+    advantages = torch.randn(2 * B, T, generator=g, dtype=torch.float64)
+
+    def loss_of(lp, rows, **kw):
+        loss, _ = rlkernels.ppo_policy_loss(lp, old_logp[rows], advantages[rows], mask[rows], clip_low=0.2, **kw)
+        return loss
+
+    rows = slice(dp_rank * B, (dp_rank + 1) * B)
+    shard = _shard(logits[rows], sizes, tp_rank).clone().requires_grad_(True)
+    logp = rlkernels.gather_logprobs(shard, tokens[rows], ignore_index=IGNORE, process_group=tp_group)
+    count = rlkernels.loss_count(mask[rows], process_group=dp_group)
+    loss = loss_of(logp, rows, global_count=count)
+    loss.backward()
+    summed = loss.detach().clone()
+    dist.all_reduce(summed, group=dp_group)
+
+    full = logits.clone().requires_grad_(True)
+    ref = loss_of(rlkernels.gather_logprobs(full, tokens, ignore_index=IGNORE), slice(None))
+    ref.backward()
+    assert int(count) == int(mask.sum())
+    assert_close(summed, ref.detach(), torch.float64, name="loss")
+    assert_close(shard.grad, _shard(full.grad[rows], sizes, tp_rank), torch.float64, name="grad of the shard")
+    if dp_rank == 1:
+        assert bool((shard.grad == 0).all()), "no loss token: no gradient"
+    else:
+        assert bool(shard.grad.ne(0).any())
+
+
 # ----------------------------------------------------------------------------------------------------
 # The tests
 # ----------------------------------------------------------------------------------------------------
@@ -388,6 +440,10 @@ def ppo_global_token_mean_matches_single_process(rank, world, group):
                                   "ppo_global_token_mean_matches_single_process"])
 def test_gloo(worlds, world, name):
     check_verdict(worlds(world), name)
+
+
+def test_gloo_subgroups(worlds):
+    check_verdict(worlds(4), "dp_by_tp_subgroups_match_single_process")
 
 
 def test_gloo_triton(worlds):
