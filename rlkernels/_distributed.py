@@ -57,8 +57,9 @@ def _meta_device(group):
 # ----------------------------------------------------------------------------------------------------
 
 # One row per rank: ok, V_r, N, acc float64, return_entropy, ignore_index given, ignore_index, temperature
-# (float64 bits), smallest and largest token not ignored, a checksum of the tokens.
-_META = 11
+# (float64 bits), smallest and largest token not ignored, a checksum of the tokens, then two op-specific
+# integers that must match too (a fused head's logit_scale and softcap).
+_META = 13
 _NO_TOKEN_MIN, _NO_TOKEN_MAX = 2**62, -(2**62)
 
 
@@ -111,15 +112,26 @@ def fail_together(op, group, error):
     raise error
 
 
-def shard_layout(op, group, local_vocab, rows, acc_dtype, tokens, *, temperature, return_entropy, ignore_index):
+_NO_VALUE = -1  # an extra argument that is None (no float64 has these bits but one NaN)
+
+
+def _show_extra(bits):
+    return None if bits == _NO_VALUE else _bits_float(bits)
+
+
+def shard_layout(op, group, local_vocab, rows, acc_dtype, tokens, *, temperature, return_entropy, ignore_index,
+                 extra=()):
     """Exchanges the per-rank arguments (the one host synchronization of a vocab-parallel call) and checks
-    that they match on every rank; every rank sees the same table and raises the same error."""
+    that they match on every rank; every rank sees the same table and raises the same error. ``extra``: up to
+    two (name, float or None) arguments of the op's own that must match as well."""
+    extra = list(extra) + [("", None)] * (2 - len(extra))
     summary = _token_summary(tokens, ignore_index)
     head = torch.tensor([1, local_vocab, rows, int(acc_dtype == torch.float64), int(return_entropy),
                          int(ignore_index is not None), 0 if ignore_index is None else ignore_index,
                          _float_bits(temperature)], dtype=torch.int64)
+    tail = torch.tensor([_NO_VALUE if v is None else _float_bits(v) for _, v in extra], dtype=torch.int64)
     device = _meta_device(group)
-    table = _exchange(group, torch.cat([head.to(device), summary.to(device)]), device)
+    table = _exchange(group, torch.cat([head.to(device), summary.to(device), tail.to(device)]), device)
     rank = _dist().get_rank(group)
     failed = [r for r, entry in enumerate(table) if entry[0] == 0]
     if failed:
@@ -139,6 +151,8 @@ def shard_layout(op, group, local_vocab, rows, acc_dtype, tokens, *, temperature
     same(6, "ignore_index")
     same(7, "temperature", _bits_float)
     same(10, "tokens (global ids, identical on every rank of the vocab-parallel group)")
+    same(11, extra[0][0], _show_extra)
+    same(12, extra[1][0], _show_extra)
     sizes = [entry[1] for entry in table]
     if sum(sizes) == 0:
         raise ValueError(f"{where} the shards hold no vocabulary entry (every rank has a logits' last dim of 0)")
@@ -190,6 +204,38 @@ def combine_vocab_shards(lse, entropy, target, group):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _local_tokens(tokens, layout, ignore_index):
+    """(local ids, held, ignored): the token's id in this shard where the shard holds it, 0 where another
+    shard does, -1 where the row is ignored (the local ignore_index then); ignored is None without
+    ignore_index."""
+    ignored = None if ignore_index is None else tokens == ignore_index
+    local = tokens - layout.start
+    held = (local >= 0) & (local < layout.local_vocab)
+    if ignored is not None:
+        held = held & ~ignored
+    local_tokens = torch.where(held, local, torch.zeros_like(local))
+    if ignored is not None:
+        local_tokens = torch.where(ignored, torch.full_like(local, -1), local_tokens)
+    return local_tokens, held, ignored
+
+
+def _combine_rows(lse, entropy, target, ignored, return_entropy, group):
+    """combine_vocab_shards with ignored rows: 0 for logp and entropy there. The entropy output is empty
+    without return_entropy."""
+    if ignored is not None:  # ignored rows are never read; their state is set so nothing leaks into the sums
+        lse = torch.where(ignored, torch.zeros_like(lse), lse)
+        if return_entropy:
+            entropy = torch.where(ignored, torch.zeros_like(entropy), entropy)
+    logp, full_entropy, full_lse = combine_vocab_shards(lse, entropy if return_entropy else None, target, group)
+    if ignored is not None:
+        logp = torch.where(ignored, torch.zeros_like(logp), logp)
+        if return_entropy:
+            full_entropy = torch.where(ignored, torch.zeros_like(full_entropy), full_entropy)
+    if full_entropy is None:
+        full_entropy = logp.new_empty((0,))
+    return logp, full_entropy, full_lse
+
+
 def _backward_kernel(impl, inplace):
     name = "gather_logprobs_backward_inplace" if inplace else "gather_logprobs_backward"
     return getattr(torch.ops.rlkernels, f"triton_{name}" if impl == "triton" else name)
@@ -220,17 +266,7 @@ class _VocabParallelGather(torch.autograd.Function):
             lse = torch.full((n,), -math.inf, dtype=acc, device=logits.device)
             entropy = torch.zeros((n if return_entropy else 0,), dtype=acc, device=logits.device)
             target = torch.zeros((n,), dtype=acc, device=logits.device)
-        if ignored is not None:  # ignored rows are never read; their state is set so nothing leaks into the sums
-            lse = torch.where(ignored, torch.zeros_like(lse), lse)
-            if return_entropy:
-                entropy = torch.where(ignored, torch.zeros_like(entropy), entropy)
-        logp, full_entropy, full_lse = combine_vocab_shards(lse, entropy if return_entropy else None, target, group)
-        if ignored is not None:
-            logp = torch.where(ignored, torch.zeros_like(logp), logp)
-            if return_entropy:
-                full_entropy = torch.where(ignored, torch.zeros_like(full_entropy), full_entropy)
-        if full_entropy is None:
-            full_entropy = logp.new_empty((0,))
+        logp, full_entropy, full_lse = _combine_rows(lse, entropy, target, ignored, return_entropy, group)
         ctx.scalars = (impl, temperature, local_ignore, inplace_backward, return_entropy)
         # The rows whose one-hot term the local kernel put at id 0 but which this shard does not hold.
         elsewhere = ~held if ignored is None else ~held & ~ignored
@@ -273,15 +309,7 @@ def gather_logprobs(op, rows, tokens, *, temperature, return_entropy, ignore_ind
     """Vocab-parallel gather_logprobs on canonical rows [N, V_r] and int64 tokens [N] (global ids)."""
     layout = shard_layout(op, group, rows.shape[1], rows.shape[0], accumulate_dtype(rows.dtype), tokens,
                           temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index)
-    ignored = None if ignore_index is None else tokens == ignore_index
-    local = tokens - layout.start
-    held = (local >= 0) & (local < layout.local_vocab)
-    if ignored is not None:
-        held = held & ~ignored
-    # Local ids: the token where this shard holds it, 0 where another shard does, -1 where ignored.
-    local_tokens = torch.where(held, local, torch.zeros_like(local))
-    if ignored is not None:
-        local_tokens = torch.where(ignored, torch.full_like(local, -1), local_tokens)
+    local_tokens, held, ignored = _local_tokens(tokens, layout, ignore_index)
     logp, entropy, _ = _VocabParallelGather.apply(rows, local_tokens, held, ignored, impl, temperature,
                                                   return_entropy, inplace_backward, group)
     return logp, entropy
