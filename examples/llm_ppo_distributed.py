@@ -270,11 +270,13 @@ def run_distributed(args, rollout):
 
 def main(argv=None):
     args = parse_args(argv)
-    log = (lambda *a: None) if args.quiet else print
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # this process is one rank of the run
+    quiet = args.quiet or (under_torchrun and os.environ["RANK"] != "0")
+    log = (lambda *a: None) if quiet else print
     torch.set_num_threads(1)
     rollout = make_rollout(args)
     start = time.perf_counter()
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
+    if under_torchrun:
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=args.timeout))
         try:
             distributed = train_distributed(args, rollout)
@@ -285,8 +287,8 @@ def main(argv=None):
     wall_distributed = time.perf_counter() - start
     single = None if args.no_single else train_single(args, copy.deepcopy(rollout))
     max_diff = 0.0
-    log(f"agg={args.agg}, {args.dp} data-parallel x {args.tp} vocab-parallel processes "
-        f"({wall_distributed:.1f}s) against one process")
+    log(f"agg={args.agg}, {args.dp} data-parallel x {args.tp} vocab-parallel processes ({wall_distributed:.1f}s)"
+        + ("" if single is None else "; each step's value / the single-process run's"))
     for step, row in enumerate(distributed):
         if single is None:
             log(f"step {step}  loss {row['loss']:+.6f}  pg {row['pg_loss']:+.6f}  vf {row['vf_loss']:.6f}")

@@ -44,7 +44,8 @@ def gather_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, ig
     exchanged) and every rank gets the full vocabulary's logp (and entropy), replicated. The backward writes
     each rank's shard gradient without communication, given the same output gradients on every rank. A call
     first exchanges a few integers per rank and reads them on the host (shard sizes, row counts, token range):
-    arguments that differ across ranks, or tokens outside the shards, raise the same ValueError on every rank.
+    arguments that differ across ranks, or tokens outside the shards, raise the same ValueError on every rank
+    (tokens are checked on every backend then, whatever ``check_tokens`` says).
     """
     if process_group is not None:
         _distributed.check_group(_OP, process_group)
