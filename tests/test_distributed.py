@@ -289,6 +289,35 @@ def logprobs_bad_input_raises_on_every_rank(rank, world, group):
     in_step()
 
 
+@scenario(2)
+def logprobs_under_torch_compile(rank, world, group):
+    """docs/design.md §4.8: the vocab-parallel call is a graph break (it runs eagerly inside a compiled function,
+    with its gradient), and fullgraph=True refuses it."""
+    import torch._dynamo
+
+    sizes = SHARDS[world][0]
+    logits, tokens, w_logp, _ = logprob_case(3, sizes, torch.float32)
+    shard = _shard(logits, sizes, rank).clone().requires_grad_(True)
+    eager_shard = shard.detach().clone().requires_grad_(True)
+
+    def f(x):
+        return (rlkernels.gather_logprobs(x, tokens, process_group=group) * w_logp.float()).sum()
+
+    compiled = torch.compile(f, backend="eager")(shard)
+    compiled.backward()
+    eager = f(eager_shard)
+    eager.backward()
+    torch._dynamo.reset()
+    refused = None
+    try:
+        torch.compile(f, backend="eager", fullgraph=True)(shard.detach())
+    except Exception as error:  # noqa: BLE001  (Dynamo's error type moves between torch releases)
+        refused = error
+    assert_close(compiled.detach(), eager.detach(), torch.float32, name="loss")
+    assert_close(shard.grad, eager_shard.grad, torch.float32, name="grad")
+    assert refused is not None and "disable" in str(refused), refused
+
+
 # ----------------------------------------------------------------------------------------------------
 # Global token-mean of the PPO family
 # ----------------------------------------------------------------------------------------------------
@@ -444,6 +473,10 @@ def test_gloo(worlds, world, name):
 
 def test_gloo_subgroups(worlds):
     check_verdict(worlds(4), "dp_by_tp_subgroups_match_single_process")
+
+
+def test_gloo_torch_compile(worlds):
+    check_verdict(worlds(2), "logprobs_under_torch_compile")
 
 
 def test_gloo_triton(worlds):
