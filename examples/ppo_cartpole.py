@@ -10,12 +10,16 @@ vector env hands over in ``info["final_obs"]`` (``autoreset_mode=SAME_STEP``). E
 truncated=, next_values=)`` does the rest (docs/design.md §4.2). The loss is ``rlkernels.ppo_policy_loss`` +
 ``rlkernels.value_loss`` (clipped), minus ``--ent-coef`` times the entropy, with log-probs and
 entropy from ``rlkernels.gather_logprobs``. At the end it prints the time spent per
-phase (env stepping with action sampling, advantages, loss/backward/optimizer).
+phase (env stepping with action sampling, next values, GAE, loss/backward/optimizer).
 
 Defaults: 8 envs x 32 steps per rollout, one 256-sample minibatch, 20 epochs, lr 1e-3 annealed over
 the budget, gamma 0.98, lambda 0.8, no entropy bonus (the rl-zoo CartPole setting, CleanRL's loop).
 With these defaults the target is reached in about 40k environment steps; most of the time is the update
-(20 epochs), and GAE is under 1% of it. Recorded runs are in docs/performance.md.
+(20 epochs), and GAE is under 1% of it. ``--impl torch`` runs the same steps on the eager code rlkernels
+replaces (the CleanRL-style GAE loop over time, log_softmax + gather, the eager losses), with the same random
+numbers: at CartPole scale the run is bound by env stepping either way. Many envs and long rollouts make the
+GAE loop's cost visible in its own phase (``--num-envs 64 --num-steps 2048``); the step where the fused ops
+change the total is the LLM-style one (examples/llm_ppo_step.py). Recorded runs are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--vf-coef", type=float, default=0.5)
     p.add_argument("--max-grad-norm", type=float, default=0.5)
     p.add_argument("--norm-adv", type=int, default=1)
+    p.add_argument("--impl", default="rlkernels", choices=("rlkernels", "torch"),
+                   help="rlkernels' fused ops, or the eager torch code they replace")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
@@ -86,6 +92,47 @@ class Agent(nn.Module):
         return self.actor(x)
 
 
+class Eager:
+    """The eager torch code the rlkernels calls replace (--impl torch): CleanRL's loops and losses."""
+
+    @staticmethod
+    def gather_logprobs(logits, actions, return_entropy=False):
+        logp_all = torch.log_softmax(logits, -1)
+        logp = logp_all.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+        if not return_entropy:
+            return logp
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+    @staticmethod
+    def gae(rewards, values, *, gamma, lam, terminated, truncated, next_values):
+        """CleanRL's reverse loop over time, with the next value of every step given (time limits bootstrap)."""
+        advantages = torch.zeros_like(rewards)
+        lastgaelam = torch.zeros_like(rewards[0])
+        for t in reversed(range(rewards.shape[0])):
+            nonterminal = 1.0 - terminated[t].float()
+            cont = 1.0 - (terminated[t] | truncated[t]).float()
+            delta = rewards[t] + gamma * next_values[t] * nonterminal - values[t]
+            lastgaelam = delta + gamma * lam * cont * lastgaelam
+            advantages[t] = lastgaelam
+        return advantages, advantages + values
+
+    @staticmethod
+    def ppo_policy_loss(logp, old_logp, advantages, *, clip_low):
+        ratio = (logp - old_logp).exp()
+        loss1 = -advantages * ratio
+        loss2 = -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_low)
+        with torch.no_grad():
+            stats = {"clipfrac": (loss2 > loss1).float().mean(), "approx_kl": (old_logp - logp).mean()}
+        return torch.max(loss1, loss2).mean(), stats
+
+    @staticmethod
+    def value_loss(v, old_v, returns, *, clip):
+        if clip is None:
+            return 0.5 * ((v - returns) ** 2).mean(), {}
+        v_clipped = old_v + torch.clamp(v - old_v, -clip, clip)
+        return 0.5 * torch.max((v - returns) ** 2, (v_clipped - returns) ** 2).mean(), {}
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -97,6 +144,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     log = (lambda *a: None) if args.quiet else print
+    ops = rlkernels if args.impl == "rlkernels" else Eager
 
     envs = gym.vector.SyncVectorEnv(
         [lambda: gym.make("CartPole-v1") for _ in range(args.num_envs)],
@@ -122,7 +170,7 @@ def main(argv=None):
     truncated = torch.zeros(T, B, dtype=torch.bool)
     values = torch.zeros(T, B)
 
-    phases = collections.OrderedDict(env=0.0, gae=0.0, update=0.0)
+    phases = collections.OrderedDict(env=0.0, next_values=0.0, gae=0.0, update=0.0)
     recent = collections.deque(maxlen=args.window)
     ep_return = np.zeros(B)
     ep_len = np.zeros(B, dtype=np.int64)
@@ -146,7 +194,7 @@ def main(argv=None):
             with torch.no_grad():
                 logits = agent.logits(next_obs)
                 a = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(-1)
-                logprobs[t] = rlkernels.gather_logprobs(logits, a)
+                logprobs[t] = ops.gather_logprobs(logits, a)
                 values[t] = agent.value(next_obs)
             actions[t] = a
             o, r, term, trunc, info = envs.step(a.numpy())
@@ -173,7 +221,11 @@ def main(argv=None):
         t0 = time.perf_counter()
         with torch.no_grad():
             next_values = agent.value(next_obs_buf)  # V(s_{t+1}) for every step, one batched forward
-            advantages, returns = rlkernels.gae(
+        t1 = time.perf_counter()
+        phases["next_values"] += t1 - t0
+        t0 = t1
+        with torch.no_grad():
+            advantages, returns = ops.gae(
                 rewards, values, gamma=args.gamma, lam=args.gae_lambda,
                 terminated=terminated, truncated=truncated, next_values=next_values,
             )
@@ -192,7 +244,7 @@ def main(argv=None):
             perm = torch.randperm(batch_size)
             for s in range(0, batch_size, minibatch_size):
                 mb = perm[s : s + minibatch_size]
-                new_logp, entropy = rlkernels.gather_logprobs(
+                new_logp, entropy = ops.gather_logprobs(
                     agent.logits(b_obs[mb]), b_actions[mb], return_entropy=True
                 )
                 entropy = entropy.mean()
@@ -200,10 +252,10 @@ def main(argv=None):
                 mb_adv = b_adv[mb]
                 if args.norm_adv:
                     mb_adv = (mb_adv - mb_adv.mean()) / (mb_adv.std() + 1e-8)
-                pg_loss, pstats = rlkernels.ppo_policy_loss(
+                pg_loss, pstats = ops.ppo_policy_loss(
                     new_logp, b_logprobs[mb], mb_adv, clip_low=args.clip_coef
                 )
-                v_loss, _ = rlkernels.value_loss(
+                v_loss, _ = ops.value_loss(
                     new_v, b_values[mb], b_returns[mb], clip=args.clip_coef if args.clip_vloss else None
                 )
                 loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss
@@ -234,9 +286,11 @@ def main(argv=None):
     log(f"{'reached' if reached else 'did not reach'} avg return {avg:.1f} (target {args.target_return}, "
         f"last {len(recent)} episodes) after {global_step} steps, {n_episodes} episodes, {wall:.1f}s")
     log("time per phase:")
-    for k, label in (("env", "env stepping + action sampling"), ("gae", "next values + rlkernels.gae"),
+    for k, label in (("env", "env stepping + action sampling"), ("next_values", "V(s_{t+1}) forward"),
+                     ("gae", f"GAE ({args.impl})"),
                      ("update", "loss/backward/optimizer")):
-        log(f"  {label:32s} {phases[k]:7.2f}s  ({100 * phases[k] / wall:4.1f}%)")
+        log(f"  {label:32s} {phases[k]:7.2f}s  ({100 * phases[k] / wall:4.1f}%)  "
+            f"{1e3 * phases[k] / update:9.2f} ms/update")
     return dict(reached=reached, avg_return=avg, global_step=global_step, episodes=n_episodes,
                 wall_time=wall, phases=dict(phases), **stats)
 

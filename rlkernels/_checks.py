@@ -73,8 +73,31 @@ def unit_interval(op: str, name: str, value) -> float:
 def real(op: str, name: str, value) -> float:
     if type(value) is float:  # the common case, without the slower numbers.Real ABC check below
         return value
+    if isinstance(value, torch.Tensor):
+        return host_tensor_real(op, name, value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{_where(op)}: {name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def scalar_tensor(op: str, name: str, value: torch.Tensor) -> torch.Tensor:
+    """A one-element real (float or integer) tensor, as a 0-d tensor; its value is not read."""
+    if value.numel() != 1:
+        raise ValueError(f"{_where(op)}: {name} must be a number or a one-element tensor, got a tensor of shape "
+                         f"{tuple(value.shape)}")
+    if value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{_where(op)}: {name} must be a real number or a real tensor, got a {value.dtype} tensor")
+    return value.reshape(())
+
+
+def host_tensor_real(op: str, name: str, value: torch.Tensor) -> float:
+    """A one-element CPU tensor read as a float (TorchRL passes gamma so); docs/design.md §3. A tensor on a GPU
+    is refused: reading it here would synchronize the host with the device (§2)."""
+    value = scalar_tensor(op, name, value)
+    if value.device.type != "cpu":
+        raise TypeError(f"{_where(op)}: {name} is a tensor on {value.device}; this op reads {name} on the host, "
+                        "which would synchronize with the device: pass a Python float or a CPU tensor "
+                        "(gae, discounted_returns and q_targets take it on the device, docs/design.md §3)")
     return float(value)
 
 

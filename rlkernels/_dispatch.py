@@ -12,6 +12,7 @@ import torch
 
 from . import _ops
 from ._backend import resolve  # noqa: F401  (re-exported: the wrappers pick the backend and the kernel here)
+from ._ops.logprobs import default_tiles  # noqa: F401  (linear_logprobs' chunk_size=None)
 
 _FAMILY_OF = {op: family for family, ops in _ops.FAMILIES.items() for op in ops}
 

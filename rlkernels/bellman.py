@@ -16,6 +16,7 @@ import torch
 from . import _checks as checks
 from . import _dispatch as dispatch
 from ._layout import ScanLayout, check_truncated, int_arg, mdp_tensors
+from .returns import _on_device
 
 __all__ = ["bellman_backup", "n_step_returns", "q_targets", "td_loss", "value_iteration"]
 
@@ -29,6 +30,18 @@ REDUCTIONS = ("mean", "sum", "none")
 # ----------------------------------------------------------------------------------------------------
 
 
+def _per_transition(op, name, x, lead, ref_name):
+    """One entry per transition: ``lead`` (the leading shape of ``ref_name``, [..., A]) or ``lead + (1,)``, the
+    [B, 1] columns in which CleanRL's and SB3's replay buffers store actions, rewards and dones (a view
+    without the trailing 1 is returned)."""
+    if x is None or x.shape == lead:
+        return x
+    if x.shape == (*lead, 1):
+        return x.reshape(lead)
+    raise ValueError(f"rlkernels.{op}: {name} must hold one entry per transition, shape {lead} or {(*lead, 1)} "
+                     f"({ref_name}'s shape {(*lead, 'A')} without A), got {tuple(x.shape)}")
+
+
 def q_targets(rewards, next_q, *, terminated=None, gamma=0.99, kind="max", next_q_online=None, next_probs=None,
               temperature=None, n=1, backend=None):
     """Q-learning targets y = r + gamma^n * (1 - terminated) * v' over a batch of transitions.
@@ -38,12 +51,22 @@ def q_targets(rewards, next_q, *, terminated=None, gamma=0.99, kind="max", next_
        = sum_a pi(a | s') Q'(s', a)                       kind="expected" (expected SARSA; pi = next_probs)
        = temperature * logsumexp(Q'(s', .) / temperature) kind="soft" (soft Q-learning / discrete SAC)
 
-    ``next_q`` (and ``next_q_online``, ``next_probs``) are [..., A]; ``rewards`` and ``terminated`` are [...].
+    ``next_q`` (and ``next_q_online``, ``next_probs``) are [..., A]; ``rewards`` and ``terminated`` are [...],
+    or [..., 1] as CleanRL's and SB3's replay buffers store them (y then has that shape too).
     ``n`` discounts an n-step transition (rewards already summed over the n steps). Where ``terminated`` is
     set the target is the reward alone, whatever next_q holds (a terminal observation's Q-values may be
     garbage, even inf). Targets carry no gradient: every input is read as data.
     """
     op = "q_targets"
+    if _on_device(gamma):
+        # A GPU tensor is not read on the host (docs/design.md §3): y = r + gamma^n * (targets with r = 0, gamma = 1).
+        g = checks.scalar_tensor(op, "gamma", gamma)
+        checks.float_tensor(op, "rewards", rewards)
+        v = q_targets(torch.zeros_like(rewards), next_q, terminated=terminated, gamma=1.0, kind=kind,
+                      next_q_online=next_q_online, next_probs=next_probs, temperature=temperature, n=n,
+                      backend=backend)
+        checks.same_device(op, "next_q", next_q, gamma=g)
+        return rewards.detach().to(v.dtype) + g.detach().to(v.dtype) ** n * v
     gamma = checks.unit_interval(op, "gamma", gamma)
     n = int_arg(op, "n", n, 1)
     if kind not in Q_KINDS:
@@ -65,14 +88,17 @@ def q_targets(rewards, next_q, *, terminated=None, gamma=0.99, kind="max", next_
         temperature = 1.0
     checks.same_device(op, "next_q", next_q, rewards=rewards, next_q_online=online, next_probs=probs,
                        terminated=term)
-    if next_q.dim() < 1 or tuple(next_q.shape[:-1]) != tuple(rewards.shape):
-        raise ValueError(f"rlkernels.{op}: next_q must have shape {(*rewards.shape, 'A')} (rewards' shape plus "
-                         f"actions), got {tuple(next_q.shape)}")
+    if next_q.dim() < 1:
+        raise ValueError(f"rlkernels.{op}: next_q must have shape [..., A], got a 0-d tensor")
     if next_q.shape[-1] == 0:
         raise ValueError(f"rlkernels.{op}: next_q needs at least one action, got shape {tuple(next_q.shape)}")
     checks.same_shape(op, "next_q", next_q, next_q_online=online if kind == "double" else None,
                       next_probs=probs if kind == "expected" else None)
-    checks.same_shape(op, "rewards", rewards, terminated=term)
+    out_shape = rewards.shape
+    lead = tuple(next_q.shape[:-1])
+    rewards = _per_transition(op, "rewards", rewards, lead, "next_q")
+    term = _per_transition(op, "terminated", term, lead, "next_q")
+    terminated = term
     impl = dispatch.resolve(backend, next_q.device, op)
     dtype = checks.common_float_dtype(rewards, next_q, online if kind == "double" else None,
                                       probs if kind == "expected" else None)
@@ -80,15 +106,16 @@ def q_targets(rewards, next_q, *, terminated=None, gamma=0.99, kind="max", next_
         y = dispatch.reference(op)(rewards, next_q, terminated=terminated, gamma=gamma, kind=kind,
                                    next_q_online=online, next_probs=probs,
                                    temperature=temperature if kind == "soft" else None, n=n)
-        return dispatch.from_reference(y, next_q.device, dtype)
+        return dispatch.from_reference(y, next_q.device, dtype).reshape(out_shape)
     extra = online if kind == "double" else (probs if kind == "expected" else None)
     if (next_q.dim() == 2 and rewards.dtype == dtype and next_q.dtype == dtype
             and (extra is None or extra.dtype == dtype)
             and not (rewards.requires_grad or next_q.requires_grad or (extra is not None and extra.requires_grad))):
         # Already the op's layout: no reshapes, casts or copies (each a dispatcher call; the op makes its
         # inputs contiguous).
-        return dispatch.kernel(op, impl)(rewards, next_q, term, online if kind == "double" else None,
-                                         probs if kind == "expected" else None, gamma**n, kind, temperature)
+        y = dispatch.kernel(op, impl)(rewards, next_q, term, online if kind == "double" else None,
+                                      probs if kind == "expected" else None, gamma**n, kind, temperature)
+        return y if y.shape == out_shape else y.reshape(out_shape)
     A = next_q.shape[-1]
     B = math.prod(rewards.shape)
 
@@ -99,7 +126,7 @@ def q_targets(rewards, next_q, *, terminated=None, gamma=0.99, kind="max", next_
                                   None if term is None else term.reshape(B).contiguous(),
                                   rows(online, (B, A)) if kind == "double" else None,
                                   rows(probs, (B, A)) if kind == "expected" else None, gamma**n, kind, temperature)
-    return y.reshape(rewards.shape)
+    return y.reshape(out_shape)
 
 
 def td_loss(q, actions, targets, *, loss="huber", delta=1.0, weights=None, reduction="mean", backend=None):
@@ -108,8 +135,10 @@ def td_loss(q, actions, targets, *, loss="huber", delta=1.0, weights=None, reduc
     e = targets - q[..., actions]; per-sample loss Huber (0.5 e^2 where |e| <= delta, else
     delta * (|e| - 0.5 delta); torch's huber_loss, smooth_l1 times delta) or squared (e^2), times
     ``weights`` (importance weights of prioritized replay) if given; then the mean over the batch (0 for an
-    empty batch), the sum, or none (per-sample losses shaped like ``actions``). ``td_errors`` = e, for priority
-    updates. ``q`` is [..., A], ``actions`` (integers) and ``targets`` [...]. Differentiable in q and targets;
+    empty batch), the sum, or none (per-sample losses shaped like ``targets``). ``td_errors`` = e, shaped like
+    ``targets``, for priority updates. ``q`` is [..., A]; ``actions`` (integers), ``targets`` and ``weights`` are
+    [...] or, each on its own, [..., 1] as CleanRL's and SB3's replay buffers store them (an ``actions`` column
+    is read as torch.gather's index would be). Differentiable in q and targets;
     the gradient of q is dense with one non-zero per row, written without a scatter. weights are data.
     """
     op = "td_loss"
@@ -127,10 +156,13 @@ def td_loss(q, actions, targets, *, loss="huber", delta=1.0, weights=None, reduc
     if reduction not in REDUCTIONS:
         raise ValueError(f"rlkernels.{op}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     checks.same_device(op, "q", q, actions=actions, targets=targets, weights=w)
-    if q.dim() < 1 or tuple(q.shape[:-1]) != tuple(actions.shape):
-        raise ValueError(f"rlkernels.{op}: q must have shape {(*actions.shape, 'A')} (actions' shape plus "
-                         f"actions), got {tuple(q.shape)}")
-    checks.same_shape(op, "actions", actions, targets=targets, weights=w)
+    if q.dim() < 1:
+        raise ValueError(f"rlkernels.{op}: q must have shape [..., A], got a 0-d tensor")
+    out_shape = targets.shape
+    lead = tuple(q.shape[:-1])
+    actions = _per_transition(op, "actions", actions, lead, "q")
+    targets = _per_transition(op, "targets", targets, lead, "q")
+    w = _per_transition(op, "weights", w, lead, "q")
     impl = dispatch.resolve(backend, q.device, op)
     dtype = checks.common_float_dtype(q, targets, w)
     if impl == "reference":
@@ -139,20 +171,23 @@ def td_loss(q, actions, targets, *, loss="huber", delta=1.0, weights=None, reduc
                                        delta=delta, weights=None if w is None else w.reshape(-1),
                                        reduction=reduction)
         lo = dispatch.from_reference(lo, q.device, dtype)
-        e = dispatch.from_reference(e, q.device, dtype).reshape(actions.shape)
-        return (lo.reshape(actions.shape) if reduction == "none" else lo), e
+        e = dispatch.from_reference(e, q.device, dtype).reshape(out_shape)
+        return (lo.reshape(out_shape) if reduction == "none" else lo), e
     if (q.dim() == 2 and actions.dim() == 1 and actions.dtype == torch.int64 and q.dtype == dtype
             and targets.dtype == dtype and w is None):
         # Already the op's layout (a replay batch): no reshapes, casts or copies, each a dispatcher call and,
         # with q requiring grad, a view node more for the backward (the op makes its inputs contiguous).
-        return dispatch.kernel(op, impl)(q, actions, targets, None, loss, delta, reduction)
+        lo, e = dispatch.kernel(op, impl)(q, actions, targets, None, loss, delta, reduction)
+        if e.shape == out_shape:
+            return lo, e
+        return (lo.reshape(out_shape) if reduction == "none" else lo), e.reshape(out_shape)
     B, A = math.prod(actions.shape), q.shape[-1]
     lo, e = dispatch.kernel(op, impl)(q.to(dtype).reshape(B, A).contiguous(),
                                       actions.reshape(B).to(torch.int64).contiguous(),
                                       targets.to(dtype).reshape(B).contiguous(),
                                       None if w is None else w.detach().to(dtype).reshape(B).contiguous(), loss,
                                       delta, reduction)
-    return (lo.reshape(actions.shape) if reduction == "none" else lo), e.reshape(actions.shape)
+    return (lo.reshape(out_shape) if reduction == "none" else lo), e.reshape(out_shape)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""Log-prob gathering: the log-probability of sampled tokens (and the entropy) from a policy's logits.
+"""Log-prob gathering: the log-probability of sampled tokens (and the entropy) from a policy's logits, or from
+its hidden states and LM head without the logits (linear_logprobs).
 
-docs/design.md §4.3 is the definition. The wrapper checks arguments, flattens the leading dimensions to rows
-([N, V], unit stride along V, no copy for contiguous logits; rlkernels/_layout.py) and runs the backend's op
+docs/design.md §4.3 and §4.7 are the definitions. The wrapper checks arguments, flattens the leading dimensions to
+rows ([N, V], unit stride along V, no copy for contiguous logits; rlkernels/_layout.py) and runs the backend's op
 (rlkernels/_dispatch.py); the ops' autograd is in rlkernels/_ops/logprobs.py.
 """
 
@@ -16,8 +17,9 @@ from . import _dispatch as dispatch
 from . import _distributed
 from ._layout import index_arg, logit_rows
 
-__all__ = ["gather_logprobs"]
+__all__ = ["gather_logprobs", "linear_logprobs"]
 _OP = "gather_logprobs"
+_LINEAR = "linear_logprobs"
 
 
 def gather_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, ignore_index=None,
@@ -107,3 +109,87 @@ def _check_tokens_on_host(tokens, V, ignore_index):
     bad = (t < 0) | (t >= V)
     if bool(bad.any()):
         raise ValueError(f"rlkernels.{_OP}: tokens must be in [0, {V}) (or ignore_index), got {int(t[bad][0])}")
+
+
+def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, return_entropy=False, ignore_index=None,
+                    logit_scale=1.0, softcap=None, chunk_size=None, backend=None):
+    """Log-probability of ``tokens`` under a linear LM head, without holding the [N, V] logits.
+
+    z = logit_scale * (hidden @ weight.T + bias); with ``softcap``, z = softcap * tanh(z / softcap);
+    then exactly ``gather_logprobs(z, tokens, temperature=temperature, return_entropy=..., ignore_index=...)``.
+
+    ``hidden`` is [..., H], ``weight`` [V, H] (an ``nn.Linear``'s weight), ``bias`` [V] or None, ``tokens`` [...]
+    (any integer dtype, hidden's leading shape); float inputs of different dtypes are promoted to a common one.
+    Returns logp, or (logp, entropy) with ``return_entropy=True``, shaped like ``tokens``, float32 (float64 for
+    float64 inputs). The logits are made ``chunk_size`` rows at a time (None: tiles of up to 2048 rows (8192 on
+    GPUs) and part of the vocabulary within a budget of bytes, so memory is flat in N) and folded into the online
+    log-sum-exp state; rows whose token
+    equals ``ignore_index`` give 0 and no gradient (on CPU they are not computed at all).
+
+    Differentiable in ``hidden``, ``weight`` and ``bias``: the backward recomputes each chunk of logits, turns it
+    into d logits in place and accumulates grad_weight over the chunks in float32. Token ids outside [0, V) raise
+    a ValueError on CPU and give NaN on GPUs.
+    """
+    op = _LINEAR
+    checks.float_tensor(op, "hidden", hidden)
+    checks.float_tensor(op, "weight", weight)
+    checks.float_tensor(op, "bias", bias, optional=True)
+    checks.tensor(op, "tokens", tokens)
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"rlkernels.{op}: tokens must be an integer tensor, got {tokens.dtype}")
+    checks.same_device(op, "hidden", hidden, weight=weight, tokens=tokens, bias=bias)
+    if hidden.dim() == 0:
+        raise ValueError(f"rlkernels.{op}: hidden must have shape [..., H], got a 0-d tensor")
+    H = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"rlkernels.{op}: weight must have shape [V, {H}] (hidden's last dim H = {H}), got "
+                         f"{tuple(weight.shape)}")
+    V = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (V,):
+        raise ValueError(f"rlkernels.{op}: bias must have shape ({V},) (weight's rows), got {tuple(bias.shape)}")
+    if tuple(tokens.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"rlkernels.{op}: tokens must have shape {tuple(hidden.shape[:-1])} (hidden's leading "
+                         f"dims), got {tuple(tokens.shape)}")
+    temperature = checks.positive(op, "temperature", temperature)
+    if not math.isfinite(temperature):
+        raise ValueError(f"rlkernels.{op}: temperature must be finite, got {temperature}")
+    logit_scale = checks.real(op, "logit_scale", logit_scale)
+    if not math.isfinite(logit_scale):
+        raise ValueError(f"rlkernels.{op}: logit_scale must be finite, got {logit_scale}")
+    if softcap is not None:
+        softcap = checks.positive(op, "softcap", softcap)
+        if not math.isfinite(softcap):
+            raise ValueError(f"rlkernels.{op}: softcap must be finite or None, got {softcap}")
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"rlkernels.{op}: chunk_size must be an int or None, got {type(chunk_size).__name__}")
+        if chunk_size < 1:
+            raise ValueError(f"rlkernels.{op}: chunk_size must be >= 1, got {chunk_size}")
+    ignore_index = index_arg(op, "ignore_index", ignore_index)
+    return_entropy = bool(return_entropy)
+    impl = dispatch.resolve(backend, hidden.device, op)
+    if impl == "reference":
+        out = dispatch.reference(op)(hidden, weight, tokens, bias=bias, temperature=temperature,
+                                     return_entropy=return_entropy, ignore_index=ignore_index,
+                                     logit_scale=logit_scale, softcap=softcap)
+        dtype = checks.common_float_dtype(hidden, weight, bias)
+        if return_entropy:
+            return tuple(dispatch.from_reference(o, hidden.device, dtype) for o in out)
+        return dispatch.from_reference(out, hidden.device, dtype)
+    dtype = checks.common_float_dtype(hidden, weight, bias)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    rows = hidden.reshape(-1, H)
+    tok = tokens.reshape(-1).to(torch.int64)
+    if chunk_size is None:
+        chunk_size, vocab_tile = dispatch.default_tiles(rows.shape[0], V, dtype, hidden.device.type)
+    else:
+        vocab_tile = V
+    fn = dispatch.kernel(op, impl)
+    logp, entropy, _ = fn(rows, weight, tok, bias, temperature, return_entropy, ignore_index, logit_scale, softcap,
+                          chunk_size, vocab_tile)
+    logp = logp.reshape(tokens.shape)
+    if return_entropy:
+        return logp, entropy.reshape(tokens.shape)
+    return logp
+

@@ -80,9 +80,14 @@ def ppo_policy_loss(logp, old_logp, advantages, mask=None, *, clip_low=0.2, clip
     Leading dimensions beyond two are flattened into B.
 
     ``stats`` maps clipfrac ([-A clamp(ratio) > -A ratio]), clipfrac_lower ([A < 0 and the dual clip binds]),
-    approx_kl (old_logp - logp) and ratio_mean, each a masked mean over tokens, and ratio_max (masked max) to
-    0-d tensors. Without unmasked tokens, the loss and every stat are 0. Differentiable in ``logp`` only
-    (old_logp and advantages are data). Outputs are float32 for 16-bit inputs, else the input dtype.
+    approx_kl (old_logp - logp) and ratio_mean, each a masked mean over tokens, and ratio_max (masked max) to 0-d
+    tensors: verl's definitions (pg_clipfrac, ppo_kl). CleanRL logs other quantities under the same names: its
+    clipfrac counts every ratio outside [1 - clip, 1 + clip], also where the advantage's sign leaves the loss
+    unclipped (so it is larger), and its approx_kl is the k3 estimator mean((ratio - 1) - log ratio) that
+    ``--target-kl`` compares (our approx_kl is its old_approx_kl): use
+    :func:`rlkernels.integrations.cleanrl.ppo_loss` for CleanRL's. Without unmasked tokens, the loss and every stat
+    are 0. Differentiable in ``logp`` only (old_logp and advantages are data). Outputs are float32 for 16-bit
+    inputs, else the input dtype.
 
     Global batches (micro-batches, data-parallel ranks; docs/design.md §4.8): ``global_count`` is what ``agg``
     divides by over the whole global batch (:func:`loss_count` of all its masks); the loss is then this call's

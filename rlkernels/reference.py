@@ -27,6 +27,7 @@ __all__ = [
     "gae",
     "gather_logprobs",
     "kl_penalty",
+    "linear_logprobs",
     "linear_scan",
     "n_step_returns",
     "ppo_policy_loss",
@@ -602,6 +603,34 @@ def gather_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, ig
     if return_entropy:
         return logp, ent.reshape(tok.shape)
     return logp
+
+
+def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, return_entropy=False, ignore_index=None,
+                    logit_scale=1.0, softcap=None):
+    """Log-probability of ``tokens`` under the logits of a linear head, optionally its entropy.
+
+    z = logit_scale * (hidden @ weight.T + bias); with softcap, z = softcap * tanh(z / softcap); then
+    ``gather_logprobs(z, tokens, temperature=...)``. ``hidden`` is [..., H], ``weight`` [V, H], ``bias`` [V] or
+    None, ``tokens`` [...]. Returns logp, or (logp, entropy), float64 with the shape of ``tokens``.
+    """
+    h = _float(hidden, "hidden")
+    w = _float(weight, "weight")
+    if h.ndim < 1:
+        raise ValueError("hidden must have shape [..., H]")
+    if w.ndim != 2 or w.shape[1] != h.shape[-1]:
+        raise ValueError(f"weight must have shape [V, {h.shape[-1]}], got {w.shape}")
+    z = h.reshape(-1, h.shape[-1]) @ w.T
+    if bias is not None:
+        b = _float(bias, "bias")
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"bias must have shape ({w.shape[0]},), got {b.shape}")
+        z = z + b
+    z = logit_scale * z
+    if softcap is not None:
+        z = softcap * np.tanh(z / softcap)
+    z = z.reshape(*h.shape[:-1], w.shape[0])
+    return gather_logprobs(z, tokens, temperature=temperature, return_entropy=return_entropy,
+                           ignore_index=ignore_index)
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,9 +50,13 @@ def discounted_returns(rewards, *, gamma=0.99, terminated=None, truncated=None, 
     (0 if None). ``terminated``: s_{t+1} is terminal (no bootstrap); ``truncated``: the episode stopped after t
     without terminating (bootstrap from ``next_values``, required then). ``mask`` (LLM token-level RL): masked
     positions are skipped and give 0. ``cu_seqlens``: packed 1-D sequences. ``time_dim`` picks the time axis.
-    Differentiable in rewards, next_values and bootstrap_value.
+    Differentiable in rewards, next_values and bootstrap_value. Flags by trainer: as in :func:`gae` (CleanRL's
+    ``dones[t]`` is step t - 1's outcome: pass ``terminated=torch.cat([dones[1:], next_done[None]])``).
     """
     op = "discounted_returns"
+    if type(gamma) is not float and _on_device(gamma):
+        return _discounted_returns_device_gamma(op, rewards, gamma, terminated, truncated, next_values,
+                                                bootstrap_value, mask, cu_seqlens, time_dim, backend)
     gamma = gamma_lam(op, gamma)
     check_truncated(op, truncated, next_values)
     flags = (terminated, truncated, mask)
@@ -87,8 +91,18 @@ def gae(rewards, values, *, gamma=0.99, lam=0.95, terminated=None, truncated=Non
     ``bootstrap_value`` (0 if None) after the last step; done = terminated or truncated. With ``mask``, masked
     positions are skipped ("next" is the next unmasked position, verl's convention) and give 0.
     Differentiable in rewards, values, next_values and bootstrap_value.
+
+    Flags by trainer (one step off gives wrong advantages without an error): ``terminated[t]`` is the outcome of
+    step t, as ``env.step(a_t)`` returns it (Gymnasium; TorchRL's ``("next", "terminated")``). CleanRL's ppo.py
+    stores ``dones[t]`` with observation t, the outcome of step t - 1: pass
+    ``terminated=torch.cat([dones[1:], next_done[None]]), bootstrap_value=next_value``, or call
+    ``rlkernels.integrations.cleanrl.compute_gae(rewards, values, dones, next_value, next_done, gamma, gae_lambda)``.
+    SB3's ``episode_starts`` are shifted the same way: use ``rlkernels.integrations.sb3.RolloutBuffer``.
     """
     op = "gae"
+    if (type(gamma) is not float or type(lam) is not float) and _on_device(gamma, lam):
+        return _gae_device_gamma(op, rewards, values, gamma, lam, terminated, truncated, next_values, bootstrap_value,
+                                 mask, cu_seqlens, time_dim, backend)
     gamma, lam = gamma_lam(op, gamma, lam)
     check_truncated(op, truncated, next_values)
     if direct_cpu(op, rewards, time_dim, cu_seqlens, backend, (values,), (terminated, truncated, mask),
@@ -178,4 +192,86 @@ def retrace(rewards, q_taken, next_v, log_rhos, *, gamma, lam, c_clip=1.0, termi
     fl = s.flags
     out = dispatch.kernel(op, impl)(s.rewards, s.floats["q_taken"], s.floats["next_v"], s.floats["log_rhos"],
                                     fl["terminated"], fl["truncated"], fl["mask"], s.cu_seqlens, gamma, lam, c_clip)
+    return s.restore(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# gamma and lam as tensors on a GPU (docs/design.md §3): composed on the device, never read on the host
+# ----------------------------------------------------------------------------------------------------
+
+
+def _on_device(*scalars):
+    return any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in scalars)
+
+
+def _coefficient(op, name, x, device, dtype):
+    """A Python real or CPU tensor as a checked float; a device tensor as a 0-d tensor of ``dtype`` (unread, so
+    its range is not checked)."""
+    if not isinstance(x, torch.Tensor) or x.device.type == "cpu":
+        return checks.unit_interval(op, name, x)
+    x = checks.scalar_tensor(op, name, x)
+    if x.device != device:
+        raise ValueError(f"rlkernels.{op}: {name} is on {x.device} but rewards is on {device}; all tensors must be "
+                         "on one device")
+    return x.to(dtype)
+
+
+def _device_layout(op, rewards, floats, terminated, truncated, mask, cu_seqlens, bootstrap_value, time_dim):
+    if mask is not None or cu_seqlens is not None:
+        raise TypeError(f"rlkernels.{op}: gamma and lam as GPU tensors are taken without mask and cu_seqlens only; "
+                        "pass Python floats (docs/design.md §3)")
+    return ScanLayout(op, "rewards", rewards, time_dim=time_dim, cu_seqlens=None, floats=floats,
+                      flags={"terminated": terminated, "truncated": truncated, "mask": None},
+                      per_seq={"bootstrap_value": bootstrap_value})
+
+
+def _gae_device_gamma(op, rewards, values, gamma, lam, terminated, truncated, next_values, bootstrap_value, mask,
+                      cu_seqlens, time_dim, backend):
+    """gae's formula with tensor coefficients on [O, T, I]: delta in torch, the advantage recursion as one
+    linear_scan with a_t = gamma lam (1 - done_t)."""
+    check_truncated(op, truncated, next_values)
+    s = _device_layout(op, rewards, {"values": values, "next_values": next_values}, terminated, truncated, mask,
+                       cu_seqlens, bootstrap_value, time_dim)
+    acc = checks.accumulate_dtype(s.dtype)
+    g, lam = _coefficient(op, "gamma", gamma, s.device, acc), _coefficient(op, "lam", lam, s.device, acc)
+    r, v = s.rewards.to(acc), s.floats["values"].to(acc)
+    nv = s.floats["next_values"]
+    if nv is not None:
+        nv = nv.to(acc)
+    elif r.shape[1] == 0:
+        nv = v
+    else:
+        boot = s.per_seq["bootstrap_value"]
+        boot = torch.zeros(s.canon_seq, dtype=acc, device=s.device) if boot is None else boot.to(acc)
+        nv = torch.cat([v[:, 1:], boot.unsqueeze(1)], 1)
+    term, trunc = s.flags["terminated"], s.flags["truncated"]
+    keep = 1.0 if term is None else (~term).to(acc)
+    done = term if trunc is None else (trunc if term is None else term | trunc)
+    cont = torch.ones_like(r) if done is None else (~done).to(acc)
+    delta = r + g * keep * nv - v
+    adv = linear_scan((g * lam) * cont, delta, reverse=True, time_dim=1, backend=backend)
+    return s.restore(adv), s.restore(adv + v)
+
+
+def _discounted_returns_device_gamma(op, rewards, gamma, terminated, truncated, next_values, bootstrap_value, mask,
+                                     cu_seqlens, time_dim, backend):
+    """discounted_returns with a tensor gamma on [O, T, I]: one linear_scan, a_t = gamma (1 - term_t) where the
+    recursion continues, b_t = r_t (+ gamma (1 - term_t) V'_t where it is cut: truncated or the last step)."""
+    check_truncated(op, truncated, next_values)
+    s = _device_layout(op, rewards, {"next_values": next_values}, terminated, truncated, mask, cu_seqlens,
+                       bootstrap_value, time_dim)
+    acc = checks.accumulate_dtype(s.dtype)
+    g = _coefficient(op, "gamma", gamma, s.device, acc)
+    r = s.rewards.to(acc)
+    term = s.flags["terminated"]
+    keep = torch.ones_like(r) if term is None else (~term).to(acc)
+    nv = s.floats["next_values"]
+    if nv is None:
+        boot = s.per_seq["bootstrap_value"]
+        out = linear_scan(g * keep, r, reverse=True, initial=None if boot is None else boot.to(acc), time_dim=1,
+                          backend=backend)
+        return s.restore(out)
+    cut = s.last_valid_as_truncated(s.flags["truncated"], None)
+    b = r + g * keep * torch.where(cut, nv.to(acc), torch.zeros((), dtype=acc, device=s.device))
+    out = linear_scan(g * keep * (~cut).to(acc), b, reverse=True, time_dim=1, backend=backend)
     return s.restore(out)

@@ -532,8 +532,9 @@ def sample_inputs(op, shape, *, dtype=torch.float64, device="cpu", seed=0, **opt
     - ppo_policy_loss: (logp, old_logp, advantages), log-ratios of spread `scale` (0.3);
       value_loss: (values, old_values, returns); kl_penalty: (logp, ref_logp) of spread `scale` (1.0).
       Masks come from sample_mask.
-    - Bellman family: q_targets, shape (B,), option A (actions) and scale (3.0); td_loss, shape (B, A),
-      scale (2.0); n_step_returns, shape (T, N), p_term and p_trunc (0.1); bellman_backup and
+    - Bellman family: q_targets, shape [...] (leading dims), options A (actions), scale (3.0), ties and
+      nonfinite; td_loss, shape (B, A), scale (2.0) and target_noise; n_step_returns, shape with time along
+      time_dim (0), p_term and p_trunc (0.1); bellman_backup and
       value_iteration, shape (B, S, A), sparse (False). The tuples are listed by their factories below.
     """
     if op in OPS:
@@ -574,36 +575,54 @@ def sample_inputs(op, shape, *, dtype=torch.float64, device="cpu", seed=0, **opt
     raise ValueError(f"no sample_inputs for {op!r}")
 
 
-def _q_targets_sample(shape, dtype, g, A, scale=3.0):
-    """(rewards [B], next_q [B, A], next_q_online [B, A], next_probs [B, A], terminated [B]) for shape (B,)."""
-    (B,) = shape
-    r = (torch.randn(B, generator=g, dtype=torch.float64) * scale).to(dtype)
-    q = (torch.randn(B, A, generator=g, dtype=torch.float64) * scale).to(dtype)
-    online = (torch.randn(B, A, generator=g, dtype=torch.float64) * scale).to(dtype)
-    probs = torch.softmax(torch.randn(B, A, generator=g, dtype=torch.float64), -1).to(dtype)
-    term = torch.rand(B, generator=g) < 0.3
+def _q_targets_sample(shape, dtype, g, A, scale=3.0, ties=False, nonfinite=False):
+    """(rewards [...], next_q [..., A], next_q_online [..., A], next_probs [..., A], terminated [...]) for
+    shape [...]. ties: every 7th online row repeats its first action's value in the middle (the first index
+    wins); nonfinite (1-D, B >= 8): NaN, -inf and +inf rows in next_q, one terminated, a NaN online value."""
+    shape = tuple(shape)
+    r = (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+    q = (torch.randn((*shape, A), generator=g, dtype=torch.float64) * scale).to(dtype)
+    online = (torch.randn((*shape, A), generator=g, dtype=torch.float64) * scale).to(dtype)
+    probs = torch.softmax(torch.randn((*shape, A), generator=g, dtype=torch.float64), -1).to(dtype)
+    term = torch.rand(shape, generator=g) < 0.3
+    if ties and A > 1:
+        online.view(-1, A)[::7, A // 2] = online.view(-1, A)[::7, 0]
+    if nonfinite and len(shape) == 1 and shape[0] >= 8:
+        q[1, 0] = float("nan")  # NaN propagates (max, expected, soft) ...
+        q[2, :] = float("-inf")  # ... a row of -inf gives -inf
+        q[3, -1] = float("inf")
+        q[4, :] = float("inf")
+        term[4] = True  # terminated: the reward alone, whatever next_q holds
+        online[5, A - 1] = float("nan")  # double: NaN counts as the maximum
     return r, q, online, probs, term
 
 
-def _td_loss_sample(shape, dtype, g, scale=2.0):
-    """(q [B, A], actions [B], targets [B], weights [B]) for shape (B, A)."""
+def _td_loss_sample(shape, dtype, g, scale=2.0, target_noise=None):
+    """(q [B, A], actions [B], targets [B], weights [B]) for shape (B, A). With target_noise, targets are
+    Q(s, a) plus noise of that spread (TD errors on both sides of a Huber delta near it)."""
     B, A = shape
     q = (torch.randn(B, A, generator=g, dtype=torch.float64) * scale).to(dtype)
     actions = torch.randint(0, A, (B,), generator=g)
-    targets = (torch.randn(B, generator=g, dtype=torch.float64) * scale).to(dtype)
+    if target_noise is None:
+        targets = (torch.randn(B, generator=g, dtype=torch.float64) * scale).to(dtype)
+    else:
+        noise = target_noise * torch.randn(B, generator=g, dtype=torch.float64)
+        targets = (q.double()[torch.arange(B), actions] + noise).to(dtype)
     weights = torch.rand(B, generator=g, dtype=torch.float64).to(dtype)
     return q, actions, targets, weights
 
 
-def _n_step_sample(shape, dtype, g, p_term=0.1, p_trunc=0.1):
-    """(rewards, values, next_values, bootstrap_value [N], terminated, truncated) for shape (T, N)."""
-    T, N = shape
-    r = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
-    v = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
-    nv = torch.randn(T, N, generator=g, dtype=torch.float64).to(dtype)
-    boot = torch.randn(N, generator=g, dtype=torch.float64).to(dtype)
-    term = torch.rand(T, N, generator=g) < p_term
-    trunc = torch.rand(T, N, generator=g) < p_trunc
+def _n_step_sample(shape, dtype, g, p_term=0.1, p_trunc=0.1, time_dim=0):
+    """(rewards, values, next_values, bootstrap_value, terminated, truncated) for shape [..., T, ...] with
+    time along `time_dim`; bootstrap_value has the shape without the time dimension."""
+    shape = tuple(shape)
+    td = time_dim % len(shape)
+    r = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    nv = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    boot = torch.randn(shape[:td] + shape[td + 1:], generator=g, dtype=torch.float64).to(dtype)
+    term = torch.rand(shape, generator=g) < p_term
+    trunc = torch.rand(shape, generator=g) < p_trunc
     return r, v, nv, boot, term, trunc
 
 

@@ -39,6 +39,10 @@ OPS = (
 )
 
 
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
 def _rounded(x, dtype):
     """x as the kernel sees it: rounded to dtype (16-bit inputs are compared on their rounded values)."""
     return x.to(dtype).double() if x.is_floating_point() else x
@@ -973,23 +977,13 @@ def small_tiles(monkeypatch):
         monkeypatch.setattr(tb, name, value)
 
 
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 # ----------------------------------------------------------------------------------------------------
 # q_targets
 # ----------------------------------------------------------------------------------------------------
 
 
 def _small_q_inputs(shape, A, dtype, seed=0):
-    g = _gen(seed)
-    r = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    q = (2 * torch.randn((*shape, A), generator=g, dtype=torch.float64)).to(dtype)
-    online = torch.randn((*shape, A), generator=g, dtype=torch.float64).to(dtype)
-    probs = torch.softmax(torch.randn((*shape, A), generator=g, dtype=torch.float64), -1).to(dtype)
-    term = torch.rand(shape, generator=g) < 0.3
-    return r, q, online, probs, term
+    return sample_inputs("q_targets", shape, A=A, scale=2.0, dtype=dtype, seed=seed)
 
 
 def _q_kwargs(kind, term, online, probs):
@@ -1047,7 +1041,7 @@ def _edge_rows():
 def test_q_targets_nan_inf_and_ties(kind, dtype, small_tiles, backend):
     q = _edge_rows().to(dtype)
     B, A = q.shape
-    g = _gen(1)
+    g = gen(1)
     r = torch.randn(B, generator=g, dtype=torch.float64).to(dtype)
     probs = torch.softmax(torch.randn(B, A, generator=g, dtype=torch.float64), -1)
     probs[0, 1] = 0.0
@@ -1068,21 +1062,15 @@ def test_q_targets_nan_inf_and_ties(kind, dtype, small_tiles, backend):
 
 
 def _small_td_inputs(B, A, dtype, seed=0):
-    g = _gen(seed)
-    q = torch.randn(B, A, generator=g, dtype=torch.float64).to(dtype)
-    actions = torch.randint(0, A, (B,), generator=g)
-    targets = (
-        q.double()[torch.arange(B), actions] + 1.5 * torch.randn(B, generator=g, dtype=torch.float64)
-    ).to(dtype)
-    weights = torch.rand(B, generator=g, dtype=torch.float64).to(dtype)
-    return q, actions, targets, weights
+    # TD errors of spread 1.5: both sides of the Huber delta (0.7) of the tests below.
+    return sample_inputs("td_loss", (B, A), scale=1.0, target_noise=1.5, dtype=dtype, seed=seed)
 
 
 def _td_run(backend, q, actions, targets, weights, **kw):
     q = q.clone().requires_grad_(True)
     y = targets.clone().requires_grad_(True)
     loss, e = rlkernels.td_loss(q, actions, y, weights=weights, backend=backend, **kw)
-    g = _gen(7)
+    g = gen(7)
     gl = torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype)
     ge = torch.randn(e.shape, generator=g, dtype=torch.float64).to(e.dtype)
     ((loss * gl).sum() + (e * ge).sum()).backward()
@@ -1153,23 +1141,21 @@ N_STEP_CASES = {
 
 
 def _small_n_step_inputs(case, dtype, seed=0):
-    g = _gen(seed)
     time_dim = case.get("time_dim", 0)
     shape = (11, 3) if time_dim == 0 else (2, 11)
-    seq = shape[1:] if time_dim == 0 else shape[:-1]
-
-    def randn(sh):
-        return torch.randn(sh, generator=g, dtype=torch.float64).to(dtype)
-
-    tensors = {"rewards": randn(shape), "values": randn(shape)}
+    r, v, nv, boot, term, trunc = sample_inputs(
+        "n_step_returns", shape, p_term=case.get("terminated", 0.0), p_trunc=case.get("truncated", 0.0),
+        time_dim=time_dim, dtype=dtype, seed=seed,
+    )
+    tensors = {"rewards": r, "values": v}
     kw = {"n": case["n"], "gamma": 0.9, "time_dim": time_dim}
     if case.get("terminated"):
-        kw["terminated"] = torch.rand(shape, generator=g) < case["terminated"]
+        kw["terminated"] = term
     if case.get("truncated"):
-        kw["truncated"] = torch.rand(shape, generator=g) < case["truncated"]
-        tensors["next_values"] = randn(shape)
+        kw["truncated"] = trunc
+        tensors["next_values"] = nv
     if case.get("bootstrap"):
-        tensors["bootstrap_value"] = randn(seq)
+        tensors["bootstrap_value"] = boot
     return tensors, kw
 
 
@@ -1182,7 +1168,7 @@ def _n_step_run(backend, tensors, kw):
         **{k: v for k, v in leaves.items() if k not in ("rewards", "values")},
         **kw,
     )
-    up = torch.randn(out.shape, generator=_gen(5), dtype=torch.float64).to(out.dtype)
+    up = torch.randn(out.shape, generator=gen(5), dtype=torch.float64).to(out.dtype)
     (out * up).sum().backward()
     return out.detach(), {k: v.grad for k, v in leaves.items()}
 
@@ -1222,7 +1208,7 @@ def test_n_step_returns_dtypes(dtype, backend):
 
 
 def _mdp(batch, S, A, dtype, seed=0):
-    g = _gen(seed)
+    g = gen(seed)
     P = torch.softmax(3 * torch.randn((*batch, S, A, S), generator=g, dtype=torch.float64), -1).to(dtype)
     R = torch.randn((*batch, S, A), generator=g, dtype=torch.float64).to(dtype)
     V = (3 * torch.randn((*batch, S), generator=g, dtype=torch.float64)).to(dtype)
@@ -1232,7 +1218,7 @@ def _mdp(batch, S, A, dtype, seed=0):
 def _backup_run(backend, P, R, V):
     P, R, V = (x.clone().requires_grad_(True) for x in (P, R, V))
     Q, V_new, policy = rlkernels.bellman_backup(P, R, V, 0.9, backend=backend)
-    g = _gen(9)
+    g = gen(9)
     gq = torch.randn(Q.shape, generator=g, dtype=torch.float64).to(Q.dtype)
     gv = torch.randn(V_new.shape, generator=g, dtype=torch.float64).to(V_new.dtype)
     ((Q * gq).sum() + (V_new * gv).sum()).backward()
@@ -1361,7 +1347,7 @@ def test_triton_opcheck(backend):
     torch.library.opcheck(
         ops.triton_td_loss_backward, (gl, ge, qq, actions, targets, weights, "huber", 0.5, "sum")
     )
-    g = _gen(3)
+    g = gen(3)
     rw, v, nv = (torch.randn(2, 5, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
     boot = torch.randn(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
     tm, tr = (torch.rand(2, 5, 3, generator=g) < 0.3 for _ in range(2))
@@ -1441,10 +1427,6 @@ def grad_tol(dtype):
     return tol(dtype)
 
 
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def dev(x):
     return None if x is None else x.to(DEVICE)
 
@@ -1459,22 +1441,7 @@ def cpu(x):
 
 
 def q_inputs(B, A, dtype, seed, nonfinite=False):
-    g = gen(seed)
-    r = torch.randn(B, generator=g).to(dtype)
-    q = (torch.randn(B, A, generator=g) * 3).to(dtype)
-    online = torch.randn(B, A, generator=g).to(dtype)
-    probs = torch.softmax(torch.randn(B, A, generator=g), -1).to(dtype)
-    term = torch.rand(B, generator=g) < 0.3
-    if A > 1:
-        online[::7, A // 2] = online[::7, 0]  # ties: the first index wins
-    if nonfinite and B >= 8:
-        q[1, 0] = float("nan")  # NaN propagates (max, expected, soft) ...
-        q[2, :] = float("-inf")  # ... a row of -inf gives -inf
-        q[3, -1] = float("inf")
-        q[4, :] = float("inf")
-        term[4] = True  # terminated: the reward alone, whatever next_q holds
-        online[5, A - 1] = float("nan")  # double: NaN counts as the maximum
-    return r, q, online, probs, term
+    return sample_inputs("q_targets", (B,), A=A, ties=True, nonfinite=nonfinite, dtype=dtype, seed=seed)
 
 
 @pytest.mark.parametrize("backend", gpu_backends(*OPS))
@@ -1552,12 +1519,7 @@ def test_q_targets_leading_dims_uint8_flags_and_empty(kind, backend):
 
 
 def td_inputs(B, A, dtype, seed):
-    g = gen(seed)
-    q = (torch.randn(B, A, generator=g) * 2).to(dtype)
-    actions = torch.randint(0, A, (B,), generator=g)
-    targets = (torch.randn(B, generator=g) * 2).to(dtype)
-    weights = torch.rand(B, generator=g).to(dtype)
-    return q, actions, targets, weights
+    return sample_inputs("td_loss", (B, A), dtype=dtype, seed=seed)
 
 
 def td_run(q, actions, targets, weights, backend, grad_seed=0, **kw):
@@ -1635,17 +1597,15 @@ def test_td_loss_empty_batch(backend):
 
 
 def nstep_inputs(shape, dtype, seed, flags):
-    g = gen(seed)
-    x = {
-        "rewards": torch.randn(shape, generator=g).to(dtype),
-        "values": torch.randn(shape, generator=g).to(dtype),
-        "next_values": torch.randn(shape, generator=g).to(dtype) if "next" in flags else None,
-        "terminated": (torch.rand(shape, generator=g) < 0.1) if "term" in flags else None,
-        "truncated": (torch.rand(shape, generator=g) < 0.1) if "trunc" in flags else None,
+    r, v, nv, boot, term, trunc = sample_inputs("n_step_returns", shape, dtype=dtype, seed=seed)
+    return {
+        "rewards": r,
+        "values": v,
+        "next_values": nv if "next" in flags else None,
+        "terminated": term if "term" in flags else None,
+        "truncated": trunc if "trunc" in flags else None,
+        "bootstrap_value": boot if "boot" in flags else None,
     }
-    per_seq = shape[1:] if len(shape) > 1 else ()
-    x["bootstrap_value"] = torch.randn(per_seq, generator=g).to(dtype) if "boot" in flags else None
-    return x
 
 
 NSTEP_FLAGS = {

@@ -62,6 +62,12 @@ EXPECTED_PROVIDERS = {  # every provider of each op in a --quick CPU run (torchr
                                 "torch.compile(verl log_softmax+gather, entropy_from_logits)"},
     "gather_logprobs fwd+bwd": {"torch log_softmax+gather", "torch.compile(torch log_softmax+gather)",
                                 "trl selective_log_softmax"},
+    **{f"linear_logprobs+entropy{bwd} {dt}": {"torch matmul+log_softmax+gather+entropy",
+                                              "torch.compile(torch matmul+log_softmax+gather+entropy)",
+                                              "trl ChunkedLogProbFunction",
+                                              "3 matmuls alone (forward, d hidden, d weight)" if bwd
+                                              else "matmul alone (hidden @ weight.T)"}
+       for bwd in ("", " fwd+bwd") for dt in ("fp32", "bf16")},
     "ppo_policy_loss": {"verl eager", "torch.compile(verl eager)"},
     "ppo_policy_loss fwd+bwd": {"verl eager", "torch.compile(verl eager)"},
     "value_loss fwd+bwd": {"verl eager", "torch.compile(verl eager)"},
@@ -80,6 +86,8 @@ REFERENCE = {  # the baseline each op's rlkernels output is checked against
     "gather_logprobs": "torch log_softmax+gather",
     "gather_logprobs+entropy": "verl log_softmax+gather, entropy_from_logits",
     "gather_logprobs fwd+bwd": "torch log_softmax+gather",
+    **{f"linear_logprobs+entropy{bwd} {dt}": "torch matmul+log_softmax+gather+entropy"
+       for bwd in ("", " fwd+bwd") for dt in ("fp32", "bf16")},
     "ppo_policy_loss": "verl eager",
     "ppo_policy_loss fwd+bwd": "verl eager",
     "value_loss fwd+bwd": "verl eager",

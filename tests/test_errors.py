@@ -264,7 +264,7 @@ def test_discount_outside_unit_interval(op, name, value):
 @pytest.mark.parametrize("op", SCAN_OPS)
 @pytest.mark.parametrize("name", ["gamma", "lam"])
 @pytest.mark.parametrize(
-    "value", ["0.9", None, True, torch.tensor(0.9)], ids=["str", "None", "bool", "tensor"]
+    "value", ["0.9", None, True, torch.tensor(True)], ids=["str", "None", "bool", "bool-tensor"]
 )
 def test_discount_wrong_type(op, name, value):
     if name == "lam" and op == "discounted_returns":
@@ -501,6 +501,8 @@ def _every_op_call(dev):
         "vtrace": rlkernels.vtrace(r, v, t(6, 3)),
         "retrace": rlkernels.retrace(r, v, t(6, 3), t(6, 3), gamma=0.9, lam=0.9),
         "gather_logprobs": rlkernels.gather_logprobs(t(4, 10), i(10, 4), return_entropy=True),
+        "linear_logprobs": rlkernels.linear_logprobs(t(2, 3, 5), t(10, 5), i(10, 2, 3), bias=t(10),
+                                                     return_entropy=True, softcap=3.0),
         "ppo_policy_loss": rlkernels.ppo_policy_loss(t(2, 5), t(2, 5), t(2, 5)),
         "value_loss": rlkernels.value_loss(t(2, 5), t(2, 5), t(2, 5), clip=0.2),
         "kl_penalty": rlkernels.kl_penalty(t(2, 5), t(2, 5), "k3"),

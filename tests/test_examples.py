@@ -43,7 +43,8 @@ def test_ppo_cartpole_runs():
     assert stats["global_step"] == 2048
     assert stats["episodes"] > 0 and math.isfinite(stats["avg_return"])
     assert_finite(stats, ["pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac"])
-    assert set(stats["phases"]) == {"env", "gae", "update"} and all(t > 0 for t in stats["phases"].values())
+    assert set(stats["phases"]) == {"env", "next_values", "gae", "update"}
+    assert all(t > 0 for t in stats["phases"].values())
 
 
 def test_ppo_cartpole_stops_at_target_and_is_deterministic():
@@ -101,3 +102,67 @@ def test_llm_ppo_distributed_matches_one_process():
             assert math.isfinite(one_row[k])
             assert dist_row[k] == pytest.approx(one_row[k], rel=1e-5, abs=1e-6), k
     assert stats["single"][1]["loss"] != stats["single"][0]["loss"]  # the policy was trained between steps
+
+
+def test_llm_ppo_step_fused_head_matches_logits_head():
+    llm = load("llm_ppo_step")
+    argv = ["--iterations", "1", "--ppo-epochs", "2", "--batch", "4", "--response-len", "8", "--seed", "2",
+            "--quiet"]
+    fused = llm.main([*argv, "--head", "fused"])["history"]
+    logits = llm.main([*argv, "--head", "logits"])["history"]
+    for a, b in zip(fused, logits, strict=True):
+        for key in ("loss", "pg_loss", "vf_loss", "entropy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def _readme_example():
+    text = (EXAMPLES.parent / "README.md").read_text()
+    section = text[text.index("## Example\n"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("```\n", section.index("```python"))]
+
+
+def test_readme_example_gives_cleanrls_advantages():
+    """The README's CleanRL call and its core-op equivalent both give the advantages of CleanRL's own loop, and
+    the flags taken as stored (off by one step) would not."""
+    from conftest import assert_close
+
+    import rlkernels
+    from rlkernels.bench.trainers import cleanrl_gae
+
+    torch.manual_seed(0)
+    ns = {}
+    exec(compile(_readme_example(), "README.md", "exec"), ns)  # noqa: S102  (the README's own code)
+    exp_adv, exp_ret = cleanrl_gae(ns["rewards"], ns["values"], ns["dones"], ns["next_value"], ns["next_done"],
+                                   0.99, 0.95)
+    for adv, ret in ((ns["advantages"], ns["returns"]), (ns["core_adv"], ns["core_ret"])):
+        assert_close(adv, exp_adv, torch.float32)
+        assert_close(ret, exp_ret, torch.float32)
+    wrong, _ = rlkernels.gae(ns["rewards"], ns["values"], gamma=0.99, lam=0.95, terminated=ns["dones"],
+                             bootstrap_value=ns["next_value"])
+    assert (wrong - exp_adv).abs().max() > 0.5
+    assert ns["adv"].shape == (2048, 64) and ns["tok_adv"].shape == (8, 512)
+
+
+def test_llm_ppo_step_eager_baseline_is_the_same_computation():
+    """--impl torch (the eager code the ops replace) gives the same losses and stats: the timings it prints
+    compare two implementations of one step."""
+    llm = load("llm_ppo_step")
+    argv = ["--iterations", "2", "--ppo-epochs", "2", "--batch", "4", "--response-len", "8", "--seed", "1",
+            "--quiet"]
+    ours, eager = llm.main(argv), llm.main(argv + ["--impl", "torch"])
+    assert set(ours["phases"]) == {"sample", "score", "update"} and all(t > 0 for t in eager["phases"].values())
+    for a, b in zip(ours["history"], eager["history"]):
+        for k in ("loss", "pg_loss", "vf_loss", "entropy", "approx_kl", "clipfrac", "ratio_max", "vf_clipfrac",
+                  "kl_ref", "score"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+
+
+def test_ppo_cartpole_eager_baseline_is_the_same_computation():
+    pytest.importorskip("gymnasium")
+    ppo = load("ppo_cartpole")
+    argv = ["--total-timesteps", "1024", "--num-envs", "4", "--num-steps", "128", "--update-epochs", "2",
+            "--seed", "2", "--quiet"]
+    ours, eager = ppo.main(argv), ppo.main(argv + ["--impl", "torch"])
+    assert ours["global_step"] == eager["global_step"] == 1024
+    for k in ("avg_return", "pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac"):
+        assert ours[k] == pytest.approx(eager[k], rel=1e-4, abs=1e-5), k

@@ -20,6 +20,7 @@ from conftest import assert_close
 
 from rlkernels.bench.trainers import cleanrl_dqn_update as _cleanrl_dqn
 from rlkernels.bench.trainers import cleanrl_gae as _cleanrl_gae
+from rlkernels.bench.trainers import cleanrl_ppo_losses as _cleanrl_ppo_losses
 from rlkernels.bench.trainers import sb3_dqn_targets as _sb3_dqn_targets
 from rlkernels.bench.trainers import verl_compute_gae_advantage_return as _verl_gae
 from rlkernels.bench.trainers import verl_compute_policy_loss as _verl_policy_loss
@@ -207,6 +208,117 @@ def test_torchrl_errors_name_the_argument(ours_torchrl):
         ours_torchrl.vtrace_advantage_estimate(0.9, r, r, v, nv, r, done, rho_thresh=0.0)
     with pytest.raises(ValueError, match="log_mu"):
         ours_torchrl.vtrace_advantage_estimate(0.9, r, r[:1], v, nv, r, done)
+
+
+# ====================================================================================================
+# TorchRL's modules: ValueEstimator classes on a real rollout (SerialEnv, StepCounter time limit)
+# ====================================================================================================
+
+
+@pytest.fixture(scope="module")
+def torchrl_rollout():
+    """Two CartPole envs in a SerialEnv with a 30-step time limit, 100 steps of a stochastic linear policy:
+    episodes end both by termination (the pole falls) and by truncation (StepCounter), mid-rollout."""
+    pytest.importorskip("torchrl")
+    pytest.importorskip("gymnasium")
+    from tensordict.nn import InteractionType, TensorDictModule
+    from torchrl.envs import GymEnv, SerialEnv, StepCounter, TransformedEnv
+    from torchrl.modules import OneHotCategorical, ProbabilisticActor
+
+    torch.manual_seed(0)
+    env = SerialEnv(2, lambda: TransformedEnv(GymEnv("CartPole-v1"), StepCounter(max_steps=30)))
+    env.set_seed(0)
+    actor = ProbabilisticActor(TensorDictModule(torch.nn.Linear(4, 2), in_keys=["observation"], out_keys=["logits"]),
+                               in_keys=["logits"], distribution_class=OneHotCategorical, return_log_prob=True,
+                               spec=env.action_spec, default_interaction_type=InteractionType.RANDOM)
+    value_net = TensorDictModule(torch.nn.Linear(4, 1), in_keys=["observation"], out_keys=["state_value"])
+    with torch.no_grad():
+        data = env.rollout(100, actor, break_when_any_done=False)
+    env.close()
+    nxt = data["next"]
+    assert nxt["terminated"].any() and (nxt["truncated"] & ~nxt["terminated"]).any()
+    return data, actor, value_net
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("GAE", {"gamma": 0.99, "lmbda": 0.95}),
+    ("GAE", {"gamma": 0.9, "lmbda": 0.8, "vectorized": False, "average_gae": True}),
+    ("GAE", {"gamma": 0.97, "lmbda": 0.9, "shifted": True}),
+    ("TDLambdaEstimator", {"gamma": 0.99, "lmbda": 0.95}),
+    ("TDLambdaEstimator", {"gamma": 0.9, "lmbda": 0.7, "vectorized": False}),
+    ("VTrace", {"gamma": 0.99}),
+    ("VTrace", {"gamma": 0.95, "rho_thresh": 2.0, "c_thresh": 0.5}),
+])
+def test_torchrl_modules_equal_torchrl_on_a_rollout(torchrl_rollout, ours_torchrl, monkeypatch, name, kwargs):
+    from torchrl.objectives import value as trl_value
+
+    data, actor, value_net = torchrl_rollout
+    if name == "VTrace":  # off-policy: the learner's policy moved away from the one that collected the data
+        actor = copy.deepcopy(actor)
+        with torch.no_grad():
+            actor.module[0].module.weight.add_(0.5)
+        kwargs = {**kwargs, "actor_network": actor}
+    theirs = getattr(trl_value, name)(value_network=value_net, **kwargs)
+    ours = getattr(ours_torchrl, name)(value_network=value_net, **kwargs)
+    assert isinstance(ours, getattr(trl_value, name))
+    calls = []
+    for fn in ("vec_generalized_advantage_estimate", "generalized_advantage_estimate", "vec_td_lambda_return_estimate",
+               "td_lambda_return_estimate", "vtrace_advantage_estimate"):
+        original = getattr(ours_torchrl, fn)
+        monkeypatch.setattr(ours_torchrl, fn, lambda *a, _f=original, **k: calls.append(a[0]) or _f(*a, **k))
+    torch.manual_seed(1)  # VTrace's actor samples: the same seed for both
+    exp = theirs(data.clone())
+    torch.manual_seed(1)
+    got = ours(data.clone())
+    assert calls and all(type(g) is float for g in calls), "the estimator must get the module's host gamma"
+    for key in ("advantage", "value_target"):
+        assert_close(got[key], exp[key], F32, name=key)
+
+
+def test_torchrl_gae_in_a_ppo_loss(torchrl_rollout, ours_torchrl, monkeypatch):
+    from torchrl.objectives import ClipPPOLoss
+    from torchrl.objectives.value import GAE as TorchRLGAE
+
+    import rlkernels
+
+    data, actor, value_net = torchrl_rollout
+    spy = []
+    monkeypatch.setattr(rlkernels, "gae", lambda *a, _f=rlkernels.gae, **k: spy.append(1) or _f(*a, **k))
+    results = []
+    # (Assigning loss.value_estimator = module does not reach TorchRL's property setter: nn.Module registers the
+    # module as a child named value_estimator instead, for TorchRL's estimators as for these.)
+    for how in ("torchrl", "instance", "class"):
+        loss = ClipPPOLoss(actor, value_net)
+        if how == "torchrl":
+            loss.make_value_estimator(TorchRLGAE(gamma=0.9, lmbda=0.9, value_network=value_net))
+        elif how == "instance":
+            loss.make_value_estimator(ours_torchrl.GAE(gamma=0.9, lmbda=0.9, value_network=value_net))
+        else:
+            loss.make_value_estimator(ours_torchrl.GAE, gamma=0.9, lmbda=0.9, value_network=value_net)
+        assert isinstance(loss.value_estimator, ours_torchrl.GAE) == (how != "torchrl")
+        out = loss(data.clone())  # without an "advantage" entry, the loss calls its value estimator
+        adv = loss.value_estimator(data.clone())["advantage"]
+        results.append((adv, out["loss_objective"].detach(), out["loss_critic"].detach()))
+    assert len(spy) == 2 * 2
+    for got in results[1:]:
+        for o, e, n in zip(got, results[0], ("advantage", "loss_objective", "loss_critic")):
+            assert_close(o, e, F32, name=n)
+
+
+def test_torchrl_module_rereads_gamma_written_in_place(torchrl_rollout, ours_torchrl):
+    from torchrl.objectives.value import GAE as TorchRLGAE
+
+    data, _, value_net = torchrl_rollout
+    ours = ours_torchrl.GAE(gamma=0.99, lmbda=0.95, value_network=value_net)
+    first = ours(data.clone())["advantage"]
+    with torch.no_grad():
+        ours.gamma.fill_(0.5)  # also what load_state_dict does
+    got = ours(data.clone())["advantage"]
+    exp = TorchRLGAE(gamma=0.5, lmbda=0.95, value_network=value_net)(data.clone())["advantage"]
+    assert not torch.allclose(first, exp)
+    assert_close(got, exp, F32)
+    ours.load_state_dict({"gamma": torch.tensor(0.99), "lmbda": torch.tensor(0.95)}, strict=False)
+    assert_close(ours(data.clone())["advantage"], first, F32)
 
 
 # ====================================================================================================
@@ -445,6 +557,73 @@ def test_cleanrl_errors_name_the_argument():
         compute_gae(rewards, values, dones, next_value, next_done, 0.99, 1.5)
     with pytest.raises(TypeError, match="rewards"):
         compute_gae(rewards.long(), values, dones, next_value, next_done, 0.99, 0.95)
+
+
+def _cleanrl_minibatch(n, seed, dtype=F32):
+    g = torch.Generator().manual_seed(seed)
+    logprobs = _randn((n,), g, dtype, 0.5) - 1.0
+    newlogprob = logprobs + _randn((n,), g, dtype, 0.3)  # |ratio - 1| > 0.2 for many samples
+    advantages, newvalue, values = (_randn((n,), g, dtype) for _ in range(3))
+    returns = values + _randn((n,), g, dtype)
+    return newlogprob, logprobs, advantages, newvalue[:, None], values, returns  # newvalue [n, 1] as the critic's
+
+
+@pytest.mark.parametrize("norm_adv,clip_vloss", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=str)
+def test_cleanrl_ppo_loss(dtype, norm_adv, clip_vloss):
+    from rlkernels.integrations import cleanrl
+
+    newlogprob, logprobs, adv, newvalue, values, returns = _cleanrl_minibatch(256, 3, dtype)
+    ins = [newlogprob.clone().requires_grad_(True), newvalue.clone().requires_grad_(True)]
+    exp = _cleanrl_ppo_losses(ins[0], logprobs, adv, ins[1], values, returns, 0.2, norm_adv, clip_vloss)
+    eg = torch.autograd.grad(exp[0] + exp[1], ins)
+    got_ins = [newlogprob.clone().requires_grad_(True), newvalue.clone().requires_grad_(True)]
+    pg, v, stats = cleanrl.ppo_loss(got_ins[0], logprobs, adv, got_ins[1], values, returns, 0.2, norm_adv=norm_adv,
+                                    clip_vloss=clip_vloss)
+    og = torch.autograd.grad(pg + v, got_ins)
+    assert_close(pg, exp[0], dtype, name="pg_loss")
+    assert_close(v, exp[1], dtype, name="v_loss")
+    for name, e in zip(("old_approx_kl", "approx_kl", "clipfrac"), exp[2:]):
+        assert_close(stats[name], e, dtype, name=name)
+    for o, e, n in zip(og, eg, ("newlogprob", "newvalue")):
+        assert_close(o, e, dtype, name=f"grad {n}")
+
+
+def test_cleanrl_ppo_stats_are_cleanrls_not_the_core_ops():
+    # Same batch, same names, other definitions: the core op counts a clipped sample only where clipping changes
+    # the loss, and its approx_kl is k1; CleanRL's --target-kl early stop compares k3.
+    import rlkernels
+    from rlkernels.integrations import cleanrl
+
+    newlogprob, logprobs, adv, newvalue, values, returns = _cleanrl_minibatch(512, 4)
+    _, _, old_kl, k3, clipfrac = _cleanrl_ppo_losses(newlogprob, logprobs, adv, newvalue, values, returns, 0.2,
+                                                     False, True)
+    _, core = rlkernels.ppo_policy_loss(newlogprob, logprobs, adv, clip_low=0.2)
+    _, _, stats = cleanrl.ppo_loss(newlogprob, logprobs, adv, newvalue, values, returns, 0.2, norm_adv=False)
+    assert abs(float(core["clipfrac"]) - float(clipfrac)) > 0.1
+    assert abs(float(core["approx_kl"]) - float(k3)) > 1e-3
+    assert_close(core["approx_kl"], old_kl, F32)
+    assert_close(stats["clipfrac"], clipfrac, F32)
+    assert_close(stats["approx_kl"], k3, F32)
+
+
+def test_cleanrl_ppo_loss_errors_name_the_argument():
+    from rlkernels.integrations import cleanrl
+
+    newlogprob, logprobs, adv, newvalue, values, returns = _cleanrl_minibatch(16, 0)
+    cases = [
+        ("logprobs", {"logprobs": logprobs[:8]}),
+        ("newvalue", {"newvalue": newvalue[:8]}),
+        ("advantages", {"advantages": adv.long()}),
+        ("clip_coef", {"clip_coef": -0.1}),
+        ("newlogprob", {"newlogprob": newlogprob[None]}),
+    ]
+    for name, change in cases:
+        args = {"newlogprob": newlogprob, "logprobs": logprobs, "advantages": adv, "newvalue": newvalue,
+                "values": values, "returns": returns, "clip_coef": 0.2}
+        args.update(change)
+        with pytest.raises((TypeError, ValueError), match=name):
+            cleanrl.ppo_loss(**args)
 
 
 @pytest.mark.filterwarnings("ignore:Using a target size")  # B = 1: CleanRL's squeeze() leaves a 0-d old_val
@@ -702,3 +881,188 @@ def test_trl_errors_name_the_argument():
         selective_log_softmax(logits, torch.zeros(2, 3, dtype=torch.long), row_mask=torch.ones(2, 2))
     with pytest.raises(ValueError, match="temperature"):
         selective_log_softmax(logits, torch.zeros(2, 3, dtype=torch.long), temperature=0.0)
+
+
+# ====================================================================================================
+# The fused LM head: TRL's add_fused_lm_head, transformers' per-token log-probs, verl's linear_cross_entropy
+# ====================================================================================================
+
+
+def _tiny_causal_lm(kind, seed=0):
+    """A randomly initialized 2-layer causal LM built here (no downloads): Llama, or Gemma 2 (final logit
+    softcapping) or Cohere (logit_scale), so the head transforms are exercised."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    common = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2}
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    elif kind == "gemma2":
+        config = transformers.Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0)
+        model = transformers.Gemma2ForCausalLM(config)
+    else:
+        model = transformers.CohereForCausalLM(transformers.CohereConfig(**common, logit_scale=0.5))
+    # larger head weights than the default init, so the softcap and the scale matter
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(20.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "cohere"])
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy")])
+def test_trl_add_fused_lm_head_matches_trl(kind, outputs):
+    pytest.importorskip("trl")
+    from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+
+    from rlkernels.integrations.trl import add_fused_lm_head
+
+    theirs = _tiny_causal_lm(kind)
+    ours = copy.deepcopy(theirs)
+    trl_add_fused_lm_head(theirs, temperature=0.7, outputs=outputs)
+    add_fused_lm_head(ours, temperature=0.7, outputs=outputs)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 97, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[2, 7] = -100
+    exp = theirs(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    got = ours(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    assert type(got) is type(exp)
+    assert got.log_probs.shape == exp.log_probs.shape == (3, 10)
+    assert_close(got.log_probs, exp.log_probs, F32, name="log_probs")
+    assert torch.equal(got.label_mask, exp.label_mask)
+    assert_close(got.loss, exp.loss, F32, name="loss")
+    if "entropy" in outputs:
+        assert_close(got.entropy, exp.entropy, F32, name="entropy")
+        loss_e, loss_o = exp.loss - 0.1 * exp.entropy.sum(), got.loss - 0.1 * got.entropy.sum()
+    else:
+        assert got.entropy is None and exp.entropy is None
+        loss_e, loss_o = exp.loss, got.loss
+    loss_e.backward()
+    loss_o.backward()
+    for (name, p), q in zip(theirs.named_parameters(), ours.parameters()):
+        assert_close(q.grad, p.grad, F32, name=f"grad {name}")
+    # shift_labels (pre-shifted, as under context parallelism), num_items_in_batch
+    kw = {"input_ids": ids, "shift_labels": labels, "num_items_in_batch": 7, "fused_lm_head": True}
+    assert_close(ours(**kw).log_probs, theirs(**kw).log_probs, F32, name="shift_labels log_probs")
+    assert_close(ours(**kw).loss, theirs(**kw).loss, F32, name="num_items_in_batch loss")
+    # without fused_lm_head the model's own forward runs
+    assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, F32, name="logits")
+
+
+def test_trl_add_fused_lm_head_fp32_head_and_errors():
+    pytest.importorskip("trl")
+    from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head
+
+    from rlkernels.integrations.trl import add_fused_lm_head
+
+    theirs = _tiny_causal_lm("llama").to(torch.bfloat16)
+    ours = copy.deepcopy(theirs)
+    trl_add_fused_lm_head(theirs, cast_lm_head_to_fp32=True)
+    add_fused_lm_head(ours, cast_lm_head_to_fp32=True)
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(4))
+    exp = theirs(input_ids=ids, labels=ids, fused_lm_head=True)
+    got = ours(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert got.log_probs.dtype == torch.float32
+    assert_close(got.log_probs, exp.log_probs, F32, name="log_probs with an fp32 head")
+    with pytest.raises(ValueError, match="is_top1"):
+        add_fused_lm_head(copy.deepcopy(ours), outputs=("log_probs", "is_top1"))
+    with pytest.raises(ValueError, match="temperature"):
+        add_fused_lm_head(copy.deepcopy(ours), temperature=0.0)
+
+
+def _logits_path(model, ids, mask, logits_to_keep, temperature):
+    """What TRL's GRPO trainer does (_get_per_token_logps_and_entropies): full logits of the kept positions."""
+    K = ids.shape[1] - 1 if logits_to_keep is None else logits_to_keep
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=K + 1).logits[:, :-1, :]
+    logits = logits[:, -K:] / temperature if K else logits[:, :0]
+    logps = torch.log_softmax(logits.double(), -1)
+    logp = logps.gather(-1, ids[:, ids.shape[1] - K:, None]).squeeze(-1)
+    entropy = -(logps.exp() * logps).sum(-1)
+    return logp, entropy
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "cohere"])
+@pytest.mark.parametrize("logits_to_keep", [None, 5, 0])
+def test_transformers_token_logprobs_matches_logits_path(kind, logits_to_keep):
+    from rlkernels.integrations.transformers import token_logprobs
+
+    model = _tiny_causal_lm(kind, seed=1)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 97, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    logp, entropy = token_logprobs(model, ids, mask, logits_to_keep=logits_to_keep, temperature=0.8,
+                                   return_entropy=True)
+    want_logp, want_entropy = _logits_path(model, ids, mask, logits_to_keep, 0.8)
+    assert logp.shape == want_logp.shape and logp.dtype == F32
+    assert_close(logp, want_logp, F32, name="log-probs")
+    assert_close(entropy, want_entropy, F32, name="entropy")
+    if logits_to_keep == 0:
+        return
+    w = torch.randn(logp.shape, generator=g)
+    (logp * w).sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    (want_logp.float() * w).sum().backward()
+    for n, p in model.named_parameters():
+        assert_close(ours[n], p.grad, F32, name=f"grad {n}")
+    only = token_logprobs(model, ids, mask, logits_to_keep=logits_to_keep, temperature=0.8)
+    assert torch.equal(only.detach(), logp.detach())
+
+
+def test_transformers_token_logprobs_errors():
+    from rlkernels.integrations.transformers import token_logprobs
+
+    model = _tiny_causal_lm("llama")
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        token_logprobs(model, ids, logits_to_keep=5)
+    with pytest.raises(TypeError, match="logits_to_keep"):
+        token_logprobs(model, ids, logits_to_keep=2.0)
+    with pytest.raises(ValueError, match="input_ids"):
+        token_logprobs(model, ids[0])
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16])
+def test_verl_linear_cross_entropy_matches_formula(reduction, dtype):
+    from rlkernels.bench.trainers import verl_linear_cross_entropy as _verl_lce
+    from rlkernels.integrations.verl import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(8)
+    hidden = _randn((2, 13, 32), g, dtype)
+    # logits of order 1 for bf16: rlkernels rounds 16-bit logits to the inputs' dtype (as hidden @ weight.T does),
+    # verl's formula keeps them in float32, and the difference grows with |logits|
+    weight = _randn((151, 32), g, dtype, 0.5 if dtype == F32 else 0.1)
+    labels = torch.randint(0, 151, (2, 13), generator=g)
+    labels[0, :3] = -100
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, ent = linear_cross_entropy(h1, w1, labels, 0.6, reduction)
+    want_logp, want_ent = _verl_lce(h2, w2, labels, 0.6, reduction)
+    assert logp.shape == want_logp.shape and ent.shape == want_ent.shape == (26,)
+    tol = F32 if dtype == F32 else torch.bfloat16
+    assert_close(logp, want_logp, tol, name="logprobs")
+    assert_close(ent, want_ent, tol, name="entropy")
+    w = _randn(ent.shape, g)
+    (logp.sum() + (ent * w).sum()).backward()
+    (want_logp.sum() + (want_ent * w).sum()).backward()
+    assert_close(h1.grad, h2.grad, tol, name="grad hidden")
+    assert_close(w1.grad, w2.grad, tol, name="grad weight")
+
+
+def test_verl_linear_cross_entropy_errors():
+    from rlkernels.integrations.verl import linear_cross_entropy
+
+    hidden, weight, labels = torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="dist_process_group"):
+        linear_cross_entropy(hidden, weight, labels, dist_process_group=object())
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(hidden, weight, labels, reduction="avg")
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy(hidden, weight, labels[:3])
+    with pytest.raises(ValueError, match="weight"):
+        linear_cross_entropy(hidden, torch.zeros(10, 7), labels)

@@ -871,3 +871,466 @@ def test_more_than_2_to_31_logits(backend):
     logp.sum().backward()
     assert_close(x.grad[tail], y.grad, **GPU_GRAD_TOL[torch.bfloat16], name="d logits of the last rows")
     del logits, x
+
+
+# ----------------------------------------------------------------------------------------------------
+# linear_logprobs (docs/design.md §4.7): log-probs from hidden states through a linear head, chunked
+# ----------------------------------------------------------------------------------------------------
+
+LINEAR_OPS = ("linear_logprobs", "gather_logprobs")
+# Head configurations: (bias, logit_scale, softcap, temperature)
+HEADS = {
+    "plain": (False, 1.0, None, 1.0),
+    "bias": (True, 1.0, None, 0.7),
+    "gemma": (True, 0.5, 4.0, 1.3),
+}
+
+
+def linear_inputs(lead, H, V, dtype, *, bias=False, seed=0, device="cpu"):
+    hidden = randn((*lead, H), dtype, seed=seed, device=device)
+    weight = randn((V, H), dtype, seed=seed + 1, scale=2.0 / H**0.5, device=device)
+    b = randn((V,), dtype, seed=seed + 2, device=device) if bias else None
+    tokens = random_tokens(lead, V, seed=seed + 3, device=device)
+    return hidden, weight, b, tokens
+
+
+def linear_oracle(hidden, weight, tokens, bias=None, temperature=1.0, ignore_index=None, logit_scale=1.0,
+                  softcap=None):
+    """The unfused head in float64 torch: logits, then torch_oracle (differentiable)."""
+    z = hidden.double() @ weight.double().t()
+    if bias is not None:
+        z = z + bias.double()
+    z = logit_scale * z
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return torch_oracle(z, tokens, temperature, ignore_index)
+
+
+def linear_tol(dtype, H):
+    """16-bit logits carry the rounding of a 16-bit matmul output and of its inputs' products (no input rounding:
+    the oracle reads the same 16-bit values)."""
+    if dtype == torch.float64:
+        return {"atol": 1e-10, "rtol": 1e-10, "scale": 1.0}
+    if dtype == torch.float32:
+        return {"atol": 2e-5, "rtol": 1e-5, "scale": 1.0}
+    return {"atol": 6e-2, "rtol": 2e-2, "scale": 1.0}
+
+
+@pytest.mark.parametrize("backend", backends(*LINEAR_OPS))
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_linear_forward_matches_oracles(chunk_size, dtype, head, backend):
+    bias, logit_scale, softcap, temperature = HEADS[head]
+    hidden, weight, b, tokens = linear_inputs((2, 7), 16, 97, dtype, bias=bias, device=device_for(backend))
+    tokens[1, 2] = -100
+    kw = {"bias": b, "temperature": temperature, "ignore_index": -100, "logit_scale": logit_scale, "softcap": softcap}
+    logp, ent = rlkernels.linear_logprobs(hidden, weight, tokens, return_entropy=True, chunk_size=chunk_size,
+                                          backend=backend, **kw)
+    assert logp.shape == tokens.shape and ent.shape == tokens.shape
+    assert logp.dtype == acc_dtype(dtype) and ent.dtype == acc_dtype(dtype)
+    want_logp, want_ent = linear_oracle(hidden, weight, tokens, **kw)
+    tol = linear_tol(dtype, 16)
+    assert_close(logp, want_logp, **tol, name="logp")
+    assert_close(ent, want_ent, **tol, name="entropy")
+    assert logp[1, 2] == 0 and ent[1, 2] == 0
+    ref_logp, ref_ent = reference.linear_logprobs(hidden, weight, tokens, return_entropy=True, **kw)
+    assert_close(logp, ref_logp, **tol, name="logp against the NumPy reference")
+    assert_close(ent, ref_ent, **tol, name="entropy against the NumPy reference")
+    only = rlkernels.linear_logprobs(hidden, weight, tokens, chunk_size=chunk_size, backend=backend, **kw)
+    assert torch.equal(only, logp)
+
+
+@pytest.mark.parametrize("backend", backends(*LINEAR_OPS))
+@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("which", ["logp", "entropy", "both"])
+def test_linear_gradcheck(which, head, backend):
+    bias, logit_scale, softcap, temperature = HEADS[head]
+    hidden, weight, b, tokens = linear_inputs((5,), 6, 11, torch.float64, bias=bias, device=device_for(backend))
+    tokens[1] = -100
+    inputs = (hidden.requires_grad_(), weight.requires_grad_()) + ((b.requires_grad_(),) if bias else ())
+
+    def f(h, w, bb=None):
+        logp, ent = rlkernels.linear_logprobs(h, w, tokens, bias=bb, temperature=temperature, return_entropy=True,
+                                              ignore_index=-100, logit_scale=logit_scale, softcap=softcap,
+                                              chunk_size=2, backend=backend)
+        return {"logp": (logp,), "entropy": (ent,), "both": (logp, ent)}[which]
+
+    assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("backend", backends(*LINEAR_OPS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head", list(HEADS))
+def test_linear_backward_matches_torch(head, dtype, backend):
+    bias, logit_scale, softcap, temperature = HEADS[head]
+    H, V = 24, 131
+    hidden, weight, b, tokens = linear_inputs((3, 6), H, V, dtype, bias=bias, seed=5, device=device_for(backend))
+    tokens[0, 0] = -100
+    kw = {"temperature": temperature, "ignore_index": -100, "logit_scale": logit_scale, "softcap": softcap}
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    if bias:
+        leaves.append(b.clone().requires_grad_())
+    g = torch.Generator().manual_seed(9)
+    g_logp = torch.randn(tokens.shape, generator=g, dtype=torch.float64)
+    g_ent = torch.randn(tokens.shape, generator=g, dtype=torch.float64)
+    logp, ent = rlkernels.linear_logprobs(*leaves[:2], tokens, bias=leaves[2] if bias else None, return_entropy=True,
+                                          chunk_size=4, backend=backend, **kw)
+    (logp * g_logp.to(logp) + ent * g_ent.to(ent)).sum().backward()
+    ref = [x.detach().double().cpu().requires_grad_() for x in leaves]
+    wl, we = linear_oracle(ref[0], ref[1], tokens.cpu(), bias=ref[2] if bias else None, **kw)
+    (wl * g_logp + we * g_ent).sum().backward()
+    for name, got, want in zip(("hidden", "weight", "bias"), leaves, ref):
+        assert got.grad.dtype == dtype
+        size = float(want.grad.abs().max())
+        tol = {"atol": 1e-10 * size, "rtol": 1e-10} if dtype == torch.float64 else (
+            {"atol": 2e-5 * size, "rtol": 1e-4} if dtype == torch.float32 else {"atol": 3e-2 * size, "rtol": 3e-2})
+        assert_close(got.grad, want.grad, **tol, scale=1.0, name=f"d {name}")
+    assert torch.all(leaves[0].grad[0, 0] == 0)  # the ignored row
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_grad_weight_accumulates_in_float32(dtype):
+    """Many small chunks of one sign: a 16-bit running sum would stall (each chunk's product falls below half an
+    ulp of the sum), a float32 one stays within the final rounding."""
+    N, H, V = 512, 4, 3
+    hidden = torch.full((N, H), 0.25, dtype=dtype) + randn((N, H), dtype, scale=0.01, seed=2)
+    weight = randn((V, H), dtype, scale=0.1, seed=3)
+    tokens = torch.zeros(N, dtype=torch.long)
+    w = weight.clone().requires_grad_()
+    rlkernels.linear_logprobs(hidden, w, tokens, chunk_size=1).sum().backward()
+    ref = weight.double().requires_grad_()
+    linear_oracle(hidden, ref, tokens)[0].sum().backward()
+    # one 16-bit rounding of the result, plus the per-chunk roundings of the products' float32 sum
+    assert_close(w.grad, ref.grad, atol=0.0, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -9)
+    # The probe: the same products summed in the 16-bit dtype miss by far more.
+    p = torch.softmax((hidden.double() @ weight.double().t()), -1)
+    contrib = ((torch.nn.functional.one_hot(tokens, V) - p)[:, :, None] * hidden.double()[:, None, :]).to(dtype)
+    running = torch.zeros((V, H), dtype=dtype)
+    for row in contrib:
+        running += row
+    assert not torch.allclose(running.double(), ref.grad, atol=0.0, rtol=2 ** -7 if dtype == torch.bfloat16
+                              else 2 ** -9)
+
+
+@pytest.mark.parametrize("backend", backends(*LINEAR_OPS))
+def test_linear_chunking_and_ignored_rows(backend):
+    device = device_for(backend)
+    hidden, weight, b, tokens = linear_inputs((20,), 8, 50, torch.float64, bias=True, seed=11, device=device)
+    tokens[::3] = -1
+    outs = []
+    for chunk in (1, 7, 20, 1000):
+        h, w, bb = (x.clone().requires_grad_() for x in (hidden, weight, b))
+        logp, ent = rlkernels.linear_logprobs(h, w, tokens, bias=bb, return_entropy=True, ignore_index=-1,
+                                              chunk_size=chunk, backend=backend)
+        (logp.sum() + ent.sum()).backward()
+        outs.append((logp, ent, h.grad, w.grad, bb.grad))
+        assert torch.all(logp[::3] == 0) and torch.all(ent[::3] == 0) and torch.all(h.grad[::3] == 0)
+    for other in outs[1:]:
+        for a, c in zip(outs[0], other):
+            assert_close(a, c, atol=1e-12, rtol=1e-12, scale=1.0)
+    # every row ignored: zeros, and zero gradients
+    h = hidden.clone().requires_grad_()
+    logp = rlkernels.linear_logprobs(h, weight, torch.full_like(tokens, -1), ignore_index=-1, backend=backend)
+    logp.sum().backward()
+    assert torch.all(logp == 0) and torch.all(h.grad == 0)
+
+
+def test_linear_leading_dims_strides_token_dtypes_and_promotion():
+    hidden, weight, b, tokens = linear_inputs((3, 4), 10, 33, torch.float32, bias=True, seed=21)
+    want = rlkernels.linear_logprobs(hidden, weight, tokens, bias=b)
+    # a transposed hidden, a transposed (non-contiguous) weight, int32 tokens
+    got = rlkernels.linear_logprobs(hidden.transpose(0, 1).contiguous().transpose(0, 1), weight.t().contiguous().t(),
+                                    tokens.to(torch.int32), bias=b)
+    assert_close(got, want, atol=1e-6, rtol=1e-6, scale=1.0)
+    # bf16 hidden with a float32 head is computed in float32, gradients in each input's dtype
+    h16 = hidden.to(torch.bfloat16).requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = rlkernels.linear_logprobs(h16, w, tokens, bias=b)
+    assert out.dtype == torch.float32
+    assert_close(out, rlkernels.linear_logprobs(h16.detach().float(), weight, tokens, bias=b), atol=0, rtol=0)
+    out.sum().backward()
+    assert h16.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+
+
+def test_linear_empty_and_meta():
+    hidden, weight, _, tokens = linear_inputs((0, 3), 5, 9, torch.float32)
+    h = hidden.clone().requires_grad_()
+    logp, ent = rlkernels.linear_logprobs(h, weight, tokens, return_entropy=True)
+    assert logp.shape == (0, 3) and ent.shape == (0, 3)
+    logp.sum().backward()
+    assert h.grad.shape == hidden.shape
+    meta = rlkernels.linear_logprobs(torch.empty(4, 6, 5, device="meta"), torch.empty(9, 5, device="meta"),
+                                     torch.empty(4, 6, dtype=torch.long, device="meta"), return_entropy=True)
+    assert meta[0].shape == (4, 6) and meta[0].device.type == "meta"
+
+
+def test_linear_forward_allocates_no_logits_sized_tensor():
+    N, H, V = 256, 32, 4000
+    hidden, weight, _, tokens = linear_inputs((N,), H, V, torch.float32, seed=31)
+    logits_bytes = N * V * 4
+    # The probe sees the eager baseline's logits, so it can fail.
+    assert _largest_allocation(lambda: torch.log_softmax(hidden @ weight.t(), -1)) >= logits_bytes
+    largest = _largest_allocation(lambda: rlkernels.linear_logprobs(hidden, weight, tokens, chunk_size=16,
+                                                                    return_entropy=True))
+    assert 0 < largest <= 16 * V * 4  # one chunk of logits
+
+
+def test_linear_default_tiles_are_flat_in_n():
+    from rlkernels._ops.logprobs import default_tiles
+
+    for device in ("cpu", "cuda"):
+        for V in (1000, 32000, 151936):
+            for dtype in (torch.float32, torch.bfloat16):
+                tiles = [default_tiles(n, V, dtype, device) for n in (16384, 1 << 16, 1 << 20)]
+                assert tiles[0] == tiles[1] == tiles[2], tiles
+                rows, cols = tiles[0]
+                assert 1 <= cols <= V and rows * cols * dtype.itemsize <= (512 << 20)
+    assert default_tiles(3, 32000, torch.float32, "cpu") == (3, 32000)
+    assert default_tiles(2048, 32000, torch.float32, "cpu") == (2048, 4096)
+
+
+def test_linear_opcheck():
+    hidden, weight, b, tokens = linear_inputs((6,), 8, 37, torch.float32, bias=True, seed=41)
+    tokens[2] = -1
+    for bias in (None, b):
+        for softcap in (None, 3.0):
+            for tile in (37, 16):
+                args = (hidden.requires_grad_(), weight.requires_grad_(), tokens, bias, 0.9, True, -1, 0.7, softcap,
+                        4, tile)
+                torch.library.opcheck(torch.ops.rlkernels.linear_logprobs.default, args)
+    hidden, weight = hidden.detach(), weight.detach()
+    _, ent, lse = torch.ops.rlkernels.linear_logprobs(hidden, weight, tokens, b, 0.9, True, -1, 0.7, 3.0, 4, 37)
+    g = torch.randn(6)
+    for grads in ((g, g.flip(0)), (g, None), (None, g)):
+        for tile in (37, 16):
+            torch.library.opcheck(torch.ops.rlkernels.linear_logprobs_backward.default,
+                                  (*grads, hidden, weight, tokens, b, lse, ent, 0.9, -1, 0.7, 3.0, 4, tile,
+                                   True, True, True))
+
+
+def test_linear_torch_compile_fullgraph():
+    hidden, weight, b, tokens = linear_inputs((2, 5), 8, 50, torch.float32, bias=True, seed=51)
+
+    def loss_fn(h, w, bb):
+        logp, ent = rlkernels.linear_logprobs(h, w, tokens, bias=bb, temperature=0.7, return_entropy=True,
+                                              ignore_index=0, softcap=5.0)
+        return (logp - 0.1 * ent).sum()
+
+    eager = [x.clone().requires_grad_() for x in (hidden, weight, b)]
+    want = loss_fn(*eager)
+    want.backward()
+    comp = [x.clone().requires_grad_() for x in (hidden, weight, b)]
+    got = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(*comp)
+    got.backward()
+    assert_close(got, want, atol=1e-6, rtol=1e-6, scale=1.0)
+    for a, c in zip(comp, eager):
+        assert_close(a.grad, c.grad, atol=1e-6, rtol=1e-6, scale=1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"weight": torch.zeros(10, 5)}, ValueError, "weight must have shape"),
+        ({"weight": torch.zeros(10)}, ValueError, "weight"),
+        ({"hidden": torch.tensor(1.0)}, ValueError, "hidden"),
+        ({"hidden": torch.zeros(2, 4, dtype=torch.long)}, TypeError, "hidden"),
+        ({"weight": torch.zeros(10, 4, dtype=torch.int32)}, TypeError, "weight"),
+        ({"bias": torch.zeros(9)}, ValueError, "bias"),
+        ({"bias": torch.zeros(10, dtype=torch.long)}, TypeError, "bias"),
+        ({"tokens": torch.tensor([0, 10])}, ValueError, r"tokens must be in \[0, 10\).*got 10"),
+        ({"tokens": torch.tensor([0, -100]), "ignore_index": -99}, ValueError, "tokens"),
+        ({"tokens": torch.tensor([0.0, 1.0])}, TypeError, "tokens"),
+        ({"tokens": torch.tensor([0, 1, 2])}, ValueError, "tokens must have shape"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"logit_scale": float("inf")}, ValueError, "logit_scale"),
+        ({"logit_scale": "2"}, TypeError, "logit_scale"),
+        ({"softcap": 0.0}, ValueError, "softcap"),
+        ({"softcap": float("inf")}, ValueError, "softcap"),
+        ({"chunk_size": 0}, ValueError, "chunk_size"),
+        ({"chunk_size": 2.0}, TypeError, "chunk_size"),
+        ({"chunk_size": True}, TypeError, "chunk_size"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index"),
+        ({"backend": "cuda"}, RuntimeError, "cuda"),
+    ],
+)
+def test_linear_bad_inputs(kwargs, error, match):
+    args = {"hidden": torch.zeros(2, 4), "weight": torch.zeros(10, 4), "tokens": torch.tensor([0, 1])}
+    args.update(kwargs)
+    hidden, weight, tokens = args.pop("hidden"), args.pop("weight"), args.pop("tokens")
+    with pytest.raises(error, match=match):
+        rlkernels.linear_logprobs(hidden, weight, tokens, **args)
+
+
+def test_linear_reference_backend():
+    hidden, weight, b, tokens = linear_inputs((3, 4), 8, 40, torch.float32, bias=True, seed=61)
+    kw = {"bias": b, "return_entropy": True, "logit_scale": 1.5, "softcap": 6.0, "temperature": 0.9}
+    got = rlkernels.linear_logprobs(hidden, weight, tokens, backend="reference", **kw)
+    want = rlkernels.linear_logprobs(hidden, weight, tokens, **kw)
+    for a, c in zip(got, want):
+        assert a.dtype == torch.float32
+        assert_close(a, c, atol=2e-5, rtol=1e-5, scale=1.0)
+
+
+@given(
+    N=st.integers(0, 12),
+    H=st.integers(1, 40),
+    V=st.integers(1, 300),
+    dtype=st.sampled_from(DTYPES),
+    temperature=st.sampled_from([1.0, 0.4, 3.0]),
+    scale=st.sampled_from([0.1, 1.0, 8.0]),
+    head=st.sampled_from(list(HEADS)),
+    chunk=st.sampled_from([None, 1, 5]),
+    ignore=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_property_forward_backward(N, H, V, dtype, temperature, scale, head, chunk, ignore, seed):
+    bias, logit_scale, softcap, _ = HEADS[head]
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(N, H, generator=g, dtype=torch.float64) * scale).to(dtype)
+    weight = (torch.randn(V, H, generator=g, dtype=torch.float64) / max(1, H) ** 0.5).to(dtype)
+    b = torch.randn(V, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    tokens = torch.randint(0, V, (N,), generator=g)
+    if ignore and N:
+        tokens[torch.rand(N, generator=g) < 0.3] = -100
+    kw = {"bias": b, "temperature": temperature, "ignore_index": -100 if ignore else None, "logit_scale": logit_scale,
+              "softcap": softcap}
+    leaves = [hidden.clone().requires_grad_(), weight.clone().requires_grad_()]
+    logp, ent = rlkernels.linear_logprobs(*leaves, tokens, return_entropy=True, chunk_size=chunk, **kw)
+    want_logp, want_ent = linear_oracle(hidden, weight, tokens, **kw)
+    # the logits' size sets the absolute error of 16-bit logits (rounded like the matmul output)
+    zsize = 1.0
+    if N and V:
+        zsize = max(1.0, float((hidden.double() @ weight.double().t()).abs().max()) * abs(logit_scale) / temperature)
+    tol = linear_tol(dtype, H)
+    assert_close(logp, want_logp, atol=tol["atol"] * zsize, rtol=tol["rtol"], scale=1.0)
+    assert_close(ent, want_ent, atol=tol["atol"] * zsize, rtol=tol["rtol"], scale=1.0)
+    g_logp = torch.randn(N, generator=g, dtype=torch.float64)
+    g_ent = torch.randn(N, generator=g, dtype=torch.float64)
+    (logp * g_logp.to(logp) + ent * g_ent.to(ent)).sum().backward()
+    ref = [hidden.double().requires_grad_(), weight.double().requires_grad_()]
+    wl, we = linear_oracle(*ref, tokens, **kw)
+    (wl * g_logp + we * g_ent).sum().backward()
+    for name, got, want in zip(("hidden", "weight"), leaves, ref):
+        assert got.grad.dtype == dtype
+        size = max(1e-3, float(want.grad.abs().max()) if want.grad.numel() else 1.0)
+        rel = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 6e-2) * zsize
+        assert_close(got.grad, want.grad, atol=rel * size, rtol=rel, scale=1.0, name=f"d {name}")
+
+
+@pytest.mark.parametrize("backend", gpu_backends(*LINEAR_OPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_gpu_matches_cpu(dtype, backend):
+    N, H, V = 1100, 256, 32000
+    hidden, weight, b, tokens = linear_inputs((N,), H, V, dtype, bias=True, seed=71)
+    tokens[::5] = -100
+    kw = {"bias": b, "temperature": 0.8, "ignore_index": -100, "logit_scale": 0.9, "softcap": 20.0,
+          "return_entropy": True}
+    leaves = [x.to(DEVICE).requires_grad_() for x in (hidden, weight)]
+    logp, ent = rlkernels.linear_logprobs(*leaves, tokens.to(DEVICE), backend=backend, chunk_size=512,
+                                          **{**kw, "bias": b.to(DEVICE)})
+    (logp.sum() + 0.1 * ent.sum()).backward()
+    cpu = [x.clone().requires_grad_() for x in (hidden, weight)]
+    want_logp, want_ent = rlkernels.linear_logprobs(*cpu, tokens, **kw)
+    (want_logp.sum() + 0.1 * want_ent.sum()).backward()
+    tol = {"atol": 1e-3, "rtol": 1e-4, "scale": 1.0} if dtype == torch.float32 else {"atol": 0.1, "rtol": 3e-2,
+                                                                                     "scale": 1.0}
+    assert_close(logp, want_logp, **tol, device="cuda", name="logp")
+    assert_close(ent, want_ent, **tol, device="cuda", name="entropy")
+    for name, got, want in zip(("hidden", "weight"), leaves, cpu):
+        size = float(want.grad.abs().max())
+        assert_close(got.grad, want.grad, atol=3e-2 * size, rtol=3e-2, scale=1.0, name=f"d {name}")
+
+
+@pytest.mark.parametrize("backend", gpu_backends(*LINEAR_OPS))
+def test_linear_gpu_memory_is_flat_in_n(backend):
+    H, V = 1024, 151936
+    weight = randn((V, H), torch.bfloat16, seed=81, scale=0.03).to(DEVICE)
+    peaks = []
+    for N in (4096, 16384):
+        hidden = randn((N, H), torch.bfloat16, seed=82).to(DEVICE).requires_grad_()
+        tokens = random_tokens((N,), V, seed=83).to(DEVICE)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        logp = rlkernels.linear_logprobs(hidden, weight, tokens, chunk_size=1024, backend=backend)
+        logp.sum().backward()
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - before)
+        del hidden, logp
+    chunk = 1024 * V * 2
+    # one chunk of logits, the float32 grad_weight and its 16-bit copy, grad_hidden: far below [N, V]
+    assert peaks[1] - peaks[0] < 16384 * H * 8
+    assert peaks[1] < 2 * chunk + V * H * 8 + 16384 * H * 4
+
+
+@pytest.mark.parametrize("backend", backends(*LINEAR_OPS, cpu_tensors=True, include=("cpu", "triton")))
+@pytest.mark.parametrize("keep_ignored_rows", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_linear_vocabulary_tiles(dtype, keep_ignored_rows, backend, monkeypatch):
+    """The default tiles over part of the vocabulary (several tiles and row chunks, a ragged last tile), merged as
+    shards in the forward and summed in the backward; with keep_ignored_rows, ignored rows go through the tiles
+    as on a GPU."""
+    from rlkernels._ops import logprobs as ops
+
+    monkeypatch.setattr(ops, "_CHUNK_BYTES", {"cpu": 4 * 40 * dtype.itemsize, "cuda": 1 << 20})
+    monkeypatch.setattr(ops, "_TILE_ROWS", {"cpu": 4, "cuda": 4})
+    monkeypatch.setattr(ops, "_MIN_VOCAB_TILE", 1)
+    monkeypatch.setattr(ops, "_VOCAB_ALIGN", 1)
+    if keep_ignored_rows:
+        monkeypatch.setattr(ops, "_kept_rows", lambda tokens, ignore_index: None)
+    rows, cols = ops.default_tiles(10, 97, dtype, "cpu")
+    assert (rows, cols) == (4, 40)  # three row chunks of three tiles, the last ones ragged
+    hidden, weight, b, tokens = linear_inputs((10,), 12, 97, dtype, bias=True, seed=91)
+    tokens[[1, 6]] = -100
+    tokens[2], tokens[3] = 0, 96  # the first and the last column
+    kw = {"bias": b, "temperature": 0.9, "ignore_index": -100, "logit_scale": 0.8, "softcap": 5.0}
+    ops_tiles = []
+    real_fold = ops._fold_tiles
+
+    def counting_fold(*args):
+        ops_tiles.append(1)
+        return real_fold(*args)
+
+    monkeypatch.setattr(ops, "_fold_tiles", counting_fold)
+    h, w, bb = hidden.clone().requires_grad_(), weight.clone().requires_grad_(), b.clone().requires_grad_()
+    logp, ent = rlkernels.linear_logprobs(h, w, tokens, return_entropy=True, backend=backend,
+                                          **{**kw, "bias": bb})
+    assert ops_tiles, f"the forward took one tile per row ({rows} x {cols})"
+    want_logp, want_ent = linear_oracle(hidden, weight, tokens, **kw)
+    tol = linear_tol(dtype, 12)
+    assert_close(logp, want_logp, **tol, name="logp")
+    assert_close(ent, want_ent, **tol, name="entropy")
+    assert logp[1] == 0 and ent[6] == 0
+    g = torch.Generator().manual_seed(92)
+    g_logp, g_ent = torch.randn(10, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    (logp * g_logp.to(logp) + ent * g_ent.to(ent)).sum().backward()
+    ref = [x.double().requires_grad_() for x in (hidden, weight, b)]
+    wl, we = linear_oracle(ref[0], ref[1], tokens, **{**kw, "bias": ref[2]})
+    (wl * g_logp + we * g_ent).sum().backward()
+    rel = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 6e-2)
+    for name, got, want in zip(("hidden", "weight", "bias"), (h, w, bb), ref):
+        size = float(want.grad.abs().max())
+        assert_close(got.grad, want.grad, atol=rel * size, rtol=rel, scale=1.0, name=f"d {name}")
+
+
+@pytest.mark.parametrize("backend", backends(*LINEAR_OPS, cpu_tensors=True, include=("triton",)))
+def test_linear_out_of_range_tokens_give_nan_in_vocabulary_tiles(backend, monkeypatch):
+    """Off the CPU backend a token id outside [0, V) gives NaN for its row (no host check), whether one tile
+    spans V (the gather_logprobs kernel's NaN) or several do (no tile holds it)."""
+    from rlkernels._ops import logprobs as ops
+
+    hidden, weight, _, tokens = linear_inputs((6,), 8, 50, torch.float32, seed=95)
+    tokens[1], tokens[4] = 50, -3
+    for tiles in (False, True):
+        if tiles:
+            monkeypatch.setattr(ops, "_CHUNK_BYTES", {"cpu": 6 * 16 * 4, "cuda": 1 << 20})
+            monkeypatch.setattr(ops, "_MIN_VOCAB_TILE", 1)
+            monkeypatch.setattr(ops, "_VOCAB_ALIGN", 1)
+            assert ops.default_tiles(6, 50, torch.float32, "cpu") == (6, 16)
+        logp, ent = rlkernels.linear_logprobs(hidden, weight, tokens, return_entropy=True, backend=backend)
+        bad = torch.zeros(6, dtype=torch.bool)
+        bad[[1, 4]] = True
+        assert torch.isnan(logp[bad]).all() and torch.isfinite(logp[~bad]).all(), tiles
+        assert torch.isnan(ent[1]) and torch.isfinite(ent[~bad]).all(), tiles

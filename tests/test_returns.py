@@ -1656,16 +1656,18 @@ def test_time_first_fast_path_bad_bootstrap_still_named():
 
 
 def _rows_inputs(B, T, seed, p_term, has_next):
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(B, T, generator=g)
-    v = torch.randn(B, T, generator=g)
-    kw = {"terminated": torch.rand(B, T, generator=g) < p_term}
+    """float32 [B, T] GAE inputs from conftest.make_inputs: terminated at rate p_term, and either next_values
+    with truncated (rate p_term) or a bootstrap value per sequence."""
+    x = make_inputs("gae", (B, T), dtype=torch.float32, time_dim=1, seed=seed, terminated=p_term,
+                    truncated=p_term if has_next else 0.0, next_values=has_next,
+                    bootstrap="none" if has_next else "tensor").tensors
+    none = torch.zeros(B, T, dtype=torch.bool)
+    kw = {"terminated": x.get("terminated", none)}
     if has_next:
-        kw["next_values"] = torch.randn(B, T, generator=g)
-        kw["truncated"] = torch.rand(B, T, generator=g) < p_term
+        kw.update(next_values=x["next_values"], truncated=x.get("truncated", none))
     else:
-        kw["bootstrap_value"] = torch.randn(B, generator=g)
-    return r, v, kw
+        kw["bootstrap_value"] = x["bootstrap_value"]
+    return x["rewards"], x["values"], kw
 
 
 def _rows_layout(x, layout):
@@ -1882,41 +1884,38 @@ def test_triton_regime_heuristic(backend):
 
 
 class Case:
-    """Random inputs of one layout, kept in float64 and cast per test."""
+    """Inputs of one layout with every optional tensor, from conftest.make_inputs; float64, cast per test."""
 
     def __init__(self, layout, seed, steps=STEPS, batch=BATCH):
-        g = torch.Generator().manual_seed(seed)
         self.layout = layout
         self.cu_seqlens = None
         self.time_dim = 0
+        shape, packed = None, None
         if layout == "time_major":
-            shape, seq_shape = (steps, batch), (batch,)
+            shape = (steps, batch)
         elif layout == "batch_major":
-            shape, seq_shape = (batch, steps), (batch,)
-            self.time_dim = -1
+            shape, self.time_dim = (batch, steps), -1
         elif layout == "middle":  # [O, T, I] with O and I both > 1
-            shape, seq_shape = (2, steps, 3), (2, 3)
-            self.time_dim = 1
+            shape, self.time_dim = (2, steps, 3), 1
         elif layout == "packed":
-            cu = torch.tensor((0,) + tuple(itertools.accumulate(PACKED_LENGTHS)), dtype=torch.int32)
-            shape, seq_shape = (int(cu[-1]),), (len(PACKED_LENGTHS),)
-            self.cu_seqlens = cu
+            packed = list(PACKED_LENGTHS)
         else:
             raise ValueError(layout)
-
-        def randn(*s):
-            return torch.randn(*s, generator=g, dtype=torch.float64)
-
-        def flags(p):
-            return torch.rand(shape, generator=g) < p
-
-        self.rewards, self.values, self.next_values = randn(*shape), randn(*shape), randn(*shape)
-        self.log_rhos = 0.7 * randn(*shape)  # both sides of every clip
-        self.a = torch.rand(shape, generator=g, dtype=torch.float64)
-        self.bootstrap_value = randn(*seq_shape)
-        self.initial = randn(*seq_shape)
-        self.terminated, self.truncated, self.mask = flags(0.15), flags(0.15), flags(0.75)
-        self.weights = (randn(*shape), randn(*shape))  # a loss mixing every output, for gradients
+        geometry = {"cu_seqlens": packed, "cu_dtype": torch.int32} if packed else {"time_dim": self.time_dim}
+        # Both sides of every clip (log_rhos of spread 0.7); 15% terminated and truncated, 25% masked.
+        sample = make_inputs("vtrace", shape, terminated=0.15, truncated=0.15, mask=0.25, bootstrap="tensor",
+                             seed=seed, **geometry)
+        x = sample.tensors
+        scan = make_inputs("linear_scan", shape, initial="tensor", seed=seed + 1, **geometry).tensors
+        self.cu_seqlens = sample.scalars.get("cu_seqlens")
+        for name in ("rewards", "values", "next_values", "log_rhos", "bootstrap_value", "terminated", "truncated",
+                     "mask"):
+            setattr(self, name, x[name])
+        self.a = scan["a"].abs()  # decays in [0, 1)
+        self.initial = scan["initial"]
+        g = torch.Generator().manual_seed(seed + 2)
+        # A loss mixing every output, for gradients.
+        self.weights = tuple(torch.randn(self.rewards.shape, generator=g, dtype=torch.float64) for _ in range(2))
 
     def floats(self, dtype, requires_grad=False):
         names = ("rewards", "values", "next_values", "log_rhos", "a", "bootstrap_value", "initial")
@@ -2417,38 +2416,25 @@ def _seed(*key) -> int:
 
 
 def gpu_inputs(case, dtype, flags, seed=0, cases=CASES):
-    """Inputs of every estimator on CPU: rewards, values, log_rhos and the optional tensors in `flags`."""
-    g = torch.Generator().manual_seed(seed)
+    """Inputs of every estimator on CPU, from conftest.make_inputs: rewards, values, log_rhos and the optional
+    tensors in `flags` (5% terminated, 3% truncated, 20% masked), with the case's geometry."""
     spec = cases[case]
     if callable(spec):
-        lengths = spec(g)
-        shape, time_dim = (sum(lengths),), 0
-        cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
-        seq_shape = (len(lengths),)
+        geometry = {"shape": None, "cu_seqlens": list(spec(torch.Generator().manual_seed(seed))),
+                    "cu_dtype": torch.int32}
     else:
-        shape, time_dim = spec
-        cu = None
-        td = time_dim % len(shape)
-        seq_shape = shape[:td] + shape[td + 1 :]
-
-    def floats(scale=1.0):
-        return (scale * torch.randn(shape, generator=g)).to(dtype)
-
-    def flag(p):
-        return torch.rand(shape, generator=g) < p
-
-    return {
-        "rewards": floats(),
-        "values": floats(),
-        "log_rhos": floats(0.5),
-        "next_values": floats() if "next_values" in flags else None,
-        "bootstrap_value": torch.randn(seq_shape, generator=g).to(dtype) if "bootstrap_value" in flags else None,
-        "terminated": flag(0.05) if "terminated" in flags else None,
-        "truncated": flag(0.03) if "truncated" in flags else None,
-        "mask": flag(0.8) if "mask" in flags else None,
-        "cu_seqlens": cu,
-        "time_dim": time_dim,
-    }
+        geometry = {"shape": spec[0], "time_dim": spec[1]}
+    sample = make_inputs(
+        "vtrace", dtype=dtype, seed=seed, next_values="next_values" in flags,
+        terminated=0.05 if "terminated" in flags else 0.0, truncated=0.03 if "truncated" in flags else 0.0,
+        mask=0.2 if "mask" in flags else 0.0, bootstrap="tensor" if "bootstrap_value" in flags else "none",
+        **geometry,
+    )
+    x = {name: sample.tensors.get(name) for name in ("rewards", "values", "log_rhos", "next_values",
+                                                      "bootstrap_value", "terminated", "truncated", "mask")}
+    x["cu_seqlens"] = sample.scalars.get("cu_seqlens")
+    x["time_dim"] = sample.scalars.get("time_dim", 0)
+    return x
 
 
 def resample(x, seed):

@@ -48,7 +48,7 @@ except ImportError:  # pragma: no cover  (rich comes with the bench extra)
     Console = None
 
 CSV_FIELDS = ["device", "commit", "date", "op", "shape", "series", "numel", "dtype", "cache", "provider"]
-CSV_FIELDS += ["median_s", "q20_s", "q80_s", "runs", "gbps", "pct_copy_bw", "speedup_vs", "note"]
+CSV_FIELDS += ["median_s", "q20_s", "q80_s", "runs", "gbps", "pct_copy_bw", "speedup_vs", "peak_mib", "note"]
 DEFAULT_RESULTS = Path("rlkernels-bench-results")
 
 
@@ -73,7 +73,7 @@ def display_rows(results: list[dict]) -> list[list[str]]:
             if r["pct_copy_bw"]
             else dash,
             f"{r['speedup_vs']:.2f}×" if r["speedup_vs"] else dash,
-            r["note"],
+            " ".join(filter(None, [f"peak {r['peak_mib']:.4g} MiB" if r.get("peak_mib") is not None else "", r["note"]])),
         ]
         for r in results
     ]
@@ -219,7 +219,7 @@ def main(argv=None, *, prog: str | None = None) -> int:
             for case, cache, rows in groups:
                 series = case.series if args.sizes else ""
                 results += engine.finish_rows(rows, engine.case_bytes(case), copy_gbps, meta, cache=cache,
-                                              series=series, numel=case.numel)
+                                              series=series, numel=case.numel, dtype=case.dtype)
             if csv_path:  # rewritten after each shape: a run stopped early keeps what it measured
                 write_csv(csv_path, results)
             progress.advance(task)

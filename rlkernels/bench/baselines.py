@@ -284,6 +284,105 @@ def logprobs_backward_providers(leaf, tokens) -> list[Provider]:
     ]
 
 
+def torch_head_logprobs(hidden, weight, tokens):
+    """The unfused LM head: logits, log_softmax in float32, gather, and the entropy (verl's entropy_from_logits
+    form on the log-softmax)."""
+    logp_all = torch.log_softmax((hidden @ weight.t()).float(), -1)
+    logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
+
+
+def head_forward_backward(fn, hidden, weight):
+    """A call that runs ``fn(hidden, weight)`` -> (logp, entropy) and the backward of logp.sum() + entropy.sum();
+    returns (logp, entropy, d hidden, d weight)."""
+
+    def call():
+        hidden.grad = weight.grad = None
+        logp, entropy = fn(hidden, weight)[:2]
+        (logp.sum() + entropy.sum()).backward()
+        return logp.detach(), entropy.detach(), hidden.grad, weight.grad
+
+    return call
+
+
+def _eager_fits(n, vocab, dtype, device, tensors_of_logits) -> str:
+    """'' when the unfused head's logits-sized tensors (the logits, then ``tensors_of_logits`` float32 ones, counted
+    with a margin) fit on the GPU, else the note of its skipped row."""
+    if device != "cuda":
+        return ""
+    need = n * vocab * (dtype.itemsize + 4 * tensors_of_logits)
+    free, _ = torch.cuda.mem_get_info()
+    if need < 0.9 * free:
+        return ""
+    return f"out of memory: needs about {need / 2**30:.0f} GiB of logits-sized tensors, {free / 2**30:.0f} GiB free"
+
+
+def torch_head_logprobs_checkpointed(hidden, weight, tokens, rows=4096):
+    """The unfused head over row chunks, each under torch.utils.checkpoint (recomputed in the backward): what a
+    user does when the whole logits do not fit."""
+    from torch.utils.checkpoint import checkpoint
+
+    outs = [checkpoint(torch_head_logprobs, hidden[i:i + rows], weight, tokens[i:i + rows], use_reentrant=False)
+            for i in range(0, hidden.shape[0], rows)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+CHECKPOINTED = "torch matmul+log_softmax+gather+entropy, 4096-row chunks, checkpointed"
+
+
+def _trl_chunked(hidden, weight, tokens):
+    from trl.kernels import ChunkedLogProbFunction
+
+    # TRL's add_fused_lm_head passes a vocabulary tile of 32768 (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+    return ChunkedLogProbFunction.apply(hidden, weight, None, tokens, 1.0, 32768, None, 1.0, ("entropy",))[:2]
+
+
+def linear_logprobs_providers(hidden, weight, tokens, device) -> list[Provider]:
+    """The unfused head (eager and compiled), TRL's chunked head, and the forward's one matmul alone (the floor,
+    not comparable). The first that runs is the reference."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    oom = _eager_fits(n, vocab, hidden.dtype, device, 6)
+    eager = Provider("torch matmul+log_softmax+gather+entropy", None if oom else
+                     (lambda: torch_head_logprobs(hidden, weight, tokens)), note=oom, comparable=not oom,
+                     compile="" if oom else "inline")
+    trl_note = missing("trl")
+    trl = Provider("trl ChunkedLogProbFunction", None if trl_note else (lambda: _trl_chunked(hidden, weight, tokens)),
+                   note=trl_note or "", comparable=not trl_note)
+    matmul = Provider("matmul alone (hidden @ weight.T)", lambda: hidden @ weight.t(), comparable=False,
+                      note="the forward's one matmul: the floor, not the same output")
+    chunked = [Provider(CHECKPOINTED, lambda: torch_head_logprobs_checkpointed(hidden, weight, tokens))] if oom else []
+    return chunked + [p for p in (eager, trl) if p.call is not None] + [p for p in (eager, trl) if p.call is None] + [
+        matmul]
+
+
+def linear_logprobs_backward_providers(hidden, weight, tokens, device) -> list[Provider]:
+    """As linear_logprobs_providers, forward and backward (logp.sum() + entropy.sum()); the floor is the unfused
+    path's three matmuls."""
+    n, vocab = hidden.shape[0], weight.shape[0]
+    oom = _eager_fits(n, vocab, hidden.dtype, device, 10)
+    eager = Provider("torch matmul+log_softmax+gather+entropy",
+                     None if oom else head_forward_backward(lambda h, w: torch_head_logprobs(h, w, tokens), hidden,
+                                                            weight),
+                     note=oom, comparable=not oom, compile="" if oom else "inline")
+    trl_note = missing("trl")
+    trl = Provider("trl ChunkedLogProbFunction",
+                   None if trl_note else head_forward_backward(lambda h, w: _trl_chunked(h, w, tokens), hidden,
+                                                               weight),
+                   note=trl_note or "", comparable=not trl_note)
+    h, w = hidden.detach(), weight.detach()
+    grad_logits = torch.randn((n, vocab), dtype=h.dtype, device=h.device) if not oom else None
+
+    def three_matmuls():
+        return h @ w.t(), grad_logits @ w, grad_logits.t() @ h
+
+    matmul = Provider("3 matmuls alone (forward, d hidden, d weight)", None if oom else three_matmuls,
+                      comparable=False, note=oom or "the unfused path's matmuls: the floor, not the same output")
+    chunked = [Provider(CHECKPOINTED, head_forward_backward(
+        lambda h, w: torch_head_logprobs_checkpointed(h, w, tokens), hidden, weight))] if oom else []
+    return chunked + [p for p in (eager, trl) if p.call is not None] + [p for p in (eager, trl) if p.call is None] + [
+        matmul]
+
+
 # --------------------------------------------------------------------------------------------------------
 # ppo: the policy and value losses
 # --------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ VI_TOL, VI_MAX_ITERS = 1e-4, 1000  # float32: a tol near V's rounding (1e-6 of |
 
 FAMILIES = {
     "returns": ("gae", "gae-masked", "discounted_returns", "vtrace", "retrace"),
-    "logprobs": ("gather_logprobs",),
+    "logprobs": ("gather_logprobs", "linear_logprobs"),
     "ppo": ("ppo_policy_loss", "value_loss"),
     "bellman": ("q_targets", "td_loss", "bellman_backup", "value_iteration"),
 }
@@ -51,6 +51,7 @@ SHAPES = {
         ("vtrace", (2048, 64)),
         ("retrace", (2048, 64)),
         ("gather_logprobs", (1024, 32000)),
+        ("linear_logprobs", (2048, 512, 32000)),
         ("ppo_policy_loss", (256, 4096)),
         ("value_loss", (256, 4096)),
         ("q_targets", (65536, 18), BOTH),
@@ -71,6 +72,8 @@ SHAPES = {
         ("vtrace", (2048, 64)),
         ("retrace", (2048, 64)),
         ("gather_logprobs", (16384, 32000)),
+        ("linear_logprobs", (8192, 4096, 151936)),
+        ("linear_logprobs", (32768, 4096, 151936)),
         ("ppo_policy_loss", (512, 8192)),
         ("value_loss", (512, 8192)),
         ("q_targets", (65536, 18), BOTH),
@@ -89,6 +92,7 @@ SHAPES = {
         ("vtrace", (256, 16)),
         ("retrace", (256, 16)),
         ("gather_logprobs", (64, 1000)),
+        ("linear_logprobs", (64, 32, 1000)),
         ("ppo_policy_loss", (16, 256)),
         ("value_loss", (16, 256)),
         ("q_targets", (4096, 18), BOTH),
@@ -165,6 +169,9 @@ class Case:
     # (bytes, note) from the reference's output, where the bytes depend on it (value iteration's iterations)
     traffic: Callable[[object], tuple[int, str]] | None = None
     nbytes: int | None = None  # set by ``traffic`` when the case runs
+    dtype: str = "float32"  # of the inputs
+    memory: bool = False  # also report each provider's peak memory (one more, untimed call)
+    tol: tuple[float, float] = (1e-4, 1e-4)  # (rtol, atol) of the output checks
 
     @property
     def numel(self) -> int:
@@ -270,6 +277,8 @@ def _returns_cases(kind, dims, device, rlk, numpy) -> list[Case]:
 
 
 def _logprobs_cases(kind, dims, device, rlk, numpy) -> list[Case]:
+    if kind == "linear_logprobs":
+        return _linear_cases(kind, dims, device, rlk, numpy)
     n, vocab = dims
     g = _generator()
     logits = (torch.randn(n, vocab, generator=g) * 3).to(device)
@@ -293,6 +302,42 @@ def _logprobs_cases(kind, dims, device, rlk, numpy) -> list[Case]:
         _case(kind, dims, "gather_logprobs fwd+bwd", shape, f"gather_logprobs fwd+bwd {series}", bwd,
               baselines.logprobs_backward_providers(leaf, tokens), [logits, tokens, logits], [out, logits]),
     ]
+
+
+def _linear_cases(kind, dims, device, rlk, numpy) -> list[Case]:
+    """linear_logprobs with entropy, forward and forward + backward (in hidden and weight), per dtype: float32 and
+    bfloat16 on CPU, bfloat16 on GPUs. Peak memory is reported; the byte model counts the inputs and outputs only
+    (these rows are compute-bound: GB/s is not their measure)."""
+    n, hidden_size, vocab = dims
+    g = _generator()
+    dtypes = (torch.float32, torch.bfloat16) if device == "cpu" else (torch.bfloat16,)
+    shape, series = f"[N={n}, H={hidden_size}, V={vocab}]", f"[N=*, H={hidden_size}, V={vocab}]"
+    tokens = torch.randint(0, vocab, (n,), generator=g).to(device)
+    out = []
+    for dtype in dtypes:
+        name = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+        hidden = torch.randn(n, hidden_size, generator=g).to(device, dtype)
+        weight = (torch.randn(vocab, hidden_size, generator=g) * 2 / hidden_size**0.5).to(device, dtype)
+        leaves = (hidden.clone().requires_grad_(), weight.clone().requires_grad_())
+        fwd = fb = None
+        if rlk is not None:
+            fwd = lambda backend, h=hidden, w=weight: rlk.linear_logprobs(h, w, tokens, return_entropy=True,
+                                                                          backend=backend)
+            fb = lambda backend, lv=leaves: baselines.head_forward_backward(
+                lambda h, w: rlk.linear_logprobs(h, w, tokens, return_entropy=True, backend=backend), *lv)()
+        per_row = tokens.float()
+        tol = (1e-4, 1e-3) if dtype == torch.float32 else (5e-2, 5e-2)
+        kw = {"dtype": str(dtype).removeprefix("torch."), "memory": True, "tol": tol}
+        out += [
+            _case(kind, dims, f"linear_logprobs+entropy {name}", shape, f"linear_logprobs {name} {series}", fwd,
+                  baselines.linear_logprobs_providers(hidden, weight, tokens, device), [hidden, weight, tokens],
+                  [per_row, per_row], **kw),
+            _case(kind, dims, f"linear_logprobs+entropy fwd+bwd {name}", shape,
+                  f"linear_logprobs fwd+bwd {name} {series}", fb,
+                  baselines.linear_logprobs_backward_providers(*leaves, tokens, device),
+                  [hidden, weight, tokens], [per_row, per_row, hidden, weight], **kw),
+        ]
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -42,13 +42,13 @@ def rlkernels_backends(rlkernels, device: str) -> list[str]:
     return [b for b in native if b in available]
 
 
-def check(out, ref, what: str) -> str:
-    """'' when ``out`` matches ``ref`` (rtol 1e-4), else the mismatch."""
+def check(out, ref, what: str, tol: tuple[float, float] = (1e-4, 1e-4)) -> str:
+    """'' when ``out`` matches ``ref`` (rtol, atol = ``tol``), else the mismatch."""
     out = out if isinstance(out, (tuple, list)) else (out,)
     ref = ref if isinstance(ref, (tuple, list)) else (ref,)
     try:
         for o, r in zip(out, ref, strict=True):
-            torch.testing.assert_close(o.float().cpu(), r.float().cpu(), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(o.float().cpu(), r.float().cpu(), rtol=tol[0], atol=tol[1])
     except (AssertionError, ValueError) as exc:
         return f"{what}: {str(exc).splitlines()[0] if str(exc) else 'mismatch'}"
     return ""
@@ -70,6 +70,43 @@ class Timing:
 def synchronize(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """The most memory ``fn()`` holds at once beyond what was allocated before it (its outputs included).
+
+    CUDA: the caching allocator's peak. CPU: the allocations and frees torch's profiler records (memory profiling
+    on), replayed in time order; frees of blocks allocated before the call are left out."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        torch.cuda.synchronize()
+        del out
+        return torch.cuda.max_memory_allocated() - before
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+            events.append((node.start_time_ns, node.typed[1].ptr, node.typed[1].alloc_size))
+    live, current, peak = {}, 0, 0
+    for _, ptr, size in sorted(events):
+        if size > 0:
+            live[ptr] = size
+            current += size
+            peak = max(peak, current)
+        elif ptr in live:
+            current -= live.pop(ptr)
+    return peak
 
 
 class CacheFlusher:

@@ -86,8 +86,11 @@ def run_case(case: Case, settings: Settings, status) -> tuple[list[tuple[Case, s
     for cache in states:
         rows = []
 
-        def add(provider, timing=None, note="", rows=rows):
-            rows.append({"op": case.op, "shape": case.shape, "provider": provider, "timing": timing, "note": note})
+        def add(provider, timing=None, note="", rows=rows, fn=None):
+            # the peak memory of one more call, untimed, where the case asks for it
+            peak = common.peak_bytes(fn, device) / 2**20 if (case.memory and timing and fn is not None) else None
+            rows.append({"op": case.op, "shape": case.shape, "provider": provider, "timing": timing, "note": note,
+                         "peak_mib": peak})
 
         status(f"{label} [{cache}]: {reference.name}")
         timing, out = measure(reference.call, cache)
@@ -96,7 +99,7 @@ def run_case(case: Case, settings: Settings, status) -> tuple[list[tuple[Case, s
         if case.traffic is not None:
             case.nbytes, extra = case.traffic(out)
             note = " ".join(filter(None, [note, extra]))
-        add(reference.name, timing, note)
+        add(reference.name, timing, note, fn=reference.call)
 
         if case.rlkernels is not None:
             for backend in settings.backends:
@@ -107,7 +110,8 @@ def run_case(case: Case, settings: Settings, status) -> tuple[list[tuple[Case, s
                 if checked[backend]:
                     add(name, note=checked[backend])
                     continue
-                add(name, measure(functools.partial(case.rlkernels, backend), cache)[0])
+                call = functools.partial(case.rlkernels, backend)
+                add(name, measure(call, cache)[0], fn=call)
 
         for provider in [reference, *others]:
             if provider is not reference:
@@ -121,8 +125,9 @@ def run_case(case: Case, settings: Settings, status) -> tuple[list[tuple[Case, s
                 status(f"{label} [{cache}]: {provider.name}")
                 timing, out = measure(provider.call, cache)
                 if provider.comparable:  # a baseline that disagrees is a bug in baselines.py: say so loudly
-                    failed(common.check(provider.to_torch(out), ref, f"baseline {provider.name} vs {reference.name}"))
-                add(provider.name, timing, provider.note)
+                    failed(common.check(provider.to_torch(out), ref, f"baseline {provider.name} vs {reference.name}",
+                                        tol=case.tol))
+                add(provider.name, timing, provider.note, fn=provider.call)
             if provider.compile in ("inline", "child") and provider.call is not None:
                 _compiled_row(provider, f"torch.compile({provider.name})", case, cache, settings, compiled, measure,
                               ref, failed, add, status)
@@ -136,7 +141,7 @@ def _check_rlkernels(case, backend, ref, reference_name, failed) -> str:
         out = case.rlkernels(backend)
     except Exception as exc:  # noqa: BLE001  (an op a backend lacks is a row, not a crash)
         return f"not run: {type(exc).__name__}: {exc}"[:160]
-    if failed(common.check(out, ref, f"rlkernels[{backend}] vs {reference_name}")):
+    if failed(common.check(out, ref, f"rlkernels[{backend}] vs {reference_name}", tol=case.tol)):
         return "WRONG OUTPUT, not timed"
     return ""
 
@@ -170,14 +175,14 @@ def _compiled_row(provider, name, case, cache, settings, compiled, measure, ref,
             compiled[name] = (None, f"not run: compile failed: {type(exc).__name__}: {str(exc)[:80]}")
         else:
             note = f"compiled in {time.perf_counter() - start:.1f} s"
-            if provider.comparable and failed(common.check(provider.to_torch(out), ref, name)):
+            if provider.comparable and failed(common.check(provider.to_torch(out), ref, name, tol=case.tol)):
                 note = "WRONG OUTPUT"
             compiled[name] = (fn, note)
     fn, note = compiled[name]
     if fn is None or note == "WRONG OUTPUT":
         add(name, note=note)
         return
-    add(name, measure(fn, cache)[0], note)
+    add(name, measure(fn, cache)[0], note, fn=fn)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -279,6 +284,7 @@ def finish_rows(rows: list[dict], nbytes: int, copy_gbps: float, meta: dict, *, 
                 "gbps": gbps,
                 "pct_copy_bw": gbps and 100 * gbps / copy_gbps,
                 "speedup_vs": t and best and t.median_s / best,
+                "peak_mib": r.get("peak_mib"),
                 "note": " ".join(filter(None, [r["note"], "(1 run)" if t and t.runs == 1 else ""])),
             }
         )

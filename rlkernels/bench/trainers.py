@@ -288,6 +288,25 @@ def verl_entropy_from_logits(logits):
     return torch.logsumexp(logits, dim=-1) - torch.sum(pd * logits, dim=-1)
 
 
+def verl_linear_cross_entropy(hidden, weight, labels, temperature, reduction="none"):
+    """verl 0.9.1, tests/utils/test_linear_cross_entropy.py run_torch_entropy: the formula of
+    utils/kernel/linear_cross_entropy.py linear_cross_entropy (weight [V, H]; returns (logprobs, entropy))."""
+    if len(hidden.shape) > 2:
+        hidden = hidden.view(-1, hidden.shape[-1])
+    if len(labels.shape) > 1:
+        labels = labels.view(-1)
+    logits = torch.matmul(hidden.to(torch.float32), weight.to(torch.float32) if weight.size(0) == hidden.size(1)
+                          else weight.T.to(torch.float32))
+    logits /= temperature
+    pd = torch.nn.functional.softmax(logits, dim=-1)
+    entropy_a = torch.logsumexp(logits, dim=-1)
+    entropy_b = torch.sum(pd * logits, dim=-1)
+    entropy = entropy_a - entropy_b
+    logprobs = torch.nn.functional.cross_entropy(logits, labels, reduction=reduction)
+    logprobs = torch.neg(logprobs)
+    return logprobs, entropy
+
+
 # ----------------------------------------------------------------------------------------------------
 # TRL
 # ----------------------------------------------------------------------------------------------------
@@ -332,3 +351,30 @@ def cleanrl_dqn_update(q_values, actions, next_q_values, rewards, dones, gamma):
     old_val = q_values.gather(1, actions).squeeze()
     loss = F.mse_loss(td_target, old_val)
     return loss, old_val
+
+
+def cleanrl_ppo_losses(newlogprob, b_logprobs, mb_advantages, newvalue, b_values, b_returns, clip_coef, norm_adv,
+                       clip_vloss):
+    """CleanRL ppo.py (v1.0), the minibatch losses and logged statistics of the update ([minibatch_size]
+    tensors, the networks' outputs as arguments). Returns (pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac)."""
+    logratio = newlogprob - b_logprobs
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > clip_coef).float().mean()
+    if norm_adv:
+        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+    pg_loss1 = -mb_advantages * ratio
+    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - clip_coef, 1 + clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+    newvalue = newvalue.view(-1)
+    if clip_vloss:
+        v_loss_unclipped = (newvalue - b_returns) ** 2
+        v_clipped = b_values + torch.clamp(newvalue - b_values, -clip_coef, clip_coef)
+        v_loss_clipped = (v_clipped - b_returns) ** 2
+        v_loss_max = torch.max(v_loss_unclipped, v_loss_clipped)
+        v_loss = 0.5 * v_loss_max.mean()
+    else:
+        v_loss = 0.5 * ((newvalue - b_returns) ** 2).mean()
+    return pg_loss, v_loss, old_approx_kl, approx_kl, clipfrac

@@ -1,5 +1,5 @@
-"""CleanRL's inner loops as calls: the GAE loop of ppo.py (``compute_gae``) and the TD update of dqn.py
-(``dqn_loss``).
+"""CleanRL's inner loops as calls: the GAE loop of ppo.py (``compute_gae``), the losses and logged statistics of
+its update (``ppo_loss``) and the TD update of dqn.py (``dqn_loss``).
 
 CleanRL's conventions (ppo.py, ppo_atari.py, ppo_continuous_action.py): rollout tensors are ``[num_steps,
 num_envs]`` (time first; any further dims are more environments); ``dones[t]`` is the done flag stored with
@@ -22,7 +22,7 @@ import rlkernels
 from .. import _checks as checks
 from ._util import scalar
 
-__all__ = ["compute_gae", "dqn_loss"]
+__all__ = ["compute_gae", "dqn_loss", "ppo_loss"]
 
 _OP = "integrations.cleanrl.compute_gae"
 
@@ -110,3 +110,58 @@ def dqn_loss(q_values, actions, next_q_values, rewards, dones, gamma, *, backend
     loss, _ = rlkernels.td_loss(q_values, actions, td_target, loss="squared", reduction="mean", backend=backend)
     old_val = q_values.detach().gather(1, actions.reshape(B, 1).long()).squeeze(1)  # (td_loss checked actions)
     return loss, old_val
+
+
+_PPO = "integrations.cleanrl.ppo_loss"
+
+
+def ppo_loss(newlogprob, logprobs, advantages, newvalue, values, returns, clip_coef, *, norm_adv=True,
+             clip_vloss=True, backend=None):
+    """Returns (pg_loss, v_loss, stats) of one minibatch as CleanRL's ppo.py computes and logs them:
+
+    logratio = newlogprob - logprobs; ratio = logratio.exp()
+    stats["old_approx_kl"] = (-logratio).mean()                     # k1
+    stats["approx_kl"] = ((ratio - 1) - logratio).mean()            # k3: what --target-kl compares
+    stats["clipfrac"] = ((ratio - 1.0).abs() > clip_coef).float().mean()
+    advantages normalized (mean, std + 1e-8) if norm_adv;
+    pg_loss = max(-A ratio, -A clamp(ratio, 1 - clip_coef, 1 + clip_coef)).mean()
+    v_loss = 0.5 * max((newvalue - returns)^2, (values + clamp(newvalue - values, -clip_coef, clip_coef)
+             - returns)^2).mean()   (without clip_vloss: 0.5 * ((newvalue - returns)^2).mean())
+
+    CleanRL's names: ``logprobs``, ``advantages``, ``values``, ``returns`` are the minibatch's slices of
+    ``b_logprobs``, ``b_advantages``, ``b_values``, ``b_returns``; ``newlogprob`` and ``newvalue`` the agent's outputs.
+    The losses are :func:`rlkernels.ppo_policy_loss` and :func:`rlkernels.value_loss` (token-mean over the 1-D
+    minibatch); differentiable in ``newlogprob`` and ``newvalue``. The stats are 0-d tensors under CleanRL's
+    names and definitions, not the core op's: CleanRL's ``clipfrac`` counts every ratio outside the clip range,
+    the op's only those where clipping changes the loss (the clip binds on the side the advantage's sign
+    selects), and CleanRL's ``approx_kl`` is the k3 estimator where the op's is k1 (CleanRL's ``old_approx_kl``).
+    Feeding the op's stats to CleanRL's ``--target-kl`` early stop would change training. The ratio of the losses
+    is clamped to exp(+-20) (docs/design.md §4.4), CleanRL's is not: equal unless |logratio| > 20.
+    """
+    where = f"rlkernels.{_PPO}"
+    clip_coef = scalar(where, "clip_coef", clip_coef)
+    if not clip_coef >= 0.0:
+        raise ValueError(f"{where}: clip_coef must be >= 0, got {clip_coef}")
+    for name, x in (("newlogprob", newlogprob), ("logprobs", logprobs), ("advantages", advantages),
+                    ("newvalue", newvalue), ("values", values), ("returns", returns)):
+        checks.float_tensor(_PPO, name, x)
+    if newlogprob.dim() != 1:
+        raise ValueError(f"{where}: newlogprob must be a 1-D minibatch, got shape {tuple(newlogprob.shape)}")
+    checks.same_shape(_PPO, "newlogprob", newlogprob, logprobs=logprobs, advantages=advantages, values=values,
+                      returns=returns)
+    if newvalue.numel() != newlogprob.numel():
+        raise ValueError(f"{where}: newvalue must hold one value per sample ({newlogprob.numel()}; CleanRL views it "
+                         f"as [-1]), got shape {tuple(newvalue.shape)}")
+    checks.same_device(_PPO, "newlogprob", newlogprob, logprobs=logprobs, advantages=advantages, newvalue=newvalue,
+                       values=values, returns=returns)
+    with torch.no_grad():
+        logratio = newlogprob.detach() - logprobs
+        ratio = logratio.exp()
+        stats = {"old_approx_kl": (-logratio).mean(), "approx_kl": ((ratio - 1) - logratio).mean(),
+                 "clipfrac": ((ratio - 1.0).abs() > clip_coef).float().mean()}
+    if norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss, _ = rlkernels.ppo_policy_loss(newlogprob, logprobs, advantages, clip_low=clip_coef, backend=backend)
+    v_loss, _ = rlkernels.value_loss(newvalue.reshape(-1), values, returns, clip=clip_coef if clip_vloss else None,
+                                     backend=backend)
+    return pg_loss, v_loss, stats

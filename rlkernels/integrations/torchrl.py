@@ -1,24 +1,33 @@
-"""TorchRL's value estimators (``torchrl.objectives.value.functional``) with TorchRL's signatures.
+"""TorchRL's value estimators with TorchRL's signatures: the modules and the functionals.
 
-Drop-in for ``generalized_advantage_estimate``, ``vec_generalized_advantage_estimate``,
-``td_lambda_return_estimate``, ``vec_td_lambda_return_estimate`` and ``vtrace_advantage_estimate`` (signatures
-of torchrl 0.14). Conventions, as in TorchRL: tensors of shape ``[*B, T, *F]`` with the time axis at
-``time_dim`` (default -2, so ``[*B, T, 1]``); ``next_state_value[t]`` is V(s_{t+1}) for every step (the true next
+The modules ``GAE``, ``TDLambdaEstimator`` and ``VTrace`` are TorchRL's classes (torchrl 0.14) computing on
+rlkernels, with TorchRL's constructor and call: where a trainer builds ``torchrl.objectives.value.GAE(gamma=...,
+lmbda=..., value_network=...)``, build ``rlkernels.integrations.torchrl.GAE`` with the same arguments, and put it in
+a loss with ``loss_module.make_value_estimator(estimator)`` (module docstring of
+``rlkernels/integrations/_torchrl_modules.py``: how; they import torchrl, on first access).
+
+The functionals are drop-ins for ``generalized_advantage_estimate``, ``vec_generalized_advantage_estimate``,
+``td_lambda_return_estimate``, ``vec_td_lambda_return_estimate`` and ``vtrace_advantage_estimate`` of
+``torchrl.objectives.value.functional``. Conventions, as in TorchRL: tensors of shape ``[*B, T, *F]`` with the
+time axis at ``time_dim`` (default -2, so ``[*B, T, 1]``); ``next_state_value[t]`` is V(s_{t+1}) for every step (the true next
 state, also after a reset); ``done`` ends a trajectory (cuts the recursion), ``terminated`` (defaults to
 ``done``) means s_{t+1} is terminal (its value counts as 0). In rlkernels terms: ``terminated=terminated``,
 ``truncated=done & ~terminated``, ``next_values=next_state_value`` (docs/design.md §4.2).
 
 Differences from TorchRL, all outside what TorchRL's own callers produce:
 
-- ``gamma``, ``lmbda``, ``rho_thresh``, ``c_thresh`` are scalars (Python numbers or one-element tensors, read on
-  the host); TorchRL's per-step gamma/lambda tensors raise a ValueError here.
+- ``gamma``, ``lmbda``, ``rho_thresh``, ``c_thresh`` are scalars: Python numbers or one-element tensors (TorchRL's
+  modules pass 0-d tensors). A CPU tensor is read as a number. A GPU tensor is not read on the host by the GAE
+  and TD(lambda) functionals (it stays a tensor on the device, docs/design.md §3); the V-trace functional reads
+  it (one device synchronization; the ``VTrace`` module passes host values and does not). TorchRL's per-step
+  gamma/lambda tensors raise a ValueError here.
 - ``terminated`` is taken to imply ``done`` (as TorchRL's environments guarantee): a terminated step always
   cuts the recursion.
 - The ``vec_`` variants are the same exact scan (TorchRL's vectorized versions drop geometric terms below
   1e-7), and every function is computed in the inputs' dtype (TorchRL forms its discounts in float32).
 - Flags may be bool, integer or float 0/1 tensors. Outputs are float32 for 16-bit inputs.
 
-This module does not import torchrl.
+The functionals do not import torchrl; the module classes do, when first accessed.
 """
 
 from __future__ import annotations
@@ -31,12 +40,28 @@ from .. import _checks as checks
 from ._util import same_shape, scalar
 
 __all__ = [
+    "GAE",  # noqa: F822  (GAE, TDLambdaEstimator, VTrace: loaded by __getattr__, which imports torchrl)
+    "TDLambdaEstimator",  # noqa: F822
+    "VTrace",  # noqa: F822
     "generalized_advantage_estimate",
     "td_lambda_return_estimate",
     "vec_generalized_advantage_estimate",
     "vec_td_lambda_return_estimate",
     "vtrace_advantage_estimate",
 ]
+
+
+_MODULES = ("GAE", "TDLambdaEstimator", "VTrace")
+
+
+def __getattr__(name):
+    if name in _MODULES:  # the classes subclass TorchRL's: torchrl is imported here, on first access
+        from . import _torchrl_modules
+
+        value = getattr(_torchrl_modules, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _op(fn):
@@ -56,7 +81,10 @@ def _floats(op, **tensors):
         checks.float_tensor(op, name, x)
 
 
-def _unit(op, name, value):
+def _unit(op, name, value, *, on_device=False):
+    """A scalar in [0, 1]; with ``on_device``, a one-element GPU tensor is returned unread as a 0-d tensor."""
+    if on_device and isinstance(value, torch.Tensor) and value.device.type != "cpu":
+        return checks.scalar_tensor(op, name, value)
     value = scalar(f"rlkernels.{op}", name, value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"rlkernels.{op}: {name} must be in [0, 1], got {value}")
@@ -78,7 +106,7 @@ def generalized_advantage_estimate(gamma, lmbda, state_value, next_state_value, 
     advantage_t = delta_t + gamma lmbda (1 - done_t) advantage_{t+1}.
     """
     op = _op("generalized_advantage_estimate")
-    gamma, lmbda = _unit(op, "gamma", gamma), _unit(op, "lmbda", lmbda)
+    gamma, lmbda = _unit(op, "gamma", gamma, on_device=True), _unit(op, "lmbda", lmbda, on_device=True)
     _floats(op, state_value=state_value, next_state_value=next_state_value, reward=reward)
     term, trunc = _flags(op, done, terminated)
     same_shape(f"rlkernels.{op}", "state_value", state_value, next_state_value=next_state_value, reward=reward,
@@ -104,7 +132,7 @@ def td_lambda_return_estimate(gamma, lmbda, next_state_value, reward, done, term
     ``rolling_gamma`` only matters for per-step gamma tensors (not supported): None and True are accepted.
     """
     op = _op("td_lambda_return_estimate")
-    gamma, lmbda = _unit(op, "gamma", gamma), _unit(op, "lmbda", lmbda)
+    gamma, lmbda = _unit(op, "gamma", gamma, on_device=True), _unit(op, "lmbda", lmbda, on_device=True)
     if rolling_gamma is not None and not rolling_gamma:
         raise ValueError(f"rlkernels.{op}: rolling_gamma=False is expected only with time-sensitive gamma or "
                          "lambda values, and this adapter takes scalar gamma and lmbda")
@@ -117,6 +145,12 @@ def td_lambda_return_estimate(gamma, lmbda, next_state_value, reward, done, term
     td = checks.dim_index(f"{op}", "time_dim", time_dim, reward.dim())
     dtype = checks.accumulate_dtype(checks.common_float_dtype(reward, next_state_value))
     done_b = term | trunc
+    if isinstance(gamma, torch.Tensor):  # on the device, unread
+        checks.same_device(op, "reward", reward, gamma=gamma)
+        gamma = gamma.to(dtype)
+    if isinstance(lmbda, torch.Tensor):
+        checks.same_device(op, "reward", reward, lmbda=lmbda)
+        lmbda = lmbda.to(dtype)
     nv = torch.where(term, torch.zeros((), dtype=dtype, device=reward.device), next_state_value.to(dtype))
     cont = (~done_b).to(dtype)
     a = (gamma * lmbda) * cont

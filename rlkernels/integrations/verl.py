@@ -17,6 +17,8 @@ Where the results differ from verl's, on inputs verl does not produce or where v
 - The losses are 0, not NaN, when no token is unmasked; ``ppo_kl`` is the mean of old_log_prob - log_prob without
   verl's clamp of the log-ratio to [-20, 20] (equal unless |log_prob - old_log_prob| > 20).
 - Outputs are float32 for bfloat16/float16 inputs.
+- ``linear_cross_entropy`` (``verl.utils.kernel.linear_cross_entropy``) raises NotImplementedError for a
+  ``dist_process_group`` (the vocabulary-parallel head is not supported yet).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ __all__ = [
     "compute_value_loss",
     "entropy_from_logits",
     "kl_penalty",
+    "linear_cross_entropy",
     "logprobs_from_logits",
 ]
 
@@ -230,3 +233,49 @@ def entropy_from_logits(logits, *, backend=None):
     tokens = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
     _, entropy = rlkernels.gather_logprobs(logits, tokens, return_entropy=True, backend=backend)
     return entropy
+
+
+_REDUCTIONS = ("none", "sum", "mean")
+
+
+def linear_cross_entropy(hidden, weight, labels, temperature=1.0, reduction="none", dist_process_group=None, *,
+                         backend=None):
+    """verl's fused LM head: (logprobs, entropy) of ``labels`` under softmax(hidden @ weight.T / temperature),
+    without the logits (:func:`rlkernels.linear_logprobs`).
+
+    ``hidden`` [..., H] (flattened to [N, H] as verl does), ``weight`` [V, H], ``labels`` [...] with -100 for
+    positions to skip. verl's formula: logprobs = -cross_entropy(logits, labels, reduction) (per token for
+    ``"none"``, 0 at labels -100; their sum or mean over the labels that are not -100 for ``"sum"``/``"mean"``),
+    entropy = logsumexp(logits) - sum softmax(logits) * logits per token ([N], every position). float32 outputs;
+    differentiable in hidden and weight. 16-bit logits are rounded to the inputs' dtype, as ``hidden @ weight.T``
+    rounds them (verl's kernel keeps them in float32): results differ from verl's by that rounding.
+    """
+    where = _where("linear_cross_entropy")
+    if dist_process_group is not None:
+        raise NotImplementedError(f"{where}: dist_process_group (a vocabulary-parallel head) is not supported yet")
+    if reduction is None:
+        reduction = "none"
+    if temperature is None:
+        temperature = 1.0
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{where}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    checks.float_tensor("integrations.verl.linear_cross_entropy", "hidden", hidden)
+    checks.tensor("integrations.verl.linear_cross_entropy", "labels", labels)
+    if hidden.dim() == 0:
+        raise ValueError(f"{where}: hidden must have shape [..., H], got a 0-d tensor")
+    if labels.numel() != hidden.numel() // max(1, hidden.shape[-1]) or (hidden.shape[-1] == 0 and labels.numel()):
+        raise ValueError(f"{where}: labels must hold one label per row of hidden ({tuple(hidden.shape[:-1])}), got "
+                         f"{tuple(labels.shape)}")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    valid = labels != -100
+    # entropy at every position, as verl's formula has it; the log-prob of a -100 label is 0
+    safe = torch.where(valid, labels.to(torch.int64), torch.zeros((), dtype=torch.int64, device=labels.device))
+    logp, entropy = rlkernels.linear_logprobs(hidden, weight, safe, temperature=temperature, return_entropy=True,
+                                              backend=backend)
+    logp = torch.where(valid, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    if reduction == "sum":
+        logp = logp.sum()
+    elif reduction == "mean":
+        logp = logp.sum() / valid.sum()
+    return logp, entropy

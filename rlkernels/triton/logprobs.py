@@ -172,3 +172,9 @@ def gather_logprobs_backward_inplace(grad_logp: Tensor | None, grad_entropy: Ten
 _formulas.register_fake_forward(gather_logprobs)
 _formulas.register_gather_logprobs(gather_logprobs, torch.ops.rlkernels.triton_gather_logprobs_backward,
                                    torch.ops.rlkernels.triton_gather_logprobs_backward_inplace)
+
+# linear_logprobs on the Triton backend: the row chunks of rlkernels/_ops/logprobs.py (torch's matmul) folded by
+# the Triton kernels above; on CPU tensors under the interpreter, on CUDA tensors compiled.
+linear_logprobs = _formulas.define_linear_logprobs(
+    "triton_linear_logprobs", torch.ops.rlkernels.triton_gather_logprobs,
+    torch.ops.rlkernels.triton_gather_logprobs_backward_inplace, ("cpu", "cuda"), check_tokens=False)
