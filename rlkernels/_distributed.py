@@ -316,6 +316,96 @@ def gather_logprobs(op, rows, tokens, *, temperature, return_entropy, ignore_ind
 
 
 # ----------------------------------------------------------------------------------------------------
+# linear_logprobs over vocabulary shards of the LM head
+# ----------------------------------------------------------------------------------------------------
+
+
+def _linear_backward_kernel(impl):
+    return getattr(torch.ops.rlkernels, "triton_linear_logprobs_backward" if impl == "triton"
+                   else "linear_logprobs_backward")
+
+
+class _VocabParallelLinear(torch.autograd.Function):
+    """hidden [N, H] and this rank's head rows weight [V_r, H] (bias [V_r]) -> (logp, entropy) over the whole
+    vocabulary. As _VocabParallelGather: local ids, 0 for targets another rank holds, whose one-hot term the
+    backward takes back out (here through the head: -g_logp / T dz/dy at id 0, onto grad_hidden, the weight's
+    row 0 and the bias' entry 0). grad_hidden is this shard's part: the trainer sums it over the group, as it
+    does for a column-parallel layer's input (Megatron's copy_to_tensor_model_parallel_region)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, local_tokens, held, ignored, impl, temperature, return_entropy,
+                logit_scale, softcap, chunk_size, vocab_tile, group):
+        acc = accumulate_dtype(hidden.dtype)
+        n, v_local = hidden.shape[0], weight.shape[0]
+        local_ignore = -1 if ignored is not None else None
+        if v_local > 0:
+            fn = dispatch.kernel("linear_logprobs", impl)
+            logp, entropy, lse = fn(hidden, weight, local_tokens, bias, temperature, return_entropy, local_ignore,
+                                    logit_scale, softcap, chunk_size, vocab_tile)
+            target = torch.where(held, logp + lse, torch.zeros_like(lse))  # z[token] / T where this shard holds it
+        else:
+            lse = torch.full((n,), -math.inf, dtype=acc, device=hidden.device)
+            entropy = torch.zeros((n if return_entropy else 0,), dtype=acc, device=hidden.device)
+            target = torch.zeros((n,), dtype=acc, device=hidden.device)
+        logp, full_entropy, full_lse = _combine_rows(lse, entropy, target, ignored, return_entropy, group)
+        ctx.scalars = (impl, temperature, local_ignore, logit_scale, softcap, chunk_size, vocab_tile, return_entropy)
+        elsewhere = ~held if ignored is None else ~held & ~ignored
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, weight, bias, local_tokens, full_lse, full_entropy, elsewhere)
+        ctx.mark_non_differentiable(full_lse)
+        return logp, full_entropy, full_lse
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
+        hidden, weight, bias, local_tokens, lse, entropy, elsewhere = ctx.saved_tensors
+        impl, temperature, local_ignore, logit_scale, softcap, chunk_size, vocab_tile, return_entropy = ctx.scalars
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_bias = need_bias and ctx.has_bias
+        nones = (None,) * 11
+        if weight.shape[0] == 0 or hidden.shape[0] == 0:
+            return (torch.zeros_like(hidden) if need_hidden else None, torch.zeros_like(weight) if need_weight
+                    else None, torch.zeros_like(bias) if need_bias else None, *nones)
+        grad_entropy = grad_entropy if return_entropy else None
+        gh, gw, gb = _linear_backward_kernel(impl)(grad_logp, grad_entropy, hidden, weight, local_tokens, bias, lse,
+                                                   entropy, temperature, local_ignore, logit_scale, softcap,
+                                                   chunk_size, vocab_tile, need_hidden, need_weight, need_bias)
+        # Rows whose target another shard holds got +g_logp / T at local id 0 in d z; through the head that is
+        # c = -g_logp / T * dz/dy at y = hidden . weight[0] (+ bias[0]) to take back out.
+        acc = lse.dtype
+        w0 = weight[0].to(acc)
+        h = hidden.to(acc)
+        y0 = h @ w0 + (bias[0].to(acc) if bias is not None else 0.0)
+        slope = torch.full_like(y0, logit_scale)
+        if softcap is not None:
+            slope = slope * (1 - torch.tanh(logit_scale * y0 / softcap) ** 2)
+        c = torch.where(elsewhere, -grad_logp.to(acc) / temperature * slope, torch.zeros_like(y0))
+        if need_hidden:
+            gh = (gh.to(acc) + c[:, None] * w0).to(hidden.dtype)
+        if need_weight:
+            gw = gw.clone()
+            gw[0] = (gw[0].to(acc) + c @ h).to(gw.dtype)
+        if need_bias:
+            gb = gb.clone()
+            gb[0] = (gb[0].to(acc) + c.sum()).to(gb.dtype)
+        return (gh if need_hidden else None, gw if need_weight else None, gb if need_bias else None, *nones)
+
+
+@torch.compiler.disable
+def linear_logprobs(op, hidden, weight, bias, tokens, *, temperature, return_entropy, ignore_index, logit_scale,
+                    softcap, chunk_size, vocab_tile, impl, group):
+    """Vocab-parallel linear_logprobs on rows hidden [N, H], this rank's weight [V_r, H] and bias [V_r] (or
+    None), int64 global tokens [N]."""
+    layout = shard_layout(op, group, weight.shape[0], hidden.shape[0], accumulate_dtype(hidden.dtype), tokens,
+                          temperature=temperature, return_entropy=return_entropy, ignore_index=ignore_index,
+                          extra=(("logit_scale", logit_scale), ("softcap", softcap)))
+    local_tokens, held, ignored = _local_tokens(tokens, layout, ignore_index)
+    logp, entropy, _ = _VocabParallelLinear.apply(hidden, weight, bias, local_tokens, held, ignored, impl,
+                                                  temperature, return_entropy, logit_scale, softcap, chunk_size,
+                                                  vocab_tile, group)
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------------
 # Global loss counts of the PPO family
 # ----------------------------------------------------------------------------------------------------
 

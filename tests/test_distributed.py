@@ -225,7 +225,9 @@ def logprobs_match_single_process(rank, world, group):
 def logprobs_triton_match_single_process(rank, world, group):
     checks = [compare_vocab_parallel(rank, group, (9, 4), torch.float32, backend="triton", ignore=True,
                                      temperature=1.3, lead=(4,)),
-              compare_vocab_parallel(rank, group, (0, 13), torch.float32, backend="triton", lead=(3,), seed=1)]
+              compare_vocab_parallel(rank, group, (0, 13), torch.float32, backend="triton", lead=(3,), seed=1),
+              compare_linear(rank, group, (9, 4), torch.float32, backend="triton", bias=True, softcap=3.0, ignore=True,
+                             n=6, seed=2)]
     for check in checks:
         check()
 
@@ -316,6 +318,79 @@ def logprobs_under_torch_compile(rank, world, group):
     assert_close(compiled.detach(), eager.detach(), torch.float32, name="loss")
     assert_close(shard.grad, eager_shard.grad, torch.float32, name="grad")
     assert refused is not None and "disable" in str(refused), refused
+
+
+# ----------------------------------------------------------------------------------------------------
+# Vocab-parallel linear_logprobs (the fused LM head over shards of its rows)
+# ----------------------------------------------------------------------------------------------------
+
+
+def compare_linear(rank, group, sizes, dtype, *, bias=False, softcap=None, logit_scale=1.0, temperature=1.0,
+                   ignore=False, return_entropy=True, chunk_size=None, backend="cpu", seed=0, n=12):
+    """As compare_vocab_parallel, for linear_logprobs with this rank's rows of the head's weight (and bias).
+    grad_hidden is summed over the group first, as the trainer's column-parallel input does."""
+    import torch.distributed as dist
+
+    g = torch.Generator().manual_seed(seed)
+    V, H = sum(sizes), 8
+    hidden = torch.randn(n, H, generator=g, dtype=torch.float64).to(dtype)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64).to(dtype)
+    full_bias = torch.randn(V, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    tokens = torch.randint(0, V, (n,), generator=g)
+    if n >= 2:
+        tokens[0], tokens[1] = 0, V - 1
+    if ignore:
+        tokens[2::4] = IGNORE
+    w_logp = torch.randn(n, generator=g, dtype=torch.float64)
+    w_ent = torch.randn(n, generator=g, dtype=torch.float64)
+    kw = {"temperature": temperature, "return_entropy": return_entropy, "ignore_index": IGNORE if ignore else None,
+          "logit_scale": logit_scale, "softcap": softcap, "chunk_size": chunk_size, "backend": backend}
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    h = hidden.clone().requires_grad_(True)
+    w = weight[rows].clone().requires_grad_(True)
+    b = full_bias[rows].clone().requires_grad_(True) if bias else None
+    out = rlkernels.linear_logprobs(h, w, tokens, bias=b, process_group=group, **kw)
+    logp, entropy = out if return_entropy else (out, None)
+    _objective(logp, entropy, w_logp, w_ent).backward()
+    grad_hidden = h.grad.clone()
+    dist.all_reduce(grad_hidden, group=group)
+
+    h1 = hidden.clone().requires_grad_(True)
+    w1 = weight.clone().requires_grad_(True)
+    b1 = full_bias.clone().requires_grad_(True) if bias else None
+    ref = rlkernels.linear_logprobs(h1, w1, tokens, bias=b1, **kw)
+    ref_logp, ref_entropy = ref if return_entropy else (ref, None)
+    _objective(ref_logp, ref_entropy, w_logp, w_ent).backward()
+
+    def check():
+        what = f"linear sizes={sizes} dtype={dtype} bias={bias} softcap={softcap} scale={logit_scale} T={temperature}"
+        tol = torch.float64 if dtype == torch.float64 else torch.float32
+        loose = {"rtol": 3e-2, "atol": 3e-2} if dtype in (torch.bfloat16, torch.float16) else {}
+        assert_close(logp.detach(), ref_logp.detach(), tol, name=f"logp {what}", **loose)
+        if return_entropy:
+            assert_close(entropy.detach(), ref_entropy.detach(), tol, name=f"entropy {what}", **loose)
+        assert_close(grad_hidden.double(), h1.grad.double(), tol, name=f"grad_hidden {what}", **loose)
+        assert_close(w.grad.double(), w1.grad[rows].double(), tol, name=f"grad_weight {what}", **loose)
+        if bias:
+            assert_close(b.grad.double(), b1.grad[rows].double(), tol, name=f"grad_bias {what}", **loose)
+
+    return check
+
+
+@scenario(2, 4)
+def linear_logprobs_match_single_process(rank, world, group):
+    checks = []
+    for i, sizes in enumerate(SHARDS[world]):
+        checks.append(compare_linear(rank, group, sizes, torch.float64, seed=i))
+        checks.append(compare_linear(rank, group, sizes, torch.float64, bias=True, softcap=2.0, logit_scale=0.7,
+                                     temperature=1.3, ignore=True, chunk_size=5, seed=10 + i))
+    sizes = SHARDS[world][0]
+    checks.append(compare_linear(rank, group, sizes, torch.float32, bias=True, return_entropy=False, seed=20))
+    checks.append(compare_linear(rank, group, sizes, torch.bfloat16, ignore=True, seed=21))
+    checks.append(compare_linear(rank, group, sizes, torch.float32, n=0, seed=22))
+    for check in checks:
+        check()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -466,6 +541,7 @@ def dp_by_tp_subgroups_match_single_process(rank, world, group):
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("name", ["logprobs_match_single_process", "logprobs_bad_input_raises_on_every_rank",
+                                  "linear_logprobs_match_single_process",
                                   "ppo_global_token_mean_matches_single_process"])
 def test_gloo(worlds, world, name):
     check_verdict(worlds(world), name)
