@@ -6,9 +6,9 @@ same training on one process: the losses are the same.
 
 What it shows (docs/design.md §4.8):
 - the LM head sharded over the vocabulary across a tensor-parallel group of 2: each rank holds lm_head rows
-  [start_r, start_r + V_r) and makes only its slice of the logits; ``rlkernels.gather_logprobs(logits_shard,
-  tokens, return_entropy=True, process_group=tp_group)`` gives the whole vocabulary's log-probs and entropy
-  on both ranks. The hidden states enter the head through an identity whose backward all-reduces over the
+  [start_r, start_r + V_r); ``rlkernels.linear_logprobs(hidden, lm_head_shard.weight, tokens,
+  return_entropy=True, process_group=tp_group)`` (``--head logits``: ``gather_logprobs`` on the rank's slice
+  of the logits) gives the whole vocabulary's log-probs and entropy on both ranks. The hidden states enter the head through an identity whose backward all-reduces over the
   tensor-parallel group (Megatron's column-parallel input), so the trunk gets the gradient of every shard;
 - the batch split over a data-parallel group of 2 (DistributedDataParallel over the ranks that hold the same
   shard), each rank's rows in 2 micro-batches with gradient accumulation;
@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batches", type=int, default=2, help="per data-parallel rank")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--agg", default="token-mean", choices=AGGS)
+    p.add_argument("--head", default="fused", choices=("fused", "logits"),
+                   help="log-probs through linear_logprobs on the head's shard, or gather_logprobs on its logits")
     p.add_argument("--clip", type=float, default=0.2)
     p.add_argument("--ent-coef", type=float, default=0.01)
     p.add_argument("--vf-coef", type=float, default=0.5)
@@ -106,14 +108,22 @@ class Policy(nn.Module):
         lm.lm_head.weight.data.copy_(weight)
         self.tp_group = tp_group
 
-    def forward(self, ids, n_prompt):
+    def forward(self, ids, n_prompt, responses, head):
+        """Log-probs of the responses and the entropies (the whole vocabulary's) and the values, [B, R]."""
         lm = self.lm
         T = ids.shape[1]
         h = lm.tok(ids) + lm.pos(torch.arange(T, device=ids.device))
         causal = nn.Transformer.generate_square_subsequent_mask(T, device=ids.device, dtype=h.dtype)
         h = lm.norm(lm.body(h, mask=causal, is_causal=True))[:, n_prompt - 1 : -1]  # the positions predicting responses
         head_in = h if self.tp_group is None else CopyToTensorParallel.apply(h, self.tp_group)
-        return lm.lm_head(head_in), lm.value_head(h).squeeze(-1)
+        values = lm.value_head(h).squeeze(-1)
+        if head == "fused":  # the head's rows of this rank, never a [B, R, V_r] logits tensor
+            logp, entropy = rlkernels.linear_logprobs(head_in, lm.lm_head.weight, responses, return_entropy=True,
+                                                      process_group=self.tp_group)
+        else:
+            logp, entropy = rlkernels.gather_logprobs(lm.lm_head(head_in), responses, return_entropy=True,
+                                                      process_group=self.tp_group)
+        return logp, entropy, values
 
 
 def make_rollout(args):
@@ -145,10 +155,9 @@ def build_policy(args, rollout, start, size, tp_group=None):
     return Policy(lm, start, size, tp_group)
 
 
-def micro_step_loss(policy, mb, args, *, tp_group=None, global_count=None):
+def micro_step_loss(policy, mb, args, *, global_count=None):
     """The PPO loss of one micro-batch: its share of the global batch's loss when global_count is given."""
-    logits, values = policy(mb["ids"], args.prompt_len)
-    logp, entropy = rlkernels.gather_logprobs(logits, mb["responses"], return_entropy=True, process_group=tp_group)
+    logp, entropy, values = policy(mb["ids"], args.prompt_len, mb["responses"], args.head)
     mask = mb["mask"]
     extra = {"norm_length": float(args.response_len)} if args.agg == "seq-mean-token-sum-norm" else {}
     pg_loss, stats = rlkernels.ppo_policy_loss(logp, mb["old_logp"], mb["advantages"], mask, clip_low=args.clip,
@@ -212,7 +221,7 @@ def train_distributed(args, rollout):
             last = i == len(micro_batches) - 1
             ctx = ddp.no_sync() if not last else contextlib.nullcontext()
             with ctx:  # gradients are averaged over the data-parallel ranks once, after the last micro-batch
-                loss, pg, vf, _ = micro_step_loss(ddp, mb, args, tp_group=tp_group, global_count=count)
+                loss, pg, vf, _ = micro_step_loss(ddp, mb, args, global_count=count)
                 (loss * args.dp).backward()  # DDP averages over dp ranks; the shares add up to the whole loss
             totals += torch.stack([loss.detach(), pg.detach(), vf.detach()])
         opt.step()
