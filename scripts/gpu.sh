@@ -64,7 +64,7 @@ for backend in cuda triton; do
   if [ "$backend" = cuda ]; then marks="cuda and not triton"; else marks="cuda and triton"; fi
   step "tests-$backend" 60 "$PYTHON" -m pytest -q -p no:cacheprovider "${parallel[@]}" \
     --junitxml "$WORK/tests-$backend.xml" -m "$marks" \
-    tests/test_returns.py tests/test_bellman.py tests/test_logprobs.py tests/test_ppo.py
+    tests/test_returns.py tests/test_bellman.py tests/test_logprobs.py tests/test_ppo.py tests/test_distributed.py
   step "record-$backend" 5 "$PYTHON" scripts/gpu_record.py "$WORK/tests-$backend.xml"
 done
 

@@ -91,6 +91,19 @@ def test_llm_ppo_step_runs_and_is_deterministic():
     assert llm.main(argv)["loss"] == stats["loss"]
 
 
+def test_llm_ppo_distributed_matches_one_process():
+    """2 data-parallel x 2 vocab-parallel gloo processes give the single-process losses at every step."""
+    example = load("llm_ppo_distributed")
+    stats = example.main(["--steps", "2", "--vocab", "257", "--batch", "4", "--response-len", "6",
+                          "--prompt-len", "4", "--timeout", "240", "--quiet"])
+    assert len(stats["distributed"]) == len(stats["single"]) == 2
+    for dist_row, one_row in zip(stats["distributed"], stats["single"]):
+        for k in ("loss", "pg_loss", "vf_loss"):
+            assert math.isfinite(one_row[k])
+            assert dist_row[k] == pytest.approx(one_row[k], rel=1e-5, abs=1e-6), k
+    assert stats["single"][1]["loss"] != stats["single"][0]["loss"]  # the policy was trained between steps
+
+
 def test_llm_ppo_step_fused_head_matches_logits_head():
     llm = load("llm_ppo_step")
     argv = ["--iterations", "1", "--ppo-epochs", "2", "--batch", "4", "--response-len", "8", "--seed", "2",
