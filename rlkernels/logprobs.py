@@ -7,7 +7,6 @@ docs/design.md §4.3 is the definition. The wrapper checks arguments, flattens t
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -47,9 +46,7 @@ def gather_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, ig
     if tuple(tokens.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"rlkernels.{_OP}: tokens must have shape {tuple(logits.shape[:-1])} (logits' leading "
                          f"dims), got {tuple(tokens.shape)}")
-    temperature = checks.positive(_OP, "temperature", temperature)
-    if not math.isfinite(temperature):
-        raise ValueError(f"rlkernels.{_OP}: temperature must be finite, got {temperature}")
+    temperature = checks.temperature(_OP, temperature)
     ignore_index = index_arg(_OP, "ignore_index", ignore_index)
     return_entropy, inplace_backward = bool(return_entropy), bool(inplace_backward)
     impl = dispatch.resolve(backend, logits.device, _OP)

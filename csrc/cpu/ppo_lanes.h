@@ -71,7 +71,7 @@ __attribute__((always_inline)) inline void forward_block(const float* __restrict
     sums[4 * kLanes + l] += ok ? kl : 0.0f;
     sums[5 * kLanes + l] += ok ? ratio : 0.0f;
     const float mx = sums[6 * kLanes + l];
-    sums[6 * kLanes + l] = (ok & (ratio > mx)) ? ratio : mx;
+    sums[6 * kLanes + l] = (ok & ((ratio > mx) | (ratio != ratio))) ? ratio : mx;  // a NaN ratio sticks
   }
 }
 
@@ -103,7 +103,7 @@ void policy_forward_f32(const float* lp, const float* old, const float* adv, con
     sums[3 * kLanes + l] += tok.lower ? 1.0f : 0.0f;
     sums[4 * kLanes + l] += old[i] - lp[i];
     sums[5 * kLanes + l] += tok.ratio;
-    sums[6 * kLanes + l] = tok.ratio > sums[6 * kLanes + l] ? tok.ratio : sums[6 * kLanes + l];
+    if (tok.ratio > sums[6 * kLanes + l] || tok.ratio != tok.ratio) sums[6 * kLanes + l] = tok.ratio;  // NaN sticks
   }
   for (int l = 0; l < 7 * kLanes; ++l) out[l] = sums[l];
 }
