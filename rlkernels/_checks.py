@@ -6,7 +6,6 @@ Nothing here reads tensor values, so the checks cost nothing on the device and t
 from __future__ import annotations
 
 import math
-
 import numbers
 
 import torch

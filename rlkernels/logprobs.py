@@ -7,7 +7,6 @@ docs/design.md §4.3 is the definition. The wrapper checks arguments, flattens t
 
 from __future__ import annotations
 
-
 import torch
 
 from . import _checks as checks

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import rlkernels
-from rlkernels import reference
 
 ops = torch.ops.rlkernels
 O, T, I = 2, 5, 3  # canonical scan layout [O, T, I]
@@ -149,7 +148,7 @@ def _spoiled(t, how):
 
 def _cases():
     for op, (names, args) in VALID.items():
-        for i, (name, value) in enumerate(zip(names, args)):
+        for i, (name, value) in enumerate(zip(names, args, strict=True)):
             if not isinstance(value, torch.Tensor):
                 continue
             hows = ["one element", "empty", "extra dim"]
@@ -157,9 +156,7 @@ def _cases():
                 hows = []
             if name == "entropy":  # none (the forward without entropy) is valid: test_entropy_without_rows
                 hows.remove("empty")
-            if name in INDEX_ARGS:
-                hows.append("float dtype")
-            elif name in FLAG_ARGS:
+            if name in INDEX_ARGS or name in FLAG_ARGS:
                 hows.append("float dtype")
             elif name not in ANY_DTYPE:
                 hows.append("int dtype")
@@ -183,8 +180,7 @@ def test_every_registered_op_has_a_valid_call():
 
 @pytest.mark.parametrize("op, i, name, how", list(_cases()))
 def test_spoiled_tensor_argument_is_an_error_naming_it(op, i, name, how):
-    names, args = VALID[op]
-    args = list(args)
+    args = list(VALID[op][1])
     args[i] = _spoiled(args[i], how)
     _expect_error(op, args, name)
 
@@ -263,11 +259,12 @@ def test_n_step_returns_huge_n_is_the_whole_tail(n):
 @pytest.mark.parametrize("op", ["discounted_returns", "discounted_returns_backward", "gae", "gae_backward",
                                 "vtrace", "vtrace_backward", "retrace", "retrace_backward"])
 def test_bad_cu_seqlens_values_are_an_error(op, bad):
+    # the call made packed: [O, T, I] tensors flattened to 30 steps, no per-sequence bootstrap values
     names, args = VALID[op]
     args = [a.reshape(-1) if isinstance(a, torch.Tensor) and a.shape == (O, T, I) else a for a in args]
-    args = [None if n in ("bootstrap_value",) else a for n, a in zip(names, args)]
-    if "next_values" in names and args[names.index("next_values")] is None and op.startswith("discounted"):
-        pass
+    args = [None if n == "bootstrap_value" else a for n, a in zip(names, args, strict=True)]
+    args[names.index("cu_seqlens")] = torch.tensor([0, 10, 10, 30])
+    getattr(ops, op)(*args)  # valid offsets: no error
     args[names.index("cu_seqlens")] = torch.tensor(bad)
     _expect_error(op, args, "cu_seqlens")
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import backends
 
 import rlkernels
 from rlkernels import reference
-
-from conftest import backends
 
 BACKENDS = backends(include=("cpu", "triton"), cpu_tensors=True)  # CPU tensors (Triton under the interpreter)
 

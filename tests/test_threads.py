@@ -103,7 +103,7 @@ def test_bit_identical_from_concurrent_python_threads():
             names = sorted(CASES)
             for name in names[k:] + names[:k]:  # each thread in its own order
                 results[(k, name)] = _run(name)
-        except Exception as e:  # reported below: an exception in a thread would otherwise be lost
+        except Exception as e:  # noqa: BLE001  (reported below: a thread's exception would be lost)
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
