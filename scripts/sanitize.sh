@@ -28,6 +28,8 @@ asan=$(gcc -print-file-name=libasan.so)
 ubsan=$(gcc -print-file-name=libubsan.so)
 export LD_PRELOAD="$asan $ubsan"
 # Python and torch leak by design at exit; the interpreter is not instrumented (no container overflow checks).
+# pytest captures Python's output only (--capture=sys below): a report written to fd 2 before the process
+# stops must reach the log.
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:detect_container_overflow=0:allocator_may_return_null=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 export PYTHONPATH="$dir/plugins"
@@ -49,7 +51,8 @@ os.path.join(os.getcwd(), 'rlkernels'), c.__file__; print('library:', c.__file__
 for isa in "${isas[@]}"; do
   t0=$(date +%s)
   echo "== RLKERNELS_CPU_ISA=$isa"
-  (cd "$dir/tree" && RLKERNELS_CPU_ISA=$isa "$PYTHON" -m pytest -q -p no:cacheprovider -p _no_triton -x "${tests[@]}") \
+  (cd "$dir/tree" && RLKERNELS_CPU_ISA=$isa "$PYTHON" -m pytest -q -p no:cacheprovider -p _no_triton -x \
+    --capture=sys "${tests[@]}") \
     || rc=$?
   echo "== $isa: exit $rc, $(( $(date +%s) - t0 )) s"
   [ "$rc" -ne 0 ] && break
