@@ -121,6 +121,10 @@ def extensions():
     # Python's own CFLAGS carry -g: host debug info is 14 of the library's 15 MB. Drop it at link time
     # (objects keep it; RLKERNELS_KEEP_DEBUG=1 keeps it in the library). Device code keeps its -lineinfo.
     link_args = ([] if _truthy("RLKERNELS_KEEP_DEBUG") else ["-Wl,--strip-debug"]) + openmp
+    if _truthy("RLKERNELS_SANITIZE"):  # scripts/sanitize.sh: AddressSanitizer and UndefinedBehaviorSanitizer
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+        cxx_flags = [*cxx_flags, "-O1", "-g", *sanitize]
+        link_args = [*sanitize, *openmp]
     define_macros = []
     with_cuda = _want_cuda(cu_sources)
     if with_cuda:

@@ -5,6 +5,7 @@ Nothing here reads tensor values, so the checks cost nothing on the device and t
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -105,6 +106,20 @@ def positive(op: str, name: str, value) -> float:
     value = real(op, name, value)
     if not value > 0.0:
         raise ValueError(f"{_where(op)}: {name} must be > 0, got {value}")
+    return value
+
+
+# The smallest temperature: the kernels scale by 1 / temperature in float32, which must stay finite
+# (1 / float32 max; docs/design.md §4.3, §4.5).
+MIN_TEMPERATURE = 2.938735877055719e-39
+
+
+def temperature(op: str, value) -> float:
+    """A softmax temperature: finite and at least MIN_TEMPERATURE."""
+    value = real(op, "temperature", value)
+    if not MIN_TEMPERATURE <= value < math.inf:
+        raise ValueError(f"{_where(op)}: temperature must be finite and >= {MIN_TEMPERATURE} (1 / temperature a "
+                         f"finite float32), got {value}")
     return value
 
 

@@ -83,7 +83,7 @@ def q_targets(rewards, next_q, *, terminated=None, gamma=0.99, kind="max", next_
     if kind == "soft":
         if temperature is None:
             raise ValueError(f"rlkernels.{op}: kind='soft' needs temperature > 0, got None")
-        temperature = checks.positive(op, "temperature", temperature)
+        temperature = checks.temperature(op, temperature)
     else:
         temperature = 1.0
     checks.same_device(op, "next_q", next_q, rewards=rewards, next_q_online=online, next_probs=probs,

@@ -9,7 +9,6 @@ rows ([N, V], unit stride along V, no copy for contiguous logits; rlkernels/_lay
 from __future__ import annotations
 
 import math
-
 import torch
 
 from . import _checks as checks
@@ -95,9 +94,7 @@ def _checked(logits, tokens, temperature, ignore_index, backend):
     if tuple(tokens.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"rlkernels.{_OP}: tokens must have shape {tuple(logits.shape[:-1])} (logits' leading "
                          f"dims), got {tuple(tokens.shape)}")
-    temperature = checks.positive(_OP, "temperature", temperature)
-    if not math.isfinite(temperature):
-        raise ValueError(f"rlkernels.{_OP}: temperature must be finite, got {temperature}")
+    temperature = checks.temperature(_OP, temperature)
     ignore_index = index_arg(_OP, "ignore_index", ignore_index)
     return temperature, ignore_index, dispatch.resolve(backend, logits.device, _OP)
 
@@ -216,9 +213,7 @@ def _linear_checked(hidden, weight, tokens, bias, temperature, logit_scale, soft
     if tuple(tokens.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"rlkernels.{op}: tokens must have shape {tuple(hidden.shape[:-1])} (hidden's leading "
                          f"dims), got {tuple(tokens.shape)}")
-    temperature = checks.positive(op, "temperature", temperature)
-    if not math.isfinite(temperature):
-        raise ValueError(f"rlkernels.{op}: temperature must be finite, got {temperature}")
+    temperature = checks.temperature(op, temperature)
     logit_scale = checks.real(op, "logit_scale", logit_scale)
     if not math.isfinite(logit_scale):
         raise ValueError(f"rlkernels.{op}: logit_scale must be finite, got {logit_scale}")

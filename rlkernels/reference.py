@@ -550,6 +550,10 @@ def n_step_returns(
 # --------------------------------------------------------------------------------------------
 
 
+# The smallest softmax temperature: 1 / temperature is a finite float32 (docs/design.md §4.3, §4.5).
+_MIN_TEMPERATURE = 2.938735877055719e-39
+
+
 def _logsumexp(z):
     """log(sum(exp(z))) of a 1-D float64 array, exact for -inf entries and all -inf rows."""
     m = np.max(z)
@@ -573,10 +577,16 @@ def gather_logprobs(logits, tokens, *, temperature=1.0, return_entropy=False, ig
         raise ValueError("logits must have shape [..., V]")
     if tok.shape != z_all.shape[:-1]:
         raise ValueError(f"tokens must have shape {z_all.shape[:-1]}, got {tok.shape}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not _MIN_TEMPERATURE <= temperature < np.inf:
+        raise ValueError(f"temperature must be finite and >= {_MIN_TEMPERATURE}, got {temperature}")
     V = z_all.shape[-1]
-    z_rows = z_all.reshape(-1, V) / temperature
+    z_rows = z_all.reshape(tok.size, V) / temperature  # (not -1: V may be 0)
+    if str(getattr(logits, "dtype", "float64")).rsplit(".", 1)[-1] != "float64":
+        # z in float32, as the kernels scale the logits by 1 / temperature (§4.3): a large logit over a small
+        # temperature overflows to inf there, and then here too
+        with np.errstate(over="ignore", invalid="ignore"):
+            z32 = z_all.reshape(tok.size, V).astype(np.float32) * np.float32(1.0 / temperature)
+        z_rows = z32.astype(np.float64)
     tok_rows = tok.reshape(-1)
     ignored = np.zeros(len(tok_rows), dtype=bool)
     if ignore_index is not None:
@@ -803,7 +813,7 @@ def q_targets(
     if q.ndim < 1 or q.shape[:-1] != r.shape:
         raise ValueError(f"next_q must have shape {(*r.shape, 'A')}, got {q.shape}")
     term = _flag(terminated, "terminated", r.shape)
-    q_rows = q.reshape(-1, q.shape[-1])
+    q_rows = q.reshape(r.size, q.shape[-1])  # (not -1: A may be 0)
     v = np.zeros(q_rows.shape[0])
     if kind == "max":
         for b in range(len(v)):
@@ -825,8 +835,8 @@ def q_targets(
         for b in range(len(v)):
             v[b] = np.sum(probs[b] * q_rows[b])
     elif kind == "soft":
-        if temperature is None or not temperature > 0:
-            raise ValueError(f"kind='soft' needs temperature > 0, got {temperature}")
+        if temperature is None or not _MIN_TEMPERATURE <= temperature < np.inf:
+            raise ValueError(f"kind='soft' needs a finite temperature >= {_MIN_TEMPERATURE}, got {temperature}")
         for b in range(len(v)):
             v[b] = temperature * _logsumexp(q_rows[b] / temperature)
     else:
@@ -896,7 +906,8 @@ def bellman_backup(P, R, V, gamma):
     _same_shape(R, "R", P.shape[:-1])
     _same_shape(V, "V", P.shape[:-2])
     batch, (S, A) = P.shape[:-3], P.shape[-3:-1]
-    Pf, Rf, Vf = P.reshape(-1, S, A, S), R.reshape(-1, S, A), V.reshape(-1, S)
+    nb = int(np.prod(batch, dtype=np.int64))  # (not -1: S or A may be 0)
+    Pf, Rf, Vf = P.reshape(nb, S, A, S), R.reshape(nb, S, A), V.reshape(nb, S)
     Q = np.zeros_like(Rf)
     for b in range(Pf.shape[0]):
         for s in range(S):

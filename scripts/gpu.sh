@@ -6,7 +6,8 @@
 #      passed in rlkernels/_gpu_validated.py (the auto backend for CUDA tensors prefers those), after each run;
 #   3. runs the benchmark engine (rlkernels-bench) on the GPU, every op family, Bellman first, writing
 #      <gpu>-<date>.csv / .md / .png (device, commit, date in every row; the CSV is rewritten after each shape,
-#      so a run stopped at the budget keeps what it measured).
+#      so a run stopped at the budget keeps what it measured);
+#   4. runs the CUDA tests under compute-sanitizer, memcheck then racecheck (a report fails the step).
 # Usage: bash scripts/gpu.sh [OUT_DIR]   (default benchmarks/results)
 #
 # For a time-boxed GPU session: the steps share a budget of GPU_BUDGET_S seconds (default 540, for a command
@@ -73,6 +74,20 @@ slug=$("$PYTHON" -c "import re, torch; print(re.sub('[^a-z0-9]+', '-', torch.cud
 day=$(date +%F)
 step bench 60 "$PYTHON" -m rlkernels.bench --device cuda --ops bellman,returns,logprobs,ppo \
   --csv "$WORK/$slug-$day.csv"
+
+# compute-sanitizer on the CUDA C++ kernels' tests: memcheck (out-of-bounds and misaligned accesses, API errors),
+# then racecheck (shared-memory hazards); after the benchmarks, in what is left of the budget. A report fails the
+# step (--error-exitcode).
+cs=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+if [ -x "$cs" ]; then
+  for tool in memcheck racecheck; do
+    step "sanitizer-$tool" 60 "$cs" --tool "$tool" --error-exitcode 99 --target-processes all \
+      "$PYTHON" -m pytest -q -p no:cacheprovider -x -m "cuda and not triton" -k "not compile and not graph" \
+      tests/test_returns.py tests/test_bellman.py tests/test_logprobs.py tests/test_ppo.py
+  done
+else
+  echo "sanitizer skipped: compute-sanitizer not found" | tee -a "$STATUS"
+fi
 
 cp rlkernels/_gpu_validated.py "$OUT/" 2>/dev/null
 for f in "$WORK/$slug-$day.csv" "$WORK/$slug-$day.md"; do

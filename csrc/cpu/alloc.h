@@ -8,12 +8,17 @@
 // size, as PyTorch's caching allocator does on GPUs: a training loop calling the op every iteration writes
 // into memory that is already mapped. At most RLKERNELS_OUTPUT_CACHE_MB (default 256) MiB of freed buffers are
 // kept, least recently freed returned to the system first; RLKERNELS_OUTPUT_CACHE_MB=0 keeps none (each
-// output is still mapped on huge pages). The tensors are ordinary CPU tensors whose storage cannot be resized.
+// output is still mapped on huge pages). The tensors are ordinary CPU tensors: their storage is resizable
+// (resize_ past its size moves the data to a new buffer from the same allocator and returns the old one), since
+// torch changes a tensor's shape before it finds that a storage cannot grow, which would leave a tensor larger
+// than its memory.
 #pragma once
 
+#include <ATen/EmptyTensor.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -104,6 +109,47 @@ class OutputCache {
 };
 #endif
 
+// The allocator of large CPU outputs: buffers of kCachedOutputBytes or more from the OutputCache, smaller ones
+// (a resize_ may ask for any size) from torch's CPU allocator.
+class OutputAllocator final : public c10::Allocator {
+ public:
+  static OutputAllocator* get() {
+    static OutputAllocator* a = new OutputAllocator();
+    return a;
+  }
+
+  c10::DataPtr allocate(size_t bytes) override {
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
+    if (bytes >= static_cast<size_t>(kCachedOutputBytes)) {
+      const size_t size = OutputCache::rounded(bytes);
+      if (void* p = OutputCache::instance().take(size)) {
+        auto* block = new Block{p, size};
+        return {static_cast<char*>(p) + kColorBytes * (color++ % kColors), block, &release,
+                c10::Device(c10::DeviceType::CPU)};
+      }
+    }
+#endif
+    return c10::GetDefaultCPUAllocator()->allocate(bytes);
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+ private:
+  struct Block {
+    void* p;
+    size_t size;
+  };
+  static void release(void* ctx) {
+    auto* block = static_cast<Block*>(ctx);
+#if defined(__linux__) && defined(MAP_ANONYMOUS)
+    OutputCache::instance().give(block->p, block->size);
+#endif
+    delete block;
+  }
+};
+
 // at::empty(sizes, options) for a CPU output; large ones from the OutputCache.
 inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__) && defined(MAP_ANONYMOUS)
@@ -111,12 +157,8 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
   for (int64_t s : sizes) numel *= s;
   const int64_t bytes = numel * static_cast<int64_t>(options.dtype().itemsize());
   if (options.device().is_cpu() && bytes >= kCachedOutputBytes) {
-    const size_t size = OutputCache::rounded(static_cast<size_t>(bytes));
-    if (void* p = OutputCache::instance().take(size)) {
-      return at::from_blob(
-          static_cast<char*>(p) + kColorBytes * (color++ % kColors), sizes,
-          [p, size](void*) { OutputCache::instance().give(p, size); }, options);
-    }
+    return at::detail::empty_generic(sizes, OutputAllocator::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     options.dtype().toScalarType(), std::nullopt);
   }
 #endif
   return at::empty(sizes, options);

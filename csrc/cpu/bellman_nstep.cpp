@@ -106,7 +106,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> n_step_returns_backward_cpu(
     acc_t* gbp = g_boot.data_ptr<acc_t>();
     const acc_t gamma = static_cast<acc_t>(gamma_d);
     acc_t gamma_n = 1;
-    for (int64_t k = 0; k < n; ++k) gamma_n *= gamma;
+    // gamma^n is read only where a window spans n steps, so n <= T there: at most T factors (n may be huge).
+    for (int64_t k = 0; k < std::min<int64_t>(n, g.T); ++k) gamma_n *= gamma;
     at::parallel_for(0, g.O * g.I, 256, [&](int64_t begin, int64_t end) {
       for (int64_t seq = begin; seq < end; ++seq) {
         const int64_t o = seq / g.I, i = seq % g.I;

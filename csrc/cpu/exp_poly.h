@@ -1,5 +1,5 @@
 // exp(x) = 2^k * p(r) with r = x - k ln 2 (Cody-Waite: ln 2 in two parts) and Cephes' degree-6 expf
-// polynomial: the one exp of the CPU kernels that vectorize it (PPO's ratio in ppo_lanes.h, soft Q targets in
+// polynomial: the one exp of the CPU kernels that vectorize it (PPO's ratio in ppo_simd.h, soft Q targets in
 // bellman_sample.cpp). T is float or a GCC float vector; always_inline, so it takes the target of its caller.
 #pragma once
 

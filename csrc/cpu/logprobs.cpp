@@ -149,6 +149,14 @@ void check_token_range(const int64_t* tok, int64_t N, int64_t V, std::optional<i
   }
 }
 
+// The lse of a row holding a +inf logit: +inf, or NaN if the row also holds a NaN.
+template <typename scalar_t>
+float row_lse_inf(const scalar_t* row, int64_t V) {
+  for (int64_t v = 0; v < V; ++v)
+    if (static_cast<float>(row[v]) != static_cast<float>(row[v])) return std::numeric_limits<float>::quiet_NaN();
+  return std::numeric_limits<float>::infinity();
+}
+
 // The forward over rows [begin, end): logp, lse and (ent != null) entropy.
 template <typename scalar_t, typename acc_t>
 __attribute__((always_inline)) inline void forward_rows(const scalar_t* x, int64_t row_stride, int64_t V,
@@ -166,7 +174,10 @@ __attribute__((always_inline)) inline void forward_rows(const scalar_t* x, int64
     const scalar_t* row = x + r * row_stride;
     const auto st = ent_p ? row_state<scalar_t, acc_t, true>(row, V, inv_t) : row_state<scalar_t, acc_t, false>(row, V, inv_t);
     const acc_t log_s0 = std::log(st.s0);
-    const acc_t l = st.m + log_s0;  // all -inf: -inf + log 0 = -inf, so logp = NaN as in the reference
+    acc_t l = st.m + log_s0;  // all -inf: -inf + log 0 = -inf, so logp = NaN as in the reference
+    // A +inf logit: lse = +inf (logp = -inf for a finite logit, NaN for a +inf one), unless a NaN is in the row
+    // (docs/design.md §4.3). exp(inf - inf) made the sums NaN; this row is rare, so it is read again.
+    if (st.m == std::numeric_limits<acc_t>::infinity()) l = row_lse_inf(row, V);
     lse_p[r] = l;
     acc_t zt = static_cast<acc_t>(row[t]) * inv_t;
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -304,13 +315,15 @@ void backward_rows(const Tensor& logits, const Tensor& out, const OptTensor& gra
 void backward_into(const OptTensor& grad_logp, const OptTensor& grad_entropy, const Tensor& logits,
                    const Tensor& out, const Tensor& tokens, const Tensor& lse, const Tensor& entropy,
                    double temperature, std::optional<int64_t> ignore_index) {
-  check_gather_logprobs(logits, tokens, temperature);
+  check_gather_logprobs_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature);
   if (logits.size(0) == 0 || logits.size(1) == 0) return;
   const Tensor tok = tokens.contiguous();
+  check_token_range(tok.const_data_ptr<int64_t>(), logits.size(0), logits.size(1), ignore_index);
+  const auto acc = acc_type_of(logits.scalar_type());
   RLK_DISPATCH_FLOATS(logits.scalar_type(), "gather_logprobs_backward_cpu", [&] {
     using acc_t = acc_of<scalar_t>;
-    backward_rows<scalar_t, acc_t>(logits, out, grad_logp, grad_entropy, tok, lse.contiguous(), entropy.contiguous(),
-                                   temperature, ignore_index);
+    backward_rows<scalar_t, acc_t>(logits, out, grad_logp, grad_entropy, tok, lse.to(acc).contiguous(),
+                                   entropy.to(acc).contiguous(), temperature, ignore_index);
   });
 }
 
@@ -328,6 +341,7 @@ void gather_logprobs_backward_inplace_cpu(const OptTensor& grad_logp, const OptT
                                           const Tensor& logits, const Tensor& tokens, const Tensor& lse,
                                           const Tensor& entropy, double temperature,
                                           std::optional<int64_t> ignore_index) {
+  check_writable_rows(logits);
   backward_into(grad_logp, grad_entropy, logits, logits, tokens, lse, entropy, temperature, ignore_index);
 }
 

@@ -99,6 +99,17 @@ RLK_INLINE RowState logprob_row_state(const Src& x, int64_t V, float inv_t) {
   return st;
 }
 
+// The lse of a row whose largest scaled logit is +inf: +inf, or NaN if the row also holds a NaN
+// (docs/design.md §4.3; the max skips NaN). Rare: a scalar walk outside the kernel's loops.
+template <class Src>
+__attribute__((noinline, cold)) float lse_of_inf_row(const Src& x, int64_t V) {
+  for (int64_t v = 0; v < V; ++v) {
+    const float z = x.at(v);
+    if (z != z) return __builtin_nanf("");
+  }
+  return __builtin_inff();
+}
+
 template <class Src>
 RLK_INLINE void logprob_rows(const Src& base, int64_t row_stride, int64_t V, const int64_t* tok, bool has_ignore,
                              int64_t ignore, float inv_t, int64_t begin, int64_t end, float* logp, float* ent,
@@ -114,7 +125,8 @@ RLK_INLINE void logprob_rows(const Src& base, int64_t row_stride, int64_t V, con
     const Src x{base.p + r * row_stride};
     const RowState st = ent != nullptr ? logprob_row_state<true>(x, V, inv_t) : logprob_row_state<false>(x, V, inv_t);
     const float log_s0 = __builtin_logf(st.s0);
-    const float l = st.m + log_s0;  // all -inf: -inf + log 0 = -inf, so logp = NaN as in the reference
+    float l = st.m + log_s0;  // all -inf: -inf + log 0 = -inf, so logp = NaN as in the reference
+    if (st.m == __builtin_inff()) l = lse_of_inf_row(x, V);
     lse[r] = l;
     float zt = x.at(t) * inv_t;
 #if defined(__x86_64__) && defined(__GNUC__)

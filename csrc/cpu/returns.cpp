@@ -33,10 +33,10 @@ struct Geometry : SeqLayout {
   std::vector<int64_t> cu;
 };
 
-Geometry geometry_of(const Tensor& ref, const OptTensor& cu_seqlens) {
+Geometry geometry_of(const Tensor& ref, const char* ref_name, const OptTensor& cu_seqlens) {
   Geometry g;
   if (given(cu_seqlens)) {
-    static_cast<SeqLayout&>(g) = packed_layout(ref, "rewards", *cu_seqlens);
+    static_cast<SeqLayout&>(g) = packed_layout(ref, ref_name, *cu_seqlens);
     Tensor c = cu_seqlens->to(at::kLong).contiguous();
     g.cu.assign(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
     TORCH_CHECK_VALUE(g.cu.front() == 0, "rlkernels: cu_seqlens[0] must be 0, got ", g.cu.front());
@@ -46,13 +46,13 @@ Geometry geometry_of(const Tensor& ref, const OptTensor& cu_seqlens) {
     TORCH_CHECK_VALUE(g.cu.back() == ref.numel(), "rlkernels: cu_seqlens[-1] = ", g.cu.back(),
                       " must equal the packed length ", ref.numel());
   } else if (ref.dim() == 3) {
-    static_cast<SeqLayout&>(g) = dense_layout(ref);
+    static_cast<SeqLayout&>(g) = dense_layout(ref, ref_name);
   } else {
     // [T, I] and [T] (time first) are [1, T, I] and [1, T, 1], with one value per sequence shaped [I] and []:
     // the Python wrappers pass such CPU tensors as they are, saving the reshapes of each call.
     TORCH_CHECK_VALUE(ref.dim() == 1 || ref.dim() == 2,
-                      "rlkernels: scan ops take canonical [O, T, I] (or [T, I], [T]) tensors, got ", ref.dim(),
-                      " dims");
+                      "rlkernels: scan ops take canonical [O, T, I] (or [T, I], [T]) tensors, got ", ref_name, " with ",
+                      ref.dim(), " dims");
     g.steps = ref.size(0);
     g.inner = ref.dim() == 2 ? ref.size(1) : 1;
     g.num_seqs = g.inner;
@@ -73,23 +73,27 @@ Problem<acc_t> problem_of(const Geometry& g) {
 }
 
 template <typename acc_t>
-void set_scalar(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, const OptTensor& t, const char* name) {
+void set_scalar(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, const char* ref_name, const OptTensor& t,
+                const char* name) {
   if (!given(t)) return;
-  check_like(*t, name, ref, "rewards");
+  check_like(*t, name, ref, ref_name);
   pb.set(s, keep.data(*t), Kind::kScalar);
 }
 
 template <typename acc_t>
-void set_flag(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, const OptTensor& t, const char* name) {
+void set_flag(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, const char* ref_name, const OptTensor& t,
+              const char* name) {
   if (!given(t)) return;
-  check_flag(*t, name, ref, "rewards", ref.sizes());
+  check_flag(*t, name, ref, ref_name, ref.sizes());
   pb.set(s, keep.data(*t), Kind::kFlag);
 }
 
 template <typename acc_t>
-void set_acc(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, const OptTensor& t, const char* name) {
+void set_acc(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, const char* ref_name, const OptTensor& t,
+             const char* name) {
   if (!given(t)) return;
-  check_same_shape(*t, name, ref, "rewards");
+  check_same_shape(*t, name, ref, ref_name);
+  check_same_device(*t, name, ref, ref_name);
   pb.set(s, keep.data(t->to(c10::CppTypeToScalarType<acc_t>::value)), Kind::kAcc);
 }
 
@@ -97,6 +101,7 @@ void set_acc(Problem<acc_t>& pb, Inputs& keep, Stream s, const Tensor& ref, cons
 template <typename acc_t>
 void set_initial(std::vector<acc_t>& init, int j, const Geometry& g, const OptTensor& t, const char* name) {
   if (!given(t)) return;
+  check_float(*t, name);
   check_per_sequence(*t, name, g);
   Tensor c = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
   std::copy(c.data_ptr<acc_t>(), c.data_ptr<acc_t>() + g.num_seqs, init.begin() + j * g.num_seqs);
@@ -106,18 +111,19 @@ Tensor empty_out(const Tensor& ref) { return empty_output(ref.sizes(), acc_optio
 
 Tensor linear_scan_cpu(const Tensor& a, const Tensor& b, const OptTensor& initial, bool reverse) {
   check_float(b, "b");
-  const Geometry g = geometry_of(b, std::nullopt);
+  const Geometry g = geometry_of(b, "b", std::nullopt);
   Tensor out = empty_out(b);
-  if (b.numel() == 0) return out;
+  const bool empty = b.numel() == 0;  // checked below like any input, then nothing to compute
   RLK_DISPATCH_FLOATS(b.scalar_type(), "linear_scan", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Problem<acc_t> pb = problem_of<acc_t>(g);
     Inputs keep;
-    set_scalar(pb, keep, kA, b, a, "a");
-    set_scalar(pb, keep, kB, b, b, "b");
+    set_scalar(pb, keep, kA, b, "b", a, "a");
+    set_scalar(pb, keep, kB, b, "b", b, "b");
     pb.out[0] = out.data_ptr<acc_t>();
     std::vector<acc_t> init(g.num_seqs, acc_t(0));
     set_initial(init, 0, g, initial, "initial");
+    if (empty) return;
     run_scan<LinearScanStep, scalar_t, acc_t>(StepId::kLinearScan, pb, ScanParams<acc_t>{}, reverse, init.data(), nullptr);
   });
   return out;
@@ -127,22 +133,23 @@ Tensor discounted_returns_cpu(const Tensor& rewards, const OptTensor& next_value
                               const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask,
                               const OptTensor& cu_seqlens, double gamma) {
   check_float(rewards, "rewards");
-  const Geometry g = geometry_of(rewards, cu_seqlens);
+  const Geometry g = geometry_of(rewards, "rewards", cu_seqlens);
   Tensor out = empty_out(rewards);
-  if (rewards.numel() == 0) return out;
+  const bool empty = rewards.numel() == 0;  // checked below like any input, then nothing to compute
   RLK_DISPATCH_FLOATS(rewards.scalar_type(), "discounted_returns", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Problem<acc_t> pb = problem_of<acc_t>(g);
     Inputs keep;
-    set_scalar(pb, keep, kR, rewards, rewards, "rewards");
-    set_scalar(pb, keep, kNV, rewards, next_values, "next_values");
-    set_flag(pb, keep, kTerm, rewards, terminated, "terminated");
-    set_flag(pb, keep, kTrunc, rewards, truncated, "truncated");
-    set_flag(pb, keep, kMask, rewards, mask, "mask");
+    set_scalar(pb, keep, kR, rewards, "rewards", rewards, "rewards");
+    set_scalar(pb, keep, kNV, rewards, "rewards", next_values, "next_values");
+    set_flag(pb, keep, kTerm, rewards, "rewards", terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards, "rewards", truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards, "rewards", mask, "mask");
     pb.out[0] = out.data_ptr<acc_t>();
     const bool has_next = given(next_values);
     std::vector<acc_t> init(g.num_seqs, acc_t(0));
     if (!has_next) set_initial(init, 0, g, bootstrap_value, "bootstrap_value");
+    if (empty) return;
     run_scan<DiscountedReturnsStep, scalar_t, acc_t>(StepId::kDiscountedReturns, pb, params_of<acc_t>(gamma, 1.0, has_next), true, init.data(),
                                                      nullptr);
   });
@@ -152,23 +159,24 @@ Tensor discounted_returns_cpu(const Tensor& rewards, const OptTensor& next_value
 std::tuple<Tensor, Tensor, Tensor> discounted_returns_backward_cpu(
     const OptTensor& grad, const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask,
     const OptTensor& cu_seqlens, const Tensor& rewards_like, double gamma, bool has_next) {
-  const Geometry g = geometry_of(rewards_like, cu_seqlens);
+  const Geometry g = geometry_of(rewards_like, "rewards_like", cu_seqlens);
   Tensor grad_rewards = empty_out(rewards_like);
   Tensor grad_next = has_next ? empty_out(rewards_like) : at::empty({0}, grad_rewards.options());
   Tensor grad_boot = at::zeros(g.seq_shape, grad_rewards.options());
-  if (rewards_like.numel() == 0) return {grad_rewards, grad_next, grad_boot};
+  const bool empty = rewards_like.numel() == 0;  // checked below like any input, then nothing to compute
   AT_DISPATCH_FLOATING_TYPES(grad_rewards.scalar_type(), "discounted_returns_backward", [&] {
     using acc_t = scalar_t;
     Problem<acc_t> pb = problem_of<acc_t>(g);
     Inputs keep;
-    set_acc(pb, keep, kG0, rewards_like, grad, "grad");
-    set_flag(pb, keep, kTerm, rewards_like, terminated, "terminated");
-    set_flag(pb, keep, kTrunc, rewards_like, truncated, "truncated");
-    set_flag(pb, keep, kMask, rewards_like, mask, "mask");
+    set_acc(pb, keep, kG0, rewards_like, "rewards_like", grad, "grad");
+    set_flag(pb, keep, kTerm, rewards_like, "rewards_like", terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards_like, "rewards_like", truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards_like, "rewards_like", mask, "mask");
     pb.out[0] = grad_rewards.data_ptr<acc_t>();
     pb.out[1] = has_next ? grad_next.data_ptr<acc_t>() : nullptr;
     const auto params = params_of<acc_t>(gamma, 1.0, has_next);
     std::vector<acc_t> final_carry(g.num_seqs);
+    if (empty) return;
     run_scan<DiscountedReturnsBackwardStep, acc_t, acc_t>(StepId::kDiscountedReturnsBackward, pb, params, false, nullptr, final_carry.data());
     acc_t* gb = grad_boot.data_ptr<acc_t>();
     for (int64_t s = 0; s < g.num_seqs; ++s)
@@ -212,24 +220,25 @@ std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards, const Tensor& values, 
                                    const OptTensor& truncated, const OptTensor& mask, const OptTensor& cu_seqlens,
                                    double gamma, double lam) {
   check_float(rewards, "rewards");
-  const Geometry g = geometry_of(rewards, cu_seqlens);
+  const Geometry g = geometry_of(rewards, "rewards", cu_seqlens);
   Tensor adv = empty_out(rewards), ret = empty_out(rewards);
-  if (rewards.numel() == 0) return {adv, ret};
+  const bool empty = rewards.numel() == 0;  // checked below like any input, then nothing to compute
   RLK_DISPATCH_FLOATS(rewards.scalar_type(), "gae", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Problem<acc_t> pb = problem_of<acc_t>(g);
     Inputs keep;
-    set_scalar(pb, keep, kR, rewards, rewards, "rewards");
-    set_scalar(pb, keep, kV, rewards, values, "values");
-    set_scalar(pb, keep, kNV, rewards, next_values, "next_values");
-    set_flag(pb, keep, kTerm, rewards, terminated, "terminated");
-    set_flag(pb, keep, kTrunc, rewards, truncated, "truncated");
-    set_flag(pb, keep, kMask, rewards, mask, "mask");
+    set_scalar(pb, keep, kR, rewards, "rewards", rewards, "rewards");
+    set_scalar(pb, keep, kV, rewards, "rewards", values, "values");
+    set_scalar(pb, keep, kNV, rewards, "rewards", next_values, "next_values");
+    set_flag(pb, keep, kTerm, rewards, "rewards", terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards, "rewards", truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards, "rewards", mask, "mask");
     pb.out[0] = adv.data_ptr<acc_t>();
     pb.out[1] = ret.data_ptr<acc_t>();
     const bool has_next = given(next_values);
     std::vector<acc_t> init(2 * g.num_seqs, acc_t(0));
     if (!has_next) set_initial(init, 1, g, bootstrap_value, "bootstrap_value");
+    if (empty) return;
     if (gae_by_rows<scalar_t>(g, pb, init, has_next, gamma, lam)) return;
     run_scan<GaeStep, scalar_t, acc_t>(StepId::kGae, pb, params_of<acc_t>(gamma, lam, has_next), true, init.data(), nullptr);
   });
@@ -241,25 +250,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gae_backward_cpu(const OptTensor& gra
                                                             const OptTensor& mask, const OptTensor& cu_seqlens,
                                                             const Tensor& rewards_like, double gamma, double lam,
                                                             bool has_next) {
-  const Geometry g = geometry_of(rewards_like, cu_seqlens);
+  const Geometry g = geometry_of(rewards_like, "rewards_like", cu_seqlens);
   Tensor grad_rewards = empty_out(rewards_like), grad_values = empty_out(rewards_like);
   Tensor grad_next = has_next ? empty_out(rewards_like) : at::empty({0}, grad_rewards.options());
   Tensor grad_boot = at::zeros(g.seq_shape, grad_rewards.options());
-  if (rewards_like.numel() == 0) return {grad_rewards, grad_values, grad_next, grad_boot};
+  const bool empty = rewards_like.numel() == 0;  // checked below like any input, then nothing to compute
   AT_DISPATCH_FLOATING_TYPES(grad_rewards.scalar_type(), "gae_backward", [&] {
     using acc_t = scalar_t;
     Problem<acc_t> pb = problem_of<acc_t>(g);
     Inputs keep;
-    set_acc(pb, keep, kG0, rewards_like, grad_adv, "grad_advantages");
-    set_acc(pb, keep, kG1, rewards_like, grad_ret, "grad_returns");
-    set_flag(pb, keep, kTerm, rewards_like, terminated, "terminated");
-    set_flag(pb, keep, kTrunc, rewards_like, truncated, "truncated");
-    set_flag(pb, keep, kMask, rewards_like, mask, "mask");
+    set_acc(pb, keep, kG0, rewards_like, "rewards_like", grad_adv, "grad_advantages");
+    set_acc(pb, keep, kG1, rewards_like, "rewards_like", grad_ret, "grad_returns");
+    set_flag(pb, keep, kTerm, rewards_like, "rewards_like", terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards_like, "rewards_like", truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards_like, "rewards_like", mask, "mask");
     pb.out[0] = grad_rewards.data_ptr<acc_t>();
     pb.out[1] = grad_values.data_ptr<acc_t>();
     pb.out[2] = has_next ? grad_next.data_ptr<acc_t>() : nullptr;
     const auto params = params_of<acc_t>(gamma, lam, has_next);
     std::vector<acc_t> final_carry(2 * g.num_seqs);
+    if (empty) return;
     run_scan<GaeBackwardStep, acc_t, acc_t>(StepId::kGaeBackward, pb, params, false, nullptr, final_carry.data());
     acc_t* gb = grad_boot.data_ptr<acc_t>();
     for (int64_t s = 0; s < g.num_seqs; ++s) {
@@ -278,22 +288,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vtrace_cpu(const Tensor& rewards, con
                                                       double rho_clip, double c_clip, double pg_rho_clip,
                                                       bool save_carries) {
   check_float(rewards, "rewards");
-  const Geometry g = geometry_of(rewards, cu_seqlens);
+  const Geometry g = geometry_of(rewards, "rewards", cu_seqlens);
   Tensor vs = empty_out(rewards), pg = empty_out(rewards);
   Tensor next_x = save_carries ? empty_out(rewards) : at::empty({0}, vs.options());
   Tensor next_v = save_carries ? empty_out(rewards) : at::empty({0}, vs.options());
-  if (rewards.numel() == 0) return {vs, pg, next_x, next_v};
+  const bool empty = rewards.numel() == 0;  // checked below like any input, then nothing to compute
   RLK_DISPATCH_FLOATS(rewards.scalar_type(), "vtrace", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Problem<acc_t> pb = problem_of<acc_t>(g);
     Inputs keep;
-    set_scalar(pb, keep, kR, rewards, rewards, "rewards");
-    set_scalar(pb, keep, kV, rewards, values, "values");
-    set_scalar(pb, keep, kLR, rewards, log_rhos, "log_rhos");
-    set_scalar(pb, keep, kNV, rewards, next_values, "next_values");
-    set_flag(pb, keep, kTerm, rewards, terminated, "terminated");
-    set_flag(pb, keep, kTrunc, rewards, truncated, "truncated");
-    set_flag(pb, keep, kMask, rewards, mask, "mask");
+    set_scalar(pb, keep, kR, rewards, "rewards", rewards, "rewards");
+    set_scalar(pb, keep, kV, rewards, "rewards", values, "values");
+    set_scalar(pb, keep, kLR, rewards, "rewards", log_rhos, "log_rhos");
+    set_scalar(pb, keep, kNV, rewards, "rewards", next_values, "next_values");
+    set_flag(pb, keep, kTerm, rewards, "rewards", terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards, "rewards", truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards, "rewards", mask, "mask");
     pb.out[0] = vs.data_ptr<acc_t>();
     pb.out[1] = pg.data_ptr<acc_t>();
     pb.out[2] = save_carries ? next_x.data_ptr<acc_t>() : nullptr;
@@ -301,6 +311,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> vtrace_cpu(const Tensor& rewards, con
     const bool has_next = given(next_values);
     std::vector<acc_t> init(2 * g.num_seqs, acc_t(0));
     if (!has_next) set_initial(init, 1, g, bootstrap_value, "bootstrap_value");
+    if (empty) return;
     run_scan<VtraceStepT<ScalarExp>, scalar_t, acc_t>(
         StepId::kVtrace, pb, vtrace_params_of<acc_t>(gamma, lam, rho_clip, c_clip, pg_rho_clip, has_next), true, init.data(), nullptr);
   });
@@ -312,27 +323,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vtrace_backward_cpu(
     const Tensor& log_rhos, const OptTensor& next_values, const OptTensor& saved_next_x,
     const OptTensor& saved_next_v, const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask,
     const OptTensor& cu_seqlens, double gamma, double lam, double rho_clip, double c_clip, double pg_rho_clip) {
-  const Geometry g = geometry_of(rewards, cu_seqlens);
+  check_float(rewards, "rewards");
+  const Geometry g = geometry_of(rewards, "rewards", cu_seqlens);
   const bool has_next = given(next_values);
   Tensor grad_rewards = empty_out(rewards), grad_values = empty_out(rewards), grad_log_rhos = empty_out(rewards);
   Tensor grad_next = has_next ? empty_out(rewards) : at::empty({0}, grad_rewards.options());
   Tensor grad_boot = at::zeros(g.seq_shape, grad_rewards.options());
-  if (rewards.numel() == 0) return {grad_rewards, grad_values, grad_log_rhos, grad_next, grad_boot};
+  const bool empty = rewards.numel() == 0;  // checked below like any input, then nothing to compute
   RLK_DISPATCH_FLOATS(rewards.scalar_type(), "vtrace_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Problem<acc_t> pb = problem_of<acc_t>(g);
     Inputs keep;
-    set_scalar(pb, keep, kR, rewards, rewards, "rewards");
-    set_scalar(pb, keep, kV, rewards, values, "values");
-    set_scalar(pb, keep, kLR, rewards, log_rhos, "log_rhos");
-    set_scalar(pb, keep, kNV, rewards, next_values, "next_values");
-    set_acc(pb, keep, kG0, rewards, grad_vs, "grad_vs");
-    set_acc(pb, keep, kG1, rewards, grad_pg, "grad_pg_advantages");
-    set_acc(pb, keep, kS0, rewards, saved_next_x, "saved_next_x");
-    set_acc(pb, keep, kS1, rewards, saved_next_v, "saved_next_v");
-    set_flag(pb, keep, kTerm, rewards, terminated, "terminated");
-    set_flag(pb, keep, kTrunc, rewards, truncated, "truncated");
-    set_flag(pb, keep, kMask, rewards, mask, "mask");
+    set_scalar(pb, keep, kR, rewards, "rewards", rewards, "rewards");
+    set_scalar(pb, keep, kV, rewards, "rewards", values, "values");
+    set_scalar(pb, keep, kLR, rewards, "rewards", log_rhos, "log_rhos");
+    set_scalar(pb, keep, kNV, rewards, "rewards", next_values, "next_values");
+    set_acc(pb, keep, kG0, rewards, "rewards", grad_vs, "grad_vs");
+    set_acc(pb, keep, kG1, rewards, "rewards", grad_pg, "grad_pg_advantages");
+    set_acc(pb, keep, kS0, rewards, "rewards", saved_next_x, "saved_next_x");
+    set_acc(pb, keep, kS1, rewards, "rewards", saved_next_v, "saved_next_v");
+    set_flag(pb, keep, kTerm, rewards, "rewards", terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards, "rewards", truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards, "rewards", mask, "mask");
     pb.out[0] = grad_rewards.data_ptr<acc_t>();
     pb.out[1] = grad_values.data_ptr<acc_t>();
     // Without the saved carries the log_rhos gradient is not needed (and not computable): not written.
@@ -341,6 +353,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> vtrace_backward_cpu(
     if (!pb.out[2]) grad_log_rhos.zero_();
     const auto params = vtrace_params_of<acc_t>(gamma, lam, rho_clip, c_clip, pg_rho_clip, has_next);
     std::vector<acc_t> final_carry(2 * g.num_seqs);
+    if (empty) return;
     run_scan<VtraceBackwardStepT<ScalarExp>, scalar_t, acc_t>(StepId::kVtraceBackward, pb, params, false, nullptr, final_carry.data());
     acc_t* gb = grad_boot.data_ptr<acc_t>();
     for (int64_t s = 0; s < g.num_seqs; ++s) {
@@ -355,22 +368,23 @@ Tensor retrace_cpu(const Tensor& rewards, const Tensor& q_taken, const Tensor& n
                    const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask,
                    const OptTensor& cu_seqlens, double gamma, double lam, double c_clip) {
   check_float(rewards, "rewards");
-  const Geometry g = geometry_of(rewards, cu_seqlens);
+  const Geometry g = geometry_of(rewards, "rewards", cu_seqlens);
   Tensor out = empty_out(rewards);
-  if (rewards.numel() == 0) return out;
+  const bool empty = rewards.numel() == 0;  // checked below like any input, then nothing to compute
   RLK_DISPATCH_FLOATS(rewards.scalar_type(), "retrace", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Problem<acc_t> pb = problem_of<acc_t>(g);
     Inputs keep;
-    set_scalar(pb, keep, kR, rewards, rewards, "rewards");
-    set_scalar(pb, keep, kV, rewards, q_taken, "q_taken");
-    set_scalar(pb, keep, kNV, rewards, next_v, "next_v");
-    set_scalar(pb, keep, kLR, rewards, log_rhos, "log_rhos");
-    set_flag(pb, keep, kTerm, rewards, terminated, "terminated");
-    set_flag(pb, keep, kTrunc, rewards, truncated, "truncated");
-    set_flag(pb, keep, kMask, rewards, mask, "mask");
+    set_scalar(pb, keep, kR, rewards, "rewards", rewards, "rewards");
+    set_scalar(pb, keep, kV, rewards, "rewards", q_taken, "q_taken");
+    set_scalar(pb, keep, kNV, rewards, "rewards", next_v, "next_v");
+    set_scalar(pb, keep, kLR, rewards, "rewards", log_rhos, "log_rhos");
+    set_flag(pb, keep, kTerm, rewards, "rewards", terminated, "terminated");
+    set_flag(pb, keep, kTrunc, rewards, "rewards", truncated, "truncated");
+    set_flag(pb, keep, kMask, rewards, "rewards", mask, "mask");
     pb.out[0] = out.data_ptr<acc_t>();
     // No bootstrap value: every sequence starts from a zero carry (init nullptr).
+    if (empty) return;
     run_scan<RetraceStepT<ScalarExp>, scalar_t, acc_t>(
         StepId::kRetrace, pb, vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false), true, nullptr, nullptr);
   });
@@ -382,25 +396,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> retrace_backward_cpu(
     const OptTensor& terminated, const OptTensor& truncated, const OptTensor& mask, const OptTensor& cu_seqlens,
     double gamma, double lam, double c_clip) {
   check_float(q_taken, "q_taken");
-  const Geometry g = geometry_of(q_taken, cu_seqlens);
+  const Geometry g = geometry_of(q_taken, "q_taken", cu_seqlens);
   Tensor grad_rewards = empty_out(q_taken), grad_q = empty_out(q_taken), grad_next = empty_out(q_taken),
          grad_log_rhos = empty_out(q_taken);
-  if (q_taken.numel() == 0) return {grad_rewards, grad_q, grad_next, grad_log_rhos};
+  const bool empty = q_taken.numel() == 0;  // checked below like any input, then nothing to compute
   RLK_DISPATCH_FLOATS(q_taken.scalar_type(), "retrace_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Problem<acc_t> pb = problem_of<acc_t>(g);
     Inputs keep;
-    set_scalar(pb, keep, kV, q_taken, q_taken, "q_taken");
-    set_scalar(pb, keep, kLR, q_taken, log_rhos, "log_rhos");
-    set_acc(pb, keep, kG0, q_taken, grad, "grad");
-    set_acc(pb, keep, kS0, q_taken, targets, "targets");
-    set_flag(pb, keep, kTerm, q_taken, terminated, "terminated");
-    set_flag(pb, keep, kTrunc, q_taken, truncated, "truncated");
-    set_flag(pb, keep, kMask, q_taken, mask, "mask");
+    set_scalar(pb, keep, kV, q_taken, "q_taken", q_taken, "q_taken");
+    set_scalar(pb, keep, kLR, q_taken, "q_taken", log_rhos, "log_rhos");
+    set_acc(pb, keep, kG0, q_taken, "q_taken", grad, "grad");
+    set_acc(pb, keep, kS0, q_taken, "q_taken", targets, "targets");
+    set_flag(pb, keep, kTerm, q_taken, "q_taken", terminated, "terminated");
+    set_flag(pb, keep, kTrunc, q_taken, "q_taken", truncated, "truncated");
+    set_flag(pb, keep, kMask, q_taken, "q_taken", mask, "mask");
     pb.out[0] = grad_rewards.data_ptr<acc_t>();
     pb.out[1] = grad_q.data_ptr<acc_t>();
     pb.out[2] = grad_next.data_ptr<acc_t>();
     pb.out[3] = grad_log_rhos.data_ptr<acc_t>();
+    if (empty) return;
     run_scan<RetraceBackwardStepT<ScalarExp>, scalar_t, acc_t>(
         StepId::kRetraceBackward, pb, vtrace_params_of<acc_t>(gamma, lam, 1.0, c_clip, 1.0, false), false, nullptr,
         nullptr);

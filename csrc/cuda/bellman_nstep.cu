@@ -161,7 +161,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> n_step_returns_backward_cuda(const Te
     using acc_t = scalar_t;
     const acc_t gamma = static_cast<acc_t>(gamma_d);
     acc_t gamma_n = 1;
-    for (int64_t k = 0; k < n; ++k) gamma_n *= gamma;
+    // gamma^n is read only where a window spans n steps, so n <= T there: at most T factors (n may be huge).
+    for (int64_t k = 0; k < std::min<int64_t>(n, g.T); ++k) gamma_n *= gamma;
     n_step_backward_kernel<acc_t><<<grid_for(like.numel(), kThreads), kThreads, 0, current_stream()>>>(
         grad.const_data_ptr<acc_t>(), term, trunc, g, gamma, gamma_n, n, has_next_values,
         g_r.mutable_data_ptr<acc_t>(), g_v.mutable_data_ptr<acc_t>(),

@@ -227,7 +227,16 @@ template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void finish_row(const FwdArgs<scalar_t, acc_t>& a, int64_t r, const scalar_t* row,
                                            int64_t t, const State<acc_t>& st) {
   const acc_t log_s0 = log_dev(st.s0);
-  const acc_t l = st.m + log_s0;  // all -inf: -inf + log 0 = -inf, and logp is NaN as on CPU
+  acc_t l = st.m + log_s0;  // all -inf: -inf + log 0 = -inf, and logp is NaN as on CPU
+  // A +inf logit: lse = +inf (exp(inf - inf) made the sums NaN), or NaN if the row also holds a NaN
+  // (docs/design.md §4.3); such a row is rare, so one thread reads it again.
+  if (st.m == std::numeric_limits<acc_t>::infinity()) {
+    l = st.m;
+    for (int64_t v = 0; v < a.V && l == l; ++v) {
+      const acc_t x = static_cast<acc_t>(row[v]);
+      if (x != x) l = x;
+    }
+  }
   a.lse[r] = l;
   const bool in_range = t >= 0 && t < a.V;
   a.logp[r] = in_range ? static_cast<acc_t>(row[in_range ? t : 0]) * a.inv_t - l
@@ -443,7 +452,8 @@ std::tuple<Tensor, Tensor, Tensor> gather_logprobs_cuda(const Tensor& logits, co
 void backward_into(const OptTensor& grad_logp, const OptTensor& grad_entropy, const Tensor& logits, const Tensor& out,
                    const Tensor& tokens, const Tensor& lse, const Tensor& entropy, double temperature,
                    std::optional<int64_t> ignore_index) {
-  check_inputs(logits, tokens, temperature);
+  check_cuda(logits, "logits");
+  check_gather_logprobs_backward(grad_logp, grad_entropy, logits, tokens, lse, entropy, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t N = logits.size(0), V = logits.size(1);
   if (N == 0 || V == 0) return;
@@ -512,6 +522,7 @@ void gather_logprobs_backward_inplace_cuda(const OptTensor& grad_logp, const Opt
                                            const Tensor& logits, const Tensor& tokens, const Tensor& lse,
                                            const Tensor& entropy, double temperature,
                                            std::optional<int64_t> ignore_index) {
+  check_writable_rows(logits);
   backward_into(grad_logp, grad_entropy, logits, logits, tokens, lse, entropy, temperature, ignore_index);
 }
 

@@ -20,9 +20,24 @@ def cast(grad, like):
     return None if like is None else grad.to(like.dtype)
 
 
-def register(op, backward, setup_context):
-    """Registers an autograd formula for a C++ op (its name) or a Triton op (its CustomOpDef)."""
+def register(op, backward, setup_context, backward_op=None):
+    """Registers an autograd formula for a C++ op (its name) or a Triton op (its CustomOpDef). A Triton op's
+    backward op (``backward_op``) gets a formula that raises: backward ops are differentiable once
+    (docs/design.md §2; the C++ backward ops get theirs in csrc/autograd.cpp)."""
     if isinstance(op, str):
         torch.library.register_autograd(f"rlkernels::{op}", backward, setup_context=setup_context)
     else:
         op.register_autograd(backward, setup_context=setup_context)
+        if backward_op is not None:
+            _differentiable_once(backward_op)
+
+
+def _differentiable_once(backward_op):
+    name = backward_op._qualified_op_name  # rlkernels::triton_<op>_backward
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"rlkernels.{name.split('::')[1]}: second-order gradients are not implemented (the "
+                           "backward is differentiable once: a graph created through it with create_graph=True "
+                           "cannot be differentiated again)")
+
+    torch.library.register_autograd(name, backward)

@@ -71,7 +71,7 @@ def register_td_loss(op, backward_op):
         g_q, g_y = backward_op(grad_loss, grad_td, q, actions, targets, weights, *ctx.args)
         return g_q, None, g_y, None, None, None, None
 
-    register(op, backward, _td_setup)
+    register(op, backward, _td_setup, backward_op)
 
 
 def _n_step_setup(ctx, inputs, output):
@@ -92,7 +92,7 @@ def register_n_step_returns(op, backward_op):
         return (g_r.to(rewards.dtype), g_v.to(values.dtype), g_nv.to(next_values.dtype) if has_next else None,
                 None if bootstrap_value is None else g_b.to(bootstrap_value.dtype), None, None, None, None)
 
-    register(op, backward, _n_step_setup)
+    register(op, backward, _n_step_setup, backward_op)
 
 
 def _backup_setup(ctx, inputs, output):

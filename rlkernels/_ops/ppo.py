@@ -65,7 +65,7 @@ def register_policy_loss(op, backward_op):
         grad = backward_op(grad_loss, logp, old_logp, advantages, mask, *ctx.args)
         return grad, None, None, None, None, None, None, None, None
 
-    register(op, backward, _policy_setup)
+    register(op, backward, _policy_setup, backward_op)
 
 
 def _value_setup(ctx, inputs, output):
@@ -83,7 +83,7 @@ def register_value_loss(op, backward_op):
         grad = backward_op(grad_loss, values, old_values, returns, mask, *ctx.args)
         return grad, None, None, None, None, None
 
-    register(op, backward, _value_setup)
+    register(op, backward, _value_setup, backward_op)
 
 
 def _kl_setup(ctx, inputs, output):
@@ -99,7 +99,7 @@ def register_kl_penalty(op, backward_op):
         logp, ref_logp = ctx.saved_tensors
         return backward_op(grad, logp, ref_logp, ctx.kind), None, None
 
-    register(op, backward, _kl_setup)
+    register(op, backward, _kl_setup, backward_op)
 
 
 _ops = torch.ops.rlkernels

@@ -146,7 +146,7 @@ def register_discounted_returns(op, backward_op):
         return (g_r.to(rewards.dtype), cast(g_next, next_values) if ctx.has_next else None,
                 cast(g_boot, bootstrap_value), None, None, None, None, None)
 
-    register(op, backward, _returns_setup)
+    register(op, backward, _returns_setup, backward_op)
 
 
 # ---- gae ----
@@ -171,7 +171,7 @@ def register_gae(op, backward_op):
         return (g_r.to(rewards.dtype), g_v.to(values.dtype), cast(g_next, next_values) if ctx.has_next else None,
                 cast(g_boot, bootstrap_value), None, None, None, None, None, None)
 
-    register(op, backward, _gae_setup)
+    register(op, backward, _gae_setup, backward_op)
 
 
 # ---- vtrace ----
@@ -203,7 +203,7 @@ def register_vtrace(op, backward_op):
                 cast(g_next, next_values) if next_values is not None else None, cast(g_boot, ctx.bootstrap_like),
                 None, None, None, None, None, None, None, None, None, None)
 
-    register(op, backward, _vtrace_setup)
+    register(op, backward, _vtrace_setup, backward_op)
 
 
 # ---- retrace ----
@@ -226,7 +226,7 @@ def register_retrace(op, backward_op):
                             *ctx.scalars)
         return (*(g.to(dtype) for g, dtype in zip(grads, ctx.dtypes)), None, None, None, None, None, None, None)
 
-    register(op, backward, _retrace_setup)
+    register(op, backward, _retrace_setup, backward_op)
 
 
 _ops = torch.ops.rlkernels

@@ -68,6 +68,16 @@ def _gather_logprobs_forward_kernel(X_ptr, X_row_stride, TOK_ptr, LOGP_ptr, ENT_
     z_t = tl.load(x_row + safe_tok, mask=V > 0, other=float("nan")).to(ACC) * inv_t
     log_s0 = tl.log(s0)
     lse = m + log_s0
+    # A +inf logit: lse = +inf (exp(inf - inf) made the sums NaN), or NaN if the row also holds a NaN
+    # (docs/design.md §4.3); such a row is rare, so it is read again, and only then.
+    inf = float("inf")
+    again = tl.where(m == inf, V, 0)
+    nan_seen = tl.zeros([], tl.int32)
+    for off in range(0, again, BLOCK_SIZE):
+        cols = off + tl.arange(0, BLOCK_SIZE)
+        x = tl.load(x_row + cols, mask=cols < V, other=0.0).to(ACC)
+        nan_seen = tl.maximum(nan_seen, tl.max((x != x).to(tl.int32), 0))  # noqa: PLR0124
+    lse = tl.where(m == inf, tl.where(nan_seen > 0, float("nan"), inf), lse).to(ACC)
     logp = tl.where(in_range, z_t - lse, float("nan")).to(ACC)
     tl.store(LOGP_ptr + row, tl.where(ignored, 0.0, logp).to(ACC))
     tl.store(LSE_ptr + row, tl.where(ignored, 0.0, lse).to(ACC))

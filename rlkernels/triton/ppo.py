@@ -81,7 +81,10 @@ def _policy_forward_kernel(LP_ptr, OLD_ptr, ADV_ptr, MASK_ptr, PART_ptr, T, num_
     tl.store(out + 3, tl.sum(tl.where(ok & lower, 1.0, zero), axis=0))
     tl.store(out + 4, tl.sum(tl.where(ok, -log_ratio, zero), axis=0))
     tl.store(out + 5, tl.sum(tl.where(ok, ratio, zero), axis=0))
-    tl.store(out + 6, tl.max(tl.where(ok, ratio, zero - float("inf")), axis=0))
+    # The masked max; a NaN ratio sticks, as in torch's amax (tl.max may drop it).
+    rmax = tl.max(tl.where(ok, ratio, zero - float("inf")), axis=0)
+    nan_seen = tl.max(tl.where(ok & (ratio != ratio), 1, 0), axis=0)  # noqa: PLR0124
+    tl.store(out + 6, tl.where(nan_seen > 0, float("nan"), rmax))
 
 
 @triton.jit
@@ -122,10 +125,11 @@ def _value_terms(v, old, ret, clip, HAS_CLIP: tl.constexpr):
     loss = 0.5 * err
     clipped = err < 0.0  # all False (NaN too)
     if HAS_CLIP:
-        vc = tl.minimum(tl.maximum(v, old - clip), old + clip)
+        # torch.clamp: a NaN bound (old value) gives NaN
+        vc = tl.where(old != old, old, tl.minimum(tl.maximum(v, old - clip), old + clip))  # noqa: PLR0124
         clipped_err = (vc - ret) * (vc - ret)
         clipped = clipped_err > err
-        loss = tl.where(clipped, 0.5 * clipped_err, loss)
+        loss = tl.where(clipped | (clipped_err != clipped_err), 0.5 * clipped_err, loss)  # noqa: PLR0124
     return loss, clipped
 
 
@@ -170,7 +174,7 @@ def _value_backward_kernel(V_ptr, OLD_ptr, RET_ptr, MASK_ptr, W_ptr, GRAD_ptr, T
         c = tl.full([], clip, tl.float64).to(ACC)
         lo = old - c
         hi = old + c
-        vc = tl.minimum(tl.maximum(v, lo), hi)
+        vc = tl.where(old != old, old, tl.minimum(tl.maximum(v, lo), hi))  # noqa: PLR0124
         err = d * d
         clipped_err = (vc - ret) * (vc - ret)
         share = tl.where((v > lo) & (v < hi), 1.0, 0.0) + tl.where(v == lo, 0.5, 0.0) + tl.where(v == hi, 0.5, 0.0)

@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <limits>
 #include <string_view>
 
 #include "rlkernels/bellman.h"
@@ -49,8 +50,10 @@ inline void check_q_targets(const at::Tensor& rewards, const at::Tensor& next_q,
     TORCH_CHECK_VALUE(given(next_probs), "rlkernels: kind='expected' needs next_probs");
     check_like(*next_probs, "next_probs", next_q, "next_q", next_q.sizes());
   }
-  TORCH_CHECK_VALUE(kind != QKind::kSoft || temperature > 0, "rlkernels: kind='soft' needs temperature > 0, got ",
-                    temperature);
+  // 1 / temperature a finite float32 (the kernels divide by it in float32; docs/design.md §4.5)
+  TORCH_CHECK_VALUE(kind != QKind::kSoft ||
+                        (temperature >= 2.938735877055719e-39 && temperature <= std::numeric_limits<double>::max()),
+                    "rlkernels: kind='soft' needs a finite temperature >= 2.938735877055719e-39, got ", temperature);
 }
 
 // td_loss and its backward: q [B, A], actions int64 [B], targets and weights [B] of q's dtype and device.
@@ -75,7 +78,7 @@ inline void check_td_grads(const OptTensor& grad_loss, const OptTensor& grad_td,
     check_same_device(*grad_loss, "grad_loss", q, "q");
   }
   if (given(grad_td)) {
-    TORCH_CHECK_VALUE(grad_td->numel() == B, "rlkernels: grad_td_errors must have ", B, " elements");
+    check_shape(*grad_td, "grad_td_errors", {B});
     check_same_device(*grad_td, "grad_td_errors", q, "q");
   }
 }

@@ -37,9 +37,9 @@ inline SeqLayout packed_layout(const at::Tensor& ref, const char* ref_name, cons
 }
 
 // Dense [O, T, I].
-inline SeqLayout dense_layout(const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(ref.dim() == 3, "rlkernels: scan ops take canonical [O, T, I] tensors, got ", ref.dim(),
-                    " dims");
+inline SeqLayout dense_layout(const at::Tensor& ref, const char* ref_name = "rewards") {
+  TORCH_CHECK_VALUE(ref.dim() == 3, "rlkernels: scan ops take canonical [O, T, I] tensors, got ", ref_name, " with ",
+                    ref.dim(), " dims");
   SeqLayout g;
   g.outer = ref.size(0);
   g.steps = ref.size(1);

@@ -39,6 +39,12 @@ RLK_FN acc_t clamp_value(acc_t x, acc_t lo, acc_t hi) {
   return x < lo ? lo : (x > hi ? hi : x);
 }
 
+// clamp(x, lo, hi) to tensor bounds as torch.clamp computes it: a NaN bound gives NaN (docs/design.md §3).
+template <typename acc_t>
+RLK_FN acc_t clamp_nan(acc_t x, acc_t lo, acc_t hi) {
+  return lo != lo ? lo : (hi != hi ? hi : clamp_value(x, lo, hi));
+}
+
 // d(max(a, b))/da as torch computes it: 1, 0, or 1/2 on a tie.
 template <typename acc_t>
 RLK_FN acc_t max_share(acc_t a, acc_t b) {
@@ -108,13 +114,12 @@ RLK_FN ValueToken<acc_t> value_token(acc_t v, acc_t old_v, acc_t ret, bool has_c
   const acc_t err = (v - ret) * (v - ret);
   ValueToken<acc_t> out{acc_t(0.5) * err, false};
   if (has_clip) {
-    // A NaN old value gives a NaN clamp (torch.clamp to tensor bounds), and a NaN term a NaN loss (torch.maximum).
-    const acc_t vc = old_v == old_v ? clamp_value(v, old_v - clip, old_v + clip) : old_v;
+    const acc_t vc = clamp_nan(v, old_v - clip, old_v + clip);
     const acc_t clipped_err = (vc - ret) * (vc - ret);
     out.clipped = clipped_err > err;
     out.loss = acc_t(0.5) * (out.clipped ? clipped_err : err);
     if (!(err == err)) out.loss = acc_t(0.5) * err;
-    if (!(clipped_err == clipped_err)) out.loss = acc_t(0.5) * clipped_err;
+    if (!(clipped_err == clipped_err)) out.loss = acc_t(0.5) * clipped_err;  // a NaN old value (torch.clamp)
   }
   return out;
 }
@@ -124,7 +129,7 @@ RLK_FN acc_t value_token_grad(acc_t v, acc_t old_v, acc_t ret, bool has_clip, ac
   const acc_t err = (v - ret) * (v - ret);
   if (!has_clip) return v - ret;
   const acc_t lo = old_v - clip, hi = old_v + clip;
-  const acc_t vc = clamp_value(v, lo, hi);
+  const acc_t vc = clamp_nan(v, lo, hi);
   const acc_t clipped_err = (vc - ret) * (vc - ret);
   const acc_t in_clip = clamp_share(v, lo, hi);
   return max_share(err, clipped_err) * (v - ret) + max_share(clipped_err, err) * (vc - ret) * in_clip;
