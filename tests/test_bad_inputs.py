@@ -49,6 +49,8 @@ def _valid_calls():
     mask = _flags(B, L, seed=9)
     logits, tokens = _randn(N, V), torch.tensor([0, 5, 2, 3])
     _, entropy, lse = ops.gather_logprobs(logits, tokens, 1.0, True, None, False)
+    hidden, weight, bias = _randn(N, 3, seed=17), _randn(V, 3, seed=18), _randn(V, seed=19)
+    _, h_entropy, h_lse = ops.linear_logprobs(hidden, weight, tokens, bias, 1.0, True, None, 1.0, None, 2, V)
     q, actions, y = _randn(N, A), torch.tensor([0, 3, 1, 2]), _randn(N, seed=10)
     P = torch.softmax(_randn(2, S, A, S), -1)
     R, V0 = _randn(2, S, A, seed=11), _randn(2, S, seed=12)
@@ -97,6 +99,14 @@ def _valid_calls():
                                               "temperature", "ignore_index"),
                                              (_randn(N, seed=13), _randn(N, seed=14), logits.clone(), tokens, lse,
                                               entropy, 1.0, None)),
+        "linear_logprobs": (("hidden", "weight", "tokens", "bias", "temperature", "return_entropy", "ignore_index",
+                             "logit_scale", "softcap", "chunk_size", "vocab_tile"),
+                            (hidden, weight, tokens, bias, 1.0, True, None, 1.0, None, 2, V)),
+        "linear_logprobs_backward": (("grad_logp", "grad_entropy", "hidden", "weight", "tokens", "bias", "lse",
+                                      "entropy", "temperature", "ignore_index", "logit_scale", "softcap", "chunk_size",
+                                      "vocab_tile", "need_hidden", "need_weight", "need_bias"),
+                                     (_randn(N, seed=13), _randn(N, seed=14), hidden, weight, tokens, bias, h_lse,
+                                      h_entropy, 1.0, None, 1.0, None, 2, V, True, True, True)),
         "q_targets": (("rewards", "next_q", "terminated", "next_q_online", "next_probs", "discount", "kind",
                        "temperature"), (y, q, _flags(N), None, torch.softmax(q, -1), 0.9, "expected", 1.0)),
         "td_loss": (("q", "actions", "targets", "weights", "loss", "delta", "reduction"),

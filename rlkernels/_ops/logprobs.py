@@ -217,10 +217,29 @@ def _fold_tiles(fold, z_tiles, tokens, vocab, temperature, return_entropy, ignor
     return logp, entropy, lse
 
 
+def check_linear_args(op, hidden, weight, bias):
+    """The op-boundary checks of the linear head's tensors (the registered op is public and torch.compile calls
+    it without the wrapper): hidden [N, H] and weight [V, H] floating, bias [V] or None."""
+    for name, t, dims in (("hidden", hidden, 2), ("weight", weight, 2), ("bias", bias, 1)):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"rlkernels.{op}: {name} must be a floating tensor, got {t.dtype}")
+        if t.dim() != dims:
+            raise ValueError(f"rlkernels.{op}: {name} must have {dims} dims here, got shape {tuple(t.shape)}")
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"rlkernels.{op}: weight must be [V, {hidden.shape[1]}] (hidden's H), got "
+                         f"{tuple(weight.shape)}")
+    if bias is not None and bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"rlkernels.{op}: bias must have {weight.shape[0]} elements (weight's V), got "
+                         f"{tuple(bias.shape)}")
+
+
 def linear_forward(fold, hidden, weight, tokens, bias, temperature, return_entropy, ignore_index, logit_scale,
                    softcap, rows_per_tile, vocab_tile, check_tokens):
     """(logp, entropy, lse) of the rows, one tile of logits (rows_per_tile x vocab_tile) at a time; `fold` is a
     gather_logprobs op. A tile spanning V is folded directly; narrower tiles are merged by _fold_tiles."""
+    check_linear_args("linear_logprobs", hidden, weight, bias)
     N, V = hidden.shape[0], weight.shape[0]
     if check_tokens:
         check_token_range(tokens, V, ignore_index)
@@ -303,6 +322,7 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
     (`fold_backward_inplace`, a gather_logprobs_backward_inplace op), then grad_hidden[rows] += d @ weight[tile]
     and grad_weight[tile] += d.T @ hidden[rows], summed over the tiles in float32 (float64 for float64): a tile
     spanning V gives grad_hidden in one GEMM, a tile spanning all rows gives grad_weight in one GEMM."""
+    check_linear_args("linear_logprobs_backward", hidden, weight, bias)
     V = weight.shape[0]
     acc = accumulate_dtype(hidden.dtype)
     low = hidden.dtype in (torch.float16, torch.bfloat16)
