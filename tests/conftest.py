@@ -836,3 +836,24 @@ __all__ = [
     "sample_mask",
     "to_numpy",
 ]
+
+
+def record_triton_grids(module, monkeypatch):
+    """A list that receives (kernel name, grid) for every launch through ``module.wrap_triton`` (a Triton
+    module of rlkernels) while the test runs."""
+    grids = []
+    wrap = module.wrap_triton
+
+    def recording(kernel):
+        launcher = wrap(kernel)
+        name = getattr(getattr(kernel, "fn", None), "__name__", str(kernel))
+
+        class Recorder:
+            def __getitem__(self, grid):
+                grids.append((name, grid))
+                return launcher[grid]
+
+        return Recorder()
+
+    monkeypatch.setattr(module, "wrap_triton", recording)
+    return grids

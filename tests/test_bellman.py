@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES, LOW_PRECISION, assert_close, backends, finite_scale, gpu_backends, sample_inputs
+from conftest import (DTYPES, LOW_PRECISION, assert_close, backends, finite_scale, gpu_backends, record_triton_grids,
+                      sample_inputs)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -2001,3 +2002,21 @@ def test_value_iteration_and_backups_capture_in_a_cuda_graph(backend):
         assert torch.equal(a, b)
     assert torch.equal(static_loss, eager_loss) and torch.equal(static_grad, eager_grad)
     assert 1 < int(static_vi[3]) < 300
+
+
+@pytest.mark.parametrize("backend", backends("n_step_returns", include=("triton",), cpu_tensors=True))
+def test_triton_launches_use_one_grid_axis(backend, monkeypatch):
+    # A GPU grid's axes 1 and 2 stop at 65535 blocks: outer index times lane (or state) blocks go on axis 0.
+    import rlkernels.triton.bellman as tb
+
+    grids = record_triton_grids(tb, monkeypatch)
+    r, v, nv, boot, term, trunc = sample_inputs("n_step_returns", (6, 2, 40), time_dim=1, dtype=torch.float32,
+                                                  seed=3)
+    x = r.clone().requires_grad_(True)
+    rlkernels.n_step_returns(x, v, n=3, gamma=0.9, terminated=term, bootstrap_value=boot, time_dim=1,
+                             backend=backend).sum().backward()
+    P, R, V = sample_inputs("bellman_backup", (2, 5, 3), dtype=torch.float32, seed=4)
+    rlkernels.bellman_backup(P, R, V, gamma=0.9, backend=backend)
+    assert {name for name, _ in grids} >= {"_n_step_kernel", "_n_step_backward_kernel", "_backup_kernel"}
+    for name, grid in grids:
+        assert len(grid) == 1, f"{name} launched on grid {grid}"

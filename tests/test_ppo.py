@@ -30,6 +30,7 @@ from conftest import (
     gpu_backends,
     randn,
     random_tokens,
+    record_triton_grids,
     sample_inputs,
     sample_mask,
 )
@@ -992,3 +993,22 @@ def test_more_than_2_to_31_tokens(backend):
         w = {"token-mean": 1 / (B * T), "seq-mean-token-sum": 1 / B, "seq-mean-token-mean": 1 / (B * T)}[agg]
         last = lp.grad[-1, -5:].float().cpu()
         torch.testing.assert_close(last, torch.full((5,), -w).to(torch.bfloat16).float())
+
+
+@pytest.mark.parametrize("backend", backends(*OPS, include=("triton",), cpu_tensors=True))
+def test_triton_launches_use_one_grid_axis(backend, monkeypatch):
+    # A GPU grid's axes 1 and 2 stop at 65535 blocks: rows times chunks go on axis 0 (docs/design.md §8), so a
+    # row of more than 65535 chunks, or a batch of more than 65535 rows, launches.
+    import rlkernels.triton.ppo as tp
+
+    grids = record_triton_grids(tp, monkeypatch)
+    lp, old, adv = (x.float() for x in sample_inputs("ppo_policy_loss", (3, 40), seed=4))
+    x = lp.clone().requires_grad_(True)
+    loss, _ = rlkernels.ppo_policy_loss(x, old, adv, backend=backend)
+    loss.backward()
+    v = lp.clone().requires_grad_(True)
+    vl, _ = rlkernels.value_loss(v, old, adv, clip=0.2, backend=backend)
+    vl.backward()
+    assert len(grids) >= 4
+    for name, grid in grids:
+        assert len(grid) == 1, f"{name} launched on grid {grid}"

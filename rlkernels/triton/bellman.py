@@ -304,13 +304,15 @@ _formulas.register_td_loss(td_loss, torch.ops.rlkernels.triton_td_loss_backward)
 
 
 @triton.jit
-def _n_step_kernel(R_ptr, V_ptr, NV_ptr, BOOT_ptr, TERM_ptr, TRUNC_ptr, OUT_ptr, T, I, gamma: tl.float64, n,
+def _n_step_kernel(R_ptr, V_ptr, NV_ptr, BOOT_ptr, TERM_ptr, TRUNC_ptr, OUT_ptr, T, I, num_blocks, gamma: tl.float64,
+                   n,
                    ACC: tl.constexpr, BLOCK: tl.constexpr):
     """G_t = sum_{d<m} gamma^d r_{t+d} + gamma^m (1 - term_j) V'_j, j = t + m - 1 the first step of the window
     that is terminated, truncated, the last of the data or the n-th; V'_j = next_values[j], values[j+1] or the
     bootstrap value (0 if None)."""
-    o = tl.program_id(0).to(tl.int64)
-    lanes = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)  # one grid axis of O * num_blocks programs (GPU axis 1 stops at 65535)
+    o = pid // num_blocks
+    lanes = (pid % num_blocks) * BLOCK + tl.arange(0, BLOCK)
     ok = lanes < I
     base = o * T * I + lanes
     g = tl.full([], gamma, tl.float64).to(ACC)
@@ -346,13 +348,15 @@ def _n_step_kernel(R_ptr, V_ptr, NV_ptr, BOOT_ptr, TERM_ptr, TRUNC_ptr, OUT_ptr,
 
 
 @triton.jit
-def _n_step_backward_kernel(G_ptr, TERM_ptr, TRUNC_ptr, GR_ptr, GV_ptr, GNV_ptr, GB_ptr, T, I, gamma: tl.float64,
+def _n_step_backward_kernel(G_ptr, TERM_ptr, TRUNC_ptr, GR_ptr, GV_ptr, GNV_ptr, GB_ptr, T, I, num_blocks,
+                            gamma: tl.float64,
                             n,
                             ACC: tl.constexpr, BLOCK: tl.constexpr):
     """The adjoint as a gather (no atomics): reward j is summed by the windows t = j, j-1, ... that reach it
     (no step t..j-1 stops them); V'_j is read by the windows that end at j. GV and GB arrive zeroed."""
-    o = tl.program_id(0).to(tl.int64)
-    lanes = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)  # one grid axis of O * num_blocks programs (GPU axis 1 stops at 65535)
+    o = pid // num_blocks
+    lanes = (pid % num_blocks) * BLOCK + tl.arange(0, BLOCK)
     ok = lanes < I
     base = o * T * I + lanes
     g = tl.full([], gamma, tl.float64).to(ACC)
@@ -394,8 +398,10 @@ def _n_step_backward_kernel(G_ptr, TERM_ptr, TRUNC_ptr, GR_ptr, GV_ptr, GNV_ptr,
 
 
 def _lane_grid(O, I):
+    """(lanes per program, programs per outer index, the 1-D grid of O times those programs)."""
     block = pow2(I, 16, LANE_BLOCK)
-    return block, (O, triton.cdiv(I, block))
+    num_blocks = triton.cdiv(I, block)
+    return block, num_blocks, (O * num_blocks,)
 
 
 @keep_whole_under_interpreter
@@ -408,11 +414,11 @@ def n_step_returns(rewards: Tensor, values: Tensor, next_values: Tensor | None, 
     O, T, I = rewards.shape
     out = torch.empty(rewards.shape, dtype=acc_dtype(rewards.dtype), device=rewards.device)
     if O * T * I > 0 and not skip_launch(out):
-        block, grid = _lane_grid(O, I)
+        block, num_blocks, grid = _lane_grid(O, I)
         wrap_triton(_n_step_kernel)[grid](
             rewards.contiguous(), values.contiguous(), None if next_values is None else next_values.contiguous(),
             None if bootstrap_value is None else bootstrap_value.contiguous(), flag(terminated), flag(truncated),
-            out, T, I, float(gamma), n, ACC=tl_acc(rewards.dtype), BLOCK=block)
+            out, T, I, num_blocks, float(gamma), n, ACC=tl_acc(rewards.dtype), BLOCK=block)
     return out
 
 
@@ -432,10 +438,10 @@ def n_step_returns_backward(grad: Tensor, terminated: Tensor | None, truncated: 
     g_nv = torch.empty((O, T, I) if has_next_values else (0,), dtype=acc, device=dev)
     g_b = torch.zeros((O, I), dtype=acc, device=dev)
     if O * T * I > 0 and not skip_launch(g_r):
-        block, grid = _lane_grid(O, I)
+        block, num_blocks, grid = _lane_grid(O, I)
         wrap_triton(_n_step_backward_kernel)[grid](
             grad.to(acc).contiguous(), flag(terminated), flag(truncated), g_r, g_v,
-            g_nv if has_next_values else None, g_b, T, I, float(gamma), n, ACC=tl_acc(acc), BLOCK=block)
+            g_nv if has_next_values else None, g_b, T, I, num_blocks, float(gamma), n, ACC=tl_acc(acc), BLOCK=block)
     return g_r, g_v, g_nv, g_b
 
 
@@ -458,8 +464,9 @@ def _backup_kernel(P_ptr, R_ptr, V_ptr, Q_ptr, VN_ptr, POL_ptr, PART_ptr, STATE_
     if STATE_ptr is not None:
         run = tl.load(STATE_ptr) == 0
     if run:
-        b = tl.program_id(0).to(tl.int64)
-        blk = tl.program_id(1).to(tl.int64)
+        pid = tl.program_id(0).to(tl.int64)  # one grid axis of B * num_blocks programs (GPU axis 1: <= 65535)
+        b = pid // num_blocks
+        blk = pid % num_blocks
         states = blk * BLOCK_S + tl.arange(0, BLOCK_S)
         s_ok = states < S
         bs = b * S + states  # row of (b, s) in [B * S]
@@ -547,7 +554,7 @@ _STOP_EARLY_ON_CPU = True
 def _launch_backup(P, R, V, Q, V_new, policy, parts, state, gamma):
     B, S, A, _ = P.shape
     block_s, block_a, block_k, num_blocks = _backup_blocks(S, A)
-    wrap_triton(_backup_kernel)[(B, num_blocks)](
+    wrap_triton(_backup_kernel)[(B * num_blocks,)](
         P, R, V, Q, V_new, policy, parts, state, S, A, float(gamma), num_blocks, ACC=tl_acc(P.dtype),
         BLOCK_S=block_s, BLOCK_A=block_a, BLOCK_K=block_k, num_warps=4)
 

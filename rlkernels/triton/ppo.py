@@ -57,8 +57,11 @@ def _policy_forward_kernel(LP_ptr, OLD_ptr, ADV_ptr, MASK_ptr, PART_ptr, T, num_
                            BLOCK: tl.constexpr):
     """Chunk partials of l = max(-A r, -A clamp(r, 1 - eps_lo, 1 + eps_hi)) (dual clip: min with -A c where
     A < 0), r = exp(clamp(logp - old, -20, 20)) (Schulman et al. 2017; Ye et al. 2020)."""
-    row = tl.program_id(0).to(tl.int64)  # int64 before pointer arithmetic: B * T may exceed 2^31
-    chunk = tl.program_id(1).to(tl.int64)
+    # One grid axis of B * num_chunks programs (axis 1 of a GPU grid stops at 65535 blocks); int64 before pointer
+    # arithmetic: B * T may exceed 2^31.
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // num_chunks
+    chunk = pid % num_chunks
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < T
     ptr = row * T + offs
@@ -88,14 +91,15 @@ def _policy_forward_kernel(LP_ptr, OLD_ptr, ADV_ptr, MASK_ptr, PART_ptr, T, num_
 
 
 @triton.jit
-def _policy_backward_kernel(LP_ptr, OLD_ptr, ADV_ptr, MASK_ptr, W_ptr, GRAD_ptr, T, clip_lo: tl.float64,
+def _policy_backward_kernel(LP_ptr, OLD_ptr, ADV_ptr, MASK_ptr, W_ptr, GRAD_ptr, T, num_chunks, clip_lo: tl.float64,
                             clip_hi: tl.float64, dual_clip: tl.float64,
                             HAS_MASK: tl.constexpr, HAS_DUAL: tl.constexpr, ACC: tl.constexpr,
                             BLOCK: tl.constexpr):
     """d loss / d logp = w_row dl/dr r [|log r| < 20]; w_row = d loss / d l_t of the aggregation times the
     upstream gradient (computed by the caller)."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)  # one grid axis of B * num_chunks programs
+    row = pid // num_chunks
+    offs = (pid % num_chunks) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < T
     ptr = row * T + offs
     ok = inside
@@ -137,8 +141,9 @@ def _value_terms(v, old, ret, clip, HAS_CLIP: tl.constexpr):
 def _value_forward_kernel(V_ptr, OLD_ptr, RET_ptr, MASK_ptr, PART_ptr, T, num_chunks, clip: tl.float64,
                           HAS_MASK: tl.constexpr, HAS_CLIP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Chunk partials of l = 0.5 max((v - R)^2, (clamp(v, old - c, old + c) - R)^2)."""
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # one grid axis of B * num_chunks programs, as the policy kernel
+    row = pid // num_chunks
+    chunk = pid % num_chunks
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     ok = offs < T
     ptr = row * T + offs
@@ -156,11 +161,12 @@ def _value_forward_kernel(V_ptr, OLD_ptr, RET_ptr, MASK_ptr, PART_ptr, T, num_ch
 
 
 @triton.jit
-def _value_backward_kernel(V_ptr, OLD_ptr, RET_ptr, MASK_ptr, W_ptr, GRAD_ptr, T, clip: tl.float64,
+def _value_backward_kernel(V_ptr, OLD_ptr, RET_ptr, MASK_ptr, W_ptr, GRAD_ptr, T, num_chunks, clip: tl.float64,
                            HAS_MASK: tl.constexpr,
                            HAS_CLIP: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)  # one grid axis of B * num_chunks programs
+    row = pid // num_chunks
+    offs = (pid % num_chunks) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < T
     ptr = row * T + offs
     ok = inside
@@ -283,7 +289,7 @@ def ppo_policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     B, T = logp.shape
     parts, num_chunks = _partials(logp)
     if B > 0 and T > 0 and not skip_launch(parts):
-        wrap_triton(_policy_forward_kernel)[(B, num_chunks)](
+        wrap_triton(_policy_forward_kernel)[(B * num_chunks,)](
             logp, old_logp, advantages, mask, parts, T, num_chunks, 1.0 - clip_low, 1.0 + clip_high,
             1.0 if dual_clip is None else dual_clip, HAS_MASK=mask is not None, HAS_DUAL=dual_clip is not None,
             ACC=tl_acc(logp.dtype), BLOCK=BLOCK)
@@ -304,8 +310,9 @@ def ppo_policy_loss_backward(grad_loss: Tensor, logp: Tensor, old_logp: Tensor, 
     grad = torch.empty_like(logp)
     w = _row_weights(logp, mask, agg, norm_length, grad_loss, acc_dtype(logp.dtype))
     if B > 0 and T > 0 and not skip_launch(grad):
-        wrap_triton(_policy_backward_kernel)[(B, triton.cdiv(T, BLOCK))](
-            logp, old_logp, advantages, mask, w, grad, T, 1.0 - clip_low, 1.0 + clip_high,
+        num_chunks = triton.cdiv(T, BLOCK)
+        wrap_triton(_policy_backward_kernel)[(B * num_chunks,)](
+            logp, old_logp, advantages, mask, w, grad, T, num_chunks, 1.0 - clip_low, 1.0 + clip_high,
             1.0 if dual_clip is None else dual_clip, HAS_MASK=mask is not None, HAS_DUAL=dual_clip is not None,
             ACC=tl_acc(logp.dtype), BLOCK=BLOCK)
     return grad
@@ -325,7 +332,7 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     B, T = values.shape
     parts, num_chunks = _partials(values)
     if B > 0 and T > 0 and not skip_launch(parts):
-        wrap_triton(_value_forward_kernel)[(B, num_chunks)](
+        wrap_triton(_value_forward_kernel)[(B * num_chunks,)](
             values, old_values, returns, mask, parts, T, num_chunks, 0.0 if clip is None else clip,
             HAS_MASK=mask is not None, HAS_CLIP=clip is not None, ACC=tl_acc(values.dtype), BLOCK=BLOCK)
     rows, _ = _rows_of(parts)
@@ -341,8 +348,9 @@ def value_loss_backward(grad_loss: Tensor, values: Tensor, old_values: Tensor, r
     grad = torch.empty_like(values)
     w = _row_weights(values, mask, agg, float(T), grad_loss, acc_dtype(values.dtype))
     if B > 0 and T > 0 and not skip_launch(grad):
-        wrap_triton(_value_backward_kernel)[(B, triton.cdiv(T, BLOCK))](
-            values, old_values, returns, mask, w, grad, T, 0.0 if clip is None else clip,
+        num_chunks = triton.cdiv(T, BLOCK)
+        wrap_triton(_value_backward_kernel)[(B * num_chunks,)](
+            values, old_values, returns, mask, w, grad, T, num_chunks, 0.0 if clip is None else clip,
             HAS_MASK=mask is not None, HAS_CLIP=clip is not None, ACC=tl_acc(values.dtype), BLOCK=BLOCK)
     return grad
 
