@@ -134,6 +134,20 @@ def test_bad_tensor_scalars_name_the_argument():
         rlkernels.gae(r, v, gamma=torch.tensor(True))
 
 
+def _flag_kwargs(shape, time_dim, flags, term, trunc, nv):
+    """time_dim and the flags of one case: "none", "terminated", or "truncated" (with next_values); a random
+    bootstrap value per sequence where next_values are not given."""
+    kw = {"time_dim": time_dim}
+    if flags != "none":
+        kw["terminated"] = term
+    if flags == "truncated":
+        kw.update(truncated=trunc, next_values=nv)
+    else:
+        seq_shape = tuple(s for i, s in enumerate(shape) if i != time_dim % len(shape))
+        kw["bootstrap_value"] = torch.randn(seq_shape, dtype=F64)
+    return kw
+
+
 @pytest.fixture
 def as_if_on_gpu(monkeypatch):
     """Routes CPU tensor scalars through the path of GPU tensor scalars (composed on the device, never read)."""
@@ -147,16 +161,8 @@ def as_if_on_gpu(monkeypatch):
 @pytest.mark.parametrize("flags", ["none", "terminated", "truncated"])
 @pytest.mark.parametrize("shape,time_dim", [((23, 4), 0), ((3, 31), -1), ((17,), 0), ((0, 3), 0)])
 def test_device_gamma_gae_and_returns_match_the_reference(as_if_on_gpu, flags, shape, time_dim):
-    r, v, nv, term, trunc, boot = _scan_inputs(shape)
-    seq_shape = tuple(s for i, s in enumerate(shape) if i != time_dim % len(shape))
-    boot = torch.randn(seq_shape, dtype=F64)
-    kw = {"time_dim": time_dim}
-    if flags != "none":
-        kw["terminated"] = term
-    if flags == "truncated":
-        kw.update(truncated=trunc, next_values=nv)
-    else:
-        kw["bootstrap_value"] = boot
+    r, v, nv, term, trunc, _ = _scan_inputs(shape)
+    kw = _flag_kwargs(shape, time_dim, flags, term, trunc, nv)
     gamma, lam = torch.tensor(0.93, dtype=F64), torch.tensor(0.85, dtype=F64)
     ref_kw = {k: (x.numpy() if isinstance(x, torch.Tensor) else x) for k, x in kw.items()}
     exp_adv, exp_ret = reference.gae(r.numpy(), v.numpy(), gamma=0.93, lam=0.85, **ref_kw)
@@ -184,14 +190,7 @@ def test_device_gamma_vtrace_matches_the_reference(as_if_on_gpu, flags, shape, t
     log_rhos = 0.8 * torch.randn(shape, generator=torch.Generator().manual_seed(6), dtype=F64)
     if r.numel():
         log_rhos.view(-1)[::5] = 0.0  # on-policy steps: e^0 equals clip 1, no log_rho gradient there
-    seq_shape = tuple(s for i, s in enumerate(shape) if i != time_dim % len(shape))
-    kw = {"time_dim": time_dim}
-    if flags != "none":
-        kw["terminated"] = term
-    if flags == "truncated":
-        kw.update(truncated=trunc, next_values=nv)
-    else:
-        kw["bootstrap_value"] = torch.randn(seq_shape, dtype=F64)
+    kw = _flag_kwargs(shape, time_dim, flags, term, trunc, nv)
     clips = {"rho_clip": 1.0, "c_clip": 0.9, "pg_rho_clip": 1.3}
     t_clips = {k: torch.tensor(c, dtype=F64) for k, c in clips.items()} if tensor_clips else clips
     ref_kw = {k: (x.numpy() if isinstance(x, torch.Tensor) else x) for k, x in kw.items()}
