@@ -92,15 +92,9 @@ def install_recorder() -> None:
             launcher = self.kernel[grid]
 
             def run(*args, **kwargs):
-                fn = getattr(self.kernel, "fn", self.kernel)
-                names = list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
-                bound = dict(zip(names, args))
-                options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
-                bound.update({k: v for k, v in kwargs.items() if k not in options})
-                desc = tuple((name, _describe(bound[name])) for name in names if name in bound)
-                key = (fn.__module__, fn.__name__, desc, tuple(sorted(options.items())))
-                _RECORDS.setdefault(key, {"module": fn.__module__, "name": fn.__name__, "args": desc,
-                                          "options": options, "count": 0})["count"] += 1
+                rec = _record(getattr(self.kernel, "fn", self.kernel), args, kwargs)
+                key = (rec["module"], rec["name"], rec["args"], tuple(sorted(rec["options"].items())))
+                _RECORDS.setdefault(key, rec)["count"] += 1
                 return launcher(*args, **kwargs)
 
             return run
@@ -130,6 +124,31 @@ def _capture(out_path: str, pytest_args: list[str]) -> int:
 
 
 # ---- compile (this process, no interpreter) ---------------------------------------------------------------
+
+
+def _record(fn, args, kwargs) -> dict:
+    """The record of one launch of the kernel function `fn` (as install_recorder notes it)."""
+    names = list(fn.__code__.co_varnames[: fn.__code__.co_argcount])
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    bound = dict(zip(names, args))
+    bound.update({k: v for k, v in kwargs.items() if k not in options})
+    desc = tuple((name, _describe(bound[name])) for name in names if name in bound)
+    return {"module": fn.__module__, "name": fn.__name__, "args": desc, "options": options, "count": 0}
+
+
+def _gpu_only_records(names: set[str]) -> list[dict]:
+    """The launches a module declares the interpreter cannot make (its gpu_only_launches()), for the kernels
+    among `names` (those the capture saw)."""
+    import importlib
+
+    out = []
+    for module in MODULES:
+        declared = getattr(importlib.import_module(f"rlkernels.triton.{module}"), "gpu_only_launches", None)
+        for kernel, args, kwargs in declared() if declared else ():
+            fn = getattr(kernel, "fn", kernel)
+            if fn.__name__ in names:
+                out.append(_record(fn, args, kwargs))
+    return out
 
 
 def _signature(kernel, args):
@@ -244,6 +263,7 @@ def main(argv=None) -> int:
         print("the capture recorded no Triton launch", file=sys.stderr)
         return 0 if args.allow_empty else 2
     os.environ.pop("TRITON_INTERPRET", None)
+    records = records + _gpu_only_records({r["name"] for r in records})
     return _compile_all(records, [int(a) for a in args.arch.split(",")], args.warp_size, args.jobs)
 
 

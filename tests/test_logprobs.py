@@ -21,6 +21,7 @@ from conftest import (
     gpu_backends,
     randn,
     random_tokens,
+    record_triton_grids,
     sample_inputs,
 )
 from hypothesis import given
@@ -1076,6 +1077,18 @@ def test_linear_forward_allocates_no_logits_sized_tensor():
     assert 0 < largest <= 16 * V * 4  # one chunk of logits
 
 
+@pytest.mark.parametrize("backend", backends(*LINEAR_OPS, cpu_tensors=True, include=("triton",)))
+def test_linear_fused_forward_allocates_row_states_only(backend):
+    """The Triton forward (a GEMM with the log-sum-exp epilogue) holds no tile of logits: what it allocates is
+    the rows' states per vocabulary slice."""
+    N, H, V = 64, 16, 1000
+    hidden, weight, _, tokens = linear_inputs((N,), H, V, torch.float32, seed=32)
+    largest = _largest_allocation(lambda: rlkernels.linear_logprobs(hidden, weight, tokens, return_entropy=True,
+                                                                    backend=backend))
+    # (max, sum-exp, entropy term, target logit, NaN seen) x two slices, and logp, entropy, lse: 4 bytes x N each
+    assert 0 < largest <= (5 * 2 + 3) * N * 4 < N * V * 4
+
+
 def test_linear_default_tiles_are_flat_in_n():
     from rlkernels._ops.logprobs import default_tiles
 
@@ -1294,10 +1307,18 @@ def test_linear_vocabulary_tiles(dtype, keep_ignored_rows, backend, monkeypatch)
         return real_fold(*args)
 
     monkeypatch.setattr(ops, "_fold_tiles", counting_fold)
+    fused = backend == "triton" and dtype != torch.float64  # the GEMM with the log-sum-exp epilogue
+    if fused:
+        from rlkernels.triton import logprobs as triton_logprobs
+
+        grids = record_triton_grids(triton_logprobs, monkeypatch)
     h, w, bb = hidden.clone().requires_grad_(), weight.clone().requires_grad_(), b.clone().requires_grad_()
     logp, ent = rlkernels.linear_logprobs(h, w, tokens, return_entropy=True, backend=backend,
                                           **{**kw, "bias": bb})
-    assert ops_tiles, f"the forward took one tile per row ({rows} x {cols})"
+    if fused:
+        assert not ops_tiles and [name for name, _ in grids] == ["_linear_logprobs_forward_kernel"]
+    else:
+        assert ops_tiles, f"the forward took one tile per row ({rows} x {cols})"
     want_logp, want_ent = linear_oracle(hidden, weight, tokens, **kw)
     tol = linear_tol(dtype, 12)
     assert_close(logp, want_logp, **tol, name="logp")

@@ -435,10 +435,12 @@ def _linear_backward_fake(grad_logp, grad_entropy, hidden, weight, tokens, bias,
             hidden.new_empty((V if need_bias else 0,), dtype=hidden.dtype if bias is None else bias.dtype))
 
 
-def define_linear_logprobs(name, fold, fold_backward_inplace, device_types, check_tokens):
+def define_linear_logprobs(name, fold, fold_backward_inplace, device_types, check_tokens, fused_forward=None):
     """Defines rlkernels::<name> and rlkernels::<name>_backward on the given gather_logprobs ops, with their fake
     kernels and autograd. Returns the forward op. check_tokens: CPU token ids out of range raise (docs/design.md
-    §4.3: the cpu backend raises, the GPU backends give NaN)."""
+    §4.3: the cpu backend raises, the GPU backends give NaN). fused_forward(hidden, weight, tokens, bias,
+    temperature, return_entropy, ignore_index, logit_scale, softcap), when given, makes the forward in one
+    kernel, or returns None for the tiled path to run."""
 
     @torch.library.custom_op(f"rlkernels::{name}_backward", mutates_args=(), device_types=device_types)
     def backward_op(grad_logp: Tensor | None, grad_entropy: Tensor | None, hidden: Tensor, weight: Tensor,
@@ -455,6 +457,11 @@ def define_linear_logprobs(name, fold, fold_backward_inplace, device_types, chec
                    return_entropy: bool, ignore_index: int | None, logit_scale: float, softcap: float | None,
                    chunk_size: int, vocab_tile: int) -> tuple[Tensor, Tensor, Tensor]:
         """The logits are made in tiles of chunk_size rows x vocab_tile columns, forward and backward."""
+        if fused_forward is not None:
+            out = fused_forward(hidden, weight, tokens, bias, temperature, return_entropy, ignore_index, logit_scale,
+                                softcap)
+            if out is not None:
+                return out
         return linear_forward(fold, hidden, weight, tokens, bias, temperature, return_entropy, ignore_index,
                               logit_scale, softcap, chunk_size, vocab_tile, check_tokens)
 

@@ -18,7 +18,7 @@ import triton.language as tl
 from torch.library import triton_op
 
 from .._ops import logprobs as _formulas
-from ._common import acc_dtype, interpreting, keep_whole_under_interpreter, pow2, wrap_triton
+from ._common import acc_dtype, interpreting, keep_whole_under_interpreter, pow2, skip_launch, wrap_triton
 
 Tensor = torch.Tensor
 
@@ -183,8 +183,209 @@ _formulas.register_fake_forward(gather_logprobs)
 _formulas.register_gather_logprobs(gather_logprobs, torch.ops.rlkernels.triton_gather_logprobs_backward,
                                    torch.ops.rlkernels.triton_gather_logprobs_backward_inplace)
 
-# linear_logprobs on the Triton backend: the row chunks of rlkernels/_ops/logprobs.py (torch's matmul) folded by
-# the Triton kernels above; on CPU tensors under the interpreter, on CUDA tensors compiled.
+# ----------------------------------------------------------------------------------------------------
+# linear_logprobs forward (docs/design.md §4.7): a GEMM whose epilogue is the online log-sum-exp above, so no
+# tile of logits reaches global memory. Program (i, s) takes BLOCK_N rows and the s-th slice of the vocabulary;
+# per vocabulary tile it forms y = logit_scale * (hidden @ weight.T + bias) in a float32 accumulator (tl.dot,
+# IEEE float32 products for float32 inputs, as torch's matmul without TF32), rounds it to the inputs' dtype as
+# the matmul's output would be, softcaps it, and folds z = y / T into the rows' (m, s0, s1) state, picking the
+# target logit on the way. The slices' states are merged on the host side of the op (_merge_slices), the
+# tiles-of-vocabulary merge of §4.3 in raw form.
+# ----------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _linear_logprobs_forward_kernel(H_ptr, stride_hn, stride_hk, W_ptr, stride_wv, stride_wk, B_ptr, TOK_ptr,
+                                    M_ptr, S0_ptr, S1_ptr, ZT_ptr, NAN_ptr, N, V, K, cols_per_slice,
+                                    temperature, logit_scale, softcap, HAS_BIAS: tl.constexpr,
+                                    HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, IEEE: tl.constexpr,
+                                    UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    IN: tl.constexpr = H_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    block = pid % n_blocks  # one grid axis: row blocks fastest, vocabulary slices slowest
+    part = pid // n_blocks
+    rows = block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    tok = tl.load(TOK_ptr + rows, mask=row_ok, other=-1)
+    v_lo = part.to(tl.int64) * cols_per_slice
+    v_hi = tl.minimum(v_lo + cols_per_slice, V)
+    inv_t = (1.0 / tl.full([], temperature, tl.float64)).to(tl.float32)
+    neg_inf = float("-inf")
+    m = tl.full([BLOCK_N], neg_inf, tl.float32)
+    s0 = tl.zeros([BLOCK_N], tl.float32)
+    s1 = tl.zeros([BLOCK_N], tl.float32)
+    zt = tl.zeros([BLOCK_N], tl.float32)
+    nan_seen = tl.zeros([BLOCK_N], tl.int32)
+    ks = tl.arange(0, BLOCK_K)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < v_hi
+        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + ks) < K
+            h = tl.load(H_ptr + rows[:, None] * stride_hn + (k0 + ks)[None, :] * stride_hk,
+                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W_ptr + cols[None, :] * stride_wv + (k0 + ks)[:, None] * stride_wk,
+                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+            if UPCAST:  # the interpreter's dot takes no 16-bit floats; their products are exact in float32
+                acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(h, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(h, w, acc)
+        if HAS_BIAS:
+            acc += tl.load(B_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        # the logits as torch's matmul hands them over: in the inputs' dtype
+        y = (acc * logit_scale).to(IN).to(tl.float32)
+        if HAS_SOFTCAP:
+            # tanh(u) = 1 - 2 / (exp(2u) + 1): +-1 where exp over/underflows
+            y = (softcap * (1.0 - 2.0 / (tl.exp(2.0 * (y / softcap)) + 1.0))).to(IN).to(tl.float32)
+        z = tl.where(col_ok[None, :], y * inv_t, neg_inf)
+        nan_seen = tl.maximum(nan_seen, tl.max((z != z).to(tl.int32), 1))  # noqa: PLR0124
+        zt += tl.sum(tl.where((cols[None, :] == tok[:, None]) & col_ok[None, :], z, 0.0), 1)  # (cols past the slice: -inf)
+        m_new = tl.maximum(m, tl.max(z, 1))
+        # While every z so far is -inf, shift by 0 (exp(-inf - -inf) would be NaN) and keep the sums at 0.
+        shift_to = tl.where(m_new == neg_inf, 0.0, m_new)
+        fresh = m == neg_inf
+        shift = tl.where(fresh, 0.0, m - shift_to)
+        scale = tl.where(fresh, 0.0, tl.exp(shift))
+        d = z - shift_to[:, None]
+        e = tl.exp(d)
+        s1 = scale * (s1 + shift * s0)
+        if ENTROPY:
+            s1 += tl.sum(tl.where(e == 0, 0.0, e * d), 1)  # 0 * -inf counts as 0
+        s0 = scale * s0 + tl.sum(e, 1)
+        m = m_new
+    out = part.to(tl.int64) * N + rows
+    tl.store(M_ptr + out, m, mask=row_ok)
+    tl.store(S0_ptr + out, s0, mask=row_ok)
+    tl.store(S1_ptr + out, s1, mask=row_ok)
+    tl.store(ZT_ptr + out, zt, mask=row_ok)
+    tl.store(NAN_ptr + out, nan_seen, mask=row_ok)
+
+
+# Tile shapes of the fused forward: BLOCK_N rows x BLOCK_V vocabulary columns, BLOCK_K of H per dot; (N, V, K)
+# of the GPU shapes, smaller under the interpreter (NumPy works on whole tiles, and tests use small shapes).
+_LINEAR_BLOCKS = {torch.float32: (64, 64, 32), torch.bfloat16: (64, 128, 64), torch.float16: (64, 128, 64)}
+_LINEAR_WARPS = 8
+_LINEAR_STAGES = 3
+
+
+def _vocab_slices(n_blocks: int, V: int, block_v: int, device: torch.device) -> int:
+    """Slices of the vocabulary per row block: enough programs for two waves over the GPU's multiprocessors
+    when the rows alone are too few, never a slice narrower than one tile."""
+    if device.type != "cuda":
+        return 1 if V <= block_v else 2  # (two under the interpreter, so tests merge slices)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = -(-2 * sms // max(1, n_blocks))
+    return max(1, min(want, -(-V // block_v)))
+
+
+def _merge_slices(m, s0, s1, zt, nan_seen, tokens, V, return_entropy, ignore_index):
+    """(logp, entropy, lse) from the [S, N] slice states: m = max z, s0 = sum exp(z - m),
+    s1 = sum exp(z - m) (z - m), zt = the target logit (0 from slices without it)."""
+    neg_inf = float("-inf")
+    big = m.amax(0)
+    ref = torch.where(big == neg_inf, torch.zeros_like(big), big)
+    live = m != neg_inf
+    shift = torch.where(live, m - ref, torch.zeros_like(m))
+    w = torch.where(live, torch.exp(shift), torch.zeros_like(m))
+    total0 = (w * s0).sum(0)
+    total1 = (w * (s1 + shift * s0)).sum(0)
+    log_s0 = torch.log(total0)
+    lse = big + log_s0
+    # A +inf logit: lse = +inf, or NaN if the row also holds a NaN (docs/design.md §4.3).
+    inf = torch.full_like(lse, float("inf"))
+    lse = torch.where(big == float("inf"), torch.where(nan_seen.amax(0) > 0, inf * 0, inf), lse)
+    logp = zt.sum(0) - lse
+    bad = (tokens < 0) | (tokens >= V)
+    ignored = None if ignore_index is None else tokens == ignore_index
+    if ignored is not None:
+        bad = bad & ~ignored
+    nan = torch.full((), float("nan"), dtype=lse.dtype, device=lse.device)
+    logp = torch.where(bad, nan, logp)
+    entropy = lse.new_zeros((0,))
+    if return_entropy:
+        entropy = torch.where(bad, nan, log_s0 - total1 / total0)
+    if ignored is not None:
+        zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+        logp, lse = torch.where(ignored, zero, logp), torch.where(ignored, zero, lse)
+        if return_entropy:
+            entropy = torch.where(ignored, zero, entropy)
+    return logp, entropy, lse
+
+
+def _linear_launch(hidden, weight, bias, tokens, state, nan_seen, per_slice, temperature, return_entropy,
+                   logit_scale, softcap, interpret):
+    """(positional arguments, keyword arguments) of one launch of the fused forward kernel."""
+    N, K = hidden.shape
+    V = weight.shape[0]
+    block_n, block_v, block_k = _LINEAR_BLOCKS[hidden.dtype]
+    if interpret:
+        block_n, block_v, block_k = pow2(N, 16, 32), pow2(V, 16, 64), pow2(K, 16, 64)
+    args = (hidden, hidden.stride(0), hidden.stride(1), weight, weight.stride(0), weight.stride(1),
+            bias if bias is not None else hidden, tokens, state[0], state[1], state[2], state[3], nan_seen, N, V, K,
+            per_slice, float(temperature), float(logit_scale), float(softcap if softcap is not None else 1.0))
+    kwargs = {"HAS_BIAS": bias is not None, "HAS_SOFTCAP": softcap is not None, "ENTROPY": return_entropy,
+              "IEEE": hidden.dtype == torch.float32, "UPCAST": interpret and hidden.dtype != torch.float32,
+              "BLOCK_N": block_n, "BLOCK_V": block_v, "BLOCK_K": block_k, "num_warps": _LINEAR_WARPS,
+              "num_stages": _LINEAR_STAGES}
+    return args, kwargs
+
+
+def _linear_forward(hidden, weight, tokens, bias, temperature, return_entropy, ignore_index, logit_scale, softcap):
+    """(logp, entropy, lse) through the fused kernel, or None where the tiled path of rlkernels/_ops runs instead
+    (float64, which tl.dot does not take on every GPU, and empty inputs)."""
+    if hidden.dtype not in _LINEAR_BLOCKS or hidden.dtype != weight.dtype:
+        return None
+    N, K = hidden.shape
+    V = weight.shape[0]
+    if N == 0 or V == 0 or K == 0:
+        return None
+    _formulas.check_linear_args("linear_logprobs", hidden, weight, bias)
+    interpret = interpreting()
+    block_n, block_v, _ = _LINEAR_BLOCKS[hidden.dtype]
+    if interpret:
+        block_n, block_v = pow2(N, 16, 32), pow2(V, 16, 64)
+    slices = _vocab_slices(-(-N // block_n), V, block_v, hidden.device)
+    per_slice = -(-V // slices)
+    if hidden.device.type == "cuda":
+        per_slice = -(-per_slice // block_v) * block_v  # a whole number of tiles
+    slices = -(-V // per_slice)
+    state = torch.empty((4, slices, N), dtype=torch.float32, device=hidden.device)
+    nan_seen = torch.empty((slices, N), dtype=torch.int32, device=hidden.device)
+    tokens = tokens.contiguous()
+    if not skip_launch(state):
+        args, kwargs = _linear_launch(hidden, weight, bias, tokens, state, nan_seen, per_slice, temperature,
+                                      return_entropy, logit_scale, softcap, interpret)
+        wrap_triton(_linear_logprobs_forward_kernel)[(-(-N // kwargs["BLOCK_N"]) * slices,)](*args, **kwargs)
+    return _merge_slices(state[0], state[1], state[2], state[3], nan_seen, tokens, V, return_entropy, ignore_index)
+
+
+def gpu_only_launches():
+    """Launches of the fused forward that tests under the interpreter cannot make (there 16-bit dots run in float32,
+    UPCAST, on smaller tiles), for scripts/triton_aot.py to compile for GPUs: (kernel, positional arguments,
+    keyword arguments), tensors on the meta device."""
+    out = []
+    for dtype in _LINEAR_BLOCKS:
+        for extras in (False, True):
+            h = torch.empty((4096, 4096), dtype=dtype, device="meta")
+            w = torch.empty((151936, 4096), dtype=dtype, device="meta")
+            b = w[:, 0] if extras else None
+            tok = torch.empty((4096,), dtype=torch.int64, device="meta")
+            state = torch.empty((4, 1, 4096), dtype=torch.float32, device="meta")
+            seen = torch.empty((1, 4096), dtype=torch.int32, device="meta")
+            args, kwargs = _linear_launch(h, w, b, tok, state, seen, 151936, 1.0, extras, 1.0,
+                                          30.0 if extras else None, False)
+            out.append((_linear_logprobs_forward_kernel, args, kwargs))
+    return out
+
+
+# linear_logprobs on the Triton backend: the fused forward above (float16, bfloat16, float32); float64 and the
+# backward go through the tiles of rlkernels/_ops/logprobs.py (torch's matmul) folded by the Triton
+# gather_logprobs kernels; on CPU tensors under the interpreter, on CUDA tensors compiled.
 linear_logprobs = _formulas.define_linear_logprobs(
     "triton_linear_logprobs", torch.ops.rlkernels.triton_gather_logprobs,
-    torch.ops.rlkernels.triton_gather_logprobs_backward_inplace, ("cpu", "cuda"), check_tokens=False)
+    torch.ops.rlkernels.triton_gather_logprobs_backward_inplace, ("cpu", "cuda"), check_tokens=False,
+    fused_forward=_linear_forward)
