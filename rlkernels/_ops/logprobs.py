@@ -314,14 +314,36 @@ def _fold_tile_backward(fold_backward_inplace, z, v0, tokens, gl, ge, lse, entro
     z[:, 0] = torch.where(outside, col.to(z.dtype), z[:, 0])
 
 
+def _unfused_tile(fold_backward_inplace, g, t, tiled, h, weight, bias, tokens, v0, gl, ge, lse, ent, temperature,
+                  ignore_index, logit_scale, softcap):
+    """d y of one tile written into g: its logits through torch's matmul, turned into d z in place by the
+    gather_logprobs backward, then through the softcap and logit_scale (t: a float32 buffer for tanh, or None)."""
+    _chunk_logits(g, h, weight, bias, logit_scale, softcap, t)
+    if not tiled:
+        fold_backward_inplace(gl, ge, g, tokens, lse, ent, temperature, ignore_index)
+    else:
+        _fold_tile_backward(fold_backward_inplace, g, v0, tokens, gl, ge, lse, ent, temperature, ignore_index)
+    # d y = d z * (1 - tanh^2) for the softcap, times logit_scale: folded into d once
+    if t is not None:
+        t.square_().neg_().add_(1.0)
+        if logit_scale != 1.0:
+            t.mul_(logit_scale)
+        g.mul_(t)
+    elif logit_scale != 1.0:
+        g.mul_(logit_scale)
+
+
 def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weight, tokens, bias, lse, entropy,
                     temperature, ignore_index, logit_scale, softcap, chunk_size, vocab_tile, need_hidden, need_weight,
-                    need_bias):
+                    need_bias, fused_tile_for=None):
     """(grad_hidden, grad_weight, grad_bias), each empty when not needed. The logits are recomputed a tile
     (chunk_size rows x vocab_tile columns) at a time and turned into d logits in place
     (`fold_backward_inplace`, a gather_logprobs_backward_inplace op), then grad_hidden[rows] += d @ weight[tile]
     and grad_weight[tile] += d.T @ hidden[rows], summed over the tiles in float32 (float64 for float64): a tile
-    spanning V gives grad_hidden in one GEMM, a tile spanning all rows gives grad_weight in one GEMM."""
+    spanning V gives grad_hidden in one GEMM, a tile spanning all rows gives grad_weight in one GEMM.
+    fused_tile_for(hidden, weight), when given, returns a function (out, h, weight_tile, bias_tile, tokens, v0,
+    grad_logp, grad_entropy, lse, entropy, temperature, ignore_index, logit_scale, softcap) that writes a tile's
+    d y in one kernel (the GEMM with the gradient as its epilogue), or None for the unfused steps to run."""
     check_linear_args("linear_logprobs_backward", hidden, weight, bias)
     V = weight.shape[0]
     acc = accumulate_dtype(hidden.dtype)
@@ -345,7 +367,8 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
     width = max(1, min(vocab_tile, V))
     buf = hidden.new_empty((step, width))
     # tanh(z / softcap) of the tile, in float32 for 16-bit inputs: 1 - tanh^2 near saturation needs the bits
-    tanh_buf = hidden.new_empty((step, width), dtype=acc) if softcap is not None else None
+    fused = None if fused_tile_for is None else fused_tile_for(hidden, weight)
+    tanh_buf = hidden.new_empty((step, width), dtype=acc) if softcap is not None and fused is None else None
     # grad_hidden: rows of a whole-V tile are one GEMM, written in place; with narrower tiles the partial sums go
     # to a float32 (float64) accumulator, each 16-bit product staged in the inputs' dtype first
     tiled = width < V
@@ -370,20 +393,13 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
             v1 = min(V, v0 + width)
             g = buf[: end - start, : v1 - v0]
             t = None if tanh_buf is None else tanh_buf[: end - start, : v1 - v0]
-            _chunk_logits(g, h, weight[v0:v1], None if bias is None else bias[v0:v1], logit_scale, softcap, t)
-            if not tiled:
-                fold_backward_inplace(gl, ge, g, tokens[start:end], lse[start:end], ent, temperature, ignore_index)
+            if fused is not None:
+                fused(g, h, weight[v0:v1], None if bias is None else bias[v0:v1], tokens[start:end], v0, gl, ge,
+                           lse[start:end], ent, temperature, ignore_index, logit_scale, softcap)
             else:
-                _fold_tile_backward(fold_backward_inplace, g, v0, tokens[start:end], gl, ge, lse[start:end], ent,
-                                    temperature, ignore_index)
-            # d y = d z * (1 - tanh^2) for the softcap, times logit_scale: folded into d once
-            if t is not None:
-                t.square_().neg_().add_(1.0)
-                if logit_scale != 1.0:
-                    t.mul_(logit_scale)
-                g.mul_(t)
-            elif logit_scale != 1.0:
-                g.mul_(logit_scale)
+                _unfused_tile(fold_backward_inplace, g, t, tiled, h, weight[v0:v1],
+                              None if bias is None else bias[v0:v1], tokens[start:end], v0, gl, ge, lse[start:end], ent,
+                              temperature, ignore_index, logit_scale, softcap)
             if need_hidden:
                 if not tiled:
                     torch.mm(g, weight, out=gh[start:end])
@@ -435,12 +451,13 @@ def _linear_backward_fake(grad_logp, grad_entropy, hidden, weight, tokens, bias,
             hidden.new_empty((V if need_bias else 0,), dtype=hidden.dtype if bias is None else bias.dtype))
 
 
-def define_linear_logprobs(name, fold, fold_backward_inplace, device_types, check_tokens, fused_forward=None):
+def define_linear_logprobs(name, fold, fold_backward_inplace, device_types, check_tokens, fused_forward=None,
+                           fused_tile_for=None):
     """Defines rlkernels::<name> and rlkernels::<name>_backward on the given gather_logprobs ops, with their fake
     kernels and autograd. Returns the forward op. check_tokens: CPU token ids out of range raise (docs/design.md
     §4.3: the cpu backend raises, the GPU backends give NaN). fused_forward(hidden, weight, tokens, bias,
     temperature, return_entropy, ignore_index, logit_scale, softcap), when given, makes the forward in one
-    kernel, or returns None for the tiled path to run."""
+    kernel, or returns None for the tiled path to run; fused_tile_for: linear_backward's."""
 
     @torch.library.custom_op(f"rlkernels::{name}_backward", mutates_args=(), device_types=device_types)
     def backward_op(grad_logp: Tensor | None, grad_entropy: Tensor | None, hidden: Tensor, weight: Tensor,
@@ -450,7 +467,7 @@ def define_linear_logprobs(name, fold, fold_backward_inplace, device_types, chec
                     need_bias: bool) -> tuple[Tensor, Tensor, Tensor]:
         return linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weight, tokens, bias, lse,
                                entropy, temperature, ignore_index, logit_scale, softcap, chunk_size, vocab_tile,
-                               need_hidden, need_weight, need_bias)
+                               need_hidden, need_weight, need_bias, fused_tile_for)
 
     @torch.library.custom_op(f"rlkernels::{name}", mutates_args=(), device_types=device_types)
     def forward_op(hidden: Tensor, weight: Tensor, tokens: Tensor, bias: Tensor | None, temperature: float,

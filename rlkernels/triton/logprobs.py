@@ -195,12 +195,45 @@ _formulas.register_gather_logprobs(gather_logprobs, torch.ops.rlkernels.triton_g
 
 
 @triton.jit
+def _head_tile(H_ptr, stride_hn, stride_hk, W_ptr, stride_wv, stride_wk, B_ptr, rows, row_ok, cols, col_ok, K,
+               logit_scale, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr,
+               UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(y, t) of one [BLOCK_N, BLOCK_V] tile of the head, float32: y = logit_scale * (h @ w.T + b) rounded to the
+    inputs' dtype, softcapped (and rounded) with HAS_SOFTCAP, t = tanh(y / softcap) before the softcap (float32;
+    0 without HAS_SOFTCAP)."""
+    IN: tl.constexpr = H_ptr.dtype.element_ty
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        h = tl.load(H_ptr + rows[:, None] * stride_hn + (k0 + ks)[None, :] * stride_hk,
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(W_ptr + cols[None, :] * stride_wv + (k0 + ks)[:, None] * stride_wk,
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST:  # the interpreter's dot takes no 16-bit floats; their products are exact in float32
+            acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(h, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, w, acc)
+    if HAS_BIAS:
+        acc += tl.load(B_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    # the logits as torch's matmul hands them over: in the inputs' dtype
+    y = (acc * logit_scale).to(IN).to(tl.float32)
+    t = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+    if HAS_SOFTCAP:
+        # tanh(u) = 1 - 2 / (exp(2u) + 1): +-1 where exp over/underflows
+        t = 1.0 - 2.0 / (tl.exp(2.0 * (y / softcap)) + 1.0)
+        y = (softcap * t).to(IN).to(tl.float32)
+    return y, t
+
+
+@triton.jit
 def _linear_logprobs_forward_kernel(H_ptr, stride_hn, stride_hk, W_ptr, stride_wv, stride_wk, B_ptr, TOK_ptr,
                                     M_ptr, S0_ptr, S1_ptr, ZT_ptr, NAN_ptr, N, V, K, cols_per_slice,
                                     temperature, logit_scale, softcap, HAS_BIAS: tl.constexpr,
                                     HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, IEEE: tl.constexpr,
                                     UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    IN: tl.constexpr = H_ptr.dtype.element_ty
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     block = pid % n_blocks  # one grid axis: row blocks fastest, vocabulary slices slowest
@@ -217,30 +250,11 @@ def _linear_logprobs_forward_kernel(H_ptr, stride_hn, stride_hk, W_ptr, stride_w
     s1 = tl.zeros([BLOCK_N], tl.float32)
     zt = tl.zeros([BLOCK_N], tl.float32)
     nan_seen = tl.zeros([BLOCK_N], tl.int32)
-    ks = tl.arange(0, BLOCK_K)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < v_hi
-        acc = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + ks) < K
-            h = tl.load(H_ptr + rows[:, None] * stride_hn + (k0 + ks)[None, :] * stride_hk,
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(W_ptr + cols[None, :] * stride_wv + (k0 + ks)[:, None] * stride_wk,
-                        mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-            if UPCAST:  # the interpreter's dot takes no 16-bit floats; their products are exact in float32
-                acc = tl.dot(h.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
-            elif IEEE:
-                acc = tl.dot(h, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(h, w, acc)
-        if HAS_BIAS:
-            acc += tl.load(B_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        # the logits as torch's matmul hands them over: in the inputs' dtype
-        y = (acc * logit_scale).to(IN).to(tl.float32)
-        if HAS_SOFTCAP:
-            # tanh(u) = 1 - 2 / (exp(2u) + 1): +-1 where exp over/underflows
-            y = (softcap * (1.0 - 2.0 / (tl.exp(2.0 * (y / softcap)) + 1.0))).to(IN).to(tl.float32)
+        y, _ = _head_tile(H_ptr, stride_hn, stride_hk, W_ptr, stride_wv, stride_wk, B_ptr, rows, row_ok, cols, col_ok,
+                          K, logit_scale, softcap, HAS_BIAS, HAS_SOFTCAP, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
         z = tl.where(col_ok[None, :], y * inv_t, neg_inf)
         nan_seen = tl.maximum(nan_seen, tl.max((z != z).to(tl.int32), 1))  # noqa: PLR0124
         zt += tl.sum(tl.where((cols[None, :] == tok[:, None]) & col_ok[None, :], z, 0.0), 1)  # (cols past the slice: -inf)
@@ -263,6 +277,51 @@ def _linear_logprobs_forward_kernel(H_ptr, stride_hn, stride_hk, W_ptr, stride_w
     tl.store(S1_ptr + out, s1, mask=row_ok)
     tl.store(ZT_ptr + out, zt, mask=row_ok)
     tl.store(NAN_ptr + out, nan_seen, mask=row_ok)
+
+
+@triton.jit
+def _linear_logprobs_backward_kernel(H_ptr, stride_hn, stride_hk, W_ptr, stride_wv, stride_wk, B_ptr, TOK_ptr,
+                                     GLOGP_ptr, GENT_ptr, LSE_ptr, ENT_ptr, DY_ptr, stride_dn, N, V, K, v0,
+                                     temperature, logit_scale, softcap, ignore_index, HAS_BIAS: tl.constexpr,
+                                     HAS_SOFTCAP: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_GLOGP: tl.constexpr,
+                                     ENTROPY: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """d y of one [N, V] tile of the head (vocabulary columns v0.. of W_ptr's rows), written to DY: the tile's
+    logits recomputed as the forward made them, then d z = (g_logp (onehot - p) - g_entropy p (z - lse + entropy))
+    / T (docs/design.md §4.3) and d y = d z (1 - tanh^2) logit_scale, all in the epilogue."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    block = pid % n_blocks  # one grid axis: row blocks fastest
+    tile = pid // n_blocks
+    rows = block.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = tile.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < V
+    y, t = _head_tile(H_ptr, stride_hn, stride_hk, W_ptr, stride_wv, stride_wk, B_ptr, rows, row_ok, cols, col_ok,
+                      K, logit_scale, softcap, HAS_BIAS, HAS_SOFTCAP, IEEE, UPCAST, BLOCK_N, BLOCK_V, BLOCK_K)
+    inv_t = (1.0 / tl.full([], temperature, tl.float64)).to(tl.float32)
+    z = y * inv_t
+    tok = tl.load(TOK_ptr + rows, mask=row_ok, other=0)
+    if HAS_IGNORE:
+        ignored = tok == ignore_index
+    else:
+        ignored = tok != tok
+    lse = tl.load(LSE_ptr + rows, mask=row_ok, other=0.0)
+    a = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_GLOGP:
+        a = tl.load(GLOGP_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_t
+    a = tl.where(ignored, 0.0, a)
+    p = tl.where(ignored[:, None], 0.0, tl.exp(z - lse[:, None]))
+    g = tl.where(cols[None, :] == (tok - v0)[:, None], a[:, None], 0.0) - a[:, None] * p
+    if ENTROPY:
+        b = tl.where(ignored, 0.0, tl.load(GENT_ptr + rows, mask=row_ok, other=0.0).to(tl.float32) * inv_t)
+        c = tl.load(ENT_ptr + rows, mask=row_ok, other=0.0) - lse
+        g -= b[:, None] * tl.where(p == 0, 0.0, p * (z + c[:, None]))  # p = 0 where z = -inf
+    if HAS_SOFTCAP:
+        g = g * (1.0 - t * t)
+    g = g * logit_scale
+    tl.store(DY_ptr + rows[:, None] * stride_dn + cols[None, :], g.to(DY_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
 
 
 # Tile shapes of the fused forward: BLOCK_N rows x BLOCK_V vocabulary columns, BLOCK_K of H per dot; (N, V, K)
@@ -379,13 +438,63 @@ def gpu_only_launches():
             args, kwargs = _linear_launch(h, w, b, tok, state, seen, 151936, 1.0, extras, 1.0,
                                           30.0 if extras else None, False)
             out.append((_linear_logprobs_forward_kernel, args, kwargs))
+            g = torch.empty((4096,), dtype=torch.float32, device="meta")
+            dy = torch.empty((4096, 151936), dtype=dtype, device="meta")
+            args, kwargs = _linear_backward_launch(dy, h, w, b, tok, 0, g, g if extras else None, g, g, 1.0,
+                                                   -100 if extras else None, 1.0, 30.0 if extras else None, False)
+            out.append((_linear_logprobs_backward_kernel, args, kwargs))
     return out
 
 
-# linear_logprobs on the Triton backend: the fused forward above (float16, bfloat16, float32); float64 and the
-# backward go through the tiles of rlkernels/_ops/logprobs.py (torch's matmul) folded by the Triton
-# gather_logprobs kernels; on CPU tensors under the interpreter, on CUDA tensors compiled.
+def _linear_tile_backward(out, h, weight, bias, tokens, v0, grad_logp, grad_entropy, lse, entropy, temperature,
+                          ignore_index, logit_scale, softcap):
+    """d y of rows h and vocabulary rows weight (from column v0) into out, through the fused backward kernel."""
+    N, K = h.shape
+    V = weight.shape[0]
+    if N == 0 or V == 0 or skip_launch(out):
+        return
+    # the kernel reads these per row at unit stride (an incoming gradient may be expanded: stride 0)
+    grad_logp, grad_entropy, lse, entropy, tokens = (
+        None if x is None else x.to(torch.float32 if x.is_floating_point() else x.dtype).contiguous()
+        for x in (grad_logp, grad_entropy, lse, entropy, tokens))
+    args, kwargs = _linear_backward_launch(out, h, weight, bias, tokens, v0, grad_logp, grad_entropy, lse, entropy,
+                                           temperature, ignore_index, logit_scale, softcap, interpreting())
+    grid = -(-N // kwargs["BLOCK_N"]) * -(-V // kwargs["BLOCK_V"])
+    wrap_triton(_linear_logprobs_backward_kernel)[(grid,)](*args, **kwargs)
+
+
+def _linear_backward_launch(out, h, weight, bias, tokens, v0, grad_logp, grad_entropy, lse, entropy, temperature,
+                            ignore_index, logit_scale, softcap, interpret):
+    """(positional arguments, keyword arguments) of one launch of the fused backward kernel."""
+    N, K = h.shape
+    V = weight.shape[0]
+    block_n, block_v, block_k = _LINEAR_BLOCKS[h.dtype]
+    if interpret:
+        block_n, block_v, block_k = pow2(N, 16, 32), pow2(V, 16, 64), pow2(K, 16, 64)
+    use_h = grad_entropy is not None and entropy.numel() == N
+    args = (h, h.stride(0), h.stride(1), weight, weight.stride(0), weight.stride(1), bias if bias is not None else h,
+            tokens, grad_logp if grad_logp is not None else lse, grad_entropy if use_h else lse, lse,
+            entropy if use_h else lse, out, out.stride(0), N, V, K, v0, float(temperature), float(logit_scale),
+            float(softcap if softcap is not None else 1.0), 0 if ignore_index is None else ignore_index)
+    kwargs = {"HAS_BIAS": bias is not None, "HAS_SOFTCAP": softcap is not None, "HAS_IGNORE": ignore_index is not None,
+              "HAS_GLOGP": grad_logp is not None, "ENTROPY": use_h, "IEEE": h.dtype == torch.float32,
+              "UPCAST": interpret and h.dtype != torch.float32, "BLOCK_N": block_n, "BLOCK_V": block_v,
+              "BLOCK_K": block_k, "num_warps": _LINEAR_WARPS, "num_stages": _LINEAR_STAGES}
+    return args, kwargs
+
+
+def _linear_tile_backward_for(hidden, weight):
+    """The fused backward of linear_backward's tiles where it applies (float32 and 16-bit heads), else None."""
+    if hidden.dtype not in _LINEAR_BLOCKS or hidden.dtype != weight.dtype or hidden.shape[1] == 0:
+        return None
+    return _linear_tile_backward
+
+
+# linear_logprobs on the Triton backend: the fused forward above and the backward's tiles of d y from the fused
+# backward kernel (float16, bfloat16, float32; the tiles' GEMMs for the gradients through torch's matmul);
+# float64 goes through the tiles of rlkernels/_ops/logprobs.py (torch's matmul) folded by the Triton
+# gather_logprobs kernels. On CPU tensors under the interpreter, on CUDA tensors compiled.
 linear_logprobs = _formulas.define_linear_logprobs(
     "triton_linear_logprobs", torch.ops.rlkernels.triton_gather_logprobs,
     torch.ops.rlkernels.triton_gather_logprobs_backward_inplace, ("cpu", "cuda"), check_tokens=False,
-    fused_forward=_linear_forward)
+    fused_forward=_linear_forward, fused_tile_for=_linear_tile_backward_for)
