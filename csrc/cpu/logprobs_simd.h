@@ -15,20 +15,35 @@ using namespace ::rlkernels::vec;
 // Elements per chunk: 8 KB of float32 stays in L1 between the two passes.
 constexpr int64_t kLogitChunk = 2048;
 
-// exp(x) for x <= 0 (x - max or z - lse): exactly 0 for -inf, NaN stays NaN. The exps are the kernel's cost, so
-// AVX-512 builds 2^k into the result with vscalefps (which underflows to 0 by itself) and rounds with
-// vrndscaleps: 14 operations a vector instead of 19.
-RLK_INLINE vf exp_logit(vf x) {
 #if RLK_VEC_BYTES == 64 && defined(__x86_64__)  // (the avx512 build: its target pragma defines no __AVX512F__)
-  const vf xc = x < -200.0f ? vf{} - 200.0f : x;  // 2^-289 p: exactly 0 (NaN stays)
+#define RLK_EXP_SCALEF 1
+// max(x, -200) in one vmaxps; NaN stays (the second operand is returned when either is NaN).
+RLK_INLINE vf clamp_exp_arg(vf x) {
+  return reinterpret_cast<vf>(_mm512_max_ps(_mm512_set1_ps(-200.0f), reinterpret_cast<__m512>(x)));
+}
+// exp(x) for x in [-200, 0] (x - max or z - lse, clamped by clamp_exp_arg: -inf gives 2^-289 p, exactly 0;
+// NaN stays NaN). The exps are the kernel's cost, so this build writes 2^k into the result with vscalefps
+// (which underflows to 0 by itself), rounds with vrndscaleps, and evaluates exp_mantissa's polynomial
+// (Cephes' expf) by Horner's rule down to the constant: 12 operations a vector.
+RLK_INLINE vf exp_logit_clamped(vf xc) {
   const vf k = reinterpret_cast<vf>(_mm512_roundscale_ps(reinterpret_cast<__m512>(xc * 1.44269504088896341f),
                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(exp_mantissa(xc, k)),
-                                               reinterpret_cast<__m512>(k)));
-#else
-  return exp_nonpositive_v(x);
-#endif
+  const vf r = (xc - k * 0.693359375f) - k * -2.12194440e-4f;
+  vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(k)));
 }
+RLK_INLINE vf exp_logit(vf x) { return exp_logit_clamped(clamp_exp_arg(x)); }
+#else
+#define RLK_EXP_SCALEF 0
+// exp(x) for x <= 0 (x - max or z - lse): exactly 0 for -inf, NaN stays NaN.
+RLK_INLINE vf exp_logit(vf x) { return exp_nonpositive_v(x); }
+#endif
 
 struct F32Logits {
   const float* p;
@@ -82,10 +97,18 @@ RLK_INLINE RowState logprob_row_state(const Src& x, int64_t V, float inv_t) {
     const vf mv = splat(m);
     vf e0 = vf{}, e1 = vf{}, h0 = vf{}, h1 = vf{};
     auto fold = [&](vf z, vf& e, vf& h) {
+#if RLK_EXP_SCALEF
+      // p = 0 exactly wherever the clamp moved d, so p * dc = p * d, and 0 * -inf never occurs
+      const vf dc = clamp_exp_arg(z - mv);
+      const vf p = exp_logit_clamped(dc);
+      e += p;
+      if constexpr (kEntropy) h += p * dc;
+#else
       const vf d = z - mv;
       const vf p = exp_logit(d);
       e += p;
       if constexpr (kEntropy) h += p != 0.0f ? p * d : vf{};  // 0 * -inf counts as 0
+#endif
     };
     for (i = c0; i + 2 * kW <= full; i += 2 * kW) {
       fold(x.load(i) * it, e0, h0);
@@ -206,3 +229,5 @@ void logprob_grad_row_bf16(const uint16_t* x, uint16_t* y, int64_t V, float inv_
 }
 
 }  // namespace rlkernels::cpu::simd::RLK_ISA
+
+#undef RLK_EXP_SCALEF
