@@ -21,24 +21,9 @@ constexpr int64_t kLogitChunk = 2048;
 RLK_INLINE vf clamp_exp_arg(vf x) {
   return reinterpret_cast<vf>(_mm512_max_ps(_mm512_set1_ps(-200.0f), reinterpret_cast<__m512>(x)));
 }
-// exp(x) for x in [-200, 0] (x - max or z - lse, clamped by clamp_exp_arg: -inf gives 2^-289 p, exactly 0;
-// NaN stays NaN). The exps are the kernel's cost, so this build writes 2^k into the result with vscalefps
-// (which underflows to 0 by itself), rounds with vrndscaleps, and evaluates exp_mantissa's polynomial
-// (Cephes' expf) by Horner's rule down to the constant: 12 operations a vector.
-RLK_INLINE vf exp_logit_clamped(vf xc) {
-  const vf k = reinterpret_cast<vf>(_mm512_roundscale_ps(reinterpret_cast<__m512>(xc * 1.44269504088896341f),
-                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  const vf r = (xc - k * 0.693359375f) - k * -2.12194440e-4f;
-  vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(k)));
-}
-RLK_INLINE vf exp_logit(vf x) { return exp_logit_clamped(clamp_exp_arg(x)); }
+// exp(x) for x <= 0 (x - max or z - lse): clamped to -200 (-inf gives 2^-289 p, exactly 0; NaN stays NaN), then
+// simd.h's vscalefps exp, 12 operations a vector: the exps are the kernel's cost.
+RLK_INLINE vf exp_logit(vf x) { return exp_scalef(clamp_exp_arg(x)); }
 #else
 #define RLK_EXP_SCALEF 0
 // exp(x) for x <= 0 (x - max or z - lse): exactly 0 for -inf, NaN stays NaN.
@@ -100,7 +85,7 @@ RLK_INLINE RowState logprob_row_state(const Src& x, int64_t V, float inv_t) {
 #if RLK_EXP_SCALEF
       // p = 0 exactly wherever the clamp moved d, so p * dc = p * d, and 0 * -inf never occurs
       const vf dc = clamp_exp_arg(z - mv);
-      const vf p = exp_logit_clamped(dc);
+      const vf p = exp_scalef(dc);
       e += p;
       if constexpr (kEntropy) h += p * dc;
 #else

@@ -176,12 +176,44 @@ RLK_INLINE vf clamp_v(vf x, vf lo, vf hi) {
 RLK_INLINE vf pow2i(vf k) { return as_float((__builtin_convertvector(k, vi) + 127) << 23); }
 // exp(x) for |x| <= 87 (NaN gives NaN): Cody-Waite reduction by k = round(x / ln 2) and the polynomial of
 // exp_poly.h; k rounds to nearest by the 1.5 * 2^23 trick.
-RLK_INLINE vf exp_v(vf x) {
+#if RLK_VEC_BYTES == 64 && defined(__x86_64__)  // (the avx512 builds: their target pragma defines no __AVX512F__)
+// The exps below use AVX-512 intrinsics: this header precedes the translation unit's target switch, so they carry
+// the target themselves (the kernels that inline them are compiled for it).
+#define RLK_EXP_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+// exp(x) for x in [-200, 88] (NaN gives NaN) on AVX-512: k rounded by vrndscaleps, 2^k written into the result by
+// vscalefps (which underflows to 0 by itself), exp_mantissa's polynomial (Cephes' expf) by Horner's rule down
+// to its constant: 12 operations a vector instead of 16.
+RLK_EXP_TARGET RLK_INLINE vf exp_scalef(vf x) {
+  const vf k = reinterpret_cast<vf>(_mm512_roundscale_ps(reinterpret_cast<__m512>(x * 1.44269504088896341f),
+                                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  const vf r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
+  vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(k)));
+}
+#else
+#define RLK_EXP_TARGET
+#endif
+RLK_EXP_TARGET RLK_INLINE vf exp_v(vf x) {
+#if RLK_VEC_BYTES == 64 && defined(__x86_64__)
+  return exp_scalef(x);
+#else
   const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   return exp_mantissa(x, k) * pow2i(k);
+#endif
 }
-// exp(x) for x <= 0: exactly 0 below -87 (and for -inf), NaN stays NaN.
-RLK_INLINE vf exp_nonpositive_v(vf x) {
+// exp(x) for x <= 0: exactly 0 below -87 (below about -104 on AVX-512) and for -inf, NaN stays NaN.
+RLK_EXP_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
+#if RLK_VEC_BYTES == 64 && defined(__x86_64__)
+  // max(-200, x) in one vmaxps (NaN stays: the second operand is returned when either is NaN); vscalefps gives
+  // the subnormal results down to about -104 and 0 below
+  return exp_scalef(reinterpret_cast<vf>(_mm512_max_ps(_mm512_set1_ps(-200.0f), reinterpret_cast<__m512>(x))));
+#endif
   const vi tiny = x < -87.0f;
   const vf e = exp_v(tiny ? vf{} - 87.0f : x);
   return tiny ? vf{} : e;
