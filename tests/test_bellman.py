@@ -1336,6 +1336,8 @@ def test_value_iteration_nan_and_empty(backend):
 
 @pytest.mark.parametrize("backend", SMALL_TRITON)
 def test_triton_opcheck(backend):
+    import rlkernels.triton.bellman  # noqa: F401  (registers the triton_* ops, also when this test runs alone)
+
     ops = torch.ops.rlkernels
     r, q, online, probs, term = _small_q_inputs((6,), 4, torch.float64)
     for kind in KINDS:

@@ -633,6 +633,8 @@ def test_backend_opcheck_and_compile(backend):
     mask = sample_mask((2, 20), "bool", 1, device=device)
     lp = logp.clone().requires_grad_(True)
     if backend == "triton":
+        import rlkernels.triton.ppo  # noqa: F401  (registers the triton_* ops, also when this test runs alone)
+
         ops = torch.ops.rlkernels
         torch.library.opcheck(
             ops.triton_ppo_policy_loss, (lp, old, adv, mask, 0.2, 0.2, 2.0, "seq-mean-token-mean", 20.0)

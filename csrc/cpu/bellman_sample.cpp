@@ -318,8 +318,8 @@ int64_t place_grads(scalar_t* __restrict rows, const int64_t* __restrict act, co
 }
 
 // grad_q and grad_targets from the per-row errors e = targets - q[b, actions[b]]: the td_errors the forward
-// returned when the caller passes them (the autograd kernel does, while they are unmodified: csrc/autograd.cpp),
-// so q is not read again; else gathered from q here.
+// returned when the caller passes them, so q is not read again; else gathered from q here (the autograd
+// formula passes none: a caller may have modified them in place, as priority updates do).
 std::tuple<Tensor, Tensor> td_loss_backward_cpu(const OptTensor& grad_loss, const OptTensor& grad_td,
                                                 const Tensor& q_in, const Tensor& actions_in,
                                                 const Tensor& targets_in, const OptTensor& weights_in,

@@ -4,8 +4,8 @@ Each op is declared once in csrc/ops.cpp (``rlkernels::<name>``, with CPU and CU
 Triton backend, once more as ``rlkernels::triton_<name>`` (rlkernels/triton/, same signature). Every autograd
 formula is written here once, around the family's backward op, and registered for both: the C++ op gets it
 at import of this package, the Triton op when its module registers it (``register(op, formula)``).
-gae, discounted_returns and td_loss register the same formulas in C++ (csrc/autograd.cpp) for their C++
-ops, where torch.library's Python autograd layer would cost more than the kernels at small sizes.
+csrc/autograd.cpp holds only what every backward op shares (differentiable once; the in-place backward's
+version bump).
 
 Nothing here imports the public modules, the backend choice or the Triton kernels: this package is the
 bottom of the Python layering (public wrappers -> _layout -> _dispatch -> ops).

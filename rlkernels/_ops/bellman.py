@@ -1,7 +1,6 @@
 """Fake kernels and autograd of the Bellman family's ops (docs/design.md §4.5).
 
-q_targets and value_iteration carry no gradient. td_loss's formula is also registered in C++ for the C++ op
-(csrc/autograd.cpp): at replay-batch sizes the Python autograd layer costs as much as the kernels.
+q_targets and value_iteration carry no gradient.
 """
 
 from __future__ import annotations
@@ -123,5 +122,6 @@ def register_bellman_backup(op):
 
 
 _ops = torch.ops.rlkernels
+register_td_loss("td_loss", _ops.td_loss_backward)
 register_n_step_returns("n_step_returns", _ops.n_step_returns_backward)
 register_bellman_backup("bellman_backup")

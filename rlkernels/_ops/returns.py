@@ -231,6 +231,7 @@ def register_retrace(op, backward_op):
 
 _ops = torch.ops.rlkernels
 register_linear_scan("linear_scan", _ops.linear_scan)
+register_discounted_returns("discounted_returns", _ops.discounted_returns_backward)
+register_gae("gae", _ops.gae_backward)
 register_vtrace("vtrace", _ops.vtrace_backward)
 register_retrace("retrace", _ops.retrace_backward)
-# discounted_returns and gae: the same formulas are registered in C++ for the C++ ops (csrc/autograd.cpp).
