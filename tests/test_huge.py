@@ -73,3 +73,25 @@ def test_q_targets_past_2_31_q_values():
         expected = reference.q_targets(rewards[rows], next_q[rows], gamma=0.9, kind=kind, **kwargs)
         np.testing.assert_allclose(y[rows].numpy(), expected, rtol=1e-5, atol=1e-5)
         del y
+
+
+@needs_memory(16)
+def test_discounted_returns_past_2_31_steps():
+    # bf16 rewards [T=32769, B=65537] time-major: 2^31 + 2^16 + 2^15 + 1 elements (4 GiB), a batch past 65,535,
+    # bool terminated flags of the same size, float32 returns (8 GiB); random where sampled, zero elsewhere
+    T, B = (1 << 15) + 1, (1 << 16) + 1
+    assert T * B > 2**31
+    rewards = torch.zeros(T, B, dtype=torch.bfloat16)
+    terminated = torch.zeros(T, B, dtype=torch.bool)
+    cols = _sample_rows(B)
+    g = torch.Generator().manual_seed(2)
+    rewards[:, cols] = torch.randn(T, len(cols), generator=g).to(torch.bfloat16)
+    terminated[:, cols] = torch.rand(T, len(cols), generator=g) < 0.001
+    out = rlkernels.discounted_returns(rewards, gamma=0.999, terminated=terminated)
+    assert out.shape == (T, B) and out.dtype == torch.float32
+    expected = reference.discounted_returns(rewards[:, cols], gamma=0.999, terminated=terminated[:, cols])
+    # float32 sums over a horizon of 1 / (1 - gamma) = 1000 steps: absolute error relative to the largest return
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(out[:, cols].numpy(), expected, rtol=1e-4, atol=2e-5 * scale)
+    # a column between the sampled ones holds zero rewards: its returns are zero
+    assert float(out[:, B // 2 + 1].abs().max()) == 0.0
