@@ -15,7 +15,7 @@ using namespace ::rlkernels::vec;
 // Elements per chunk: 8 KB of float32 stays in L1 between the two passes.
 constexpr int64_t kLogitChunk = 2048;
 
-#if RLK_VEC_BYTES == 64 && defined(__x86_64__)  // (the avx512 build: its target pragma defines no __AVX512F__)
+#if RLK_AVX512
 #define RLK_EXP_SCALEF 1
 // max(x, -200) in one vmaxps; NaN stays (the second operand is returned when either is NaN).
 RLK_INLINE vf clamp_exp_arg(vf x) {

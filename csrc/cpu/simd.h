@@ -109,6 +109,16 @@ typedef int32_t vi __attribute__((vector_size(RLK_VEC_BYTES)));
 typedef uint32_t vu __attribute__((vector_size(RLK_VEC_BYTES)));
 typedef uint16_t vh __attribute__((vector_size(RLK_VEC_BYTES / 2)));  // kW 16-bit values (bfloat16 bits)
 
+#if RLK_VEC_BYTES == 64 && defined(__x86_64__)  // (the avx512 builds: their target pragma defines no __AVX512F__)
+#define RLK_AVX512 1
+// The helpers below that use AVX-512 intrinsics: this header precedes the translation unit's target switch, so
+// they carry the target themselves (the kernels that inline them are compiled for it).
+#define RLK_AVX512_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#else
+#define RLK_AVX512 0
+#define RLK_AVX512_TARGET
+#endif
+
 RLK_INLINE vf loadu(const float* p) {
   vf v;
   __builtin_memcpy(&v, p, sizeof(v));
@@ -140,13 +150,19 @@ template <size_t... I>
 RLK_INLINE vbytes spread_bytes(vbytes b, std::index_sequence<I...>) {
   return __builtin_shufflevector(b, vbytes{}, (I % 4 == 0 ? static_cast<int>(I / 4) : RLK_VEC_BYTES)...);
 }
-RLK_INLINE vi flags_set(const uint8_t* p) {
+RLK_AVX512_TARGET RLK_INLINE vi flags_set(const uint8_t* p) {
+#if RLK_AVX512
+  // one vptestmb of the 16 bytes and vpmovm2d: no trip through the stack
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vi>(_mm512_movm_epi32(_mm_test_epi8_mask(bytes, bytes)));
+#else
   vbytes b{};
   __builtin_memcpy(&b, p, kW);
   const vbytes wide = spread_bytes(b, std::make_index_sequence<RLK_VEC_BYTES>());
   vi r;
   __builtin_memcpy(&r, &wide, sizeof(r));
   return (0 - r) >> 31;  // -1 for 1..255, 0 for 0: arithmetic, as a compare's result was lowered lane by lane
+#endif
 }
 // kW bfloat16 values (their bits) widened to float: exact, a shift into the high half.
 RLK_INLINE vf load_bf16(const uint16_t* p) {
@@ -168,22 +184,23 @@ RLK_INLINE void store_bf16(uint16_t* p, vf x) {
 RLK_INLINE vf min_v(vf a, vf b) { return a < b ? a : b; }
 RLK_INLINE vf max_v(vf a, vf b) { return a > b ? a : b; }
 // x clamped to [lo, hi]; NaN stays NaN (both compares are false for it).
-RLK_INLINE vf clamp_v(vf x, vf lo, vf hi) {
+RLK_AVX512_TARGET RLK_INLINE vf clamp_v(vf x, vf lo, vf hi) {
+#if RLK_AVX512
+  // vmaxps and vminps return their second operand when either is NaN
+  return reinterpret_cast<vf>(_mm512_min_ps(reinterpret_cast<__m512>(hi),
+                                            _mm512_max_ps(reinterpret_cast<__m512>(lo), reinterpret_cast<__m512>(x))));
+#else
   const vf y = x < lo ? lo : x;
   return y > hi ? hi : y;
+#endif
 }
 // 2^k for integral float k in [-126, 127], built in the exponent bits.
 RLK_INLINE vf pow2i(vf k) { return as_float((__builtin_convertvector(k, vi) + 127) << 23); }
-// exp(x) for |x| <= 87 (NaN gives NaN): Cody-Waite reduction by k = round(x / ln 2) and the polynomial of
-// exp_poly.h; k rounds to nearest by the 1.5 * 2^23 trick.
-#if RLK_VEC_BYTES == 64 && defined(__x86_64__)  // (the avx512 builds: their target pragma defines no __AVX512F__)
-// The exps below use AVX-512 intrinsics: this header precedes the translation unit's target switch, so they carry
-// the target themselves (the kernels that inline them are compiled for it).
-#define RLK_EXP_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
+#if RLK_AVX512
 // exp(x) for x in [-200, 88] (NaN gives NaN) on AVX-512: k rounded by vrndscaleps, 2^k written into the result by
 // vscalefps (which underflows to 0 by itself), exp_mantissa's polynomial (Cephes' expf) by Horner's rule down
 // to its constant: 12 operations a vector instead of 16.
-RLK_EXP_TARGET RLK_INLINE vf exp_scalef(vf x) {
+RLK_AVX512_TARGET RLK_INLINE vf exp_scalef(vf x) {
   const vf k = reinterpret_cast<vf>(_mm512_roundscale_ps(reinterpret_cast<__m512>(x * 1.44269504088896341f),
                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   const vf r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
@@ -196,11 +213,11 @@ RLK_EXP_TARGET RLK_INLINE vf exp_scalef(vf x) {
   p = p * r + 1.0f;
   return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(k)));
 }
-#else
-#define RLK_EXP_TARGET
 #endif
-RLK_EXP_TARGET RLK_INLINE vf exp_v(vf x) {
-#if RLK_VEC_BYTES == 64 && defined(__x86_64__)
+// exp(x) for |x| <= 87 (NaN gives NaN): Cody-Waite reduction by k = round(x / ln 2) and the polynomial of
+// exp_poly.h; k rounds to nearest by the 1.5 * 2^23 trick (exp_scalef on AVX-512).
+RLK_AVX512_TARGET RLK_INLINE vf exp_v(vf x) {
+#if RLK_AVX512
   return exp_scalef(x);
 #else
   const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
@@ -208,15 +225,16 @@ RLK_EXP_TARGET RLK_INLINE vf exp_v(vf x) {
 #endif
 }
 // exp(x) for x <= 0: exactly 0 below -87 (below about -104 on AVX-512) and for -inf, NaN stays NaN.
-RLK_EXP_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
-#if RLK_VEC_BYTES == 64 && defined(__x86_64__)
+RLK_AVX512_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
+#if RLK_AVX512
   // max(-200, x) in one vmaxps (NaN stays: the second operand is returned when either is NaN); vscalefps gives
   // the subnormal results down to about -104 and 0 below
   return exp_scalef(reinterpret_cast<vf>(_mm512_max_ps(_mm512_set1_ps(-200.0f), reinterpret_cast<__m512>(x))));
-#endif
+#else
   const vi tiny = x < -87.0f;
   const vf e = exp_v(tiny ? vf{} - 87.0f : x);
   return tiny ? vf{} : e;
+#endif
 }
 // The sum of the lanes, in lane order, in double.
 RLK_INLINE double sum_lanes(vf v) {
