@@ -118,6 +118,11 @@ typedef uint16_t vh __attribute__((vector_size(RLK_VEC_BYTES / 2)));  // kW 16-b
 #define RLK_AVX512 0
 #define RLK_AVX512_TARGET
 #endif
+#if RLK_VEC_BYTES == 32 && defined(__x86_64__)
+#define RLK_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#else
+#define RLK_AVX2_TARGET
+#endif
 
 RLK_INLINE vf loadu(const float* p) {
   vf v;
@@ -150,11 +155,17 @@ template <size_t... I>
 RLK_INLINE vbytes spread_bytes(vbytes b, std::index_sequence<I...>) {
   return __builtin_shufflevector(b, vbytes{}, (I % 4 == 0 ? static_cast<int>(I / 4) : RLK_VEC_BYTES)...);
 }
-RLK_AVX512_TARGET RLK_INLINE vi flags_set(const uint8_t* p) {
+RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vi flags_set(const uint8_t* p) {
 #if RLK_AVX512
   // one vptestmb of the 16 bytes and vpmovm2d: no trip through the stack
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return reinterpret_cast<vi>(_mm512_movm_epi32(_mm_test_epi8_mask(bytes, bytes)));
+#elif RLK_VEC_BYTES == 32 && defined(__x86_64__)
+  // the 8 bytes zero-extended by one vpmovzxbd, then -1 where nonzero
+  vi r;
+  const __m256i wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  __builtin_memcpy(&r, &wide, sizeof(r));
+  return (0 - r) >> 31;
 #else
   vbytes b{};
   __builtin_memcpy(&b, p, kW);
