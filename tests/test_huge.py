@@ -95,3 +95,25 @@ def test_discounted_returns_past_2_31_steps():
     np.testing.assert_allclose(out[:, cols].numpy(), expected, rtol=1e-4, atol=2e-5 * scale)
     # a column between the sampled ones holds zero rewards: its returns are zero
     assert float(out[:, B // 2 + 1].abs().max()) == 0.0
+
+
+@needs_memory(16)
+def test_ppo_policy_loss_past_2_31_tokens():
+    # one flat row of 2^31 + 16 bf16 tokens (4 GiB per input), masked out but for sampled ones, the last among
+    # them: the loss and every statistic are theirs, so each must have been read where it lies
+    N = (1 << 31) + 16
+    logp, old, adv = (torch.zeros(N, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.zeros(N, dtype=torch.bool)
+    idx = torch.tensor(_sample_rows(N))
+    g = torch.Generator().manual_seed(3)
+    logp[idx] = (-torch.rand(len(idx), generator=g) * 2).to(torch.bfloat16)
+    old[idx] = (logp[idx].float() + 0.3 * torch.randn(len(idx), generator=g)).to(torch.bfloat16)
+    adv[idx] = torch.randn(len(idx), generator=g).to(torch.bfloat16)
+    old[N - 1] = logp[N - 1].float() - 1.0  # the largest ratio, e^1, at the very last token
+    mask[idx] = True
+    loss, stats = rlkernels.ppo_policy_loss(logp, old, adv, mask, clip_low=0.2)
+    e_loss, e_stats = reference.ppo_policy_loss(logp[idx], old[idx], adv[idx], mask[idx], clip_low=0.2)
+    np.testing.assert_allclose(float(loss), e_loss, rtol=1e-5, atol=1e-6)
+    for name, value in e_stats.items():
+        np.testing.assert_allclose(float(stats[name]), value, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert float(stats["ratio_max"]) == pytest.approx(np.exp(1.0), rel=1e-2)
