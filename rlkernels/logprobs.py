@@ -120,8 +120,9 @@ def linear_logprobs(hidden, weight, tokens, *, bias=None, temperature=1.0, retur
     Returns logp, or (logp, entropy) with ``return_entropy=True``, shaped like ``tokens``, float32 (float64 for
     float64 inputs). The logits are made ``chunk_size`` rows at a time (None: tiles of up to 2048 rows (8192 on
     GPUs) and part of the vocabulary within a budget of bytes, so memory is flat in N) and folded into the online
-    log-sum-exp state; rows whose token
-    equals ``ignore_index`` give 0 and no gradient (on CPU they are not computed at all).
+    log-sum-exp state (with ``backend="triton"`` the float32 and 16-bit forward is one GEMM kernel whose epilogue
+    is that state: no tile of logits leaves the chip, and ``chunk_size`` shapes only the backward); rows whose
+    token equals ``ignore_index`` give 0 and no gradient (on CPU they are not computed at all).
 
     Differentiable in ``hidden``, ``weight`` and ``bias``: the backward recomputes each chunk of logits, turns it
     into d logits in place and accumulates grad_weight over the chunks in float32. Token ids outside [0, V) raise
