@@ -199,9 +199,14 @@ def _fold_tiles(fold, z_tiles, tokens, vocab, temperature, return_entropy, ignor
         if return_entropy:
             ez = torch.exp(lse - new) * ez + torch.exp(ls_t - new) * (ls_t - en_t)
         lse, zt = new, zt + target
-    logp = zt - lse
     entropy = (lse - ez) if return_entropy else lse.new_zeros((0,))
-    # a token id in no tile (outside [0, V)): NaN for its row, as the gather_logprobs kernels give on GPUs
+    return finish_rows(zt - lse, entropy, lse, tokens, vocab, return_entropy, ignore_index)
+
+
+def finish_rows(logp, entropy, lse, tokens, vocab, return_entropy, ignore_index):
+    """The rows' (logp, entropy, lse) as the gather_logprobs kernels leave them: NaN for a token id in no tile
+    (outside [0, V), as on GPUs), 0 for a row whose token is ignore_index."""
+    ignored = None if ignore_index is None else tokens == ignore_index
     bad = (tokens < 0) | (tokens >= vocab)
     if ignored is not None:
         bad = bad & ~ignored

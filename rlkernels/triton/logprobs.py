@@ -357,22 +357,8 @@ def _merge_slices(m, s0, s1, zt, nan_seen, tokens, V, return_entropy, ignore_ind
     # A +inf logit: lse = +inf, or NaN if the row also holds a NaN (docs/design.md §4.3).
     inf = torch.full_like(lse, float("inf"))
     lse = torch.where(big == float("inf"), torch.where(nan_seen.amax(0) > 0, inf * 0, inf), lse)
-    logp = zt.sum(0) - lse
-    bad = (tokens < 0) | (tokens >= V)
-    ignored = None if ignore_index is None else tokens == ignore_index
-    if ignored is not None:
-        bad = bad & ~ignored
-    nan = torch.full((), float("nan"), dtype=lse.dtype, device=lse.device)
-    logp = torch.where(bad, nan, logp)
-    entropy = lse.new_zeros((0,))
-    if return_entropy:
-        entropy = torch.where(bad, nan, log_s0 - total1 / total0)
-    if ignored is not None:
-        zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
-        logp, lse = torch.where(ignored, zero, logp), torch.where(ignored, zero, lse)
-        if return_entropy:
-            entropy = torch.where(ignored, zero, entropy)
-    return logp, entropy, lse
+    entropy = (log_s0 - total1 / total0) if return_entropy else lse.new_zeros((0,))
+    return _formulas.finish_rows(zt.sum(0) - lse, entropy, lse, tokens, V, return_entropy, ignore_index)
 
 
 def _linear_launch(hidden, weight, bias, tokens, state, nan_seen, per_slice, temperature, return_entropy,
