@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_close, randn, random_tokens, sample_inputs, sample_mask
-from test_logprobs import GRAD_TOL, torch_oracle
+from test_logprobs import GRAD_TOL, check_chunked_rows, torch_oracle
 from test_ppo import check_policy, check_value, torch_kl
 
 import rlkernels
@@ -154,6 +154,13 @@ def test_gather_logprobs(isa, dtype, V):
     y.grad = None
     torch_oracle(y, tokens, 0.8, ignore_index=-100)[0].sum().backward()
     assert_close(x.grad, y.grad, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_gather_logprobs_chunks(isa, dtype, temperature):
+    """Rows that take each way through the SIMD kernel's chunked fold (test_logprobs.chunked_rows)."""
+    check_chunked_rows(dtype, temperature)
 
 
 @pytest.mark.parametrize("shape", [(5003,), (3, 1030)])

@@ -147,6 +147,58 @@ def test_nan_logit_propagates():
     assert torch.isnan(logp[0]) and torch.isfinite(logp[1])
 
 
+def chunked_rows(dtype):
+    """Rows of 5000 logits that take each way through the CPU kernels' chunked fold (2048-logit chunks in the
+    SIMD kernels, csrc/cpu/logprobs_simd.h): the first chunk in two passes, later ones in one against the running
+    max; a later max within the fold's slack (32) of it, beyond it (that chunk folded again), a max rising by more
+    than the slack in every chunk; +inf; NaN and -inf filling whole chunks (and whole blocks or vectors of the
+    other kernels)."""
+    V = 5000
+    inf, nan = float("inf"), float("nan")
+    x = randn((10, V), torch.float64, scale=2.0, seed=11)
+    x[1, 4500] = 25.0  # the max arrives in the third chunk, within the slack
+    x[2, 3000] = 90.0  # ... beyond it
+    x[3] = torch.linspace(-300.0, 30.0, V, dtype=torch.float64)  # every chunk passes the last by > 32
+    x[4, :2048] = -inf  # a first chunk that weighs nothing: the second starts the running max
+    x[5, 2048:4096] = nan  # a whole chunk of NaN after a finite one: NaN
+    x[6, :2048] = nan  # ... before one
+    x[7, 4999] = inf  # +inf in the ragged end: lse = +inf
+    x[8, :] = -inf
+    x[8, 4096:4100] = 1.0  # only the last chunk is live
+    x[9, :2048] = -80.0  # a low first chunk, then the rest 80 above it (folded again, then one pass)
+    tokens = torch.tensor([7, 4500, 3000, V - 1, 2500, 1, 3000, 10, 4097, 4000])
+    return x.to(dtype), tokens
+
+
+def check_chunked_rows(dtype, temperature, backend="cpu"):
+    device = device_for(backend)
+    x, tokens = chunked_rows(dtype)
+    logp, entropy = rlkernels.gather_logprobs(
+        x.to(device), tokens.to(device), temperature=temperature, return_entropy=True, backend=backend
+    )
+    logp, entropy = logp.cpu(), entropy.cpu()
+    want_logp, want_entropy = reference.gather_logprobs(
+        x.double().numpy(), tokens.numpy(), temperature=temperature, return_entropy=True
+    )
+    want_logp, want_entropy = torch.from_numpy(want_logp).to(logp.dtype), torch.from_numpy(want_entropy).to(logp.dtype)
+    # NaN, -inf and +inf where the reference has them, the finite values to the rounding of the rows' sums
+    assert torch.equal(torch.isnan(logp), torch.isnan(want_logp)), (logp, want_logp)
+    assert torch.equal(torch.isnan(entropy), torch.isnan(want_entropy)), (entropy, want_entropy)
+    assert torch.isnan(logp[5]) and torch.isnan(logp[6])
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-6, "atol": 2e-5}
+    assert_close(logp, want_logp, name="logp", **tol)
+    assert_close(entropy, want_entropy, name="entropy", **tol)
+    # the same rows without entropy take the kernels' other loops
+    alone = rlkernels.gather_logprobs(x.to(device), tokens.to(device), temperature=temperature, backend=backend)
+    assert_close(alone.cpu(), logp, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backends(*OPS))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_rows(dtype, backend):
+    check_chunked_rows(dtype, 0.8 if dtype == torch.float16 else 1.0, backend)
+
+
 @pytest.mark.parametrize("ignore_index", [-100, 3])
 def test_ignore_index(ignore_index):
     V = 40

@@ -95,12 +95,14 @@ __attribute__((always_inline)) inline void fold_chunk(RowState<acc_t>& st, const
     for (int64_t j = 0; j < kLanes; ++j) lane_max[j] = buf[i + j] > lane_max[j] ? buf[i + j] : lane_max[j];
   acc_t chunk_max = kNegInf;
   for (int64_t j = 0; j < kLanes; ++j) chunk_max = std::max(chunk_max, lane_max[j]);
-  if (chunk_max == kNegInf) return;  // all -inf: weighs nothing (and exp(-inf - -inf) would be NaN)
+  if (chunk_max == kNegInf) {
+    // all -inf: weighs nothing (and exp(-inf - -inf) would be NaN); all -inf or NaN with a NaN: the sums are NaN
+    for (int64_t i = 0; i < n; ++i)
+      if (buf[i] != buf[i]) st.s0 = st.s1 = std::numeric_limits<acc_t>::quiet_NaN();
+    return;
+  }
   const acc_t m = std::max(st.m, chunk_max);
-  if (st.m == kNegInf) {
-    st.s0 = 0;
-    st.s1 = 0;
-  } else if (m != st.m) {
+  if (st.m != kNegInf && m != st.m) {  // (with no max yet the sums are 0, or NaN after a chunk of NaN)
     const acc_t shift = st.m - m;  // < 0
     const acc_t scale = std::exp(shift);
     st.s1 = scale * (st.s1 + shift * st.s0);

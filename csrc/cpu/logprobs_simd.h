@@ -2,9 +2,11 @@
 // csrc/cpu/simd_{default,avx2,avx512}.cpp after their target switch; declared in simd_kernels.h.
 //
 // Forward, per row: an online (max, sum-exp, entropy) state, m = running max of z = x / T,
-// s0 = sum exp(z - m), s1 = sum exp(z - m) (z - m), folded chunk by chunk: the chunk's max from one pass
-// over it (from memory), then its exps from a second pass (from L1), so the state is rescaled once per chunk
-// and every exp is the vector polynomial of simd.h. bfloat16 logits are widened in registers (a shift), never
+// s0 = sum exp(z - m), s1 = sum exp(z - m) (z - m), folded chunk by chunk. The first chunk takes two passes
+// (its max, then its exps from L1); every later chunk one: its exps against the running max m, its own max
+// alongside, the state moved to the new max once per chunk. A chunk whose max passes m by more than kSlack
+// (exps that could overflow) is folded again, in two passes. Every exp is the vector polynomial of simd.h.
+// bfloat16 logits are widened in registers (two vectors from one load by interleaving with zeros), never
 // copied. A row's ragged end runs as one padded vector (-inf: weighs nothing).
 #pragma once
 
@@ -12,32 +14,86 @@ namespace rlkernels::cpu::simd::RLK_ISA {
 
 using namespace ::rlkernels::vec;
 
+#ifndef RLK_PREFETCH_BYTES
+#define RLK_PREFETCH_BYTES 2048
+#endif
 // Elements per chunk: 8 KB of float32 stays in L1 between the two passes.
 constexpr int64_t kLogitChunk = 2048;
 
+// The one-pass fold takes exps of z - m for z up to m + kSlack: e^32 per term keeps every chunk's sums far from
+// float's overflow, and moving a chunk's entropy sum to its own max cancels at most kSlack's worth of it.
+constexpr float kSlack = 32.0f;
+
+// exp(x) for x <= kSlack (x = z - m or z - lse): 0 for -inf, NaN stays NaN. The range reduction takes one FMA
+// (simd.h's exp_reduce: an error of k * 1.9e-9 relative, only in terms 2^-k below the largest).
 #if RLK_AVX512
-#define RLK_EXP_SCALEF 1
 // max(x, -200) in one vmaxps; NaN stays (the second operand is returned when either is NaN).
 RLK_INLINE vf clamp_exp_arg(vf x) {
   return reinterpret_cast<vf>(_mm512_max_ps(_mm512_set1_ps(-200.0f), reinterpret_cast<__m512>(x)));
 }
-// exp(x) for x <= 0 (x - max or z - lse): clamped to -200 (-inf gives 2^-289 p, exactly 0; NaN stays NaN), then
-// simd.h's vscalefps exp, 12 operations a vector: the exps are the kernel's cost.
-RLK_INLINE vf exp_logit(vf x) { return exp_scalef(clamp_exp_arg(x)); }
+RLK_INLINE vf exp_logit(vf x) { return exp_scalef<true>(clamp_exp_arg(x)); }
 #else
-#define RLK_EXP_SCALEF 0
-// exp(x) for x <= 0 (x - max or z - lse): exactly 0 for -inf, NaN stays NaN.
-RLK_INLINE vf exp_logit(vf x) { return exp_nonpositive_v(x); }
+// exp of max(x, -87) (one maxps; NaN stays: the compare is false for it), then 0 where x < -87 (one andnps): the
+// sums never see the 1e-38 of the clamped argument, and p * d is 0 there, not 1e-38 * -inf
+RLK_INLINE vf exp_logit(vf x) {
+  const vi tiny = x < -87.0f;
+  const vf e = exp_v<true>(x < -87.0f ? vf{} - 87.0f : x);
+  return as_float(~tiny & reinterpret_cast<vi>(e));
+}
 #endif
+// Vectors folded per loop step into their own sums: two under AVX-512 (32 registers), one below it, where a
+// second set of sums, maxima and the exp's constants would not fit in 16 registers.
+constexpr bool kTwoSums = RLK_AVX512;
+
+// Software prefetch distance of the one-pass fold: its exps keep the core's window full of arithmetic, so
+// without it the next lines' loads issue late and a cold row runs at memory latency, not bandwidth.
+constexpr int64_t kPrefetchBytes = RLK_PREFETCH_BYTES;
+// The lines of 2 kW values from element i on, kPrefetchBytes ahead.
+template <typename T>
+RLK_INLINE void prefetch_pair(const T* p, int64_t i) {
+  const char* a = reinterpret_cast<const char*>(p + i) + kPrefetchBytes;
+  for (int64_t o = 0; o < static_cast<int64_t>(2 * kW * sizeof(T)); o += 64) __builtin_prefetch(a + o);
+}
 
 struct F32Logits {
   const float* p;
+  RLK_INLINE void prefetch(int64_t i) const { prefetch_pair(p, i); }
   RLK_INLINE vf load(int64_t i) const { return loadu(p + i); }
+  // 2 kW values from i, in any order (for sums and maxima)
+  RLK_INLINE void load2(int64_t i, vf& a, vf& b) const {
+    a = loadu(p + i);
+    b = loadu(p + i + kW);
+  }
   RLK_INLINE float at(int64_t i) const { return p[i]; }
 };
+
+// One register of bfloat16 (2 kW values) as two vectors of float32: each 128-bit lane's low (kHigh = 0) or high
+// four values interleaved with zeros (punpcklwd / punpckhwd with a zero register), so a value lands in the
+// high half of a 32-bit lane: its float32 bits. The lane order differs from memory's.
+template <int kHigh>
+RLK_INLINE vf interleave_zero(const uint16_t* p) {
+#if RLK_VEC_BYTES == 64 && defined(__x86_64__)
+  const __m512i h = _mm512_loadu_si512(p), z = _mm512_setzero_si512();
+  return reinterpret_cast<vf>(kHigh ? _mm512_unpackhi_epi16(z, h) : _mm512_unpacklo_epi16(z, h));
+#elif RLK_VEC_BYTES == 32 && defined(__x86_64__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), z = _mm256_setzero_si256();
+  return reinterpret_cast<vf>(kHigh ? _mm256_unpackhi_epi16(z, h) : _mm256_unpacklo_epi16(z, h));
+#elif RLK_VEC_BYTES == 16 && defined(__x86_64__)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), z = _mm_setzero_si128();
+  return reinterpret_cast<vf>(kHigh ? _mm_unpackhi_epi16(z, h) : _mm_unpacklo_epi16(z, h));
+#else
+  return load_bf16(p + kHigh * kW);
+#endif
+}
+
 struct Bf16Logits {
   const uint16_t* p;
+  RLK_INLINE void prefetch(int64_t i) const { prefetch_pair(p, i); }
   RLK_INLINE vf load(int64_t i) const { return load_bf16(p + i); }
+  RLK_INLINE void load2(int64_t i, vf& a, vf& b) const {
+    a = interleave_zero<0>(p + i);
+    b = interleave_zero<1>(p + i);
+  }
   RLK_INLINE float at(int64_t i) const { return __builtin_bit_cast(float, static_cast<uint32_t>(p[i]) << 16); }
 };
 
@@ -53,7 +109,108 @@ struct RowState {
   float m, s0, s1;
 };
 
-template <bool kEntropy, class Src>
+// Sums of one chunk [c0, c1): e = sum exp(z - m), h = sum exp(z - m) (z - m); with kMax also the chunk's max
+// (NaN skipped). `full`: c0 + a whole number of vectors.
+struct ChunkSums {
+  float e, h, max;
+};
+template <bool kEntropy, bool kMax, bool kScale, class Src>
+RLK_INLINE ChunkSums fold_chunk(const Src& x, int64_t c0, int64_t full, int64_t c1, vf it, float inv_t, float m) {
+  const float ninf = -__builtin_inff();
+  const vf mv = splat(m);
+  vf e0 = vf{}, e1 = vf{}, h0 = vf{}, h1 = vf{}, mx0 = splat(ninf), mx1 = mx0;
+  auto fold = [&](vf z, vf& e, vf& h, vf& mx) {
+    if constexpr (kScale) z = z * it;
+    if constexpr (kMax) mx = max_v(z, mx);
+#if RLK_AVX512
+    // p = 0 exactly wherever the clamp moved d, so p * dc = p * d, and 0 * -inf never occurs
+    const vf dc = clamp_exp_arg(z - mv);
+    const vf p = exp_scalef<true>(dc);
+    e += p;
+    if constexpr (kEntropy) h += p * dc;
+#else
+    // exp_logit's steps, the clamped d kept: p = 0 wherever the clamp moved d, so p * dc = p * d, 0 for -inf
+    const vf d = z - mv;
+    const vi tiny = d < -87.0f;
+    const vf dc = tiny ? vf{} - 87.0f : d;
+    const vf p = as_float(~tiny & reinterpret_cast<vi>(exp_v<true>(dc)));
+    e += p;
+    if constexpr (kEntropy) h += p * dc;
+#endif
+  };
+  int64_t i = c0;
+  for (; i + 2 * kW <= full; i += 2 * kW) {
+    vf a, b;
+    if constexpr (kPrefetchBytes > 0) x.prefetch(i);
+    x.load2(i, a, b);
+    fold(a, e0, h0, mx0);
+    if constexpr (kTwoSums) {
+      fold(b, e1, h1, mx1);
+    } else {
+      fold(b, e0, h0, mx0);
+    }
+  }
+  if (i < full) fold(x.load(i), e0, h0, mx0);
+  if (full < c1) {
+    // padded with -inf, already scaled
+    const vf z = load_ragged(x, full, c1 - full, inv_t, ninf);
+    if constexpr (kMax) mx1 = max_v(z, mx1);
+    const vf d = z - mv;
+    const vf p = exp_logit(d);
+    e1 += p;
+    if constexpr (kEntropy) h1 += p != 0.0f ? p * d : vf{};  // 0 * -inf counts as 0
+  }
+  ChunkSums r{sum_lanes_f(e0 + e1), kEntropy ? sum_lanes_f(h0 + h1) : 0.0f, ninf};
+  if constexpr (kMax) r.max = max_lanes(max_v(mx0, mx1));
+  return r;
+}
+
+// The max of a chunk (NaN skipped; -inf if every value is -inf or NaN).
+template <bool kScale, class Src>
+RLK_INLINE float chunk_max(const Src& x, int64_t c0, int64_t full, int64_t c1, vf it, float inv_t) {
+  const float ninf = -__builtin_inff();
+  vf mx0 = splat(ninf), mx1 = mx0;
+  int64_t i = c0;
+  for (; i + 2 * kW <= full; i += 2 * kW) {
+    vf a, b;
+    x.load2(i, a, b);
+    if constexpr (kScale) {
+      a = a * it;
+      b = b * it;
+    }
+    mx0 = max_v(a, mx0);
+    mx1 = max_v(b, mx1);
+  }
+  if (i < full) mx0 = max_v(kScale ? x.load(i) * it : x.load(i), mx0);
+  float m = max_lanes(max_v(mx0, mx1));
+  for (int64_t j = full; j < c1; ++j) {
+    const float z = x.at(j) * inv_t;
+    m = z > m ? z : m;
+  }
+  return m;
+}
+
+// Whether [c0, c1) holds a NaN (for a chunk whose max is -inf: rare, scalar).
+template <class Src>
+__attribute__((noinline, cold)) bool chunk_has_nan(const Src& x, int64_t c0, int64_t c1) {
+  for (int64_t j = c0; j < c1; ++j) {
+    const float z = x.at(j);
+    if (z != z) return true;
+  }
+  return false;
+}
+
+// Moves sums taken against m_from (e, h) to m_to >= m_from: e' = e exp(m_from - m_to),
+// h' = e' (h / e + m_from - m_to).
+RLK_INLINE void rebase(float& e, float& h, float m_from, float m_to) {
+  if (m_from == m_to || m_from == -__builtin_inff()) return;
+  const float shift = m_from - m_to;  // < 0
+  const float scale = __builtin_expf(shift);
+  h = scale * (h + shift * e);
+  e = scale * e;
+}
+
+template <bool kEntropy, bool kScale, class Src>
 RLK_INLINE RowState logprob_row_state(const Src& x, int64_t V, float inv_t) {
   const float ninf = -__builtin_inff();
   const vf it = splat(inv_t);
@@ -61,48 +218,29 @@ RLK_INLINE RowState logprob_row_state(const Src& x, int64_t V, float inv_t) {
   for (int64_t c0 = 0; c0 < V; c0 += kLogitChunk) {
     const int64_t c1 = c0 + kLogitChunk < V ? c0 + kLogitChunk : V;
     const int64_t full = c0 + (c1 - c0) / kW * kW;
-    vf mx0 = splat(ninf), mx1 = mx0;
-    int64_t i = c0;
-    for (; i + 2 * kW <= full; i += 2 * kW) {
-      mx0 = max_v(x.load(i) * it, mx0);
-      mx1 = max_v(x.load(i + kW) * it, mx1);
+    ChunkSums c{0.0f, 0.0f, ninf};
+    float ref = st.m;  // what the chunk's sums are taken against
+    if (st.m != ninf) c = fold_chunk<kEntropy, true, kScale>(x, c0, full, c1, it, inv_t, st.m);
+    if (st.m == ninf || !(c.max <= st.m + kSlack)) {  // no running max yet, or the chunk's passes it too far
+      float cm = c.max;
+      if (st.m == ninf) {
+        cm = chunk_max<kScale>(x, c0, full, c1, it, inv_t);
+        if (cm == ninf) {
+          // every logit -inf (weighs nothing) or NaN
+          if (chunk_has_nan(x, c0, c1)) st.s0 = st.s1 = __builtin_nanf("");
+          continue;
+        }
+      }
+      ref = cm;  // > st.m
+      c = fold_chunk<kEntropy, false, kScale>(x, c0, full, c1, it, inv_t, ref);
+      c.max = cm;
     }
-    if (i < full) mx0 = max_v(x.load(i) * it, mx0);
-    if (full < c1) mx1 = max_v(load_ragged(x, full, c1 - full, inv_t, ninf), mx1);
-    const float chunk_max = max_lanes(max_v(mx0, mx1));
-    if (chunk_max == ninf) continue;  // all -inf: weighs nothing (and exp(-inf - -inf) would be NaN)
-    const float m = st.m > chunk_max ? st.m : chunk_max;
-    if (st.m != ninf && m != st.m) {
-      const float shift = st.m - m;  // < 0
-      const float scale = __builtin_expf(shift);
-      st.s1 = scale * (st.s1 + shift * st.s0);
-      st.s0 = scale * st.s0;
-    }
+    const float m = c.max > st.m ? c.max : st.m;
+    rebase(st.s0, st.s1, st.m, m);
+    rebase(c.e, c.h, ref, m);
     st.m = m;
-    const vf mv = splat(m);
-    vf e0 = vf{}, e1 = vf{}, h0 = vf{}, h1 = vf{};
-    auto fold = [&](vf z, vf& e, vf& h) {
-#if RLK_EXP_SCALEF
-      // p = 0 exactly wherever the clamp moved d, so p * dc = p * d, and 0 * -inf never occurs
-      const vf dc = clamp_exp_arg(z - mv);
-      const vf p = exp_scalef(dc);
-      e += p;
-      if constexpr (kEntropy) h += p * dc;
-#else
-      const vf d = z - mv;
-      const vf p = exp_logit(d);
-      e += p;
-      if constexpr (kEntropy) h += p != 0.0f ? p * d : vf{};  // 0 * -inf counts as 0
-#endif
-    };
-    for (i = c0; i + 2 * kW <= full; i += 2 * kW) {
-      fold(x.load(i) * it, e0, h0);
-      fold(x.load(i + kW) * it, e1, h1);
-    }
-    if (i < full) fold(x.load(i) * it, e0, h0);
-    if (full < c1) fold(load_ragged(x, full, c1 - full, inv_t, ninf), e1, h1);
-    st.s0 += sum_lanes_f(e0 + e1);
-    if constexpr (kEntropy) st.s1 += sum_lanes_f(h0 + h1);
+    st.s0 += c.e;
+    if constexpr (kEntropy) st.s1 += c.h;
   }
   return st;
 }
@@ -131,7 +269,11 @@ RLK_INLINE void logprob_rows(const Src& base, int64_t row_stride, int64_t V, con
       continue;
     }
     const Src x{base.p + r * row_stride};
-    const RowState st = ent != nullptr ? logprob_row_state<true>(x, V, inv_t) : logprob_row_state<false>(x, V, inv_t);
+    const bool scale = inv_t != 1.0f;
+    const RowState st = ent != nullptr ? (scale ? logprob_row_state<true, true>(x, V, inv_t)
+                                                : logprob_row_state<true, false>(x, V, inv_t))
+                                       : (scale ? logprob_row_state<false, true>(x, V, inv_t)
+                                                : logprob_row_state<false, false>(x, V, inv_t));
     const float log_s0 = __builtin_logf(st.s0);
     float l = st.m + log_s0;  // all -inf: -inf + log 0 = -inf, so logp = NaN as in the reference
     if (st.m == __builtin_inff()) l = lse_of_inf_row(x, V);
@@ -215,4 +357,3 @@ void logprob_grad_row_bf16(const uint16_t* x, uint16_t* y, int64_t V, float inv_
 
 }  // namespace rlkernels::cpu::simd::RLK_ISA
 
-#undef RLK_EXP_SCALEF

@@ -207,43 +207,51 @@ RLK_AVX512_TARGET RLK_INLINE vf clamp_v(vf x, vf lo, vf hi) {
 }
 // 2^k for integral float k in [-126, 127], built in the exponent bits.
 RLK_INLINE vf pow2i(vf k) { return as_float((__builtin_convertvector(k, vi) + 127) << 23); }
+// r = x - k ln 2, the argument of exp_poly (exp_poly.h). Two steps by default (Cody-Waite: ln 2 in two parts,
+// two FMAs), exact to float rounding. kOneStep: one FMA with ln 2 rounded to float, whose 1.9e-9 error adds
+// k * 1.9e-9 to exp's relative error (2e-8 at k = 10, 2.4e-7 at k = 126): for sums of exps that the largest
+// terms (small k) dominate, as log-sum-exp's. Builds without FMA (SSE2) always take two steps.
+template <bool kOneStep>
+RLK_INLINE vf exp_reduce(vf x, vf k) {
+  if constexpr (kOneStep && RLK_VEC_BYTES >= 32) {
+    return x - k * 0.693147182f;
+  } else {
+    return (x - k * 0.693359375f) - k * -2.12194440e-4f;
+  }
+}
 #if RLK_AVX512
 // exp(x) for x in [-200, 88] (NaN gives NaN) on AVX-512: k rounded by vrndscaleps, 2^k written into the result by
-// vscalefps (which underflows to 0 by itself), exp_mantissa's polynomial (Cephes' expf) by Horner's rule down
-// to its constant: 12 operations a vector instead of 16.
+// vscalefps (which underflows to 0 by itself), exp_poly by Horner's rule: 10 operations a vector (9 kOneStep).
+template <bool kOneStep = false>
 RLK_AVX512_TARGET RLK_INLINE vf exp_scalef(vf x) {
   const vf k = reinterpret_cast<vf>(_mm512_roundscale_ps(reinterpret_cast<__m512>(x * 1.44269504088896341f),
                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  const vf r = (x - k * 0.693359375f) - k * -2.12194440e-4f;
-  vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const vf p = exp_poly(exp_reduce<kOneStep>(x, k));
   return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(k)));
 }
 #endif
-// exp(x) for |x| <= 87 (NaN gives NaN): Cody-Waite reduction by k = round(x / ln 2) and the polynomial of
-// exp_poly.h; k rounds to nearest by the 1.5 * 2^23 trick (exp_scalef on AVX-512).
+// exp(x) for |x| <= 87 (NaN gives NaN): reduction by k = round(x / ln 2) and the polynomial of exp_poly.h; k
+// rounds to nearest by the 1.5 * 2^23 trick (exp_scalef on AVX-512).
+template <bool kOneStep = false>
 RLK_AVX512_TARGET RLK_INLINE vf exp_v(vf x) {
 #if RLK_AVX512
-  return exp_scalef(x);
+  return exp_scalef<kOneStep>(x);
 #else
   const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  return exp_mantissa(x, k) * pow2i(k);
+  return exp_poly(exp_reduce<kOneStep>(x, k)) * pow2i(k);
 #endif
 }
 // exp(x) for x <= 0: exactly 0 below -87 (below about -104 on AVX-512) and for -inf, NaN stays NaN.
+template <bool kOneStep = false>
 RLK_AVX512_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
 #if RLK_AVX512
   // max(-200, x) in one vmaxps (NaN stays: the second operand is returned when either is NaN); vscalefps gives
   // the subnormal results down to about -104 and 0 below
-  return exp_scalef(reinterpret_cast<vf>(_mm512_max_ps(_mm512_set1_ps(-200.0f), reinterpret_cast<__m512>(x))));
+  return exp_scalef<kOneStep>(
+      reinterpret_cast<vf>(_mm512_max_ps(_mm512_set1_ps(-200.0f), reinterpret_cast<__m512>(x))));
 #else
   const vi tiny = x < -87.0f;
-  const vf e = exp_v(tiny ? vf{} - 87.0f : x);
+  const vf e = exp_v<kOneStep>(tiny ? vf{} - 87.0f : x);
   return tiny ? vf{} : e;
 #endif
 }

@@ -84,13 +84,21 @@ __device__ __forceinline__ State<acc_t> empty_state() {
 }
 
 // Folds k values of z into the state: the same update as fold_chunk in csrc/cpu/logprobs.cpp. A group whose
-// max is -inf (all -inf) weighs nothing; NaN is never taken as the max, so it reaches s0 through its exp.
+// max is -inf (all -inf) weighs nothing; NaN is never taken as the max, so it reaches s0 through its exp, or
+// (a group of NaN and -inf) directly; a state with m = -inf has sums of 0, or NaN once a NaN was seen.
 template <typename acc_t, bool kEntropy, int k>
 __device__ __forceinline__ void fold(State<acc_t>& st, const acc_t (&z)[k]) {
   acc_t vmax = neg_inf<acc_t>();
+  bool nan = false;
 #pragma unroll
-  for (int j = 0; j < k; ++j) vmax = z[j] > vmax ? z[j] : vmax;
-  if (vmax == neg_inf<acc_t>()) return;
+  for (int j = 0; j < k; ++j) {
+    vmax = z[j] > vmax ? z[j] : vmax;
+    nan |= z[j] != z[j];
+  }
+  if (vmax == neg_inf<acc_t>()) {
+    if (nan) st.s0 = st.s1 = acc_t(NAN);
+    return;
+  }
   if (vmax > st.m) {
     if (st.m != neg_inf<acc_t>()) {
       const acc_t shift = st.m - vmax;  // < 0
@@ -116,9 +124,10 @@ __device__ __forceinline__ void fold(State<acc_t>& st, const acc_t (&z)[k]) {
 template <typename acc_t, bool kEntropy>
 __device__ __forceinline__ State<acc_t> merge(const State<acc_t>& a, const State<acc_t>& b) {
   const acc_t m = a.m > b.m ? a.m : b.m;
-  if (m == neg_inf<acc_t>()) return empty_state<acc_t>();
+  if (m == neg_inf<acc_t>()) return State<acc_t>{m, a.s0 + b.s0, a.s1 + b.s1};  // 0, or NaN from either
   State<acc_t> out{m, acc_t(0), acc_t(0)};
-  acc_t sa0 = 0, sa1 = 0, sb0 = 0, sb1 = 0;
+  // a state with m = -inf adds its sums as they are: 0, or NaN
+  acc_t sa0 = a.s0, sa1 = a.s1, sb0 = b.s0, sb1 = b.s1;
   if (a.m != neg_inf<acc_t>()) {
     const acc_t shift = a.m - m, scale = exp_dev(shift);
     sa0 = scale * a.s0;

@@ -345,7 +345,8 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
     (chunk_size rows x vocab_tile columns) at a time and turned into d logits in place
     (`fold_backward_inplace`, a gather_logprobs_backward_inplace op), then grad_hidden[rows] += d @ weight[tile]
     and grad_weight[tile] += d.T @ hidden[rows], summed over the tiles in float32 (float64 for float64): a tile
-    spanning V gives grad_hidden in one GEMM, a tile spanning all rows gives grad_weight in one GEMM.
+    spanning V gives grad_hidden in one GEMM, a tile spanning all rows gives grad_weight in one GEMM (written in
+    the weight's dtype).
     fused_tile_for(hidden, weight), when given, returns a function (out, h, weight_tile, bias_tile, tokens, v0,
     grad_logp, grad_entropy, lse, entropy, temperature, ignore_index, logit_scale, softcap) that writes a tile's
     d y in one kernel (the GEMM with the gradient as its epilogue), or None for the unfused steps to run."""
@@ -354,7 +355,6 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
     acc = accumulate_dtype(hidden.dtype)
     low = hidden.dtype in (torch.float16, torch.bfloat16)
     grad_hidden = hidden.new_zeros(hidden.shape if need_hidden else (0,))
-    grad_weight = weight.new_zeros(weight.shape if need_weight else (0,), dtype=acc)
     grad_bias = hidden.new_zeros((V if need_bias else 0,), dtype=acc)
     rows = _kept_rows(tokens, ignore_index)
     if rows is not None:
@@ -364,12 +364,17 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
             entropy = entropy.index_select(0, rows)
             grad_entropy = None if grad_entropy is None else grad_entropy.index_select(0, rows)
     n = hidden.shape[0]
+    step = max(1, min(chunk_size, n))
+    width = max(1, min(vocab_tile, V))
+    # grad_weight[tile] sums one product per row chunk: with one chunk of rows that is one GEMM (float32
+    # accumulation inside it, one rounding), written straight into the weight's dtype; with more, the partial
+    # sums go to a float32 (float64) accumulator
+    one_chunk = n <= step
+    grad_weight = weight.new_zeros(weight.shape if need_weight else (0,), dtype=weight.dtype if one_chunk else acc)
     if n == 0 or V == 0 or not (need_hidden or need_weight or need_bias):
         return grad_hidden, grad_weight.to(weight.dtype), grad_bias.to(hidden.dtype if bias is None else bias.dtype)
     if entropy.numel() == 0:
         grad_entropy = None
-    step = max(1, min(chunk_size, n))
-    width = max(1, min(vocab_tile, V))
     buf = hidden.new_empty((step, width))
     # tanh(z / softcap) of the tile, in float32 for 16-bit inputs: 1 - tanh^2 near saturation needs the bits
     fused = None if fused_tile_for is None else fused_tile_for(hidden, weight)
@@ -386,7 +391,7 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
     # product is staged in the inputs' dtype, a block of vocabulary rows at a time, and added in float32.
     fp32_out = low and hidden.device.type == "cuda"
     stage = None
-    if need_weight and low and not fp32_out:
+    if need_weight and low and not fp32_out and not one_chunk:
         stage = weight.new_empty((min(width, _GRAD_WEIGHT_BLOCK), weight.shape[1]))
     for start in range(0, n, step):
         end = min(n, start + step)
@@ -416,7 +421,9 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
                     gh[start:end].add_(part)
             if need_weight:
                 gw = grad_weight[v0:v1]
-                if not low:
+                if one_chunk:
+                    torch.mm(g.t(), h, out=gw)
+                elif not low:
                     gw.addmm_(g.t(), h)
                 elif fp32_out:
                     torch.addmm(gw, g.t(), h, out_dtype=torch.float32, out=gw)
