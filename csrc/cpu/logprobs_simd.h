@@ -14,9 +14,6 @@ namespace rlkernels::cpu::simd::RLK_ISA {
 
 using namespace ::rlkernels::vec;
 
-#ifndef RLK_PREFETCH_BYTES
-#define RLK_PREFETCH_BYTES 2048
-#endif
 // Elements per chunk: 8 KB of float32 stays in L1 between the two passes.
 constexpr int64_t kLogitChunk = 2048;
 
@@ -45,10 +42,9 @@ RLK_INLINE vf exp_logit(vf x) {
 // second set of sums, maxima and the exp's constants would not fit in 16 registers.
 constexpr bool kTwoSums = RLK_AVX512;
 
-// Software prefetch distance of the one-pass fold: its exps keep the core's window full of arithmetic, so
-// without it the next lines' loads issue late and a cold row runs at memory latency, not bandwidth.
-constexpr int64_t kPrefetchBytes = RLK_PREFETCH_BYTES;
-// The lines of 2 kW values from element i on, kPrefetchBytes ahead.
+// The one-pass fold prefetches its logits (simd.h's kPrefetchBytes ahead): its exps keep the core's window full
+// of arithmetic, so without it a cold row runs at memory latency, not bandwidth. The lines of 2 kW values from
+// element i on.
 template <typename T>
 RLK_INLINE void prefetch_pair(const T* p, int64_t i) {
   const char* a = reinterpret_cast<const char*>(p + i) + kPrefetchBytes;
@@ -141,7 +137,7 @@ RLK_INLINE ChunkSums fold_chunk(const Src& x, int64_t c0, int64_t full, int64_t 
   int64_t i = c0;
   for (; i + 2 * kW <= full; i += 2 * kW) {
     vf a, b;
-    if constexpr (kPrefetchBytes > 0) x.prefetch(i);
+    x.prefetch(i);
     x.load2(i, a, b);
     fold(a, e0, h0, mx0);
     if constexpr (kTwoSums) {

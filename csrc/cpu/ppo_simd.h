@@ -93,6 +93,8 @@ RLK_INLINE void policy_forward_run(const float* lp, const float* old, const floa
     PolicyAcc s{vf{}, vf{}, vf{}, vf{}, vf{}, vf{}, ratio_max};
     int64_t i = i0;
     for (; i + kW <= i1; i += kW) {
+      prefetch_streams(i, lp, old, adv);
+      if constexpr (kMasked) prefetch_ahead(mask, i);
       const vf l = loadu(lp + i), o = loadu(old + i), a = loadu(adv + i);
       if constexpr (kMasked)
         policy_forward_vec<false>(l, o, a, flags_set(mask + i), k, s);
@@ -146,11 +148,15 @@ void ppo_policy_backward(const float* lp, const float* old, const float* adv, co
   int64_t i = 0;
   if (mask != nullptr) {
     for (; i + kW <= n; i += kW) {
+      prefetch_streams(i, lp, old, adv, mask);
       const vf g = sc * policy_grad_vec(loadu(lp + i), loadu(old + i), loadu(adv + i), k);
       storeu(grad + i, flags_set(mask + i) ? g : vf{});
     }
   } else {
-    for (; i + kW <= n; i += kW) storeu(grad + i, sc * policy_grad_vec(loadu(lp + i), loadu(old + i), loadu(adv + i), k));
+    for (; i + kW <= n; i += kW) {
+      prefetch_streams(i, lp, old, adv);
+      storeu(grad + i, sc * policy_grad_vec(loadu(lp + i), loadu(old + i), loadu(adv + i), k));
+    }
   }
   if (i < n) {
     alignas(64) float bl[kW] = {}, bo[kW] = {}, ba[kW] = {}, bg[kW];
@@ -223,11 +229,15 @@ void ppo_value_forward(const float* v, const float* old, const float* ret, const
     ValueAcc s{vf{}, vf{}, vf{}};
     int64_t i = i0;
     if (mask != nullptr) {
-      for (; i + kW <= i1; i += kW)
+      for (; i + kW <= i1; i += kW) {
+        prefetch_streams(i, v, old, ret, mask);
         value_forward_vec<false>(loadu(v + i), loadu(old + i), loadu(ret + i), flags_set(mask + i), has_clip, c, s);
+      }
     } else {
-      for (; i + kW <= i1; i += kW)
+      for (; i + kW <= i1; i += kW) {
+        prefetch_streams(i, v, old, ret);
         value_forward_vec<true>(loadu(v + i), loadu(old + i), loadu(ret + i), all, has_clip, c, s);
+      }
     }
     if (i < i1) {
       alignas(64) float bv[kW] = {}, bo[kW] = {}, br[kW] = {};
@@ -253,12 +263,15 @@ void ppo_value_backward(const float* v, const float* old, const float* ret, cons
   int64_t i = 0;
   if (mask != nullptr) {
     for (; i + kW <= n; i += kW) {
+      prefetch_streams(i, v, old, ret, mask);
       const vf g = sc * value_grad_vec(loadu(v + i), loadu(old + i), loadu(ret + i), has_clip, c);
       storeu(grad + i, flags_set(mask + i) ? g : vf{});
     }
   } else {
-    for (; i + kW <= n; i += kW)
+    for (; i + kW <= n; i += kW) {
+      prefetch_streams(i, v, old, ret);
       storeu(grad + i, sc * value_grad_vec(loadu(v + i), loadu(old + i), loadu(ret + i), has_clip, c));
+    }
   }
   if (i < n) {
     alignas(64) float bv[kW] = {}, bo[kW] = {}, br[kW] = {}, bg[kW];
@@ -318,7 +331,11 @@ template <int kKind>
 RLK_INLINE void kl_run(const float* g, const float* lp, const float* ref, int64_t n, float* out) {
   const auto value = [&](vf l, vf r, vf gv) { return g == nullptr ? kl_vec<kKind>(l, r) : gv * kl_grad_vec<kKind>(l, r); };
   int64_t i = 0;
-  for (; i + kW <= n; i += kW) storeu(out + i, value(loadu(lp + i), loadu(ref + i), g == nullptr ? vf{} : loadu(g + i)));
+  for (; i + kW <= n; i += kW) {
+    prefetch_streams(i, lp, ref);
+    if (g != nullptr) prefetch_ahead(g, i);
+    storeu(out + i, value(loadu(lp + i), loadu(ref + i), g == nullptr ? vf{} : loadu(g + i)));
+  }
   if (i < n) {
     alignas(64) float bl[kW] = {}, br[kW] = {}, bg[kW] = {}, bo[kW];
     for (int64_t j = 0; j < n - i; ++j) {

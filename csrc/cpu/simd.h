@@ -124,6 +124,24 @@ typedef uint16_t vh __attribute__((vector_size(RLK_VEC_BYTES / 2)));  // kW 16-b
 #define RLK_AVX2_TARGET
 #endif
 
+// Software prefetch kPrefetchBytes ahead of a stream. The kernels with long arithmetic per vector (exps,
+// divisions, blends) keep the core's window full, so without it the loads of the next lines issue late and a
+// cold stream runs at memory latency rather than bandwidth (measured on Intel Xeon cores, where it halves the
+// time of a cold gather_logprobs or PPO loss).
+constexpr int64_t kPrefetchBytes = 2048;
+// The line kPrefetchBytes of float32 ahead of element i of p, for a stream of T (kPrefetchBytes / 4 elements
+// ahead: streams of bytes, such as masks, keep pace with the float streams read beside them).
+template <typename T>
+RLK_INLINE void prefetch_ahead(const T* p, int64_t i) {
+  __builtin_prefetch(p + i + kPrefetchBytes / 4);
+}
+
+// prefetch_ahead of element i of each stream.
+template <typename... T>
+RLK_INLINE void prefetch_streams(int64_t i, const T*... p) {
+  (prefetch_ahead(p, i), ...);
+}
+
 RLK_INLINE vf loadu(const float* p) {
   vf v;
   __builtin_memcpy(&v, p, sizeof(v));
