@@ -293,9 +293,21 @@ def _logprobs_cases(kind, dims, device, rlk, numpy) -> list[Case]:
             lambda x, t: rlk.gather_logprobs(x, t, backend=backend), leaf, tokens
         )()
     out = tokens.float()  # one fp32 per row
+    # bfloat16 logits (an LLM policy's): the forward with and without entropy, half the bytes for the same exps
+    low = logits.to(torch.bfloat16)
+    # the baselines compute in bfloat16: their log-sum-exp keeps 8 bits at its magnitude (~10 here: 0.03)
+    bf16 = {"dtype": "bfloat16", "tol": (5e-2, 1e-1)}
+    low_fwd = low_ent = None
+    if rlk is not None:
+        low_fwd = lambda backend: rlk.gather_logprobs(low, tokens, backend=backend)
+        low_ent = lambda backend: rlk.gather_logprobs(low, tokens, return_entropy=True, backend=backend)
     return [
         _case(kind, dims, "gather_logprobs", shape, f"gather_logprobs {series}", fwd,
               baselines.logprobs_providers(logits, tokens), [logits, tokens], [out]),
+        _case(kind, dims, "gather_logprobs bf16", shape, f"gather_logprobs bf16 {series}", low_fwd,
+              baselines.logprobs_providers(low, tokens), [low, tokens], [out], **bf16),
+        _case(kind, dims, "gather_logprobs+entropy bf16", shape, f"gather_logprobs+entropy bf16 {series}", low_ent,
+              baselines.logprobs_entropy_providers(low, tokens), [low, tokens], [out, out], **bf16),
         _case(kind, dims, "gather_logprobs+entropy", shape, f"gather_logprobs+entropy {series}", ent,
               baselines.logprobs_entropy_providers(logits, tokens), [logits, tokens], [out, out]),
         # the backward reads the logits again and writes their gradient
