@@ -21,23 +21,10 @@ constexpr int64_t kLogitChunk = 2048;
 // float's overflow, and moving a chunk's entropy sum to its own max cancels at most kSlack's worth of it.
 constexpr float kSlack = 32.0f;
 
-// exp(x) for x <= kSlack (x = z - m or z - lse): 0 for -inf, NaN stays NaN. The range reduction takes one FMA
-// (simd.h's exp_reduce: an error of k * 1.9e-9 relative, only in terms 2^-k below the largest).
-#if RLK_AVX512
-// max(x, -200) in one vmaxps; NaN stays (the second operand is returned when either is NaN).
-RLK_INLINE vf clamp_exp_arg(vf x) {
-  return reinterpret_cast<vf>(_mm512_max_ps(_mm512_set1_ps(-200.0f), reinterpret_cast<__m512>(x)));
-}
-RLK_INLINE vf exp_logit(vf x) { return exp_scalef<true>(clamp_exp_arg(x)); }
-#else
-// exp of max(x, -87) (one maxps; NaN stays: the compare is false for it), then 0 where x < -87 (one andnps): the
-// sums never see the 1e-38 of the clamped argument, and p * d is 0 there, not 1e-38 * -inf
-RLK_INLINE vf exp_logit(vf x) {
-  const vi tiny = x < -87.0f;
-  const vf e = exp_v<true>(x < -87.0f ? vf{} - 87.0f : x);
-  return as_float(~tiny & reinterpret_cast<vi>(e));
-}
-#endif
+// exp(x) for x <= kSlack (x = z - m or z - lse): 0 for -inf, NaN stays NaN (simd.h's exp_clamped_v). The range
+// reduction takes one FMA (exp_reduce: an error of k * 1.9e-9 relative, only in terms 2^-k below the largest).
+RLK_INLINE vf exp_logit(vf x, vf& arg) { return exp_clamped_v<true>(x, arg); }
+RLK_INLINE vf exp_logit(vf x) { return exp_nonpositive_v<true>(x); }
 // Vectors folded per loop step into their own sums: two under AVX-512 (32 registers), one below it, where a
 // second set of sums, maxima and the exp's constants would not fit in 16 registers.
 constexpr bool kTwoSums = RLK_AVX512;
@@ -118,21 +105,10 @@ RLK_INLINE ChunkSums fold_chunk(const Src& x, int64_t c0, int64_t full, int64_t 
   auto fold = [&](vf z, vf& e, vf& h, vf& mx) {
     if constexpr (kScale) z = z * it;
     if constexpr (kMax) mx = max_v(z, mx);
-#if RLK_AVX512
-    // p = 0 exactly wherever the clamp moved d, so p * dc = p * d, and 0 * -inf never occurs
-    const vf dc = clamp_exp_arg(z - mv);
-    const vf p = exp_scalef<true>(dc);
+    vf dc;  // z - m as the exp took it: p * dc = p * (z - m), 0 for z = -inf
+    const vf p = exp_logit(z - mv, dc);
     e += p;
     if constexpr (kEntropy) h += p * dc;
-#else
-    // exp_logit's steps, the clamped d kept: p = 0 wherever the clamp moved d, so p * dc = p * d, 0 for -inf
-    const vf d = z - mv;
-    const vi tiny = d < -87.0f;
-    const vf dc = tiny ? vf{} - 87.0f : d;
-    const vf p = as_float(~tiny & reinterpret_cast<vi>(exp_v<true>(dc)));
-    e += p;
-    if constexpr (kEntropy) h += p * dc;
-#endif
   };
   int64_t i = c0;
   for (; i + 2 * kW <= full; i += 2 * kW) {
@@ -151,10 +127,10 @@ RLK_INLINE ChunkSums fold_chunk(const Src& x, int64_t c0, int64_t full, int64_t 
     // padded with -inf, already scaled
     const vf z = load_ragged(x, full, c1 - full, inv_t, ninf);
     if constexpr (kMax) mx1 = max_v(z, mx1);
-    const vf d = z - mv;
-    const vf p = exp_logit(d);
+    vf dc;
+    const vf p = exp_logit(z - mv, dc);
     e1 += p;
-    if constexpr (kEntropy) h1 += p != 0.0f ? p * d : vf{};  // 0 * -inf counts as 0
+    if constexpr (kEntropy) h1 += p * dc;
   }
   ChunkSums r{sum_lanes_f(e0 + e1), kEntropy ? sum_lanes_f(h0 + h1) : 0.0f, ninf};
   if constexpr (kMax) r.max = max_lanes(max_v(mx0, mx1));

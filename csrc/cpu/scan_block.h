@@ -249,11 +249,12 @@ struct StreamTable {
   }
 };
 
+// Steps ahead at which run_direct requests its output rows.
+constexpr int64_t kOutAhead = 8;
+
 // run_block without the buffers: a time-major group reads its inputs in place and writes its outputs in
 // place, one vector load or store per stream and lane vector, flags widened in registers. The lane vectors
 // are unrolled so their carries stay in registers.
-// Steps ahead at which run_direct requests its output rows.
-constexpr int64_t kOutAhead = 8;
 
 template <class Step, typename acc_t, bool kSymbolic, class P>
 void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds, int64_t off0, int64_t step,
@@ -287,7 +288,7 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
         for (int j = 0; j < Step::kOut; ++j) {
           if (o_ptr[j] == nullptr) continue;
           // The output rows kOutAhead steps on, requested for writing now: each step's stores go to new lines
-          // (a row apart), and waiting for their reads one at a time stalled the walk.
+          // (a row apart), whose reads would otherwise be waited for one at a time.
           __builtin_prefetch(o_ptr[j] + off + kOutAhead * step, 1);
           select(in.valid, o[j], V(acc_t(0))).store(o_ptr[j] + off);
         }

@@ -126,8 +126,7 @@ typedef uint16_t vh __attribute__((vector_size(RLK_VEC_BYTES / 2)));  // kW 16-b
 
 // Software prefetch kPrefetchBytes ahead of a stream. The kernels with long arithmetic per vector (exps,
 // divisions, blends) keep the core's window full, so without it the loads of the next lines issue late and a
-// cold stream runs at memory latency rather than bandwidth (measured on Intel Xeon cores, where it halves the
-// time of a cold gather_logprobs or PPO loss).
+// cold stream runs at memory latency rather than bandwidth (docs/performance.md has the measurements).
 constexpr int64_t kPrefetchBytes = 2048;
 // The line kPrefetchBytes of float32 ahead of element i of p, for a stream of T (kPrefetchBytes / 4 elements
 // ahead: streams of bytes, such as masks, keep pace with the float streams read beside them).
@@ -259,19 +258,26 @@ RLK_AVX512_TARGET RLK_INLINE vf exp_v(vf x) {
   return exp_poly(exp_reduce<kOneStep>(x, k)) * pow2i(k);
 #endif
 }
-// exp(x) for x <= 0: exactly 0 below -87 (below about -104 on AVX-512) and for -inf, NaN stays NaN.
+// exp(x) for x <= 87: exactly 0 below -87 (below about -104 on AVX-512) and for -inf, NaN stays NaN. `arg`
+// receives the argument the exp was taken of, x clamped from below (one maxps; NaN stays): p = 0 wherever the
+// clamp moved x, so p * arg = p * x where p != 0 and 0 for x = -inf, for sums of p x (an entropy).
 template <bool kOneStep = false>
-RLK_AVX512_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
+RLK_AVX512_TARGET RLK_INLINE vf exp_clamped_v(vf x, vf& arg) {
 #if RLK_AVX512
-  // max(-200, x) in one vmaxps (NaN stays: the second operand is returned when either is NaN); vscalefps gives
-  // the subnormal results down to about -104 and 0 below
-  return exp_scalef<kOneStep>(
-      reinterpret_cast<vf>(_mm512_max_ps(_mm512_set1_ps(-200.0f), reinterpret_cast<__m512>(x))));
+  // vmaxps returns its second operand when either is NaN; vscalefps gives the subnormal results down to about
+  // -104 and 0 below
+  arg = reinterpret_cast<vf>(_mm512_max_ps(_mm512_set1_ps(-200.0f), reinterpret_cast<__m512>(x)));
+  return exp_scalef<kOneStep>(arg);
 #else
   const vi tiny = x < -87.0f;
-  const vf e = exp_v<kOneStep>(tiny ? vf{} - 87.0f : x);
-  return tiny ? vf{} : e;
+  arg = tiny ? vf{} - 87.0f : x;
+  return as_float(~tiny & reinterpret_cast<vi>(exp_v<kOneStep>(arg)));  // (one andnps)
 #endif
+}
+template <bool kOneStep = false>
+RLK_AVX512_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
+  vf arg;
+  return exp_clamped_v<kOneStep>(x, arg);
 }
 // The sum of the lanes, in lane order, in double.
 RLK_INLINE double sum_lanes(vf v) {
