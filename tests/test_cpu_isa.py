@@ -11,6 +11,7 @@ build of these kernels runs on vectors of its width.
 """
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -94,6 +95,26 @@ def test_ppo_nan_reaches_loss_and_ratio_max(isa):
             exp_loss, exp_stats = reference.ppo_policy_loss(lp, o, adv, mask)
             assert np.isnan(exp_loss) and np.isnan(exp_stats["ratio_max"])
             assert torch.isnan(loss) and torch.isnan(stats["ratio_max"]), (where, tensor)
+
+
+def test_ppo_infinite_log_ratios_and_advantages(isa):
+    logp, old, adv = (x.float() for x in sample_inputs("ppo_policy_loss", (2, 45)))
+    # log-ratios of +inf and -inf: approx_kl is NaN (inf - inf) while every ratio is finite (clamped)
+    lp, o = logp.clone(), old.clone()
+    lp[0, 5], o[1, 30] = float("inf"), float("inf")
+    loss, stats = rlkernels.ppo_policy_loss(lp, o, adv)
+    exp_loss, exp_stats = reference.ppo_policy_loss(lp, o, adv)
+    assert np.isnan(exp_stats["approx_kl"]) and torch.isnan(stats["approx_kl"])
+    assert math.isclose(float(stats["ratio_max"]), exp_stats["ratio_max"], rel_tol=1e-6)
+    assert math.isclose(float(loss), exp_loss, rel_tol=1e-5)
+    # an infinite advantage: both loss terms infinite, the loss -inf (+inf where the advantage is -inf)
+    for sign in (1.0, -1.0):
+        a = adv.clone()
+        a[1, 20] = sign * float("inf")
+        for dual_clip in (None, 3.0):
+            loss, _ = rlkernels.ppo_policy_loss(logp, old, a, dual_clip=dual_clip)
+            exp_loss = reference.ppo_policy_loss(logp, old, a, dual_clip=dual_clip)[0]
+            assert float(loss) == exp_loss == -sign * math.inf, (sign, dual_clip)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 37), (2, 4099), (9001,)])

@@ -29,56 +29,61 @@ RLK_INLINE vf policy_ratio(vf raw) {
   return exp_v(clamp_v(raw, splat(-bound), splat(bound)));
 }
 
-// One vector of tokens into the sums; ok: the lanes that count (kAll: every lane, no selects).
-template <bool kAll>
-RLK_INLINE void policy_forward_vec(vf lp, vf old, vf a, vi ok, const PolicyConsts& k, PolicyAcc& s) {
+// One vector of tokens into the sums; ok: the lanes that count. Computed with the signs flipped, on
+// u = A ratio and c = A clamp(ratio) (the loss terms are -u and -c): l = -min(u, c) and the dual clip binds
+// where A < 0 and min(u, c) < A dual. u and c are NaN together (A or the ratio NaN; the clamped ratio is never
+// 0), so l is NaN where either term is, as torch.maximum gives.
+// ratio_max takes maxps, which drops a NaN ratio once a later one replaces it; a NaN ratio comes from a NaN
+// log-ratio, which also makes the kl sum NaN, so policy_forward_run looks for it only then.
+RLK_INLINE void policy_forward_vec(vf lp, vf old, vf a, Lanes ok, const PolicyConsts& k, PolicyAcc& s) {
   const vf raw = lp - old;
   const vf ratio = policy_ratio(raw);
-  const vf unclipped = -a * ratio;
-  const vf clipped = -a * clamp_v(ratio, k.lo, k.hi);
-  vf loss = (unclipped > clipped) | (unclipped != unclipped) ? unclipped : clipped;  // NaN as torch.maximum
-  const vf dual = -a * k.dual;  // +inf without a dual clip: never binds
-  const vi lower = (a < 0.0f) & (loss > dual);
-  loss = lower ? dual : loss;
-  const vi took_clip = clipped > unclipped;
-  const vi bigger = (ratio > s.ratio_max) | (ratio != ratio);  // a NaN ratio sticks in ratio_max
-  const vf one = splat(1.0f), zero = vf{};
-  if constexpr (kAll) {
-    s.loss += loss;
-    s.count += one;
-    s.clipped += took_clip ? one : zero;
-    s.lower += lower ? one : zero;
-    s.kl -= raw;
-    s.ratio += ratio;
-    s.ratio_max = bigger ? ratio : s.ratio_max;
-  } else {
-    // Nested blends, one mask each: GCC turned the AND of an integer and a float compare's masks into scalar
-    // bit twiddling under AVX-512.
-    s.loss += ok ? loss : zero;
-    s.count += ok ? one : zero;
-    s.clipped += ok ? (took_clip ? one : zero) : zero;
-    s.lower += ok ? (lower ? one : zero) : zero;
-    s.kl -= ok ? raw : zero;
-    s.ratio += ok ? ratio : zero;
-    s.ratio_max = ok ? (bigger ? ratio : s.ratio_max) : s.ratio_max;
-  }
+  const vf u = a * ratio;
+  const vf c = a * clamp_v(ratio, k.lo, k.hi);
+  const vf neg_loss = min_v(u, c);
+  const vf a_dual = a * k.dual;  // -inf where A < 0 without a dual clip: never binds
+  const Lanes lower = lt_lanes(lt_lanes(ok, a, vf{}), neg_loss, a_dual);
+  const vf one = splat(1.0f);
+  s.loss = sub_where(ok, s.loss, select_where(lower, a_dual, neg_loss));
+  s.count = add_where(ok, s.count, one);
+  s.clipped = add_where(lt_lanes(ok, c, u), s.clipped, one);  // the clipped term is the larger
+  s.lower = add_where(lower, s.lower, one);
+  s.kl = sub_where(ok, s.kl, raw);
+  s.ratio = add_where(ok, s.ratio, ratio);
+  s.ratio_max = max_where(ok, s.ratio_max, ratio);
 }
 
-// d l / d logp of a vector of tokens, torch's tie conventions (ppo.h's policy_token_grad).
-RLK_INLINE vf policy_grad_vec(vf lp, vf old, vf a, const PolicyConsts& k) {
+// Whether a token of [i0, i1) that counts has a NaN log-ratio (a NaN ratio).
+RLK_INLINE bool any_nan_ratio(const float* lp, const float* old, const uint8_t* mask, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const float raw = lp[i] - old[i];
+    if (raw != raw && (mask == nullptr || mask[i] != 0)) return true;
+  }
+  return false;
+}
+
+// -scale * d l / d logp of a vector of tokens, torch's tie conventions (ppo.h's policy_token_grad), on u and c
+// as in policy_forward_vec: d l / d ratio = -A w, where w is 1 inside the clip range (there c == u) or where
+// the unclipped term is the larger (u < c), 1/2 at a tie and 0 otherwise (NaN too); where A < 0 the dual
+// clip's min(l, -A dual) passes l's share of it (1 where l is smaller, 1/2 at a tie, 0 where larger). The
+// shares are powers of two, so ((A w) d_log) (-scale) rounds as ppo.h's scale (((-A w) w_dual) d_log).
+RLK_INLINE vf policy_grad_vec(vf lp, vf old, vf a, const PolicyConsts& k, vf neg_scale) {
   const float bound = static_cast<float>(ppo::kLogRatioBound);
   const vf raw = lp - old;
   const vf ratio = policy_ratio(raw);
-  const vf unclipped = -a * ratio;
-  const vf clipped = -a * clamp_v(ratio, k.lo, k.hi);
+  const vf u = a * ratio;
+  const vf c = a * clamp_v(ratio, k.lo, k.hi);
   const vf one = splat(1.0f), half = splat(0.5f), zero = vf{};
-  const auto share = [&](vf x, vf y) { return (x > y ? one : zero) + (x == y ? half : zero); };
-  const vf in_clip = (ratio > k.lo) & (ratio < k.hi) ? one : zero;
-  vf d_ratio = -a * (share(unclipped, clipped) + share(clipped, unclipped) * in_clip);
-  const vf loss = unclipped > clipped ? unclipped : clipped;
-  d_ratio *= a < 0.0f ? share(-a * k.dual, loss) : one;
-  const vf d_log = (raw > -bound) & (raw < bound) ? ratio : zero;
-  return d_ratio * d_log;
+  const Lanes all = all_lanes();
+  vf w = select_where(eq_lanes(all, u, c), half, zero);
+  w = select_where(lt_lanes(all, u, c), one, w);
+  w = select_where(lt_lanes(lt_lanes(all, k.lo, ratio), ratio, k.hi), one, w);
+  const vf neg_loss = min_v(u, c), a_dual = a * k.dual;
+  const Lanes neg = lt_lanes(all, a, zero);
+  w = select_where(lt_lanes(neg, neg_loss, a_dual), zero, w);
+  w = select_where(eq_lanes(neg, neg_loss, a_dual), w * half, w);
+  const vf d_log = select_where(lt_lanes(lt_lanes(all, splat(-bound), raw), raw, splat(bound)), ratio, zero);
+  return ((a * w) * d_log) * neg_scale;
 }
 
 template <bool kMasked>
@@ -87,7 +92,7 @@ RLK_INLINE void policy_forward_run(const float* lp, const float* old, const floa
   const float inf = __builtin_inff();
   vf ratio_max = splat(-inf);
   double tot[kRatioMax] = {};
-  const vi all = vi{} - 1;
+  bool nan_ratio = false;
   for (int64_t i0 = 0; i0 < n; i0 += kSubBlock) {
     const int64_t i1 = i0 + kSubBlock < n ? i0 + kSubBlock : n;
     PolicyAcc s{vf{}, vf{}, vf{}, vf{}, vf{}, vf{}, ratio_max};
@@ -96,10 +101,7 @@ RLK_INLINE void policy_forward_run(const float* lp, const float* old, const floa
       prefetch_streams(i, lp, old, adv);
       if constexpr (kMasked) prefetch_ahead(mask, i);
       const vf l = loadu(lp + i), o = loadu(old + i), a = loadu(adv + i);
-      if constexpr (kMasked)
-        policy_forward_vec<false>(l, o, a, flags_set(mask + i), k, s);
-      else
-        policy_forward_vec<true>(l, o, a, all, k, s);
+      policy_forward_vec(l, o, a, kMasked ? flag_lanes(mask + i) : all_lanes(), k, s);
     }
     if (i < i1) {  // the ragged end of the tokens (i1 == n here)
       alignas(64) float bl[kW] = {}, bo[kW] = {}, ba[kW] = {};
@@ -111,24 +113,22 @@ RLK_INLINE void policy_forward_run(const float* lp, const float* old, const floa
         ba[j] = adv[i + j];
         bm[j] = kMasked ? mask[i + j] : 1;
       }
-      policy_forward_vec<false>(loadu(bl), loadu(bo), loadu(ba), flags_set(bm), k, s);
+      policy_forward_vec(loadu(bl), loadu(bo), loadu(ba), flag_lanes(bm), k, s);
     }
     tot[kLoss] += sum_lanes(s.loss);
     tot[kCount] += sum_lanes(s.count);
     tot[kClipped] += sum_lanes(s.clipped);
     tot[kLower] += sum_lanes(s.lower);
-    tot[kKl] += sum_lanes(s.kl);
+    const double kl = sum_lanes(s.kl);
+    if (kl != kl && !nan_ratio) nan_ratio = any_nan_ratio(lp, old, kMasked ? mask : nullptr, i0, i1);
+    tot[kKl] += kl;
     tot[kRatio] += sum_lanes(s.ratio);
     ratio_max = s.ratio_max;
   }
   for (int j = 0; j < kRatioMax; ++j) sums[j] = tot[j];
   double mx = -inf;
-  for (int l = 0; l < kW; ++l) {
-    const double r = ratio_max[l];
-    if (r != r || r > mx) mx = r;
-    if (mx != mx) break;
-  }
-  sums[kRatioMax] = mx;
+  for (int l = 0; l < kW; ++l) mx = ratio_max[l] > mx ? ratio_max[l] : mx;
+  sums[kRatioMax] = nan_ratio ? __builtin_nan("") : mx;
 }
 
 void ppo_policy_forward(const float* lp, const float* old, const float* adv, const uint8_t* mask, int64_t n,
@@ -144,18 +144,18 @@ void ppo_policy_forward(const float* lp, const float* old, const float* adv, con
 void ppo_policy_backward(const float* lp, const float* old, const float* adv, const uint8_t* mask, int64_t n,
                          float clip_lo, float clip_hi, float dual_clip, float scale, float* grad) {
   const PolicyConsts k{splat(clip_lo), splat(clip_hi), splat(dual_clip)};
-  const vf sc = splat(scale);
+  const vf nsc = splat(-scale);
   int64_t i = 0;
   if (mask != nullptr) {
     for (; i + kW <= n; i += kW) {
       prefetch_streams(i, lp, old, adv, mask);
-      const vf g = sc * policy_grad_vec(loadu(lp + i), loadu(old + i), loadu(adv + i), k);
-      storeu(grad + i, flags_set(mask + i) ? g : vf{});
+      const vf g = policy_grad_vec(loadu(lp + i), loadu(old + i), loadu(adv + i), k, nsc);
+      storeu(grad + i, select_where(flag_lanes(mask + i), g, vf{}));
     }
   } else {
     for (; i + kW <= n; i += kW) {
       prefetch_streams(i, lp, old, adv);
-      storeu(grad + i, sc * policy_grad_vec(loadu(lp + i), loadu(old + i), loadu(adv + i), k));
+      storeu(grad + i, policy_grad_vec(loadu(lp + i), loadu(old + i), loadu(adv + i), k, nsc));
     }
   }
   if (i < n) {
@@ -168,8 +168,8 @@ void ppo_policy_backward(const float* lp, const float* old, const float* adv, co
       ba[j] = adv[i + j];
       bm[j] = mask != nullptr ? mask[i + j] : 1;
     }
-    const vf g = sc * policy_grad_vec(loadu(bl), loadu(bo), loadu(ba), k);
-    storeu(bg, flags_set(bm) ? g : vf{});
+    const vf g = policy_grad_vec(loadu(bl), loadu(bo), loadu(ba), k, nsc);
+    storeu(bg, select_where(flag_lanes(bm), g, vf{}));
     for (int64_t j = 0; j < rem; ++j) grad[i + j] = bg[j];
   }
 }
@@ -181,29 +181,20 @@ struct ValueAcc {
 };
 
 // 0.5 max((v - R)^2, (clamp(v, old - clip, old + clip) - R)^2) of a vector of tokens; a NaN in either term (an
-// old value of NaN gives a NaN clamp, as torch.clamp to tensor bounds) makes the loss NaN, as torch.maximum.
-template <bool kAll>
-RLK_INLINE void value_forward_vec(vf v, vf old, vf ret, vi ok, bool has_clip, vf clip, ValueAcc& s) {
+// old value of NaN gives a NaN clamp, as torch.clamp to tensor bounds) makes the loss NaN, as torch.maximum:
+// a NaN v or R makes both terms NaN, so max_v's NaN rule (its second operand) never picks a number.
+RLK_INLINE void value_forward_vec(vf v, vf old, vf ret, Lanes ok, bool has_clip, vf clip, ValueAcc& s) {
   const vf err = (v - ret) * (v - ret);
   vf loss = err;
-  vi clipped = vi{};
+  const vf one = splat(1.0f);
   if (has_clip) {
     const vf vc = old != old ? old : clamp_v(v, old - clip, old + clip);
     const vf clipped_err = (vc - ret) * (vc - ret);
-    clipped = clipped_err > err;
-    loss = clipped | (clipped_err != clipped_err) ? clipped_err : err;
+    s.clipped = add_where(lt_lanes(ok, err, clipped_err), s.clipped, one);
+    loss = max_v(err, clipped_err);
   }
-  loss = 0.5f * loss;
-  const vf one = splat(1.0f), zero = vf{};
-  if constexpr (kAll) {
-    s.loss += loss;
-    s.count += one;
-    s.clipped += clipped ? one : zero;
-  } else {
-    s.loss += ok ? loss : zero;
-    s.count += ok ? one : zero;
-    s.clipped += ok & clipped ? one : zero;
-  }
+  s.loss = add_where(ok, s.loss, 0.5f * loss);
+  s.count = add_where(ok, s.count, one);
 }
 
 // d l / d v (ppo.h's value_token_grad): max and the clamp to tensor bounds split ties half and half.
@@ -222,7 +213,6 @@ RLK_INLINE vf value_grad_vec(vf v, vf old, vf ret, bool has_clip, vf clip) {
 void ppo_value_forward(const float* v, const float* old, const float* ret, const uint8_t* mask, int64_t n,
                        bool has_clip, float clip, double* sums) {
   const vf c = splat(clip);
-  const vi all = vi{} - 1;
   double tot[kValueSums] = {};
   for (int64_t i0 = 0; i0 < n; i0 += kSubBlock) {
     const int64_t i1 = i0 + kSubBlock < n ? i0 + kSubBlock : n;
@@ -231,12 +221,12 @@ void ppo_value_forward(const float* v, const float* old, const float* ret, const
     if (mask != nullptr) {
       for (; i + kW <= i1; i += kW) {
         prefetch_streams(i, v, old, ret, mask);
-        value_forward_vec<false>(loadu(v + i), loadu(old + i), loadu(ret + i), flags_set(mask + i), has_clip, c, s);
+        value_forward_vec(loadu(v + i), loadu(old + i), loadu(ret + i), flag_lanes(mask + i), has_clip, c, s);
       }
     } else {
       for (; i + kW <= i1; i += kW) {
         prefetch_streams(i, v, old, ret);
-        value_forward_vec<true>(loadu(v + i), loadu(old + i), loadu(ret + i), all, has_clip, c, s);
+        value_forward_vec(loadu(v + i), loadu(old + i), loadu(ret + i), all_lanes(), has_clip, c, s);
       }
     }
     if (i < i1) {
@@ -248,7 +238,7 @@ void ppo_value_forward(const float* v, const float* old, const float* ret, const
         br[j] = ret[i + j];
         bm[j] = mask != nullptr ? mask[i + j] : 1;
       }
-      value_forward_vec<false>(loadu(bv), loadu(bo), loadu(br), flags_set(bm), has_clip, c, s);
+      value_forward_vec(loadu(bv), loadu(bo), loadu(br), flag_lanes(bm), has_clip, c, s);
     }
     tot[kValueLoss] += sum_lanes(s.loss);
     tot[kValueCount] += sum_lanes(s.count);
@@ -265,7 +255,7 @@ void ppo_value_backward(const float* v, const float* old, const float* ret, cons
     for (; i + kW <= n; i += kW) {
       prefetch_streams(i, v, old, ret, mask);
       const vf g = sc * value_grad_vec(loadu(v + i), loadu(old + i), loadu(ret + i), has_clip, c);
-      storeu(grad + i, flags_set(mask + i) ? g : vf{});
+      storeu(grad + i, select_where(flag_lanes(mask + i), g, vf{}));
     }
   } else {
     for (; i + kW <= n; i += kW) {
@@ -283,7 +273,7 @@ void ppo_value_backward(const float* v, const float* old, const float* ret, cons
       bm[j] = mask != nullptr ? mask[i + j] : 1;
     }
     const vf g = sc * value_grad_vec(loadu(bv), loadu(bo), loadu(br), has_clip, c);
-    storeu(bg, flags_set(bm) ? g : vf{});
+    storeu(bg, select_where(flag_lanes(bm), g, vf{}));
     for (int64_t j = 0; j < n - i; ++j) grad[i + j] = bg[j];
   }
 }

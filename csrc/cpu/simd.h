@@ -209,8 +209,56 @@ RLK_INLINE void store_bf16(uint16_t* p, vf x) {
   const vh h = __builtin_convertvector(out, vh);
   __builtin_memcpy(p, &h, sizeof(h));
 }
+// min_v and max_v are minps / maxps: when either operand is NaN the result is b.
 RLK_INLINE vf min_v(vf a, vf b) { return a < b ? a : b; }
 RLK_INLINE vf max_v(vf a, vf b) { return a > b ? a : b; }
+
+// Lane sets for sums taken under a condition (masked tokens, counts of a comparison): on AVX-512 a mask
+// register and merge-masked arithmetic, one instruction per conditional sum (GCC kept masks made from flag
+// bytes as vectors and converted them back at each use); elsewhere a vi of 0 / -1 and blends.
+#if RLK_AVX512
+typedef __mmask16 Lanes;
+RLK_AVX512_TARGET RLK_INLINE Lanes all_lanes() { return static_cast<Lanes>(0xffff); }
+// the lanes whose flag byte is nonzero
+RLK_AVX512_TARGET RLK_INLINE Lanes flag_lanes(const uint8_t* p) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm_test_epi8_mask(bytes, bytes);
+}
+// the lanes of m where a < b (eq_lanes: a == b); false for NaN
+RLK_AVX512_TARGET RLK_INLINE Lanes lt_lanes(Lanes m, vf a, vf b) {
+  return _mm512_mask_cmp_ps_mask(m, reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), _CMP_LT_OQ);
+}
+RLK_AVX512_TARGET RLK_INLINE Lanes eq_lanes(Lanes m, vf a, vf b) {
+  return _mm512_mask_cmp_ps_mask(m, reinterpret_cast<__m512>(a), reinterpret_cast<__m512>(b), _CMP_EQ_OQ);
+}
+// acc + x in the lanes of m, acc elsewhere (likewise sub_where, max_where: max_v(acc, x))
+RLK_AVX512_TARGET RLK_INLINE vf add_where(Lanes m, vf acc, vf x) {
+  return reinterpret_cast<vf>(_mm512_mask_add_ps(reinterpret_cast<__m512>(acc), m, reinterpret_cast<__m512>(acc),
+                                                 reinterpret_cast<__m512>(x)));
+}
+RLK_AVX512_TARGET RLK_INLINE vf sub_where(Lanes m, vf acc, vf x) {
+  return reinterpret_cast<vf>(_mm512_mask_sub_ps(reinterpret_cast<__m512>(acc), m, reinterpret_cast<__m512>(acc),
+                                                 reinterpret_cast<__m512>(x)));
+}
+RLK_AVX512_TARGET RLK_INLINE vf max_where(Lanes m, vf acc, vf x) {
+  return reinterpret_cast<vf>(_mm512_mask_max_ps(reinterpret_cast<__m512>(acc), m, reinterpret_cast<__m512>(acc),
+                                                 reinterpret_cast<__m512>(x)));
+}
+// a in the lanes of m, b elsewhere
+RLK_AVX512_TARGET RLK_INLINE vf select_where(Lanes m, vf a, vf b) {
+  return reinterpret_cast<vf>(_mm512_mask_blend_ps(m, reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(a)));
+}
+#else
+typedef vi Lanes;
+RLK_INLINE Lanes all_lanes() { return vi{} - 1; }
+RLK_AVX2_TARGET RLK_INLINE Lanes flag_lanes(const uint8_t* p) { return flags_set(p); }
+RLK_INLINE Lanes lt_lanes(Lanes m, vf a, vf b) { return m & (a < b); }
+RLK_INLINE Lanes eq_lanes(Lanes m, vf a, vf b) { return m & (a == b); }
+RLK_INLINE vf add_where(Lanes m, vf acc, vf x) { return acc + (m ? x : vf{}); }
+RLK_INLINE vf sub_where(Lanes m, vf acc, vf x) { return acc - (m ? x : vf{}); }
+RLK_INLINE vf max_where(Lanes m, vf acc, vf x) { return m ? max_v(acc, x) : acc; }
+RLK_INLINE vf select_where(Lanes m, vf a, vf b) { return m ? a : b; }
+#endif
 // x clamped to [lo, hi]; NaN stays NaN (both compares are false for it).
 RLK_AVX512_TARGET RLK_INLINE vf clamp_v(vf x, vf lo, vf hi) {
 #if RLK_AVX512
