@@ -237,10 +237,18 @@ def loss_rows(op, ref_name, ref, agg, floats, mask):
     else:
         canon = (math.prod(ref.shape[:-1]), ref.shape[-1])
     dtype = checks.common_float_dtype(ref, *floats.values())
-    tensors = [x.to(dtype).reshape(canon).contiguous() for x in (ref, *floats.values())]
+    tensors = [_canonical(x, canon, dtype) for x in (ref, *floats.values())]
     if mask is not None:
-        mask = mask.reshape(canon).contiguous()
+        mask = _canonical(mask, canon, torch.bool)
     return tensors, mask, dtype
+
+
+def _canonical(x, shape, dtype):
+    """x as a contiguous tensor of `shape` and `dtype`; x itself when it already is one (no calls: the checks
+    cost less than the no-op conversions, which dominate a small batch's time)."""
+    if x.dtype == dtype and x.shape == shape and x.is_contiguous():
+        return x
+    return x.to(dtype).reshape(shape).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -249,8 +249,9 @@ struct StreamTable {
   }
 };
 
-// Steps ahead at which run_direct requests its output rows.
+// Steps ahead at which run_direct requests its output rows, and its input rows.
 constexpr int64_t kOutAhead = 8;
+constexpr int64_t kInAhead = 16;
 
 // run_block without the buffers: a time-major group reads its inputs in place and writes its outputs in
 // place, one vector load or store per stream and lane vector, flags widened in registers. The lane vectors
@@ -272,6 +273,17 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
   C carry[H][D];
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/false);
   for (int64_t kk = 0; kk < kn; ++kk) {
+    // Each stream's row kInAhead steps on, requested now: one or two lines a stream and step, spread over the
+    // steps (a burst of a whole block's rows at once filled the line-fill buffers and stalled the loads).
+    for_each_stream([&]<int S>() {
+      if constexpr (!P::absent(S)) {
+        if (st.unit[S] != 0) {
+          constexpr int kBytes = kLanes * (StreamTable<acc_t>::is_flag(S) ? 1 : static_cast<int>(sizeof(acc_t)));
+          const unsigned char* a = st.base[S] + (kk + kInAhead) * st.step[S];
+          for (int b = 0; b < kBytes; b += 64) __builtin_prefetch(a + b);
+        }
+      }
+    });
 #pragma GCC unroll 16
     for (int h = 0; h < H; ++h) {
       const StepIn<V> in = stream_in<V>([&]<int S>() -> V {

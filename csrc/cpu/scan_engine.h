@@ -249,11 +249,7 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
       const Lane* gl = lanes + g * kLanes;
       const int n = std::min(kLanes, num_lanes - g * kLanes);
       const int kn = static_cast<int>(std::min<int64_t>(kBlock, group_len[g] - k0));
-      if (in_place.direct != nullptr && contiguous[g]) {
-        const int64_t ahead = std::min<int64_t>(kBlock, group_len[g] - k0 - kBlock);
-        for (int s = 0; s < kNumStreams; ++s)
-          for (int kk = 0; kk < ahead; ++kk)
-            prefetch(pb.in[s], pb.kind[s], gl[0].base + time_of(gl[0], k0 + kBlock + kk) * ts, kLanes);
+      if (in_place.direct != nullptr && contiguous[g]) {  // (it requests its rows ahead itself)
         in_place.direct(params, ds, gl[0].base + time_of(gl[0], k0) * ts, reverse ? -ts : ts, kn,
                         carry + g * carry_size, symbolic ? no_out : pb.out);
         continue;
