@@ -1,6 +1,6 @@
 // The float32 PPO loss family on explicit vectors (docs/design.md §4.4): the policy loss, the value loss and
-// the KL penalty, forward and backward, the math of csrc/include/rlkernels/ppo.h written with blends, one
-// register of tokens per step. Included by
+// the KL penalty, forward and backward, the math of csrc/include/rlkernels/ppo.h written with blends and
+// conditional sums (simd.h Lanes), one register of tokens per step. Included by
 // csrc/cpu/simd_{default,avx2,avx512}.cpp after their target switch; declared in simd_kernels.h.
 //
 // A vector of tokens is computed whole, masked tokens included, and the mask selects what reaches the sums

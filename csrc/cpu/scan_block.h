@@ -274,7 +274,7 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/false);
   for (int64_t kk = 0; kk < kn; ++kk) {
     // Each stream's row kInAhead steps on, requested now: one or two lines a stream and step, spread over the
-    // steps (a burst of a whole block's rows at once filled the line-fill buffers and stalled the loads).
+    // steps, where requesting a whole block's rows at once would fill the line-fill buffers and stall the loads.
     for_each_stream([&]<int S>() {
       if constexpr (!P::absent(S)) {
         if (st.unit[S] != 0) {
