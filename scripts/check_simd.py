@@ -30,9 +30,8 @@ LEVELS = {"default": "xmm", "avx2": "ymm", "avx512": "zmm"}
 WIDTH_ORDER = {"xmm": 0, "ymm": 1, "zmm": 2}
 
 # kernel -> (function name patterns inside the level's namespace, the register width per level checked: the
-# level's, or for a kernel written for 8 floats per vector one ymm at AVX2 and AVX-512; a level left out is not
-# checked). q_targets' rows at SSE2: GCC lowers their 8-wide compares (two xmm each) to scalar ucomiss.
-EIGHT_WIDE = {"avx2": "ymm", "avx512": "ymm"}
+# level's, or for q_targets' rows, written for 8 floats per vector (4 under SSE2), one ymm at AVX-512).
+EIGHT_WIDE = {"default": "xmm", "avx2": "ymm", "avx512": "ymm"}
 KERNELS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "ppo_policy_forward": (("ppo_policy_forward(",), LEVELS),
     "ppo_policy_backward": (("ppo_policy_backward(",), LEVELS),

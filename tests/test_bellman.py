@@ -209,9 +209,13 @@ def test_q_targets_property(B, A, kind, n, gamma, temperature, seed, with_term):
 @pytest.mark.parametrize("A", [8, 9, 15, 16, 17, 18, 25, 40])
 @pytest.mark.parametrize("kind", KINDS)
 def test_q_targets_float32_rows_ties_nan_inf(kind, A):
-    # float32 rows of 8 or more actions run whole vectors plus one overlapping the last: a value the two
-    # share must count once in sums, and ties must still pick the first index (values from a small integer
-    # set: ties everywhere, in the overlap too). Rows with NaN and +-inf follow the reference's rules.
+    check_q_rows_ties_nan_inf(kind, A)
+
+
+def check_q_rows_ties_nan_inf(kind, A):
+    """float32 rows of 8 or more actions run whole vectors plus one overlapping the last: a value the two
+    share must count once in sums, and ties must still pick the first index (values from a small integer
+    set: ties everywhere, in the overlap too). Rows with NaN and +-inf follow the reference's rules."""
     B = 203
     g = torch.Generator().manual_seed(A * 7 + len(kind))
     q = torch.randint(-3, 4, (B, A), generator=g).float()

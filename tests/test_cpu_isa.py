@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_close, randn, random_tokens, sample_inputs, sample_mask
+from test_bellman import check_q_rows_ties_nan_inf
 from test_logprobs import GRAD_TOL, check_chunked_rows, torch_oracle
 from test_ppo import check_policy, check_value, torch_kl
 
@@ -210,6 +211,13 @@ def test_q_targets(isa, dtype, A, kind):
     want = reference.q_targets(r.double(), q.double(), terminated=term, gamma=0.9, kind=kind,
                                **{k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in extra.items()})
     assert_close(y, want, torch.float32)
+
+
+@pytest.mark.parametrize("A", [5, 9, 12, 18])
+@pytest.mark.parametrize("kind", ["max", "double", "expected", "soft"])
+def test_q_targets_ties_nan_inf(isa, kind, A):
+    # Each level's row vectors (4 floats under SSE2, 8 above): ties, the overlapping last vector, NaN, +-inf.
+    check_q_rows_ties_nan_inf(kind, A)
 
 
 @pytest.mark.parametrize("loss", ["huber", "squared"])

@@ -1,8 +1,8 @@
 // The float32 row kernels of the Bellman family (docs/design.md §4.5): q_targets' rows, td_loss's gathers,
 // losses and gradient factors, the dot products of bellman_backup. Compiled per instruction set by
 // csrc/cpu/simd_{default,avx2,avx512}.cpp after their target switch; declared in simd_kernels.h. td_loss's
-// losses and gradients and the dot products run on one register of the level; q_targets' rows and td_loss's
-// gathers on vectors of 8 floats (two registers under SSE2, one under AVX2 and AVX-512).
+// losses and gradients and the dot products run on one register of the level; q_targets' rows on vectors of kQW
+// floats (8, or one SSE2 register of 4), td_loss's gathers 8 rows per step.
 #pragma once
 
 namespace rlkernels::cpu::simd::RLK_ISA {
@@ -13,43 +13,77 @@ using namespace ::rlkernels::bellman;
 // Rows of q requested this far ahead of the row-by-row gathers of td_loss (as in bellman_sample.cpp).
 constexpr int64_t kAhead = 32;
 
-// float32 rows, 8 actions per vector op: max (NaN wins), first argmax (NaN first), probability-weighted sum,
+// float32 rows, kQW actions per vector op: max (NaN wins), first argmax (NaN first), probability-weighted sum,
 // and temperature * logsumexp with a polynomial exp. The generic rows below give the same results up to
-// float rounding (the sums run in another order).
-typedef float f8 __attribute__((vector_size(32)));
-typedef int i8 __attribute__((vector_size(32)));
+// float rounding (the sums run in another order). kQW is 8 floats (one register under AVX2 and AVX-512: rows of
+// a few to a few tens of actions, where 16 lanes would mostly overlap), 4 under SSE2, whose GCC lowers the
+// compares and shuffles of 8-float vectors lane by lane.
+constexpr int kQW = vec::kW < 8 ? vec::kW : 8;
+typedef float fq __attribute__((vector_size(4 * kQW)));
+typedef int iq __attribute__((vector_size(4 * kQW)));
 
-__attribute__((always_inline)) inline f8 load8(const float* p) {
-  f8 v;
+__attribute__((always_inline)) inline fq loadq(const float* p) {
+  fq v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
 
-// Horizontal reductions by halving shuffles (three vector steps; lane-by-lane scalar loops here were most of
-// a row's cost at A = 18). hmax8 ignores NaN (callers track it apart).
-__attribute__((always_inline)) inline float hmax8(f8 v) {
-  f8 t = __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+// The lanes of v in the order of a halving reduction: swap halves, then quarters, (then pairs).
+template <typename V>
+__attribute__((always_inline)) inline V swap_half(V v) {
+  if constexpr (kQW == 8) return __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3);
+  else return __builtin_shufflevector(v, v, 2, 3, 0, 1);
+}
+template <typename V>
+__attribute__((always_inline)) inline V swap_quarter(V v) {
+  if constexpr (kQW == 8) return __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  else return __builtin_shufflevector(v, v, 1, 0, 3, 2);
+}
+template <typename V>
+__attribute__((always_inline)) inline V swap_pair(V v) {
+  if constexpr (kQW == 8) return __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
+  else return v;  // (a no-op under SSE2: its reductions take two steps)
+}
+
+// Horizontal reductions by halving shuffles (log2 kQW vector steps; lane-by-lane scalar loops here were most of
+// a row's cost at A = 18). hmaxq ignores NaN (callers track it apart).
+__attribute__((always_inline)) inline float hmaxq(fq v) {
+  fq t = swap_half(v);
   v = t > v ? t : v;
-  t = __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5);
+  t = swap_quarter(v);
   v = t > v ? t : v;
-  t = __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6);
-  v = t > v ? t : v;
+  if constexpr (kQW == 8) {
+    t = swap_pair(v);
+    v = t > v ? t : v;
+  }
   return v[0];
 }
 
-__attribute__((always_inline)) inline int hor8(i8 m) {
-  m |= __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3);
-  m |= __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5);
-  m |= __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6);
+__attribute__((always_inline)) inline int horq(iq m) {
+  m |= swap_half(m);
+  m |= swap_quarter(m);
+  if constexpr (kQW == 8) m |= swap_pair(m);
   return m[0];
+}
+
+// 0, 1, ..., kQW - 1, and 1, 2, 4, ... (lane l: bit l).
+__attribute__((always_inline)) inline iq lane_q() {
+  iq r;
+  for (int l = 0; l < kQW; ++l) r[l] = l;
+  return r;
+}
+__attribute__((always_inline)) inline iq lane_bit_q() {
+  iq r;
+  for (int l = 0; l < kQW; ++l) r[l] = 1 << l;
+  return r;
 }
 
 // The first a < A with x[a] == m (A if none).
 __attribute__((always_inline)) inline int64_t first_equal(const float* x, int64_t A, float m) {
-  const i8 bit = {1, 2, 4, 8, 16, 32, 64, 128};
+  const iq bit = lane_bit_q();
   int64_t a = 0;
-  for (; a + 8 <= A; a += 8) {
-    const int bits = hor8((load8(x + a) == m) & bit);
+  for (; a + kQW <= A; a += kQW) {
+    const int bits = horq((loadq(x + a) == m) & bit);
     if (bits != 0) return a + __builtin_ctz(static_cast<unsigned>(bits));
   }
   for (; a < A; ++a)
@@ -57,60 +91,75 @@ __attribute__((always_inline)) inline int64_t first_equal(const float* x, int64_
   return A;
 }
 
-__attribute__((always_inline)) inline int hmin8(i8 m) {
-  i8 t = __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3);
+__attribute__((always_inline)) inline int hminq(iq m) {
+  iq t = swap_half(m);
   m = t < m ? t : m;
-  t = __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5);
+  t = swap_quarter(m);
   m = t < m ? t : m;
-  t = __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6);
-  m = t < m ? t : m;
+  if constexpr (kQW == 8) {
+    t = swap_pair(m);
+    m = t < m ? t : m;
+  }
   return m[0];
 }
 
-__attribute__((always_inline)) inline float hsum8(f8 v) {
+__attribute__((always_inline)) inline float hsumq(fq v) {
+#if RLK_VEC_BYTES >= 32
   return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+#else
+  return (v[0] + v[1]) + (v[2] + v[3]);
+#endif
 }
 
-// hsum8 of 8 vectors at once (lane k: hsum8(v[k]), in the same order of additions, so the same bits): three
-// rounds of pairwise adds across the vectors (the form of vhaddps) instead of 8 reductions of 7 scalar adds
-// (those were about half of an expected-SARSA row's cost at A = 18).
-__attribute__((always_inline)) inline f8 hadd8(f8 a, f8 b) {
+// hsumq of kQW vectors at once (lane k: hsumq(v[k]), in the same order of additions, so the same bits): rounds
+// of pairwise adds across the vectors (the form of vhaddps) instead of kQW reductions of scalar adds (those
+// were about half of an expected-SARSA row's cost at A = 18).
+#if RLK_VEC_BYTES >= 32
+__attribute__((always_inline)) inline fq haddq(fq a, fq b) {
   return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
          __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
 }
-__attribute__((always_inline)) inline f8 hsum8x8(const f8* v) {
-  const f8 ab = hadd8(hadd8(v[0], v[1]), hadd8(v[2], v[3]));  // [v0..v3: (0+1)+(2+3) | v0..v3: (4+5)+(6+7)]
-  const f8 cd = hadd8(hadd8(v[4], v[5]), hadd8(v[6], v[7]));
+__attribute__((always_inline)) inline fq hsum_rows(const fq* v) {
+  const fq ab = haddq(haddq(v[0], v[1]), haddq(v[2], v[3]));  // [v0..v3: (0+1)+(2+3) | v0..v3: (4+5)+(6+7)]
+  const fq cd = haddq(haddq(v[4], v[5]), haddq(v[6], v[7]));
   return __builtin_shufflevector(ab, cd, 0, 1, 2, 3, 8, 9, 10, 11) +
          __builtin_shufflevector(ab, cd, 4, 5, 6, 7, 12, 13, 14, 15);
 }
+#else
+__attribute__((always_inline)) inline fq haddq(fq a, fq b) {
+  return __builtin_shufflevector(a, b, 0, 2, 4, 6) + __builtin_shufflevector(a, b, 1, 3, 5, 7);
+}
+__attribute__((always_inline)) inline fq hsum_rows(const fq* v) {
+  return haddq(haddq(v[0], v[1]), haddq(v[2], v[3]));  // lane k: (v[k]0 + v[k]1) + (v[k]2 + v[k]3)
+}
+#endif
 
-// out[i] = hsum8(row(i)) for i < n, the rows' reductions done 8 at a time by hsum8x8 (the same bits).
+// out[i] = hsumq(row(i)) for i < n, the rows' reductions done kQW at a time by hsum_rows (the same bits).
 template <class RowVec>
 __attribute__((always_inline)) inline void row_sums(int64_t n, RowVec row, float* out) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    f8 acc[8];
-    for (int k = 0; k < 8; ++k) acc[k] = row(i + k);
-    const f8 s = hsum8x8(acc);
+  for (; i + kQW <= n; i += kQW) {
+    fq acc[kQW];
+    for (int k = 0; k < kQW; ++k) acc[k] = row(i + k);
+    const fq s = hsum_rows(acc);
     __builtin_memcpy(out + i, &s, sizeof(s));
   }
-  for (; i < n; ++i) out[i] = hsum8(row(i));
+  for (; i < n; ++i) out[i] = hsumq(row(i));
 }
 
 // max of x[0:A] with NumPy's NaN rule; sets has_nan.
 __attribute__((always_inline)) inline float row_max(const float* x, int64_t A, bool& has_nan) {
   const float ninf = -std::numeric_limits<float>::infinity();
-  f8 m = f8{} + ninf;
-  i8 nan = i8{};
+  fq m = fq{} + ninf;
+  iq nan = iq{};
   int64_t a = 0;
-  for (; a + 8 <= A; a += 8) {
-    const f8 v = load8(x + a);
+  for (; a + kQW <= A; a += kQW) {
+    const fq v = loadq(x + a);
     m = v > m ? v : m;
     nan |= v != v;
   }
-  float mx = hmax8(m);
-  bool any = hor8(nan) != 0;
+  float mx = hmaxq(m);
+  bool any = horq(nan) != 0;
   for (; a < A; ++a) {
     mx = x[a] > mx ? x[a] : mx;
     any |= x[a] != x[a];
@@ -120,13 +169,13 @@ __attribute__((always_inline)) inline float row_max(const float* x, int64_t A, b
 }
 
 // exp(x) for x <= 0 (x < -87.3 gives ~1e-38, -inf gives that too: negligible next to the row's exp(0) = 1).
-__attribute__((always_inline)) inline f8 exp_nonpositive(f8 x) {
-  x = x < -87.3f ? f8{} - 87.3f : x;
-  const f8 y = x * 1.44269504088896341f;
-  const i8 k = __builtin_convertvector(y - 0.5f, i8);  // round to nearest for y <= 0 (trunc toward 0)
-  const f8 p = exp_mantissa(x, __builtin_convertvector(k, f8));
-  const i8 bits = (k + 127) << 23;
-  f8 scale;
+__attribute__((always_inline)) inline fq exp_nonpositive(fq x) {
+  x = x < -87.3f ? fq{} - 87.3f : x;
+  const fq y = x * 1.44269504088896341f;
+  const iq k = __builtin_convertvector(y - 0.5f, iq);  // round to nearest for y <= 0 (trunc toward 0)
+  const fq p = exp_mantissa(x, __builtin_convertvector(k, fq));
+  const iq bits = (k + 127) << 23;
+  fq scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
@@ -154,10 +203,10 @@ void q_rows_f32(const float* r, const float* q, const bool* term, const float* o
       v = row[arg];
     } else if (kind == static_cast<int>(QKind::kExpected)) {
       const float* p = probs + b * A;
-      f8 acc = f8{};
+      fq acc = fq{};
       int64_t a = 0;
-      for (; a + 8 <= A; a += 8) acc += load8(p + a) * load8(row + a);
-      v = hsum8(acc);
+      for (; a + kQW <= A; a += kQW) acc += loadq(p + a) * loadq(row + a);
+      v = hsumq(acc);
       for (; a < A; ++a) v += p[a] * row[a];
     } else {
       const float inv = 1.0f / temp;
@@ -169,10 +218,10 @@ void q_rows_f32(const float* r, const float* q, const bool* term, const float* o
       } else {
         // (x - max) / T, not x / T - max / T: that form contracts to an FMA whose exact product minus the
         // rounded max/T leaves a residual of max's rounding error (1e13 at 1e20), and exp of it overflows.
-        f8 acc = f8{};
+        fq acc = fq{};
         int64_t a = 0;
-        for (; a + 8 <= A; a += 8) acc += exp_nonpositive((load8(row + a) - mx) * inv);
-        float sum = hsum8(acc);
+        for (; a + kQW <= A; a += kQW) acc += exp_nonpositive((loadq(row + a) - mx) * inv);
+        float sum = hsumq(acc);
         for (; a < A; ++a) sum += std::exp((row[a] - mx) * inv);
         v = temp * (mx * inv + std::log(sum));
       }
@@ -181,36 +230,36 @@ void q_rows_f32(const float* r, const float* q, const bool* term, const float* o
   }
 }
 
-// Rows of A >= 8 actions, in blocks of kQBlock rows: whole vectors plus one at A - 8 overlapping the last
+// Rows of A >= kQW actions, in blocks of kQBlock rows: whole vectors plus one at A - kQW overlapping the last
 // (max and argmax may see a value twice; in sums its already-counted lanes are masked out), so no scalar tail
-// and no libm call per row: soft's logs run 8 rows at a time (log_positive), after the block's sums.
+// and no libm call per row: soft's logs run kQW rows at a time (log_positive), after the block's sums.
 constexpr int64_t kQBlock = 64;
 
 void q_rows_f32_wide(const float* r, const float* q, const bool* term, const float* online,
                                 const float* probs, int64_t b0, int64_t b1, int64_t A, int kind, float discount,
                                 float temp, float* out) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  const int64_t whole = A / 8 * 8, tail = A - 8;
+  const int64_t whole = A / kQW * kQW, tail = A - kQW;
   const bool has_tail = whole != A;
-  const i8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
-  const i8 fresh = lane >= static_cast<int>(8 - (A - whole));  // the tail's lanes no whole vector covers
+  const iq lane = lane_q();
+  const iq fresh = lane >= static_cast<int>(kQW - (A - whole));  // the tail's lanes no whole vector covers
   const float inv = 1.0f / temp;
   // max over a row; nan_out: any NaN.
   auto row_max_wide = [&](const float* x, bool& nan_out) {
-    f8 m = load8(x);
-    i8 isnan = m != m;
-    for (int64_t a = 8; a < whole; a += 8) {
-      const f8 v = load8(x + a);
+    fq m = loadq(x);
+    iq isnan = m != m;
+    for (int64_t a = kQW; a < whole; a += kQW) {
+      const fq v = loadq(x + a);
       m = v > m ? v : m;
       isnan |= v != v;
     }
     if (has_tail) {
-      const f8 v = load8(x + tail);
+      const fq v = loadq(x + tail);
       m = v > m ? v : m;
       isnan |= v != v;
     }
-    nan_out = hor8(isnan) != 0;
-    return hmax8(m);
+    nan_out = horq(isnan) != 0;
+    return hmaxq(m);
   };
   alignas(32) float v[kQBlock], mx[kQBlock], sum[kQBlock];
   for (int64_t c = b0; c < b1; c += kQBlock) {
@@ -227,41 +276,41 @@ void q_rows_f32_wide(const float* r, const float* q, const bool* term, const flo
         // Per lane the first index holding its largest value (strict >: a later equal value, or the tail's
         // repeat of one, never replaces it), then the smallest index among lanes holding the row's max: no
         // branch on where the max sits (random on real Q values: such branches mispredicted).
-        f8 best = load8(on);
-        i8 at = lane, isnan = best != best;
-        for (int64_t a = 8; a < whole; a += 8) {
-          const f8 x = load8(on + a);
-          const i8 gt = x > best;
+        fq best = loadq(on);
+        iq at = lane, isnan = best != best;
+        for (int64_t a = kQW; a < whole; a += kQW) {
+          const fq x = loadq(on + a);
+          const iq gt = x > best;
           best = gt ? x : best;
           at = gt ? lane + static_cast<int>(a) : at;
           isnan |= x != x;
         }
         if (has_tail) {
-          const f8 x = load8(on + tail);
-          const i8 gt = x > best;
+          const fq x = loadq(on + tail);
+          const iq gt = x > best;
           best = gt ? x : best;
           at = gt ? lane + static_cast<int>(tail) : at;
           isnan |= x != x;
         }
         int64_t arg;
-        if (hor8(isnan) != 0) {
+        if (horq(isnan) != 0) {
           arg = 0;
           while (on[arg] == on[arg]) ++arg;  // the first NaN
         } else {
-          const f8 mb = f8{} + hmax8(best);
-          const i8 big = i8{} + std::numeric_limits<int>::max();
-          arg = std::min<int64_t>(hmin8(best == mb ? at : big), A - 1);
+          const fq mb = fq{} + hmaxq(best);
+          const iq big = iq{} + std::numeric_limits<int>::max();
+          arg = std::min<int64_t>(hminq(best == mb ? at : big), A - 1);
         }
         v[i] = q[(c + i) * A + arg];
       }
     } else if (kind == static_cast<int>(QKind::kExpected)) {
       auto dot = [&](int64_t b) {
         const float *x = q + b * A, *p = probs + b * A;
-        f8 acc = f8{};
-        for (int64_t a = 0; a < whole; a += 8) acc += load8(p + a) * load8(x + a);
+        fq acc = fq{};
+        for (int64_t a = 0; a < whole; a += kQW) acc += loadq(p + a) * loadq(x + a);
         if (has_tail) {
-          const f8 t = load8(p + tail) * load8(x + tail);
-          acc += fresh ? t : f8{};
+          const fq t = loadq(p + tail) * loadq(x + tail);
+          acc += fresh ? t : fq{};
         }
         return acc;
       };
@@ -286,36 +335,36 @@ void q_rows_f32_wide(const float* r, const float* q, const bool* term, const flo
       auto exps = [&](int64_t i) {
         const float* x = q + (c + i) * A;
         const float m = mx[i];
-        if (m != m) return f8{1.0f};
+        if (m != m) return fq{1.0f};
         // (x - max) / T, not x / T - max / T: see q_rows_f32.
-        const f8 mb = f8{} + m;
-        f8 acc = f8{};
-        for (int64_t a = 0; a < whole; a += 8) acc += exp_nonpositive((load8(x + a) - mb) * inv);
+        const fq mb = fq{} + m;
+        fq acc = fq{};
+        for (int64_t a = 0; a < whole; a += kQW) acc += exp_nonpositive((loadq(x + a) - mb) * inv);
         if (has_tail) {
-          const f8 t = exp_nonpositive((load8(x + tail) - mb) * inv);
-          acc += fresh ? t : f8{};
+          const fq t = exp_nonpositive((loadq(x + tail) - mb) * inv);
+          acc += fresh ? t : fq{};
         }
         return acc;
       };
       row_sums(n, exps, sum);
-      for (int64_t i = n; i < (n + 7) / 8 * 8; ++i) mx[i] = 0.0f, sum[i] = 1.0f;
-      for (int64_t i = 0; i < n; i += 8) {
-        const f8 m8 = load8(mx + i);
-        const f8 soft = temp * (m8 * inv + log_positive<f8, i8>(load8(sum + i)));
+      for (int64_t i = n; i < (n + kQW - 1) / kQW * kQW; ++i) mx[i] = 0.0f, sum[i] = 1.0f;
+      for (int64_t i = 0; i < n; i += kQW) {
+        const fq mq = loadq(mx + i);
+        const fq soft = temp * (mq * inv + log_positive<fq, iq>(loadq(sum + i)));
         // A special row (its mx marked NaN) keeps the v set above.
-        const f8 out = special ? (m8 == m8 ? soft : load8(v + i)) : soft;
+        const fq out = special ? (mq == mq ? soft : loadq(v + i)) : soft;
         __builtin_memcpy(v + i, &out, sizeof(out));
       }
     }
-    // q_target (bellman.h: the reward alone where terminated, else r + discount * v), 8 rows at a time.
-    typedef unsigned char u8x8 __attribute__((vector_size(8)));
-    const f8 disc = f8{} + discount;
+    // q_target (bellman.h: the reward alone where terminated, else r + discount * v), kQW rows at a time.
+    typedef unsigned char uq __attribute__((vector_size(kQW)));
+    const fq disc = fq{} + discount;
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      u8x8 t8 = u8x8{};
+    for (; i + kQW <= n; i += kQW) {
+      uq t8 = uq{};
       if (term != nullptr) __builtin_memcpy(&t8, term + c + i, sizeof(t8));
-      const f8 rr = load8(r + c + i);
-      const f8 y = __builtin_convertvector(t8, i8) != 0 ? rr : rr + disc * load8(v + i);
+      const fq rr = loadq(r + c + i);
+      const fq y = __builtin_convertvector(t8, iq) != 0 ? rr : rr + disc * loadq(v + i);
       __builtin_memcpy(out + c + i, &y, sizeof(y));
     }
     for (; i < n; ++i) out[c + i] = q_target(r[c + i], term != nullptr && term[c + i], discount, v[i]);
@@ -382,9 +431,11 @@ int64_t gather_errors_f32(const float* __restrict q, const int64_t* __restrict a
       any_bad |= !ok;
       a[k] = ok ? act[i + k] : 0;
     }
-    f8 g;
+    typedef float f8 __attribute__((vector_size(32)));
+    f8 g, yv;
     for (int k = 0; k < 8; ++k) g[k] = q[(i + k) * A + a[k]];
-    const f8 r = load8(y + i) - g;
+    __builtin_memcpy(&yv, y + i, sizeof(yv));
+    const f8 r = yv - g;
     __builtin_memcpy(e + i, &r, sizeof(r));
     if (__builtin_expect(any_bad, 0) && bad < 0) {
       for (int k = 0; k < 8 && bad < 0; ++k)
