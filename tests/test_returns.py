@@ -1543,7 +1543,8 @@ def _vm_flags_at(address: int) -> list[str]:
 def test_large_outputs_are_marked_for_huge_pages():
     # csrc/cpu/alloc.h: outputs of 4 MiB or more are mapped by the output cache and madvise(MADV_HUGEPAGE)d before
     # the kernel writes them (first-touch faults of fresh memory cost more than the GAE kernel on millions of
-    # steps). (Small ones come from at::empty, in memory whose flags other code of the process may have set.)
+    # steps). (Smaller ones are not marked: below 128 KiB torch's allocator, in memory whose flags other code of
+    # the process may have set, and up to 4 MiB the cache's buffers of 4 KiB pages.)
     T = 3 * 2**20  # 12 MiB per float32 output
     r, v = torch.randn(T, 1), torch.randn(T, 1)
     adv, ret = rlkernels.gae(r, v, gamma=0.99, lam=0.95)
@@ -1585,6 +1586,40 @@ def test_large_outputs_reuse_freed_buffers_and_hold_correct_values():
     fresh, _ = rlkernels.gae(r, v, terminated=term, gamma=0.99, lam=0.95)
     fresh.resize_(T + 1, 1)  # (not adv: .numpy() above made its storage non-resizable, as torch does for any)
     torch.testing.assert_close(fresh[:1001], adv[:1001] / 2)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the output cache is Linux-only")
+def test_mid_size_outputs_reuse_freed_buffers():
+    # Outputs from 128 KiB (glibc's first mmap threshold) up come from the output cache too: glibc may map such
+    # a block afresh at every call, and its first writes then fault on every 4 KiB page (2 MiB outputs: 512
+    # faults each, more than the kernel's time).
+    import resource
+
+    r, v = torch.randn(512, 256), torch.randn(512, 256)  # 512 KiB float32 outputs
+    cached = torch.ops.rlkernels._output_cache_bytes
+    adv, ret = rlkernels.gae(r, v, gamma=0.99, lam=0.95)
+    held = cached()
+    del adv, ret
+    assert cached() >= held + 2 * r.nbytes
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    adv, ret = rlkernels.gae(r, v, gamma=0.99, lam=0.95)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert cached() == held
+    assert faults < 40, f"{faults} page faults writing outputs into reused buffers"
+    exp_adv, exp_ret = reference.gae(r, v, gamma=0.99, lam=0.95)
+    np.testing.assert_allclose(adv.numpy(), exp_adv, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ret.numpy(), exp_ret, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(37, 5), (512, 64), (3, 1000), (2**20 + 2**16, 1)])
+def test_outputs_start_on_128_byte_boundaries(shape):
+    # csrc/cpu/alloc.h: every CPU output starts on a pair of cache lines, the unit the threads split rows at.
+    r, v = torch.randn(shape), torch.randn(shape)
+    outs = [*rlkernels.gae(r, v, gamma=0.99, lam=0.95), rlkernels.discounted_returns(r, gamma=0.9)]
+    for out in outs:
+        assert out.data_ptr() % 128 == 0, f"{shape}: output at {out.data_ptr() % 128} mod 128"
+    np.testing.assert_allclose(outs[0][-3:].numpy(), reference.gae(r, v, gamma=0.99, lam=0.95)[0][-3:],
+                               rtol=1e-4, atol=1e-4)
 
 
 # ====================================================================================================

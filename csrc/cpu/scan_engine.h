@@ -27,6 +27,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "alloc.h"
+
 #include "isa.h"
 #include "rlkernels/scan.h"
 #include "scan_types.h"
@@ -368,8 +370,12 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
   // out afterwards.
   auto walk_lanes = [&](int64_t n_lanes, auto lane_id, bool symbolic, Map* maps, acc_t* carries) {
     const int64_t lane_groups = (n_lanes + kLanes - 1) / kLanes;
-    const int64_t tile_groups =
+    int64_t tile_groups =
         std::clamp<int64_t>(lane_groups / (2 * std::max<int64_t>(1, at::get_num_threads())), 1, kTileGroups);
+    // Tiles of whole 128-byte line pairs of a time-major row (outputs start on one, csrc/cpu/alloc.h): threads
+    // split the rows between tiles, and a pair written by two cores bounces between them at every step (the
+    // adjacent-line prefetcher fetches both lines).
+    if (sizeof(acc_t) * kLanes < kOutputAlign && tile_groups % 2 == 1 && lane_groups > 1) ++tile_groups;
     const int64_t tile_lanes = tile_groups * kLanes;
     const int64_t tiles = (n_lanes + tile_lanes - 1) / tile_lanes;
     const int64_t grain = elements < kSerialElements ? std::max<int64_t>(tiles, 1) : 1;
