@@ -41,6 +41,10 @@ CASES = {
                  (_randn(T_LONG), _randn(T_LONG, seed=2))),
     "gae_batch": (lambda r, v: rlkernels.gae(r, v, terminated=TERM_BATCH, gamma=0.99, lam=0.95),
                   (_randn(256, 160).double(), _randn(256, 160, seed=2).double())),
+    # time-major rows of 256 bytes: threads only from 2^18 elements (csrc/cpu/scan_engine.h), each a tile of
+    # whole 128-byte pairs
+    "gae_narrow_rows": (lambda r, v: rlkernels.gae(r, v, terminated=TERM_NARROW, gamma=0.99, lam=0.95),
+                        (_randn(4200, 64, seed=19), _randn(4200, 64, seed=20))),
     "discounted_returns_long": (lambda r: rlkernels.discounted_returns(r[:, None], gamma=0.999),
                                 (_randn(T_LONG, seed=3),)),
     "vtrace": (lambda r, v, lr: rlkernels.vtrace(r, v, lr, gamma=0.99), (_randn(300, 128), _randn(300, 128, seed=2),
@@ -62,6 +66,7 @@ CASES = {
 }
 TERM_LONG = _flags(T_LONG, p=1e-4)
 TERM_BATCH = _flags(256, 160)
+TERM_NARROW = _flags(4200, 64, seed=21)
 TOKENS = torch.randint(0, 1500, (96,), generator=torch.Generator().manual_seed(16))
 MASK = _flags(48, 1024, p=0.8)
 ACTIONS = torch.randint(0, 6, (40_000,), generator=torch.Generator().manual_seed(17))

@@ -122,6 +122,11 @@ inline bool streaming_stores_for(int64_t bytes) {
 constexpr int kTileGroups = 8;           // lane groups walked together (see walk_tile)
 constexpr int kTileLanes = kTileGroups * kLanes;
 constexpr int64_t kSerialElements = 1 << 15;  // below this, no threads
+// ... and below this when time-major rows are narrower than kNarrowRowBytes: two threads then write lines a
+// few hundred bytes apart at every step, and the cores' prefetchers pull each other's lines (on the Intel
+// machine of docs/performance.md two threads took twice one thread's time up to [2048, 64] float32).
+constexpr int64_t kSerialNarrowElements = 1 << 18;
+constexpr int64_t kNarrowRowBytes = 1024;
 constexpr int64_t kChunk = 4096;           // steps per chunk of a long sequence
 constexpr int64_t kChunkMinSteps = 16384;  // shorter sequences are walked whole
 constexpr int64_t kChunkMaxSeqs = 256;     // with more sequences than this, lanes are already plentiful
@@ -378,7 +383,8 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
     if (sizeof(acc_t) * kLanes < kOutputAlign && tile_groups % 2 == 1 && lane_groups > 1) ++tile_groups;
     const int64_t tile_lanes = tile_groups * kLanes;
     const int64_t tiles = (n_lanes + tile_lanes - 1) / tile_lanes;
-    const int64_t grain = elements < kSerialElements ? std::max<int64_t>(tiles, 1) : 1;
+    const bool narrow = pb.time_stride() != 1 && pb.time_stride() * int64_t(sizeof(acc_t)) < kNarrowRowBytes;
+    const int64_t grain = elements < (narrow ? kSerialNarrowElements : kSerialElements) ? std::max<int64_t>(tiles, 1) : 1;
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         Lane lanes[kTileLanes];
