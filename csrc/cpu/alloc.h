@@ -1,4 +1,5 @@
-// Output allocation of the CPU kernels: large outputs come from a small cache of mapped, huge-page buffers.
+// Output allocation of the CPU kernels: outputs of 128 KiB or more come from a small cache of mapped buffers
+// (huge pages from 4 MiB), every output on a 128-byte boundary.
 //
 // A large output is otherwise fresh memory: glibc hands out blocks over its mmap threshold (128 KiB at first,
 // moving up to 32 MiB as mapped blocks are freed) as new mappings, and every 4 KiB page faults on its first
@@ -7,9 +8,9 @@
 // depends on its heap's history, so it varies from process to process. So outputs of kCachedOutputBytes or more
 // are mapped by us (from kHugeOutputBytes on 2 MiB-aligned and marked MADV_HUGEPAGE), and when the tensor is
 // freed its buffer is kept for the next output of the same size, as PyTorch's caching allocator does on GPUs: a
-// training loop calling the op every iteration writes into memory that is already mapped. At most RLKERNELS_OUTPUT_CACHE_MB (default 256) MiB of freed buffers are
-// kept, least recently freed returned to the system first; RLKERNELS_OUTPUT_CACHE_MB=0 keeps none (each
-// output is still mapped on huge pages). The tensors are ordinary CPU tensors: their storage is resizable
+// training loop calling the op every iteration writes into memory that is already mapped. At most
+// RLKERNELS_OUTPUT_CACHE_MB (default 256) MiB of freed buffers are kept, least recently freed returned to the
+// system first; RLKERNELS_OUTPUT_CACHE_MB=0 keeps none (each output is still mapped by us). The tensors are ordinary CPU tensors: their storage is resizable
 // (resize_ past its size moves the data to a new buffer from the same allocator and returns the old one), since
 // torch changes a tensor's shape before it finds that a storage cannot grow, which would leave a tensor larger
 // than its memory.
