@@ -10,10 +10,10 @@
 // freed its buffer is kept for the next output of the same size, as PyTorch's caching allocator does on GPUs: a
 // training loop calling the op every iteration writes into memory that is already mapped. At most
 // RLKERNELS_OUTPUT_CACHE_MB (default 256) MiB of freed buffers are kept, least recently freed returned to the
-// system first; RLKERNELS_OUTPUT_CACHE_MB=0 keeps none (each output is still mapped by us). The tensors are ordinary CPU tensors: their storage is resizable
-// (resize_ past its size moves the data to a new buffer from the same allocator and returns the old one), since
-// torch changes a tensor's shape before it finds that a storage cannot grow, which would leave a tensor larger
-// than its memory.
+// system first; RLKERNELS_OUTPUT_CACHE_MB=0 keeps none (each output is still mapped by us). The tensors are
+// ordinary CPU tensors: their storage is resizable (resize_ past its size moves the data to a new buffer from
+// the same allocator and returns the old one), since torch changes a tensor's shape before it finds that a
+// storage cannot grow, which would leave a tensor larger than its memory.
 #pragma once
 
 #include <ATen/EmptyTensor.h>
