@@ -384,7 +384,8 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
     const int64_t tile_lanes = tile_groups * kLanes;
     const int64_t tiles = (n_lanes + tile_lanes - 1) / tile_lanes;
     const bool narrow = pb.time_stride() != 1 && pb.time_stride() * int64_t(sizeof(acc_t)) < kNarrowRowBytes;
-    const int64_t grain = elements < (narrow ? kSerialNarrowElements : kSerialElements) ? std::max<int64_t>(tiles, 1) : 1;
+    const int64_t serial_below = narrow ? kSerialNarrowElements : kSerialElements;
+    const int64_t grain = elements < serial_below ? std::max<int64_t>(tiles, 1) : 1;
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         Lane lanes[kTileLanes];
