@@ -1543,8 +1543,8 @@ def _vm_flags_at(address: int) -> list[str]:
 def test_large_outputs_are_marked_for_huge_pages():
     # csrc/cpu/alloc.h: outputs of 4 MiB or more are mapped by the output cache and madvise(MADV_HUGEPAGE)d before
     # the kernel writes them (first-touch faults of fresh memory cost more than the GAE kernel on millions of
-    # steps). (Smaller ones are not marked: below 128 KiB torch's allocator, in memory whose flags other code of
-    # the process may have set, and up to 4 MiB the cache's buffers of 4 KiB pages.)
+    # steps). (Smaller ones are not marked: below 128 KiB torch's allocator, in memory whose flags other code
+    # of the process may have set, and up to 4 MiB the cache's buffers of 4 KiB pages.)
     T = 3 * 2**20  # 12 MiB per float32 output
     r, v = torch.randn(T, 1), torch.randn(T, 1)
     adv, ret = rlkernels.gae(r, v, gamma=0.99, lam=0.95)
@@ -1590,9 +1590,9 @@ def test_large_outputs_reuse_freed_buffers_and_hold_correct_values():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the output cache is Linux-only")
 def test_mid_size_outputs_reuse_freed_buffers():
-    # Outputs from 128 KiB (glibc's first mmap threshold) up come from the output cache too: glibc may map such
-    # a block afresh at every call, and its first writes then fault on every 4 KiB page (2 MiB outputs: 512
-    # faults each, more than the kernel's time).
+    # Outputs from 128 KiB (glibc's first mmap threshold) up come from the output cache too: glibc may map
+    # such a block afresh at every call, and its first writes then fault on every 4 KiB page (2 MiB outputs:
+    # 512 faults each, more than the kernel's time).
     import resource
 
     r, v = torch.randn(512, 256), torch.randn(512, 256)  # 512 KiB float32 outputs
