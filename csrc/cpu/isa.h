@@ -43,6 +43,20 @@ inline int detected_isa_level() {
   return level;
 }
 
+// Whether the CPU's L2 prefetcher completes 128-byte line pairs (Intel's spatial prefetcher): the scan engine
+// then gives threads whole pairs of time-major rows, and narrow rows to one thread (scan_engine.h).
+inline bool cpu_prefetches_line_pairs() {
+  static const bool pairs = [] {
+#if defined(__x86_64__) && defined(__GNUC__)
+    __builtin_cpu_init();
+    return __builtin_cpu_is("intel") != 0;
+#else
+    return false;
+#endif
+  }();
+  return pairs;
+}
+
 namespace isa_detail {
 inline int env_cap() {
   const char* cap = std::getenv("RLKERNELS_CPU_ISA");

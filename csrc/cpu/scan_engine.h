@@ -122,9 +122,10 @@ inline bool streaming_stores_for(int64_t bytes) {
 constexpr int kTileGroups = 8;           // lane groups walked together (see walk_tile)
 constexpr int kTileLanes = kTileGroups * kLanes;
 constexpr int64_t kSerialElements = 1 << 15;  // below this, no threads
-// ... and below this when time-major rows are narrower than kNarrowRowBytes: two threads then write lines a
-// few hundred bytes apart at every step, and the cores' prefetchers pull each other's lines (on the Intel
-// machine of docs/performance.md two threads took twice one thread's time up to [2048, 64] float32).
+// ... and below this when time-major rows are narrower than kNarrowRowBytes on a CPU whose prefetcher completes
+// line pairs (isa.h): two threads then write lines a few hundred bytes apart at every step, and on the Intel
+// machine of docs/performance.md the cores' prefetchers pulled each other's lines (two threads took twice one
+// thread's time up to [2048, 64] float32). On the AMD machine two threads are faster there (cold inputs).
 constexpr int64_t kSerialNarrowElements = 1 << 18;
 constexpr int64_t kNarrowRowBytes = 1024;
 constexpr int64_t kChunk = 4096;           // steps per chunk of a long sequence
@@ -377,13 +378,16 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
     const int64_t lane_groups = (n_lanes + kLanes - 1) / kLanes;
     int64_t tile_groups =
         std::clamp<int64_t>(lane_groups / (2 * std::max<int64_t>(1, at::get_num_threads())), 1, kTileGroups);
-    // Tiles of whole 128-byte line pairs of a time-major row (outputs start on one, csrc/cpu/alloc.h): threads
-    // split the rows between tiles, and a pair written by two cores bounces between them at every step (the
-    // adjacent-line prefetcher fetches both lines).
-    if (sizeof(acc_t) * kLanes < kOutputAlign && tile_groups % 2 == 1 && lane_groups > 1) ++tile_groups;
+    // Tiles of whole 128-byte line pairs of a time-major row (outputs start on one, csrc/cpu/alloc.h) where the
+    // prefetcher completes pairs: threads split the rows between tiles, and a pair written by two cores would
+    // bounce between them at every step. Elsewhere tiles of single lines leave more tiles to share out.
+    if (sizeof(acc_t) * kLanes < kOutputAlign && tile_groups % 2 == 1 && lane_groups > 1 &&
+        cpu_prefetches_line_pairs())
+      ++tile_groups;
     const int64_t tile_lanes = tile_groups * kLanes;
     const int64_t tiles = (n_lanes + tile_lanes - 1) / tile_lanes;
-    const bool narrow = pb.time_stride() != 1 && pb.time_stride() * int64_t(sizeof(acc_t)) < kNarrowRowBytes;
+    const bool narrow = pb.time_stride() != 1 && pb.time_stride() * int64_t(sizeof(acc_t)) < kNarrowRowBytes &&
+                        cpu_prefetches_line_pairs();
     const int64_t serial_below = narrow ? kSerialNarrowElements : kSerialElements;
     const int64_t grain = elements < serial_below ? std::max<int64_t>(tiles, 1) : 1;
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
