@@ -35,7 +35,8 @@ def _bench(tmp_path, *args, timeout=600):
         rows = list(reader)
     assert out.with_suffix(".md").read_text().count("\n") >= len(rows)
     assert rows[0]["op"] == "copy" and float(rows[0]["gbps"]) > 0
-    return out, rows[1:], proc.stdout
+    assert rows[1]["op"] == "read" and float(rows[1]["gbps"]) > 0 and float(rows[1]["pct_read_bw"]) == 100
+    return out, rows[2:], proc.stdout
 
 
 def _timed(row) -> bool:
@@ -113,6 +114,7 @@ def test_quick_run_covers_every_family(tmp_path):
         for name, r in providers.items():
             if _timed(r):
                 assert float(r["gbps"]) > 0 and float(r["pct_copy_bw"]) > 0 and float(r["speedup_vs"]) > 0, where
+                assert float(r["pct_read_bw"]) > 0, where
                 assert float(r["q20_s"]) <= float(r["median_s"]) <= float(r["q80_s"]), where
             else:  # a provider that was not timed says why: a missing package, or no torch.compile in --quick
                 assert r["note"].startswith(("skipped", "not run")), (where, name, r["note"])

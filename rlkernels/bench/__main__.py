@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover  (rich comes with the bench extra)
     Console = None
 
 CSV_FIELDS = ["device", "commit", "date", "op", "shape", "series", "numel", "dtype", "cache", "provider"]
-CSV_FIELDS += ["median_s", "q20_s", "q80_s", "runs", "gbps", "pct_copy_bw", "speedup_vs", "peak_mib", "note"]
+CSV_FIELDS += ["median_s", "q20_s", "q80_s", "runs", "gbps", "pct_copy_bw", "pct_read_bw", "speedup_vs", "peak_mib", "note"]
 DEFAULT_RESULTS = Path("rlkernels-bench-results")
 
 
@@ -62,6 +62,12 @@ def fmt_time(s: float) -> str:
         if s >= scale:
             return f"{s / scale:.3g} {unit}"
     return f"{s / 1e-9:.3g} ns"
+
+
+def fmt_pct(p) -> str:
+    if not p:
+        return "—"
+    return f"{p:.1f}%" if p >= 1 else f"{p:.2g}%"
 
 
 def display_rows(results: list[dict]) -> list[list[str]]:
@@ -74,9 +80,8 @@ def display_rows(results: list[dict]) -> list[list[str]]:
             r["provider"],
             fmt_time(r["median_s"]) if r["median_s"] else dash,
             f"{r['gbps']:.3g}" if r["gbps"] else dash,
-            (f"{r['pct_copy_bw']:.1f}%" if r["pct_copy_bw"] >= 1 else f"{r['pct_copy_bw']:.2g}%")
-            if r["pct_copy_bw"]
-            else dash,
+            fmt_pct(r["pct_copy_bw"]),
+            fmt_pct(r.get("pct_read_bw")),
             f"{r['speedup_vs']:.2f}×" if r["speedup_vs"] else dash,
             " ".join(filter(None, [f"peak {r['peak_mib']:.4g} MiB" if r.get("peak_mib") is not None else "", r["note"]])),
         ]
@@ -84,7 +89,7 @@ def display_rows(results: list[dict]) -> list[list[str]]:
     ]
 
 
-HEADERS = ["op", "shape", "cache", "provider", "median", "GB/s", "% copy BW", "rlkernels speedup", "note"]
+HEADERS = ["op", "shape", "cache", "provider", "median", "GB/s", "% copy BW", "% read BW", "rlkernels speedup", "note"]
 
 
 def write_csv(path: Path, results: list[dict]) -> None:
@@ -222,7 +227,11 @@ def main(argv=None, *, prog: str | None = None) -> int:
     copy_gbps, copy_timing = common.copy_bandwidth(device, runs=5 if args.quick else 20)
     copy_row = {"op": "copy", "shape": "[67108864]", "provider": "tensor.copy_", "timing": copy_timing,
                 "note": "256 MiB, read + write"}
-    results = engine.finish_rows([copy_row], 2 * 2**28, copy_gbps, meta, cache="warm")
+    read_gbps, read_timing = common.read_bandwidth(device, runs=5 if args.quick else 20)
+    read_row = {"op": "read", "shape": "[67108864]", "provider": "tensor.sum", "timing": read_timing,
+                "note": "256 MiB, read only"}
+    results = engine.finish_rows([copy_row], 2 * 2**28, copy_gbps, meta, cache="warm", read_gbps=read_gbps)
+    results += engine.finish_rows([read_row], 2**28, copy_gbps, meta, cache="warm", read_gbps=read_gbps)
     csv_path = args.csv or (None if args.quick else default_csv(name, meta["date"], args.sizes, args.results_dir))
     failures = []
     with Progress(console=console, transient=True) as progress:
@@ -242,7 +251,8 @@ def main(argv=None, *, prog: str | None = None) -> int:
             for case, cache, rows in groups:
                 series = case.series if args.sizes else ""
                 results += engine.finish_rows(rows, engine.case_bytes(case), copy_gbps, meta, cache=cache,
-                                              series=series, numel=case.numel, dtype=case.dtype)
+                                              series=series, numel=case.numel, dtype=case.dtype,
+                                              read_gbps=read_gbps)
             if csv_path:  # rewritten after each shape: a run stopped early keeps what it measured
                 write_csv(csv_path, results)
             progress.advance(task)
@@ -253,9 +263,9 @@ def main(argv=None, *, prog: str | None = None) -> int:
     for cells in display_rows(results):
         table.add_row(*map(escape, cells))  # "rlkernels[cpu]" is not rich markup
     console.print(table)
-    states = dict.fromkeys(r["cache"] for r in results[1:])
+    states = dict.fromkeys(r["cache"] for r in results[2:])
     conditions = (
-        f"copy bandwidth {copy_gbps:.1f} GB/s; fp32; gamma={cases.GAMMA}, lambda={cases.LAM}; "
+        f"copy bandwidth {copy_gbps:.1f} GB/s, read bandwidth {read_gbps:.1f} GB/s; fp32; gamma={cases.GAMMA}, lambda={cases.LAM}; "
         "speedup = provider median / fastest rlkernels median, same run and cache state; cache: "
         + "; ".join(f"{state} = {common.CACHE_TEXT[state]}" for state in states)
         + "."

@@ -301,6 +301,14 @@ def copy_bandwidth(device: str, mib: int = 256, runs: int = 20) -> tuple[float, 
     return 2 * src.nbytes / timing.median_s / 1e9, timing
 
 
+def read_bandwidth(device: str, mib: int = 256, runs: int = 20) -> tuple[float, Timing]:
+    """Measured ``src.sum()`` bandwidth in GB/s on a ``mib`` MiB fp32 buffer (reads only), with its timing:
+    the denominator of ops that read far more than they write, such as gather_logprobs."""
+    src = torch.rand(mib * 2**20 // 4, device=device)
+    timing, _ = measure(lambda: src.sum(), device, min_runs=runs, max_runs=runs)
+    return src.nbytes / timing.median_s / 1e9, timing
+
+
 def bytes_moved(reads: list[torch.Tensor], writes: list[torch.Tensor]) -> int:
     """The bytes an op must move: each input read once and each output written once."""
     return sum(t.numel() * t.element_size() for t in [*reads, *writes])

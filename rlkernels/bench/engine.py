@@ -261,8 +261,9 @@ def measure_in_child(case: Case, provider_name: str, device: str, cache: str, ru
 
 
 def finish_rows(rows: list[dict], nbytes: int, copy_gbps: float, meta: dict, *, cache: str, series: str = "",
-                numel=None, dtype: str = "float32") -> list[dict]:
-    """Adds GB/s, % of copy bandwidth and speedups (the fastest rlkernels backend over each provider)."""
+                numel=None, dtype: str = "float32", read_gbps: float | None = None) -> list[dict]:
+    """Adds GB/s, % of copy and of read bandwidth and speedups (the fastest rlkernels backend over each
+    provider)."""
     rlk = [r["timing"].median_s for r in rows if r["provider"].startswith("rlkernels") and r["timing"]]
     best = min(rlk) if rlk else None
     out = []
@@ -285,6 +286,7 @@ def finish_rows(rows: list[dict], nbytes: int, copy_gbps: float, meta: dict, *, 
                 "runs": t and t.runs,
                 "gbps": gbps,
                 "pct_copy_bw": gbps and 100 * gbps / copy_gbps,
+                "pct_read_bw": gbps and read_gbps and 100 * gbps / read_gbps,
                 "speedup_vs": t and best and t.median_s / best,
                 "peak_mib": r.get("peak_mib"),
                 "note": " ".join(filter(None, [r["note"], "(1 run)" if t and t.runs == 1 else ""])),

@@ -44,7 +44,7 @@ def _plot_shapes(rows: list[dict]):
     copy_gbps = _copy_gbps(rows)
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in rows:
-        if r["op"] != "copy" and r["gbps"]:
+        if r["op"] not in ("copy", "read") and r["gbps"]:
             groups.setdefault((r["op"], r["shape"], r.get("cache", "")), []).append(r)
     states = {cache for _, _, cache in groups}
     bars = sum(len(members) for members in groups.values())
