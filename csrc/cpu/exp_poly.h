@@ -23,6 +23,19 @@ __attribute__((always_inline)) inline T exp_poly(T r) {
   return p * r + 1.0f;
 }
 
+// The same to degree 5 (minimax on |r| <= ln 2 / 2): relative error 1.8e-7 in float32, one multiply-add fewer.
+// For 16-bit logits (logprobs_simd.h), whose exps the fused log-prob loop is bound by: their float32 outputs
+// keep errors far below a logit's own rounding (2^-9 relative).
+template <typename T>
+__attribute__((always_inline)) inline T exp_poly5(T r) {
+  T p = T{} + 8.3115677011e-3f;
+  p = p * r + 4.1898926549e-2f;
+  p = p * r + 1.6667152567e-1f;
+  p = p * r + 4.9999170875e-1f;
+  p = p * r + 1.0f;
+  return p * r + 1.0f;
+}
+
 // p(r) for the reduction of x by kf (k as a float of the same shape); the caller scales by 2^k.
 template <typename T>
 __attribute__((always_inline)) inline T exp_mantissa(T x, T kf) {

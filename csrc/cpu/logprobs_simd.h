@@ -23,8 +23,15 @@ constexpr float kSlack = 32.0f;
 
 // exp(x) for x <= kSlack (x = z - m or z - lse): 0 for -inf, NaN stays NaN (simd.h's exp_clamped_v). The range
 // reduction takes one FMA (exp_reduce: an error of k * 1.9e-9 relative, only in terms 2^-k below the largest).
-RLK_INLINE vf exp_logit(vf x, vf& arg) { return exp_clamped_v<true>(x, arg); }
-RLK_INLINE vf exp_logit(vf x) { return exp_nonpositive_v<true>(x); }
+// 16-bit logits (Src::kExpDegree 5) take the degree-5 polynomial (exp_poly.h's exp_poly5).
+template <class Src>
+RLK_INLINE vf exp_logit(vf x, vf& arg) {
+  return exp_clamped_v<true, Src::kExpDegree>(x, arg);
+}
+template <class Src>
+RLK_INLINE vf exp_logit(vf x) {
+  return exp_nonpositive_v<true, Src::kExpDegree>(x);
+}
 // Vectors folded per loop step into their own sums: two under AVX-512 (32 registers), one below it, where a
 // second set of sums, maxima and the exp's constants would not fit in 16 registers.
 constexpr bool kTwoSums = RLK_AVX512;
@@ -39,6 +46,7 @@ RLK_INLINE void prefetch_pair(const T* p, int64_t i) {
 }
 
 struct F32Logits {
+  static constexpr int kExpDegree = 6;
   const float* p;
   RLK_INLINE void prefetch(int64_t i) const { prefetch_pair(p, i); }
   RLK_INLINE vf load(int64_t i) const { return loadu(p + i); }
@@ -70,6 +78,7 @@ RLK_INLINE vf interleave_zero(const uint16_t* p) {
 }
 
 struct Bf16Logits {
+  static constexpr int kExpDegree = 5;
   const uint16_t* p;
   RLK_INLINE void prefetch(int64_t i) const { prefetch_pair(p, i); }
   RLK_INLINE vf load(int64_t i) const { return load_bf16(p + i); }
@@ -106,7 +115,7 @@ RLK_INLINE ChunkSums fold_chunk(const Src& x, int64_t c0, int64_t full, int64_t 
     if constexpr (kScale) z = z * it;
     if constexpr (kMax) mx = max_v(z, mx);
     vf dc;  // z - m as the exp took it: p * dc = p * (z - m), 0 for z = -inf
-    const vf p = exp_logit(z - mv, dc);
+    const vf p = exp_logit<Src>(z - mv, dc);
     e += p;
     if constexpr (kEntropy) h += p * dc;
   };
@@ -128,7 +137,7 @@ RLK_INLINE ChunkSums fold_chunk(const Src& x, int64_t c0, int64_t full, int64_t 
     const vf z = load_ragged(x, full, c1 - full, inv_t, ninf);
     if constexpr (kMax) mx1 = max_v(z, mx1);
     vf dc;
-    const vf p = exp_logit(z - mv, dc);
+    const vf p = exp_logit<Src>(z - mv, dc);
     e1 += p;
     if constexpr (kEntropy) h1 += p * dc;
   }
@@ -280,11 +289,11 @@ RLK_INLINE void logprob_grad_row(const Src& x, Store store, int64_t V, float inv
                                  float b, float c) {
   const vf it = splat(inv_t), l = splat(lse), na = splat(-a), nb = splat(-b), cv = splat(c);
   auto grad = [&](vf z) {
-    const vf p = exp_logit(z - l);
+    const vf p = exp_logit<Src>(z - l);
     return na * p;
   };
   auto grad_h = [&](vf z) {
-    const vf p = exp_logit(z - l);
+    const vf p = exp_logit<Src>(z - l);
     return na * p + nb * (p != 0.0f ? p * (z + cv) : vf{});
   };
   const int64_t full = V / kW * kW;

@@ -287,45 +287,48 @@ RLK_INLINE vf exp_reduce(vf x, vf k) {
 #if RLK_AVX512
 // exp(x) for x in [-200, 88] (NaN gives NaN) on AVX-512: k rounded by vrndscaleps, 2^k written into the result by
 // vscalefps (which underflows to 0 by itself), exp_poly by Horner's rule: 10 operations a vector (9 kOneStep).
-template <bool kOneStep = false>
+// kDegree 5: exp_poly5 (exp_poly.h), one operation fewer.
+template <bool kOneStep = false, int kDegree = 6>
 RLK_AVX512_TARGET RLK_INLINE vf exp_scalef(vf x) {
   const vf k = reinterpret_cast<vf>(_mm512_roundscale_ps(reinterpret_cast<__m512>(x * 1.44269504088896341f),
                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  const vf p = exp_poly(exp_reduce<kOneStep>(x, k));
+  const vf r = exp_reduce<kOneStep>(x, k);
+  const vf p = kDegree == 5 ? exp_poly5(r) : exp_poly(r);
   return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(k)));
 }
 #endif
 // exp(x) for |x| <= 87 (NaN gives NaN): reduction by k = round(x / ln 2) and the polynomial of exp_poly.h; k
 // rounds to nearest by the 1.5 * 2^23 trick (exp_scalef on AVX-512).
-template <bool kOneStep = false>
+template <bool kOneStep = false, int kDegree = 6>
 RLK_AVX512_TARGET RLK_INLINE vf exp_v(vf x) {
 #if RLK_AVX512
-  return exp_scalef<kOneStep>(x);
+  return exp_scalef<kOneStep, kDegree>(x);
 #else
   const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  return exp_poly(exp_reduce<kOneStep>(x, k)) * pow2i(k);
+  const vf r = exp_reduce<kOneStep>(x, k);
+  return (kDegree == 5 ? exp_poly5(r) : exp_poly(r)) * pow2i(k);
 #endif
 }
 // exp(x) for x <= 87: exactly 0 below -87 (below about -104 on AVX-512) and for -inf, NaN stays NaN. `arg`
 // receives the argument the exp was taken of, x clamped from below (one maxps; NaN stays): p = 0 wherever the
 // clamp moved x, so p * arg = p * x where p != 0 and 0 for x = -inf, for sums of p x (an entropy).
-template <bool kOneStep = false>
+template <bool kOneStep = false, int kDegree = 6>
 RLK_AVX512_TARGET RLK_INLINE vf exp_clamped_v(vf x, vf& arg) {
 #if RLK_AVX512
   // vmaxps returns its second operand when either is NaN; vscalefps gives the subnormal results down to about
   // -104 and 0 below
   arg = reinterpret_cast<vf>(_mm512_max_ps(_mm512_set1_ps(-200.0f), reinterpret_cast<__m512>(x)));
-  return exp_scalef<kOneStep>(arg);
+  return exp_scalef<kOneStep, kDegree>(arg);
 #else
   const vi tiny = x < -87.0f;
   arg = tiny ? vf{} - 87.0f : x;
-  return as_float(~tiny & reinterpret_cast<vi>(exp_v<kOneStep>(arg)));  // (one andnps)
+  return as_float(~tiny & reinterpret_cast<vi>(exp_v<kOneStep, kDegree>(arg)));  // (one andnps)
 #endif
 }
-template <bool kOneStep = false>
+template <bool kOneStep = false, int kDegree = 6>
 RLK_AVX512_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
   vf arg;
-  return exp_clamped_v<kOneStep>(x, arg);
+  return exp_clamped_v<kOneStep, kDegree>(x, arg);
 }
 // The sum of the lanes, in lane order, in double.
 RLK_INLINE double sum_lanes(vf v) {
