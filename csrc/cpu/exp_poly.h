@@ -24,7 +24,7 @@ __attribute__((always_inline)) inline T exp_poly(T r) {
 }
 
 // The same to degree 5 (minimax on |r| <= ln 2 / 2): relative error 1.8e-7 in float32, one multiply-add fewer.
-// For 16-bit logits (logprobs_simd.h), whose exps the fused log-prob loop is bound by: their float32 outputs
+// For bfloat16 logits (logprobs_simd.h), whose exps the fused log-prob loop is bound by: their float32 outputs
 // keep errors far below a logit's own rounding (2^-9 relative).
 template <typename T>
 __attribute__((always_inline)) inline T exp_poly5(T r) {
