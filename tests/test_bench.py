@@ -163,9 +163,28 @@ def test_isa_rows_one_per_level_this_cpu_runs(tmp_path):
         levels = [p for p in providers if p.startswith("rlkernels[")]
         assert levels == [f"rlkernels[cpu:{level}]" for level in runs_here], (op, shape)
         assert all(_timed(providers[p]) for p in levels)
+        assert len({providers[p]["runs"] for p in levels}) == 1, (op, shape)  # timed in turns: as many runs each
     assert {r["device"].rsplit(" ", 1)[-1] for r in rows} == {runs_here[-1]}
     if len(runs_here) < 3:
         assert "this CPU does not run" in stdout
+
+
+def test_measure_in_turns_alternates_the_calls():
+    """Each round times every callable once, round k starting at callable k mod n, each timed call right after
+    its own ``before`` and flush; every callable gets the same number of runs and its first output back."""
+    log = []
+    fns = [lambda i=i: log.append(("call", i)) or i for i in range(3)]
+    befores = [lambda i=i: log.append(("before", i)) for i in range(3)]
+    flushes = [lambda i=i: log.append(("flush", i)) for i in range(3)]
+    results = common.measure_in_turns(fns, "cpu", befores=befores, flushes=flushes, min_runs=4, max_runs=4)
+    assert [out for _, out in results] == [0, 1, 2]
+    assert all(timing.runs == 4 and timing.median_s >= 0 for timing, _ in results)
+    warmups = [step for i in (0, 1, 2) for step in (("before", i), ("call", i))]
+    assert log[:12] == warmups + warmups  # two warmup calls each, untimed
+    timed = [entry[1] for entry in log[12:] if entry[0] == "call"]
+    assert timed == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
+    for k in range(12):  # before, flush, call: the same callable
+        assert log[12 + 3 * k : 15 + 3 * k] == [("before", timed[k]), ("flush", timed[k]), ("call", timed[k])]
 
 
 def test_ops_select_families_and_kinds_in_order():

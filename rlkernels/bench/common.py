@@ -9,6 +9,7 @@ bandwidth, the speed of light for these ops. See CACHE_MODES for the others.
 from __future__ import annotations
 
 import datetime
+import functools
 import platform
 import re
 import subprocess
@@ -55,6 +56,11 @@ def backend_and_isa(backend: str) -> tuple[str, str]:
     """("cpu", "avx2") for the benchmark's pseudo-backend "cpu:avx2" (--isa); (backend, "") otherwise."""
     base, _, level = backend.partition(":")
     return base, level
+
+
+def set_cpu_isa(level: str) -> None:
+    """Caps rlkernels' CPU kernels to one instruction-set level (csrc/cpu/isa.h)."""
+    torch.ops.rlkernels._cpu_isa(level)
 
 
 class cpu_isa:
@@ -290,6 +296,74 @@ def measure(
             times.append(time.perf_counter() - start)
     median, q20, q80 = np.quantile(times, [0.5, 0.2, 0.8])
     return Timing(float(median), float(q20), float(q80), runs), out
+
+
+def measure_in_turns(
+    fns: list[Callable[[], object]],
+    device: str,
+    *,
+    befores: list[Callable[[], object] | None] | None = None,
+    flushes: list[CacheFlusher | None] | None = None,
+    budget_s: float = 1.0,
+    min_runs: int = 5,
+    max_runs: int = 50,
+    single_run_over_s: float = 2.0,
+) -> list[tuple[Timing, object]]:
+    """measure() for callables to be compared with each other: their timed calls alternate (round k starts
+    at callable k mod n), so a change of the machine's other load during the run reaches each of them alike,
+    where back-to-back blocks of calls would give it to one. ``befores[i]``, untimed, runs before every call
+    of ``fns[i]`` (the --isa rows set their instruction-set cap there). Each gets the runs measure() would give
+    the slowest of them; one whose first call is over ``single_run_over_s`` makes each a block of its own."""
+    n = len(fns)
+    befores = befores or [None] * n
+    flushes = flushes or [None] * n
+
+    def call(i):
+        if befores[i] is not None:
+            befores[i]()
+        return fns[i]()
+
+    firsts, outs = [], []
+    for i in range(n):
+        synchronize(device)
+        start = time.perf_counter()
+        outs.append(call(i))
+        synchronize(device)
+        firsts.append(time.perf_counter() - start)
+    if max(firsts) > single_run_over_s:
+        results = []
+        for i in range(n):
+            fn = functools.partial(call, i)
+            results.append(measure(fn, device, flush=flushes[i], budget_s=budget_s, min_runs=min_runs,
+                                   max_runs=max_runs, single_run_over_s=single_run_over_s))
+        return results
+    for i in range(n):
+        call(i)  # the second warmup, as measure()'s
+    runs = int(min(max_runs, max(min_runs, budget_s / max(max(firsts), 1e-6))))
+    times: list[list[float]] = [[] for _ in range(n)]
+    for k in range(runs):
+        for j in range(n):
+            i = (k + j) % n
+            if befores[i] is not None:
+                befores[i]()
+            if flushes[i] is not None:
+                flushes[i]()
+            if device == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fns[i]()
+                end.record()
+                end.synchronize()
+                times[i].append(begin.elapsed_time(end) / 1e3)
+            else:
+                start = time.perf_counter()
+                fns[i]()
+                times[i].append(time.perf_counter() - start)
+    results = []
+    for i in range(n):
+        median, q20, q80 = np.quantile(times[i], [0.5, 0.2, 0.8])
+        results.append((Timing(float(median), float(q20), float(q80), runs), outs[i]))
+    return results
 
 
 def copy_bandwidth(device: str, mib: int = 256, runs: int = 20) -> tuple[float, Timing]:

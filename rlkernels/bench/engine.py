@@ -102,6 +102,7 @@ def run_case(case: Case, settings: Settings, status) -> tuple[list[tuple[Case, s
         add(reference.name, timing, note, fn=reference.call)
 
         if case.rlkernels is not None:
+            levels = []  # the --isa rows that pass their check: timed in turns below
             for backend in settings.backends:
                 name = f"rlkernels[{backend}]"
                 status(f"{label} [{cache}]: {name}")
@@ -113,7 +114,24 @@ def run_case(case: Case, settings: Settings, status) -> tuple[list[tuple[Case, s
                         add(name, note=checked[backend])
                         continue
                     call = functools.partial(case.rlkernels, base)
+                    if level:
+                        levels.append((len(rows), name, level, call))
+                        rows.append(None)  # its place in the table
+                        continue
                     add(name, measure(call, cache)[0], fn=call)
+            if levels:
+                # The levels are compared with each other: their calls alternate, so the machine's other load
+                # reaches each alike (common.measure_in_turns).
+                status(f"{label} [{cache}]: rlkernels[cpu:{'|'.join(lv for _, _, lv, _ in levels)}]")
+                calls = [call for *_, call in levels]
+                with common.cpu_isa(levels[0][2]):  # the cap each call sets is put back afterwards
+                    timed = common.measure_in_turns(
+                        calls, device, befores=[functools.partial(common.set_cpu_isa, lv) for _, _, lv, _ in levels],
+                        flushes=[common.flusher_for(cache, device, call, case.reads) for call in calls], **runs)
+                for (at, name, level, call), (timing, _) in zip(levels, timed):
+                    with common.cpu_isa(level):
+                        add(name, timing, fn=call)
+                    rows[at] = rows.pop()
 
         for provider in [reference, *others]:
             if provider is not reference:
