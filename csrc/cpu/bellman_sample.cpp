@@ -23,8 +23,9 @@ using at::Tensor;
 using namespace rlkernels::bellman;
 
 constexpr int64_t kRowChunk = 4096;
-// Rows of q requested this far ahead of the row-by-row gathers of td_loss: without it the gathers ran with
-// little memory parallelism, at 4x the time of torch.gather on the same rows.
+// Rows whose gathered Q (its line: a row of q may span two) is requested this far ahead of the row-by-row
+// gathers of td_loss: without it the gathers ran with little memory parallelism, at 4x the time of torch.gather
+// on the same rows.
 constexpr int64_t kAhead = 32;
 // Rows per block of q_rows_f32_wide (bellman_simd.h): the 16-bit path widens at most this many rows at a time.
 constexpr int64_t kQBlock = 64;
@@ -178,7 +179,8 @@ int64_t gather_errors(const scalar_t* q, const int64_t* act, const scalar_t* y, 
   } else {
     int64_t bad = -1;
     for (int64_t i = 0; i < n; ++i) {
-      __builtin_prefetch(q + std::min(i + kAhead, n - 1) * A);
+      const int64_t ahead = std::min(i + kAhead, n - 1);
+      __builtin_prefetch(q + gathered_offset(ahead, act[ahead], A));
       int64_t a = act[i];
       if (static_cast<uint64_t>(a) >= static_cast<uint64_t>(A)) {  // checked here, not in a pass of its own
         if (bad < 0) bad = i;
@@ -375,9 +377,9 @@ std::tuple<Tensor, Tensor> td_loss_backward_cpu(const OptTensor& grad_loss, cons
         const acc_t* e = ep != nullptr ? ep + begin : e_buf;
         if (ep == nullptr) {
           for (int64_t i = 0; i < n; ++i) {
-            __builtin_prefetch(qp + std::min(begin + i + kAhead, B - 1) * A);
-            const int64_t a = static_cast<uint64_t>(ak[i]) < static_cast<uint64_t>(A) ? ak[i] : 0;
-            e_buf[i] = static_cast<acc_t>(y[begin + i]) - static_cast<acc_t>(qp[(begin + i) * A + a]);
+            const int64_t ahead = std::min(begin + i + kAhead, B - 1);
+            __builtin_prefetch(qp + gathered_offset(ahead, act[ahead], A));
+            e_buf[i] = static_cast<acc_t>(y[begin + i]) - static_cast<acc_t>(qp[gathered_offset(begin + i, ak[i], A)]);
           }
         }
         const scalar_t* wk = w != nullptr ? w + begin : nullptr;

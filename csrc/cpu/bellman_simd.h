@@ -10,7 +10,8 @@ namespace bellman_rows {
 
 using namespace ::rlkernels::bellman;
 
-// Rows of q requested this far ahead of the row-by-row gathers of td_loss (as in bellman_sample.cpp).
+// Rows of q whose gathered Q is requested this far ahead of the row-by-row gathers of td_loss (as in
+// bellman_sample.cpp).
 constexpr int64_t kAhead = 32;
 
 // float32 rows, kQW actions per vector op: max (NaN wins), first argmax (NaN first), probability-weighted sum,
@@ -422,8 +423,10 @@ int64_t gather_errors_f32(const float* __restrict q, const int64_t* __restrict a
   int64_t bad = -1;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    __builtin_prefetch(q + std::min(i + kAhead, n - 1) * A);
-    __builtin_prefetch(q + std::min(i + kAhead + 4, n - 1) * A);
+    for (int k = 0; k < 8; ++k) {  // the very Q each row ahead reads: its line, whichever of the row's lines
+      const int64_t r = std::min(i + kAhead + k, n - 1);
+      __builtin_prefetch(q + gathered_offset(r, act[r], A));
+    }
     int64_t a[8];
     bool any_bad = false;
     for (int k = 0; k < 8; ++k) {

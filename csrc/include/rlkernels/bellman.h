@@ -76,6 +76,12 @@ RLK_FN acc_t q_target(acc_t r, bool terminated, acc_t discount, acc_t v_next) {
   return terminated ? r : r + discount * v_next;
 }
 
+// td_loss's gathers: the offset of Q(s, a) in row `row` of a [rows, A] q, an out-of-range action read as column 0
+// (the kernels report it; reading column 0 keeps every load inside q).
+RLK_FN int64_t gathered_offset(int64_t row, int64_t action, int64_t A) {
+  return row * A + (static_cast<uint64_t>(action) < static_cast<uint64_t>(A) ? action : 0);
+}
+
 // Per-sample loss of the TD error e: Huber 0.5 e^2 (|e| <= delta) or delta (|e| - 0.5 delta); squared e^2.
 template <typename acc_t>
 RLK_FN acc_t td_sample_loss(acc_t e, TdLoss kind, acc_t delta) {
