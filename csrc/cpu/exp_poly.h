@@ -1,6 +1,7 @@
 // exp(x) = 2^k * p(r) with r = x - k ln 2 (Cody-Waite: ln 2 in two parts) and a degree-6 polynomial
-// p(r) = 1 + r + r^2 q(r) fitted (minimax, relative error) on |r| <= ln 2 / 2: the one exp of the CPU kernels that
-// vectorize it (PPO's ratio in ppo_simd.h, soft Q targets in bellman_simd.h, log-probs in logprobs_simd.h).
+// p(r) = 1 + r + r^2 q(r) fitted (minimax, relative error) on |r| <= ln 2 / 2: the one exp of the CPU kernels
+// (PPO's ratio in ppo_simd.h, soft Q targets in bellman_simd.h, log-probs in logprobs_simd.h and the scalar rows
+// of logprobs.cpp).
 // Evaluated by Horner's rule in float32 with FMAs its relative error is 6.3e-8, Cephes' degree-7 expf
 // polynomial's 6.1e-8, one multiply-add fewer. T is float or a GCC float vector; always_inline, so it takes the
 // target of its caller.
@@ -11,29 +12,30 @@
 namespace rlkernels {
 inline namespace RLK_ISA {  // one copy per instruction-set build, never merged across them
 
-// p(r) ~ exp(r) for |r| <= ln 2 / 2 (a little beyond it too).
-template <typename T>
-__attribute__((always_inline)) inline T exp_poly(T r) {
-  T p = T{} + 1.3893402647e-3f;
-  p = p * r + 8.3702625707e-3f;
-  p = p * r + 4.1667088866e-2f;
-  p = p * r + 1.6666506231e-1f;
-  p = p * r + 4.9999997020e-1f;
-  p = p * r + 1.0f;
-  return p * r + 1.0f;
-}
+// p(r) ~ exp(r) for |r| <= ln 2 / 2 (a little beyond it too), of degree kDegree: 6, or 5 (minimax on the same
+// interval: relative error 1.8e-7 in float32, one multiply-add fewer). Degree 5 serves bfloat16 logits
+// (logprobs_simd.h), whose exps the fused log-prob loop is bound by: their float32 outputs keep errors far below a
+// logit's own rounding (2^-9 relative).
+template <int kDegree>
+struct ExpPolyCoefficients;
+template <>
+struct ExpPolyCoefficients<6> {  // highest degree first; p(r) = 1 + r + r^2 q(r)
+  static constexpr float c[] = {1.3893402647e-3f, 8.3702625707e-3f, 4.1667088866e-2f, 1.6666506231e-1f,
+                                4.9999997020e-1f, 1.0f, 1.0f};
+};
+template <>
+struct ExpPolyCoefficients<5> {
+  static constexpr float c[] = {8.3115677011e-3f, 4.1898926549e-2f, 1.6667152567e-1f, 4.9999170875e-1f, 1.0f,
+                                1.0f};
+};
 
-// The same to degree 5 (minimax on |r| <= ln 2 / 2): relative error 1.8e-7 in float32, one multiply-add fewer.
-// For bfloat16 logits (logprobs_simd.h), whose exps the fused log-prob loop is bound by: their float32 outputs
-// keep errors far below a logit's own rounding (2^-9 relative).
-template <typename T>
-__attribute__((always_inline)) inline T exp_poly5(T r) {
-  T p = T{} + 8.3115677011e-3f;
-  p = p * r + 4.1898926549e-2f;
-  p = p * r + 1.6667152567e-1f;
-  p = p * r + 4.9999170875e-1f;
-  p = p * r + 1.0f;
-  return p * r + 1.0f;
+template <int kDegree = 6, typename T>
+__attribute__((always_inline)) inline T exp_poly(T r) {
+  constexpr const float* c = ExpPolyCoefficients<kDegree>::c;
+  T p = T{} + c[0];
+#pragma GCC unroll 8
+  for (int i = 1; i <= kDegree; ++i) p = p * r + c[i];  // Horner's rule
+  return p;
 }
 
 // p(r) for the reduction of x by kf (k as a float of the same shape); the caller scales by 2^k.

@@ -30,6 +30,7 @@
 #include <tuple>
 
 #include "alloc.h"
+#include "exp_poly.h"
 #include "rlkernels/checks.h"
 #include "rlkernels/dispatch.h"
 #include "rlkernels/logprobs_args.h"
@@ -46,10 +47,6 @@ constexpr int64_t kLanes = 16;
 // before its exps, so the running sums are rescaled once per chunk, not per element.
 constexpr int64_t kChunk = 512;
 
-// exp(x) for float, accurate to a few ulp on the range that matters (x <= 0 here): x = n ln2 + r with
-// |r| <= ln2/2 (Cody-Waite split), e^r by its degree-7 Taylor polynomial (error < 1e-8 relative), 2^n built
-// in the exponent bits. Below the float range the result is exactly 0, so -inf logits weigh nothing;
-// NaN propagates (every comparison with it is false).
 // v where c holds, else +0, as a bit mask (no select for the vectorizer to refuse).
 __attribute__((always_inline)) inline float keep_if(bool c, float v) {
   return std::bit_cast<float>(std::bit_cast<uint32_t>(v) & (0u - static_cast<uint32_t>(c)));
@@ -58,24 +55,16 @@ __attribute__((always_inline)) inline double keep_if(bool c, double v) {
   return std::bit_cast<double>(std::bit_cast<uint64_t>(v) & (uint64_t{0} - static_cast<uint64_t>(c)));
 }
 
-__attribute__((always_inline)) inline float exp_poly(float x) {
+// exp(x) for float, accurate to a few ulp on the range that matters (x <= 0 here): x = n ln2 + r with
+// |r| <= ln2/2 and the polynomial of exp_poly.h (the SIMD rows' exp), 2^n built in the exponent bits. Below the
+// float range the result is exactly 0, so -inf logits weigh nothing; NaN propagates (every comparison with it
+// is false).
+__attribute__((always_inline)) inline float exp_acc(float x) {
   const float xc = std::max(x, -87.0f);  // NaN stays NaN: std::max returns its first argument then
-  const float t = xc * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest: 1.5 * 2^23 pushes the fraction out
-  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187045e-6f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
   const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
-  return keep_if(!(x < -87.0f), p * scale);
+  return keep_if(!(x < -87.0f), exp_mantissa(xc, n) * scale);
 }
-
-__attribute__((always_inline)) inline float exp_acc(float x) { return exp_poly(x); }
 __attribute__((always_inline)) inline double exp_acc(double x) { return std::exp(x); }
 
 template <typename acc_t>

@@ -287,13 +287,13 @@ RLK_INLINE vf exp_reduce(vf x, vf k) {
 #if RLK_AVX512
 // exp(x) for x in [-200, 88] (NaN gives NaN) on AVX-512: k rounded by vrndscaleps, 2^k written into the result by
 // vscalefps (which underflows to 0 by itself), exp_poly by Horner's rule: 10 operations a vector (9 kOneStep).
-// kDegree 5: exp_poly5 (exp_poly.h), one operation fewer.
+// kDegree 5: the degree-5 polynomial (exp_poly.h), one operation fewer.
 template <bool kOneStep = false, int kDegree = 6>
 RLK_AVX512_TARGET RLK_INLINE vf exp_scalef(vf x) {
   const vf k = reinterpret_cast<vf>(_mm512_roundscale_ps(reinterpret_cast<__m512>(x * 1.44269504088896341f),
                                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   const vf r = exp_reduce<kOneStep>(x, k);
-  const vf p = kDegree == 5 ? exp_poly5(r) : exp_poly(r);
+  const vf p = exp_poly<kDegree>(r);
   return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p), reinterpret_cast<__m512>(k)));
 }
 #endif
@@ -306,7 +306,7 @@ RLK_AVX512_TARGET RLK_INLINE vf exp_v(vf x) {
 #else
   const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const vf r = exp_reduce<kOneStep>(x, k);
-  return (kDegree == 5 ? exp_poly5(r) : exp_poly(r)) * pow2i(k);
+  return exp_poly<kDegree>(r) * pow2i(k);
 #endif
 }
 // exp(x) for x <= 87: exactly 0 below -87 (below about -104 on AVX-512) and for -inf, NaN stays NaN. `arg`
