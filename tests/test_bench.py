@@ -185,6 +185,11 @@ def test_measure_in_turns_alternates_the_calls():
     assert timed == [0, 1, 2, 1, 2, 0, 2, 0, 1, 0, 1, 2]
     for k in range(12):  # before, flush, call: the same callable
         assert log[12 + 3 * k : 15 + 3 * k] == [("before", timed[k]), ("flush", timed[k]), ("call", timed[k])]
+    # A first call over single_run_over_s: each callable's first call is its one sample, as in measure().
+    log.clear()
+    slow = common.measure_in_turns(fns, "cpu", befores=befores, single_run_over_s=0.0)
+    assert [(timing.runs, out) for timing, out in slow] == [(1, 0), (1, 1), (1, 2)]
+    assert all(timing.median_s > 0 for timing, _ in slow)
 
 
 def test_ops_select_families_and_kinds_in_order():
