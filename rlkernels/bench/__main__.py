@@ -27,7 +27,8 @@ rlkernels' output is checked against the case's first baseline on the same input
 --isa times the cpu backend once per listed instruction-set level this CPU runs (rows rlkernels[cpu:avx2] and
 so on; csrc/cpu/isa.h), to compare the per-ISA builds of the same kernels; the levels it lacks are named and
 skipped. The levels' calls are timed in turns (one call of each level per round), so a change of the machine's
-other load during the run reaches every level alike. The CPU model and its widest level are in the device name of every row and in the file name.
+other load during the run reaches every level alike. The CPU model and its widest level are in the device name
+of every row and in the file name.
 
 Prints a table, and writes a CSV with a markdown table and a plot (PNG) next to it. ``--sizes`` sweeps a
 few sizes per op and layout instead of the fixed shapes and plots GB/s against size, one line per

@@ -270,32 +270,22 @@ def measure(
     The first call is a warmup (it also pays one-time costs) and sizes the number of runs to
     ``budget_s``. A first call slower than ``single_run_over_s`` is the only sample (runs=1).
     """
-    synchronize(device)
+    return measure_in_turns([fn], device, flushes=[flush], budget_s=budget_s, min_runs=min_runs,
+                            max_runs=max_runs, single_run_over_s=single_run_over_s)[0]
+
+
+def _timed_call(fn: Callable[[], object], device: str) -> float:
+    """Seconds of one call of ``fn``: CUDA events on a GPU, the wall clock on the CPU."""
+    if device == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
     start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    first = time.perf_counter() - start
-    if first > single_run_over_s:
-        return Timing(first, first, first, 1), out
-    fn()  # a second warmup: allocator and caches of the steady state
-    runs = int(min(max_runs, max(min_runs, budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(runs):
-        if flush is not None:
-            flush()
-        if device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    median, q20, q80 = np.quantile(times, [0.5, 0.2, 0.8])
-    return Timing(float(median), float(q20), float(q80), runs), out
+    fn()
+    return time.perf_counter() - start
 
 
 def measure_in_turns(
@@ -313,7 +303,7 @@ def measure_in_turns(
     at callable k mod n), so a change of the machine's other load during the run reaches each of them alike,
     where back-to-back blocks of calls would give it to one. ``befores[i]``, untimed, runs before every call
     of ``fns[i]`` (the --isa rows set their instruction-set cap there). Each gets the runs measure() would give
-    the slowest of them; one whose first call is over ``single_run_over_s`` makes each a block of its own."""
+    the slowest of them; one whose first call is over ``single_run_over_s`` makes each a measure() of its own."""
     n = len(fns)
     befores = befores or [None] * n
     flushes = flushes or [None] * n
@@ -331,14 +321,12 @@ def measure_in_turns(
         synchronize(device)
         firsts.append(time.perf_counter() - start)
     if max(firsts) > single_run_over_s:
-        results = []
-        for i in range(n):
-            fn = functools.partial(call, i)
-            results.append(measure(fn, device, flush=flushes[i], budget_s=budget_s, min_runs=min_runs,
-                                   max_runs=max_runs, single_run_over_s=single_run_over_s))
-        return results
+        if n == 1:
+            return [(Timing(firsts[0], firsts[0], firsts[0], 1), outs[0])]
+        return [measure(functools.partial(call, i), device, flush=flushes[i], budget_s=budget_s, min_runs=min_runs,
+                        max_runs=max_runs, single_run_over_s=single_run_over_s) for i in range(n)]
     for i in range(n):
-        call(i)  # the second warmup, as measure()'s
+        call(i)  # a second warmup: allocator and caches of the steady state
     runs = int(min(max_runs, max(min_runs, budget_s / max(max(firsts), 1e-6))))
     times: list[list[float]] = [[] for _ in range(n)]
     for k in range(runs):
@@ -348,17 +336,7 @@ def measure_in_turns(
                 befores[i]()
             if flushes[i] is not None:
                 flushes[i]()
-            if device == "cuda":
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                fns[i]()
-                end.record()
-                end.synchronize()
-                times[i].append(begin.elapsed_time(end) / 1e3)
-            else:
-                start = time.perf_counter()
-                fns[i]()
-                times[i].append(time.perf_counter() - start)
+            times[i].append(_timed_call(fns[i], device))
     results = []
     for i in range(n):
         median, q20, q80 = np.quantile(times[i], [0.5, 0.2, 0.8])
