@@ -4,15 +4,17 @@
     python scripts/check_simd.py [LIBRARY]        (default: rlkernels/_C.abi3.so next to this tree)
 
 The kernels of csrc/cpu/simd_kernels.h are compiled once per instruction set, in the namespaces
-rlkernels::cpu::simd::isa_default / isa_avx2 / isa_avx512 (csrc/cpu/simd_<level>.cpp). For each kernel listed in
-KERNELS and each level, the script disassembles the kernel's functions (objdump -d -C), finds their loops (a
+rlkernels::cpu::simd::isa_default / isa_avx2 / isa_avx512 (csrc/cpu/simd_<level>.cpp), and so are the scan
+engine's walks of every step (csrc/cpu/scan_block.h, in rlkernels::isa_<level>, csrc/cpu/scan_block_<level>.cpp).
+For each kernel listed in KERNELS and each level, the script disassembles the kernel's functions (objdump -d -C), finds their loops (a
 natural loop of its control-flow graph: a jump back to a block that dominates it), and takes the block loops: the innermost loops that do packed
 floating-point arithmetic. It asserts that there is at least one, and that every block loop
 
   - does packed arithmetic on registers of its level's width (xmm for default, ymm for avx2, zmm for avx512,
     or the width the kernel is written for, listed in KERNELS), and
-  - does no scalar ss/sd arithmetic (add, mul, fma, compare, min/max, conversions of a single float), and
-    builds no mask lane by lane (setcc: a vector compare or flag lowered to one boolean per lane).
+  - does no scalar ss/sd arithmetic (add, mul, fma, compare, min/max, conversions of a single float),
+    builds no mask lane by lane (setcc: a vector compare or flag lowered to one boolean per lane), and calls
+    no function (a library function per lane, such as expf).
 
 It reads the compiled code only, so it needs no AVX-512 hardware. Exit status 0 when every check passes, 1
 otherwise (each failure printed), 2 when the library or objdump is missing.
@@ -49,6 +51,24 @@ KERNELS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "td_grads_f32": (("td_grads_f32(",), LEVELS),
     "dot_f32": (("dot_f32(", "bellman_rows::dot<float>("), LEVELS),
 }
+SIMD_NAMESPACE = "rlkernels::cpu::simd::isa_{level}::"
+# The scan engine's float32 walks of each step (direct, transposed, buffered), in rlkernels::isa_<level>; {ns} is
+# that namespace.
+SCAN_NAMESPACE = "rlkernels::isa_{level}::"
+SCAN_STEPS = {
+    "scan_linear_scan": "LinearScanStep",
+    "scan_discounted_returns": "DiscountedReturnsStep",
+    "scan_discounted_returns_backward": "DiscountedReturnsBackwardStep",
+    "scan_gae": "GaeStep",
+    "scan_gae_backward": "GaeBackwardStep",
+    "scan_vtrace": "VtraceStepT<{ns}VecExp>",
+    "scan_vtrace_backward": "VtraceBackwardStepT<{ns}VecExp>",
+    "scan_retrace": "RetraceStepT<{ns}VecExp>",
+    "scan_retrace_backward": "RetraceBackwardStepT<{ns}VecExp>",
+}
+for _name, _step in SCAN_STEPS.items():
+    KERNELS[_name] = (tuple(f"{walk}<{{ns}}{_step}, float," for walk in ("run_direct", "run_transposed", "run_block")),
+                      LEVELS)
 
 SCALAR_ARITH = re.compile(
     r"^v?(add|sub|mul|div|sqrt|max|min|u?comi|cmp\w*|rcp\w*|rsqrt\w*|round|f?n?m(add|sub)\w*|cvt\w*)(ss|sd)$"
@@ -164,8 +184,11 @@ def block_loops(insns):
 
 
 def check_kernel(funcs, level, name, patterns, width) -> list[str]:
-    namespace = f"rlkernels::cpu::simd::isa_{level}::"
-    matched = [f for f in funcs if f.startswith(namespace) and any(p in f for p in patterns)]
+    namespace = (SCAN_NAMESPACE if name in SCAN_STEPS else SIMD_NAMESPACE).format(level=level)
+    patterns = [p.format(ns=namespace) for p in patterns]
+    # (templates' names begin with their return type; a PLT stub holds no code of the kernel)
+    matched = [f for f in funcs if f.removeprefix("void ").startswith(namespace) and not f.endswith("@plt")
+               and any(p in f for p in patterns)]
     if not matched:
         return [f"{level}/{name}: no function {namespace}{patterns[0]}...) in the library"]
     failures, loops = [], 0
@@ -179,6 +202,9 @@ def check_kernel(funcs, level, name, patterns, width) -> list[str]:
             lane_masks = sum(1 for op, _ in body if LANE_MASK.match(op))
             if lane_masks:
                 failures.append(f"{where} builds masks lane by lane ({lane_masks} setcc)")
+            calls = sorted({args.split(" ", 1)[-1] for op, args in body if op.startswith("call")})
+            if calls:
+                failures.append(f"{where} calls {', '.join(calls)}")
             widest = max((WIDTH_ORDER[r] for op, args in body if PACKED_ARITH.match(op)
                           for r in re.findall(r"%(xmm|ymm|zmm)", args)), default=-1)
             if widest != WIDTH_ORDER[width]:

@@ -239,6 +239,53 @@ def test_td_loss(isa, loss, reduction):
     assert_close(qg.grad, x.grad, torch.float32, name="grad q")
 
 
+def _log_rhos_over_the_float_range(shape, seed):
+    """log-rhos from below exp's underflow to above its overflow, the edges of float32's exp and +-inf, shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    edges = [-math.inf, -200.0, -104.0, -103.97, -103.0, -95.0, -87.34, -87.33, -87.0, -1e-30, 0.0, 1e-30, 1.0,
+             80.0, 88.0, 88.72, 88.73, 89.0, 95.0, 1000.0, math.inf]
+    n = math.prod(shape)
+    grid = torch.linspace(-110.0, 95.0, n - len(edges), dtype=torch.float64)
+    values = torch.cat([torch.tensor(edges, dtype=torch.float64), grid]).float()
+    return values[torch.randperm(n, generator=g)].reshape(shape)
+
+
+@pytest.mark.parametrize("shape", [(64, 48), (33, 5)])
+def test_vtrace_retrace_exp_over_the_float_range(isa, shape):
+    """The scan steps' vector exp (V-trace's and Retrace's e^{log_rho}) against float32's exp, over the whole range.
+
+    With gamma = 0, V = 0 and pg_rho_clip = inf, pg_advantages_t = e^{log_rho_t} r_t: one exp per element. Its
+    gradient in log_rho_t is e^{log_rho_t} r_t, taken where e is finite (an infinite weight times gamma = 0 makes the
+    adjoint of vs NaN, as the formula's autograd does).
+    """
+    lr = _log_rhos_over_the_float_range(shape, seed=shape[1])
+    g = torch.Generator().manual_seed(1)
+    r = torch.randn(shape, generator=g) + 0.5
+    v, boot = torch.zeros(shape), torch.zeros(shape[1])
+    tiny = 2.0**-147 * float(r.abs().max())  # a few subnormal steps of e, times r
+
+    def e32(x):  # exp rounded to float32: inf above its range, subnormals, then 0
+        return torch.exp(x.double()).float().double()
+
+    _vs, pg = rlkernels.vtrace(r, v, lr, gamma=0.0, pg_rho_clip=math.inf, bootstrap_value=boot)
+    want = (e32(lr) * r.double()).float()  # the product rounded to float32 too: inf where it overflows
+    assert_close(pg, want, torch.float32, name="pg_advantages", rtol=1e-6, atol=tiny, scale=1.0)
+    assert torch.isinf(pg[lr > 88.73]).all() and (pg[lr < -104.0] == 0).all()
+    lr_leaf = lr.clamp(max=88.0).requires_grad_()
+    _vs, pg = rlkernels.vtrace(r, v, lr_leaf, gamma=0.0, pg_rho_clip=math.inf, bootstrap_value=boot)
+    (grad,) = torch.autograd.grad(pg, lr_leaf, torch.ones_like(pg))
+    want_grad = (e32(lr_leaf.detach()) * r.double()).float()
+    assert_close(grad, want_grad, torch.float32, name="grad log_rhos", rtol=1e-6, atol=tiny, scale=1.0)
+    # Retrace's trace coefficients c = lam min(1, e^{log_rho}) through a whole recursion, against the reference
+    q, nv = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    term = torch.rand(shape, generator=g) < 0.05
+    G = rlkernels.retrace(r, q, nv, lr, gamma=0.99, lam=0.95, terminated=term)
+    with np.errstate(over="ignore"):  # e^1000 and e^inf: inf in float64 too, then clipped to 1
+        e_G = reference.retrace(r.double(), q.double(), nv.double(), lr.double(), gamma=0.99, lam=0.95,
+                                terminated=term)
+    assert_close(G, e_G, torch.float32, name="retrace")
+
+
 def test_bellman_backup(isa):
     P, R, V = sample_inputs("bellman_backup", (2, 37, 3), dtype=torch.float32)
     Q, V_new, policy = rlkernels.bellman_backup(P, R, V, gamma=0.9)
@@ -315,7 +362,7 @@ def _listing(body):
 
 def test_check_simd_flags_scalar_and_narrow_loops():
     """The disassembly check fails on what it is meant to catch: a loop of scalar ss arithmetic, one on
-    registers narrower than its level's, one that builds a mask lane by lane."""
+    registers narrower than its level's, one that builds a mask lane by lane, one that calls a function."""
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import check_simd
@@ -328,5 +375,6 @@ def test_check_simd_flags_scalar_and_narrow_loops():
     assert "computes on xmm, not ymm" in check([("vmulps", "%xmm1,%xmm2,%xmm3")])[0]
     assert "not vectorized" in check([("vaddss", "%xmm3,%xmm4,%xmm4")])[0]
     assert "masks lane by lane" in check([("vaddps", "%ymm3,%ymm4,%ymm4"), ("setne", "%al")])[0]
+    assert "calls <expf@plt>" in check([("vaddps", "%ymm3,%ymm4,%ymm4"), ("call", "1040 <expf@plt>")])[0]
     assert "no function" in check_simd.check_kernel({}, "avx2", "ppo_policy_forward", ("ppo_policy_forward(",),
                                                     "ymm")[0]

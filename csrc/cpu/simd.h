@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "exp_poly.h"
@@ -82,21 +83,6 @@ RLK_FN Affine<Vec<T, N>, D> select(Vec<T, N> flag, const Affine<Vec<T, N>, D>& a
   for (int j = 0; j < D; ++j) r.k[j] = select(flag, a.k[j], b.k[j]);
   return r;
 }
-
-// exp for vtrace's weights. vtrace is not the hot path: a scalar exp per lane.
-struct VecExp {
-  template <typename V>
-  RLK_FN V operator()(V x) const {
-    for (int l = 0; l < int(sizeof(x.v) / sizeof(x.v[0])); ++l) {
-      if constexpr (sizeof(x.v[0]) == sizeof(float)) {
-        x.v[l] = __builtin_expf(x.v[l]);
-      } else {
-        x.v[l] = __builtin_exp(x.v[l]);
-      }
-    }
-    return x;
-  }
-};
 
 #ifdef RLK_VEC_BYTES
 // One register of the translation unit's instruction set: kW floats (4 SSE2, 8 AVX2, 16 AVX-512). Compares
@@ -330,6 +316,20 @@ RLK_AVX512_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
   vf arg;
   return exp_clamped_v<kOneStep, kDegree>(x, arg);
 }
+// exp(x) for every float x, as expf gives it: inf above about 88.72 and at inf, subnormal results down to about
+// -103.97 and 0 below, NaN stays NaN. For arguments a caller does not bound (V-trace's and Retrace's log-rhos).
+// x is clamped to a range where the reduction stays exact (the compares are false for NaN, which stays) and 2^k
+// is applied in two factors, each a normal number, so the product overflows to inf or rounds to a subnormal once,
+// as a correctly scaled result does. Vector extensions only, no intrinsics: the scan steps that call it are
+// compiled before their translation unit's target switch and take the target of the block that inlines them.
+RLK_INLINE vf exp_any_v(vf x) {
+  vf xc = x < -104.0f ? splat(-104.0f) : x;
+  xc = xc > 89.0f ? splat(89.0f) : xc;  // k in [-150, 128]
+  const vf k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vi ki = __builtin_convertvector(k, vi);
+  const vi k1 = ki >> 1;  // k1 and k - k1 in [-75, 64]
+  return (exp_poly(exp_reduce<false>(xc, k)) * as_float((k1 + 127) << 23)) * as_float((ki - k1 + 127) << 23);
+}
 // The sum of the lanes, in lane order, in double.
 RLK_INLINE double sum_lanes(vf v) {
   double s = 0;
@@ -349,6 +349,28 @@ RLK_INLINE float max_lanes(vf v) {
 }
 }  // namespace vec
 #endif
+
+// exp for the scan steps' weights (V-trace's and Retrace's e^{log_rho}): float vectors of the build's width take
+// vec::exp_any_v; other vectors (double) take a scalar exp per lane.
+struct VecExp {
+  template <typename V>
+  RLK_FN V operator()(V x) const {
+#ifdef RLK_VEC_BYTES
+    if constexpr (std::is_same_v<decltype(x.v), vec::vf>) {
+      x.v = vec::exp_any_v(x.v);
+      return x;
+    }
+#endif
+    for (int l = 0; l < int(sizeof(x.v) / sizeof(x.v[0])); ++l) {
+      if constexpr (sizeof(x.v[0]) == sizeof(float)) {
+        x.v[l] = __builtin_expf(x.v[l]);
+      } else {
+        x.v[l] = __builtin_exp(x.v[l]);
+      }
+    }
+    return x;
+  }
+};
 
 }  // namespace RLK_ISA
 }  // namespace rlkernels
