@@ -75,6 +75,8 @@ EXPECTED_PROVIDERS = {  # every provider of each op in a --quick CPU run (torchr
        for bwd in ("", " fwd+bwd") for dt in ("fp32", "bf16")},
     "ppo_policy_loss": {"verl eager", "torch.compile(verl eager)"},
     "ppo_policy_loss fwd+bwd": {"verl eager", "torch.compile(verl eager)"},
+    "ppo_policy_loss bf16": {"verl eager", "torch.compile(verl eager)"},
+    "ppo_policy_loss fwd+bwd bf16": {"verl eager", "torch.compile(verl eager)"},
     "value_loss fwd+bwd": {"verl eager", "torch.compile(verl eager)"},
     **{f"q_targets[{k}]": {"eager torch", "torch.compile(eager torch)"} for k in cases.Q_KINDS},
     "td_loss fwd+bwd": {"eager torch", "torch.compile(eager torch)"},
@@ -97,6 +99,8 @@ REFERENCE = {  # the baseline each op's rlkernels output is checked against
        for bwd in ("", " fwd+bwd") for dt in ("fp32", "bf16")},
     "ppo_policy_loss": "verl eager",
     "ppo_policy_loss fwd+bwd": "verl eager",
+    "ppo_policy_loss bf16": "verl eager",
+    "ppo_policy_loss fwd+bwd bf16": "verl eager",
     "value_loss fwd+bwd": "verl eager",
 }
 

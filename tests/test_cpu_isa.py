@@ -148,6 +148,47 @@ def test_kl_penalty(isa, kind):
     assert_close(x.grad, y.grad, torch.float32, name=f"grad {kind}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 37), (2, 4099), (9001,)])
+def test_ppo_family_16bit(isa, dtype, shape):
+    """16-bit inputs run the float32 kernels on widened copies of each chunk of 4096 tokens (csrc/cpu/ppo.cpp), and
+    their gradients come back rounded to the 16-bit type: policy loss, value loss and KL penalty, forward and
+    backward, against the reference and the torch oracles on the rounded inputs."""
+    logp, old, adv = (x.to(dtype) for x in sample_inputs("ppo_policy_loss", shape, seed=shape[-1]))
+    mask = sample_mask(shape, "bool", 2) if len(shape) == 2 else None
+    agg = "seq-mean-token-mean" if len(shape) == 2 else "token-mean"
+    check_policy(logp, old, adv, mask, dtype=dtype, agg=agg, dual_clip=3.0, clip_high=0.28)
+    v, old_v, ret = (x.to(dtype) for x in sample_inputs("value_loss", shape, seed=shape[-1] + 1))
+    check_value(v, old_v, ret, mask, dtype=dtype, clip=0.2)
+    ref = (logp.double() + 0.3 * torch.randn(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    ref = ref.to(dtype)
+    for kind in ("k1", "k3"):
+        x = logp.clone().requires_grad_()
+        out = rlkernels.kl_penalty(x, ref, kind)
+        assert out.dtype == torch.float32
+        assert_close(out, reference.kl_penalty(logp, ref, kind), dtype, name=kind)
+        out.backward(torch.ones_like(out))
+        assert x.grad.dtype == dtype
+        y = logp.double().requires_grad_()
+        torch_kl(y, ref.double(), kind).sum().backward()
+        assert_close(x.grad, y.grad, dtype, name=f"grad {kind}")
+    # The same float32 kernels on the widened inputs: the same sums in the same order, and gradients that round
+    # to the same bits as a cast of the float32 gradients (nearest even).
+    calls = (
+        lambda a, b, c: rlkernels.ppo_policy_loss(a, b, c, mask, agg=agg, dual_clip=3.0)[0],
+        lambda a, b, c: rlkernels.value_loss(a, b, c, mask, clip=0.2)[0],
+        lambda a, b, c: (rlkernels.kl_penalty(a, b, "k3") * c.float()).sum(),
+    )
+    for call, inputs in zip(calls, ((logp, old, adv), (v, old_v, ret), (logp, ref, adv))):
+        x16 = inputs[0].clone().requires_grad_()
+        x32 = inputs[0].float().requires_grad_()
+        out16, out32 = call(x16, *inputs[1:]), call(x32, *(t.float() for t in inputs[1:]))
+        assert torch.equal(out16, out32)
+        out16.backward()
+        out32.backward()
+        assert torch.equal(x16.grad, x32.grad.to(dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("V", [1, 7, 2053, 4099])
 def test_gather_logprobs(isa, dtype, V):

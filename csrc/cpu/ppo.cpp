@@ -13,6 +13,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -168,12 +169,62 @@ double scalar_in(const Tensor& grad) {
   return grad.to(at::kDouble).contiguous().data_ptr<double>()[0];  // a CPU tensor: no device sync
 }
 
-// The float32 lane path is reached only when scalar_t is float; the dispatch lambda is not a template, so
+// The float32 lane path is reached only when acc_t is float; the dispatch lambda is not a template, so
 // its other instantiations must still compile the (discarded at run time) call.
 template <typename T>
 const float* as_float(const T* p) { return reinterpret_cast<const float*>(p); }
 template <typename T>
 float* as_float_out(T* p) { return reinterpret_cast<float*>(p); }
+
+// 16-bit inputs (bfloat16, float16) take the float32 kernels too, on float32 copies of one chunk of each stream
+// at a time (kChunk values in this thread's staging buffer, so the copies stay in cache), and their gradients
+// are the float32 results rounded as a cast to the 16-bit type rounds. (The generic loops below take one token
+// at a time with a libm exp: float64 only.)
+template <typename T>
+constexpr bool kHalfWidth = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+template <typename T>
+constexpr bool kOnVectors = std::is_same_v<T, float> || kHalfWidth<T>;
+
+// This thread's staging buffer: `streams` runs of kChunk floats.
+float* staging(int streams) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < static_cast<size_t>(streams * kChunk)) buf.resize(static_cast<size_t>(streams * kChunk));
+  return buf.data();
+}
+
+// n <= kChunk values of p as float32: p itself for float, else widened into run `run` of the staging buffer st.
+template <typename T>
+const float* floats(const simd::Kernels& k, const T* p, int64_t n, float* st, int run) {
+  if constexpr (std::is_same_v<T, float>) {
+    return p;
+  } else {
+    float* slot = st + run * kChunk;
+    const auto* bits = reinterpret_cast<const uint16_t*>(p);
+    if constexpr (std::is_same_v<T, c10::BFloat16>)
+      k.widen_bf16(bits, n, slot);
+    else
+      k.widen_f16(bits, n, slot);
+    return slot;
+  }
+}
+
+// Where a kernel writes n <= kChunk float32 results meant for out: out itself for float, else run `run` of the
+// staging buffer st, which narrow_to then rounds into out.
+template <typename T>
+float* result_floats(T* out, float* st, int run) {
+  if constexpr (std::is_same_v<T, float>) return out; else return st + run * kChunk;
+}
+template <typename T>
+void narrow_to(const simd::Kernels& k, const float* st, int run, int64_t n, T* out) {
+  if constexpr (!std::is_same_v<T, float>) {
+    const float* slot = st + run * kChunk;
+    auto* bits = reinterpret_cast<uint16_t*>(out);
+    if constexpr (std::is_same_v<T, c10::BFloat16>)
+      k.narrow_bf16(slot, n, bits);
+    else
+      k.narrow_f16(slot, n, bits);
+  }
+}
 
 // ---- ppo_policy_loss ----
 
@@ -191,15 +242,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = policy_params<acc_t>(clip_low, clip_high, dual_clip);
     const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *adv_d = adv.data_ptr<scalar_t>();
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (kOnVectors<scalar_t>) {
       // The float32 path on explicit vectors (ppo_simd.h), built per instruction set.
       const float dual = dual_clip.has_value() ? p.dual_clip : std::numeric_limits<float>::infinity();
       const simd::Kernels& kernels = simd::kernels();
       rows = reduce_rows(B, T, [&](int64_t row, int64_t t0, int64_t t1, Partial& part) {
-        const int64_t at = row * T + t0;
+        const int64_t at = row * T + t0, n = t1 - t0;
+        float* st = kHalfWidth<scalar_t> ? staging(3) : nullptr;
         double s[simd::kPolicySums];
-        kernels.ppo_policy_forward(as_float(lp_d + at), as_float(old_d + at), as_float(adv_d + at),
-                                   m == nullptr ? nullptr : m + at, t1 - t0, p.clip_lo, p.clip_hi, dual, s);
+        kernels.ppo_policy_forward(floats(kernels, lp_d + at, n, st, 0), floats(kernels, old_d + at, n, st, 1),
+                                   floats(kernels, adv_d + at, n, st, 2), m == nullptr ? nullptr : m + at,
+                                   n, p.clip_lo, p.clip_hi, dual, s);
         part.loss += s[simd::kLoss];
         part.count += s[simd::kCount];
         part.clipped += s[simd::kClipped];
@@ -258,10 +311,13 @@ Tensor ppo_policy_loss_backward_cpu(const Tensor& grad_loss, const Tensor& logp,
     for_chunks(B, T, [&](int64_t b, int64_t t0, int64_t t1) {
       const acc_t scale = static_cast<acc_t>(g * w[b]);
       const int64_t at = b * T + t0;
-      if constexpr (std::is_same_v<scalar_t, float>) {  // explicit vectors (ppo_simd.h)
-        kernels.ppo_policy_backward(as_float(lp_d + at), as_float(old_d + at), as_float(adv_d + at),
-                                    m == nullptr ? nullptr : m + at, t1 - t0, p.clip_lo, p.clip_hi, dual, scale,
-                                    as_float_out(out + at));
+      if constexpr (kOnVectors<scalar_t>) {  // explicit vectors (ppo_simd.h)
+        const int64_t n = t1 - t0;
+        float* st = kHalfWidth<scalar_t> ? staging(4) : nullptr;
+        kernels.ppo_policy_backward(floats(kernels, lp_d + at, n, st, 0), floats(kernels, old_d + at, n, st, 1),
+                                    floats(kernels, adv_d + at, n, st, 2), m == nullptr ? nullptr : m + at,
+                                    n, p.clip_lo, p.clip_hi, dual, scale, result_floats(out + at, st, 3));
+        narrow_to(kernels, st, 3, n, out + at);
         return;
       }
       for (int64_t i = at; i < b * T + t1; ++i) {
@@ -293,13 +349,15 @@ std::tuple<Tensor, Tensor> value_loss_cpu(const Tensor& values, const Tensor& ol
     const bool has_clip = clip.has_value();
     const acc_t c = static_cast<acc_t>(clip.value_or(0.0));
     const scalar_t *v_d = v.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *ret_d = ret.data_ptr<scalar_t>();
-    if constexpr (std::is_same_v<scalar_t, float>) {  // explicit vectors (ppo_simd.h)
+    if constexpr (kOnVectors<scalar_t>) {  // explicit vectors (ppo_simd.h)
       const simd::Kernels& kernels = simd::kernels();
       rows = reduce_rows(B, T, [&](int64_t row, int64_t t0, int64_t t1, Partial& part) {
-        const int64_t at = row * T + t0;
+        const int64_t at = row * T + t0, n = t1 - t0;
+        float* st = kHalfWidth<scalar_t> ? staging(3) : nullptr;
         double s[simd::kValueSums];
-        kernels.ppo_value_forward(as_float(v_d + at), as_float(old_d + at), as_float(ret_d + at),
-                                  m == nullptr ? nullptr : m + at, t1 - t0, has_clip, static_cast<float>(c), s);
+        kernels.ppo_value_forward(floats(kernels, v_d + at, n, st, 0), floats(kernels, old_d + at, n, st, 1),
+                                  floats(kernels, ret_d + at, n, st, 2), m == nullptr ? nullptr : m + at, n,
+                                  has_clip, static_cast<float>(c), s);
         part.loss += s[simd::kValueLoss];
         part.count += s[simd::kValueCount];
         part.clipped += s[simd::kValueClipped];
@@ -343,10 +401,14 @@ Tensor value_loss_backward_cpu(const Tensor& grad_loss, const Tensor& values, co
     for_chunks(B, T, [&](int64_t b, int64_t t0, int64_t t1) {
       const acc_t scale = static_cast<acc_t>(g * w[b]);
       const int64_t at = b * T + t0;
-      if constexpr (std::is_same_v<scalar_t, float>) {  // explicit vectors (ppo_simd.h)
-        kernels.ppo_value_backward(as_float(v_d + at), as_float(old_d + at), as_float(ret_d + at),
-                                   m == nullptr ? nullptr : m + at, t1 - t0, has_clip, static_cast<float>(c),
-                                   static_cast<float>(scale), as_float_out(out + at));
+      if constexpr (kOnVectors<scalar_t>) {  // explicit vectors (ppo_simd.h)
+        const int64_t n = t1 - t0;
+        float* st = kHalfWidth<scalar_t> ? staging(4) : nullptr;
+        kernels.ppo_value_backward(floats(kernels, v_d + at, n, st, 0), floats(kernels, old_d + at, n, st, 1),
+                                   floats(kernels, ret_d + at, n, st, 2), m == nullptr ? nullptr : m + at,
+                                   n, has_clip, static_cast<float>(c), static_cast<float>(scale),
+                                   result_floats(out + at, st, 3));
+        narrow_to(kernels, st, 3, n, out + at);
         return;
       }
       for (int64_t i = at; i < b * T + t1; ++i) {
@@ -377,9 +439,14 @@ Tensor kl_penalty_cpu(const Tensor& logp, const Tensor& ref_logp, c10::string_vi
     acc_t* o = out.data_ptr<acc_t>();
     const simd::Kernels& kernels = simd::kernels();
     at::parallel_for(0, lp.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
-      if constexpr (std::is_same_v<scalar_t, float>) {  // explicit vectors (ppo_simd.h)
-        kernels.ppo_kl_forward(as_float(lp_d + begin), as_float(ref_d + begin), end - begin, static_cast<int>(kind),
-                               as_float_out(o + begin));
+      if constexpr (kOnVectors<scalar_t>) {  // explicit vectors (ppo_simd.h); 16-bit inputs kChunk at a time
+        float* st = kHalfWidth<scalar_t> ? staging(2) : nullptr;
+        const int64_t step = kHalfWidth<scalar_t> ? kChunk : end - begin;
+        for (int64_t i = begin; i < end; i += step) {
+          const int64_t n = std::min(step, end - i);
+          kernels.ppo_kl_forward(floats(kernels, lp_d + i, n, st, 0), floats(kernels, ref_d + i, n, st, 1), n,
+                                 static_cast<int>(kind), as_float_out(o + i));
+        }
         return;
       }
       for (int64_t i = begin; i < end; ++i)
@@ -404,9 +471,16 @@ Tensor kl_penalty_backward_cpu(const Tensor& grad, const Tensor& logp, const Ten
     scalar_t* o = out.data_ptr<scalar_t>();
     const simd::Kernels& kernels = simd::kernels();
     at::parallel_for(0, lp.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
-      if constexpr (std::is_same_v<scalar_t, float>) {  // explicit vectors (ppo_simd.h)
-        kernels.ppo_kl_backward(as_float(g_d + begin), as_float(lp_d + begin), as_float(ref_d + begin), end - begin,
-                                static_cast<int>(kind), as_float_out(o + begin));
+      if constexpr (kOnVectors<scalar_t>) {  // explicit vectors (ppo_simd.h); 16-bit inputs kChunk at a time
+        float* st = kHalfWidth<scalar_t> ? staging(3) : nullptr;
+        const int64_t step = kHalfWidth<scalar_t> ? kChunk : end - begin;
+        for (int64_t i = begin; i < end; i += step) {
+          const int64_t n = std::min(step, end - i);
+          kernels.ppo_kl_backward(as_float(g_d + i), floats(kernels, lp_d + i, n, st, 0),
+                                  floats(kernels, ref_d + i, n, st, 1), n, static_cast<int>(kind),
+                                  result_floats(o + i, st, 2));
+          narrow_to(kernels, st, 2, n, o + i);
+        }
         return;
       }
       for (int64_t i = begin; i < end; ++i)

@@ -8,6 +8,7 @@
 // Everything shared with other translation units is included before the target is switched, so no inline
 // function compiled for this instruction set can be merged into code that runs elsewhere; the vector helpers
 // are always_inline and take the target of the kernel that inlines them.
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>

@@ -75,6 +75,8 @@ enum ValueSum : int { kValueLoss, kValueCount, kValueClipped, kValueSums };
      int64_t b1, int64_t A, int kind, float discount, float temp, float* out))                                 \
   X(void, widen_bf16, (const uint16_t* x, int64_t n, float* y))                                                \
   X(void, widen_f16, (const uint16_t* x, int64_t n, float* y))                                                 \
+  X(void, narrow_bf16, (const float* x, int64_t n, uint16_t* y))                                               \
+  X(void, narrow_f16, (const float* x, int64_t n, uint16_t* y))                                                \
   X(double, td_losses_f32, (const float* e, const float* w, float* per, int64_t n, int huber, float delta))   \
   X(int64_t, gather_errors_f32,                                                                                \
     (const float* q, const int64_t* act, const float* y, int64_t n, int64_t A, float* e))                      \

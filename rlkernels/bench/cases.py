@@ -384,6 +384,17 @@ def _ppo_cases(kind, dims, device, rlk, numpy) -> list[Case]:
         bwd = lambda backend: forward_backward(
             lambda lp: rlk.ppo_policy_loss(lp, old, advantages, mask, **PPO_CLIP, backend=backend), leaf
         )()
+    # bfloat16 log-probs and advantages (a trainer that keeps its policy's outputs in bf16): the baselines compute
+    # in bf16, rlkernels in float32 from the bf16 values
+    low = [x.to(torch.bfloat16) for x in (logp, old, advantages)]
+    low_leaf = low[0].clone().requires_grad_()
+    bf16 = {"dtype": "bfloat16", "tol": (5e-2, 1e-1)}
+    low_fwd = low_bwd = None
+    if rlk is not None:
+        low_fwd = lambda backend: rlk.ppo_policy_loss(*low, mask, **PPO_CLIP, backend=backend)[0]
+        low_bwd = lambda backend: forward_backward(
+            lambda lp: rlk.ppo_policy_loss(lp, *low[1:], mask, **PPO_CLIP, backend=backend), low_leaf
+        )()
     return [
         _case(kind, dims, "ppo_policy_loss", shape, f"ppo_policy_loss [B=*, T={t}] masked", fwd,
               baselines.ppo_providers(logp, old, advantages, mask, **PPO_CLIP), inputs, []),
@@ -391,6 +402,11 @@ def _ppo_cases(kind, dims, device, rlk, numpy) -> list[Case]:
         _case(kind, dims, "ppo_policy_loss fwd+bwd", shape, f"ppo_policy_loss fwd+bwd [B=*, T={t}] masked", bwd,
               baselines.ppo_providers(logp, old, advantages, mask, **PPO_CLIP, leaf=leaf), inputs + inputs,
               [logp]),
+        _case(kind, dims, "ppo_policy_loss bf16", shape, f"ppo_policy_loss bf16 [B=*, T={t}] masked", low_fwd,
+              baselines.ppo_providers(*low, mask, **PPO_CLIP), low + [mask], [], **bf16),
+        _case(kind, dims, "ppo_policy_loss fwd+bwd bf16", shape, f"ppo_policy_loss fwd+bwd bf16 [B=*, T={t}] masked",
+              low_bwd, baselines.ppo_providers(*low, mask, **PPO_CLIP, leaf=low_leaf), (low + [mask]) * 2, [low[0]],
+              **bf16),
     ]
 
 
