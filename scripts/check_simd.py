@@ -5,10 +5,11 @@
 
 The kernels of csrc/cpu/simd_kernels.h are compiled once per instruction set, in the namespaces
 rlkernels::cpu::simd::isa_default / isa_avx2 / isa_avx512 (csrc/cpu/simd_<level>.cpp), and so are the scan
-engine's walks of every step (csrc/cpu/scan_block.h, in rlkernels::isa_<level>, csrc/cpu/scan_block_<level>.cpp).
-For each kernel listed in KERNELS and each level, the script disassembles the kernel's functions (objdump -d -C), finds their loops (a
-natural loop of its control-flow graph: a jump back to a block that dominates it), and takes the block loops: the innermost loops that do packed
-floating-point arithmetic. It asserts that there is at least one, and that every block loop
+engine's walks of every step (csrc/cpu/scan_block.h, in rlkernels::isa_<level>, scan_block_<level>.cpp). For
+each kernel listed in KERNELS and each level, the script disassembles the kernel's functions (objdump -d -C),
+finds their loops (a natural loop of its control-flow graph: a jump back to a block that dominates it), and
+takes the block loops: the innermost loops that do packed floating-point arithmetic. It asserts that there is
+at least one, and that every block loop
 
   - does packed arithmetic on registers of its level's width (xmm for default, ymm for avx2, zmm for avx512,
     or the width the kernel is written for, listed in KERNELS), and
