@@ -44,13 +44,7 @@ void q_targets_16bit(const scalar_t* r, const scalar_t* q, const bool* term, con
   const simd::Kernels& kernels = simd::kernels();
   // float32 copies of 16-bit values: the float32 row kernels then run on blocks of widened rows (the generic
   // rows below, one scalar at a time, were no faster than eager torch on bfloat16 and 3x slower on float16).
-  const auto widen = [&](const scalar_t* x, int64_t n, float* y) {
-    const auto* bits = reinterpret_cast<const uint16_t*>(x);
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
-      kernels.widen_bf16(bits, n, y);
-    else
-      kernels.widen_f16(bits, n, y);
-  };
+  const auto widen = [&](const scalar_t* x, int64_t n, float* y) { simd::widen(kernels, x, n, y); };
   at::parallel_for(0, B, 1024, [&](int64_t b0, int64_t b1) {
     std::vector<float> buf(static_cast<size_t>(rows * (A * (extra != nullptr ? 2 : 1) + 1)));
     float* rb = buf.data();

@@ -195,16 +195,12 @@ float* staging(int streams) {
 // n <= kChunk values of p as float32: p itself for float, else widened into run `run` of the staging buffer st.
 template <typename T>
 const float* floats(const simd::Kernels& k, const T* p, int64_t n, float* st, int run) {
-  if constexpr (std::is_same_v<T, float>) {
-    return p;
-  } else {
+  if constexpr (kHalfWidth<T>) {
     float* slot = st + run * kChunk;
-    const auto* bits = reinterpret_cast<const uint16_t*>(p);
-    if constexpr (std::is_same_v<T, c10::BFloat16>)
-      k.widen_bf16(bits, n, slot);
-    else
-      k.widen_f16(bits, n, slot);
+    simd::widen(k, p, n, slot);
     return slot;
+  } else {
+    return as_float(p);  // float (float64 never takes the vector path)
   }
 }
 
@@ -216,14 +212,7 @@ float* result_floats(T* out, float* st, int run) {
 }
 template <typename T>
 void narrow_to(const simd::Kernels& k, const float* st, int run, int64_t n, T* out) {
-  if constexpr (!std::is_same_v<T, float>) {
-    const float* slot = st + run * kChunk;
-    auto* bits = reinterpret_cast<uint16_t*>(out);
-    if constexpr (std::is_same_v<T, c10::BFloat16>)
-      k.narrow_bf16(slot, n, bits);
-    else
-      k.narrow_f16(slot, n, bits);
-  }
+  if constexpr (kHalfWidth<T>) simd::narrow(k, st + run * kChunk, n, out);
 }
 
 // ---- ppo_policy_loss ----

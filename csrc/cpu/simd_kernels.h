@@ -5,7 +5,11 @@
 // gae_rows_simd.h and bellman_simd.h. No ATen here: these headers are compiled under each target.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
+#include <type_traits>
 
 #include "isa.h"
 
@@ -122,6 +126,27 @@ inline const Kernels& kernels() {
   }
 #endif
   return isa_default::kTable;
+}
+
+// n bfloat16 or float16 values widened to float32, and float32 values rounded to them (nearest even, as a cast
+// rounds), by the kernels `k`: the 16-bit paths of the row kernels run the float32 kernels on such copies.
+template <typename T>
+void widen(const Kernels& k, const T* x, int64_t n, float* y) {
+  static_assert(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>);
+  const auto* bits = reinterpret_cast<const uint16_t*>(x);
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    k.widen_bf16(bits, n, y);
+  else
+    k.widen_f16(bits, n, y);
+}
+template <typename T>
+void narrow(const Kernels& k, const float* x, int64_t n, T* y) {
+  static_assert(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>);
+  auto* bits = reinterpret_cast<uint16_t*>(y);
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    k.narrow_bf16(x, n, bits);
+  else
+    k.narrow_f16(x, n, bits);
 }
 
 }  // namespace simd
