@@ -51,6 +51,8 @@ KERNELS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "td_losses_f32": (("td_losses_f32(",), LEVELS),
     "td_grads_f32": (("td_grads_f32(",), LEVELS),
     "dot_f32": (("dot_f32(", "bellman_rows::dot<float>("), LEVELS),
+    "widen_f16": (("widen_f16(",), LEVELS),
+    "narrow_f16": (("narrow_f16(",), LEVELS),
 }
 SIMD_NAMESPACE = "rlkernels::cpu::simd::isa_{level}::"
 # The scan engine's float32 walks of each step (direct, transposed, buffered), in rlkernels::isa_<level>; {ns} is
@@ -75,7 +77,8 @@ SCALAR_ARITH = re.compile(
     r"^v?(add|sub|mul|div|sqrt|max|min|u?comi|cmp\w*|rcp\w*|rsqrt\w*|round|f?n?m(add|sub)\w*|cvt\w*)(ss|sd)$"
 )
 PACKED_ARITH = re.compile(
-    r"^v?(add|sub|mul|div|sqrt|max|min|cmp\w*|f?n?m(add|sub)\w*|blendv?|blendm|and|andn|or|xor|cvt\w*)(ps|pd)$"
+    r"^v?((add|sub|mul|div|sqrt|max|min|cmp\w*|f?n?m(add|sub)\w*|blendv?|blendm|and|andn|or|xor|cvt\w*)(ps|pd)"
+    r"|cvtps2ph)$"  # (float to float16: packed, named for its destination)
 )
 LANE_MASK = re.compile(r"^set[a-z]+$")
 FUNC = re.compile(r"^([0-9a-f]+) <(.*)>:$")

@@ -189,6 +189,35 @@ def test_ppo_family_16bit(isa, dtype, shape):
         assert torch.equal(x16.grad, x32.grad.to(dtype))
 
 
+def _same_bits(got, want):
+    """got and want equal bit for bit where want is a number; NaN where it is NaN (payloads aside)."""
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    bits = torch.int32 if got.dtype == torch.float32 else torch.int16
+    assert torch.equal(got[~nan].view(bits), want[~nan].view(bits))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_staging_is_exact(isa, dtype):
+    """The widening of 16-bit inputs and the rounding of gradients back (csrc/cpu/simd.h load_f16 / store_f16,
+    load_bf16 / store_bf16) give the bits of torch's casts: every 16-bit value widened (k1 of logp against 0 is
+    logp), and float32 gradients of every exponent, at and beside each rounding midpoint, rounded (k1's
+    gradient is the incoming one)."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = every.clone().requires_grad_()
+    out = rlkernels.kl_penalty(x, torch.zeros_like(every), "k1")
+    _same_bits(out, every.float())
+    dropped = 13 if dtype == torch.float16 else 16  # float32 mantissa bits a cast to dtype rounds away
+    half = 1 << (dropped - 1)
+    widened = every.float().view(torch.int32)
+    g = torch.cat([widened + k for k in (half - 1, half, half + 1, 3 * half)]
+                  + [torch.randint(-(1 << 31), 1 << 31, (65536,), generator=torch.Generator().manual_seed(5))
+                     .to(torch.int32)]).view(torch.float32)
+    x = torch.cat([every] * 5).requires_grad_()
+    rlkernels.kl_penalty(x, torch.zeros_like(x), "k1").backward(g)
+    _same_bits(x.grad, g.to(dtype))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("V", [1, 7, 2053, 4099])
 def test_gather_logprobs(isa, dtype, V):

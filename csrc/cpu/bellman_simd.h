@@ -548,7 +548,9 @@ void widen_bf16(const uint16_t* x, int64_t n, float* y) {
   for (; i < n; ++i) y[i] = __builtin_bit_cast(float, static_cast<uint32_t>(x[i]) << 16);
 }
 void widen_f16(const uint16_t* x, int64_t n, float* y) {
-  for (int64_t i = 0; i < n; ++i) y[i] = c10::detail::fp16_ieee_to_fp32_value(x[i]);
+  int64_t i = 0;
+  for (; i + vec::kW <= n; i += vec::kW) vec::storeu(y + i, vec::load_f16(x + i));
+  for (; i < n; ++i) y[i] = c10::detail::fp16_ieee_to_fp32_value(x[i]);
 }
 void narrow_bf16(const float* x, int64_t n, uint16_t* y) {
   int64_t i = 0;
@@ -556,7 +558,9 @@ void narrow_bf16(const float* x, int64_t n, uint16_t* y) {
   for (; i < n; ++i) y[i] = c10::BFloat16(x[i]).x;
 }
 void narrow_f16(const float* x, int64_t n, uint16_t* y) {
-  for (int64_t i = 0; i < n; ++i) y[i] = c10::detail::fp16_ieee_from_fp32_value(x[i]);
+  int64_t i = 0;
+  for (; i + vec::kW <= n; i += vec::kW) vec::store_f16(y + i, vec::loadu(x + i));
+  for (; i < n; ++i) y[i] = c10::detail::fp16_ieee_from_fp32_value(x[i]);
 }
 double td_losses_f32(const float* e, const float* w, float* per, int64_t n, int huber, float delta) {
   return bellman_rows::td_losses_f32(e, w, per, n, huber, delta);

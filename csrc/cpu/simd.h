@@ -139,6 +139,11 @@ RLK_INLINE vf as_float(vi x) {
   __builtin_memcpy(&r, &x, sizeof(r));
   return r;
 }
+RLK_INLINE vf as_float(vu x) {
+  vf r;
+  __builtin_memcpy(&r, &x, sizeof(r));
+  return r;
+}
 RLK_INLINE vu as_bits(vf x) {
   vu r;
   __builtin_memcpy(&r, &x, sizeof(r));
@@ -194,6 +199,51 @@ RLK_INLINE void store_bf16(uint16_t* p, vf x) {
   const vu out = x != x ? vu{} + 0x7fc0u : rounded;
   const vh h = __builtin_convertvector(out, vh);
   __builtin_memcpy(p, &h, sizeof(h));
+}
+// kW float16 values (their bits) widened to float: exact. AVX-512 and AVX2 (with F16C) convert in hardware
+// (vcvtph2ps); SSE2 runs c10's branch-free conversion (fp16_ieee_to_fp32_value) on vectors: normal and special
+// values move their exponent by a shift and one exact scaling, subnormals are rebuilt as a float with the
+// mantissa in its low bits less 0.5. Both give every number's exact value; a NaN stays a NaN.
+RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf load_f16(const uint16_t* p) {
+#if RLK_AVX512
+  return reinterpret_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif RLK_VEC_BYTES == 32 && defined(__x86_64__)
+  return reinterpret_cast<vf>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  vh h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  const vu w = __builtin_convertvector(h, vu) << 16;
+  const vu two_w = w + w;
+  const vf normal = as_float((two_w >> 4) + (0xE0u << 23)) * splat(0x1.0p-112f);
+  const vf subnormal = as_float((two_w >> 17) | (126u << 23)) - splat(0.5f);
+  const vu bits = (w & 0x80000000u) | (two_w < (1u << 27) ? as_bits(subnormal) : as_bits(normal));
+  return as_float(bits);
+#endif
+}
+// float to float16 bits, rounded to nearest even as a cast to torch.float16 rounds (overflow gives inf). AVX-512
+// and AVX2 round in hardware (vcvtps2ph); SSE2 runs c10's fp16_ieee_from_fp32_value on vectors: the magnitude,
+// scaled so that the float16 rounding point falls on float's, is added to a power of two whose exponent puts
+// the float16 mantissa in the low bits. A NaN stays a NaN (its payload bits may differ between the two, as they
+// do between torch's vectorized and scalar casts).
+RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE void store_f16(uint16_t* p, vf x) {
+#if RLK_AVX512
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(reinterpret_cast<__m512>(x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif RLK_VEC_BYTES == 32 && defined(__x86_64__)
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(reinterpret_cast<__m256>(x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  const vu w = as_bits(x);
+  const vu shl1_w = w + w;
+  const vf base = (as_float(w & 0x7fffffffu) * splat(0x1.0p+112f)) * splat(0x1.0p-110f);
+  const vu bias_raw = shl1_w & 0xFF000000u;
+  const vu bias = bias_raw < 0x71000000u ? vu{} + 0x71000000u : bias_raw;
+  const vu bits = as_bits(as_float((bias >> 1) + 0x07800000u) + base);
+  const vu nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  const vu out = ((w & 0x80000000u) >> 16) | (shl1_w > 0xFF000000u ? vu{} + 0x7E00u : nonsign);
+  const vh h = __builtin_convertvector(out, vh);
+  __builtin_memcpy(p, &h, sizeof(h));
+#endif
 }
 // min_v and max_v are minps / maxps: when either operand is NaN the result is b.
 RLK_INLINE vf min_v(vf a, vf b) { return a < b ? a : b; }
