@@ -27,6 +27,7 @@
 #include "rlkernels/dispatch.h"
 #include "rlkernels/ppo.h"
 #include "rlkernels/ppo_args.h"
+#include "alloc.h"
 #include "simd_kernels.h"
 
 namespace rlkernels::cpu {
@@ -169,51 +170,11 @@ double scalar_in(const Tensor& grad) {
   return grad.to(at::kDouble).contiguous().data_ptr<double>()[0];  // a CPU tensor: no device sync
 }
 
-// The float32 lane path is reached only when acc_t is float; the dispatch lambda is not a template, so
-// its other instantiations must still compile the (discarded at run time) call.
+// float32, bfloat16 and float16 run the explicit-vector kernels (16-bit values widened as they are loaded, their
+// gradients rounded as a cast to the 16-bit type rounds); the generic loops below, one token at a time with a
+// libm exp, serve float64.
 template <typename T>
-const float* as_float(const T* p) { return reinterpret_cast<const float*>(p); }
-template <typename T>
-float* as_float_out(T* p) { return reinterpret_cast<float*>(p); }
-
-// 16-bit inputs (bfloat16, float16) take the float32 kernels too, on float32 copies of one chunk of each stream
-// at a time (kChunk values in this thread's staging buffer, so the copies stay in cache), and their gradients
-// are the float32 results rounded as a cast to the 16-bit type rounds. (The generic loops below take one token
-// at a time with a libm exp: float64 only.)
-template <typename T>
-constexpr bool kHalfWidth = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
-template <typename T>
-constexpr bool kOnVectors = std::is_same_v<T, float> || kHalfWidth<T>;
-
-// This thread's staging buffer: `streams` runs of kChunk floats.
-float* staging(int streams) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < static_cast<size_t>(streams * kChunk)) buf.resize(static_cast<size_t>(streams * kChunk));
-  return buf.data();
-}
-
-// n <= kChunk values of p as float32: p itself for float, else widened into run `run` of the staging buffer st.
-template <typename T>
-const float* floats(const simd::Kernels& k, const T* p, int64_t n, float* st, int run) {
-  if constexpr (kHalfWidth<T>) {
-    float* slot = st + run * kChunk;
-    simd::widen(k, p, n, slot);
-    return slot;
-  } else {
-    return as_float(p);  // float (float64 never takes the vector path)
-  }
-}
-
-// Where a kernel writes n <= kChunk float32 results meant for out: out itself for float, else run `run` of the
-// staging buffer st, which narrow_to then rounds into out.
-template <typename T>
-float* result_floats(T* out, float* st, int run) {
-  if constexpr (std::is_same_v<T, float>) return out; else return st + run * kChunk;
-}
-template <typename T>
-void narrow_to(const simd::Kernels& k, const float* st, int run, int64_t n, T* out) {
-  if constexpr (kHalfWidth<T>) simd::narrow(k, st + run * kChunk, n, out);
-}
+constexpr bool kOnVectors = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
 // ---- ppo_policy_loss ----
 
@@ -232,16 +193,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> ppo_policy_loss_cpu(
     const auto p = policy_params<acc_t>(clip_low, clip_high, dual_clip);
     const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *old_d = old.data_ptr<scalar_t>(), *adv_d = adv.data_ptr<scalar_t>();
     if constexpr (kOnVectors<scalar_t>) {
-      // The float32 path on explicit vectors (ppo_simd.h), built per instruction set.
+      // Explicit vectors (ppo_simd.h), built per instruction set.
       const float dual = dual_clip.has_value() ? p.dual_clip : std::numeric_limits<float>::infinity();
       const simd::Kernels& kernels = simd::kernels();
       rows = reduce_rows(B, T, [&](int64_t row, int64_t t0, int64_t t1, Partial& part) {
-        const int64_t at = row * T + t0, n = t1 - t0;
-        float* st = kHalfWidth<scalar_t> ? staging(3) : nullptr;
+        const int64_t at = row * T + t0;
         double s[simd::kPolicySums];
-        kernels.ppo_policy_forward(floats(kernels, lp_d + at, n, st, 0), floats(kernels, old_d + at, n, st, 1),
-                                   floats(kernels, adv_d + at, n, st, 2), m == nullptr ? nullptr : m + at,
-                                   n, p.clip_lo, p.clip_hi, dual, s);
+        kernels.ppo_policy_forward(simd::format_of<scalar_t>(), lp_d + at, old_d + at, adv_d + at,
+                                   m == nullptr ? nullptr : m + at, t1 - t0, p.clip_lo, p.clip_hi, dual, s);
         part.loss += s[simd::kLoss];
         part.count += s[simd::kCount];
         part.clipped += s[simd::kClipped];
@@ -289,7 +248,7 @@ Tensor ppo_policy_loss_backward_cpu(const Tensor& grad_loss, const Tensor& logp,
   const uint8_t* m = mask_data(logp, "logp", mask, mask_keep);
   const std::vector<double> w = token_weights(B, T, m, agg, norm_length);
   const double g = scalar_in(grad_loss);
-  Tensor grad = at::empty({B, T}, lp.options());
+  Tensor grad = empty_output({B, T}, lp.options());
   RLK_DISPATCH_FLOATS(lp.scalar_type(), "ppo_policy_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto p = policy_params<acc_t>(clip_low, clip_high, dual_clip);
@@ -301,12 +260,9 @@ Tensor ppo_policy_loss_backward_cpu(const Tensor& grad_loss, const Tensor& logp,
       const acc_t scale = static_cast<acc_t>(g * w[b]);
       const int64_t at = b * T + t0;
       if constexpr (kOnVectors<scalar_t>) {  // explicit vectors (ppo_simd.h)
-        const int64_t n = t1 - t0;
-        float* st = kHalfWidth<scalar_t> ? staging(4) : nullptr;
-        kernels.ppo_policy_backward(floats(kernels, lp_d + at, n, st, 0), floats(kernels, old_d + at, n, st, 1),
-                                    floats(kernels, adv_d + at, n, st, 2), m == nullptr ? nullptr : m + at,
-                                    n, p.clip_lo, p.clip_hi, dual, scale, result_floats(out + at, st, 3));
-        narrow_to(kernels, st, 3, n, out + at);
+        kernels.ppo_policy_backward(simd::format_of<scalar_t>(), lp_d + at, old_d + at, adv_d + at,
+                                    m == nullptr ? nullptr : m + at, t1 - t0, p.clip_lo, p.clip_hi, dual, scale,
+                                    out + at);
         return;
       }
       for (int64_t i = at; i < b * T + t1; ++i) {
@@ -341,12 +297,10 @@ std::tuple<Tensor, Tensor> value_loss_cpu(const Tensor& values, const Tensor& ol
     if constexpr (kOnVectors<scalar_t>) {  // explicit vectors (ppo_simd.h)
       const simd::Kernels& kernels = simd::kernels();
       rows = reduce_rows(B, T, [&](int64_t row, int64_t t0, int64_t t1, Partial& part) {
-        const int64_t at = row * T + t0, n = t1 - t0;
-        float* st = kHalfWidth<scalar_t> ? staging(3) : nullptr;
+        const int64_t at = row * T + t0;
         double s[simd::kValueSums];
-        kernels.ppo_value_forward(floats(kernels, v_d + at, n, st, 0), floats(kernels, old_d + at, n, st, 1),
-                                  floats(kernels, ret_d + at, n, st, 2), m == nullptr ? nullptr : m + at, n,
-                                  has_clip, static_cast<float>(c), s);
+        kernels.ppo_value_forward(simd::format_of<scalar_t>(), v_d + at, old_d + at, ret_d + at,
+                                  m == nullptr ? nullptr : m + at, t1 - t0, has_clip, static_cast<float>(c), s);
         part.loss += s[simd::kValueLoss];
         part.count += s[simd::kValueCount];
         part.clipped += s[simd::kValueClipped];
@@ -379,7 +333,7 @@ Tensor value_loss_backward_cpu(const Tensor& grad_loss, const Tensor& values, co
   const uint8_t* m = mask_data(values, "values", mask, mask_keep);
   const std::vector<double> w = token_weights(B, T, m, agg, static_cast<double>(T));
   const double g = scalar_in(grad_loss);
-  Tensor grad = at::empty({B, T}, v.options());
+  Tensor grad = empty_output({B, T}, v.options());
   RLK_DISPATCH_FLOATS(v.scalar_type(), "value_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const bool has_clip = clip.has_value();
@@ -391,13 +345,9 @@ Tensor value_loss_backward_cpu(const Tensor& grad_loss, const Tensor& values, co
       const acc_t scale = static_cast<acc_t>(g * w[b]);
       const int64_t at = b * T + t0;
       if constexpr (kOnVectors<scalar_t>) {  // explicit vectors (ppo_simd.h)
-        const int64_t n = t1 - t0;
-        float* st = kHalfWidth<scalar_t> ? staging(4) : nullptr;
-        kernels.ppo_value_backward(floats(kernels, v_d + at, n, st, 0), floats(kernels, old_d + at, n, st, 1),
-                                   floats(kernels, ret_d + at, n, st, 2), m == nullptr ? nullptr : m + at,
-                                   n, has_clip, static_cast<float>(c), static_cast<float>(scale),
-                                   result_floats(out + at, st, 3));
-        narrow_to(kernels, st, 3, n, out + at);
+        kernels.ppo_value_backward(simd::format_of<scalar_t>(), v_d + at, old_d + at, ret_d + at,
+                                   m == nullptr ? nullptr : m + at, t1 - t0, has_clip, static_cast<float>(c),
+                                   static_cast<float>(scale), out + at);
         return;
       }
       for (int64_t i = at; i < b * T + t1; ++i) {
@@ -421,21 +371,16 @@ Tensor kl_penalty_cpu(const Tensor& logp, const Tensor& ref_logp, c10::string_vi
   check_input(logp, "logp", ref_logp, "ref_logp");
   const KlKind kind = kl_kind_of(kind_name);
   Tensor lp = logp.contiguous(), ref = ref_logp.contiguous();
-  Tensor out = at::empty(lp.sizes(), acc_options(lp));
+  Tensor out = empty_output(lp.sizes(), acc_options(lp));
   RLK_DISPATCH_FLOATS(lp.scalar_type(), "kl_penalty", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *lp_d = lp.data_ptr<scalar_t>(), *ref_d = ref.data_ptr<scalar_t>();
     acc_t* o = out.data_ptr<acc_t>();
     const simd::Kernels& kernels = simd::kernels();
     at::parallel_for(0, lp.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
-      if constexpr (kOnVectors<scalar_t>) {  // explicit vectors (ppo_simd.h); 16-bit inputs kChunk at a time
-        float* st = kHalfWidth<scalar_t> ? staging(2) : nullptr;
-        const int64_t step = kHalfWidth<scalar_t> ? kChunk : end - begin;
-        for (int64_t i = begin; i < end; i += step) {
-          const int64_t n = std::min(step, end - i);
-          kernels.ppo_kl_forward(floats(kernels, lp_d + i, n, st, 0), floats(kernels, ref_d + i, n, st, 1), n,
-                                 static_cast<int>(kind), as_float_out(o + i));
-        }
+      if constexpr (kOnVectors<scalar_t>) {  // explicit vectors (ppo_simd.h); acc_t is float
+        kernels.ppo_kl_forward(simd::format_of<scalar_t>(), lp_d + begin, ref_d + begin, end - begin,
+                               static_cast<int>(kind), reinterpret_cast<float*>(o + begin));
         return;
       }
       for (int64_t i = begin; i < end; ++i)
@@ -451,7 +396,7 @@ Tensor kl_penalty_backward_cpu(const Tensor& grad, const Tensor& logp, const Ten
   check_same_shape(grad, "grad", logp, "logp");
   const KlKind kind = kl_kind_of(kind_name);
   Tensor lp = logp.contiguous(), ref = ref_logp.contiguous();
-  Tensor out = at::empty(lp.sizes(), lp.options());
+  Tensor out = empty_output(lp.sizes(), lp.options());
   RLK_DISPATCH_FLOATS(lp.scalar_type(), "kl_penalty_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     Tensor g = grad.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
@@ -460,16 +405,9 @@ Tensor kl_penalty_backward_cpu(const Tensor& grad, const Tensor& logp, const Ten
     scalar_t* o = out.data_ptr<scalar_t>();
     const simd::Kernels& kernels = simd::kernels();
     at::parallel_for(0, lp.numel(), kElementGrain, [&](int64_t begin, int64_t end) {
-      if constexpr (kOnVectors<scalar_t>) {  // explicit vectors (ppo_simd.h); 16-bit inputs kChunk at a time
-        float* st = kHalfWidth<scalar_t> ? staging(3) : nullptr;
-        const int64_t step = kHalfWidth<scalar_t> ? kChunk : end - begin;
-        for (int64_t i = begin; i < end; i += step) {
-          const int64_t n = std::min(step, end - i);
-          kernels.ppo_kl_backward(as_float(g_d + i), floats(kernels, lp_d + i, n, st, 0),
-                                  floats(kernels, ref_d + i, n, st, 1), n, static_cast<int>(kind),
-                                  result_floats(o + i, st, 2));
-          narrow_to(kernels, st, 2, n, o + i);
-        }
+      if constexpr (kOnVectors<scalar_t>) {  // explicit vectors (ppo_simd.h); acc_t is float
+        kernels.ppo_kl_backward(simd::format_of<scalar_t>(), reinterpret_cast<const float*>(g_d + begin),
+                                lp_d + begin, ref_d + begin, end - begin, static_cast<int>(kind), o + begin);
         return;
       }
       for (int64_t i = begin; i < end; ++i)

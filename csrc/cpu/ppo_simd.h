@@ -6,11 +6,54 @@
 // A vector of tokens is computed whole, masked tokens included, and the mask selects what reaches the sums
 // and the gradient, so a masked token's inf or NaN never does. A ragged end is copied into padded buffers
 // and run as one more vector whose extra lanes are masked off: no scalar tail.
+//
+// The streams are float32, bfloat16 or float16 (simd::Format): 16-bit values are widened to float32 as they are
+// loaded (exact) and 16-bit gradients rounded to nearest even as they are stored, so a 16-bit call computes
+// what the float32 call on the widened values computes, bit for bit, reading half the bytes.
 #pragma once
 
 namespace rlkernels::cpu::simd::RLK_ISA {
 
 using namespace ::rlkernels::vec;
+
+// A stream element of format F: a float, or the bits of a bfloat16 / float16.
+template <int F>
+using elem_t = std::conditional_t<F == kF32, float, uint16_t>;
+
+// kW elements of format F as floats, and kW floats stored in format F.
+template <int F>
+RLK_INLINE vf load_as(const elem_t<F>* p) {
+  if constexpr (F == kF32)
+    return loadu(p);
+  else if constexpr (F == kBf16)
+    return load_bf16(p);
+  else
+    return load_f16(p);
+}
+template <int F>
+RLK_INLINE void store_as(elem_t<F>* p, vf x) {
+  if constexpr (F == kF32)
+    storeu(p, x);
+  else if constexpr (F == kBf16)
+    store_bf16(p, x);
+  else
+    store_f16(p, x);
+}
+// One element of format F as a float (exact).
+template <int F>
+RLK_INLINE float scalar_as(elem_t<F> x) {
+  if constexpr (F == kF32)
+    return x;
+  else if constexpr (F == kBf16)
+    return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
+  else
+    return c10::detail::fp16_ieee_to_fp32_value(x);
+}
+// The n elements of a ragged end copied into a zero-padded vector's worth.
+template <typename E>
+RLK_INLINE void pad_copy(E* to, const E* from, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) to[j] = from[j];
+}
 
 // Tokens per lane summed in float before the lanes are added into double (at most kSubBlock / kW each).
 constexpr int64_t kSubBlock = 1024;
@@ -54,9 +97,10 @@ RLK_INLINE void policy_forward_vec(vf lp, vf old, vf a, Lanes ok, const PolicyCo
 }
 
 // Whether a token of [i0, i1) that counts has a NaN log-ratio (a NaN ratio).
-RLK_INLINE bool any_nan_ratio(const float* lp, const float* old, const uint8_t* mask, int64_t i0, int64_t i1) {
+template <int F>
+RLK_INLINE bool any_nan_ratio(const elem_t<F>* lp, const elem_t<F>* old, const uint8_t* mask, int64_t i0, int64_t i1) {
   for (int64_t i = i0; i < i1; ++i) {
-    const float raw = lp[i] - old[i];
+    const float raw = scalar_as<F>(lp[i]) - scalar_as<F>(old[i]);
     if (raw != raw && (mask == nullptr || mask[i] != 0)) return true;
   }
   return false;
@@ -86,9 +130,9 @@ RLK_INLINE vf policy_grad_vec(vf lp, vf old, vf a, const PolicyConsts& k, vf neg
   return ((a * w) * d_log) * neg_scale;
 }
 
-template <bool kMasked>
-RLK_INLINE void policy_forward_run(const float* lp, const float* old, const float* adv, const uint8_t* mask,
-                                   int64_t n, const PolicyConsts& k, double* sums) {
+template <int F, bool kMasked>
+RLK_INLINE void policy_forward_run(const elem_t<F>* lp, const elem_t<F>* old, const elem_t<F>* adv,
+                                   const uint8_t* mask, int64_t n, const PolicyConsts& k, double* sums) {
   const float inf = __builtin_inff();
   vf ratio_max = splat(-inf);
   double tot[kRatioMax] = {};
@@ -100,27 +144,25 @@ RLK_INLINE void policy_forward_run(const float* lp, const float* old, const floa
     for (; i + kW <= i1; i += kW) {
       prefetch_streams(i, lp, old, adv);
       if constexpr (kMasked) prefetch_ahead(mask, i);
-      const vf l = loadu(lp + i), o = loadu(old + i), a = loadu(adv + i);
+      const vf l = load_as<F>(lp + i), o = load_as<F>(old + i), a = load_as<F>(adv + i);
       policy_forward_vec(l, o, a, kMasked ? flag_lanes(mask + i) : all_lanes(), k, s);
     }
     if (i < i1) {  // the ragged end of the tokens (i1 == n here)
-      alignas(64) float bl[kW] = {}, bo[kW] = {}, ba[kW] = {};
+      alignas(64) elem_t<F> bl[kW] = {}, bo[kW] = {}, ba[kW] = {};
       alignas(64) uint8_t bm[kW] = {};
       const int64_t rem = i1 - i;
-      for (int64_t j = 0; j < rem; ++j) {
-        bl[j] = lp[i + j];
-        bo[j] = old[i + j];
-        ba[j] = adv[i + j];
-        bm[j] = kMasked ? mask[i + j] : 1;
-      }
-      policy_forward_vec(loadu(bl), loadu(bo), loadu(ba), flag_lanes(bm), k, s);
+      pad_copy(bl, lp + i, rem);
+      pad_copy(bo, old + i, rem);
+      pad_copy(ba, adv + i, rem);
+      for (int64_t j = 0; j < rem; ++j) bm[j] = kMasked ? mask[i + j] : 1;
+      policy_forward_vec(load_as<F>(bl), load_as<F>(bo), load_as<F>(ba), flag_lanes(bm), k, s);
     }
     tot[kLoss] += sum_lanes(s.loss);
     tot[kCount] += sum_lanes(s.count);
     tot[kClipped] += sum_lanes(s.clipped);
     tot[kLower] += sum_lanes(s.lower);
     const double kl = sum_lanes(s.kl);
-    if (kl != kl && !nan_ratio) nan_ratio = any_nan_ratio(lp, old, kMasked ? mask : nullptr, i0, i1);
+    if (kl != kl && !nan_ratio) nan_ratio = any_nan_ratio<F>(lp, old, kMasked ? mask : nullptr, i0, i1);
     tot[kKl] += kl;
     tot[kRatio] += sum_lanes(s.ratio);
     ratio_max = s.ratio_max;
@@ -131,46 +173,77 @@ RLK_INLINE void policy_forward_run(const float* lp, const float* old, const floa
   sums[kRatioMax] = nan_ratio ? __builtin_nan("") : mx;
 }
 
-void ppo_policy_forward(const float* lp, const float* old, const float* adv, const uint8_t* mask, int64_t n,
+template <int F>
+RLK_INLINE void policy_forward_format(const void* lp, const void* old, const void* adv, const uint8_t* mask,
+                                      int64_t n, const PolicyConsts& k, double* sums) {
+  const auto *l = static_cast<const elem_t<F>*>(lp), *o = static_cast<const elem_t<F>*>(old),
+             *a = static_cast<const elem_t<F>*>(adv);
+  if (mask != nullptr)
+    policy_forward_run<F, true>(l, o, a, mask, n, k, sums);
+  else
+    policy_forward_run<F, false>(l, o, a, nullptr, n, k, sums);
+}
+
+void ppo_policy_forward(Format f, const void* lp, const void* old, const void* adv, const uint8_t* mask, int64_t n,
                         float clip_lo, float clip_hi, float dual_clip, double* sums) {
   const PolicyConsts k{splat(clip_lo), splat(clip_hi), splat(dual_clip)};
-  if (mask != nullptr)
-    policy_forward_run<true>(lp, old, adv, mask, n, k, sums);
-  else
-    policy_forward_run<false>(lp, old, adv, nullptr, n, k, sums);
+  switch (f) {
+    case kBf16:
+      return policy_forward_format<kBf16>(lp, old, adv, mask, n, k, sums);
+    case kF16:
+      return policy_forward_format<kF16>(lp, old, adv, mask, n, k, sums);
+    default:
+      return policy_forward_format<kF32>(lp, old, adv, mask, n, k, sums);
+  }
 }
 
 // grad[i] = scale * d l_i / d logp_i for unmasked tokens, 0 for masked ones.
-void ppo_policy_backward(const float* lp, const float* old, const float* adv, const uint8_t* mask, int64_t n,
-                         float clip_lo, float clip_hi, float dual_clip, float scale, float* grad) {
-  const PolicyConsts k{splat(clip_lo), splat(clip_hi), splat(dual_clip)};
-  const vf nsc = splat(-scale);
+template <int F>
+RLK_INLINE void policy_backward_run(const elem_t<F>* lp, const elem_t<F>* old, const elem_t<F>* adv,
+                                    const uint8_t* mask, int64_t n, const PolicyConsts& k, vf nsc, elem_t<F>* grad) {
   int64_t i = 0;
   if (mask != nullptr) {
     for (; i + kW <= n; i += kW) {
       prefetch_streams(i, lp, old, adv, mask);
-      const vf g = policy_grad_vec(loadu(lp + i), loadu(old + i), loadu(adv + i), k, nsc);
-      storeu(grad + i, select_where(flag_lanes(mask + i), g, vf{}));
+      const vf g = policy_grad_vec(load_as<F>(lp + i), load_as<F>(old + i), load_as<F>(adv + i), k, nsc);
+      store_as<F>(grad + i, select_where(flag_lanes(mask + i), g, vf{}));
     }
   } else {
     for (; i + kW <= n; i += kW) {
       prefetch_streams(i, lp, old, adv);
-      storeu(grad + i, policy_grad_vec(loadu(lp + i), loadu(old + i), loadu(adv + i), k, nsc));
+      store_as<F>(grad + i, policy_grad_vec(load_as<F>(lp + i), load_as<F>(old + i), load_as<F>(adv + i), k, nsc));
     }
   }
   if (i < n) {
-    alignas(64) float bl[kW] = {}, bo[kW] = {}, ba[kW] = {}, bg[kW];
+    alignas(64) elem_t<F> bl[kW] = {}, bo[kW] = {}, ba[kW] = {}, bg[kW];
     alignas(64) uint8_t bm[kW] = {};
     const int64_t rem = n - i;
-    for (int64_t j = 0; j < rem; ++j) {
-      bl[j] = lp[i + j];
-      bo[j] = old[i + j];
-      ba[j] = adv[i + j];
-      bm[j] = mask != nullptr ? mask[i + j] : 1;
-    }
-    const vf g = policy_grad_vec(loadu(bl), loadu(bo), loadu(ba), k, nsc);
-    storeu(bg, select_where(flag_lanes(bm), g, vf{}));
-    for (int64_t j = 0; j < rem; ++j) grad[i + j] = bg[j];
+    pad_copy(bl, lp + i, rem);
+    pad_copy(bo, old + i, rem);
+    pad_copy(ba, adv + i, rem);
+    for (int64_t j = 0; j < rem; ++j) bm[j] = mask != nullptr ? mask[i + j] : 1;
+    const vf g = policy_grad_vec(load_as<F>(bl), load_as<F>(bo), load_as<F>(ba), k, nsc);
+    store_as<F>(bg, select_where(flag_lanes(bm), g, vf{}));
+    pad_copy(grad + i, bg, rem);
+  }
+}
+
+void ppo_policy_backward(Format f, const void* lp, const void* old, const void* adv, const uint8_t* mask, int64_t n,
+                         float clip_lo, float clip_hi, float dual_clip, float scale, void* grad) {
+  const PolicyConsts k{splat(clip_lo), splat(clip_hi), splat(dual_clip)};
+  const vf nsc = splat(-scale);
+  switch (f) {
+    case kBf16:
+      return policy_backward_run<kBf16>(static_cast<const uint16_t*>(lp), static_cast<const uint16_t*>(old),
+                                        static_cast<const uint16_t*>(adv), mask, n, k, nsc,
+                                        static_cast<uint16_t*>(grad));
+    case kF16:
+      return policy_backward_run<kF16>(static_cast<const uint16_t*>(lp), static_cast<const uint16_t*>(old),
+                                       static_cast<const uint16_t*>(adv), mask, n, k, nsc,
+                                       static_cast<uint16_t*>(grad));
+    default:
+      return policy_backward_run<kF32>(static_cast<const float*>(lp), static_cast<const float*>(old),
+                                       static_cast<const float*>(adv), mask, n, k, nsc, static_cast<float*>(grad));
   }
 }
 
@@ -210,9 +283,9 @@ RLK_INLINE vf value_grad_vec(vf v, vf old, vf ret, bool has_clip, vf clip) {
   return share(err, clipped_err) * (v - ret) + share(clipped_err, err) * (vc - ret) * in_clip;
 }
 
-void ppo_value_forward(const float* v, const float* old, const float* ret, const uint8_t* mask, int64_t n,
-                       bool has_clip, float clip, double* sums) {
-  const vf c = splat(clip);
+template <int F>
+RLK_INLINE void value_forward_run(const elem_t<F>* v, const elem_t<F>* old, const elem_t<F>* ret, const uint8_t* mask,
+                                  int64_t n, bool has_clip, vf c, double* sums) {
   double tot[kValueSums] = {};
   for (int64_t i0 = 0; i0 < n; i0 += kSubBlock) {
     const int64_t i1 = i0 + kSubBlock < n ? i0 + kSubBlock : n;
@@ -221,24 +294,23 @@ void ppo_value_forward(const float* v, const float* old, const float* ret, const
     if (mask != nullptr) {
       for (; i + kW <= i1; i += kW) {
         prefetch_streams(i, v, old, ret, mask);
-        value_forward_vec(loadu(v + i), loadu(old + i), loadu(ret + i), flag_lanes(mask + i), has_clip, c, s);
+        value_forward_vec(load_as<F>(v + i), load_as<F>(old + i), load_as<F>(ret + i), flag_lanes(mask + i),
+                          has_clip, c, s);
       }
     } else {
       for (; i + kW <= i1; i += kW) {
         prefetch_streams(i, v, old, ret);
-        value_forward_vec(loadu(v + i), loadu(old + i), loadu(ret + i), all_lanes(), has_clip, c, s);
+        value_forward_vec(load_as<F>(v + i), load_as<F>(old + i), load_as<F>(ret + i), all_lanes(), has_clip, c, s);
       }
     }
     if (i < i1) {
-      alignas(64) float bv[kW] = {}, bo[kW] = {}, br[kW] = {};
+      alignas(64) elem_t<F> bv[kW] = {}, bo[kW] = {}, br[kW] = {};
       alignas(64) uint8_t bm[kW] = {};
-      for (int64_t j = 0; j < i1 - i; ++j) {
-        bv[j] = v[i + j];
-        bo[j] = old[i + j];
-        br[j] = ret[i + j];
-        bm[j] = mask != nullptr ? mask[i + j] : 1;
-      }
-      value_forward_vec(loadu(bv), loadu(bo), loadu(br), flag_lanes(bm), has_clip, c, s);
+      pad_copy(bv, v + i, i1 - i);
+      pad_copy(bo, old + i, i1 - i);
+      pad_copy(br, ret + i, i1 - i);
+      for (int64_t j = 0; j < i1 - i; ++j) bm[j] = mask != nullptr ? mask[i + j] : 1;
+      value_forward_vec(load_as<F>(bv), load_as<F>(bo), load_as<F>(br), flag_lanes(bm), has_clip, c, s);
     }
     tot[kValueLoss] += sum_lanes(s.loss);
     tot[kValueCount] += sum_lanes(s.count);
@@ -247,34 +319,68 @@ void ppo_value_forward(const float* v, const float* old, const float* ret, const
   for (int j = 0; j < kValueSums; ++j) sums[j] = tot[j];
 }
 
-void ppo_value_backward(const float* v, const float* old, const float* ret, const uint8_t* mask, int64_t n,
-                        bool has_clip, float clip, float scale, float* grad) {
-  const vf c = splat(clip), sc = splat(scale);
+void ppo_value_forward(Format f, const void* v, const void* old, const void* ret, const uint8_t* mask, int64_t n,
+                       bool has_clip, float clip, double* sums) {
+  const vf c = splat(clip);
+  switch (f) {
+    case kBf16:
+      return value_forward_run<kBf16>(static_cast<const uint16_t*>(v), static_cast<const uint16_t*>(old),
+                                      static_cast<const uint16_t*>(ret), mask, n, has_clip, c, sums);
+    case kF16:
+      return value_forward_run<kF16>(static_cast<const uint16_t*>(v), static_cast<const uint16_t*>(old),
+                                     static_cast<const uint16_t*>(ret), mask, n, has_clip, c, sums);
+    default:
+      return value_forward_run<kF32>(static_cast<const float*>(v), static_cast<const float*>(old),
+                                     static_cast<const float*>(ret), mask, n, has_clip, c, sums);
+  }
+}
+
+template <int F>
+RLK_INLINE void value_backward_run(const elem_t<F>* v, const elem_t<F>* old, const elem_t<F>* ret,
+                                   const uint8_t* mask, int64_t n, bool has_clip, vf c, vf sc, elem_t<F>* grad) {
   int64_t i = 0;
   if (mask != nullptr) {
     for (; i + kW <= n; i += kW) {
       prefetch_streams(i, v, old, ret, mask);
-      const vf g = sc * value_grad_vec(loadu(v + i), loadu(old + i), loadu(ret + i), has_clip, c);
-      storeu(grad + i, select_where(flag_lanes(mask + i), g, vf{}));
+      const vf g = sc * value_grad_vec(load_as<F>(v + i), load_as<F>(old + i), load_as<F>(ret + i), has_clip, c);
+      store_as<F>(grad + i, select_where(flag_lanes(mask + i), g, vf{}));
     }
   } else {
     for (; i + kW <= n; i += kW) {
       prefetch_streams(i, v, old, ret);
-      storeu(grad + i, sc * value_grad_vec(loadu(v + i), loadu(old + i), loadu(ret + i), has_clip, c));
+      store_as<F>(grad + i,
+                  sc * value_grad_vec(load_as<F>(v + i), load_as<F>(old + i), load_as<F>(ret + i), has_clip, c));
     }
   }
   if (i < n) {
-    alignas(64) float bv[kW] = {}, bo[kW] = {}, br[kW] = {}, bg[kW];
+    alignas(64) elem_t<F> bv[kW] = {}, bo[kW] = {}, br[kW] = {}, bg[kW];
     alignas(64) uint8_t bm[kW] = {};
-    for (int64_t j = 0; j < n - i; ++j) {
-      bv[j] = v[i + j];
-      bo[j] = old[i + j];
-      br[j] = ret[i + j];
-      bm[j] = mask != nullptr ? mask[i + j] : 1;
-    }
-    const vf g = sc * value_grad_vec(loadu(bv), loadu(bo), loadu(br), has_clip, c);
-    storeu(bg, select_where(flag_lanes(bm), g, vf{}));
-    for (int64_t j = 0; j < n - i; ++j) grad[i + j] = bg[j];
+    pad_copy(bv, v + i, n - i);
+    pad_copy(bo, old + i, n - i);
+    pad_copy(br, ret + i, n - i);
+    for (int64_t j = 0; j < n - i; ++j) bm[j] = mask != nullptr ? mask[i + j] : 1;
+    const vf g = sc * value_grad_vec(load_as<F>(bv), load_as<F>(bo), load_as<F>(br), has_clip, c);
+    store_as<F>(bg, select_where(flag_lanes(bm), g, vf{}));
+    pad_copy(grad + i, bg, n - i);
+  }
+}
+
+void ppo_value_backward(Format f, const void* v, const void* old, const void* ret, const uint8_t* mask, int64_t n,
+                        bool has_clip, float clip, float scale, void* grad) {
+  const vf c = splat(clip), sc = splat(scale);
+  switch (f) {
+    case kBf16:
+      return value_backward_run<kBf16>(static_cast<const uint16_t*>(v), static_cast<const uint16_t*>(old),
+                                       static_cast<const uint16_t*>(ret), mask, n, has_clip, c, sc,
+                                       static_cast<uint16_t*>(grad));
+    case kF16:
+      return value_backward_run<kF16>(static_cast<const uint16_t*>(v), static_cast<const uint16_t*>(old),
+                                      static_cast<const uint16_t*>(ret), mask, n, has_clip, c, sc,
+                                      static_cast<uint16_t*>(grad));
+    default:
+      return value_backward_run<kF32>(static_cast<const float*>(v), static_cast<const float*>(old),
+                                      static_cast<const float*>(ret), mask, n, has_clip, c, sc,
+                                      static_cast<float*>(grad));
   }
 }
 
@@ -316,47 +422,64 @@ RLK_INLINE vf kl_grad_vec(vf lp, vf ref) {
   }
 }
 
-// out = kl (g null) or g * d kl / d logp, over n elements.
-template <int kKind>
-RLK_INLINE void kl_run(const float* g, const float* lp, const float* ref, int64_t n, float* out) {
+// out = kl (g null) or g * d kl / d logp, over n elements; out is float32 for the kl, format F for its gradient.
+template <int F, int kKind, typename Out>
+RLK_INLINE void kl_run(const float* g, const elem_t<F>* lp, const elem_t<F>* ref, int64_t n, Out* out) {
+  constexpr int kOut = std::is_same_v<Out, float> ? kF32 : F;
   const auto value = [&](vf l, vf r, vf gv) { return g == nullptr ? kl_vec<kKind>(l, r) : gv * kl_grad_vec<kKind>(l, r); };
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
     prefetch_streams(i, lp, ref);
     if (g != nullptr) prefetch_ahead(g, i);
-    storeu(out + i, value(loadu(lp + i), loadu(ref + i), g == nullptr ? vf{} : loadu(g + i)));
+    store_as<kOut>(out + i, value(load_as<F>(lp + i), load_as<F>(ref + i), g == nullptr ? vf{} : loadu(g + i)));
   }
   if (i < n) {
-    alignas(64) float bl[kW] = {}, br[kW] = {}, bg[kW] = {}, bo[kW];
-    for (int64_t j = 0; j < n - i; ++j) {
-      bl[j] = lp[i + j];
-      br[j] = ref[i + j];
-      if (g != nullptr) bg[j] = g[i + j];
-    }
-    storeu(bo, value(loadu(bl), loadu(br), loadu(bg)));
-    for (int64_t j = 0; j < n - i; ++j) out[i + j] = bo[j];
+    alignas(64) elem_t<F> bl[kW] = {}, br[kW] = {};
+    alignas(64) float bg[kW] = {};
+    alignas(64) Out bo[kW];
+    pad_copy(bl, lp + i, n - i);
+    pad_copy(br, ref + i, n - i);
+    if (g != nullptr) pad_copy(bg, g + i, n - i);
+    store_as<kOut>(bo, value(load_as<F>(bl), load_as<F>(br), loadu(bg)));
+    pad_copy(out + i, bo, n - i);
   }
 }
 
-RLK_INLINE void kl_dispatch(const float* g, const float* lp, const float* ref, int64_t n, int kind, float* out) {
+template <int F, typename Out>
+RLK_INLINE void kl_kind(const float* g, const void* lp_v, const void* ref_v, int64_t n, int kind, Out* out) {
+  const auto *lp = static_cast<const elem_t<F>*>(lp_v), *ref = static_cast<const elem_t<F>*>(ref_v);
   switch (kind) {
     case static_cast<int>(ppo::KlKind::kK1):
-      return kl_run<static_cast<int>(ppo::KlKind::kK1)>(g, lp, ref, n, out);
+      return kl_run<F, static_cast<int>(ppo::KlKind::kK1)>(g, lp, ref, n, out);
     case static_cast<int>(ppo::KlKind::kAbs):
-      return kl_run<static_cast<int>(ppo::KlKind::kAbs)>(g, lp, ref, n, out);
+      return kl_run<F, static_cast<int>(ppo::KlKind::kAbs)>(g, lp, ref, n, out);
     case static_cast<int>(ppo::KlKind::kK2):
-      return kl_run<static_cast<int>(ppo::KlKind::kK2)>(g, lp, ref, n, out);
+      return kl_run<F, static_cast<int>(ppo::KlKind::kK2)>(g, lp, ref, n, out);
     default:
-      return kl_run<static_cast<int>(ppo::KlKind::kK3)>(g, lp, ref, n, out);
+      return kl_run<F, static_cast<int>(ppo::KlKind::kK3)>(g, lp, ref, n, out);
   }
 }
 
-void ppo_kl_forward(const float* lp, const float* ref, int64_t n, int kind, float* out) {
-  kl_dispatch(nullptr, lp, ref, n, kind, out);
+void ppo_kl_forward(Format f, const void* lp, const void* ref, int64_t n, int kind, float* out) {
+  switch (f) {
+    case kBf16:
+      return kl_kind<kBf16>(nullptr, lp, ref, n, kind, out);
+    case kF16:
+      return kl_kind<kF16>(nullptr, lp, ref, n, kind, out);
+    default:
+      return kl_kind<kF32>(nullptr, lp, ref, n, kind, out);
+  }
 }
 
-void ppo_kl_backward(const float* g, const float* lp, const float* ref, int64_t n, int kind, float* out) {
-  kl_dispatch(g, lp, ref, n, kind, out);
+void ppo_kl_backward(Format f, const float* g, const void* lp, const void* ref, int64_t n, int kind, void* out) {
+  switch (f) {
+    case kBf16:
+      return kl_kind<kBf16>(g, lp, ref, n, kind, static_cast<uint16_t*>(out));
+    case kF16:
+      return kl_kind<kF16>(g, lp, ref, n, kind, static_cast<uint16_t*>(out));
+    default:
+      return kl_kind<kF32>(g, lp, ref, n, kind, static_cast<float*>(out));
+  }
 }
 
 }  // namespace rlkernels::cpu::simd::RLK_ISA

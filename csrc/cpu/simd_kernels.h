@@ -37,23 +37,35 @@ enum PolicySum : int { kLoss, kCount, kClipped, kLower, kKl, kRatio, kRatioMax, 
 // Sums of the value loss.
 enum ValueSum : int { kValueLoss, kValueCount, kValueClipped, kValueSums };
 
+// The element format of the streams of the PPO family's kernels: float32, or the bits of bfloat16 / float16,
+// widened to float32 as they are loaded and rounded to nearest even where a gradient is stored.
+enum Format : int { kF32, kBf16, kF16 };
+// The format of T: float, c10::BFloat16 or c10::Half (the dtype dispatch also compiles, and never runs, the
+// kernels' calls for float64, hence no static_assert).
+template <typename T>
+constexpr Format format_of() {
+  return std::is_same_v<T, c10::BFloat16> ? kBf16 : (std::is_same_v<T, c10::Half> ? kF16 : kF32);
+}
+
 // X(return type, name, (parameters)) for every kernel.
 #define RLK_SIMD_KERNELS(X)                                                                                      \
-  /* ppo_simd.h: sums[kPolicySums] of n tokens (ratio_max: -inf when none counts; NaN sticks) */               \
+  /* ppo_simd.h: sums[kPolicySums] of n tokens (ratio_max: -inf when none counts; NaN sticks); the streams  */ \
+  /* of format f, the KL's values float32 */                                                                   \
   X(void, ppo_policy_forward,                                                                                  \
-    (const float* lp, const float* old, const float* adv, const uint8_t* mask, int64_t n, float clip_lo,         \
+    (Format f, const void* lp, const void* old, const void* adv, const uint8_t* mask, int64_t n, float clip_lo, \
      float clip_hi, float dual_clip, double* sums))                                                            \
   X(void, ppo_policy_backward,                                                                                 \
-    (const float* lp, const float* old, const float* adv, const uint8_t* mask, int64_t n, float clip_lo,         \
-     float clip_hi, float dual_clip, float scale, float* grad))                                                \
+    (Format f, const void* lp, const void* old, const void* adv, const uint8_t* mask, int64_t n, float clip_lo, \
+     float clip_hi, float dual_clip, float scale, void* grad))                                                 \
   X(void, ppo_value_forward,                                                                                   \
-    (const float* v, const float* old, const float* ret, const uint8_t* mask, int64_t n, bool has_clip,         \
+    (Format f, const void* v, const void* old, const void* ret, const uint8_t* mask, int64_t n, bool has_clip,  \
      float clip, double* sums))                                                                                \
   X(void, ppo_value_backward,                                                                                  \
-    (const float* v, const float* old, const float* ret, const uint8_t* mask, int64_t n, bool has_clip,         \
-     float clip, float scale, float* grad))                                                                    \
-  X(void, ppo_kl_forward, (const float* lp, const float* ref, int64_t n, int kind, float* out))                \
-  X(void, ppo_kl_backward, (const float* g, const float* lp, const float* ref, int64_t n, int kind, float* out)) \
+    (Format f, const void* v, const void* old, const void* ret, const uint8_t* mask, int64_t n, bool has_clip,  \
+     float clip, float scale, void* grad))                                                                     \
+  X(void, ppo_kl_forward, (Format f, const void* lp, const void* ref, int64_t n, int kind, float* out))        \
+  X(void, ppo_kl_backward,                                                                                     \
+    (Format f, const float* g, const void* lp, const void* ref, int64_t n, int kind, void* out))               \
   /* logprobs_simd.h: rows [begin, end) of the forward; one row of the backward (without its target term) */  \
   X(void, logprob_rows_f32,                                                                                    \
     (const float* x, int64_t row_stride, int64_t V, const int64_t* tok, bool has_ignore, int64_t ignore,        \
