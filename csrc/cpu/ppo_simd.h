@@ -54,6 +54,25 @@ template <typename E>
 RLK_INLINE void pad_copy(E* to, const E* from, int64_t n) {
   for (int64_t j = 0; j < n; ++j) to[j] = from[j];
 }
+// The lambdas passed to by_format are inlined into the kernel (scripts/check_simd.py reads its loops there).
+#define RLK_LAMBDA_INLINE __attribute__((always_inline))
+// fn(format) for the format f, as a compile-time constant (std::integral_constant<int, F>).
+template <typename Fn>
+RLK_INLINE void by_format(Format f, Fn&& fn) {
+  switch (f) {
+    case kBf16:
+      return fn(std::integral_constant<int, kBf16>{});
+    case kF16:
+      return fn(std::integral_constant<int, kF16>{});
+    default:
+      return fn(std::integral_constant<int, kF32>{});
+  }
+}
+// p as a pointer to elements of format F.
+template <int F>
+RLK_INLINE const elem_t<F>* as_elems(const void* p) { return static_cast<const elem_t<F>*>(p); }
+template <int F>
+RLK_INLINE elem_t<F>* as_elems(void* p) { return static_cast<elem_t<F>*>(p); }
 
 // Tokens per lane summed in float before the lanes are added into double (at most kSubBlock / kW each).
 constexpr int64_t kSubBlock = 1024;
@@ -173,28 +192,15 @@ RLK_INLINE void policy_forward_run(const elem_t<F>* lp, const elem_t<F>* old, co
   sums[kRatioMax] = nan_ratio ? __builtin_nan("") : mx;
 }
 
-template <int F>
-RLK_INLINE void policy_forward_format(const void* lp, const void* old, const void* adv, const uint8_t* mask,
-                                      int64_t n, const PolicyConsts& k, double* sums) {
-  const auto *l = static_cast<const elem_t<F>*>(lp), *o = static_cast<const elem_t<F>*>(old),
-             *a = static_cast<const elem_t<F>*>(adv);
-  if (mask != nullptr)
-    policy_forward_run<F, true>(l, o, a, mask, n, k, sums);
-  else
-    policy_forward_run<F, false>(l, o, a, nullptr, n, k, sums);
-}
-
 void ppo_policy_forward(Format f, const void* lp, const void* old, const void* adv, const uint8_t* mask, int64_t n,
                         float clip_lo, float clip_hi, float dual_clip, double* sums) {
   const PolicyConsts k{splat(clip_lo), splat(clip_hi), splat(dual_clip)};
-  switch (f) {
-    case kBf16:
-      return policy_forward_format<kBf16>(lp, old, adv, mask, n, k, sums);
-    case kF16:
-      return policy_forward_format<kF16>(lp, old, adv, mask, n, k, sums);
-    default:
-      return policy_forward_format<kF32>(lp, old, adv, mask, n, k, sums);
-  }
+  by_format(f, [&](auto F) RLK_LAMBDA_INLINE {
+    if (mask != nullptr)
+      policy_forward_run<F, true>(as_elems<F>(lp), as_elems<F>(old), as_elems<F>(adv), mask, n, k, sums);
+    else
+      policy_forward_run<F, false>(as_elems<F>(lp), as_elems<F>(old), as_elems<F>(adv), nullptr, n, k, sums);
+  });
 }
 
 // grad[i] = scale * d l_i / d logp_i for unmasked tokens, 0 for masked ones.
@@ -231,20 +237,10 @@ RLK_INLINE void policy_backward_run(const elem_t<F>* lp, const elem_t<F>* old, c
 void ppo_policy_backward(Format f, const void* lp, const void* old, const void* adv, const uint8_t* mask, int64_t n,
                          float clip_lo, float clip_hi, float dual_clip, float scale, void* grad) {
   const PolicyConsts k{splat(clip_lo), splat(clip_hi), splat(dual_clip)};
-  const vf nsc = splat(-scale);
-  switch (f) {
-    case kBf16:
-      return policy_backward_run<kBf16>(static_cast<const uint16_t*>(lp), static_cast<const uint16_t*>(old),
-                                        static_cast<const uint16_t*>(adv), mask, n, k, nsc,
-                                        static_cast<uint16_t*>(grad));
-    case kF16:
-      return policy_backward_run<kF16>(static_cast<const uint16_t*>(lp), static_cast<const uint16_t*>(old),
-                                       static_cast<const uint16_t*>(adv), mask, n, k, nsc,
-                                       static_cast<uint16_t*>(grad));
-    default:
-      return policy_backward_run<kF32>(static_cast<const float*>(lp), static_cast<const float*>(old),
-                                       static_cast<const float*>(adv), mask, n, k, nsc, static_cast<float*>(grad));
-  }
+  by_format(f, [&](auto F) RLK_LAMBDA_INLINE {
+    policy_backward_run<F>(as_elems<F>(lp), as_elems<F>(old), as_elems<F>(adv), mask, n, k, splat(-scale),
+                           as_elems<F>(grad));
+  });
 }
 
 // ---- value loss ----
@@ -321,18 +317,9 @@ RLK_INLINE void value_forward_run(const elem_t<F>* v, const elem_t<F>* old, cons
 
 void ppo_value_forward(Format f, const void* v, const void* old, const void* ret, const uint8_t* mask, int64_t n,
                        bool has_clip, float clip, double* sums) {
-  const vf c = splat(clip);
-  switch (f) {
-    case kBf16:
-      return value_forward_run<kBf16>(static_cast<const uint16_t*>(v), static_cast<const uint16_t*>(old),
-                                      static_cast<const uint16_t*>(ret), mask, n, has_clip, c, sums);
-    case kF16:
-      return value_forward_run<kF16>(static_cast<const uint16_t*>(v), static_cast<const uint16_t*>(old),
-                                     static_cast<const uint16_t*>(ret), mask, n, has_clip, c, sums);
-    default:
-      return value_forward_run<kF32>(static_cast<const float*>(v), static_cast<const float*>(old),
-                                     static_cast<const float*>(ret), mask, n, has_clip, c, sums);
-  }
+  by_format(f, [&](auto F) RLK_LAMBDA_INLINE {
+    value_forward_run<F>(as_elems<F>(v), as_elems<F>(old), as_elems<F>(ret), mask, n, has_clip, splat(clip), sums);
+  });
 }
 
 template <int F>
@@ -367,21 +354,10 @@ RLK_INLINE void value_backward_run(const elem_t<F>* v, const elem_t<F>* old, con
 
 void ppo_value_backward(Format f, const void* v, const void* old, const void* ret, const uint8_t* mask, int64_t n,
                         bool has_clip, float clip, float scale, void* grad) {
-  const vf c = splat(clip), sc = splat(scale);
-  switch (f) {
-    case kBf16:
-      return value_backward_run<kBf16>(static_cast<const uint16_t*>(v), static_cast<const uint16_t*>(old),
-                                       static_cast<const uint16_t*>(ret), mask, n, has_clip, c, sc,
-                                       static_cast<uint16_t*>(grad));
-    case kF16:
-      return value_backward_run<kF16>(static_cast<const uint16_t*>(v), static_cast<const uint16_t*>(old),
-                                      static_cast<const uint16_t*>(ret), mask, n, has_clip, c, sc,
-                                      static_cast<uint16_t*>(grad));
-    default:
-      return value_backward_run<kF32>(static_cast<const float*>(v), static_cast<const float*>(old),
-                                      static_cast<const float*>(ret), mask, n, has_clip, c, sc,
-                                      static_cast<float*>(grad));
-  }
+  by_format(f, [&](auto F) RLK_LAMBDA_INLINE {
+    value_backward_run<F>(as_elems<F>(v), as_elems<F>(old), as_elems<F>(ret), mask, n, has_clip, splat(clip),
+                          splat(scale), as_elems<F>(grad));
+  });
 }
 
 // ---- KL penalty (ppo.h's kl_token and kl_token_grad; kind: ppo::KlKind) ----
@@ -446,8 +422,7 @@ RLK_INLINE void kl_run(const float* g, const elem_t<F>* lp, const elem_t<F>* ref
 }
 
 template <int F, typename Out>
-RLK_INLINE void kl_kind(const float* g, const void* lp_v, const void* ref_v, int64_t n, int kind, Out* out) {
-  const auto *lp = static_cast<const elem_t<F>*>(lp_v), *ref = static_cast<const elem_t<F>*>(ref_v);
+RLK_INLINE void kl_kind(const float* g, const elem_t<F>* lp, const elem_t<F>* ref, int64_t n, int kind, Out* out) {
   switch (kind) {
     case static_cast<int>(ppo::KlKind::kK1):
       return kl_run<F, static_cast<int>(ppo::KlKind::kK1)>(g, lp, ref, n, out);
@@ -461,25 +436,13 @@ RLK_INLINE void kl_kind(const float* g, const void* lp_v, const void* ref_v, int
 }
 
 void ppo_kl_forward(Format f, const void* lp, const void* ref, int64_t n, int kind, float* out) {
-  switch (f) {
-    case kBf16:
-      return kl_kind<kBf16>(nullptr, lp, ref, n, kind, out);
-    case kF16:
-      return kl_kind<kF16>(nullptr, lp, ref, n, kind, out);
-    default:
-      return kl_kind<kF32>(nullptr, lp, ref, n, kind, out);
-  }
+  by_format(f, [&](auto F) RLK_LAMBDA_INLINE { kl_kind<F>(nullptr, as_elems<F>(lp), as_elems<F>(ref), n, kind, out); });
 }
 
 void ppo_kl_backward(Format f, const float* g, const void* lp, const void* ref, int64_t n, int kind, void* out) {
-  switch (f) {
-    case kBf16:
-      return kl_kind<kBf16>(g, lp, ref, n, kind, static_cast<uint16_t*>(out));
-    case kF16:
-      return kl_kind<kF16>(g, lp, ref, n, kind, static_cast<uint16_t*>(out));
-    default:
-      return kl_kind<kF32>(g, lp, ref, n, kind, static_cast<float*>(out));
-  }
+  by_format(f, [&](auto F) RLK_LAMBDA_INLINE {
+    kl_kind<F>(g, as_elems<F>(lp), as_elems<F>(ref), n, kind, as_elems<F>(out));
+  });
 }
 
 }  // namespace rlkernels::cpu::simd::RLK_ISA
