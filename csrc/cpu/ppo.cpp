@@ -5,8 +5,8 @@
 // into a Partial (sums in float64) on one thread, then the chunks of a row and the rows are combined in
 // index order on one thread; the backwards walk the same chunk grid, so one long row (a 1-D input) spreads
 // over the threads as a batch does. The grid depends only on the shape, so results are bit-identical for
-// any number of threads. float32 runs the explicit-vector kernels of ppo_simd.h (built per instruction set,
-// simd_kernels.h); the other dtypes run the scalar math of ppo.h.
+// any number of threads. float32, bfloat16 and float16 run the explicit-vector kernels of ppo_simd.h (built
+// per instruction set, simd_kernels.h); float64 runs the scalar math of ppo.h.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -174,7 +174,8 @@ double scalar_in(const Tensor& grad) {
 // gradients rounded as a cast to the 16-bit type rounds); the generic loops below, one token at a time with a
 // libm exp, serve float64.
 template <typename T>
-constexpr bool kOnVectors = std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+constexpr bool kOnVectors =
+    std::is_same_v<T, float> || std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
 // ---- ppo_policy_loss ----
 
