@@ -52,7 +52,6 @@ KERNELS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "td_grads_f32": (("td_grads_f32(",), LEVELS),
     "dot_f32": (("dot_f32(", "bellman_rows::dot<float>("), LEVELS),
     "widen_f16": (("widen_f16(",), LEVELS),
-    "narrow_f16": (("narrow_f16(",), LEVELS),
 }
 SIMD_NAMESPACE = "rlkernels::cpu::simd::isa_{level}::"
 # The scan engine's float32 walks of each step (direct, transposed, buffered), in rlkernels::isa_<level>; {ns} is

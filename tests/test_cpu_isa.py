@@ -198,9 +198,9 @@ def _same_bits(got, want):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_16bit_staging_is_exact(isa, dtype):
-    """The widening of 16-bit inputs and the rounding of gradients back (csrc/cpu/simd.h load_f16 / store_f16,
-    load_bf16 / store_bf16) give the bits of torch's casts: every 16-bit value widened (k1 of logp against 0 is
+def test_16bit_conversions_are_exact(isa, dtype):
+    """The widening of 16-bit inputs and the rounding of 16-bit gradients (csrc/cpu/simd.h load_f16 / store_f16,
+    load_bf16 / store_bf16, as the PPO family's kernels load and store them) give the bits of torch's casts: every 16-bit value widened (k1 of logp against 0 is
     logp), and float32 gradients of every exponent, at and beside each rounding midpoint, rounded (k1's
     gradient is the incoming one)."""
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)

@@ -539,9 +539,8 @@ void q_rows_f32_wide(const float* r, const float* q, const bool* term, const flo
                      int64_t b0, int64_t b1, int64_t A, int kind, float discount, float temp, float* out) {
   bellman_rows::q_rows_f32_wide(r, q, term, online, probs, b0, b1, A, kind, discount, temp, out);
 }
-// float32 copies of 16-bit values and back: 16-bit batches run the float32 kernels on blocks of widened values
-// (q_targets' rows here, the PPO family in ppo.cpp), and 16-bit gradients are their float32 results rounded to
-// nearest even, as c10::BFloat16 and c10::Half round.
+// float32 copies of 16-bit values: q_targets' 16-bit batches run the float32 row kernels on blocks of widened
+// rows (bellman_sample.cpp).
 void widen_bf16(const uint16_t* x, int64_t n, float* y) {
   int64_t i = 0;
   for (; i + vec::kW <= n; i += vec::kW) vec::storeu(y + i, vec::load_bf16(x + i));
@@ -551,16 +550,6 @@ void widen_f16(const uint16_t* x, int64_t n, float* y) {
   int64_t i = 0;
   for (; i + vec::kW <= n; i += vec::kW) vec::storeu(y + i, vec::load_f16(x + i));
   for (; i < n; ++i) y[i] = c10::detail::fp16_ieee_to_fp32_value(x[i]);
-}
-void narrow_bf16(const float* x, int64_t n, uint16_t* y) {
-  int64_t i = 0;
-  for (; i + vec::kW <= n; i += vec::kW) vec::store_bf16(y + i, vec::loadu(x + i));
-  for (; i < n; ++i) y[i] = c10::BFloat16(x[i]).x;
-}
-void narrow_f16(const float* x, int64_t n, uint16_t* y) {
-  int64_t i = 0;
-  for (; i + vec::kW <= n; i += vec::kW) vec::store_f16(y + i, vec::loadu(x + i));
-  for (; i < n; ++i) y[i] = c10::detail::fp16_ieee_from_fp32_value(x[i]);
 }
 double td_losses_f32(const float* e, const float* w, float* per, int64_t n, int huber, float delta) {
   return bellman_rows::td_losses_f32(e, w, per, n, huber, delta);

@@ -91,8 +91,6 @@ constexpr Format format_of() {
      int64_t b1, int64_t A, int kind, float discount, float temp, float* out))                                 \
   X(void, widen_bf16, (const uint16_t* x, int64_t n, float* y))                                                \
   X(void, widen_f16, (const uint16_t* x, int64_t n, float* y))                                                 \
-  X(void, narrow_bf16, (const float* x, int64_t n, uint16_t* y))                                               \
-  X(void, narrow_f16, (const float* x, int64_t n, uint16_t* y))                                                \
   X(double, td_losses_f32, (const float* e, const float* w, float* per, int64_t n, int huber, float delta))   \
   X(int64_t, gather_errors_f32,                                                                                \
     (const float* q, const int64_t* act, const float* y, int64_t n, int64_t A, float* e))                      \
@@ -140,8 +138,8 @@ inline const Kernels& kernels() {
   return isa_default::kTable;
 }
 
-// n bfloat16 or float16 values widened to float32, and float32 values rounded to them (nearest even, as a cast
-// rounds), by the kernels `k`: the 16-bit paths of the row kernels run the float32 kernels on such copies.
+// n bfloat16 or float16 values widened to float32 by the kernels `k`: q_targets' 16-bit rows run the float32
+// kernel on such copies.
 template <typename T>
 void widen(const Kernels& k, const T* x, int64_t n, float* y) {
   static_assert(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>);
@@ -150,15 +148,6 @@ void widen(const Kernels& k, const T* x, int64_t n, float* y) {
     k.widen_bf16(bits, n, y);
   else
     k.widen_f16(bits, n, y);
-}
-template <typename T>
-void narrow(const Kernels& k, const float* x, int64_t n, T* y) {
-  static_assert(std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>);
-  auto* bits = reinterpret_cast<uint16_t*>(y);
-  if constexpr (std::is_same_v<T, c10::BFloat16>)
-    k.narrow_bf16(x, n, bits);
-  else
-    k.narrow_f16(x, n, bits);
 }
 
 }  // namespace simd
