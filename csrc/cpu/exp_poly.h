@@ -1,7 +1,8 @@
 // exp(x) = 2^k * p(r) with r = x - k ln 2 (Cody-Waite: ln 2 in two parts) and a degree-6 polynomial
 // p(r) = 1 + r + r^2 q(r) fitted (minimax, relative error) on |r| <= ln 2 / 2: the one exp of the CPU kernels
 // (PPO's ratio in ppo_simd.h, soft Q targets in bellman_simd.h, log-probs in logprobs_simd.h and the scalar rows
-// of logprobs.cpp, V-trace's and Retrace's weights in the scan steps: simd.h exp_any_v).
+// of logprobs.cpp, V-trace's and Retrace's weights in the scan steps: simd.h exp_any_v). At AVX-512 the vector
+// exps of degree 5 (bfloat16 logits) take a table of 2^(j/32) and a degree-2 polynomial instead (simd.h exp_table).
 // Evaluated by Horner's rule in float32 with FMAs its relative error is 6.3e-8, Cephes' degree-7 expf
 // polynomial's 6.1e-8, one multiply-add fewer. T is float or a GCC float vector; always_inline, so it takes the
 // target of its caller.

@@ -23,7 +23,8 @@ constexpr float kSlack = 32.0f;
 
 // exp(x) for x <= kSlack (x = z - m or z - lse): 0 for -inf, NaN stays NaN (simd.h's exp_clamped_v). The range
 // reduction takes one FMA (exp_reduce: an error of k * 1.9e-9 relative, only in terms 2^-k below the largest).
-// bfloat16 logits (Src::kExpDegree 5) take the degree-5 polynomial (exp_poly.h's exp_poly<5>).
+// bfloat16 logits (Src::kExpDegree 5) take the degree-5 polynomial (exp_poly.h's exp_poly<5>; at AVX-512 simd.h's
+// exp_table of the same accuracy).
 template <class Src>
 RLK_INLINE vf exp_logit(vf x, vf& arg) {
   return exp_clamped_v<true, Src::kExpDegree>(x, arg);
