@@ -356,10 +356,11 @@ alignas(64) inline constexpr float kExp2Table[32] = {
 // kExp2Table directly (vpermi2ps reads only those); e^r = 1 + r (c1 + c2 r), fitted (minimax, relative error
 // 5.3e-8) on |r| <= ln 2 / 64; vscalefps applies 2^floor(n / 32) and underflows to 0 by itself. The reduction is
 // exp_reduce's (n / 32 has at most 13 bits, so its product with the leading part of ln 2 is exact). 8
-// operations a vector, 5 of them multiplies or multiply-adds, against exp_scalef's 9 and 7 with exp_poly<5>. Largest relative error over every float argument with a normal result,
-// one-step, against exp in double: 2.16e-7 on [-20, 0], 4.0e-7 on [-87.3, 32] (exp_poly<5>'s: 2.31e-7, 4.1e-7).
-// (With a degree-2 q it would stand in for exp_poly<6> as well, but at 1.13e-7 against exp_poly's 7.6e-8, two
-// steps, for a few percent of the float32 fold's time: not taken.)
+// operations a vector, 5 of them multiplies or multiply-adds, against exp_scalef's 9 and 7 with exp_poly<5>.
+// Largest relative error over every float argument with a normal result, one-step, against exp in double:
+// 2.16e-7 on [-20, 0], 4.0e-7 on [-87.3, 32] (exp_poly<5>'s: 2.31e-7, 4.1e-7). With a degree-2 q it could
+// stand in for exp_poly<6> too, but at 1.13e-7 against exp_poly's 7.6e-8 (two-step reduction), most of it the
+// table's own rounding, for a few percent of the float32 fold's time (docs/performance.md): not taken.
 template <bool kOneStep>
 RLK_AVX512_TARGET RLK_INLINE vf exp_table(vf x) {
   const vf y = x * 1.44269504088896341f + 393216.0f;  // 1.5 * 2^18: its float's last bit is 2^-5
