@@ -135,21 +135,31 @@ void run_block(const ScanParams<acc_t>& scalar_params, const acc_t* const* src, 
   using V = Vec<acc_t, N>;
   constexpr int D = Step::kCarry;
   using C = std::conditional_t<kSymbolic, Affine<V, D>, V>;
-  const ScanParams<V> p = vec_params<V>(scalar_params);
 
   C carry[H][D];
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/false);
-  for (int kk = 0; kk < kn; ++kk) {
-    for (int h = 0; h < H; ++h) {
-      const int row = kk * kLanes + h * N;
-      const StepIn<V> in = stream_in<V>([&]<int S>() { return V::load(src[S] + row); });
-      C o[Step::kOut];
-      advance<Step>(p, in, carry[h], o);  // invalid steps (masked, past a lane's end) keep the carry, write 0
-      if constexpr (!kSymbolic) {
-        for (int j = 0; j < Step::kOut; ++j)
-          select(in.valid, o[j], V(acc_t(0))).store(obuf + j * kBlock * kLanes + row);
+  // has_next is a constant in each copy of the loop: left as a run-time branch inside it, GCC turned the float64
+  // backward steps' `has_next ? x : 0` under AVX-512 into a blend with a mask built lane by lane.
+  auto walk = [&](auto has_next) {
+    ScanParams<V> p = vec_params<V>(scalar_params);
+    p.has_next = decltype(has_next)::value;
+    for (int kk = 0; kk < kn; ++kk) {
+      for (int h = 0; h < H; ++h) {
+        const int row = kk * kLanes + h * N;
+        const StepIn<V> in = stream_in<V>([&]<int S>() { return V::load(src[S] + row); });
+        C o[Step::kOut];
+        advance<Step>(p, in, carry[h], o);  // invalid steps (masked, past a lane's end) keep the carry, write 0
+        if constexpr (!kSymbolic) {
+          for (int j = 0; j < Step::kOut; ++j)
+            select(in.valid, o[j], V(acc_t(0))).store(obuf + j * kBlock * kLanes + row);
+        }
       }
     }
+  };
+  if (scalar_params.has_next) {
+    walk(std::true_type{});
+  } else {
+    walk(std::false_type{});
   }
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/true);
 }
@@ -191,8 +201,12 @@ RLK_FN V load_flags(const unsigned char* p) {
     const __m128i w = _mm_unpacklo_epi16(_mm_unpacklo_epi8(_mm_cvtsi32_si128(bytes), zero), zero);
     return V::from((native)_mm_andnot_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(w, zero)), _mm_set1_ps(1.0f)));
   } else if constexpr (RLK_VEC_BYTES == 16 && N == 2 && sizeof(T) == 8) {
-    const __m128i w = _mm_set_epi32(0, 0, p[1] != 0, p[0] != 0);
-    return V::from((native)_mm_cvtepi32_pd(w));
+    // the two bytes widened to the low two 32-bit lanes, 1 where nonzero, converted: no compare per lane
+    uint16_t bytes;
+    __builtin_memcpy(&bytes, p, 2);
+    const __m128i zero = _mm_setzero_si128();
+    const __m128i w = _mm_unpacklo_epi16(_mm_unpacklo_epi8(_mm_cvtsi32_si128(bytes), zero), zero);
+    return V::from((native)_mm_cvtepi32_pd(_mm_andnot_si128(_mm_cmpeq_epi32(w, zero), _mm_set1_epi32(1))));
   }
 #endif
   typedef unsigned char bytes __attribute__((vector_size(N)));
