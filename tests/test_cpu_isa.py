@@ -356,6 +356,42 @@ def test_vtrace_retrace_exp_over_the_float_range(isa, shape):
     assert_close(G, e_G, torch.float32, name="retrace")
 
 
+@pytest.mark.parametrize("shape", [(64, 48), (33, 5)])
+def test_vtrace_retrace_exp_over_the_double_range(isa, shape):
+    """The scan steps' float64 vector exp (simd.h exp_any_vd) against float64's exp, over the whole range.
+
+    As the float32 test above: pg_advantages_t = e^{log_rho_t} r_t with gamma = 0, V = 0 and pg_rho_clip = inf,
+    from below exp's underflow (about -745.13) to above its overflow (about 709.78), the gradient where e is finite,
+    and Retrace's recursion against the reference.
+    """
+    g = torch.Generator().manual_seed(shape[1])
+    edges = [-math.inf, -1000.0, -746.0, -745.2, -745.13, -745.1, -740.0, -708.4, -708.39, -1e-300, 0.0, 1e-300,
+             1.0, 700.0, 709.78, 709.783, 709.79, 710.0, 1000.0, math.inf]
+    n = math.prod(shape)
+    grid = torch.linspace(-750.0, 715.0, n - len(edges) - n // 2, dtype=torch.float64)
+    near = torch.rand(n // 2, generator=g, dtype=torch.float64) * 4 - 2  # |r| up to ln 2 / 2 at many k
+    lr = torch.cat([torch.tensor(edges, dtype=torch.float64), grid, near])[torch.randperm(n, generator=g)]
+    lr = lr.reshape(shape)
+    r = torch.randn(shape, generator=g, dtype=torch.float64) + 0.5
+    v, boot = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape[1], dtype=torch.float64)
+    tiny = 2.0**-1072 * float(r.abs().max())  # a few subnormal steps of e, times r
+    _vs, pg = rlkernels.vtrace(r, v, lr, gamma=0.0, pg_rho_clip=math.inf, bootstrap_value=boot)
+    want = torch.exp(lr) * r
+    assert_close(pg, want, torch.float64, name="pg_advantages", rtol=1e-15, atol=tiny, scale=1.0)
+    assert torch.isinf(pg[lr > 709.79]).all() and (pg[lr < -745.2] == 0).all()
+    lr_leaf = lr.clamp(max=700.0).requires_grad_()
+    _vs, pg = rlkernels.vtrace(r, v, lr_leaf, gamma=0.0, pg_rho_clip=math.inf, bootstrap_value=boot)
+    (grad,) = torch.autograd.grad(pg, lr_leaf, torch.ones_like(pg))
+    assert_close(grad, torch.exp(lr_leaf.detach()) * r, torch.float64, name="grad log_rhos", rtol=1e-15, atol=tiny,
+                 scale=1.0)
+    q, nv = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    term = torch.rand(shape, generator=g) < 0.05
+    G = rlkernels.retrace(r, q, nv, lr, gamma=0.99, lam=0.95, terminated=term)
+    with np.errstate(over="ignore"):  # e^1000 and e^inf: inf, then clipped to 1
+        e_G = reference.retrace(r, q, nv, lr, gamma=0.99, lam=0.95, terminated=term)
+    assert_close(G, e_G, torch.float64, name="retrace")
+
+
 def test_bellman_backup(isa):
     P, R, V = sample_inputs("bellman_backup", (2, 37, 3), dtype=torch.float32)
     Q, V_new, policy = rlkernels.bellman_backup(P, R, V, gamma=0.9)
@@ -417,9 +453,9 @@ def test_every_build_is_vectorized():
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
 
 
-def _listing(body):
-    """A function named like an avx2 kernel whose block loop is `body` (mnemonic, operands), as disassemble()
-    returns it."""
+def _listing(body, name="rlkernels::cpu::simd::isa_avx2::ppo_policy_forward(float const*)"):
+    """A function named like an avx2 kernel (or `name`) whose block loop is `body` (mnemonic, operands), as
+    disassemble() returns it."""
     insns = [(0x100, "xor", "%eax,%eax")]
     addr = 0x104
     for op, args in body:
@@ -427,7 +463,7 @@ def _listing(body):
         addr += 4
     insns.append((addr, "jne", "104 <f+0x4>"))
     insns.append((addr + 4, "ret", ""))
-    return {"rlkernels::cpu::simd::isa_avx2::ppo_policy_forward(float const*)": insns}
+    return {name: insns}
 
 
 def test_check_simd_flags_scalar_and_narrow_loops():
@@ -448,3 +484,11 @@ def test_check_simd_flags_scalar_and_narrow_loops():
     assert "calls <expf@plt>" in check([("vaddps", "%ymm3,%ymm4,%ymm4"), ("call", "1040 <expf@plt>")])[0]
     assert "no function" in check_simd.check_kernel({}, "avx2", "ppo_policy_forward", ("ppo_policy_forward(",),
                                                     "ymm")[0]
+    # libm's exp is allowed in the float64 V-trace walk under SSE2 only
+    patterns = check_simd.KERNELS["scan_vtrace_f64"][0]
+    for level, width, allowed in (("default", "xmm", True), ("avx2", "ymm", False)):
+        ns = f"rlkernels::isa_{level}::"
+        name = f"void {ns}run_direct<{ns}VtraceStepT<{ns}VecExp>, double, false>(double const*)"
+        body = [("mulpd", f"%{width}1,%{width}2"), ("call", "1040 <exp@plt>")]
+        failures = check_simd.check_kernel(_listing(body, name), level, "scan_vtrace_f64", patterns, width)
+        assert failures == [] if allowed else "calls <exp@plt>" in failures[0]

@@ -431,6 +431,47 @@ RLK_INLINE vf exp_any_v(vf x) {
   const vi k1 = ki >> 1;  // k1 and k - k1 in [-75, 64]
   return (exp_poly(exp_reduce<false>(xc, k)) * as_float((k1 + 127) << 23)) * as_float((ki - k1 + 127) << 23);
 }
+// exp(x) for every double x, as exp gives it: inf above about 709.78 and at inf, subnormal results down to about
+// -745.13 and 0 below, NaN stays NaN; for the scan steps' float64 weights. exp_any_v's scheme in double: x clamped
+// to [-746, 710] (k in [-1076, 1024]), k = round(x / ln 2) by adding 1.5 * 2^52, whose sum holds k in its low
+// mantissa bits; r = x - k ln 2 with ln 2 in two parts (fdlibm's: the leading one has 32 bits, so k times it is
+// exact); e^r by its Taylor polynomial of degree 13 (truncation below 4.2e-18 relative on |r| <= ln 2 / 2); 2^k
+// applied in two factors 2^k1 and 2^(k - k1), k1 = round(k / 2), each a normal number. Integer work is 64-bit
+// adds and shifts only (SSE2 and AVX2 have no packed double-to-int64 conversion). Vector extensions only, as
+// exp_any_v.
+typedef double vd __attribute__((vector_size(RLK_VEC_BYTES)));
+typedef uint64_t vul __attribute__((vector_size(RLK_VEC_BYTES)));
+RLK_INLINE vul bits_of(vd x) {
+  vul r;
+  __builtin_memcpy(&r, &x, sizeof(r));
+  return r;
+}
+RLK_INLINE vd double_of(vul x) {
+  vd r;
+  __builtin_memcpy(&r, &x, sizeof(r));
+  return r;
+}
+RLK_INLINE vd exp_any_vd(vd x) {
+  constexpr double kShift = 6755399441055744.0;  // 1.5 * 2^52: the double whose last bit is 1
+  constexpr uint64_t kShiftBits = 0x4338000000000000;
+  vd xc = x < -746.0 ? vd{} - 746.0 : x;
+  xc = xc > 710.0 ? vd{} + 710.0 : xc;
+  const vd ks = xc * 1.4426950408889634074 + kShift;  // k + kShift, exactly
+  const vd k = ks - kShift;
+  const vd r = (xc - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+  constexpr double c[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                          1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,     1.0 / 720.0,
+                          1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,        0.5,
+                          1.0,                1.0};  // 1 / n!, n = 13 .. 0
+  vd p = vd{} + c[0];
+#pragma GCC unroll 16
+  for (int i = 1; i < 14; ++i) p = p * r + c[i];
+  // k and k1 = round(k / 2) as 64-bit integers (two's complement, unsigned arithmetic): k1 and k - k1 in
+  // [-538, 512]
+  const vul kb = bits_of(ks) - kShiftBits;
+  const vul k1 = bits_of(k * 0.5 + kShift) - kShiftBits;
+  return (p * double_of((k1 + 1023) << 52)) * double_of((kb - k1 + 1023) << 52);
+}
 // The sum of the lanes, in lane order, in double.
 RLK_INLINE double sum_lanes(vf v) {
   double s = 0;
@@ -452,7 +493,9 @@ RLK_INLINE float max_lanes(vf v) {
 #endif
 
 // exp for the scan steps' weights (V-trace's and Retrace's e^{log_rho}): float vectors of the build's width take
-// vec::exp_any_v; other vectors (double) take a scalar exp per lane.
+// vec::exp_any_v, double vectors vec::exp_any_vd from AVX2 up; other vectors a scalar exp per lane. Under SSE2
+// (no FMA, two doubles a vector, 16 registers) exp_any_vd's degree-13 polynomial costs more than libm's exp, which
+// takes its own FMA path at run time: float64 V-trace `[2048, 64]` 2.2 against 1.7 ms (docs/performance.md).
 struct VecExp {
   template <typename V>
   RLK_FN V operator()(V x) const {
@@ -461,6 +504,12 @@ struct VecExp {
       x.v = vec::exp_any_v(x.v);
       return x;
     }
+#if RLK_VEC_BYTES >= 32
+    if constexpr (std::is_same_v<decltype(x.v), vec::vd>) {
+      x.v = vec::exp_any_vd(x.v);
+      return x;
+    }
+#endif
 #endif
     for (int l = 0; l < int(sizeof(x.v) / sizeof(x.v[0])); ++l) {
       if constexpr (sizeof(x.v[0]) == sizeof(float)) {
