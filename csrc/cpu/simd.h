@@ -305,19 +305,35 @@ RLK_INLINE vf sub_where(Lanes m, vf acc, vf x) { return acc - (m ? x : vf{}); }
 RLK_INLINE vf max_where(Lanes m, vf acc, vf x) { return m ? max_v(acc, x) : acc; }
 RLK_INLINE vf select_where(Lanes m, vf a, vf b) { return m ? a : b; }
 #endif
-// x clamped to [lo, hi]; NaN stays NaN (both compares are false for it).
-RLK_AVX512_TARGET RLK_INLINE vf clamp_v(vf x, vf lo, vf hi) {
+// max(lo, x) and min(hi, x) as maxps and minps compute them, one instruction each: x where either is NaN, so a
+// NaN x stays (GCC keeps the vector select `x < lo ? lo : x` as a compare and a blend).
+RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf at_least(vf x, vf lo) {
 #if RLK_AVX512
-  // vmaxps and vminps return their second operand when either is NaN
-  return reinterpret_cast<vf>(_mm512_min_ps(reinterpret_cast<__m512>(hi),
-                                            _mm512_max_ps(reinterpret_cast<__m512>(lo), reinterpret_cast<__m512>(x))));
+  return reinterpret_cast<vf>(_mm512_max_ps(reinterpret_cast<__m512>(lo), reinterpret_cast<__m512>(x)));
+#elif RLK_VEC_BYTES == 32 && defined(__x86_64__)
+  return reinterpret_cast<vf>(_mm256_max_ps(reinterpret_cast<__m256>(lo), reinterpret_cast<__m256>(x)));
+#elif RLK_VEC_BYTES == 16 && defined(__x86_64__)
+  return reinterpret_cast<vf>(_mm_max_ps(reinterpret_cast<__m128>(lo), reinterpret_cast<__m128>(x)));
 #else
-  const vf y = x < lo ? lo : x;
-  return y > hi ? hi : y;
+  return x < lo ? lo : x;
 #endif
 }
-// 2^k for integral float k in [-126, 127], built in the exponent bits.
-RLK_INLINE vf pow2i(vf k) { return as_float((__builtin_convertvector(k, vi) + 127) << 23); }
+RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf at_most(vf x, vf hi) {
+#if RLK_AVX512
+  return reinterpret_cast<vf>(_mm512_min_ps(reinterpret_cast<__m512>(hi), reinterpret_cast<__m512>(x)));
+#elif RLK_VEC_BYTES == 32 && defined(__x86_64__)
+  return reinterpret_cast<vf>(_mm256_min_ps(reinterpret_cast<__m256>(hi), reinterpret_cast<__m256>(x)));
+#elif RLK_VEC_BYTES == 16 && defined(__x86_64__)
+  return reinterpret_cast<vf>(_mm_min_ps(reinterpret_cast<__m128>(hi), reinterpret_cast<__m128>(x)));
+#else
+  return x > hi ? hi : x;
+#endif
+}
+// x clamped to [lo, hi]; NaN stays NaN.
+RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf clamp_v(vf x, vf lo, vf hi) { return at_most(at_least(x, lo), hi); }
+// 2^k for y = k + 1.5 * 2^23 (k integral, |k| < 2^22): y's low mantissa bits hold k, shifted into the exponent
+// field with the bias added (two integer operations, no conversion); k = -127 gives +0.
+RLK_INLINE vf pow2i_of_shifted(vf y) { return as_float((as_bits(y) << 23) + (127u << 23)); }
 // r = x - k ln 2, the argument of exp_poly (exp_poly.h). Two steps by default (Cody-Waite: ln 2 in two parts,
 // two FMAs), exact to float rounding. kOneStep: one FMA with ln 2 rounded to float, whose 1.9e-9 error adds
 // k * 1.9e-9 to exp's relative error (2e-8 at k = 10, 2.4e-7 at k = 126): for sums of exps that the largest
@@ -391,29 +407,30 @@ RLK_AVX512_TARGET RLK_INLINE vf exp_v(vf x) {
 #if RLK_AVX512
   return exp_avx512<kOneStep, kDegree>(x);
 #else
-  const vf k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const vf y = x * 1.44269504088896341f + 12582912.0f;  // k + 1.5 * 2^23
+  const vf k = y - 12582912.0f;
   const vf r = exp_reduce<kOneStep>(x, k);
-  return exp_poly<kDegree>(r) * pow2i(k);
+  return exp_poly<kDegree>(r) * pow2i_of_shifted(y);
 #endif
 }
-// exp(x) for x <= 87: exactly 0 below -87 (below about -104 on AVX-512) and for -inf, NaN stays NaN. `arg`
+// exp(x) for x <= 87: exactly 0 below about -87.68 (below about -104 on AVX-512) and for -inf, NaN stays NaN. `arg`
 // receives the argument the exp was taken of, x clamped from below (one maxps; NaN stays): p = 0 wherever the
 // clamp moved x, so p * arg = p * x where p != 0 and 0 for x = -inf, for sums of p x (an entropy).
 template <bool kOneStep = false, int kDegree = 6>
-RLK_AVX512_TARGET RLK_INLINE vf exp_clamped_v(vf x, vf& arg) {
+RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf exp_clamped_v(vf x, vf& arg) {
 #if RLK_AVX512
-  // vmaxps returns its second operand when either is NaN; vscalefps gives the subnormal results down to about
-  // -104 and 0 below
-  arg = reinterpret_cast<vf>(_mm512_max_ps(_mm512_set1_ps(-200.0f), reinterpret_cast<__m512>(x)));
+  // vscalefps gives the subnormal results down to about -104 and 0 below
+  arg = at_least(x, splat(-200.0f));
   return exp_avx512<kOneStep, kDegree>(arg);
 #else
-  const vi tiny = x < -87.0f;
-  arg = tiny ? vf{} - 87.0f : x;
-  return as_float(~tiny & reinterpret_cast<vi>(exp_v<kOneStep, kDegree>(arg)));  // (one andnps)
+  // No mask: from -88 k rounds to -127, whose 2^k pow2i_of_shifted builds as +0, so the result is exactly 0 below about
+  // -87.68 and for -inf; above it 2^-126 p rounds into the subnormals.
+  arg = at_least(x, splat(-88.0f));
+  return exp_v<kOneStep, kDegree>(arg);
 #endif
 }
 template <bool kOneStep = false, int kDegree = 6>
-RLK_AVX512_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
+RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
   vf arg;
   return exp_clamped_v<kOneStep, kDegree>(x, arg);
 }
