@@ -458,16 +458,6 @@ RLK_INLINE vf exp_any_v(vf x) {
 // exp_any_v.
 typedef double vd __attribute__((vector_size(RLK_VEC_BYTES)));
 typedef uint64_t vul __attribute__((vector_size(RLK_VEC_BYTES)));
-RLK_INLINE vul bits_of(vd x) {
-  vul r;
-  __builtin_memcpy(&r, &x, sizeof(r));
-  return r;
-}
-RLK_INLINE vd double_of(vul x) {
-  vd r;
-  __builtin_memcpy(&r, &x, sizeof(r));
-  return r;
-}
 RLK_INLINE vd exp_any_vd(vd x) {
   constexpr double kShift = 6755399441055744.0;  // 1.5 * 2^52: the double whose last bit is 1
   constexpr uint64_t kShiftBits = 0x4338000000000000;
@@ -485,9 +475,9 @@ RLK_INLINE vd exp_any_vd(vd x) {
   for (int i = 1; i < 14; ++i) p = p * r + c[i];
   // k and k1 = round(k / 2) as 64-bit integers (two's complement, unsigned arithmetic): k1 and k - k1 in
   // [-538, 512]
-  const vul kb = bits_of(ks) - kShiftBits;
-  const vul k1 = bits_of(k * 0.5 + kShift) - kShiftBits;
-  return (p * double_of((k1 + 1023) << 52)) * double_of((kb - k1 + 1023) << 52);
+  const vul kb = __builtin_bit_cast(vul, ks) - kShiftBits;
+  const vul k1 = __builtin_bit_cast(vul, k * 0.5 + kShift) - kShiftBits;
+  return (p * __builtin_bit_cast(vd, (k1 + 1023) << 52)) * __builtin_bit_cast(vd, (kb - k1 + 1023) << 52);
 }
 // The sum of the lanes, in lane order, in double.
 RLK_INLINE double sum_lanes(vf v) {
