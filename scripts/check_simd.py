@@ -54,8 +54,8 @@ KERNELS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "widen_f16": (("widen_f16(",), LEVELS),
 }
 SIMD_NAMESPACE = "rlkernels::cpu::simd::isa_{level}::"
-# The scan engine's float32 and float64 walks of each step (direct, transposed, buffered), in rlkernels::isa_<level>;
-# {ns} is that namespace.
+# The scan engine's float32 and float64 walks of each step (direct, transposed, buffered), in
+# rlkernels::isa_<level>; {ns} is that namespace.
 SCAN_NAMESPACE = "rlkernels::isa_{level}::"
 SCAN_STEPS = {
     "scan_linear_scan": "LinearScanStep",
@@ -69,10 +69,11 @@ SCAN_STEPS = {
     "scan_retrace_backward": "RetraceBackwardStepT<{ns}VecExp>",
 }
 SCAN_WALKS = ("run_direct", "run_transposed", "run_block")
-# kernel -> the levels at which its block loops may call libm's exp: the float64 walks of V-trace's and Retrace's
-# steps under SSE2, which take libm's exp per lane (simd.h VecExp: there it is faster than the polynomial).
-LIBM_EXP_ALLOWED = {f"{name}_f64": ("default",) for name in ("scan_vtrace", "scan_vtrace_backward", "scan_retrace",
-                                                               "scan_retrace_backward")}
+# kernel -> the levels at which its block loops may call libm's exp: the float64 walks of V-trace's and
+# Retrace's steps under SSE2, which take libm's exp per lane (simd.h VecExp: there it is faster than the
+# polynomial).
+LIBM_EXP_ALLOWED = {f"scan_{step}_f64": ("default",)
+                    for step in ("vtrace", "vtrace_backward", "retrace", "retrace_backward")}
 for _name, _step in SCAN_STEPS.items():
     for _suffix, _type in (("", "float"), ("_f64", "double")):
         KERNELS[_name + _suffix] = (tuple(f"{walk}<{{ns}}{_step}, {_type}," for walk in SCAN_WALKS), LEVELS)

@@ -360,13 +360,13 @@ def test_vtrace_retrace_exp_over_the_float_range(isa, shape):
 def test_vtrace_retrace_exp_over_the_double_range(isa, shape):
     """The scan steps' float64 vector exp (simd.h exp_any_vd) against float64's exp, over the whole range.
 
-    As the float32 test above: pg_advantages_t = e^{log_rho_t} r_t with gamma = 0, V = 0 and pg_rho_clip = inf,
-    from below exp's underflow (about -745.13) to above its overflow (about 709.78), the gradient where e is finite,
-    and Retrace's recursion against the reference.
+    As the float32 test above: pg_advantages_t = e^{log_rho_t} r_t with gamma = 0, V = 0 and
+    pg_rho_clip = inf, from below exp's underflow (about -745.13) to above its overflow (about 709.78), the
+    gradient where e is finite, and Retrace's recursion against the reference.
     """
     g = torch.Generator().manual_seed(shape[1])
-    edges = [-math.inf, -1000.0, -746.0, -745.2, -745.13, -745.1, -740.0, -708.4, -708.39, -1e-300, 0.0, 1e-300,
-             1.0, 700.0, 709.78, 709.783, 709.79, 710.0, 1000.0, math.inf]
+    edges = [-math.inf, -1000.0, -746.0, -745.2, -745.13, -745.1, -740.0, -708.4, -708.39, -1e-300, 0.0,
+             1e-300, 1.0, 700.0, 709.78, 709.783, 709.79, 710.0, 1000.0, math.inf]
     n = math.prod(shape)
     grid = torch.linspace(-750.0, 715.0, n - len(edges) - n // 2, dtype=torch.float64)
     near = torch.rand(n // 2, generator=g, dtype=torch.float64) * 4 - 2  # |r| up to ln 2 / 2 at many k
@@ -382,9 +382,10 @@ def test_vtrace_retrace_exp_over_the_double_range(isa, shape):
     lr_leaf = lr.clamp(max=700.0).requires_grad_()
     _vs, pg = rlkernels.vtrace(r, v, lr_leaf, gamma=0.0, pg_rho_clip=math.inf, bootstrap_value=boot)
     (grad,) = torch.autograd.grad(pg, lr_leaf, torch.ones_like(pg))
-    assert_close(grad, torch.exp(lr_leaf.detach()) * r, torch.float64, name="grad log_rhos", rtol=1e-15, atol=tiny,
-                 scale=1.0)
-    q, nv = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    assert_close(grad, torch.exp(lr_leaf.detach()) * r, torch.float64, name="grad log_rhos", rtol=1e-15,
+                 atol=tiny, scale=1.0)
+    q = torch.randn(shape, generator=g, dtype=torch.float64)
+    nv = torch.randn(shape, generator=g, dtype=torch.float64)
     term = torch.rand(shape, generator=g) < 0.05
     G = rlkernels.retrace(r, q, nv, lr, gamma=0.99, lam=0.95, terminated=term)
     with np.errstate(over="ignore"):  # e^1000 and e^inf: inf, then clipped to 1
