@@ -255,6 +255,47 @@ def test_gather_logprobs_chunks(isa, dtype, temperature):
     check_chunked_rows(dtype, temperature)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_logprobs_nan_payloads_and_exact_zeros(isa, dtype):
+    """The fold's exp below AVX-512 adds 2^k into the exponent bits of 2^f (csrc/cpu/simd.h exp2_clamped_v):
+    a NaN logit whatever its payload, quiet or signaling, either sign, gives NaN in the first chunk and in a
+    later one; a row of -inf but one logit gives logp 0 and entropy 0 exactly (the clamped terms are +0); logits
+    between 86 and 90 nats below the max (2^k leaving the normal range) weigh nothing."""
+    V = 2048 + 300  # a first chunk and a later one (csrc/cpu/logprobs_simd.h kLogitChunk)
+    payloads = {torch.float32: [0x7FC00000, 0x7FC001FF, 0xFFC0017F, 0x7F800001, 0xFF80FFFF, 0x7FFFFFFF],
+                torch.bfloat16: [0x7FC0, 0x7FC1, 0xFFC0, 0x7F81, 0xFF81, 0x7FFF]}[dtype]
+    bits_dtype = {torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
+    rows = []
+    for at in (5, 2100):
+        for p in payloads:
+            row = randn((V,), torch.float32, scale=2.0, seed=p % 1000 + at).to(dtype)
+            row.view(bits_dtype)[at] = torch.tensor(p, dtype=torch.int64).to(bits_dtype)  # the bits, wrapped
+            assert row[at].isnan()
+            rows.append(row)
+    x = torch.stack(rows)
+    tokens = torch.zeros(len(rows), dtype=torch.long)
+    logp, entropy = rlkernels.gather_logprobs(x, tokens, return_entropy=True)
+    assert logp.isnan().all() and entropy.isnan().all()
+    assert rlkernels.gather_logprobs(x, tokens).isnan().all()
+
+    one_hot = torch.full((3, V), float("-inf"), dtype=dtype)
+    one_hot[0, 7], one_hot[1, 2200], one_hot[2, V - 1] = 3.0, -50.0, 1e4
+    tokens = torch.tensor([7, 2200, V - 1])
+    for temperature in (1.0, 0.7):
+        logp, entropy = rlkernels.gather_logprobs(one_hot, tokens, temperature=temperature, return_entropy=True)
+        assert torch.equal(logp, torch.zeros(3)) and torch.equal(entropy, torch.zeros(3)), (logp, entropy)
+
+    near = torch.full((2, V), -88.0, dtype=torch.float32)
+    near[:, 100:400] = torch.linspace(-90.0, -86.0, 300)
+    near[0, 3], near[1, 2300] = 0.0, 0.0  # the max: every other term is below 2^-124
+    near = near.to(dtype)
+    tokens = torch.tensor([3, 200])
+    logp, entropy = rlkernels.gather_logprobs(near, tokens, return_entropy=True)
+    want_logp, want_entropy = reference.gather_logprobs(near.double().numpy(), tokens.numpy(), return_entropy=True)
+    assert_close(logp, torch.from_numpy(want_logp), name="logp", rtol=1e-6, atol=1e-6)
+    assert_close(entropy, torch.from_numpy(want_entropy), name="entropy", rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("shape", [(5003,), (3, 1030)])
 def test_gae_rows(isa, shape):
     g = torch.Generator().manual_seed(shape[-1])

@@ -39,6 +39,31 @@ __attribute__((always_inline)) inline T exp_poly(T r) {
   return p;
 }
 
+// q(f) ~ 2^f for |f| <= 1/2: exp_poly<kDegree>'s polynomial in r = f ln 2, its coefficients times powers of ln 2
+// (the same approximation; the rounding of the coefficients to float adds at most 3e-8 relative), q(0) = 1
+// exactly. For the base-2 exps of simd.h (exp2_clamped_v).
+template <int kDegree>
+struct Exp2PolyCoefficients;
+template <>
+struct Exp2PolyCoefficients<6> {
+  static constexpr float c[] = {1.5408537001e-4f, 1.3392645633e-3f, 9.6182264388e-3f, 5.5503573269e-2f,
+                                2.4022649229e-1f, 6.9314718246e-1f, 1.0f};
+};
+template <>
+struct Exp2PolyCoefficients<5> {
+  static constexpr float c[] = {1.3298732229e-3f, 9.6717430279e-3f, 5.5505726486e-2f, 2.4022252858e-1f,
+                                6.9314718246e-1f, 1.0f};
+};
+
+template <int kDegree = 6, typename T>
+__attribute__((always_inline)) inline T exp2_poly(T f) {
+  constexpr const float* c = Exp2PolyCoefficients<kDegree>::c;
+  T q = T{} + c[0];
+#pragma GCC unroll 8
+  for (int i = 1; i <= kDegree; ++i) q = q * f + c[i];  // Horner's rule
+  return q;
+}
+
 // p(r) for the reduction of x by kf (k as a float of the same shape); the caller scales by 2^k.
 template <typename T>
 __attribute__((always_inline)) inline T exp_mantissa(T x, T kf) {

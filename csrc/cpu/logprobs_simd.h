@@ -5,7 +5,8 @@
 // s0 = sum exp(z - m), s1 = sum exp(z - m) (z - m), folded chunk by chunk. The first chunk takes two passes
 // (its max, then its exps from L1); every later chunk one: its exps against the running max m, its own max
 // alongside, the state moved to the new max once per chunk. A chunk whose max passes m by more than kSlack
-// (exps that could overflow) is folded again, in two passes. Every exp is the vector polynomial of simd.h.
+// (exps that could overflow) is folded again, in two passes. Every exp is a vector polynomial of simd.h; below
+// AVX-512 the fold's are taken in base 2 (kBase2Fold).
 // bfloat16 logits are widened in registers (two vectors from one load by interleaving with zeros), never
 // copied. A row's ragged end runs as one padded vector (-inf: weighs nothing).
 #pragma once
@@ -36,6 +37,10 @@ RLK_INLINE vf exp_logit(vf x) {
 // Vectors folded per loop step into their own sums: two under AVX-512 (32 registers), one below it, where a
 // second set of sums, maxima and the exp's constants would not fit in 16 registers.
 constexpr bool kTwoSums = RLK_AVX512;
+// Below AVX-512 the one-pass fold takes its exps in base 2, of u = (z - m) log2 e (simd.h exp2_clamped_v): two
+// multiply-adds a vector fewer than exp_logit, whose reduction by ln 2 and final multiply by 2^k took the two FMA
+// pipes the fold is bound by (docs/performance.md). AVX-512 keeps exp_logit (exp_table and exp_scalef).
+constexpr bool kBase2Fold = !RLK_AVX512;
 
 // The one-pass fold prefetches its logits (simd.h's kPrefetchBytes ahead): its exps keep the core's window full
 // of arithmetic, so without it a cold row runs at memory latency, not bandwidth. The lines of 2 kW values from
@@ -48,6 +53,7 @@ RLK_INLINE void prefetch_pair(const T* p, int64_t i) {
 
 struct F32Logits {
   static constexpr int kExpDegree = 6;
+  static constexpr bool kNanLowBitsZero = false;  // a float32 NaN may carry any payload (exp2_clamped_v)
   const float* p;
   RLK_INLINE void prefetch(int64_t i) const { prefetch_pair(p, i); }
   RLK_INLINE vf load(int64_t i) const { return loadu(p + i); }
@@ -80,6 +86,7 @@ RLK_INLINE vf interleave_zero(const uint16_t* p) {
 
 struct Bf16Logits {
   static constexpr int kExpDegree = 5;
+  static constexpr bool kNanLowBitsZero = true;  // widened: the low 16 bits of every value are 0
   const uint16_t* p;
   RLK_INLINE void prefetch(int64_t i) const { prefetch_pair(p, i); }
   RLK_INLINE vf load(int64_t i) const { return load_bf16(p + i); }
@@ -112,13 +119,20 @@ RLK_INLINE ChunkSums fold_chunk(const Src& x, int64_t c0, int64_t full, int64_t 
   const float ninf = -__builtin_inff();
   const vf mv = splat(m);
   vf e0 = vf{}, e1 = vf{}, h0 = vf{}, h1 = vf{}, mx0 = splat(ninf), mx1 = mx0;
-  auto fold = [&](vf z, vf& e, vf& h, vf& mx) {
-    if constexpr (kScale) z = z * it;
-    if constexpr (kMax) mx = max_v(z, mx);
-    vf dc;  // z - m as the exp took it: p * dc = p * (z - m), 0 for z = -inf
-    const vf p = exp_logit<Src>(z - mv, dc);
+  auto fold = [&](vf v, vf& e, vf& h, vf& mx) {  // v: logits as loaded
+    if constexpr (kMax) mx = max_v(v, mx);      // times inv_t at the end (rounding keeps the order)
+    // z - m is exactly 0 at the max (z not contracted into an FMA with the subtraction), so its term is 1
+    const vf d = (kScale ? rounded(v * it) : v) - mv;
+    vf p, arg;  // p * arg = p (z - m), 0 for z = -inf
+    if constexpr (kBase2Fold) {
+      const vf u = at_least(d * 1.44269504088896341f, splat(-127.0f));  // (z - m) log2 e
+      p = exp2_clamped_v<Src::kExpDegree, !Src::kNanLowBitsZero>(u);
+      if constexpr (kEntropy) arg = at_least(d, splat(-100.0f));  // p = +0 below -88.03 and for -inf
+    } else {
+      p = exp_logit<Src>(d, arg);
+    }
     e += p;
-    if constexpr (kEntropy) h += p * dc;
+    if constexpr (kEntropy) h += p * arg;
   };
   int64_t i = c0;
   for (; i + 2 * kW <= full; i += 2 * kW) {
@@ -133,17 +147,9 @@ RLK_INLINE ChunkSums fold_chunk(const Src& x, int64_t c0, int64_t full, int64_t 
     }
   }
   if (i < full) fold(x.load(i), e0, h0, mx0);
-  if (full < c1) {
-    // padded with -inf, already scaled
-    const vf z = load_ragged(x, full, c1 - full, inv_t, ninf);
-    if constexpr (kMax) mx1 = max_v(z, mx1);
-    vf dc;
-    const vf p = exp_logit<Src>(z - mv, dc);
-    e1 += p;
-    if constexpr (kEntropy) h1 += p * dc;
-  }
+  if (full < c1) fold(load_ragged(x, full, c1 - full, 1.0f, ninf), e1, h1, mx1);  // padded with -inf
   ChunkSums r{sum_lanes_f(e0 + e1), kEntropy ? sum_lanes_f(h0 + h1) : 0.0f, ninf};
-  if constexpr (kMax) r.max = max_lanes(max_v(mx0, mx1));
+  if constexpr (kMax) r.max = max_lanes(max_v(mx0, mx1)) * inv_t;
   return r;
 }
 

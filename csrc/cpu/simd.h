@@ -134,6 +134,17 @@ RLK_INLINE vf loadu(const float* p) {
 }
 RLK_INLINE void storeu(float* p, vf v) { __builtin_memcpy(p, &v, sizeof(v)); }
 RLK_INLINE vf splat(float x) { return vf{} + x; }
+// x as rounded: its uses cannot contract the operation that made it into an FMA (no instruction).
+RLK_INLINE vf rounded(vf x) {
+#if defined(__x86_64__) && defined(__GNUC__)
+#if RLK_VEC_BYTES == 64
+  asm("" : "+v"(x));
+#else
+  asm("" : "+x"(x));
+#endif
+#endif
+  return x;
+}
 RLK_INLINE vf as_float(vi x) {
   vf r;
   __builtin_memcpy(&r, &x, sizeof(r));
@@ -433,6 +444,30 @@ template <bool kOneStep = false, int kDegree = 6>
 RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
   vf arg;
   return exp_clamped_v<kOneStep, kDegree>(x, arg);
+}
+// 2^u for u in [-127, 127] (u clamped from below by the caller: at_least keeps NaN), below AVX-512: u = k + f with
+// k = round(u) by the 1.5 * 2^23 trick, 2^f by exp2_poly<kDegree> (exp_poly.h) for |f| <= 1/2, and k added into
+// the exponent field of 2^f's bits by one integer add: no multiply, no mask, and no reduction by ln 2. Against
+// exp_v of (u ln 2) that is two fewer multiply-adds a vector, the arithmetic log-sum-exp is bound by on cores
+// with two FMA pipes (docs/performance.md). Below 2^-126 the add leaves the normal range, never to a NaN or a
+// negative number (k <= -127 only for u <= -126.5, where 2^f >= 1 has exponent field 127): u = -127 gives exactly
+// +0 (f = 0, 2^f = 1), u in (-127, -126) a value in [0, 2^-126) that is not 2^u. So a clamp at -127 sends -inf to
+// 0, and every other term below 2^-126 is lost in one rounding of a sum that holds a term near 1 (log-sum-exp's
+// sums hold the max's term, 1). NaN stays NaN: kFromInt takes k's bits from k converted to int32 (NaN gives
+// 0x80000000, whose shift adds 0); otherwise they come from the sum itself, whose low 9 bits a NaN would carry
+// as payload into the exponent field: for NaNs whose low 16 bits are 0 only, every widened bfloat16 value.
+template <int kDegree, bool kFromInt>
+RLK_INLINE vf exp2_clamped_v(vf u) {
+  const vf y = u + 12582912.0f;  // k + 1.5 * 2^23
+  const vf k = y - 12582912.0f;
+  const vf q = exp2_poly<kDegree>(u - k);
+  vu shift;
+  if constexpr (kFromInt) {
+    shift = reinterpret_cast<vu>(__builtin_convertvector(k, vi)) << 23;
+  } else {
+    shift = as_bits(y) << 23;  // y's low bits hold k; the bits above them leave by the shift
+  }
+  return as_float(as_bits(q) + shift);
 }
 // exp(x) for every float x, as expf gives it: inf above about 88.72 and at inf, subnormal results down to about
 // -103.97 and 0 below, NaN stays NaN. For arguments a caller does not bound (V-trace's and Retrace's log-rhos).
