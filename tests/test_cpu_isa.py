@@ -257,10 +257,11 @@ def test_gather_logprobs_chunks(isa, dtype, temperature):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gather_logprobs_nan_payloads_and_exact_zeros(isa, dtype):
-    """The fold's exp below AVX-512 adds 2^k into the exponent bits of 2^f (csrc/cpu/simd.h exp2_clamped_v):
-    a NaN logit whatever its payload, quiet or signaling, either sign, gives NaN in the first chunk and in a
-    later one; a row of -inf but one logit gives logp 0 and entropy 0 exactly (the clamped terms are +0); logits
-    between 86 and 90 nats below the max (2^k leaving the normal range) weigh nothing."""
+    """The SSE2 fold's exp adds 2^k into the exponent bits of 2^f (csrc/cpu/simd.h exp2_clamped_v), the others
+    clamp and scale: at every level a NaN logit whatever its payload, quiet or signaling, either sign, gives NaN
+    in the first chunk and in a later one; a row of -inf but one logit gives logp 0 and entropy 0 exactly, with a
+    temperature too (z - m is exactly 0 at the max); logits 86 to 90 nats below the max (2^k leaving the normal
+    range) weigh nothing."""
     V = 2048 + 300  # a first chunk and a later one (csrc/cpu/logprobs_simd.h kLogitChunk)
     payloads = {torch.float32: [0x7FC00000, 0x7FC001FF, 0xFFC0017F, 0x7F800001, 0xFF80FFFF, 0x7FFFFFFF],
                 torch.bfloat16: [0x7FC0, 0x7FC1, 0xFFC0, 0x7F81, 0xFF81, 0x7FFF]}[dtype]

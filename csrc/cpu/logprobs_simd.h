@@ -5,8 +5,8 @@
 // s0 = sum exp(z - m), s1 = sum exp(z - m) (z - m), folded chunk by chunk. The first chunk takes two passes
 // (its max, then its exps from L1); every later chunk one: its exps against the running max m, its own max
 // alongside, the state moved to the new max once per chunk. A chunk whose max passes m by more than kSlack
-// (exps that could overflow) is folded again, in two passes. Every exp is a vector polynomial of simd.h; below
-// AVX-512 the fold's are taken in base 2 (kBase2Fold).
+// (exps that could overflow) is folded again, in two passes. Every exp is a vector polynomial of simd.h; under
+// SSE2 the fold's are taken in base 2 (kBase2Fold).
 // bfloat16 logits are widened in registers (two vectors from one load by interleaving with zeros), never
 // copied. A row's ragged end runs as one padded vector (-inf: weighs nothing).
 #pragma once
@@ -37,10 +37,12 @@ RLK_INLINE vf exp_logit(vf x) {
 // Vectors folded per loop step into their own sums: two under AVX-512 (32 registers), one below it, where a
 // second set of sums, maxima and the exp's constants would not fit in 16 registers.
 constexpr bool kTwoSums = RLK_AVX512;
-// Below AVX-512 the one-pass fold takes its exps in base 2, of u = (z - m) log2 e (simd.h exp2_clamped_v): two
-// multiply-adds a vector fewer than exp_logit, whose reduction by ln 2 and final multiply by 2^k took the two FMA
-// pipes the fold is bound by (docs/performance.md). AVX-512 keeps exp_logit (exp_table and exp_scalef).
-constexpr bool kBase2Fold = !RLK_AVX512;
+// Under SSE2 (no FMA) the one-pass fold takes its exps in base 2, of u = (z - m) log2 e (simd.h exp2_clamped_v):
+// three additions and no multiply where exp_logit reduces by ln 2 in two steps (two multiplies, two subtractions)
+// and multiplies by 2^k; 15-30% faster there (docs/performance.md). Its exp's relative error grows with |u| (the
+// rounding of u, about |z - m| 6e-8), so AVX2, where it measured within the noise of exp_logit, and AVX-512
+// keep exp_logit.
+constexpr bool kBase2Fold = RLK_VEC_BYTES == 16;
 
 // The one-pass fold prefetches its logits (simd.h's kPrefetchBytes ahead): its exps keep the core's window full
 // of arithmetic, so without it a cold row runs at memory latency, not bandwidth. The lines of 2 kW values from

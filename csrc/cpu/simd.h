@@ -445,11 +445,11 @@ RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
   vf arg;
   return exp_clamped_v<kOneStep, kDegree>(x, arg);
 }
-// 2^u for u in [-127, 127] (u clamped from below by the caller: at_least keeps NaN), below AVX-512: u = k + f with
-// k = round(u) by the 1.5 * 2^23 trick, 2^f by exp2_poly<kDegree> (exp_poly.h) for |f| <= 1/2, and k added into
-// the exponent field of 2^f's bits by one integer add: no multiply, no mask, and no reduction by ln 2. Against
-// exp_v of (u ln 2) that is two fewer multiply-adds a vector, the arithmetic log-sum-exp is bound by on cores
-// with two FMA pipes (docs/performance.md). Below 2^-126 the add leaves the normal range, never to a NaN or a
+// 2^u for u in [-127, 127] (u clamped from below by the caller: at_least keeps NaN): u = k + f with k = round(u) by
+// the 1.5 * 2^23 trick, 2^f by exp2_poly<kDegree> (exp_poly.h) for |f| <= 1/2, and k added into the exponent field
+// of 2^f's bits by one integer add: no multiply, no mask, and no reduction by ln 2 (the SSE2 log-prob fold,
+// logprobs_simd.h kBase2Fold). Its relative error is exp2_poly's plus the caller's rounding of u times ln 2.
+// Below 2^-126 the add leaves the normal range, never to a NaN or a
 // negative number (k <= -127 only for u <= -126.5, where 2^f >= 1 has exponent field 127): u = -127 gives exactly
 // +0 (f = 0, 2^f = 1), u in (-127, -126) a value in [0, 2^-126) that is not 2^u. So a clamp at -127 sends -inf to
 // 0, and every other term below 2^-126 is lost in one rounding of a sum that holds a term near 1 (log-sum-exp's
