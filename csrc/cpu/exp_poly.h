@@ -30,13 +30,19 @@ struct ExpPolyCoefficients<5> {
                                 1.0f};
 };
 
-template <int kDegree = 6, typename T>
-__attribute__((always_inline)) inline T exp_poly(T r) {
-  constexpr const float* c = ExpPolyCoefficients<kDegree>::c;
+// Horner's rule on the kDegree + 1 coefficients Coefficients::c, highest degree first.
+template <class Coefficients, int kDegree, typename T>
+__attribute__((always_inline)) inline T horner(T x) {
+  constexpr const float* c = Coefficients::c;
   T p = T{} + c[0];
 #pragma GCC unroll 8
-  for (int i = 1; i <= kDegree; ++i) p = p * r + c[i];  // Horner's rule
+  for (int i = 1; i <= kDegree; ++i) p = p * x + c[i];
   return p;
+}
+
+template <int kDegree = 6, typename T>
+__attribute__((always_inline)) inline T exp_poly(T r) {
+  return horner<ExpPolyCoefficients<kDegree>, kDegree>(r);
 }
 
 // q(f) ~ 2^f for |f| <= 1/2: exp_poly<kDegree>'s polynomial in r = f ln 2, its coefficients times powers of ln 2
@@ -57,11 +63,7 @@ struct Exp2PolyCoefficients<5> {
 
 template <int kDegree = 6, typename T>
 __attribute__((always_inline)) inline T exp2_poly(T f) {
-  constexpr const float* c = Exp2PolyCoefficients<kDegree>::c;
-  T q = T{} + c[0];
-#pragma GCC unroll 8
-  for (int i = 1; i <= kDegree; ++i) q = q * f + c[i];  // Horner's rule
-  return q;
+  return horner<Exp2PolyCoefficients<kDegree>, kDegree>(f);
 }
 
 // p(r) for the reduction of x by kf (k as a float of the same shape); the caller scales by 2^k.
