@@ -39,7 +39,7 @@ RLK_INLINE vf exp_logit(vf x) {
 constexpr bool kTwoSums = RLK_AVX512;
 // Under SSE2 (no FMA) the one-pass fold takes its exps in base 2, of u = (z - m) log2 e (simd.h exp2_clamped_v):
 // three additions and no multiply where exp_logit reduces by ln 2 in two steps (two multiplies, two subtractions)
-// and multiplies by 2^k; 15-30% faster there (docs/performance.md). Its exp's relative error grows with |u| (the
+// and multiplies by 2^k; 5-30% faster there (docs/performance.md). Its exp's relative error grows with |u| (the
 // rounding of u, about |z - m| 6e-8), so AVX2, where it measured within the noise of exp_logit, and AVX-512
 // keep exp_logit.
 constexpr bool kBase2Fold = RLK_VEC_BYTES == 16;

@@ -449,11 +449,11 @@ RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf exp_nonpositive_v(vf x) {
 // the 1.5 * 2^23 trick, 2^f by exp2_poly<kDegree> (exp_poly.h) for |f| <= 1/2, and k added into the exponent field
 // of 2^f's bits by one integer add: no multiply, no mask, and no reduction by ln 2 (the SSE2 log-prob fold,
 // logprobs_simd.h kBase2Fold). Its relative error is exp2_poly's plus the caller's rounding of u times ln 2.
-// Below 2^-126 the add leaves the normal range, never to a NaN or a
-// negative number (k <= -127 only for u <= -126.5, where 2^f >= 1 has exponent field 127): u = -127 gives exactly
-// +0 (f = 0, 2^f = 1), u in (-127, -126) a value in [0, 2^-126) that is not 2^u. So a clamp at -127 sends -inf to
-// 0, and every other term below 2^-126 is lost in one rounding of a sum that holds a term near 1 (log-sum-exp's
-// sums hold the max's term, 1). NaN stays NaN: kFromInt takes k's bits from k converted to int32 (NaN gives
+// Below 2^-126 the add leaves the normal range, never to a NaN or a negative number (k <= -127 only for
+// u <= -126.5, where 2^f >= 1 has exponent field 127): u = -127 gives exactly +0 (f = 0, 2^f = 1), u in
+// (-127, -126) a value in [0, 2^-126) that is not 2^u. So a clamp at -127 sends -inf to 0, and every other term
+// below 2^-126 is lost in one rounding of a sum that holds a term near 1 (log-sum-exp's sums hold the max's
+// term, 1). NaN stays NaN: kFromInt takes k's bits from k converted to int32 (NaN gives
 // 0x80000000, whose shift adds 0); otherwise they come from the sum itself, whose low 9 bits a NaN would carry
 // as payload into the exponent field: for NaNs whose low 16 bits are 0 only, every widened bfloat16 value.
 template <int kDegree, bool kFromInt>
