@@ -297,6 +297,36 @@ def test_gather_logprobs_nan_payloads_and_exact_zeros(isa, dtype):
     assert_close(entropy, torch.from_numpy(want_entropy), name="entropy", rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_logprobs_offsets_and_ties(isa, dtype):
+    """At AVX2 the one-pass fold takes its exps against R = j ln 2 next to the running max while |max| <= 65536,
+    and against the max beyond (csrc/cpu/logprobs_simd.h kAbsoluteFold): rows whose max lies on either side of
+    that bound, with and without a temperature, and rows of tied logits match the reference at every level, and
+    logp is the same bits with and without the entropy."""
+    V = 3 * 2048 + 77  # a first chunk and later ones, folded in one pass
+    offsets = [0.0, 25.0, -300.0, 6.5e4, -6.5e4, 6.6e4, -6.6e4, 2e5]
+    rows = [randn((V,), torch.float32, scale=3.0, seed=i) + off for i, off in enumerate(offsets)]
+    rising = torch.linspace(-40.0, 40.0, V)  # each later chunk's max passes the running one
+    rows += [torch.zeros(V), torch.full((V,), 6.5e4), rising, rising.flip(0)]
+    x = torch.stack(rows).to(dtype)
+    tokens = random_tokens((len(rows),), V)
+    for temperature in (1.0, 0.6, 1.5):
+        logp, entropy = rlkernels.gather_logprobs(x, tokens, temperature=temperature, return_entropy=True)
+        assert torch.equal(rlkernels.gather_logprobs(x, tokens, temperature=temperature), logp)
+        want_logp, want_entropy = reference.gather_logprobs(x.double().numpy(), tokens.numpy(),
+                                                            temperature=temperature, return_entropy=True)
+        # z = x / T is rounded to float32 (its ulp is 2^-6 at 1e5) before anything else: the tolerance is its size
+        z_max = x.double().abs().amax(1) / temperature
+        atol = 5e-5 + 8 * 2.0 ** -24 * z_max
+        for got, want, name in ((logp, want_logp, "logp"), (entropy, want_entropy, "entropy")):
+            err = (got.double() - torch.from_numpy(want)).abs()
+            assert (err <= atol + 1e-5 * torch.from_numpy(want).abs()).all(), (name, temperature, err, atol)
+    # a uniform row: log V within a few 1e-6 (its terms are not 1 against R)
+    uniform = torch.zeros(2, V, dtype=dtype)
+    _, entropy = rlkernels.gather_logprobs(uniform, tokens[:2], return_entropy=True)
+    assert_close(entropy, torch.full((2,), math.log(V)), name="entropy of a uniform row", rtol=0.0, atol=2e-5)
+
+
 @pytest.mark.parametrize("shape", [(5003,), (3, 1030)])
 def test_gae_rows(isa, shape):
     g = torch.Generator().manual_seed(shape[-1])
