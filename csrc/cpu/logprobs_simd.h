@@ -6,8 +6,7 @@
 // (its max, then its exps from L1); every later chunk one: its exps against the running max m, its own max
 // alongside, the state moved to the new max once per chunk. A chunk whose max passes m by more than kSlack
 // (exps that could overflow) is folded again, in two passes. Every exp is a vector polynomial of simd.h; under
-// SSE2 the fold's are taken in base 2 (kBase2Fold), at AVX2 without entropy against a reference next to m
-// (kAbsoluteFold).
+// SSE2 the fold's are taken in base 2 (kBase2Fold), at AVX2 against a reference next to m (kAbsoluteFold).
 // bfloat16 logits are widened in registers (two vectors from one load by interleaving with zeros), never
 // copied. A row's ragged end runs as one padded vector (-inf: weighs nothing).
 #pragma once
@@ -50,11 +49,11 @@ constexpr bool kBase2Fold = RLK_VEC_BYTES == 16;
 // the one-step reduction rounds it to float): exp_reduce's one-step error, in k - j. The chunk's sums are moved
 // from R to m once (|R - m| <= ln 2 / 2). The entropy's z - m, one subtraction, comes back with return_entropy
 // (exactly 0 at the max, as in exp_logit's fold), and the sum-exp is the same FMA either way, so logp does not
-// depend on return_entropy. 14 operations a vector
-// for bfloat16 logits without entropy where exp_logit takes 15: 10% faster on the AVX2 machine
-// (docs/performance.md). z is clamped at R - 127 ln 2, where k - j = -127 and 2^(k - j) is exactly +0 (so -inf
-// weighs nothing, as in exp_clamped_v). Under AVX-512 vscalefps takes k - j itself, so the subtraction would
-// come back there; SSE2 takes base 2. For |m| <= kAbsoluteMax only, where j, y's sum and k ln 2 stay exact.
+// depend on return_entropy. 14 operations a vector for bfloat16 logits without entropy where exp_logit takes
+// 15: 10% faster on the AVX2 machine (docs/performance.md). z is clamped at R - 127 ln 2, where k - j = -127 and
+// 2^(k - j) is exactly +0 (so -inf weighs nothing, as in exp_clamped_v). Under AVX-512 vscalefps takes k - j
+// itself, so the subtraction would come back there; SSE2 takes base 2. For |m| <= kAbsoluteMax only, where j,
+// y's sum and k ln 2 stay exact.
 constexpr bool kAbsoluteFold = RLK_VEC_BYTES == 32;
 constexpr float kAbsoluteMax = 65536.0f;
 
@@ -64,7 +63,7 @@ struct AbsoluteRef {
   explicit AbsoluteRef(float m_) : m(m_) {
     constexpr double kLn2f = 0.693147182464599609375;  // 0.693147182f, the reduction's ln 2
     const double j = __builtin_nearbyint(static_cast<double>(m) * 1.4426950408889634);
-    const double r = j * kLn2f;  // exact: j has at most 18 bits
+    const double r = j * kLn2f;  // exact: j has at most 17 bits
     cj = static_cast<float>(12582912.0 - j);
     lo = static_cast<float>(r - 127.0 * kLn2f);
     to_m = __builtin_expf(static_cast<float>(r - static_cast<double>(m)));  // r - m: exact in double
@@ -170,7 +169,7 @@ RLK_INLINE ChunkSums fold_chunk(const Src& x, int64_t c0, int64_t full, int64_t 
       const vf r = fused_mul_add(y - cj, splat(-0.693147182f), z);       // z - k ln 2
       const vf q = exp_poly<Src::kExpDegree>(r), s = pow2i_of_shifted(y);  // exp(z - R) = q s
       e = fused_mul_add(q, s, e);
-      if constexpr (kEntropy) h += (q * s) * (z - mv);  // 0 where z was clamped (s = 0)
+      if constexpr (kEntropy) h += (q * s) * (z - mv);  // 0 where z was clamped (k - j = -127, s = 0)
       return;
     }
     // z - m is exactly 0 at the max (z not contracted into an FMA with the subtraction), so its term is 1
