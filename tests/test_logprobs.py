@@ -1332,17 +1332,23 @@ def test_linear_gpu_memory_is_flat_in_n(backend):
 
 @pytest.mark.parametrize("backend", backends(*LINEAR_OPS, cpu_tensors=True, include=("cpu", "triton")))
 @pytest.mark.parametrize("keep_ignored_rows", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_linear_vocabulary_tiles(dtype, keep_ignored_rows, backend, monkeypatch):
+@pytest.mark.parametrize("dtype,gemm16", [(torch.float64, None), (torch.float32, None), (torch.bfloat16, True),
+                                          (torch.bfloat16, False), (torch.float16, False)])
+def test_linear_vocabulary_tiles(dtype, gemm16, keep_ignored_rows, backend, monkeypatch):
     """The default tiles over part of the vocabulary (several tiles and row chunks, a ragged last tile), merged as
     shards in the forward and summed in the backward; with keep_ignored_rows, ignored rows go through the tiles
-    as on a GPU."""
+    as on a GPU. 16-bit inputs take torch's 16-bit GEMM (gemm16) or, as on a CPU without one, float32 GEMMs on
+    widened blocks of a few vocabulary entries (several blocks a tile)."""
     from rlkernels._ops import logprobs as ops
 
     monkeypatch.setattr(ops, "_CHUNK_BYTES", {"cpu": 4 * 40 * dtype.itemsize, "cuda": 1 << 20})
     monkeypatch.setattr(ops, "_TILE_ROWS", {"cpu": 4, "cuda": 4})
     monkeypatch.setattr(ops, "_MIN_VOCAB_TILE", 1)
     monkeypatch.setattr(ops, "_VOCAB_ALIGN", 1)
+    if gemm16 is not None:
+        monkeypatch.setattr(ops, "_cpu_has_16bit_gemm", lambda dtype: gemm16)
+        monkeypatch.setattr(ops, "_WIDE_BYTES", 4 * 12 * 7)  # 7 vocabulary entries a block
+        assert ops._wide_block(4, 12) == 7 and ops._wide_gemm(torch.ones(1, dtype=dtype)) == (not gemm16)
     if keep_ignored_rows:
         monkeypatch.setattr(ops, "_kept_rows", lambda tokens, ignore_index: None)
     rows, cols = ops.default_tiles(10, 97, dtype, "cpu")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ._util import accumulate_dtype, register
@@ -158,9 +160,49 @@ def check_token_range(tokens, V, ignore_index):
                          f"{int(tokens[bad][0])} at row {int(bad.nonzero()[0, 0])}")
 
 
+# Bytes of each float32 operand widened at a time when a CPU without a 16-bit GEMM takes 16-bit products in
+# float32 (weight rows, and the tile's columns of as many vocabulary entries).
+_WIDE_BYTES = 32 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_16bit_gemm(dtype: torch.dtype) -> bool:
+    """Whether torch's CPU matmul has a kernel for this 16-bit dtype (oneDNN on AVX-512 BF16 / FP16 or AMX).
+    Without one its bfloat16 GEMMs ran at 1 to 18 GFLOP/s where float32's ran at 85 to 134 (an AVX2 CPU,
+    docs/performance.md)."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _wide_gemm(t: Tensor) -> bool:
+    """16-bit CPU tensors whose GEMMs run in float32 on widened copies (exact: a 16-bit value is a float32 one,
+    and so is the product of two), a block of vocabulary entries at a time (_wide_block)."""
+    return t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16) and not _cpu_has_16bit_gemm(t.dtype)
+
+
+def _wide_block(rows: int, hidden_size: int) -> int:
+    """Vocabulary entries per float32 block: at most _WIDE_BYTES of widened weight rows and of tile columns."""
+    return max(_VOCAB_ALIGN, _WIDE_BYTES // (4 * max(1, rows, hidden_size)))
+
+
 def _chunk_logits(out, h, weight, bias, logit_scale, softcap, tanh_out=None):
     """out = logit_scale * (h @ weight.T + bias), softcapped; tanh_out (when given) receives tanh(z / softcap)."""
-    if bias is not None:
+    if _wide_gemm(h):
+        # in float32, rounded to 16 bits once, as a 16-bit GEMM with a float32 accumulator rounds its output
+        hf, blk = h.float(), _wide_block(h.shape[0], weight.shape[1])
+        for c0 in range(0, weight.shape[0], blk):
+            c1 = min(weight.shape[0], c0 + blk)
+            y = torch.mm(hf, weight[c0:c1].float().t())
+            if bias is not None:
+                y.add_(bias[c0:c1].float())
+            if logit_scale != 1.0:
+                y.mul_(logit_scale)
+            out[:, c0:c1].copy_(y)
+    elif bias is not None:
         torch.addmm(bias, h, weight.t(), beta=logit_scale, alpha=logit_scale, out=out)
     elif logit_scale != 1.0:
         torch.addmm(out, h, weight.t(), beta=0.0, alpha=logit_scale, out=out)
@@ -390,9 +432,14 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
     # 16-bit grad_weight on CPU: torch's CPU matmul has no float32 output for 16-bit inputs, so each tile's
     # product is staged in the inputs' dtype, a block of vocabulary rows at a time, and added in float32.
     fp32_out = low and hidden.device.type == "cuda"
+    # A CPU without a 16-bit GEMM: the products in float32 on widened copies, added to the float32 sums directly
+    wide = _wide_gemm(hidden)
+    blk = _wide_block(step, weight.shape[1]) if wide else 0
     stage = None
-    if need_weight and low and not fp32_out and not one_chunk:
+    if need_weight and low and not fp32_out and not one_chunk and not wide:
         stage = weight.new_empty((min(width, _GRAD_WEIGHT_BLOCK), weight.shape[1]))
+    if wide and gh_stage is not None:
+        gh_stage = None
     for start in range(0, n, step):
         end = min(n, start + step)
         h = hidden[start:end]
@@ -410,7 +457,15 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
                 _unfused_tile(fold_backward_inplace, g, t, tiled, h, weight[v0:v1],
                               None if bias is None else bias[v0:v1], tokens[start:end], v0, gl, ge, lse[start:end], ent,
                               temperature, ignore_index, logit_scale, softcap)
-            if need_hidden:
+            if need_hidden and wide:
+                part = None if tiled else torch.zeros((end - start, hidden.shape[1]), dtype=torch.float32)
+                dst = gh[start:end] if tiled else part
+                for b0 in range(0, v1 - v0, blk):
+                    b1 = min(v1 - v0, b0 + blk)
+                    dst.addmm_(g[:, b0:b1].float(), weight[v0 + b0:v0 + b1].float())
+                if not tiled:
+                    gh[start:end].copy_(part)
+            elif need_hidden:
                 if not tiled:
                     torch.mm(g, weight, out=gh[start:end])
                 elif gh_stage is None:
@@ -419,7 +474,15 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
                     part = gh_stage[: end - start]
                     torch.mm(g, weight[v0:v1], out=part)
                     gh[start:end].add_(part)
-            if need_weight:
+            if need_weight and wide:
+                gw, hf = grad_weight[v0:v1], h.float()
+                for b0 in range(0, v1 - v0, blk):
+                    b1 = min(v1 - v0, b0 + blk)
+                    if one_chunk:
+                        gw[b0:b1].copy_(torch.mm(g[:, b0:b1].t().float(), hf))
+                    else:
+                        gw[b0:b1].addmm_(g[:, b0:b1].t().float(), hf)
+            elif need_weight:
                 gw = grad_weight[v0:v1]
                 if one_chunk:
                     torch.mm(g.t(), h, out=gw)
