@@ -428,21 +428,20 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
     if need_hidden:
         gh = hidden.new_zeros((n, hidden.shape[1]), dtype=acc) if tiled else (
             grad_hidden if rows is None else hidden.new_empty((n, hidden.shape[1])))
-    gh_stage = hidden.new_empty((step, hidden.shape[1])) if (need_hidden and tiled and low) else None
-    # 16-bit grad_weight on CPU: torch's CPU matmul has no float32 output for 16-bit inputs, so each tile's
-    # product is staged in the inputs' dtype, a block of vocabulary rows at a time, and added in float32.
-    fp32_out = low and hidden.device.type == "cuda"
     # A CPU without a 16-bit GEMM: the products in float32 on widened copies, added to the float32 sums directly
     wide = _wide_gemm(hidden)
     blk = _wide_block(step, weight.shape[1]) if wide else 0
+    gh_stage = hidden.new_empty((step, hidden.shape[1])) if (need_hidden and tiled and low and not wide) else None
+    # 16-bit grad_weight on CPU: torch's CPU matmul has no float32 output for 16-bit inputs, so each tile's
+    # product is staged in the inputs' dtype, a block of vocabulary rows at a time, and added in float32.
+    fp32_out = low and hidden.device.type == "cuda"
     stage = None
     if need_weight and low and not fp32_out and not one_chunk and not wide:
         stage = weight.new_empty((min(width, _GRAD_WEIGHT_BLOCK), weight.shape[1]))
-    if wide and gh_stage is not None:
-        gh_stage = None
     for start in range(0, n, step):
         end = min(n, start + step)
         h = hidden[start:end]
+        hf = h.float() if wide and need_weight else None
         gl = None if grad_logp is None else grad_logp[start:end]
         ge = None if grad_entropy is None else grad_entropy[start:end]
         ent = entropy[start:end] if entropy.numel() else entropy
@@ -475,7 +474,7 @@ def linear_backward(fold_backward_inplace, grad_logp, grad_entropy, hidden, weig
                     torch.mm(g, weight[v0:v1], out=part)
                     gh[start:end].add_(part)
             if need_weight and wide:
-                gw, hf = grad_weight[v0:v1], h.float()
+                gw = grad_weight[v0:v1]
                 for b0 in range(0, v1 - v0, blk):
                     b1 = min(v1 - v0, b0 + blk)
                     if one_chunk:
