@@ -183,13 +183,13 @@ __attribute__((always_inline)) inline fq exp_nonpositive(fq x) {
   }
 #endif
   x = x < -87.3f ? fq{} - 87.3f : x;
-  // Adding 1.5 * 2^23 rounds x / ln 2 to the nearest integer k and leaves k in the sum's low mantissa bits,
-  // from which 2^k is built (k in [-126, 0]) without a conversion.
-  const fq y = x * 1.44269504088896341f + 12582912.0f;
-  const fq p = exp_mantissa(x, y - 12582912.0f);
+  // Adding kRoundBiased (simd.h) rounds x / ln 2 to the nearest integer k and leaves k + 127 in the sum's low
+  // mantissa bits, shifted into 2^k's exponent field (k in [-126, 0]) without a conversion.
+  const fq y = x * 1.44269504088896341f + vec::kRoundBiased;
+  const fq p = exp_mantissa(x, y - vec::kRoundBiased);
   iq bits;
   __builtin_memcpy(&bits, &y, sizeof(bits));
-  bits = (bits << 23) + (127 << 23);
+  bits = bits << 23;
   fq scale;
   __builtin_memcpy(&scale, &bits, sizeof(scale));
   return p * scale;

@@ -44,27 +44,27 @@ constexpr bool kTwoSums = RLK_AVX512;
 // keep exp_logit.
 constexpr bool kBase2Fold = RLK_VEC_BYTES == 16;
 // At AVX2 the one-pass fold takes no z - m for its exps: with j = round(m log2 e), one FMA
-// y = z log2 e + (1.5 * 2^23 - j) rounds z log2 e to an integer k (k = y - (1.5 * 2^23 - j), exact) and leaves
-// k - j in y's low bits, so 2^(k - j) p(z - k ln 2) = exp(z - R) exp((k - j) 1.9e-9) with R = j ln 2 (ln 2 as
+// y = z log2 e + (kRoundBiased - j) rounds z log2 e to an integer k (k = y - (kRoundBiased - j), exact) and leaves
+// k - j + 127 in y's low bits, so 2^(k - j) p(z - k ln 2) = exp(z - R) exp((k - j) 1.9e-9) with R = j ln 2 (ln 2 as
 // the one-step reduction rounds it to float): exp_reduce's one-step error, in k - j. The chunk's sums are moved
 // from R to m once (|R - m| <= ln 2 / 2). The entropy's z - m, one subtraction, comes back with return_entropy
 // (exactly 0 at the max, as in exp_logit's fold), and the sum-exp is the same FMA either way, so logp does not
-// depend on return_entropy. 14 operations a vector for bfloat16 logits without entropy where exp_logit takes
-// 15: 10% faster on the AVX2 machine (docs/performance.md). z is clamped at R - 127 ln 2, where k - j = -127 and
+// depend on return_entropy. 13 operations a vector for bfloat16 logits without entropy where exp_logit takes
+// 14: 10% faster on the AVX2 machine (docs/performance.md). z is clamped at R - 127 ln 2, where k - j = -127 and
 // 2^(k - j) is exactly +0 (so -inf weighs nothing, as in exp_clamped_v). Under AVX-512 vscalefps takes k - j
 // itself, so the subtraction would come back there; SSE2 takes base 2. For |m| <= kAbsoluteMax only, where j,
 // y's sum and k ln 2 stay exact.
 constexpr bool kAbsoluteFold = RLK_VEC_BYTES == 32;
 constexpr float kAbsoluteMax = 65536.0f;
 
-// The constants of an absolute chunk against m: cj = 1.5 * 2^23 - j, lo = R - 127 ln 2, to_m = exp(R - m).
+// The constants of an absolute chunk against m: cj = kRoundBiased - j, lo = R - 127 ln 2, to_m = exp(R - m).
 struct AbsoluteRef {
   float m, cj, lo, to_m;
   explicit AbsoluteRef(float m_) : m(m_) {
     constexpr double kLn2f = 0.693147182464599609375;  // 0.693147182f, the reduction's ln 2
     const double j = __builtin_nearbyint(static_cast<double>(m) * 1.4426950408889634);
     const double r = j * kLn2f;  // exact: j has at most 17 bits
-    cj = static_cast<float>(12582912.0 - j);
+    cj = static_cast<float>(12583039.0 - j);
     lo = static_cast<float>(r - 127.0 * kLn2f);
     to_m = __builtin_expf(static_cast<float>(r - static_cast<double>(m)));  // r - m: exact in double
   }
@@ -165,9 +165,9 @@ RLK_INLINE ChunkSums fold_chunk(const Src& x, int64_t c0, int64_t full, int64_t 
     if constexpr (kMax) mx = max_v(v, mx);      // times inv_t at the end (rounding keeps the order)
     if constexpr (kAbs) {
       const vf z = at_least(kScale ? v * it : v, lo);                    // NaN stays
-      const vf y = fused_mul_add(z, splat(1.44269504088896341f), cj);    // k + 1.5 * 2^23 - j
+      const vf y = fused_mul_add(z, splat(1.44269504088896341f), cj);    // k - j + kRoundBiased
       const vf r = fused_mul_add(y - cj, splat(-0.693147182f), z);       // z - k ln 2
-      const vf q = exp_poly<Src::kExpDegree>(r), s = pow2i_of_shifted(y);  // exp(z - R) = q s
+      const vf q = exp_poly<Src::kExpDegree>(r), s = pow2i_of_biased(y);  // exp(z - R) = q s
       e = fused_mul_add(q, s, e);
       if constexpr (kEntropy) h += (q * s) * (z - mv);  // 0 where z was clamped (k - j = -127, s = 0)
       return;

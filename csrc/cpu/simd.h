@@ -342,9 +342,12 @@ RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf at_most(vf x, vf hi) {
 }
 // x clamped to [lo, hi]; NaN stays NaN.
 RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf clamp_v(vf x, vf lo, vf hi) { return at_most(at_least(x, lo), hi); }
-// 2^k for y = k + 1.5 * 2^23 (k integral, |k| < 2^22): y's low mantissa bits hold k, shifted into the exponent
-// field with the bias added (two integer operations, no conversion); k = -127 gives +0.
-RLK_INLINE vf pow2i_of_shifted(vf y) { return as_float((as_bits(y) << 23) + (127u << 23)); }
+// 1.5 * 2^23 + 127: x log2 e plus it rounds to an integer k (k = sum - kRoundBiased, exact for |k| < 2^22) and
+// leaves k + 127, 2^k's biased exponent, in the sum's low mantissa bits.
+constexpr float kRoundBiased = 12583039.0f;
+// 2^k for y = k + kRoundBiased (k integral, -127 <= k <= 128): y's low mantissa bits shifted into the exponent
+// field, the bits above them out (one integer operation, no conversion); k = -127 gives +0, k = 128 inf.
+RLK_INLINE vf pow2i_of_biased(vf y) { return as_float(as_bits(y) << 23); }
 // r = x - k ln 2, the argument of exp_poly (exp_poly.h). Two steps by default (Cody-Waite: ln 2 in two parts,
 // two FMAs), exact to float rounding. kOneStep: one FMA with ln 2 rounded to float, whose 1.9e-9 error adds
 // k * 1.9e-9 to exp's relative error (2e-8 at k = 10, 2.4e-7 at k = 126): for sums of exps that the largest
@@ -418,10 +421,10 @@ RLK_AVX512_TARGET RLK_INLINE vf exp_v(vf x) {
 #if RLK_AVX512
   return exp_avx512<kOneStep, kDegree>(x);
 #else
-  const vf y = x * 1.44269504088896341f + 12582912.0f;  // k + 1.5 * 2^23
-  const vf k = y - 12582912.0f;
+  const vf y = x * 1.44269504088896341f + kRoundBiased;  // k + 127 + 1.5 * 2^23
+  const vf k = y - kRoundBiased;
   const vf r = exp_reduce<kOneStep>(x, k);
-  return exp_poly<kDegree>(r) * pow2i_of_shifted(y);
+  return exp_poly<kDegree>(r) * pow2i_of_biased(y);
 #endif
 }
 // exp(x) for x <= 87: exactly 0 below about -87.68 (below about -104 on AVX-512) and for -inf, NaN stays NaN. `arg`
@@ -434,7 +437,7 @@ RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf exp_clamped_v(vf x, vf& arg) {
   arg = at_least(x, splat(-200.0f));
   return exp_avx512<kOneStep, kDegree>(arg);
 #else
-  // No mask: from -88 k rounds to -127, whose 2^k pow2i_of_shifted builds as +0, so the result is exactly 0 below about
+  // No mask: from -88 k rounds to -127, whose 2^k pow2i_of_biased builds as +0, so the result is exactly 0 below about
   // -87.68 and for -inf; above it 2^-126 p rounds into the subnormals.
   arg = at_least(x, splat(-88.0f));
   return exp_v<kOneStep, kDegree>(arg);
