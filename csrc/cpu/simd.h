@@ -342,8 +342,8 @@ RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf at_most(vf x, vf hi) {
 }
 // x clamped to [lo, hi]; NaN stays NaN.
 RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vf clamp_v(vf x, vf lo, vf hi) { return at_most(at_least(x, lo), hi); }
-// 1.5 * 2^23 + 127: x log2 e plus it rounds to an integer k (k = sum - kRoundBiased, exact for |k| < 2^22) and
-// leaves k + 127, 2^k's biased exponent, in the sum's low mantissa bits.
+// 1.5 * 2^23 + 127: x log2 e plus it rounds to an integer k (k = sum - kRoundBiased, exact while the sum stays
+// in [2^23, 2^24), |k| < 2^22 - 127) and leaves k + 127, 2^k's biased exponent, in the sum's low mantissa bits.
 constexpr float kRoundBiased = 12583039.0f;
 // 2^k for y = k + kRoundBiased (k integral, -127 <= k <= 128): y's low mantissa bits shifted into the exponent
 // field, the bits above them out (one integer operation, no conversion); k = -127 gives +0, k = 128 inf.
