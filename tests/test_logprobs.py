@@ -1042,6 +1042,38 @@ def test_linear_backward_matches_torch(head, dtype, backend):
     assert torch.all(leaves[0].grad[0, 0] == 0)  # the ignored row
 
 
+@pytest.mark.parametrize("gemm16", [True, False])
+@pytest.mark.parametrize("chunk_size", [None, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_linear_16bit_gemm_paths_untiled(dtype, chunk_size, gemm16, monkeypatch):
+    """One tile over the whole vocabulary, in one row chunk (chunk_size None: d weight is one GEMM) and in several:
+    torch's 16-bit GEMMs (gemm16) and, as on a CPU without them, float32 GEMMs on widened blocks of 7 vocabulary
+    entries, each against the float64 oracle, forward and backward with the Gemma head (bias, scale, softcap)."""
+    from rlkernels._ops import logprobs as ops
+
+    monkeypatch.setattr(ops, "_cpu_has_16bit_gemm", lambda dtype: gemm16)
+    monkeypatch.setattr(ops, "_WIDE_BYTES", 4 * 24 * 7)
+    assert ops._wide_gemm(torch.ones(1, dtype=dtype)) == (not gemm16)
+    bias, logit_scale, softcap, temperature = HEADS["gemma"]
+    hidden, weight, b, tokens = linear_inputs((3, 6), 24, 131, dtype, bias=bias, seed=11)
+    kw = {"temperature": temperature, "logit_scale": logit_scale, "softcap": softcap}
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, b)]
+    g = torch.Generator().manual_seed(4)
+    g_logp, g_ent = (torch.randn(tokens.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    logp, ent = rlkernels.linear_logprobs(leaves[0], leaves[1], tokens, bias=leaves[2], return_entropy=True,
+                                          chunk_size=chunk_size, **kw)
+    (logp * g_logp.to(logp) + ent * g_ent.to(ent)).sum().backward()
+    ref = [x.detach().double().requires_grad_() for x in leaves]
+    wl, we = linear_oracle(ref[0], ref[1], tokens, bias=ref[2], **kw)
+    (wl * g_logp + we * g_ent).sum().backward()
+    tol = linear_tol(dtype, 24)
+    assert_close(logp, wl.detach(), **tol, name="logp")
+    assert_close(ent, we.detach(), **tol, name="entropy")
+    for name, got, want in zip(("hidden", "weight", "bias"), leaves, ref):
+        size = float(want.grad.abs().max())
+        assert_close(got.grad, want.grad, atol=3e-2 * size, rtol=3e-2, scale=1.0, name=f"d {name}")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_linear_grad_weight_accumulates_in_float32(dtype):
     """Many small chunks of one sign: a 16-bit running sum would stall (each chunk's product falls below half an
