@@ -200,7 +200,7 @@ def test_ops_select_families_and_kinds_in_order():
     bellman = cases.entries(cases.SHAPES, "quick", ["bellman"])
     assert {kind for kind, _, _ in bellman} == set(cases.FAMILIES["bellman"])
     mixed = cases.entries(cases.SHAPES, "quick", ["ppo", "vtrace"])
-    assert [kind for kind, _, _ in mixed] == ["ppo_policy_loss", "value_loss", "vtrace"]
+    assert [kind for kind, _, _ in mixed] == ["ppo_policy_loss", "ppo_policy_loss", "value_loss", "vtrace"]
     assert len(cases.entries(cases.SHAPES, "quick")) == len(cases.SHAPES["quick"])
     bad = subprocess.run([sys.executable, "-m", "rlkernels.bench", "--ops", "gae,nope"], cwd=ROOT, env=ENV,
                          check=False, capture_output=True, text=True, timeout=120)

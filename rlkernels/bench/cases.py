@@ -53,6 +53,7 @@ SHAPES = {
         ("gather_logprobs", (1024, 32000)),
         ("linear_logprobs", (2048, 512, 32000)),
         ("ppo_policy_loss", (256, 4096)),
+        ("ppo_policy_loss", (1 << 20,)),
         ("value_loss", (256, 4096)),
         ("q_targets", (65536, 18), BOTH),
         ("td_loss", (65536, 18), BOTH),
@@ -75,6 +76,7 @@ SHAPES = {
         ("linear_logprobs", (8192, 4096, 151936)),
         ("linear_logprobs", (32768, 4096, 151936)),
         ("ppo_policy_loss", (512, 8192)),
+        ("ppo_policy_loss", (1 << 22,)),
         ("value_loss", (512, 8192)),
         ("q_targets", (65536, 18), BOTH),
         ("td_loss", (65536, 18), BOTH),
@@ -94,6 +96,7 @@ SHAPES = {
         ("gather_logprobs", (64, 1000)),
         ("linear_logprobs", (64, 32, 1000)),
         ("ppo_policy_loss", (16, 256)),
+        ("ppo_policy_loss", (4096,)),
         ("value_loss", (16, 256)),
         ("q_targets", (4096, 18), BOTH),
         ("td_loss", (4096, 18), BOTH),
@@ -358,6 +361,8 @@ def _linear_cases(kind, dims, device, rlk, numpy) -> list[Case]:
 
 
 def _ppo_cases(kind, dims, device, rlk, numpy) -> list[Case]:
+    if len(dims) == 1:
+        return _ppo_flat_cases(kind, dims, device, rlk)
     b, t = dims
     g = _generator()
     logp = -torch.rand(b, t, generator=g) * 3
@@ -407,6 +412,33 @@ def _ppo_cases(kind, dims, device, rlk, numpy) -> list[Case]:
         _case(kind, dims, "ppo_policy_loss fwd+bwd bf16", shape, f"ppo_policy_loss fwd+bwd bf16 [B=*, T={t}] masked",
               low_bwd, baselines.ppo_providers(*low, mask, **PPO_CLIP, leaf=low_leaf), (low + [mask]) * 2, [low[0]],
               **bf16),
+    ]
+
+
+def _ppo_flat_cases(kind, dims, device, rlk) -> list[Case]:
+    """One long 1-D row of N tokens, 90% of them kept by the mask (a trainer that flattens its batch before the
+    loss): the CPU kernels split it across threads as a batch of rows, forward and backward."""
+    (n,) = dims
+    g = _generator()
+    logp = -torch.rand(n, generator=g) * 3
+    old = logp + 0.2 * torch.randn(n, generator=g)
+    advantages = torch.randn(n, generator=g)
+    mask = torch.rand(n, generator=g) < 0.9
+    logp, old, advantages, mask = (x.to(device) for x in (logp, old, advantages, mask))
+    leaf = logp.clone().requires_grad_()
+    inputs = [logp, old, advantages, mask]
+    fwd = bwd = None
+    if rlk is not None:
+        fwd = lambda backend: rlk.ppo_policy_loss(logp, old, advantages, mask, **PPO_CLIP, backend=backend)[0]
+        bwd = lambda backend: forward_backward(
+            lambda lp: rlk.ppo_policy_loss(lp, old, advantages, mask, **PPO_CLIP, backend=backend), leaf
+        )()
+    shape = f"[N={n}] flat, 90% kept"
+    return [
+        _case(kind, dims, "ppo_policy_loss", shape, "ppo_policy_loss [N=*] flat", fwd,
+              baselines.ppo_providers(logp, old, advantages, mask, **PPO_CLIP), inputs, []),
+        _case(kind, dims, "ppo_policy_loss fwd+bwd", shape, "ppo_policy_loss fwd+bwd [N=*] flat", bwd,
+              baselines.ppo_providers(logp, old, advantages, mask, **PPO_CLIP, leaf=leaf), inputs + inputs, [logp]),
     ]
 
 
