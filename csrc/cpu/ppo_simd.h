@@ -82,7 +82,9 @@ struct PolicyConsts {
 };
 
 struct PolicyAcc {
-  vf loss, count, clipped, lower, kl, ratio, ratio_max;
+  vf loss;
+  vi count, clipped, lower;  // integer counts: one instruction a vector each (simd.h count_where)
+  vf kl, ratio, ratio_max;
 };
 
 // exp of the log-ratio clamped to [-20, 20] (ppo::kLogRatioBound); NaN stays NaN.
@@ -105,11 +107,10 @@ RLK_INLINE void policy_forward_vec(vf lp, vf old, vf a, Lanes ok, const PolicyCo
   const vf neg_loss = min_v(u, c);
   const vf a_dual = a * k.dual;  // -inf where A < 0 without a dual clip: never binds
   const Lanes lower = lt_lanes(lt_lanes(ok, a, vf{}), neg_loss, a_dual);
-  const vf one = splat(1.0f);
   s.loss = sub_where(ok, s.loss, select_where(lower, a_dual, neg_loss));
-  s.count = add_where(ok, s.count, one);
-  s.clipped = add_where(lt_lanes(ok, c, u), s.clipped, one);  // the clipped term is the larger
-  s.lower = add_where(lower, s.lower, one);
+  s.count = count_where(ok, s.count);
+  s.clipped = count_where(lt_lanes(ok, c, u), s.clipped);  // the clipped term is the larger
+  s.lower = count_where(lower, s.lower);
   s.kl = sub_where(ok, s.kl, raw);
   s.ratio = add_where(ok, s.ratio, ratio);
   s.ratio_max = max_where(ok, s.ratio_max, ratio);
@@ -158,7 +159,7 @@ RLK_INLINE void policy_forward_run(const elem_t<F>* lp, const elem_t<F>* old, co
   bool nan_ratio = false;
   for (int64_t i0 = 0; i0 < n; i0 += kSubBlock) {
     const int64_t i1 = i0 + kSubBlock < n ? i0 + kSubBlock : n;
-    PolicyAcc s{vf{}, vf{}, vf{}, vf{}, vf{}, vf{}, ratio_max};
+    PolicyAcc s{vf{}, vi{}, vi{}, vi{}, vf{}, vf{}, ratio_max};
     int64_t i = i0;
     for (; i + kW <= i1; i += kW) {
       prefetch_streams(i, lp, old, adv);
@@ -246,7 +247,8 @@ void ppo_policy_backward(Format f, const void* lp, const void* old, const void* 
 // ---- value loss ----
 
 struct ValueAcc {
-  vf loss, count, clipped;
+  vf loss;
+  vi count, clipped;
 };
 
 // 0.5 max((v - R)^2, (clamp(v, old - clip, old + clip) - R)^2) of a vector of tokens; a NaN in either term (an
@@ -255,15 +257,14 @@ struct ValueAcc {
 RLK_INLINE void value_forward_vec(vf v, vf old, vf ret, Lanes ok, bool has_clip, vf clip, ValueAcc& s) {
   const vf err = (v - ret) * (v - ret);
   vf loss = err;
-  const vf one = splat(1.0f);
   if (has_clip) {
     const vf vc = old != old ? old : clamp_v(v, old - clip, old + clip);
     const vf clipped_err = (vc - ret) * (vc - ret);
-    s.clipped = add_where(lt_lanes(ok, err, clipped_err), s.clipped, one);
+    s.clipped = count_where(lt_lanes(ok, err, clipped_err), s.clipped);
     loss = max_v(err, clipped_err);
   }
   s.loss = add_where(ok, s.loss, 0.5f * loss);
-  s.count = add_where(ok, s.count, one);
+  s.count = count_where(ok, s.count);
 }
 
 // d l / d v (ppo.h's value_token_grad): max and the clamp to tensor bounds split ties half and half.
@@ -285,7 +286,7 @@ RLK_INLINE void value_forward_run(const elem_t<F>* v, const elem_t<F>* old, cons
   double tot[kValueSums] = {};
   for (int64_t i0 = 0; i0 < n; i0 += kSubBlock) {
     const int64_t i1 = i0 + kSubBlock < n ? i0 + kSubBlock : n;
-    ValueAcc s{vf{}, vf{}, vf{}};
+    ValueAcc s{vf{}, vi{}, vi{}};
     int64_t i = i0;
     if (mask != nullptr) {
       for (; i + kW <= i1; i += kW) {

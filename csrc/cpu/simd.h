@@ -180,11 +180,9 @@ RLK_AVX512_TARGET RLK_AVX2_TARGET RLK_INLINE vi flags_set(const uint8_t* p) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return reinterpret_cast<vi>(_mm512_movm_epi32(_mm_test_epi8_mask(bytes, bytes)));
 #elif RLK_VEC_BYTES == 32 && defined(__x86_64__)
-  // the 8 bytes zero-extended by one vpmovzxbd, then -1 where nonzero
-  vi r;
+  // the 8 bytes zero-extended by one vpmovzxbd, then -1 where nonzero by one vpcmpgtd
   const __m256i wide = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  __builtin_memcpy(&r, &wide, sizeof(r));
-  return (0 - r) >> 31;
+  return reinterpret_cast<vi>(_mm256_cmpgt_epi32(wide, _mm256_setzero_si256()));
 #else
   vbytes b{};
   __builtin_memcpy(&b, p, kW);
@@ -301,20 +299,48 @@ RLK_AVX512_TARGET RLK_INLINE vf max_where(Lanes m, vf acc, vf x) {
   return reinterpret_cast<vf>(_mm512_mask_max_ps(reinterpret_cast<__m512>(acc), m, reinterpret_cast<__m512>(acc),
                                                  reinterpret_cast<__m512>(x)));
 }
+// acc + 1 in the lanes of m (counts of the lanes that pass a test)
+RLK_AVX512_TARGET RLK_INLINE vi count_where(Lanes m, vi acc) {
+  return reinterpret_cast<vi>(_mm512_mask_sub_epi32(reinterpret_cast<__m512i>(acc), m, reinterpret_cast<__m512i>(acc),
+                                                    _mm512_set1_epi32(-1)));
+}
 // a in the lanes of m, b elsewhere
 RLK_AVX512_TARGET RLK_INLINE vf select_where(Lanes m, vf a, vf b) {
   return reinterpret_cast<vf>(_mm512_mask_blend_ps(m, reinterpret_cast<__m512>(b), reinterpret_cast<__m512>(a)));
 }
 #else
+// Every lane of a Lanes is 0 or -1 (the compares' results, flags_set, all_lanes), so the conditional sums are an
+// and with the mask and the selects a blend on its sign bits: written as `m ? x : 0`, GCC first turned m into a
+// mask again (m != 0: vpcmpeqd twice) at each use, six instructions a vector in the PPO forward.
 typedef vi Lanes;
 RLK_INLINE Lanes all_lanes() { return vi{} - 1; }
 RLK_AVX2_TARGET RLK_INLINE Lanes flag_lanes(const uint8_t* p) { return flags_set(p); }
 RLK_INLINE Lanes lt_lanes(Lanes m, vf a, vf b) { return m & (a < b); }
 RLK_INLINE Lanes eq_lanes(Lanes m, vf a, vf b) { return m & (a == b); }
-RLK_INLINE vf add_where(Lanes m, vf acc, vf x) { return acc + (m ? x : vf{}); }
-RLK_INLINE vf sub_where(Lanes m, vf acc, vf x) { return acc - (m ? x : vf{}); }
-RLK_INLINE vf max_where(Lanes m, vf acc, vf x) { return m ? max_v(acc, x) : acc; }
-RLK_INLINE vf select_where(Lanes m, vf a, vf b) { return m ? a : b; }
+// x in the lanes of m, +0 elsewhere
+RLK_INLINE vf only_where(Lanes m, vf x) { return as_float(m & reinterpret_cast<vi>(as_bits(x))); }
+RLK_INLINE vf add_where(Lanes m, vf acc, vf x) { return acc + only_where(m, x); }
+RLK_INLINE vf sub_where(Lanes m, vf acc, vf x) { return acc - only_where(m, x); }
+RLK_AVX2_TARGET RLK_INLINE vf select_where(Lanes m, vf a, vf b) {
+#if RLK_VEC_BYTES == 32 && defined(__x86_64__)
+  return reinterpret_cast<vf>(_mm256_blendv_ps(reinterpret_cast<__m256>(b), reinterpret_cast<__m256>(a),
+                                               reinterpret_cast<__m256>(m)));
+#else
+  return as_float((m & reinterpret_cast<vi>(as_bits(a))) | (~m & reinterpret_cast<vi>(as_bits(b))));
+#endif
+}
+// max_v as one maxps at AVX2 (the same operand order, so the same NaN rule): written as a vector select, GCC
+// merged it with the blend into a compare, an or and a blend of its own.
+RLK_AVX2_TARGET RLK_INLINE vf max_where(Lanes m, vf acc, vf x) {
+#if RLK_VEC_BYTES == 32 && defined(__x86_64__)
+  return select_where(m, reinterpret_cast<vf>(_mm256_max_ps(reinterpret_cast<__m256>(acc), reinterpret_cast<__m256>(x))),
+                      acc);
+#else
+  return select_where(m, max_v(acc, x), acc);
+#endif
+}
+// acc + 1 in the lanes of m: one integer subtraction of the mask's -1
+RLK_INLINE vi count_where(Lanes m, vi acc) { return acc - m; }
 #endif
 // max(lo, x) and min(hi, x) as maxps and minps compute them, one instruction each: x where either is NaN, so a
 // NaN x stays (GCC keeps the vector select `x < lo ? lo : x` as a compare and a blend).
@@ -522,6 +548,11 @@ RLK_INLINE double sum_lanes(vf v) {
   double s = 0;
   for (int l = 0; l < kW; ++l) s += static_cast<double>(v[l]);
   return s;
+}
+RLK_INLINE double sum_lanes(vi v) {
+  int64_t s = 0;
+  for (int l = 0; l < kW; ++l) s += v[l];
+  return static_cast<double>(s);
 }
 RLK_INLINE float sum_lanes_f(vf v) {
   float s = 0;
