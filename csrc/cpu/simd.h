@@ -310,8 +310,8 @@ RLK_AVX512_TARGET RLK_INLINE vf select_where(Lanes m, vf a, vf b) {
 }
 #else
 // Every lane of a Lanes is 0 or -1 (the compares' results, flags_set, all_lanes), so the conditional sums are an
-// and with the mask and the selects a blend on its sign bits: written as `m ? x : 0`, GCC first turned m into a
-// mask again (m != 0: vpcmpeqd twice) at each use, six instructions a vector in the PPO forward.
+// and with the mask and the selects a blend on its sign bits. Not vector conditionals (`m ? x : 0`): for those GCC
+// derives the mask again (m != 0: vpcmpeqd twice) at each use.
 typedef vi Lanes;
 RLK_INLINE Lanes all_lanes() { return vi{} - 1; }
 RLK_AVX2_TARGET RLK_INLINE Lanes flag_lanes(const uint8_t* p) { return flags_set(p); }
@@ -329,8 +329,8 @@ RLK_AVX2_TARGET RLK_INLINE vf select_where(Lanes m, vf a, vf b) {
   return as_float((m & reinterpret_cast<vi>(as_bits(a))) | (~m & reinterpret_cast<vi>(as_bits(b))));
 #endif
 }
-// max_v as one maxps at AVX2 (the same operand order, so the same NaN rule): written as a vector select, GCC
-// merged it with the blend into a compare, an or and a blend of its own.
+// max_v as one maxps at AVX2 (the same operand order, so the same NaN rule): as a vector select GCC merges it with
+// the blend into a compare, an or and a blend of its own.
 RLK_AVX2_TARGET RLK_INLINE vf max_where(Lanes m, vf acc, vf x) {
 #if RLK_VEC_BYTES == 32 && defined(__x86_64__)
   return select_where(m, reinterpret_cast<vf>(_mm256_max_ps(reinterpret_cast<__m256>(acc), reinterpret_cast<__m256>(x))),
