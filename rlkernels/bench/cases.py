@@ -360,20 +360,29 @@ def _linear_cases(kind, dims, device, rlk, numpy) -> list[Case]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _ppo_cases(kind, dims, device, rlk, numpy) -> list[Case]:
-    if len(dims) == 1:
-        return _ppo_flat_cases(kind, dims, device, rlk)
-    b, t = dims
+def _ppo_inputs(dims, device):
+    """logp, old logp, advantages and mask for [B, T] (right-padded responses) or one flat row of N tokens (a
+    trainer that flattens its batch before the loss; 90% kept, which the CPU kernels split across threads as a
+    batch of rows), with the row's shape label and its series' one."""
     g = _generator()
-    logp = -torch.rand(b, t, generator=g) * 3
-    old = logp + 0.2 * torch.randn(b, t, generator=g)
-    advantages = torch.randn(b, t, generator=g)
-    lengths = torch.randint(t // 4, t + 1, (b,), generator=g)
-    mask = torch.arange(t)[None, :] < lengths[:, None]  # right-padded responses
-    logp, old, advantages, mask = (x.to(device) for x in (logp, old, advantages, mask))
+    logp = -torch.rand(dims, generator=g) * 3
+    old = logp + 0.2 * torch.randn(dims, generator=g)
+    advantages = torch.randn(dims, generator=g)
+    if len(dims) == 1:
+        mask = torch.rand(dims, generator=g) < 0.9
+        shape, series = f"[N={dims[0]}] flat, 90% kept", "[N=*] flat"
+    else:
+        b, t = dims
+        lengths = torch.randint(t // 4, t + 1, (b,), generator=g)
+        mask = torch.arange(t)[None, :] < lengths[:, None]
+        shape, series = f"[B={b}, T={t}] masked", f"[B=*, T={t}] masked"
+    return [x.to(device) for x in (logp, old, advantages, mask)], shape, series
+
+
+def _ppo_cases(kind, dims, device, rlk, numpy) -> list[Case]:
+    inputs, shape, series = _ppo_inputs(dims, device)
+    logp, old, advantages, mask = inputs
     leaf = logp.clone().requires_grad_()
-    shape = f"[B={b}, T={t}] masked"
-    inputs = [logp, old, advantages, mask]
     if kind == "value_loss":  # values, old values, returns: the same tensors serve
         run = None
         if rlk is not None:
@@ -381,7 +390,7 @@ def _ppo_cases(kind, dims, device, rlk, numpy) -> list[Case]:
                 lambda v: rlk.value_loss(v, old, advantages, mask, clip=VALUE_CLIP, backend=backend), leaf
             )()
         providers = baselines.value_loss_providers(leaf, old, advantages, mask, clip=VALUE_CLIP)
-        return [_case(kind, dims, "value_loss fwd+bwd", shape, f"value_loss fwd+bwd [B=*, T={t}] masked", run,
+        return [_case(kind, dims, "value_loss fwd+bwd", shape, f"value_loss fwd+bwd {series}", run,
                       providers, inputs + inputs, [logp])]
     fwd = bwd = None
     if rlk is not None:
@@ -389,6 +398,16 @@ def _ppo_cases(kind, dims, device, rlk, numpy) -> list[Case]:
         bwd = lambda backend: forward_backward(
             lambda lp: rlk.ppo_policy_loss(lp, old, advantages, mask, **PPO_CLIP, backend=backend), leaf
         )()
+    cases = [
+        _case(kind, dims, "ppo_policy_loss", shape, f"ppo_policy_loss {series}", fwd,
+              baselines.ppo_providers(logp, old, advantages, mask, **PPO_CLIP), inputs, []),
+        # the backward reads the inputs again and writes logp's gradient
+        _case(kind, dims, "ppo_policy_loss fwd+bwd", shape, f"ppo_policy_loss fwd+bwd {series}", bwd,
+              baselines.ppo_providers(logp, old, advantages, mask, **PPO_CLIP, leaf=leaf), inputs + inputs,
+              [logp]),
+    ]
+    if len(dims) == 1:
+        return cases
     # bfloat16 log-probs and advantages (a trainer that keeps its policy's outputs in bf16): the baselines compute
     # in bf16, rlkernels in float32 from the bf16 values
     low = [x.to(torch.bfloat16) for x in (logp, old, advantages)]
@@ -400,45 +419,11 @@ def _ppo_cases(kind, dims, device, rlk, numpy) -> list[Case]:
         low_bwd = lambda backend: forward_backward(
             lambda lp: rlk.ppo_policy_loss(lp, *low[1:], mask, **PPO_CLIP, backend=backend), low_leaf
         )()
-    return [
-        _case(kind, dims, "ppo_policy_loss", shape, f"ppo_policy_loss [B=*, T={t}] masked", fwd,
-              baselines.ppo_providers(logp, old, advantages, mask, **PPO_CLIP), inputs, []),
-        # the backward reads the inputs again and writes logp's gradient
-        _case(kind, dims, "ppo_policy_loss fwd+bwd", shape, f"ppo_policy_loss fwd+bwd [B=*, T={t}] masked", bwd,
-              baselines.ppo_providers(logp, old, advantages, mask, **PPO_CLIP, leaf=leaf), inputs + inputs,
-              [logp]),
-        _case(kind, dims, "ppo_policy_loss bf16", shape, f"ppo_policy_loss bf16 [B=*, T={t}] masked", low_fwd,
+    return cases + [
+        _case(kind, dims, "ppo_policy_loss bf16", shape, f"ppo_policy_loss bf16 {series}", low_fwd,
               baselines.ppo_providers(*low, mask, **PPO_CLIP), low + [mask], [], **bf16),
-        _case(kind, dims, "ppo_policy_loss fwd+bwd bf16", shape, f"ppo_policy_loss fwd+bwd bf16 [B=*, T={t}] masked",
-              low_bwd, baselines.ppo_providers(*low, mask, **PPO_CLIP, leaf=low_leaf), (low + [mask]) * 2, [low[0]],
-              **bf16),
-    ]
-
-
-def _ppo_flat_cases(kind, dims, device, rlk) -> list[Case]:
-    """One long 1-D row of N tokens, 90% of them kept by the mask (a trainer that flattens its batch before the
-    loss): the CPU kernels split it across threads as a batch of rows, forward and backward."""
-    (n,) = dims
-    g = _generator()
-    logp = -torch.rand(n, generator=g) * 3
-    old = logp + 0.2 * torch.randn(n, generator=g)
-    advantages = torch.randn(n, generator=g)
-    mask = torch.rand(n, generator=g) < 0.9
-    logp, old, advantages, mask = (x.to(device) for x in (logp, old, advantages, mask))
-    leaf = logp.clone().requires_grad_()
-    inputs = [logp, old, advantages, mask]
-    fwd = bwd = None
-    if rlk is not None:
-        fwd = lambda backend: rlk.ppo_policy_loss(logp, old, advantages, mask, **PPO_CLIP, backend=backend)[0]
-        bwd = lambda backend: forward_backward(
-            lambda lp: rlk.ppo_policy_loss(lp, old, advantages, mask, **PPO_CLIP, backend=backend), leaf
-        )()
-    shape = f"[N={n}] flat, 90% kept"
-    return [
-        _case(kind, dims, "ppo_policy_loss", shape, "ppo_policy_loss [N=*] flat", fwd,
-              baselines.ppo_providers(logp, old, advantages, mask, **PPO_CLIP), inputs, []),
-        _case(kind, dims, "ppo_policy_loss fwd+bwd", shape, "ppo_policy_loss fwd+bwd [N=*] flat", bwd,
-              baselines.ppo_providers(logp, old, advantages, mask, **PPO_CLIP, leaf=leaf), inputs + inputs, [logp]),
+        _case(kind, dims, "ppo_policy_loss fwd+bwd bf16", shape, f"ppo_policy_loss fwd+bwd bf16 {series}", low_bwd,
+              baselines.ppo_providers(*low, mask, **PPO_CLIP, leaf=low_leaf), (low + [mask]) * 2, [low[0]], **bf16),
     ]
 
 
