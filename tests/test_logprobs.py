@@ -152,10 +152,11 @@ def chunked_rows(dtype):
     SIMD kernels, csrc/cpu/logprobs_simd.h): the first chunk in two passes, later ones in one against the running
     max; a later max within the fold's slack (32) of it, beyond it (that chunk folded again), a max rising by more
     than the slack in every chunk; +inf; NaN and -inf filling whole chunks (and whole blocks or vectors of the
-    other kernels)."""
+    other kernels); after a positive running max, later chunks with no logit >= +0, with a NaN of either sign and
+    with +inf inside, and a chunk whose max is +0."""
     V = 5000
     inf, nan = float("inf"), float("nan")
-    x = randn((10, V), torch.float64, scale=2.0, seed=11)
+    x = randn((14, V), torch.float64, scale=2.0, seed=11)
     x[1, 4500] = 25.0  # the max arrives in the third chunk, within the slack
     x[2, 3000] = 90.0  # ... beyond it
     x[3] = torch.linspace(-300.0, 30.0, V, dtype=torch.float64)  # every chunk passes the last by > 32
@@ -166,8 +167,21 @@ def chunked_rows(dtype):
     x[8, :] = -inf
     x[8, 4096:4100] = 1.0  # only the last chunk is live
     x[9, :2048] = -80.0  # a low first chunk, then the rest 80 above it (folded again, then one pass)
-    tokens = torch.tensor([7, 4500, 3000, V - 1, 2500, 1, 3000, 10, 4097, 4000])
-    return x.to(dtype), tokens
+    x[10, 2048:] = -x[10, 2048:].abs() - 0.5  # a positive running max, then chunks of negative logits only
+    x[11, 3000:3002] = nan  # NaNs in a later chunk, the first with its sign bit set (x86's default NaN): NaN
+    x[12, 2048:] = -x[12, 2048:].abs()
+    x[12, 3000] = 0.0  # a later chunk's max is +0
+    x[12, 4500] = inf  # +inf inside a later chunk: lse = +inf
+    x[13, 2048:4096] = nan  # a chunk of sign-bit NaNs after a finite one
+    tokens = torch.tensor([7, 4500, 3000, V - 1, 2500, 1, 3000, 10, 4097, 4000, 2100, 3002, 3000, 10])
+    y = x.to(dtype)
+    # the sign bit set on the bits (converting or negating a NaN need not keep its sign)
+    bits = y.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[y.element_size()])
+    sign = torch.tensor(1, dtype=bits.dtype) << (8 * y.element_size() - 1)
+    bits[11, 3000] |= sign
+    bits[13, 2048:4096] |= sign
+    assert torch.signbit(y[11, 3000]) and torch.isnan(y[11, 3000]) and torch.signbit(y[13, 2048:4096]).all()
+    return y, tokens
 
 
 def check_chunked_rows(dtype, temperature, backend="cpu"):
