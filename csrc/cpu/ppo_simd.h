@@ -87,10 +87,38 @@ struct PolicyAcc {
   vf kl, ratio, ratio_max;
 };
 
-// exp of the log-ratio clamped to [-20, 20] (ppo::kLogRatioBound); NaN stays NaN.
-RLK_INLINE vf policy_ratio(vf raw) {
+// A vector of tokens' log-ratio logp - old and its ratio: the exp of the log-ratio clamped to [-20, 20]
+// (ppo::kLogRatioBound), NaN staying NaN. The longest chain of a token's computation, so the loops issue the next
+// vector's ratio before this one's sums or gradient (run_ahead), and its exp takes the shorter polynomial chain
+// (simd.h exp_v kShortChain): these loops are bound by latency more than by operation count below AVX-512.
+struct Ratio {
+  vf raw, ratio;
+};
+RLK_INLINE Ratio policy_ratio(vf lp, vf old) {
   const float bound = static_cast<float>(ppo::kLogRatioBound);
-  return exp_v(clamp_v(raw, splat(-bound), splat(bound)));
+  const vf raw = lp - old;
+  return {raw, exp_v<false, 6, true>(clamp_v(raw, splat(-bound), splat(bound)))};
+}
+template <int F>
+RLK_INLINE Ratio policy_ratio_at(const elem_t<F>* lp, const elem_t<F>* old, int64_t i) {
+  return policy_ratio(load_as<F>(lp + i), load_as<F>(old + i));
+}
+
+// tail(i, head(i)) for every whole vector i = i0, i0 + kW, ... of [i0, i1), head(i + kW) issued before tail(i, ..):
+// the next vector's long chain overlaps this one's rest, which the core's window alone does not reach (its
+// scheduler fills with the waiting operations of fewer vectors). Returns the first i not run.
+template <class Head, class Tail>
+RLK_INLINE int64_t run_ahead(int64_t i0, int64_t i1, Head&& head, Tail&& tail) {
+  int64_t i = i0;
+  if (i + kW > i1) return i;
+  auto h = head(i);
+  for (; i + 2 * kW <= i1; i += kW) {
+    const auto next = head(i + kW);
+    tail(i, h);
+    h = next;
+  }
+  tail(i, h);
+  return i + kW;
 }
 
 // One vector of tokens into the sums; ok: the lanes that count. Computed with the signs flipped, on
@@ -99,9 +127,8 @@ RLK_INLINE vf policy_ratio(vf raw) {
 // 0), so l is NaN where either term is, as torch.maximum gives.
 // ratio_max takes maxps, which drops a NaN ratio once a later one replaces it; a NaN ratio comes from a NaN
 // log-ratio, which also makes the kl sum NaN, so policy_forward_run looks for it only then.
-RLK_INLINE void policy_forward_vec(vf lp, vf old, vf a, Lanes ok, const PolicyConsts& k, PolicyAcc& s) {
-  const vf raw = lp - old;
-  const vf ratio = policy_ratio(raw);
+RLK_INLINE void policy_forward_vec(Ratio r, vf a, Lanes ok, const PolicyConsts& k, PolicyAcc& s) {
+  const vf raw = r.raw, ratio = r.ratio;
   const vf u = a * ratio;
   const vf c = a * clamp_v(ratio, k.lo, k.hi);
   const vf neg_loss = min_v(u, c);
@@ -131,10 +158,9 @@ RLK_INLINE bool any_nan_ratio(const elem_t<F>* lp, const elem_t<F>* old, const u
 // the unclipped term is the larger (u < c), 1/2 at a tie and 0 otherwise (NaN too); where A < 0 the dual
 // clip's min(l, -A dual) passes l's share of it (1 where l is smaller, 1/2 at a tie, 0 where larger). The
 // shares are powers of two, so ((A w) d_log) (-scale) rounds as ppo.h's scale (((-A w) w_dual) d_log).
-RLK_INLINE vf policy_grad_vec(vf lp, vf old, vf a, const PolicyConsts& k, vf neg_scale) {
+RLK_INLINE vf policy_grad_vec(Ratio r, vf a, const PolicyConsts& k, vf neg_scale) {
   const float bound = static_cast<float>(ppo::kLogRatioBound);
-  const vf raw = lp - old;
-  const vf ratio = policy_ratio(raw);
+  const vf raw = r.raw, ratio = r.ratio;
   const vf u = a * ratio;
   const vf c = a * clamp_v(ratio, k.lo, k.hi);
   const vf one = splat(1.0f), half = splat(0.5f), zero = vf{};
@@ -160,13 +186,13 @@ RLK_INLINE void policy_forward_run(const elem_t<F>* lp, const elem_t<F>* old, co
   for (int64_t i0 = 0; i0 < n; i0 += kSubBlock) {
     const int64_t i1 = i0 + kSubBlock < n ? i0 + kSubBlock : n;
     PolicyAcc s{vf{}, vi{}, vi{}, vi{}, vf{}, vf{}, ratio_max};
-    int64_t i = i0;
-    for (; i + kW <= i1; i += kW) {
-      prefetch_streams(i, lp, old, adv);
-      if constexpr (kMasked) prefetch_ahead(mask, i);
-      const vf l = load_as<F>(lp + i), o = load_as<F>(old + i), a = load_as<F>(adv + i);
-      policy_forward_vec(l, o, a, kMasked ? flag_lanes(mask + i) : all_lanes(), k, s);
-    }
+    const int64_t i = run_ahead(
+        i0, i1, [&](int64_t j) RLK_LAMBDA_INLINE { return policy_ratio_at<F>(lp, old, j); },
+        [&](int64_t j, Ratio r) RLK_LAMBDA_INLINE {
+          prefetch_streams(j, lp, old, adv);
+          if constexpr (kMasked) prefetch_ahead(mask, j);
+          policy_forward_vec(r, load_as<F>(adv + j), kMasked ? flag_lanes(mask + j) : all_lanes(), k, s);
+        });
     if (i < i1) {  // the ragged end of the tokens (i1 == n here)
       alignas(64) elem_t<F> bl[kW] = {}, bo[kW] = {}, ba[kW] = {};
       alignas(64) uint8_t bm[kW] = {};
@@ -175,7 +201,7 @@ RLK_INLINE void policy_forward_run(const elem_t<F>* lp, const elem_t<F>* old, co
       pad_copy(bo, old + i, rem);
       pad_copy(ba, adv + i, rem);
       for (int64_t j = 0; j < rem; ++j) bm[j] = kMasked ? mask[i + j] : 1;
-      policy_forward_vec(load_as<F>(bl), load_as<F>(bo), load_as<F>(ba), flag_lanes(bm), k, s);
+      policy_forward_vec(policy_ratio_at<F>(bl, bo, 0), load_as<F>(ba), flag_lanes(bm), k, s);
     }
     tot[kLoss] += sum_lanes(s.loss);
     tot[kCount] += sum_lanes(s.count);
@@ -208,18 +234,19 @@ void ppo_policy_forward(Format f, const void* lp, const void* old, const void* a
 template <int F>
 RLK_INLINE void policy_backward_run(const elem_t<F>* lp, const elem_t<F>* old, const elem_t<F>* adv,
                                     const uint8_t* mask, int64_t n, const PolicyConsts& k, vf nsc, elem_t<F>* grad) {
+  auto ratio_at = [&](int64_t j) RLK_LAMBDA_INLINE { return policy_ratio_at<F>(lp, old, j); };
   int64_t i = 0;
   if (mask != nullptr) {
-    for (; i + kW <= n; i += kW) {
-      prefetch_streams(i, lp, old, adv, mask);
-      const vf g = policy_grad_vec(load_as<F>(lp + i), load_as<F>(old + i), load_as<F>(adv + i), k, nsc);
-      store_as<F>(grad + i, select_where(flag_lanes(mask + i), g, vf{}));
-    }
+    i = run_ahead(0, n, ratio_at, [&](int64_t j, Ratio r) RLK_LAMBDA_INLINE {
+      prefetch_streams(j, lp, old, adv, mask);
+      const vf g = policy_grad_vec(r, load_as<F>(adv + j), k, nsc);
+      store_as<F>(grad + j, select_where(flag_lanes(mask + j), g, vf{}));
+    });
   } else {
-    for (; i + kW <= n; i += kW) {
-      prefetch_streams(i, lp, old, adv);
-      store_as<F>(grad + i, policy_grad_vec(load_as<F>(lp + i), load_as<F>(old + i), load_as<F>(adv + i), k, nsc));
-    }
+    i = run_ahead(0, n, ratio_at, [&](int64_t j, Ratio r) RLK_LAMBDA_INLINE {
+      prefetch_streams(j, lp, old, adv);
+      store_as<F>(grad + j, policy_grad_vec(r, load_as<F>(adv + j), k, nsc));
+    });
   }
   if (i < n) {
     alignas(64) elem_t<F> bl[kW] = {}, bo[kW] = {}, ba[kW] = {}, bg[kW];
@@ -229,7 +256,7 @@ RLK_INLINE void policy_backward_run(const elem_t<F>* lp, const elem_t<F>* old, c
     pad_copy(bo, old + i, rem);
     pad_copy(ba, adv + i, rem);
     for (int64_t j = 0; j < rem; ++j) bm[j] = mask != nullptr ? mask[i + j] : 1;
-    const vf g = policy_grad_vec(load_as<F>(bl), load_as<F>(bo), load_as<F>(ba), k, nsc);
+    const vf g = policy_grad_vec(policy_ratio_at<F>(bl, bo, 0), load_as<F>(ba), k, nsc);
     store_as<F>(bg, select_where(flag_lanes(bm), g, vf{}));
     pad_copy(grad + i, bg, rem);
   }

@@ -441,16 +441,22 @@ RLK_AVX512_TARGET RLK_INLINE vf exp_avx512(vf x) {
 }
 #endif
 // exp(x) for |x| <= 87 (NaN gives NaN): reduction by k = round(x / ln 2) and the polynomial of exp_poly.h; k
-// rounds to nearest by the 1.5 * 2^23 trick (exp_scalef or exp_table on AVX-512).
-template <bool kOneStep = false, int kDegree = 6>
+// rounds to nearest by the 1.5 * 2^23 trick (exp_scalef or exp_table on AVX-512). kShortChain (degree 6): the
+// polynomial as exp_poly_short below AVX-512, for callers bound by latency (AVX-512 keeps exp_scalef).
+template <bool kOneStep = false, int kDegree = 6, bool kShortChain = false>
 RLK_AVX512_TARGET RLK_INLINE vf exp_v(vf x) {
+  static_assert(!kShortChain || kDegree == 6, "exp_v: the short chain is exp_poly<6>'s");
 #if RLK_AVX512
   return exp_avx512<kOneStep, kDegree>(x);
 #else
   const vf y = x * 1.44269504088896341f + kRoundBiased;  // k + 127 + 1.5 * 2^23
   const vf k = y - kRoundBiased;
   const vf r = exp_reduce<kOneStep>(x, k);
-  return exp_poly<kDegree>(r) * pow2i_of_biased(y);
+  if constexpr (kShortChain) {
+    return exp_poly_short(r) * pow2i_of_biased(y);
+  } else {
+    return exp_poly<kDegree>(r) * pow2i_of_biased(y);
+  }
 #endif
 }
 // exp(x) for x <= 87: exactly 0 below about -87.68 (below about -104 on AVX-512) and for -inf, NaN stays NaN. `arg`
