@@ -400,6 +400,12 @@ _SPECIALIZED_SETS = {
 }
 _WALK_SHAPES = {
     "time-major": ((70, 37), 0),
+    # fewer sequences than the engine's 16 lanes: rows of 5 (lanes past them read the next rows, never stored;
+    # the last rows stop at the input's end), one sequence (walked lane by lane), and a group of 16 plus one
+    "time-major narrow": ((70, 5), 0),
+    "time-major one": ((70, 1), 0),
+    "time-major 17": ((33, 17), 0),
+    "batch-major narrow": ((5, 70), -1),
     "batch-major aligned": ((37, 128), -1),
     "batch-major unaligned": ((37, 100), -1),
     "chunked rows": ((3, 6 * 4096 - 40), -1),  # (a time-major [T, 3] is chunked too, but walked through buffers)

@@ -24,6 +24,7 @@
 #include <string>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -180,9 +181,53 @@ struct Lane {
 template <Kind K, typename scalar_t, typename acc_t>
 inline acc_t load_as(const void* p, int64_t i) {
   if constexpr (K == Kind::kScalar) return static_cast<acc_t>(static_cast<const scalar_t*>(p)[i]);
-  if constexpr (K == Kind::kFlag) return static_cast<const uint8_t*>(p)[i] ? acc_t(1) : acc_t(0);
+  if constexpr (K == Kind::kFlag) return static_cast<acc_t>(static_cast<const uint8_t*>(p)[i] != 0);  // no branch
   if constexpr (K == Kind::kAcc) return static_cast<const acc_t*>(p)[i];
   return acc_t(1);  // kNone is only loaded for the mask: every in-range step is valid
+}
+
+// The rows of a time-major group into a block buffer: row kk (of kn) is kLanes values of input p from element
+// off0 + kk * step on, converted to acc_t; a row that would pass the input's end (`extent` elements) loads its
+// group's n values and zeros. Values, not captures, so that GCC keeps them in registers and vectorizes the rows.
+template <Kind K, typename scalar_t, typename acc_t>
+__attribute__((noinline)) void load_rows(acc_t* __restrict dst, const void* p, int64_t off0, int64_t step, int kn,
+                                         int n, int64_t extent) {
+  for (int kk = 0; kk < kn; ++kk) {
+    const int64_t off = off0 + kk * step;
+    acc_t* __restrict row = dst + kk * kLanes;
+    if (off + kLanes > extent) {
+      for (int l = 0; l < kLanes; ++l) row[l] = l < n ? load_as<K, scalar_t, acc_t>(p, off + l) : acc_t(0);
+    } else if constexpr ((K == Kind::kScalar && std::is_same_v<scalar_t, acc_t>) || K == Kind::kAcc) {
+      std::memcpy(row, static_cast<const acc_t*>(p) + off, kLanes * sizeof(acc_t));
+    } else if constexpr (K == Kind::kFlag) {  // on vectors: GCC turns the per-element form into branches
+      typedef uint8_t Bytes __attribute__((vector_size(kLanes)));
+      typedef int32_t Ints __attribute__((vector_size(kLanes * 4)));
+      typedef acc_t Accs __attribute__((vector_size(kLanes * sizeof(acc_t))));
+      Bytes b;
+      std::memcpy(&b, static_cast<const uint8_t*>(p) + off, kLanes);
+      const Accs v = __builtin_convertvector(-(__builtin_convertvector(b, Ints) != 0), Accs);  // 1 or 0
+      std::memcpy(row, &v, sizeof(v));
+    } else {
+      for (int l = 0; l < kLanes; ++l) row[l] = load_as<K, scalar_t, acc_t>(p, off + l);
+    }
+  }
+}
+
+// The first n values of each of kn buffer rows to out from element off0 + kk * step on.
+template <typename acc_t>
+__attribute__((noinline)) void store_rows(acc_t* __restrict out, const acc_t* __restrict ob, int64_t off0, int64_t step,
+                                          int kn, int n) {
+  for (int kk = 0; kk < kn; ++kk) {
+    acc_t* __restrict o = out + off0 + kk * step;
+    const acc_t* __restrict b = ob + kk * kLanes;
+    if (n == kLanes) {
+      std::memcpy(o, b, kLanes * sizeof(acc_t));
+    } else {  // fixed-size copies of 4 (a memcpy of a run-time size is a library call a row)
+      int l = 0;
+      for (; l + 4 <= n; l += 4) std::memcpy(o + l, b + l, 4 * sizeof(acc_t));
+      for (; l < n; ++l) o[l] = b[l];
+    }
+  }
 }
 
 // Walks a tile of up to kTileGroups groups of kLanes lanes, `reverse` in time, through the block function
@@ -209,8 +254,12 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
   for (int g = 0; g < groups; ++g) {
     const Lane* gl = lanes + g * kLanes;
     const int n = std::min(kLanes, num_lanes - g * kLanes);
-    // Time-major fast path: kLanes adjacent sequences with the same span load whole vectors per step.
-    bool same = n == kLanes && ts != 1;
+    // Time-major fast path: n adjacent sequences with the same span load one row of kLanes values per step
+    // (whole vectors). With fewer sequences than lanes (a few environments) the lanes past n then hold the next
+    // sequences' or steps' values wherever the input extends that far: computed, never stored (lanes are
+    // independent; a group's carries and outputs are its first n lanes'); only the last rows, where a row of
+    // kLanes would pass the input's end, load n values and zeros.
+    bool same = ts != 1;
     for (int l = 0; l < n; ++l) {
       group_len[g] = std::max(group_len[g], gl[l].len);
       if (l > 0) same = same && gl[l].base == gl[0].base + l && gl[l].begin == gl[0].begin && gl[l].len == gl[0].len;
@@ -218,6 +267,14 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
     contiguous[g] = same;
   }
   const int64_t max_len = *std::max_element(group_len, group_len + groups);
+  const int64_t extent = pb.outer * pb.steps * pb.inner;  // elements of each input (dense: ts != 1)
+  // A tile of one group narrower than kLanes walked lane by lane (contiguous in time, e.g. one sequence): its
+  // buffers' unused lanes are zeroed once here instead of at every block.
+  const bool zeroed = groups == 1 && num_lanes < kLanes && !contiguous[0];
+  if (zeroed) {
+    for (int s = 0; s < kNumStreams; ++s)
+      if (pb.in[s] || s == kMask) std::fill(buf[s], buf[s] + kBlock * kLanes, acc_t(0));
+  }
   // Contiguous groups skip the buffers when the inputs need no conversion (`direct` is null otherwise).
   const DirectStreams ds = pb.direct_streams();
   acc_t* const no_out[kMaxOut] = {};
@@ -257,7 +314,7 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
       const Lane* gl = lanes + g * kLanes;
       const int n = std::min(kLanes, num_lanes - g * kLanes);
       const int kn = static_cast<int>(std::min<int64_t>(kBlock, group_len[g] - k0));
-      if (in_place.direct != nullptr && contiguous[g]) {  // (it requests its rows ahead itself)
+      if (in_place.direct != nullptr && contiguous[g] && n == kLanes) {  // (it requests its rows ahead itself)
         in_place.direct(params, ds, gl[0].base + time_of(gl[0], k0) * ts, reverse ? -ts : ts, kn,
                         carry + g * carry_size, symbolic ? no_out : pb.out);
         continue;
@@ -274,17 +331,11 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
             const int64_t ahead = std::min<int64_t>(kBlock, group_len[g] - k0 - kBlock);
             for (int kk = 0; kk < ahead; ++kk)
               prefetch(p, K, gl[0].base + time_of(gl[0], k0 + kBlock + kk) * ts, kLanes);
-            for (int kk = 0; kk < kn; ++kk) {
-              const int64_t off = gl[0].base + time_of(gl[0], k0 + kk) * ts;
-              if constexpr ((K == Kind::kScalar && std::is_same_v<scalar_t, acc_t>) || K == Kind::kAcc) {
-                std::memcpy(dst + kk * kLanes, static_cast<const acc_t*>(p) + off, kLanes * sizeof(acc_t));
-              } else {
-                for (int l = 0; l < kLanes; ++l) dst[kk * kLanes + l] = load_as<K, scalar_t, acc_t>(p, off + l);
-              }
-            }
+            load_rows<K, scalar_t, acc_t>(dst, p, gl[0].base + time_of(gl[0], k0) * ts, reverse ? -ts : ts, kn, n,
+                                          n == kLanes ? std::numeric_limits<int64_t>::max() : extent);
             return;
           }
-          for (int l = 0; l < kLanes; ++l) {
+          for (int l = 0; l < (zeroed ? n : kLanes); ++l) {
             const int64_t m = l < n ? std::max<int64_t>(0, std::min<int64_t>(kn, gl[l].len - k0)) : 0;
             const int64_t ahead = l < n ? std::min<int64_t>(kBlock, gl[l].len - k0 - kBlock) : 0;
             if (ahead > 0) {
@@ -315,10 +366,7 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
           const int64_t ahead = std::min<int64_t>(kBlock, group_len[g] - k0 - kBlock);
           for (int kk = 0; kk < ahead; ++kk)
             __builtin_prefetch(out + gl[0].base + time_of(gl[0], k0 + kBlock + kk) * ts, 1);
-          for (int kk = 0; kk < kn; ++kk) {
-            const int64_t off = gl[0].base + time_of(gl[0], k0 + kk) * ts;
-            std::memcpy(out + off, ob + kk * kLanes, kLanes * sizeof(acc_t));
-          }
+          store_rows(out, ob, gl[0].base + time_of(gl[0], k0) * ts, reverse ? -ts : ts, kn, n);
         } else {
           for (int l = 0; l < n; ++l) {
             const int64_t m = std::min<int64_t>(kn, gl[l].len - k0);
