@@ -181,7 +181,7 @@ struct Lane {
 template <Kind K, typename scalar_t, typename acc_t>
 inline acc_t load_as(const void* p, int64_t i) {
   if constexpr (K == Kind::kScalar) return static_cast<acc_t>(static_cast<const scalar_t*>(p)[i]);
-  if constexpr (K == Kind::kFlag) return static_cast<acc_t>(static_cast<const uint8_t*>(p)[i] != 0);  // no branch
+  if constexpr (K == Kind::kFlag) return static_cast<acc_t>(static_cast<const uint8_t*>(p)[i] != 0);
   if constexpr (K == Kind::kAcc) return static_cast<const acc_t*>(p)[i];
   return acc_t(1);  // kNone is only loaded for the mask: every in-range step is valid
 }
