@@ -243,3 +243,18 @@ def test_cache_modes_find_and_evict_the_inputs_of_a_call():
     assert np.array_equal(z, np.arange(64, dtype=np.float32))
     assert isinstance(common.flusher_for("llc", "cpu", fn), common.CacheFlusher)
     assert common.flusher_for("warm", "cpu", fn) is None
+
+
+def test_yardsticks_evict_their_buffers_on_the_cpu():
+    # a last-level cache as large as the 256 MiB buffers would serve a repeated sum from cache: the copy and read
+    # yardsticks evict their buffers before each call, as the ops' inputs are evicted in the default cache mode
+    import torch
+
+    src, dst = torch.rand(64), torch.empty(64)
+    flush = common._yardstick_flush("cpu", src, dst)
+    if common._evict_op() is None:  # no clflush: the shared 256 MiB rewrite
+        assert isinstance(flush, common.CacheFlusher)
+    else:
+        assert isinstance(flush, common.DataEvictor)
+        assert [t.data_ptr() for t in flush.tensors] == [src.data_ptr(), dst.data_ptr()]
+    assert common._yardstick_flush("cuda", src) is None

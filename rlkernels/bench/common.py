@@ -349,7 +349,8 @@ def copy_bandwidth(device: str, mib: int = 256, runs: int = 20) -> tuple[float, 
     its timing; bytes counted = read + write."""
     src = torch.rand(mib * 2**20 // 4, device=device)
     dst = torch.empty_like(src)
-    timing, _ = measure(lambda: dst.copy_(src), device, min_runs=runs, max_runs=runs)
+    timing, _ = measure(lambda: dst.copy_(src), device, flush=_yardstick_flush(device, src, dst), min_runs=runs,
+                        max_runs=runs)
     return 2 * src.nbytes / timing.median_s / 1e9, timing
 
 
@@ -357,8 +358,19 @@ def read_bandwidth(device: str, mib: int = 256, runs: int = 20) -> tuple[float, 
     """Measured ``src.sum()`` bandwidth in GB/s on a ``mib`` MiB fp32 buffer (reads only), with its timing:
     the denominator of ops that read far more than they write, such as gather_logprobs."""
     src = torch.rand(mib * 2**20 // 4, device=device)
-    timing, _ = measure(lambda: src.sum(), device, min_runs=runs, max_runs=runs)
+    timing, _ = measure(lambda: src.sum(), device, flush=_yardstick_flush(device, src), min_runs=runs,
+                        max_runs=runs)
     return src.nbytes / timing.median_s / 1e9, timing
+
+
+def _yardstick_flush(device: str, *buffers: torch.Tensor):
+    """On the CPU the yardsticks' buffers are evicted before each call, as the ops' inputs are in the default
+    cache mode: a last-level cache as large as the buffer (260 MB L3 on some Xeons) would otherwise serve a
+    repeated 256 MiB sum from cache rather than DRAM. On a GPU 256 MiB is several times L2: nothing to do."""
+    if device != "cpu":
+        return None
+    evict = _evict_op()
+    return DataEvictor(list(buffers), evict) if evict is not None else _shared_flusher(device)
 
 
 def bytes_moved(reads: list[torch.Tensor], writes: list[torch.Tensor]) -> int:
