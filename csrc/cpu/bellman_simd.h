@@ -67,6 +67,47 @@ __attribute__((always_inline)) inline int horq(iq m) {
   return m[0];
 }
 
+// hmaxq of kQW vectors at once: lane k is hmaxq(v[k]) to the bit (the same pairs compared in the same order, so a
+// row of +0 and -0 keeps the zero hmaxq keeps), from rounds of two-source shuffles taking the two rows' halves
+// (quarters, pairs) where hmaxq shuffles each row alone: under AVX2 1.75 shuffles a row instead of 3.
+__attribute__((always_inline)) inline fq maxt(fq t, fq v) { return t > v ? t : v; }
+#if RLK_VEC_BYTES >= 32
+__attribute__((always_inline)) inline fq hmax_rows(const fq* v) {
+  // Halves: [a0..a3 | b0..b3] of rows a, b, each lane the max of lanes l and l + 4 (hmaxq's first step). Rows
+  // go in as (0, 4), (1, 5), (2, 6), (3, 7) so that the last step leaves row k in lane k.
+  fq h[4];
+  for (int k = 0; k < 4; ++k)
+    h[k] = maxt(__builtin_shufflevector(v[k], v[k + 4], 4, 5, 6, 7, 12, 13, 14, 15),
+                __builtin_shufflevector(v[k], v[k + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+  // Quarters, within 128-bit lanes (shufps): [r0 r0 r2 r2 | r4 r4 r6 r6] from h[0], h[2] and so on.
+  const fq q0 = maxt(__builtin_shufflevector(h[0], h[2], 2, 3, 10, 11, 6, 7, 14, 15),
+                     __builtin_shufflevector(h[0], h[2], 0, 1, 8, 9, 4, 5, 12, 13));
+  const fq q1 = maxt(__builtin_shufflevector(h[1], h[3], 2, 3, 10, 11, 6, 7, 14, 15),
+                     __builtin_shufflevector(h[1], h[3], 0, 1, 8, 9, 4, 5, 12, 13));
+  // Pairs: [r0 r1 r2 r3 | r4 r5 r6 r7].
+  return maxt(__builtin_shufflevector(q0, q1, 1, 9, 3, 11, 5, 13, 7, 15),
+              __builtin_shufflevector(q0, q1, 0, 8, 2, 10, 4, 12, 6, 14));
+}
+#else
+__attribute__((always_inline)) inline fq hmax_rows(const fq* v) {
+  const fq ab = maxt(__builtin_shufflevector(v[0], v[1], 2, 3, 6, 7), __builtin_shufflevector(v[0], v[1], 0, 1, 4, 5));
+  const fq cd = maxt(__builtin_shufflevector(v[2], v[3], 2, 3, 6, 7), __builtin_shufflevector(v[2], v[3], 0, 1, 4, 5));
+  return maxt(__builtin_shufflevector(ab, cd, 1, 3, 5, 7), __builtin_shufflevector(ab, cd, 0, 2, 4, 6));
+}
+#endif
+
+// Whether any lane of a compare's mask is set (its sign bits: one movemask).
+__attribute__((always_inline)) inline bool anyq(iq m) {
+#if defined(__x86_64__) && RLK_VEC_BYTES >= 32
+  return _mm256_movemask_ps(reinterpret_cast<__m256>(m)) != 0;
+#elif defined(__x86_64__)
+  return _mm_movemask_ps(reinterpret_cast<__m128>(m)) != 0;
+#else
+  return horq(m) != 0;
+#endif
+}
+
+
 // 0, 1, ..., kQW - 1, and 1, 2, 4, ... (lane l: bit l).
 __attribute__((always_inline)) inline iq lane_q() {
   iq r;
@@ -160,7 +201,7 @@ __attribute__((always_inline)) inline float row_max(const float* x, int64_t A, b
     nan |= v != v;
   }
   float mx = hmaxq(m);
-  bool any = horq(nan) != 0;
+  bool any = anyq(nan);
   for (; a < A; ++a) {
     mx = x[a] > mx ? x[a] : mx;
     any |= x[a] != x[a];
@@ -259,10 +300,10 @@ void q_rows_f32_wide(const float* r, const float* q, const bool* term, const flo
   const iq lane = lane_q();
   const iq fresh = lane >= static_cast<int>(kQW - (A - whole));  // the tail's lanes no whole vector covers
   const float inv = 1.0f / temp;
-  // max over a row; nan_out: any NaN.
-  auto row_max_wide = [&](const float* x, bool& nan_out) {
+  // A row's lanes of maxima (its max: their hmaxq); isnan gains the row's NaN lanes.
+  auto row_max_lanes = [&](const float* x, iq& isnan) {
     fq m = loadq(x);
-    iq isnan = m != m;
+    isnan |= m != m;
     for (int64_t a = kQW; a < whole; a += kQW) {
       const fq v = loadq(x + a);
       m = v > m ? v : m;
@@ -273,14 +314,31 @@ void q_rows_f32_wide(const float* r, const float* q, const bool* term, const flo
       m = v > m ? v : m;
       isnan |= v != v;
     }
-    nan_out = horq(isnan) != 0;
+    return m;
+  };
+  // max over a row; nan_out: any NaN.
+  auto row_max_wide = [&](const float* x, bool& nan_out) {
+    iq isnan = iq{};
+    const fq m = row_max_lanes(x, isnan);
+    nan_out = anyq(isnan);
     return hmaxq(m);
   };
   alignas(32) float v[kQBlock], mx[kQBlock], sum[kQBlock];
   for (int64_t c = b0; c < b1; c += kQBlock) {
     const int64_t n = std::min(b1, c + kQBlock) - c;
     if (kind == static_cast<int>(QKind::kMax)) {
-      for (int64_t i = 0; i < n; ++i) {
+      // kQW rows at a time, their maxima reduced together (hmax_rows); from a group with a NaN on, the block's
+      // rows go one by one.
+      int64_t i = 0;
+      for (; i + kQW <= n; i += kQW) {
+        fq m[kQW];
+        iq isnan = iq{};
+        for (int k = 0; k < kQW; ++k) m[k] = row_max_lanes(q + (c + i + k) * A, isnan);
+        if (anyq(isnan)) break;
+        const fq mx_rows = hmax_rows(m);
+        __builtin_memcpy(v + i, &mx_rows, sizeof(mx_rows));
+      }
+      for (; i < n; ++i) {
         bool has_nan;
         const float m = row_max_wide(q + (c + i) * A, has_nan);
         v[i] = has_nan ? nan : m;
@@ -308,7 +366,7 @@ void q_rows_f32_wide(const float* r, const float* q, const bool* term, const flo
           isnan |= x != x;
         }
         int64_t arg;
-        if (horq(isnan) != 0) {
+        if (anyq(isnan)) {
           arg = 0;
           while (on[arg] == on[arg]) ++arg;  // the first NaN
         } else {
