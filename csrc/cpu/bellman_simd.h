@@ -240,7 +240,30 @@ void q_rows_f32(const float* r, const float* q, const bool* term, const float* o
                            const float* probs, int64_t b0, int64_t b1, int64_t A, int kind, float discount,
                            float temp, float* out) {
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  for (int64_t b = b0; b < b1; ++b) {
+  int64_t b = b0;
+#if defined(__x86_64__) && RLK_VEC_BYTES >= 32
+  // The max kind's rows of fewer actions than a vector (A < 8; q_rows_f32_wide takes the others): each row is one
+  // masked load, its lanes past A -inf, and 8 rows are reduced together (hmax_rows), where one action at a time
+  // ran slower than SSE2's vector of 4 and two. From a group with a NaN on, rows go one by one below.
+  if (kind == static_cast<int>(QKind::kMax) && A < kQW) {
+    const iq on = lane_q() < static_cast<int>(A);
+    const fq ninf = fq{} - std::numeric_limits<float>::infinity();
+    for (; b + kQW <= b1; b += kQW) {
+      fq m[kQW];
+      iq isnan = iq{};
+      for (int k = 0; k < kQW; ++k) {
+        const fq x = reinterpret_cast<fq>(_mm256_maskload_ps(q + (b + k) * A, reinterpret_cast<__m256i>(on)));
+        m[k] = on ? x : ninf;
+        isnan |= x != x;  // lanes past A load 0
+      }
+      if (anyq(isnan)) break;
+      const fq mx = hmax_rows(m);
+      for (int k = 0; k < kQW; ++k)
+        out[b + k] = q_target(r[b + k], term != nullptr && term[b + k], discount, mx[k]);
+    }
+  }
+#endif
+  for (; b < b1; ++b) {
     const float* row = q + b * A;
     float v;
     bool has_nan = false;
