@@ -69,7 +69,8 @@ __attribute__((always_inline)) inline int horq(iq m) {
 
 // hmaxq of kQW vectors at once: lane k is hmaxq(v[k]) to the bit (the same pairs compared in the same order, so a
 // row of +0 and -0 keeps the zero hmaxq keeps), from rounds of two-source shuffles taking the two rows' halves
-// (quarters, pairs) where hmaxq shuffles each row alone: under AVX2 1.75 shuffles a row instead of 3.
+// (quarters, pairs) where hmaxq shuffles each row alone: under AVX2 2 shuffles a row instead of 3 (GCC 12: 16 for
+// 8 rows).
 __attribute__((always_inline)) inline fq maxt(fq t, fq v) { return t > v ? t : v; }
 #if RLK_VEC_BYTES >= 32
 __attribute__((always_inline)) inline fq hmax_rows(const fq* v) {
@@ -106,7 +107,6 @@ __attribute__((always_inline)) inline bool anyq(iq m) {
   return horq(m) != 0;
 #endif
 }
-
 
 // 0, 1, ..., kQW - 1, and 1, 2, 4, ... (lane l: bit l).
 __attribute__((always_inline)) inline iq lane_q() {
@@ -244,7 +244,8 @@ void q_rows_f32(const float* r, const float* q, const bool* term, const float* o
 #if defined(__x86_64__) && RLK_VEC_BYTES >= 32
   // The max kind's rows of fewer actions than a vector (A < 8; q_rows_f32_wide takes the others): each row is one
   // masked load, its lanes past A -inf, and 8 rows are reduced together (hmax_rows), where one action at a time
-  // ran slower than SSE2's vector of 4 and two. From a group with a NaN on, rows go one by one below.
+  // ran slower than SSE2's vector of 4 and two. The max's value is the same; a zero max's sign follows hmaxq's
+  // pairs, as SSE2's rows of 4 to 7 and all rows of 8 or more do. From a group with a NaN on, rows go one by one.
   if (kind == static_cast<int>(QKind::kMax) && A < kQW) {
     const iq on = lane_q() < static_cast<int>(A);
     const fq ninf = fq{} - std::numeric_limits<float>::infinity();
