@@ -243,9 +243,9 @@ void q_rows_f32(const float* r, const float* q, const bool* term, const float* o
   int64_t b = b0;
 #if defined(__x86_64__) && RLK_VEC_BYTES >= 32
   // The max kind's rows of fewer actions than a vector (A < 8; q_rows_f32_wide takes the others): each row is one
-  // masked load, its lanes past A -inf, and 8 rows are reduced together (hmax_rows), where one action at a time
-  // ran slower than SSE2's vector of 4 and two. The max's value is the same; a zero max's sign follows hmaxq's
-  // pairs, as SSE2's rows of 4 to 7 and all rows of 8 or more do. From a group with a NaN on, rows go one by one.
+  // masked load, its lanes past A -inf, and 8 rows are reduced together (hmax_rows): one action at a time would be
+  // slower than SSE2's vector of 4 and two. A zero max's sign follows hmaxq's pairs, as in SSE2's rows of 4 to 7
+  // and in every row of 8 or more. From a group with a NaN on, rows go one by one.
   if (kind == static_cast<int>(QKind::kMax) && A < kQW) {
     const iq on = lane_q() < static_cast<int>(A);
     const fq ninf = fq{} - std::numeric_limits<float>::infinity();
