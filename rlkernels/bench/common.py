@@ -367,10 +367,7 @@ def _yardstick_flush(device: str, *buffers: torch.Tensor):
     """On the CPU the yardsticks' buffers are evicted before each call, as the ops' inputs are in the default
     cache mode: a last-level cache as large as the buffer (260 MB L3 on some Xeons) would otherwise serve a
     repeated 256 MiB sum from cache rather than DRAM. On a GPU 256 MiB is several times L2: nothing to do."""
-    if device != "cpu":
-        return None
-    evict = _evict_op()
-    return DataEvictor(list(buffers), evict) if evict is not None else _shared_flusher(device)
+    return flusher_for("data", device, reads=buffers) if device == "cpu" else None
 
 
 def bytes_moved(reads: list[torch.Tensor], writes: list[torch.Tensor]) -> int:
