@@ -386,6 +386,62 @@ def test_windowed_path_inf_falls_back_like_reference(op):
     assert torch.isposinf(out).all()
 
 
+# Time-major rows narrower than 1 KiB on a CPU whose L2 prefetcher completes 128-byte line pairs (Intel) are
+# split in time from 2^17 elements on: chunks of about 2^15 elements, walked by the three passes of the long
+# sequences (csrc/cpu/scan_engine.h kSplitElements). Chunked time-major sequences are walked as groups of
+# adjacent sequences at the same steps, padded to whole tiles. `_cpu_line_pairs` walks as on either CPU.
+_SPLIT_SHAPES = {
+    "64 sequences": ((2100, 64), torch.float32),
+    "40 sequences, a padded group": ((3300, 40), torch.float32),
+    "200 sequences, two tiles a chunk": ((700, 200), torch.float32),
+    "100 sequences float64": ((1400, 100), F64),
+    "long, 8 sequences": ((16400, 8), F64),
+    "long, 17 sequences": ((16384, 17), torch.float32),
+    "below the split": ((2000, 64), torch.float32),
+}
+
+
+@pytest.fixture(params=["on", "off"], ids=["line_pairs", "single_lines"])
+def line_pairs(request):
+    torch.ops.rlkernels._cpu_line_pairs(request.param)
+    yield request.param
+    torch.ops.rlkernels._cpu_line_pairs("auto")
+
+
+@pytest.mark.parametrize("case", list(_SPLIT_SHAPES))
+@pytest.mark.parametrize("op", OPS)
+def test_narrow_time_major_rows_split_in_time(op, case, line_pairs):
+    shape, dtype = _SPLIT_SHAPES[case]
+    kw = {"shape": shape, "dtype": dtype, "seed": 81}
+    if op == "linear_scan":
+        s = make_inputs(op, initial="tensor", reverse=True, **kw)
+        s = s.with_tensors(a=0.995 + 0.005 * s.tensors["a"])
+    else:
+        s = make_inputs(op, terminated=1e-3, truncated=1e-3, next_values=True, mask=0.1, bootstrap="tensor",
+                        gamma=0.999, lam=0.99, **kw)
+    _check_against_reference(s)
+
+
+@pytest.mark.parametrize("op", ["discounted_returns", "gae"])
+def test_split_rows_with_inf_fall_back_like_reference(op, line_pairs):
+    # (gamma lam)^chunk underflows to 0 in the chunk maps; sequences whose carry becomes +inf are walked
+    # whole, next to sequences still walked in chunks.
+    r = torch.zeros(2100, 64, dtype=torch.float32)
+    r[-1, ::3] = float("inf")
+    r[:-1] = torch.randn(2099, 64, generator=torch.Generator().manual_seed(82))
+    v = torch.zeros_like(r)
+    if op == "gae":
+        out = rlkernels.gae(r, v, gamma=0.5, lam=1.0)[0]
+        expected = reference.gae(r, v, gamma=0.5, lam=1.0)[0]
+    else:
+        out = rlkernels.discounted_returns(r, gamma=0.5)
+        expected = reference.discounted_returns(r, gamma=0.5)
+    finite = [c for c in range(64) if c % 3]
+    assert np.isposinf(expected[:, ::3]).all() and np.isfinite(expected[:, finite]).all()
+    assert torch.isposinf(out[:, ::3]).all()
+    assert_close(out[:, finite], torch.as_tensor(expected[:, finite]), torch.float32, name=op)
+
+
 # The in-place CPU walks are compiled again for common input sets (kGaeSets etc. in csrc/cpu/scan_types.h,
 # float32 only), with absent inputs folded to constants, and write outputs of 16 MiB or more with streaming
 # stores where each lane's lines are aligned (RLKERNELS_STREAMING_STORES=always forces them at any size). Each

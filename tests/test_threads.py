@@ -41,10 +41,16 @@ CASES = {
                  (_randn(T_LONG), _randn(T_LONG, seed=2))),
     "gae_batch": (lambda r, v: rlkernels.gae(r, v, terminated=TERM_BATCH, gamma=0.99, lam=0.95),
                   (_randn(256, 160).double(), _randn(256, 160, seed=2).double())),
-    # time-major rows of 256 bytes: threads only from 2^18 elements (csrc/cpu/scan_engine.h), each a tile of
-    # whole 128-byte pairs
+    # time-major rows narrower than 1 KiB: on a CPU whose prefetcher completes line pairs, threads split time
+    # (chunks of 2^15 elements, csrc/cpu/scan_engine.h), elsewhere the rows; 40 sequences pad their chunks'
+    # last lane groups; 24 sequences of 16400 steps are long sequences in chunks of 4096 steps
     "gae_narrow_rows": (lambda r, v: rlkernels.gae(r, v, terminated=TERM_NARROW, gamma=0.99, lam=0.95),
                         (_randn(4200, 64, seed=19), _randn(4200, 64, seed=20))),
+    "gae_narrow_padded": (lambda r, v: rlkernels.gae(r, v, terminated=TERM_NARROW[:3300, :40], gamma=0.99,
+                                                     lam=0.95),
+                          (_randn(3300, 40, seed=22), _randn(3300, 40, seed=23))),
+    "discounted_returns_long_rows": (lambda r: rlkernels.discounted_returns(r, gamma=0.999),
+                                     (_randn(16400, 24, seed=24),)),
     "discounted_returns_long": (lambda r: rlkernels.discounted_returns(r[:, None], gamma=0.999),
                                 (_randn(T_LONG, seed=3),)),
     "vtrace": (lambda r, v, lr: rlkernels.vtrace(r, v, lr, gamma=0.99), (_randn(300, 128), _randn(300, 128, seed=2),
@@ -97,6 +103,17 @@ def test_bit_identical_for_any_thread_count(name):
             _assert_identical(_run(name), expected, f"{name}: {n} threads differ from 1")
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("pairs", ["on", "off"], ids=["line_pairs", "single_lines"])
+@pytest.mark.parametrize("name", ["gae_narrow_rows", "gae_narrow_padded", "discounted_returns_long_rows"])
+def test_scan_walks_of_either_cpu_bit_identical_for_any_thread_count(name, pairs):
+    # The engine walks as on a CPU that prefetches line pairs or not, whatever this one does.
+    try:
+        torch.ops.rlkernels._cpu_line_pairs(pairs)
+        test_bit_identical_for_any_thread_count(name)
+    finally:
+        torch.ops.rlkernels._cpu_line_pairs("auto")
 
 
 def test_bit_identical_from_concurrent_python_threads():

@@ -3,7 +3,7 @@
 // the byte model assumes, while code and interpreter state stay cached as they would in a training loop
 // (rewriting a buffer larger than the last-level cache evicts those too). Not part of the API.
 // rlkernels::_cpu_isa: the CPU kernels' instruction-set level (isa.h), read or capped, for the benchmark's
-// --isa rows and the per-level tests. Not part of the API either.
+// --isa rows and the per-level tests. Not part of the API either; nor is rlkernels::_cpu_line_pairs (below).
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -61,10 +61,23 @@ std::string cpu_isa(c10::string_view level) {
   return std::string(cpu_isa_name()) + "|" + kIsaNames[detected_isa_level()];
 }
 
+// With "on" or "off", makes the scan engine walk as on a CPU whose prefetcher completes 128-byte line pairs or
+// not (isa.h), whatever this CPU does; with "auto", as this CPU does; with "", changes nothing. Returns whether
+// it walks as on such a CPU. For the tests of both walks.
+bool cpu_line_pairs(c10::string_view mode) {
+  using namespace rlkernels::cpu;
+  const std::string m(mode.data(), mode.size());
+  TORCH_CHECK_VALUE(m.empty() || m == "on" || m == "off" || m == "auto", "rlkernels: unknown line-pair mode '", m,
+                    "'; expected on, off or auto");
+  if (!m.empty()) set_line_pairs(m == "on" ? 1 : m == "off" ? 0 : -1);
+  return cpu_prefetches_line_pairs();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(rlkernels, m) {
   m.def("_cpu_isa(str level) -> str", &cpu_isa);
+  m.def("_cpu_line_pairs(str mode) -> bool", &cpu_line_pairs);
   m.def("_evict_from_cache(Tensor[] tensors) -> bool", &evict_from_cache);
   m.def("_output_cache_bytes() -> int", &output_cache_bytes);
 }

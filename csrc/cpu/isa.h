@@ -44,18 +44,30 @@ inline int detected_isa_level() {
 }
 
 // Whether the CPU's L2 prefetcher completes 128-byte line pairs (Intel's spatial prefetcher): the scan engine
-// then gives threads whole pairs of time-major rows, and narrow rows to one thread (scan_engine.h).
-inline bool cpu_prefetches_line_pairs() {
-  static const bool pairs = [] {
-#if defined(__x86_64__) && defined(__GNUC__)
-    __builtin_cpu_init();
-    return __builtin_cpu_is("intel") != 0;
-#else
-    return false;
-#endif
-  }();
+// then gives threads whole pairs of time-major rows, and splits narrow rows' time between threads instead of
+// their lanes (scan_engine.h). set_line_pairs (1 or 0; -1 detects again) lets the tests walk both ways on any CPU.
+namespace isa_detail {
+inline std::atomic<int>& line_pairs() {
+  static std::atomic<int> pairs{-1};
   return pairs;
 }
+inline bool detect_line_pairs() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_is("intel") != 0;
+#else
+  return false;
+#endif
+}
+}  // namespace isa_detail
+
+inline bool cpu_prefetches_line_pairs() {
+  static const bool detected = isa_detail::detect_line_pairs();
+  const int set = isa_detail::line_pairs().load(std::memory_order_relaxed);
+  return set < 0 ? detected : set != 0;
+}
+
+inline void set_line_pairs(int pairs) { isa_detail::line_pairs().store(pairs, std::memory_order_relaxed); }
 
 namespace isa_detail {
 inline int env_cap() {

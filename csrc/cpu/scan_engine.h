@@ -13,7 +13,9 @@
 // Long sequences (few sequences, many steps) are cut into chunks of kChunk steps that run as independent
 // lanes: pass 1 runs each chunk with a symbolic carry (Affine) to get the chunk's map, pass 2 composes the
 // maps along each sequence (a few numbers per chunk), pass 3 re-runs each chunk with its true carry.
-// Chunking depends only on the shape, never on the thread count, so results are bit-identical run to run.
+// Time-major problems with narrow rows are cut the same way on CPUs whose prefetcher completes line pairs
+// (kSplitElements), so that threads walk disjoint runs of time. Chunking depends only on the shape and the
+// CPU, never on the thread count, so results are bit-identical run to run and for any number of threads.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -123,12 +125,15 @@ inline bool streaming_stores_for(int64_t bytes) {
 constexpr int kTileGroups = 8;           // lane groups walked together (see walk_tile)
 constexpr int kTileLanes = kTileGroups * kLanes;
 constexpr int64_t kSerialElements = 1 << 15;  // below this, no threads
-// ... and below this when time-major rows are narrower than kNarrowRowBytes on a CPU whose prefetcher completes
-// line pairs (isa.h): two threads then write lines a few hundred bytes apart at every step, and on the Intel
-// machine of docs/performance.md the cores' prefetchers pulled each other's lines (two threads took twice one
-// thread's time up to [2048, 64] float32). On the AMD machine two threads are faster there (cold inputs).
-constexpr int64_t kSerialNarrowElements = 1 << 18;
+// Time-major rows narrower than kNarrowRowBytes on a CPU whose prefetcher completes line pairs (isa.h): threads
+// that split such rows between them write lines a few hundred bytes apart at every step, and on the Intel
+// machines of docs/performance.md the cores' prefetchers pulled each other's lines (two threads took twice one
+// thread's time up to [2048, 64] float32). There threads split time instead: from kSplitFromElements elements
+// on, the sequences are chunked every kSplitElements elements (pass 1's inputs then stay in a core's L2 for
+// pass 3), and smaller problems stay on one thread. On the AMD machines threads split the rows (cold inputs).
 constexpr int64_t kNarrowRowBytes = 1024;
+constexpr int64_t kSplitElements = int64_t(1) << 15;
+constexpr int64_t kSplitFromElements = 4 * kSplitElements;
 constexpr int64_t kChunk = 4096;           // steps per chunk of a long sequence
 constexpr int64_t kChunkMinSteps = 16384;  // shorter sequences are walked whole
 constexpr int64_t kChunkMaxSeqs = 256;     // with more sequences than this, lanes are already plentiful
@@ -250,10 +255,13 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
   const int64_t ts = pb.time_stride();
   const int groups = (num_lanes + kLanes - 1) / kLanes;
   int64_t group_len[kTileGroups] = {};
+  int group_n[kTileGroups] = {};  // the group's lanes, less empty ones at its end (run_scan's padding)
   bool contiguous[kTileGroups] = {};
   for (int g = 0; g < groups; ++g) {
     const Lane* gl = lanes + g * kLanes;
-    const int n = std::min(kLanes, num_lanes - g * kLanes);
+    int n = std::min(kLanes, num_lanes - g * kLanes);
+    while (n > 1 && gl[n - 1].len == 0) --n;
+    group_n[g] = n;
     // Time-major fast path: n adjacent sequences with the same span load one row of kLanes values per step
     // (whole vectors). With fewer sequences than lanes (a few environments) the lanes past n then hold the next
     // sequences' or steps' values wherever the input extends that far: computed, never stored (lanes are
@@ -312,7 +320,7 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
     for (int g = 0; g < groups; ++g) {
       if (k0 >= group_len[g] || k0 < walked[g]) continue;
       const Lane* gl = lanes + g * kLanes;
-      const int n = std::min(kLanes, num_lanes - g * kLanes);
+      const int n = group_n[g];
       const int kn = static_cast<int>(std::min<int64_t>(kBlock, group_len[g] - k0));
       if (in_place.direct != nullptr && contiguous[g] && n == kLanes) {  // (it requests its rows ahead itself)
         in_place.direct(params, ds, gl[0].base + time_of(gl[0], k0) * ts, reverse ? -ts : ts, kn,
@@ -392,21 +400,45 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
   static_assert(D <= kMaxCarry && Step::kOut <= kMaxOut, "raise kMaxCarry / kMaxOut");
   const int64_t num_seqs = pb.num_seqs;
   if (num_seqs == 0) return;
-  const bool chunked = !pb.cu_seqlens && pb.steps >= kChunkMinSteps && num_seqs <= kChunkMaxSeqs;
-  const int64_t chunks = chunked ? (pb.steps + kChunk - 1) / kChunk : 1;
-  const int64_t num_lanes = num_seqs * chunks;
-  // Lane q = s * chunks + c is chunk c of sequence s.
+  // Small problems stay on the calling thread: waking the pool costs more than they take.
+  const int64_t elements = pb.cu_seqlens ? pb.steps : num_seqs * pb.steps;
+  const bool time_major = pb.time_stride() != 1;
+  const bool narrow = time_major && pb.time_stride() * int64_t(sizeof(acc_t)) < kNarrowRowBytes &&
+                      cpu_prefetches_line_pairs();
+  const bool long_seqs = !pb.cu_seqlens && pb.steps >= kChunkMinSteps && num_seqs <= kChunkMaxSeqs;
+  const bool split = !pb.cu_seqlens && !long_seqs && narrow && elements >= kSplitFromElements;
+  const bool chunked = long_seqs || split;
+  const int64_t chunk_steps = long_seqs ? kChunk : split ? (kSplitElements + num_seqs - 1) / num_seqs : pb.steps;
+  const int64_t chunks = chunked ? (pb.steps + chunk_steps - 1) / chunk_steps : 1;
+  // Lanes: lane q = s * chunks + c is chunk c of sequence s, except in the time-major layout with up to
+  // kWindowChunks chunks, where q = c * seq_stride + s (`by_chunk`): then a group's lanes are adjacent sequences
+  // at the same steps, which load whole rows, and a tile is one chunk's rows (or an equal part of them), so
+  // threads walk disjoint runs of time. seq_stride pads the sequences to whole tiles; the padding lanes are
+  // empty.
+  const bool by_chunk = chunked && time_major && chunks <= kWindowChunks;
+  int64_t chunk_tile_groups = 0, seq_stride = num_seqs;
+  if (by_chunk) {
+    const int64_t groups = (num_seqs + kLanes - 1) / kLanes;
+    const int64_t tiles = (groups + kTileGroups - 1) / kTileGroups;
+    chunk_tile_groups = (groups + tiles - 1) / tiles;
+    // whole 128-byte line pairs per tile where the prefetcher completes pairs (see walk_lanes)
+    if (tiles > 1 && sizeof(acc_t) * kLanes < kOutputAlign && chunk_tile_groups % 2 == 1 &&
+        cpu_prefetches_line_pairs())
+      ++chunk_tile_groups;
+    seq_stride = tiles * chunk_tile_groups * kLanes;
+  }
+  const int64_t num_lanes = by_chunk ? chunks * seq_stride : num_seqs * chunks;
+  auto lane_at = [&](int64_t s, int64_t c) { return by_chunk ? c * seq_stride + s : s * chunks + c; };
   std::vector<uint8_t> whole(chunked ? num_seqs : 0, 0);  // sequences walked unchunked (see pass 2)
   auto lane_of = [&](int64_t q) {
-    const int64_t s = q / chunks, c = q % chunks;
+    const int64_t s = by_chunk ? q % seq_stride : q / chunks, c = by_chunk ? q / seq_stride : q % chunks;
+    if (s >= num_seqs) return Lane{0, 0, 0};
     const int64_t len = pb.seq_len(s);
     if (!chunked) return Lane{pb.seq_base(s), 0, len};
     if (whole[s]) return Lane{pb.seq_base(s), 0, c == (reverse ? 0 : chunks - 1) ? len : 0};
-    const int64_t begin = c * kChunk;
-    return Lane{pb.seq_base(s), begin, std::min(kChunk, len - begin)};
+    const int64_t begin = c * chunk_steps;
+    return Lane{pb.seq_base(s), begin, std::min(chunk_steps, len - begin)};
   };
-  // Small problems stay on the calling thread: waking the pool costs more than they take.
-  const int64_t elements = pb.cu_seqlens ? pb.steps : num_seqs * pb.steps;
   // Outputs too big to stay in cache until something reads them: streaming stores write them without first
   // reading every line (for GAE, 17 bytes a step moved instead of 25).
   // RLKERNELS_STREAMING_STORES=0 keeps them in cache (for a caller that reads them back at once).
@@ -425,19 +457,18 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
   auto walk_lanes = [&](int64_t n_lanes, auto lane_id, bool symbolic, Map* maps, acc_t* carries) {
     const int64_t lane_groups = (n_lanes + kLanes - 1) / kLanes;
     int64_t tile_groups =
-        std::clamp<int64_t>(lane_groups / (2 * std::max<int64_t>(1, at::get_num_threads())), 1, kTileGroups);
+        by_chunk ? chunk_tile_groups
+                 : std::clamp<int64_t>(lane_groups / (2 * std::max<int64_t>(1, at::get_num_threads())), 1, kTileGroups);
     // Tiles of whole 128-byte line pairs of a time-major row (outputs start on one, csrc/cpu/alloc.h) where the
     // prefetcher completes pairs: threads split the rows between tiles, and a pair written by two cores would
     // bounce between them at every step. Elsewhere tiles of single lines leave more tiles to share out.
-    if (sizeof(acc_t) * kLanes < kOutputAlign && tile_groups % 2 == 1 && lane_groups > 1 &&
+    if (!by_chunk && sizeof(acc_t) * kLanes < kOutputAlign && tile_groups % 2 == 1 && lane_groups > 1 &&
         cpu_prefetches_line_pairs())
       ++tile_groups;
     const int64_t tile_lanes = tile_groups * kLanes;
     const int64_t tiles = (n_lanes + tile_lanes - 1) / tile_lanes;
-    const bool narrow = pb.time_stride() != 1 && pb.time_stride() * int64_t(sizeof(acc_t)) < kNarrowRowBytes &&
-                        cpu_prefetches_line_pairs();
-    const int64_t serial_below = narrow ? kSerialNarrowElements : kSerialElements;
-    const int64_t grain = elements < serial_below ? std::max<int64_t>(tiles, 1) : 1;
+    const bool serial = elements < kSerialElements || (narrow && !chunked);
+    const int64_t grain = serial ? std::max<int64_t>(tiles, 1) : 1;
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         Lane lanes[kTileLanes];
@@ -519,7 +550,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
   // carry_in[q * D + j]: the carry entering lane q.
   std::vector<acc_t> carry_in(num_lanes * D, acc_t(0));
   for (int64_t s = 0; s < num_seqs; ++s) {
-    const int64_t first = reverse ? s * chunks + chunks - 1 : s * chunks;
+    const int64_t first = lane_at(s, reverse ? chunks - 1 : 0);
     for (int j = 0; j < D; ++j) carry_in[first * D + j] = init_of(s, j);
   }
   auto every_lane = [](int64_t q) { return q; };
@@ -534,15 +565,15 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
       for (int64_t i = 0; i + 1 < chunks; ++i) {
         const int64_t c = reverse ? chunks - 1 - i : i;
         const int64_t next = reverse ? c - 1 : c + 1;
-        const int64_t q = s * chunks + c;
+        const int64_t q = lane_at(s, c);
         for (int j = 0; j < D; ++j) {
           if (!std::isfinite(carry_in[q * D + j])) whole[s] = 1;
-          carry_in[(s * chunks + next) * D + j] = maps[q * D + j](&carry_in[q * D]);
+          carry_in[lane_at(s, next) * D + j] = maps[q * D + j](&carry_in[q * D]);
         }
       }
       if (whole[s]) {
-        const int64_t first = reverse ? s * chunks + chunks - 1 : s * chunks;
-        const int64_t last = reverse ? s * chunks : s * chunks + chunks - 1;
+        const int64_t first = lane_at(s, reverse ? chunks - 1 : 0);
+        const int64_t last = lane_at(s, reverse ? 0 : chunks - 1);
         for (int j = 0; j < D; ++j) carry_in[last * D + j] = carry_in[first * D + j];
       }
     }
@@ -551,7 +582,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
   walk_lanes(num_lanes, every_lane, false, nullptr, carry_in.data());
   if (final_carry) {
     for (int64_t s = 0; s < num_seqs; ++s) {
-      const int64_t q = s * chunks + (reverse ? 0 : chunks - 1);
+      const int64_t q = lane_at(s, reverse ? 0 : chunks - 1);
       for (int j = 0; j < D; ++j) final_carry[j * num_seqs + s] = carry_in[q * D + j];
     }
   }
