@@ -387,8 +387,8 @@ def test_windowed_path_inf_falls_back_like_reference(op):
 
 
 # Time-major rows narrower than 1 KiB on a CPU whose L2 prefetcher completes 128-byte line pairs (Intel) are
-# split in time from 2^17 elements on: chunks of about 2^15 elements, walked by the three passes of the long
-# sequences (csrc/cpu/scan_engine.h kSplitElements). Chunked time-major sequences are walked as groups of
+# split in time from 2^17 to 2^18 elements (and beyond for rows of 128 bytes at most): chunks of about 2^15
+# elements, walked by the three passes of the long sequences (csrc/cpu/scan_engine.h kSplitElements). Chunked time-major sequences are walked as groups of
 # adjacent sequences at the same steps, padded to whole tiles. `_cpu_line_pairs` walks as on either CPU.
 _SPLIT_SHAPES = {
     "64 sequences": ((2100, 64), torch.float32),
@@ -398,6 +398,8 @@ _SPLIT_SHAPES = {
     "long, 8 sequences": ((16400, 8), F64),
     "long, 17 sequences": ((16384, 17), torch.float32),
     "below the split": ((2000, 64), torch.float32),
+    "above the split": ((4500, 64), torch.float32),
+    "above, one line pair a row": ((9000, 32), torch.float32),
 }
 
 

@@ -128,12 +128,17 @@ constexpr int64_t kSerialElements = 1 << 15;  // below this, no threads
 // Time-major rows narrower than kNarrowRowBytes on a CPU whose prefetcher completes line pairs (isa.h): threads
 // that split such rows between them write lines a few hundred bytes apart at every step, and on the Intel
 // machines of docs/performance.md the cores' prefetchers pulled each other's lines (two threads took twice one
-// thread's time up to [2048, 64] float32). There threads split time instead: from kSplitFromElements elements
-// on, the sequences are chunked every kSplitElements elements (pass 1's inputs then stay in a core's L2 for
-// pass 3), and smaller problems stay on one thread. On the AMD machines threads split the rows (cold inputs).
+// thread's time up to [2048, 64] float32). There, from kSplitFromElements to kSplitBelowElements elements (and
+// from kSplitFromElements on for rows of one line pair, a single tile), threads split time instead: the
+// sequences are chunked every kSplitElements elements (pass 1's inputs then stay in a core's L2 for pass 3).
+// The passes cost one thread a quarter to a half more; two threads save a fifth (docs/performance.md). Smaller
+// problems stay on one thread; larger ones split their rows into tiles of whole line pairs, which beat the
+// passes there.
+// On the AMD machines threads split the rows at every size (cold inputs).
 constexpr int64_t kNarrowRowBytes = 1024;
 constexpr int64_t kSplitElements = int64_t(1) << 15;
-constexpr int64_t kSplitFromElements = 4 * kSplitElements;
+constexpr int64_t kSplitFromElements = int64_t(1) << 17;
+constexpr int64_t kSplitBelowElements = int64_t(1) << 18;
 constexpr int64_t kChunk = 4096;           // steps per chunk of a long sequence
 constexpr int64_t kChunkMinSteps = 16384;  // shorter sequences are walked whole
 constexpr int64_t kChunkMaxSeqs = 256;     // with more sequences than this, lanes are already plentiful
@@ -406,7 +411,8 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
   const bool narrow = time_major && pb.time_stride() * int64_t(sizeof(acc_t)) < kNarrowRowBytes &&
                       cpu_prefetches_line_pairs();
   const bool long_seqs = !pb.cu_seqlens && pb.steps >= kChunkMinSteps && num_seqs <= kChunkMaxSeqs;
-  const bool split = !pb.cu_seqlens && !long_seqs && narrow && elements >= kSplitFromElements;
+  const bool split = !pb.cu_seqlens && !long_seqs && narrow && elements >= kSplitFromElements &&
+                     (elements < kSplitBelowElements || pb.time_stride() * sizeof(acc_t) <= kOutputAlign);
   const bool chunked = long_seqs || split;
   const int64_t chunk_steps = long_seqs ? kChunk : split ? (kSplitElements + num_seqs - 1) / num_seqs : pb.steps;
   const int64_t chunks = chunked ? (pb.steps + chunk_steps - 1) / chunk_steps : 1;
@@ -467,7 +473,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
       ++tile_groups;
     const int64_t tile_lanes = tile_groups * kLanes;
     const int64_t tiles = (n_lanes + tile_lanes - 1) / tile_lanes;
-    const bool serial = elements < kSerialElements || (narrow && !chunked);
+    const bool serial = elements < kSerialElements || (narrow && !chunked && elements < kSplitBelowElements);
     const int64_t grain = serial ? std::max<int64_t>(tiles, 1) : 1;
     at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
