@@ -242,25 +242,36 @@ void q_rows_f32(const float* r, const float* q, const bool* term, const float* o
   const float nan = std::numeric_limits<float>::quiet_NaN();
   int64_t b = b0;
 #if defined(__x86_64__) && RLK_VEC_BYTES >= 32
-  // The max kind's rows of fewer actions than a vector (A < 8; q_rows_f32_wide takes the others): each row is one
-  // masked load, its lanes past A -inf, and 8 rows are reduced together (hmax_rows): one action at a time would be
-  // slower than SSE2's vector of 4 and two. A zero max's sign follows hmaxq's pairs, as in SSE2's rows of 4 to 7
-  // and in every row of 8 or more. From a group with a NaN on, rows go one by one.
-  if (kind == static_cast<int>(QKind::kMax) && A < kQW) {
+  // The max and double kinds' rows of fewer actions than a vector (A < 8; q_rows_f32_wide takes the others):
+  // each row (of q, or of online for double) is one masked load, its lanes past A -inf, and 8 rows are reduced
+  // together (hmax_rows): one action at a time would be slower than SSE2's vector of 4 and two. A zero max's sign
+  // follows hmaxq's pairs, as in SSE2's rows of 4 to 7 and in every row of 8 or more. Double's action is the
+  // first lane equal to its row's max (one compare and movemask a row; -0 == +0, as in first_equal). From a
+  // group with a NaN on, rows go one by one.
+  const bool is_double = kind == static_cast<int>(QKind::kDouble);
+  if ((kind == static_cast<int>(QKind::kMax) || is_double) && A < kQW) {
     const iq on = lane_q() < static_cast<int>(A);
     const fq ninf = fq{} - std::numeric_limits<float>::infinity();
+    const float* src = is_double ? online : q;
     for (; b + kQW <= b1; b += kQW) {
       fq m[kQW];
       iq isnan = iq{};
       for (int k = 0; k < kQW; ++k) {
-        const fq x = reinterpret_cast<fq>(_mm256_maskload_ps(q + (b + k) * A, reinterpret_cast<__m256i>(on)));
+        const fq x = reinterpret_cast<fq>(_mm256_maskload_ps(src + (b + k) * A, reinterpret_cast<__m256i>(on)));
         m[k] = on ? x : ninf;
         isnan |= x != x;  // lanes past A load 0
       }
       if (anyq(isnan)) break;
       const fq mx = hmax_rows(m);
-      for (int k = 0; k < kQW; ++k)
-        out[b + k] = q_target(r[b + k], term != nullptr && term[b + k], discount, mx[k]);
+      for (int k = 0; k < kQW; ++k) {
+        float v = mx[k];
+        if (is_double) {
+          const iq eq = m[k] == (fq{} + mx[k]);
+          const int arg = __builtin_ctz(static_cast<unsigned>(_mm256_movemask_ps(reinterpret_cast<__m256>(eq))));
+          v = q[(b + k) * A + arg];
+        }
+        out[b + k] = q_target(r[b + k], term != nullptr && term[b + k], discount, v);
+      }
     }
   }
 #endif
