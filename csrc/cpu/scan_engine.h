@@ -30,6 +30,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "alloc.h"
 
 #include "isa.h"
@@ -196,6 +200,31 @@ inline acc_t load_as(const void* p, int64_t i) {
   return acc_t(1);  // kNone is only loaded for the mask: every in-range step is valid
 }
 
+#if defined(__SSE2__)
+// 16 one-byte flags to 16 values 1 (flag set) or 0: each byte's compare with 0 widened to its lane's mask by
+// unpacking it with itself, then ANDed with 1.0's bits.
+template <typename acc_t>
+inline void flags_to_ones(acc_t* __restrict row, const uint8_t* flags) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(flags));
+  const __m128i set = _mm_xor_si128(_mm_cmpeq_epi8(b, _mm_setzero_si128()), _mm_set1_epi8(-1));
+  const __m128i w[2] = {_mm_unpacklo_epi8(set, set), _mm_unpackhi_epi8(set, set)};
+  __m128i d[4];
+  for (int h = 0; h < 2; ++h) d[2 * h] = _mm_unpacklo_epi16(w[h], w[h]), d[2 * h + 1] = _mm_unpackhi_epi16(w[h], w[h]);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const __m128i one = _mm_castps_si128(_mm_set1_ps(1.0f));
+    for (int i = 0; i < 4; ++i) _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 4 * i), _mm_and_si128(d[i], one));
+  } else {
+    static_assert(std::is_same_v<acc_t, double>);
+    const __m128i one = _mm_castpd_si128(_mm_set1_pd(1.0));
+    for (int i = 0; i < 4; ++i) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 4 * i), _mm_and_si128(_mm_unpacklo_epi32(d[i], d[i]), one));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 4 * i + 2),
+                       _mm_and_si128(_mm_unpackhi_epi32(d[i], d[i]), one));
+    }
+  }
+}
+#endif
+
 // The rows of a time-major group into a block buffer: row kk (of kn) is kLanes values of input p from element
 // off0 + kk * step on, converted to acc_t; a row that would pass the input's end (`extent` elements) loads its
 // group's n values and zeros. Values, not captures, so that GCC keeps them in registers and vectorizes the rows.
@@ -210,6 +239,14 @@ __attribute__((noinline)) void load_rows(acc_t* __restrict dst, const void* p, i
     } else if constexpr ((K == Kind::kScalar && std::is_same_v<scalar_t, acc_t>) || K == Kind::kAcc) {
       std::memcpy(row, static_cast<const acc_t*>(p) + off, kLanes * sizeof(acc_t));
     } else if constexpr (K == Kind::kFlag) {  // on vectors: GCC turns the per-element form into branches
+#if defined(__SSE2__)
+      // (the vector-extension form below is lowered byte by byte, a test and setne each, without SSE4.1's
+      // pmovzx: this engine's walks are built for the baseline instruction set)
+      if constexpr (kLanes == 16) {
+        flags_to_ones(row, static_cast<const uint8_t*>(p) + off);
+        continue;
+      }
+#endif
       typedef uint8_t Bytes __attribute__((vector_size(kLanes)));
       typedef int32_t Ints __attribute__((vector_size(kLanes * 4)));
       typedef acc_t Accs __attribute__((vector_size(kLanes * sizeof(acc_t))));
