@@ -388,8 +388,9 @@ def test_windowed_path_inf_falls_back_like_reference(op):
 
 # Time-major rows narrower than 1 KiB on a CPU whose L2 prefetcher completes 128-byte line pairs (Intel) are
 # split in time from 2^17 to 2^18 elements (and beyond for rows of 128 bytes at most): chunks of about 2^15
-# elements, walked by the three passes of the long sequences (csrc/cpu/scan_engine.h kSplitElements). Chunked time-major sequences are walked as groups of
-# adjacent sequences at the same steps, padded to whole tiles. `_cpu_line_pairs` walks as on either CPU.
+# elements, walked by the three passes of the long sequences (csrc/cpu/scan_engine.h kSplitElements).
+# Chunked time-major sequences are walked as groups of adjacent sequences at the same steps, padded to whole
+# tiles. `_cpu_line_pairs` walks as on either CPU.
 _SPLIT_SHAPES = {
     "64 sequences": ((2100, 64), torch.float32),
     "40 sequences, a padded group": ((3300, 40), torch.float32),
