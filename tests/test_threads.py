@@ -42,9 +42,9 @@ CASES = {
     "gae_batch": (lambda r, v: rlkernels.gae(r, v, terminated=TERM_BATCH, gamma=0.99, lam=0.95),
                   (_randn(256, 160).double(), _randn(256, 160, seed=2).double())),
     # time-major rows narrower than 1 KiB (csrc/cpu/scan_engine.h): on a CPU whose prefetcher completes line
-    # pairs, [4200, 64] is split between threads in tiles of whole line pairs and [3300, 40] in time (chunks of
-    # 2^15 elements, the last lane group of each padded), elsewhere both in tiles; 24 sequences of 16400 steps
-    # are long sequences in chunks of 4096 steps
+    # pairs, [4200, 64] is split between threads in tiles of whole line pairs and [3300, 40] in time (chunks
+    # of 2^15 elements, the last lane group of each padded), elsewhere both in tiles; 24 sequences of 16400
+    # steps are long sequences in chunks of 4096 steps
     "gae_narrow_rows": (lambda r, v: rlkernels.gae(r, v, terminated=TERM_NARROW, gamma=0.99, lam=0.95),
                         (_randn(4200, 64, seed=19), _randn(4200, 64, seed=20))),
     "gae_narrow_padded": (lambda r, v: rlkernels.gae(r, v, terminated=TERM_NARROW[:3300, :40], gamma=0.99,
