@@ -146,6 +146,7 @@ constexpr int64_t kSplitBelowElements = int64_t(1) << 18;
 constexpr int64_t kChunk = 4096;           // steps per chunk of a long sequence
 constexpr int64_t kChunkMinSteps = 16384;  // shorter sequences are walked whole
 constexpr int64_t kChunkMaxSeqs = 256;     // with more sequences than this, lanes are already plentiful
+constexpr int64_t kByChunkSeqs = 4;         // time-major chunks are grouped by chunk from this many sequences on
 constexpr int64_t kWindowChunks = 64;      // chunks per window of the chunked passes (~2.4 MB of fp32 GAE inputs)
 
 enum class Kind : uint8_t { kNone, kScalar, kFlag, kAcc };
@@ -454,11 +455,12 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
   const int64_t chunk_steps = long_seqs ? kChunk : split ? (kSplitElements + num_seqs - 1) / num_seqs : pb.steps;
   const int64_t chunks = chunked ? (pb.steps + chunk_steps - 1) / chunk_steps : 1;
   // Lanes: lane q = s * chunks + c is chunk c of sequence s, except in the time-major layout with up to
-  // kWindowChunks chunks, where q = c * seq_stride + s (`by_chunk`): then a group's lanes are adjacent sequences
-  // at the same steps, which load whole rows, and a tile is one chunk's rows (or an equal part of them), so
-  // threads walk disjoint runs of time. seq_stride pads the sequences to whole tiles; the padding lanes are
-  // empty.
-  const bool by_chunk = chunked && time_major && chunks <= kWindowChunks;
+  // kWindowChunks chunks and at least kByChunkSeqs sequences, where q = c * seq_stride + s (`by_chunk`): then a
+  // group's lanes are adjacent sequences at the same steps, which load whole rows, and a tile is one chunk's rows
+  // (or an equal part of them), so threads walk disjoint runs of time. seq_stride pads the sequences to whole
+  // tiles; the padding lanes are empty. (With fewer sequences, a group of one sequence's chunks, loaded lane by
+  // lane, uses more of its 16 lanes: `[16384, 2]` took 1.6 times as long by chunk.)
+  const bool by_chunk = chunked && time_major && chunks <= kWindowChunks && num_seqs >= kByChunkSeqs;
   int64_t chunk_tile_groups = 0, seq_stride = num_seqs;
   if (by_chunk) {
     const int64_t groups = (num_seqs + kLanes - 1) / kLanes;
