@@ -459,7 +459,7 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
   // group's lanes are adjacent sequences at the same steps, which load whole rows, and a tile is one chunk's rows
   // (or an equal part of them), so threads walk disjoint runs of time. seq_stride pads the sequences to whole
   // tiles; the padding lanes are empty. (With fewer sequences, a group of one sequence's chunks, loaded lane by
-  // lane, uses more of its 16 lanes: `[16384, 2]` took 1.6 times as long by chunk.)
+  // lane, uses more of its 16 lanes: `[16384, 2]` takes 1.6 times as long by chunk; docs/performance.md.)
   const bool by_chunk = chunked && time_major && chunks <= kWindowChunks && num_seqs >= kByChunkSeqs;
   int64_t chunk_tile_groups = 0, seq_stride = num_seqs;
   if (by_chunk) {
