@@ -263,17 +263,49 @@ struct StreamTable {
   }
 };
 
+// The first m (0 < m < N) values of v to p, nothing past them: a masked store on AVX-512 and AVX2, element by
+// element under SSE2 (whose masked store bypasses the cache). The values past m belong to other sequences'
+// rows, which a load-blend-store would race with.
+template <typename T, int N>
+RLK_FN void store_first(Vec<T, N> v, T* p, int m) {
+#if defined(__x86_64__) && defined(__GNUC__) && defined(RLK_VEC_BYTES)
+  if constexpr (RLK_VEC_BYTES == 64 && N * sizeof(T) == 64) {
+    const __mmask16 k = static_cast<__mmask16>((1u << m) - 1);
+    if constexpr (sizeof(T) == 4) {
+      _mm512_mask_storeu_ps(p, k, reinterpret_cast<__m512>(v.v));
+    } else {
+      _mm512_mask_storeu_pd(p, static_cast<__mmask8>(k), reinterpret_cast<__m512d>(v.v));
+    }
+    return;
+  } else if constexpr (RLK_VEC_BYTES == 32 && N * sizeof(T) == 32) {
+    if constexpr (sizeof(T) == 4) {
+      const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      _mm256_maskstore_ps(p, k, reinterpret_cast<__m256>(v.v));
+    } else {
+      const __m256i k = _mm256_cmpgt_epi64(_mm256_set1_epi64x(m), _mm256_setr_epi64x(0, 1, 2, 3));
+      _mm256_maskstore_pd(p, k, reinterpret_cast<__m256d>(v.v));
+    }
+    return;
+  }
+#endif
+  T tmp[N];
+  v.store(tmp);
+  for (int i = 0; i < m; ++i) p[i] = tmp[i];
+}
+
 // Steps ahead at which run_direct requests its output rows, and its input rows.
 constexpr int64_t kOutAhead = 8;
 constexpr int64_t kInAhead = 16;
 
 // run_block without the buffers: a time-major group reads its inputs in place and writes its outputs in
 // place, one vector load or store per stream and lane vector, flags widened in registers. The lane vectors
-// are unrolled so their carries stay in registers.
+// are unrolled so their carries stay in registers. A group of n < kLanes sequences walks the lane vectors that
+// hold them; a vector's lanes past n read the next values in the row (another step's, computed, never stored:
+// lanes are independent), and its outputs are stored for its first lanes only (store_first).
 
 template <class Step, typename acc_t, bool kSymbolic, class P>
 void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds, int64_t off0, int64_t step,
-                int64_t kn, acc_t* carry_io, acc_t* const* out) {
+                int64_t kn, int n, acc_t* carry_io, acc_t* const* out) {
   constexpr int N = RLK_VEC_BYTES / sizeof(acc_t) < kLanes ? RLK_VEC_BYTES / sizeof(acc_t) : kLanes;
   constexpr int H = kLanes / N;
   using V = Vec<acc_t, N>;
@@ -284,6 +316,8 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
   acc_t* o_ptr[Step::kOut];
   for (int j = 0; j < Step::kOut; ++j) o_ptr[j] = kSymbolic ? nullptr : out[j];
 
+  const int hn = (n + N - 1) / N;     // lane vectors in use
+  const int last = n - (hn - 1) * N;  // lanes stored of the last one
   C carry[H][D];
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/false);
   for (int64_t kk = 0; kk < kn; ++kk) {
@@ -300,6 +334,7 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
     });
 #pragma GCC unroll 16
     for (int h = 0; h < H; ++h) {
+      if (h == hn) break;
       const StepIn<V> in = stream_in<V>([&]<int S>() -> V {
         if constexpr (P::absent(S)) {
           return V(acc_t(P::constant(S)));
@@ -316,7 +351,12 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
           // The output rows kOutAhead steps on, requested for writing now: each step's stores go to new lines
           // (a row apart), whose reads would otherwise be waited for one at a time.
           __builtin_prefetch(o_ptr[j] + off + kOutAhead * step, 1);
-          select(in.valid, o[j], V(acc_t(0))).store(o_ptr[j] + off);
+          const V v = select(in.valid, o[j], V(acc_t(0)));
+          if (h == hn - 1 && last < N) {
+            store_first(v, o_ptr[j] + off, last);
+          } else {
+            v.store(o_ptr[j] + off);
+          }
         }
       }
     }
@@ -558,8 +598,8 @@ struct DirectWalk {
   struct With {
     template <typename acc_t>
     static void run(const ScanParams<acc_t>& params, const DirectStreams& ds, int64_t off0, int64_t step, int64_t kn,
-                    acc_t* carry, acc_t* const* out) {
-      run_direct<Step, acc_t, kSymbolic, P>(params, ds, off0, step, kn, carry, out);
+                    int n, acc_t* carry, acc_t* const* out) {
+      run_direct<Step, acc_t, kSymbolic, P>(params, ds, off0, step, kn, n, carry, out);
     }
   };
 };

@@ -365,8 +365,12 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
       const Lane* gl = lanes + g * kLanes;
       const int n = group_n[g];
       const int kn = static_cast<int>(std::min<int64_t>(kBlock, group_len[g] - k0));
-      if (in_place.direct != nullptr && contiguous[g] && n == kLanes) {  // (it requests its rows ahead itself)
-        in_place.direct(params, ds, gl[0].base + time_of(gl[0], k0) * ts, reverse ? -ts : ts, kn,
+      // (the direct walk requests its rows ahead itself; a group of fewer than kLanes sequences reads whole rows
+      // of kLanes values, so its last rows, which would pass the inputs' end, go through the buffers)
+      if (in_place.direct != nullptr && contiguous[g] &&
+          (n == kLanes ||
+           gl[0].base + std::max(time_of(gl[0], k0), time_of(gl[0], k0 + kn - 1)) * ts + kLanes <= extent)) {
+        in_place.direct(params, ds, gl[0].base + time_of(gl[0], k0) * ts, reverse ? -ts : ts, kn, n,
                         carry + g * carry_size, symbolic ? no_out : pb.out);
         continue;
       }

@@ -84,11 +84,12 @@ inline uint32_t presence_of(const DirectStreams& ds, bool has_next) {
   return m;
 }
 
-// Walks `kn` steps of one group: step kk reads and writes the kLanes elements at off0 + kk * step (+ lane).
-// `out[j]` are the outputs (null when absent, or when `symbolic`); carry as for BlockFn.
+// Walks `kn` steps of one group of n (1..kLanes) sequences: step kk reads the kLanes elements at off0 + kk * step
+// (+ lane), which must lie inside the inputs, and writes the first n. `out[j]` are the outputs (null when absent,
+// or when `symbolic`); carry as for BlockFn.
 template <typename acc_t>
 using DirectFn = void (*)(const ScanParams<acc_t>& params, const DirectStreams& in, int64_t off0, int64_t step,
-                          int64_t kn, acc_t* carry, acc_t* const* out);
+                          int64_t kn, int n, acc_t* carry, acc_t* const* out);
 
 // Walks `kn` steps (a multiple of kBlock) of kLanes lanes contiguous in time: lane l's step kk is at
 // lane_off[l] + kk * dir (dir = +1 or -1). `out` and `carry` as for DirectFn. `stream`: write the outputs
