@@ -19,6 +19,7 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -33,6 +34,8 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+
+#include "alloc.h"
 
 #include "alloc.h"
 
@@ -433,16 +436,30 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
   }
 }
 
-// Runs `Step` over every sequence of `pb`. `init[j * num_seqs + s]` is sequence s's initial carry j
-// (nullptr: zeros); the final carries are written to `final_carry` the same way when it is not null.
-//
-// Chunked sequences (few and long) take three passes: each chunk's map (pass 1), the maps composed along the
-// sequence (pass 2), each chunk walked with its true carry (pass 3). With more than kWindowChunks chunks the
-// passes run window by window in scan order, so pass 3 re-reads a window's inputs from the cache pass 1 just
-// filled instead of from DRAM: one sequence of millions of steps reads its inputs from memory once, not twice.
-template <class Step, typename scalar_t, typename acc_t>
-void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& params, bool reverse, const acc_t* init,
-              acc_t* final_carry) {
+// n values of a 16-bit input widened to acc_t (exactly), in parallel (each element on its own: no order to fix).
+template <typename scalar_t, typename acc_t>
+void widen(const scalar_t* src, acc_t* dst, int64_t n) {
+  at::parallel_for(0, n, int64_t(1) << 16, [&](int64_t begin, int64_t end) {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      const uint16_t* __restrict b = reinterpret_cast<const uint16_t*>(src);
+      acc_t* __restrict d = dst;
+      for (int64_t i = begin; i < end; ++i) {  // bfloat16's bits are float32's upper half: one shift, vectorized
+        const uint32_t bits = uint32_t(b[i]) << 16;
+        float x;
+        std::memcpy(&x, &bits, 4);
+        d[i] = static_cast<acc_t>(x);
+      }
+    } else {
+      for (int64_t i = begin; i < end; ++i) dst[i] = static_cast<acc_t>(src[i]);
+    }
+  });
+}
+
+// run_scan on inputs of the accumulation type (16-bit ones widened first).
+template <class Step, typename acc_t>
+void walk_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& params, bool reverse, const acc_t* init,
+               acc_t* final_carry) {
+  using scalar_t = acc_t;
   constexpr int D = Step::kCarry;
   static_assert(D <= kMaxCarry && Step::kOut <= kMaxOut, "raise kMaxCarry / kMaxOut");
   const int64_t num_seqs = pb.num_seqs;
@@ -634,6 +651,38 @@ void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& para
       const int64_t q = lane_at(s, reverse ? 0 : chunks - 1);
       for (int j = 0; j < D; ++j) final_carry[j * num_seqs + s] = carry_in[q * D + j];
     }
+  }
+}
+
+// Runs `Step` over every sequence of `pb`. `init[j * num_seqs + s]` is sequence s's initial carry j
+// (nullptr: zeros); the final carries are written to `final_carry` the same way when it is not null.
+//
+// Chunked sequences (few and long) take three passes: each chunk's map (pass 1), the maps composed along the
+// sequence (pass 2), each chunk walked with its true carry (pass 3). With more than kWindowChunks chunks the
+// passes run window by window in scan order, so pass 3 re-reads a window's inputs from the cache pass 1 just
+// filled instead of from DRAM: one sequence of millions of steps reads its inputs from memory once, not twice.
+template <class Step, typename scalar_t, typename acc_t>
+void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& params, bool reverse, const acc_t* init,
+              acc_t* final_carry) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    // 16-bit inputs are widened to acc_t first and walked by the acc_t walks, in place. Converted as they load,
+    // lanes contiguous in time would go through the buffers element by element (8-10 ns an element against under
+    // 1 ns for the float32 walk in place) and time-major rows through buffered blocks; widening first takes
+    // 0.34-0.67 of that time (docs/performance.md). The widened copies live for the call: 4 bytes an element per
+    // 16-bit input.
+    const int64_t n = pb.cu_seqlens ? pb.steps : pb.outer * pb.steps * pb.inner;
+    Problem<acc_t> wide = pb;
+    std::vector<at::Tensor> widened;
+    for (int s = 0; s < kNumStreams; ++s) {
+      if (pb.kind[s] != Kind::kScalar) continue;
+      at::Tensor t = empty_output({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+      widen(static_cast<const scalar_t*>(pb.in[s]), t.data_ptr<acc_t>(), n);
+      wide.set(static_cast<Stream>(s), t.data_ptr<acc_t>(), Kind::kAcc);
+      widened.push_back(std::move(t));
+    }
+    walk_scan<Step, acc_t>(id, wide, params, reverse, init, final_carry);
+  } else {
+    walk_scan<Step, acc_t>(id, pb, params, reverse, init, final_carry);
   }
 }
 
