@@ -1064,6 +1064,25 @@ def test_property_packed_equals_separate_calls(op, data):
         bootstrap="tensor",
         seed=data.draw(st.integers(0, 10**6)),
     )
+    _check_packed_equals_separate_calls(s, lengths)
+
+
+@pytest.mark.parametrize("next_values", [False, True])
+@pytest.mark.parametrize("op", SCAN_OPS)
+def test_many_packed_segments_equal_separate_calls(op, next_values):
+    # More segments than the CPU engine's 16 lanes, of varied lengths (empty ones too): the engine lays them in
+    # lanes by length, alternates groups of long and short ones between tiles and puts the partial group last.
+    # Each segment must still give what its own call gives, forward and backward, its bootstrap value (read
+    # without next_values) and that value's gradient included.
+    lengths = torch.randint(0, 90, (37,), generator=torch.Generator().manual_seed(37)).tolist()
+    lengths[3] = lengths[20] = 0
+    lengths[30] = 250
+    s = make_inputs(op, cu_seqlens=lengths, terminated=0.05, truncated=0.05 if next_values else 0.0,
+                    next_values=next_values, mask=0.1, bootstrap="tensor", seed=38)
+    _check_packed_equals_separate_calls(s, lengths)
+
+
+def _check_packed_equals_separate_calls(s, lengths):
     out, grads = _grads(s, seed=6)
     cu = s.scalars["cu_seqlens"].tolist()
     g = torch.Generator().manual_seed(6)

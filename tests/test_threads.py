@@ -36,6 +36,9 @@ def _with_grad(fn, inputs):
 
 
 T_LONG = 40_000
+_PACKED_LENGTHS = torch.randint(0, 1500, (70,), generator=torch.Generator().manual_seed(29))
+CU_PACKED = torch.cat([torch.zeros(1, dtype=torch.int64), _PACKED_LENGTHS.cumsum(0)])
+N_PACKED = int(CU_PACKED[-1])
 CASES = {
     "gae_long": (lambda r, v: rlkernels.gae(r, v, terminated=TERM_LONG, gamma=0.99, lam=0.95),
                  (_randn(T_LONG), _randn(T_LONG, seed=2))),
@@ -54,6 +57,14 @@ CASES = {
                                      (_randn(16400, 24, seed=24),)),
     "discounted_returns_long": (lambda r: rlkernels.discounted_returns(r[:, None], gamma=0.999),
                                 (_randn(T_LONG, seed=3),)),
+    # 70 packed sequences of 0-1500 steps: laid in lanes by length, groups alternating long and short between
+    # the threads' tiles, the partial group last; bfloat16 inputs widened first
+    "gae_packed": (lambda r, v: rlkernels.gae(r, v, terminated=TERM_PACKED, cu_seqlens=CU_PACKED, gamma=0.99,
+                                              lam=0.95),
+                   (_randn(N_PACKED, seed=25), _randn(N_PACKED, seed=26))),
+    "gae_packed_bf16": (lambda r, v: rlkernels.gae(r.bfloat16(), v.bfloat16(), terminated=TERM_PACKED,
+                                                   cu_seqlens=CU_PACKED, gamma=0.99, lam=0.95),
+                        (_randn(N_PACKED, seed=27), _randn(N_PACKED, seed=28))),
     "vtrace": (lambda r, v, lr: rlkernels.vtrace(r, v, lr, gamma=0.99), (_randn(300, 128), _randn(300, 128, seed=2),
                                                                       _randn(300, 128, seed=4) * 0.3)),
     "gather_logprobs": (lambda x: rlkernels.gather_logprobs(x, TOKENS, return_entropy=True),
@@ -74,6 +85,7 @@ CASES = {
 TERM_LONG = _flags(T_LONG, p=1e-4)
 TERM_BATCH = _flags(256, 160)
 TERM_NARROW = _flags(4200, 64, seed=21)
+TERM_PACKED = _flags(N_PACKED, seed=30)
 TOKENS = torch.randint(0, 1500, (96,), generator=torch.Generator().manual_seed(16))
 MASK = _flags(48, 1024, p=0.8)
 ACTIONS = torch.randint(0, 6, (40_000,), generator=torch.Generator().manual_seed(17))

@@ -494,9 +494,37 @@ void walk_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& par
     seq_stride = tiles * chunk_tile_groups * kLanes;
   }
   const int64_t num_lanes = by_chunk ? chunks * seq_stride : num_seqs * chunks;
-  auto lane_at = [&](int64_t s, int64_t c) { return by_chunk ? c * seq_stride + s : s * chunks + c; };
+  // Packed sequences (never chunked) of several lane groups are laid in lanes by length, longest first
+  // (`order[q]` the sequence of lane q, `rank` its inverse): a group's lanes are walked in place for as many
+  // steps as its shortest has, and its longer lanes' rest through the buffers, so groups of similar lengths
+  // walk most of their steps in place (docs/performance.md). The full groups then alternate between the
+  // longest and the shortest left, so that the threads' shares of tiles (contiguous runs) carry similar work;
+  // the group of the shortest remainder, if partial, comes last. Lanes are independent: no value changes.
+  std::vector<int64_t> order, rank;
+  if (pb.cu_seqlens && num_seqs > kLanes) {
+    std::vector<int64_t> by_len(num_seqs);
+    for (int64_t s = 0; s < num_seqs; ++s) by_len[s] = s;
+    std::stable_sort(by_len.begin(), by_len.end(),
+                     [&](int64_t a, int64_t b) { return pb.seq_len(a) > pb.seq_len(b); });
+    const int64_t full = num_seqs / kLanes;
+    order.reserve(num_seqs);
+    for (int64_t i = 0; i < full; ++i) {
+      const int64_t g = i % 2 == 0 ? i / 2 : full - 1 - i / 2;
+      order.insert(order.end(), by_len.begin() + g * kLanes, by_len.begin() + (g + 1) * kLanes);
+    }
+    order.insert(order.end(), by_len.begin() + full * kLanes, by_len.end());
+    rank.resize(num_seqs);
+    for (int64_t q = 0; q < num_seqs; ++q) rank[order[q]] = q;
+  }
+  auto lane_at = [&](int64_t s, int64_t c) {
+    return !rank.empty() ? rank[s] : by_chunk ? c * seq_stride + s : s * chunks + c;
+  };
   std::vector<uint8_t> whole(chunked ? num_seqs : 0, 0);  // sequences walked unchunked (see pass 2)
   auto lane_of = [&](int64_t q) {
+    if (!order.empty()) {
+      const int64_t s = order[q];
+      return Lane{pb.seq_base(s), 0, pb.seq_len(s)};
+    }
     const int64_t s = by_chunk ? q % seq_stride : q / chunks, c = by_chunk ? q / seq_stride : q % chunks;
     if (s >= num_seqs) return Lane{0, 0, 0};
     const int64_t len = pb.seq_len(s);
