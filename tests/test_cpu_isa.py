@@ -342,23 +342,23 @@ def test_gae_rows(isa, shape):
     assert_close(ret, e_ret, torch.float32, name="returns")
 
 
-# Time-major groups of fewer sequences than the engine's 16 lanes walk in place: each step reads a whole row of
-# 16 values (lanes past the sequences read the next step's, computed and never stored), the outputs are stored
-# for the sequences' lanes only (a masked store of the last vector; its width differs per level), and the last
-# rows, where 16 values would pass the inputs' end, go through the buffers. Widths with every remainder against
-# the lane vectors of each level (4/8/16 float32, 2/4/8 float64); 20 and 33 leave a partial group after full
-# ones. Outputs against the reference; gradients (GAE is linear in rewards, values and next values for fixed
-# flags) by one directional difference of the reference per sequence: sum_t ga * (ref(x + d) - ref(x)) must
-# equal sum_t grad * d, column by column.
+# Time-major groups of fewer sequences than the engine's 16 lanes walk in place: each step reads a whole row
+# of 16 values (lanes past the sequences read the next step's, computed and never stored), the outputs are
+# stored for the sequences' lanes only (a masked store of the last vector; its width differs per level), and
+# the last rows, where 16 values would pass the inputs' end, go through the buffers. Widths with every
+# remainder against the lane vectors of each level (4/8/16 float32, 2/4/8 float64); 20 and 33 leave a partial
+# group after full ones. Outputs against the reference; gradients (GAE is linear in rewards, values and next
+# values for fixed flags) by one directional difference of the reference per sequence:
+# sum_t ga * (ref(x + d) - ref(x)) must equal sum_t grad * d, column by column.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("B", [2, 3, 5, 8, 11, 12, 15, 20, 33])
 def test_time_major_groups_of_fewer_sequences(isa, dtype, B):
     T = 77
     g = torch.Generator().manual_seed(B)
     r, v, nv = (torch.randn(T, B, generator=g, dtype=dtype) for _ in range(3))
-    flags = dict(terminated=torch.rand(T, B, generator=g) < 0.05, truncated=torch.rand(T, B, generator=g) < 0.05,
-                 mask=torch.rand(T, B, generator=g) < 0.9)
-    kw = dict(gamma=0.99, lam=0.9, **flags)
+    flags = {"terminated": torch.rand(T, B, generator=g) < 0.05,
+             "truncated": torch.rand(T, B, generator=g) < 0.05, "mask": torch.rand(T, B, generator=g) < 0.9}
+    kw = {"gamma": 0.99, "lam": 0.9, **flags}
     x = [t.clone().requires_grad_() for t in (r, v, nv)]
     adv, ret = rlkernels.gae(x[0], x[1], next_values=x[2], **kw)
     e_adv, e_ret = reference.gae(r.double(), v.double(), next_values=nv.double(), **kw)

@@ -1070,10 +1070,10 @@ def test_property_packed_equals_separate_calls(op, data):
 @pytest.mark.parametrize("next_values", [False, True])
 @pytest.mark.parametrize("op", SCAN_OPS)
 def test_many_packed_segments_equal_separate_calls(op, next_values):
-    # More segments than the CPU engine's 16 lanes, of varied lengths (empty ones too): the engine lays them in
-    # lanes by length, alternates groups of long and short ones between tiles and puts the partial group last.
-    # Each segment must still give what its own call gives, forward and backward, its bootstrap value (read
-    # without next_values) and that value's gradient included.
+    # More segments than the CPU engine's 16 lanes, of varied lengths (empty ones too): the engine lays them
+    # in lanes by length, alternates groups of long and short ones between tiles and puts the partial group
+    # last. Each segment must still give what its own call gives, forward and backward, its bootstrap value
+    # (read without next_values) and that value's gradient included.
     lengths = torch.randint(0, 90, (37,), generator=torch.Generator().manual_seed(37)).tolist()
     lengths[3] = lengths[20] = 0
     lengths[30] = 250
