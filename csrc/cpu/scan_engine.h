@@ -37,8 +37,6 @@
 
 #include "alloc.h"
 
-#include "alloc.h"
-
 #include "isa.h"
 #include "rlkernels/scan.h"
 #include "scan_types.h"
