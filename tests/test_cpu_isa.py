@@ -379,6 +379,106 @@ def test_time_major_groups_of_fewer_sequences(isa, dtype, B):
     assert_close(d, e_d, dtype, name="discounted returns")
 
 
+# 16-bit scans read their inputs in place: each walk widens bfloat16 / float16 values to float32 in registers as
+# it loads them (time-major rows of 16 sequences and of fewer, lanes contiguous in time for batch-major rows, long
+# sequences' chunks and packed sequences), and the buffered walk converts the ragged rest. The layouts below take
+# each of those walks, with a time length off the 32-step blocks.
+SCAN_LAYOUTS_16BIT = {
+    "time-major [T, 32]": ((2001, 32), 0, None),
+    "time-major [T, 5]": ((2001, 5), 0, None),
+    "batch-major [48, T]": ((48, 1337), 1, None),
+    "one long sequence": ((40003,), 0, None),
+    "packed": ((40000,), 0, "cu"),
+}
+
+
+def _layout(name, n_values=None):
+    shape, time_dim, packed = SCAN_LAYOUTS_16BIT[name]
+    cu = None
+    if packed:
+        g = torch.Generator().manual_seed(7)
+        lengths = torch.randint(0, 1500, (50,), generator=g)
+        lengths[-1] = shape[0] - int(lengths[:-1].sum())
+        cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    return shape, time_dim, cu
+
+
+def _finite_values(dtype, n, seed, below=None):
+    """n values cycling through every finite bit pattern of dtype (|x| < below when given), shuffled."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    keep = torch.isfinite(every.float())
+    if below is not None:
+        keep &= every.float().abs() < below
+    x = every[keep]
+    g = torch.Generator().manual_seed(seed)
+    x = x[torch.randperm(x.numel(), generator=g)]
+    return x.repeat((n + x.numel() - 1) // x.numel())[:n]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", list(SCAN_LAYOUTS_16BIT))
+@pytest.mark.parametrize("inputs", ["terminated", "mask", "next_values"])
+def test_16bit_scans_widen_every_value_exactly(isa, dtype, layout, inputs):
+    """With gamma = 0 a discounted return is its reward and an advantage its reward less its value, one float32
+    rounding: every finite bit pattern of the type (subnormals, the largest, signed zeros by value) must come out as
+    torch's float32 arithmetic on the widened values gives it, through each walk (the input sets pick walks
+    specialized for them)."""
+    shape, time_dim, cu = _layout(layout)
+    n = math.prod(shape)
+    below = 2.0**126  # a difference of two stays finite in float32
+    r = _finite_values(dtype, n, seed=1, below=below).reshape(shape)
+    v = _finite_values(dtype, n, seed=2, below=below).reshape(shape)
+    g = torch.Generator().manual_seed(3)
+    kw = {"time_dim": time_dim, "cu_seqlens": cu}
+    if inputs == "terminated":
+        kw["terminated"] = torch.rand(shape, generator=g) < 0.05
+    elif inputs == "mask":
+        kw["mask"] = torch.rand(shape, generator=g) < 0.9
+    else:
+        kw["next_values"] = _finite_values(dtype, n, seed=4).reshape(shape)
+        kw["terminated"] = torch.rand(shape, generator=g) < 0.05
+        kw["truncated"] = torch.rand(shape, generator=g) < 0.05
+    keep = kw.get("mask", torch.ones(shape, dtype=torch.bool))
+    ret = rlkernels.discounted_returns(r, gamma=0.0, **kw)
+    assert ret.dtype == torch.float32
+    assert torch.equal(ret, torch.where(keep, r.float(), 0.0)), "returns: the rewards widened"
+    adv, _ = rlkernels.gae(r, v, gamma=0.0, lam=0.9, **kw)
+    assert torch.equal(adv, torch.where(keep, r.float() - v.float(), 0.0)), "advantages: rewards less values"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", list(SCAN_LAYOUTS_16BIT))
+def test_16bit_scans_against_float32(isa, dtype, layout):
+    """GAE and V-trace on 16-bit inputs, forward and backward, against the same op on the values widened to
+    float32: the float32 tolerance (only the accumulation is float32 in both). V-trace's backward reads its 16-bit
+    inputs beside float32 gradients and saved values, through the walks that take any inputs."""
+    shape, time_dim, cu = _layout(layout)
+    g = torch.Generator().manual_seed(11)
+    r, v, nv = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+    lr = (0.5 * torch.randn(shape, generator=g)).to(dtype)
+    flags = {"terminated": torch.rand(shape, generator=g) < 0.02, "truncated": torch.rand(shape, generator=g) < 0.02,
+             "mask": torch.rand(shape, generator=g) < 0.9}
+    kw = {"time_dim": time_dim, "cu_seqlens": cu, **flags}
+    for op, args, extra in (
+        (rlkernels.gae, (r, v), {"gamma": 0.99, "lam": 0.95, "next_values": nv}),
+        (rlkernels.vtrace, (r, v, lr), {"gamma": 0.99, "next_values": nv}),
+    ):
+        x16 = [a.clone().requires_grad_() for a in args]
+        x32 = [a.float().requires_grad_() for a in args]
+        out16, out32 = op(*x16, **extra, **kw), op(*x32, **extra, **kw)
+        w = [torch.randn(o.shape, generator=g) for o in out32]
+        sum(((o * wi).sum() for o, wi in zip(out16, w)), torch.zeros(())).backward()
+        sum(((o * wi).sum() for o, wi in zip(out32, w)), torch.zeros(())).backward()
+        for i, (o16, o32) in enumerate(zip(out16, out32)):
+            assert o16.dtype == torch.float32
+            assert_close(o16, o32, torch.float32, name=f"{op.__name__} output {i}")
+        for i, (a16, a32) in enumerate(zip(x16, x32)):
+            assert a16.grad.dtype == dtype
+            # the float32 gradient rounded to dtype once: at most one rounding apart
+            assert_close(a16.grad.float(), a32.grad.to(dtype).float(), name=f"{op.__name__} grad {i}",
+                         rtol=2.0 ** -(7 if dtype == torch.bfloat16 else 10), atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("A", [3, 18])
 @pytest.mark.parametrize("kind", ["max", "double", "expected", "soft"])

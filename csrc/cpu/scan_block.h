@@ -218,7 +218,8 @@ RLK_FN V load_flags(const unsigned char* p) {
 // The streams of an in-place walk as byte addresses: stream s's value for (step kk, lane vector h) is at
 // at(s) + kk * step[s] + h * lane[s]. An absent stream points at a constant (0, or 1 for the mask) with both
 // strides 0, so every step loads every stream the same way: no per-step switch on what is present, and the
-// loads of streams a step never reads are dead code. Flags (terminated, truncated, mask) are one byte.
+// loads of streams a step never reads are dead code. Flags (terminated, truncated, mask) are one byte; values
+// are acc_t, or bfloat16 / float16 widened to float as they load (`kind`, DirectKind).
 template <typename acc_t>
 struct StreamTable {
   alignas(64) static constexpr acc_t kZero[kLanes] = {};
@@ -231,11 +232,13 @@ struct StreamTable {
   const unsigned char* base[kNumStreams];
   int64_t step[kNumStreams];  // bytes per scan step
   int64_t unit[kNumStreams];  // bytes per element along the lanes (0 for an absent stream)
+  unsigned char kind[kNumStreams];
 
   // Stream s's element at element offset off0 is the origin; one scan step moves by step_elems elements.
   RLK_FN StreamTable(const DirectStreams& ds, int64_t off0, int64_t step_elems) {
     for (int s = 0; s < kNumStreams; ++s) {
-      const int64_t size = is_flag(s) ? 1 : sizeof(acc_t);
+      kind[s] = ds.kind[s];
+      const int64_t size = is_flag(s) ? 1 : (kind[s] == kBf16Value || kind[s] == kF16Value) ? 2 : sizeof(acc_t);
       if (ds.kind[s] == 0) {
         base[s] = is_flag(s) ? (s == kMask ? kAllValid : kNoFlag) : reinterpret_cast<const unsigned char*>(kZero);
         // Opaque to the optimizer: folding these constants into the steps' selects made GCC 12 crash
@@ -250,15 +253,21 @@ struct StreamTable {
     }
   }
 
-  template <typename V>
+  // k16: the stream may be 16-bit (a walk compiled for problems with 16-bit streams; the others load acc_t).
+  template <typename V, bool k16>
   RLK_FN V load(int s, int64_t kk, int64_t lane) const {
-    return load<V>(s, kk, lane, base[s]);
+    return load<V, k16>(s, kk, lane, base[s]);
   }
   // The same from another origin than base[s].
-  template <typename V>
+  template <typename V, bool k16>
   RLK_FN V load(int s, int64_t kk, int64_t lane, const unsigned char* origin) const {
     const unsigned char* a = origin + kk * step[s] + lane * unit[s];
     if (is_flag(s)) return load_flags<V>(a);
+    if constexpr (k16) {
+      static_assert(std::is_same_v<acc_t, float> && sizeof(typename V::native) == sizeof(vec::vf));
+      if (kind[s] == kBf16Value) return V::from(vec::load_bf16(reinterpret_cast<const uint16_t*>(a)));
+      if (kind[s] == kF16Value) return V::from(vec::load_f16(reinterpret_cast<const uint16_t*>(a)));
+    }
     return V::load(reinterpret_cast<const acc_t*>(a));
   }
 };
@@ -320,46 +329,59 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
   const int last = n - (hn - 1) * N;  // lanes stored of the last one
   C carry[H][D];
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/false);
-  for (int64_t kk = 0; kk < kn; ++kk) {
-    // Each stream's row kInAhead steps on, requested now: one or two lines a stream and step, spread over the
-    // steps, where requesting a whole block's rows at once would fill the line-fill buffers and stall the loads.
-    for_each_stream([&]<int S>() {
-      if constexpr (!P::absent(S)) {
-        if (st.unit[S] != 0) {
-          constexpr int kBytes = kLanes * (StreamTable<acc_t>::is_flag(S) ? 1 : static_cast<int>(sizeof(acc_t)));
-          const unsigned char* a = st.base[S] + (kk + kInAhead) * st.step[S];
-          for (int b = 0; b < kBytes; b += 64) __builtin_prefetch(a + b);
-        }
-      }
-    });
-#pragma GCC unroll 16
-    for (int h = 0; h < H; ++h) {
-      if (h == hn) break;
-      const StepIn<V> in = stream_in<V>([&]<int S>() -> V {
-        if constexpr (P::absent(S)) {
-          return V(acc_t(P::constant(S)));
-        } else {
-          return st.template load<V>(S, kk, h * N);
+  // k16: some stream is 16-bit, widened as it loads (compiled apart, so the float walk is unchanged).
+  auto walk = [&]<bool k16>() {
+    for (int64_t kk = 0; kk < kn; ++kk) {
+      // Each stream's row kInAhead steps on, requested now: one or two lines a stream and step, spread over the
+      // steps, where requesting a whole block's rows at once would fill the line-fill buffers and stall the loads.
+      for_each_stream([&]<int S>() {
+        if constexpr (!P::absent(S)) {
+          if (st.unit[S] != 0) {
+            constexpr int kBytes = kLanes * (StreamTable<acc_t>::is_flag(S) ? 1 : static_cast<int>(sizeof(acc_t)));
+            const int bytes = k16 ? kLanes * static_cast<int>(st.unit[S]) : kBytes;
+            const unsigned char* a = st.base[S] + (kk + kInAhead) * st.step[S];
+            for (int b = 0; b < bytes; b += 64) __builtin_prefetch(a + b);
+          }
         }
       });
-      C o[Step::kOut];
-      advance<Step>(p, in, carry[h], o);
-      if constexpr (!kSymbolic) {
-        const int64_t off = off0 + kk * step + h * N;
-        for (int j = 0; j < Step::kOut; ++j) {
-          if (o_ptr[j] == nullptr) continue;
-          // The output rows kOutAhead steps on, requested for writing now: each step's stores go to new lines
-          // (a row apart), whose reads would otherwise be waited for one at a time.
-          __builtin_prefetch(o_ptr[j] + off + kOutAhead * step, 1);
-          const V v = select(in.valid, o[j], V(acc_t(0)));
-          if (h == hn - 1 && last < N) {
-            store_first(v, o_ptr[j] + off, last);
+  #pragma GCC unroll 16
+      for (int h = 0; h < H; ++h) {
+        if (h == hn) break;
+        const StepIn<V> in = stream_in<V>([&]<int S>() -> V {
+          if constexpr (P::absent(S)) {
+            return V(acc_t(P::constant(S)));
           } else {
-            v.store(o_ptr[j] + off);
+            return st.template load<V, k16>(S, kk, h * N);
+          }
+        });
+        C o[Step::kOut];
+        advance<Step>(p, in, carry[h], o);
+        if constexpr (!kSymbolic) {
+          const int64_t off = off0 + kk * step + h * N;
+          for (int j = 0; j < Step::kOut; ++j) {
+            if (o_ptr[j] == nullptr) continue;
+            // The output rows kOutAhead steps on, requested for writing now: each step's stores go to new lines
+            // (a row apart), whose reads would otherwise be waited for one at a time.
+            __builtin_prefetch(o_ptr[j] + off + kOutAhead * step, 1);
+            const V v = select(in.valid, o[j], V(acc_t(0)));
+            if (h == hn - 1 && last < N) {
+              store_first(v, o_ptr[j] + off, last);
+            } else {
+              v.store(o_ptr[j] + off);
+            }
           }
         }
       }
     }
+  };
+  if constexpr (std::is_same_v<acc_t, float> && !AccInputsOnly<Step>::value) {
+    if (has_16bit(ds)) {
+      walk.template operator()<true>();
+    } else {
+      walk.template operator()<false>();
+    }
+  } else {
+    walk.template operator()<false>();
   }
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/true);
 }
@@ -470,7 +492,8 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
   auto prefetch_every = [](int64_t unit) { return unit * N * kSub >= 64 ? int64_t(1) : 64 / (unit * N * kSub); };
   // After the transpose, row i holds memory offset i of every lane's N steps: scan order is i = 0..N-1
   // forwards and N-1..0 backwards, so walking backwards needs no shuffles, only the row order reversed.
-  auto walk = [&]<bool kForward>() {
+  // k16: some stream is 16-bit, widened as it loads (compiled apart, so the float walk is unchanged).
+  auto walk = [&]<bool kForward, bool k16>() {
     for (int64_t kk0 = 0; kk0 < kn; kk0 += kSub * N) {
       const int64_t iter = kk0 / (kSub * N);
 #pragma GCC unroll 16
@@ -482,13 +505,14 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
           for_each_stream([&]<int S>() {
             if constexpr (!P::absent(S)) {
               constexpr int64_t kUnit = StreamTable<acc_t>::is_flag(S) ? 1 : sizeof(acc_t);
-              const int64_t unit = P::present(S) ? kUnit : st.unit[S];
+              const int64_t unit = P::present(S) && (!k16 || StreamTable<acc_t>::is_flag(S)) ? kUnit : st.unit[S];
               const int64_t shift = moved * unit;
               if (b == 0 && unit != 0 && iter % prefetch_every(unit) == 0) {
                 const int64_t ahead = shift + (kForward ? kPrefetchSteps : -kPrefetchSteps) * unit;
                 for (int l = 0; l < N; ++l) __builtin_prefetch(at[S][h * N + l] + ahead);
               }
-              for (int l = 0; l < N; ++l) cols[S][l] = st.template load<V>(S, 0, 0, at[S][h * N + l] + shift).v;
+              for (int l = 0; l < N; ++l)
+                cols[S][l] = st.template load<V, k16>(S, 0, 0, at[S][h * N + l] + shift).v;
               if (P::present(S) || ds.kind[S] != 0) transpose<native, N>(cols[S]);  // a constant needs none
             }
           });
@@ -538,10 +562,21 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
   };
   // Each step is compiled for the directions it is walked in (scan.h: forward estimators in reverse time,
   // their adjoints forwards).
-  if (dir > 0) {
-    if constexpr (walks_forward<Step>()) walk.template operator()<true>(); else __builtin_trap();
+  auto walk_dir = [&]<bool k16>() {
+    if (dir > 0) {
+      if constexpr (walks_forward<Step>()) walk.template operator()<true, k16>(); else __builtin_trap();
+    } else {
+      if constexpr (walks_backward<Step>()) walk.template operator()<false, k16>(); else __builtin_trap();
+    }
+  };
+  if constexpr (std::is_same_v<acc_t, float> && !AccInputsOnly<Step>::value) {
+    if (has_16bit(ds)) {
+      walk_dir.template operator()<true>();
+    } else {
+      walk_dir.template operator()<false>();
+    }
   } else {
-    if constexpr (walks_backward<Step>()) walk.template operator()<false>(); else __builtin_trap();
+    walk_dir.template operator()<false>();
   }
   if (!kSymbolic && stream) stream_fence();
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/true);

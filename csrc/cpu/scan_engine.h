@@ -20,6 +20,7 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
@@ -100,7 +101,17 @@ TransposedFn<acc_t> pick_transposed(StepId id, bool symbolic, uint32_t present) 
   return isa_default::transposed_function<acc_t>(id, symbolic, present);
 }
 
-// The in-place walks (no staging buffers) of a problem whose inputs need no dtype conversion.
+// How the in-place walks read a problem's inputs of dtype scalar_t (DirectKind): as acc_t, widened from
+// bfloat16 or float16 to float as they load, or not at all (the buffered walk converts them).
+template <typename scalar_t, typename acc_t>
+constexpr DirectKind direct_kind() {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) return kAccValue;
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, c10::BFloat16>) return kBf16Value;
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, c10::Half>) return kF16Value;
+  return kNotInPlace;
+}
+
+// The in-place walks (no staging buffers).
 template <typename acc_t>
 struct InPlace {
   DirectFn<acc_t> direct = nullptr;          // time-major groups
@@ -110,7 +121,7 @@ struct InPlace {
 // `present`: the problem's inputs (presence_of), which may pick a walk specialized for them.
 template <typename scalar_t, typename acc_t>
 InPlace<acc_t> pick_in_place(StepId id, bool symbolic, uint32_t present) {
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) return {};
+  if constexpr (direct_kind<scalar_t, acc_t>() == kNotInPlace) return {};
   return {pick_direct<acc_t>(id, symbolic, present), pick_transposed<acc_t>(id, symbolic, present)};
 }
 
@@ -168,12 +179,15 @@ struct Problem {
     kind[s] = p ? k : Kind::kNone;
   }
   int64_t time_stride() const { return cu_seqlens ? 1 : inner; }
-  // The streams as the in-place walks read them: kind 1 a value, 2 a one-byte flag, 0 absent.
-  DirectStreams direct_streams() const {
+  // The streams as the in-place walks read them (DirectKind), kScalar ones as `scalar_kind`.
+  DirectStreams direct_streams(DirectKind scalar_kind) const {
     DirectStreams ds;
     for (int s = 0; s < kNumStreams; ++s) {
       ds.p[s] = in[s];
-      ds.kind[s] = kind[s] == Kind::kFlag ? 2 : (kind[s] == Kind::kNone ? 0 : 1);
+      ds.kind[s] = kind[s] == Kind::kFlag     ? kFlagByte
+                   : kind[s] == Kind::kNone   ? kAbsent
+                   : kind[s] == Kind::kScalar ? scalar_kind
+                                              : kAccValue;
     }
     return ds;
   }
@@ -327,8 +341,8 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
     for (int s = 0; s < kNumStreams; ++s)
       if (pb.in[s] || s == kMask) std::fill(buf[s], buf[s] + kBlock * kLanes, acc_t(0));
   }
-  // Contiguous groups skip the buffers when the inputs need no conversion (`direct` is null otherwise).
-  const DirectStreams ds = pb.direct_streams();
+  // Contiguous groups skip the buffers where the in-place walks read every input (in_place_layout).
+  const DirectStreams ds = pb.direct_streams(direct_kind<scalar_t, acc_t>());
   acc_t* const no_out[kMaxOut] = {};
   if (!in_place_layout(ds)) in_place = {};
 
@@ -434,30 +448,19 @@ void walk_tile(const Problem<acc_t>& pb, const ScanParams<acc_t>& params, BlockF
   }
 }
 
-// n values of a 16-bit input widened to acc_t (exactly), in parallel (each element on its own: no order to fix).
-template <typename scalar_t, typename acc_t>
-void widen(const scalar_t* src, acc_t* dst, int64_t n) {
-  at::parallel_for(0, n, int64_t(1) << 16, [&](int64_t begin, int64_t end) {
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      const uint16_t* __restrict b = reinterpret_cast<const uint16_t*>(src);
-      acc_t* __restrict d = dst;
-      for (int64_t i = begin; i < end; ++i) {  // bfloat16's bits are float32's upper half: one shift, vectorized
-        const uint32_t bits = uint32_t(b[i]) << 16;
-        float x;
-        std::memcpy(&x, &bits, 4);
-        d[i] = static_cast<acc_t>(x);
-      }
-    } else {
-      for (int64_t i = begin; i < end; ++i) dst[i] = static_cast<acc_t>(src[i]);
-    }
-  });
-}
-
-// run_scan on inputs of the accumulation type (16-bit ones widened first).
-template <class Step, typename acc_t>
-void walk_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& params, bool reverse, const acc_t* init,
-               acc_t* final_carry) {
-  using scalar_t = acc_t;
+// Runs `Step` over every sequence of `pb`. `init[j * num_seqs + s]` is sequence s's initial carry j
+// (nullptr: zeros); the final carries are written to `final_carry` the same way when it is not null.
+//
+// Chunked sequences (few and long) take three passes: each chunk's map (pass 1), the maps composed along the
+// sequence (pass 2), each chunk walked with its true carry (pass 3). With more than kWindowChunks chunks the
+// passes run window by window in scan order, so pass 3 re-reads a window's inputs from the cache pass 1 just
+// filled instead of from DRAM: one sequence of millions of steps reads its inputs from memory once, not twice.
+//
+// Inputs of kind kScalar are scalar_t; 16-bit ones are widened to float as the walks load them (in registers,
+// or into the staging buffers), never copied whole.
+template <class Step, typename scalar_t, typename acc_t>
+void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& params, bool reverse, const acc_t* init,
+              acc_t* final_carry) {
   constexpr int D = Step::kCarry;
   static_assert(D <= kMaxCarry && Step::kOut <= kMaxOut, "raise kMaxCarry / kMaxOut");
   const int64_t num_seqs = pb.num_seqs;
@@ -536,7 +539,7 @@ void walk_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& par
   // RLKERNELS_STREAMING_STORES=0 keeps them in cache (for a caller that reads them back at once).
   const bool stream_out = streaming_stores_for(elements * Step::kOut * static_cast<int64_t>(sizeof(acc_t)));
   const BlockFn<acc_t> map_block = pick_block<acc_t>(id, /*symbolic=*/true);
-  const uint32_t present = presence_of(pb.direct_streams(), params.has_next);
+  const uint32_t present = presence_of(pb.direct_streams(direct_kind<scalar_t, acc_t>()), params.has_next);
   const InPlace<acc_t> map_in_place = pick_in_place<scalar_t, acc_t>(id, true, present);
   const BlockFn<acc_t> block = pick_block<acc_t>(id, /*symbolic=*/false);
   const InPlace<acc_t> in_place = pick_in_place<scalar_t, acc_t>(id, false, present);
@@ -677,38 +680,6 @@ void walk_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& par
       const int64_t q = lane_at(s, reverse ? 0 : chunks - 1);
       for (int j = 0; j < D; ++j) final_carry[j * num_seqs + s] = carry_in[q * D + j];
     }
-  }
-}
-
-// Runs `Step` over every sequence of `pb`. `init[j * num_seqs + s]` is sequence s's initial carry j
-// (nullptr: zeros); the final carries are written to `final_carry` the same way when it is not null.
-//
-// Chunked sequences (few and long) take three passes: each chunk's map (pass 1), the maps composed along the
-// sequence (pass 2), each chunk walked with its true carry (pass 3). With more than kWindowChunks chunks the
-// passes run window by window in scan order, so pass 3 re-reads a window's inputs from the cache pass 1 just
-// filled instead of from DRAM: one sequence of millions of steps reads its inputs from memory once, not twice.
-template <class Step, typename scalar_t, typename acc_t>
-void run_scan(StepId id, const Problem<acc_t>& pb, const ScanParams<acc_t>& params, bool reverse, const acc_t* init,
-              acc_t* final_carry) {
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    // 16-bit inputs are widened to acc_t first and walked by the acc_t walks, in place. Converted as they load,
-    // lanes contiguous in time would go through the buffers element by element (8-10 ns an element against under
-    // 1 ns for the float32 walk in place) and time-major rows through buffered blocks; widening first takes
-    // 0.34-0.67 of that time (docs/performance.md). The widened copies live for the call: 4 bytes an element per
-    // 16-bit input.
-    const int64_t n = pb.cu_seqlens ? pb.steps : pb.outer * pb.steps * pb.inner;
-    Problem<acc_t> wide = pb;
-    std::vector<at::Tensor> widened;
-    for (int s = 0; s < kNumStreams; ++s) {
-      if (pb.kind[s] != Kind::kScalar) continue;
-      at::Tensor t = empty_output({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-      widen(static_cast<const scalar_t*>(pb.in[s]), t.data_ptr<acc_t>(), n);
-      wide.set(static_cast<Stream>(s), t.data_ptr<acc_t>(), Kind::kAcc);
-      widened.push_back(std::move(t));
-    }
-    walk_scan<Step, acc_t>(id, wide, params, reverse, init, final_carry);
-  } else {
-    walk_scan<Step, acc_t>(id, pb, params, reverse, init, final_carry);
   }
 }
 

@@ -58,22 +58,39 @@ template <typename acc_t>
 using BlockFn = void (*)(const ScanParams<acc_t>& params, const acc_t* const* src, int kn, acc_t* carry,
                          acc_t* obuf);
 
-// The direct walk of a time-major group (kLanes adjacent sequences with one span): stream s is read in place
-// at p[s] + offset, as acc_t values (kind 1) or 0/1 flags of one byte (kind 2); kind 0 is absent (0, or 1 for
-// the mask). Only used when the inputs' dtype is the accumulation type, so no conversion is needed.
+// The streams of an in-place walk: stream s is read in place at p[s] + offset, as a value of the kind kind[s]
+// (widened to acc_t as it loads) or as 0/1 flags of one byte; absent streams read 0 (1 for the mask).
+enum DirectKind : unsigned char {
+  kAbsent = 0,
+  kAccValue = 1,   // acc_t
+  kFlagByte = 2,   // one byte, nonzero = set
+  kBf16Value = 3,  // bfloat16, acc_t float
+  kF16Value = 4,   // float16, acc_t float
+  kNotInPlace = 255,
+};
 struct DirectStreams {
   const void* p[kNumStreams] = {};
   unsigned char kind[kNumStreams] = {};
 };
 
-// The in-place walks read terminated, truncated and mask as one byte per element and every other stream as
-// acc_t (set_flag admits only bool and uint8 flags); anything else takes the buffered path.
+// The in-place walks read terminated, truncated and mask as one byte per element (set_flag admits only bool and
+// uint8 flags) and every other stream as acc_t, or as 16-bit values widened to float in registers; anything
+// else takes the buffered path.
 inline bool in_place_layout(const DirectStreams& ds) {
   for (int s = 0; s < kNumStreams; ++s) {
     const bool flag = s == kTerm || s == kTrunc || s == kMask;
-    if (ds.kind[s] != 0 && ds.kind[s] != (flag ? 2 : 1)) return false;
+    const unsigned char k = ds.kind[s];
+    if (k == kAbsent) continue;
+    if (flag ? k != kFlagByte : (k != kAccValue && k != kBf16Value && k != kF16Value)) return false;
   }
   return true;
+}
+
+// Whether any stream of `ds` is 16-bit (the walks then widen it as it loads).
+inline bool has_16bit(const DirectStreams& ds) {
+  for (int s = 0; s < kNumStreams; ++s)
+    if (ds.kind[s] == kBf16Value || ds.kind[s] == kF16Value) return true;
+  return false;
 }
 
 // The bit set (see kGaeSets) of the streams in `ds`, with has_next.

@@ -5,6 +5,10 @@
 // precedes every include, so the helpers the kernels inline are compiled with the same options.
 #pragma GCC optimize("no-trapping-math")
 
+// GCC 12's AVX-512 intrinsics leave their unused pass-through operands undefined (`__m512i __Y = __Y;`),
+// which -Wmaybe-uninitialized reports at each inlined use: a false positive, silenced for this file.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 // Everything shared with other translation units is included before the target is switched, so no inline
 // function compiled for this instruction set can be merged into code that runs elsewhere; the vector helpers
 // are always_inline and take the target of the kernel that inlines them.

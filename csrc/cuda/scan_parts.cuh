@@ -22,13 +22,6 @@ struct StepList {};
 using ScanSteps = StepList<void RLK_SCAN_STEPS(RLK_STEP_TYPE, CudaExp)>;  // void: the list's head, not a step
 #undef RLK_STEP_TYPE
 
-// Steps that read only accumulation-type streams (upstream gradients and flags, Step::kAccInputsOnly) are
-// called with scalar_t = acc_t alone; the others read the model's inputs in every float dtype.
-template <class Step, typename = void>
-struct AccInputsOnly : std::false_type {};
-template <class Step>
-struct AccInputsOnly<Step, std::void_t<decltype(Step::kAccInputsOnly)>> : std::bool_constant<Step::kAccInputsOnly> {};
-
 using Launcher = void (*)();
 
 template <class Step>
