@@ -58,7 +58,7 @@ CASES = {
     "discounted_returns_long": (lambda r: rlkernels.discounted_returns(r[:, None], gamma=0.999),
                                 (_randn(T_LONG, seed=3),)),
     # 70 packed sequences of 0-1500 steps: laid in lanes by length, groups alternating long and short between
-    # the threads' tiles, the partial group last; bfloat16 inputs widened first
+    # the threads' tiles, the partial group last; bfloat16 inputs widened as they load
     "gae_packed": (lambda r, v: rlkernels.gae(r, v, terminated=TERM_PACKED, cu_seqlens=CU_PACKED, gamma=0.99,
                                               lam=0.95),
                    (_randn(N_PACKED, seed=25), _randn(N_PACKED, seed=26))),
