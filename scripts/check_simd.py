@@ -46,7 +46,7 @@ KERNELS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
     "logprob_rows_bf16": (("logprob_rows_bf16(",), LEVELS),
     "logprob_grad_row_f32": (("logprob_grad_row_f32(",), LEVELS),
     "logprob_grad_row_bf16": (("logprob_grad_row_bf16(",), LEVELS),
-    "gae_walk_chunk": (("gae_walk_chunk(", "gae::walk_chunk("), LEVELS),
+    "gae_walk_chunk": (("gae_walk_chunk(", "gae::walk_chunk<"), LEVELS),
     "q_rows_f32_wide": (("q_rows_f32_wide(",), EIGHT_WIDE),
     "td_losses_f32": (("td_losses_f32(",), LEVELS),
     "td_grads_f32": (("td_grads_f32(",), LEVELS),

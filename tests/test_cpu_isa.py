@@ -327,10 +327,13 @@ def test_gather_logprobs_offsets_and_ties(isa, dtype):
     assert_close(entropy, torch.full((2,), math.log(V)), name="entropy of a uniform row", rtol=0.0, atol=2e-5)
 
 
-@pytest.mark.parametrize("shape", [(5003,), (3, 1030)])
-def test_gae_rows(isa, shape):
+# GAE along time (csrc/cpu/gae_rows.h) for rows without mask: float32 and 16-bit inputs (widened as they load),
+# one chunk and, at 70,001 steps, two (the second chunk's carry added back by the fix-up walk).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(5003,), (3, 1030), (70001,)])
+def test_gae_rows(isa, shape, dtype):
     g = torch.Generator().manual_seed(shape[-1])
-    r, v = (torch.randn(shape, generator=g) for _ in range(2))
+    r, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(2))
     term = torch.rand(shape, generator=g) < 0.01
     time_dim = 0 if len(shape) == 1 else -1
     adv, ret = rlkernels.gae(r, v, gamma=0.99, lam=0.95, terminated=term, bootstrap_value=0.5 if len(shape) == 1
@@ -338,7 +341,8 @@ def test_gae_rows(isa, shape):
     e_adv, e_ret = reference.gae(r.double(), v.double(), gamma=0.99, lam=0.95, terminated=term,
                                  bootstrap_value=0.5 if len(shape) == 1 else np.full(shape[:1], 0.5),
                                  time_dim=time_dim)
-    assert_close(adv, e_adv, torch.float32, name="advantages")
+    assert adv.dtype == ret.dtype == torch.float32
+    assert_close(adv, e_adv, torch.float32, name="advantages")  # the 16-bit values exactly, float32 sums
     assert_close(ret, e_ret, torch.float32, name="returns")
 
 

@@ -1,5 +1,5 @@
-// GAE over long float32 sequences that are contiguous in time (a [T] or [T, 1] rollout, batch-major [B, T]
-// rows), vectorized along time instead of across sequences.
+// GAE over long sequences that are contiguous in time (a [T] or [T, 1] rollout, batch-major [B, T] rows),
+// vectorized along time instead of across sequences; float32 inputs, or 16-bit ones widened as they load.
 //
 // The scan engine's layout for such sequences cuts each one into chunks, walks 16 chunks per thread in the
 // lanes of a vector, and so transposes every 8 x 8 block of every input and output in registers and reads the

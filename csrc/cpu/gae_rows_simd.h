@@ -1,6 +1,7 @@
-// float32 GAE along time (csrc/cpu/gae_rows.h explains the method): the walks of one chunk, compiled per
-// instruction set by csrc/cpu/simd_{default,avx2,avx512}.cpp after their target switch; declared in
-// simd_kernels.h. One register holds N consecutive steps (4 SSE2, 8 AVX2, 16 AVX-512).
+// GAE along time (csrc/cpu/gae_rows.h explains the method): the walks of one chunk, compiled per instruction
+// set by csrc/cpu/simd_{default,avx2,avx512}.cpp after their target switch; declared in simd_kernels.h. One
+// register holds N consecutive steps (4 SSE2, 8 AVX2, 16 AVX-512). Values are float32, or bfloat16 / float16
+// widened to float32 as they load (a walk per format: Format is a template argument, not a test per load).
 #pragma once
 
 namespace rlkernels::cpu::simd::RLK_ISA {
@@ -17,8 +18,39 @@ using vec::vi;
 // translation unit's target switch, as the steps are, and inlined into the kernels below).
 using VF = ::rlkernels::Vec<float, N>;
 
+using gae_rows::Format;
+
 RLK_INLINE vf load(const float* p) { return vec::loadu(p); }
 RLK_INLINE void store(float* p, vf v) { vec::storeu(p, v); }
+
+// N values of format F from element t of p, as float32 (exact).
+template <Format F>
+RLK_INLINE vf load_at(const void* p, int64_t t) {
+  if constexpr (F == Format::kF32) {
+    return vec::loadu(static_cast<const float*>(p) + t);
+  } else if constexpr (F == Format::kBf16) {
+    return vec::load_bf16(static_cast<const uint16_t*>(p) + t);
+  } else {
+    return vec::load_f16(static_cast<const uint16_t*>(p) + t);
+  }
+}
+// One value of format F, element t of p, as float32 (exact; scalar code for the single steps at a chunk's end).
+template <Format F>
+RLK_INLINE float value_at(const void* p, int64_t t) {
+  if constexpr (F == Format::kF32) {
+    return static_cast<const float*>(p)[t];
+  } else {
+    const uint16_t bits = static_cast<const uint16_t*>(p)[t];
+    if constexpr (F == Format::kBf16) {
+      const uint32_t wide = uint32_t(bits) << 16;
+      float x;
+      __builtin_memcpy(&x, &wide, sizeof(x));
+      return x;
+    } else {
+      return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+    }
+  }
+}
 
 // A streaming (non-temporal) store of N floats at a 16-byte aligned p, as N / 4 SSE stores: valid in every
 // instruction-set build, and the write-combining buffers merge them into whole lines.
@@ -76,26 +108,30 @@ __attribute__((always_inline)) inline ScanParams<T> params_of(const Params& p) {
 }
 
 // d_t and c_t of one step, and V_t.
+template <Format F>
 __attribute__((always_inline)) inline void step1(const Row& row, const Params& p, int64_t t, float& d, float& c,
                                                   float& v) {
   StepIn<float> in{};
-  in.r = row.r[t];
-  in.v = v = row.v[t];
+  in.r = value_at<F>(row.r, t);
+  in.v = v = value_at<F>(row.v, t);
   in.term = row.term != nullptr && row.term[t] != 0 ? 1.0f : 0.0f;
   in.trunc = row.trunc != nullptr && row.trunc[t] != 0 ? 1.0f : 0.0f;
-  const float vnext = row.nv != nullptr ? row.nv[t] : (t + 1 < row.T ? row.v[t + 1] : row.boot);
+  const float vnext = row.nv != nullptr ? value_at<F>(row.nv, t) : (t + 1 < row.T ? value_at<F>(row.v, t + 1)
+                                                                                 : row.boot);
   gae_map(params_of<float>(p), in, vnext, d, c);
 }
 
 // The same for steps [t, t + N); without nv, V_{t+N} must exist (t + N < T).
+template <Format F>
 RLK_INLINE void step_n(const Row& row, const Params& p, int64_t t, vf& d, vf& c, vf& v) {
   StepIn<VF> in{};
-  in.r = VF::from(load(row.r + t));
-  in.v = VF::from(load(row.v + t));
+  in.r = VF::from(load_at<F>(row.r, t));
+  in.v = VF::from(load_at<F>(row.v, t));
   if (row.term != nullptr) in.term = VF::from(is_set(row.term + t));
   if (row.trunc != nullptr) in.trunc = VF::from(is_set(row.trunc + t));
   VF dd, cc;
-  gae_map(params_of<VF>(p), in, VF::from(load(row.nv != nullptr ? row.nv + t : row.v + t + 1)), dd, cc);
+  gae_map(params_of<VF>(p), in, VF::from(row.nv != nullptr ? load_at<F>(row.nv, t) : load_at<F>(row.v, t + 1)),
+          dd, cc);
   d = dd.v;
   c = cc.v;
   v = in.v.v;
@@ -128,6 +164,7 @@ RLK_INLINE void walk_down(const Row& row, int64_t s, int64_t e, One one, Vec vec
 }
 
 // Walks [s, e) from x_e = 0, writing adv = x and ret = x + V; returns x_s in *x_s and prod c_t in *prod.
+template <Format F>
 void walk_chunk(const Row& row, Params p, int64_t s, int64_t e, bool stream, float* x_s, float* prod) {
   float x = 0.0f, a = 1.0f;
   vf carry = vf{}, prod_v = vf{} + 1.0f;  // prod_v: the product of the vectors' c, in every lane
@@ -135,7 +172,7 @@ void walk_chunk(const Row& row, Params p, int64_t s, int64_t e, bool stream, flo
       row, s, e,
       [&](int64_t t) {
         float d, c, v;
-        step1(row, p, t, d, c, v);
+        step1<F>(row, p, t, d, c, v);
         x = d + c * x;
         a = a * c;
         row.adv[t] = x;
@@ -144,7 +181,7 @@ void walk_chunk(const Row& row, Params p, int64_t s, int64_t e, bool stream, flo
       },
       [&](int64_t t) {
         vf d, c, v;
-        step_n(row, p, t, d, c, v);
+        step_n<F>(row, p, t, d, c, v);
         compose(d, c);
         const vf xs = d + c * carry;
         if (stream) {
@@ -166,6 +203,7 @@ void walk_chunk(const Row& row, Params p, int64_t s, int64_t e, bool stream, flo
 
 // Adds C_t * k to the outputs of [s, e), C_t = c_t ... c_{e-1}, walking down from e; stops once C_t is 0
 // with k finite (nothing more to add).
+template <Format F>
 void fix_chunk(const Row& row, Params p, int64_t s, int64_t e, float k) {
   const bool finite = std::isfinite(k);
   float run = 1.0f;
@@ -175,7 +213,7 @@ void fix_chunk(const Row& row, Params p, int64_t s, int64_t e, float k) {
       [&](int64_t t) {
         if (done) return;
         float d, c, v;
-        step1(row, p, t, d, c, v);
+        step1<F>(row, p, t, d, c, v);
         run = run * c;
         row.adv[t] += run * k;
         row.ret[t] += run * k;
@@ -184,7 +222,7 @@ void fix_chunk(const Row& row, Params p, int64_t s, int64_t e, float k) {
       [&](int64_t t) {
         if (done) return;
         vf d, c, v;
-        step_n(row, p, t, d, c, v);
+        step_n<F>(row, p, t, d, c, v);
         // Suffix products within the vector, times the product of everything above it.
         const vf one = vf{} + 1.0f;
         c = c * shift_down<1>(c, one);
@@ -203,11 +241,19 @@ void fix_chunk(const Row& row, Params p, int64_t s, int64_t e, float k) {
 
 void gae_walk_chunk(const gae_rows::Row& row, gae_rows::Params p, int64_t s, int64_t e, bool stream, float* x_s,
                     float* prod) {
-  gae::walk_chunk(row, p, s, e, stream, x_s, prod);
+  switch (row.format) {
+    case gae_rows::Format::kF32: return gae::walk_chunk<gae_rows::Format::kF32>(row, p, s, e, stream, x_s, prod);
+    case gae_rows::Format::kBf16: return gae::walk_chunk<gae_rows::Format::kBf16>(row, p, s, e, stream, x_s, prod);
+    case gae_rows::Format::kF16: return gae::walk_chunk<gae_rows::Format::kF16>(row, p, s, e, stream, x_s, prod);
+  }
 }
 
 void gae_fix_chunk(const gae_rows::Row& row, gae_rows::Params p, int64_t s, int64_t e, float k) {
-  gae::fix_chunk(row, p, s, e, k);
+  switch (row.format) {
+    case gae_rows::Format::kF32: return gae::fix_chunk<gae_rows::Format::kF32>(row, p, s, e, k);
+    case gae_rows::Format::kBf16: return gae::fix_chunk<gae_rows::Format::kBf16>(row, p, s, e, k);
+    case gae_rows::Format::kF16: return gae::fix_chunk<gae_rows::Format::kF16>(row, p, s, e, k);
+  }
 }
 
 }  // namespace rlkernels::cpu::simd::RLK_ISA

@@ -185,25 +185,28 @@ std::tuple<Tensor, Tensor, Tensor> discounted_returns_backward_cpu(
   return {grad_rewards, grad_next, grad_boot};
 }
 
-// Long float32 sequences contiguous in time, without mask or packing, are vectorized along time (gae_rows.h);
-// false if this problem is not one of them.
+// Long sequences contiguous in time, without mask or packing, are vectorized along time (gae_rows.h):
+// float32 inputs and 16-bit ones (widened as they load); false if this problem is not one of them.
 template <typename scalar_t, typename acc_t>
 bool gae_by_rows(const Geometry& g, const Problem<acc_t>& pb, const std::vector<acc_t>& init, bool has_next,
                  double gamma, double lam) {
-  if constexpr (!std::is_same_v<scalar_t, float> || !std::is_same_v<acc_t, float>) {
-    return false;  // (16-bit inputs are read by the engine, which widens them)
+  if constexpr (!std::is_same_v<acc_t, float>) {
+    return false;
   } else {
+    constexpr gae_rows::Format format = std::is_same_v<scalar_t, c10::BFloat16> ? gae_rows::Format::kBf16
+                                        : std::is_same_v<scalar_t, c10::Half>   ? gae_rows::Format::kF16
+                                                                                : gae_rows::Format::kF32;
     if (!(g.cu.empty() && g.inner == 1 && gae_rows::suits(g.outer, g.steps) && pb.kind[kMask] == Kind::kNone &&
           pb.kind[kR] == Kind::kScalar && pb.kind[kV] == Kind::kScalar && gae_rows::enabled()))
       return false;
-    auto d = [&](Stream s) { return static_cast<const float*>(pb.in[s]); };
+    auto d = [&](Stream s) { return static_cast<const scalar_t*>(pb.in[s]); };
     std::vector<gae_rows::Row> rows(g.outer);
     for (int64_t o = 0; o < g.outer; ++o) {
       const int64_t at = o * g.steps;
       auto flag = [&](Stream s) {
         return pb.kind[s] == Kind::kNone ? nullptr : static_cast<const unsigned char*>(pb.in[s]) + at;
       };
-      rows[o] = {d(kR) + at, d(kV) + at, has_next ? d(kNV) + at : nullptr, flag(kTerm), flag(kTrunc),
+      rows[o] = {format, d(kR) + at, d(kV) + at, has_next ? d(kNV) + at : nullptr, flag(kTerm), flag(kTrunc),
                  has_next ? 0.0f : init[g.num_seqs + o], pb.out[0] + at, pb.out[1] + at, g.steps};
     }
     const int64_t out_bytes = 2 * g.outer * g.steps * static_cast<int64_t>(sizeof(float));

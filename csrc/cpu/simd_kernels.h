@@ -16,9 +16,14 @@
 namespace rlkernels::cpu {
 
 namespace gae_rows {
-// One sequence, contiguous in time. nv, term, trunc may be null (absent); flags are bytes, nonzero = set.
+// The dtype of a row's values: float32, or 16-bit values widened to float32 as they load.
+enum class Format : unsigned char { kF32, kBf16, kF16 };
+
+// One sequence, contiguous in time. r, v, nv are values of `format` (nv, term, trunc may be null: absent);
+// flags are bytes, nonzero = set.
 struct Row {
-  const float *r, *v, *nv;
+  Format format;
+  const void *r, *v, *nv;
   const unsigned char *term, *trunc;
   float boot;  // V after the last step when nv is null
   float *adv, *ret;
