@@ -344,7 +344,7 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
           }
         }
       });
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int h = 0; h < H; ++h) {
         if (h == hn) break;
         const StepIn<V> in = stream_in<V>([&]<int S>() -> V {
