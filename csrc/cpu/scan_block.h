@@ -302,6 +302,17 @@ RLK_FN void store_first(Vec<T, N> v, T* p, int m) {
   for (int i = 0; i < m; ++i) p[i] = tmp[i];
 }
 
+// walk.operator()<k16>() with k16 = whether a stream of `ds` is 16-bit: the in-place walks' instance that widens
+// 16-bit streams as they load is compiled for float walks of steps that read the model's inputs only (steps of
+// gradients and flags, AccInputsOnly, never see 16-bit streams).
+template <class Step, typename acc_t, class W>
+RLK_FN void with_16bit(const DirectStreams& ds, W& walk) {
+  if constexpr (std::is_same_v<acc_t, float> && !AccInputsOnly<Step>::value) {
+    if (has_16bit(ds)) return walk.template operator()<true>();
+  }
+  walk.template operator()<false>();
+}
+
 // Steps ahead at which run_direct requests its output rows, and its input rows.
 constexpr int64_t kOutAhead = 8;
 constexpr int64_t kInAhead = 16;
@@ -374,15 +385,7 @@ void run_direct(const ScanParams<acc_t>& scalar_params, const DirectStreams& ds,
       }
     }
   };
-  if constexpr (std::is_same_v<acc_t, float> && !AccInputsOnly<Step>::value) {
-    if (has_16bit(ds)) {
-      walk.template operator()<true>();
-    } else {
-      walk.template operator()<false>();
-    }
-  } else {
-    walk.template operator()<false>();
-  }
+  with_16bit<Step, acc_t>(ds, walk);
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/true);
 }
 
@@ -569,15 +572,7 @@ void run_transposed(const ScanParams<acc_t>& scalar_params, const DirectStreams&
       if constexpr (walks_backward<Step>()) walk.template operator()<false, k16>(); else __builtin_trap();
     }
   };
-  if constexpr (std::is_same_v<acc_t, float> && !AccInputsOnly<Step>::value) {
-    if (has_16bit(ds)) {
-      walk_dir.template operator()<true>();
-    } else {
-      walk_dir.template operator()<false>();
-    }
-  } else {
-    walk_dir.template operator()<false>();
-  }
+  with_16bit<Step, acc_t>(ds, walk_dir);
   if (!kSymbolic && stream) stream_fence();
   carry_io_lanes<kSymbolic, V, N, H, D>(carry, carry_io, /*store=*/true);
 }
