@@ -4,6 +4,8 @@
 // widened to float32 as they load (a walk per format: Format is a template argument, not a test per load).
 #pragma once
 
+#include "formats_simd.h"
+
 namespace rlkernels::cpu::simd::RLK_ISA {
 namespace gae {
 
@@ -18,38 +20,18 @@ using vec::vi;
 // translation unit's target switch, as the steps are, and inlined into the kernels below).
 using VF = ::rlkernels::Vec<float, N>;
 
-using gae_rows::Format;
-
 RLK_INLINE vf load(const float* p) { return vec::loadu(p); }
 RLK_INLINE void store(float* p, vf v) { vec::storeu(p, v); }
 
-// N values of format F from element t of p, as float32 (exact).
-template <Format F>
+// N values of format F from element t of p, as float32 (exact), and one value (scalar code, for the single
+// steps at a chunk's end).
+template <int F>
 RLK_INLINE vf load_at(const void* p, int64_t t) {
-  if constexpr (F == Format::kF32) {
-    return vec::loadu(static_cast<const float*>(p) + t);
-  } else if constexpr (F == Format::kBf16) {
-    return vec::load_bf16(static_cast<const uint16_t*>(p) + t);
-  } else {
-    return vec::load_f16(static_cast<const uint16_t*>(p) + t);
-  }
+  return load_as<F>(as_elems<F>(p) + t);
 }
-// One value of format F, element t of p, as float32 (exact; scalar code for the single steps at a chunk's end).
-template <Format F>
+template <int F>
 RLK_INLINE float value_at(const void* p, int64_t t) {
-  if constexpr (F == Format::kF32) {
-    return static_cast<const float*>(p)[t];
-  } else {
-    const uint16_t bits = static_cast<const uint16_t*>(p)[t];
-    if constexpr (F == Format::kBf16) {
-      const uint32_t wide = uint32_t(bits) << 16;
-      float x;
-      __builtin_memcpy(&x, &wide, sizeof(x));
-      return x;
-    } else {
-      return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
-    }
-  }
+  return scalar_as<F>(as_elems<F>(p)[t]);
 }
 
 // A streaming (non-temporal) store of N floats at a 16-byte aligned p, as N / 4 SSE stores: valid in every
@@ -108,7 +90,7 @@ __attribute__((always_inline)) inline ScanParams<T> params_of(const Params& p) {
 }
 
 // d_t and c_t of one step, and V_t.
-template <Format F>
+template <int F>
 __attribute__((always_inline)) inline void step1(const Row& row, const Params& p, int64_t t, float& d, float& c,
                                                   float& v) {
   StepIn<float> in{};
@@ -122,7 +104,7 @@ __attribute__((always_inline)) inline void step1(const Row& row, const Params& p
 }
 
 // The same for steps [t, t + N); without nv, V_{t+N} must exist (t + N < T).
-template <Format F>
+template <int F>
 RLK_INLINE void step_n(const Row& row, const Params& p, int64_t t, vf& d, vf& c, vf& v) {
   StepIn<VF> in{};
   in.r = VF::from(load_at<F>(row.r, t));
@@ -164,7 +146,7 @@ RLK_INLINE void walk_down(const Row& row, int64_t s, int64_t e, One one, Vec vec
 }
 
 // Walks [s, e) from x_e = 0, writing adv = x and ret = x + V; returns x_s in *x_s and prod c_t in *prod.
-template <Format F>
+template <int F>
 void walk_chunk(const Row& row, Params p, int64_t s, int64_t e, bool stream, float* x_s, float* prod) {
   float x = 0.0f, a = 1.0f;
   vf carry = vf{}, prod_v = vf{} + 1.0f;  // prod_v: the product of the vectors' c, in every lane
@@ -203,7 +185,7 @@ void walk_chunk(const Row& row, Params p, int64_t s, int64_t e, bool stream, flo
 
 // Adds C_t * k to the outputs of [s, e), C_t = c_t ... c_{e-1}, walking down from e; stops once C_t is 0
 // with k finite (nothing more to add).
-template <Format F>
+template <int F>
 void fix_chunk(const Row& row, Params p, int64_t s, int64_t e, float k) {
   const bool finite = std::isfinite(k);
   float run = 1.0f;
@@ -241,19 +223,11 @@ void fix_chunk(const Row& row, Params p, int64_t s, int64_t e, float k) {
 
 void gae_walk_chunk(const gae_rows::Row& row, gae_rows::Params p, int64_t s, int64_t e, bool stream, float* x_s,
                     float* prod) {
-  switch (row.format) {
-    case gae_rows::Format::kF32: return gae::walk_chunk<gae_rows::Format::kF32>(row, p, s, e, stream, x_s, prod);
-    case gae_rows::Format::kBf16: return gae::walk_chunk<gae_rows::Format::kBf16>(row, p, s, e, stream, x_s, prod);
-    case gae_rows::Format::kF16: return gae::walk_chunk<gae_rows::Format::kF16>(row, p, s, e, stream, x_s, prod);
-  }
+  by_format(row.format, [&](auto f) RLK_LAMBDA_INLINE { gae::walk_chunk<f>(row, p, s, e, stream, x_s, prod); });
 }
 
 void gae_fix_chunk(const gae_rows::Row& row, gae_rows::Params p, int64_t s, int64_t e, float k) {
-  switch (row.format) {
-    case gae_rows::Format::kF32: return gae::fix_chunk<gae_rows::Format::kF32>(row, p, s, e, k);
-    case gae_rows::Format::kBf16: return gae::fix_chunk<gae_rows::Format::kBf16>(row, p, s, e, k);
-    case gae_rows::Format::kF16: return gae::fix_chunk<gae_rows::Format::kF16>(row, p, s, e, k);
-  }
+  by_format(row.format, [&](auto f) RLK_LAMBDA_INLINE { gae::fix_chunk<f>(row, p, s, e, k); });
 }
 
 }  // namespace rlkernels::cpu::simd::RLK_ISA

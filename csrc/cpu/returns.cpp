@@ -193,9 +193,7 @@ bool gae_by_rows(const Geometry& g, const Problem<acc_t>& pb, const std::vector<
   if constexpr (!std::is_same_v<acc_t, float>) {
     return false;
   } else {
-    constexpr gae_rows::Format format = std::is_same_v<scalar_t, c10::BFloat16> ? gae_rows::Format::kBf16
-                                        : std::is_same_v<scalar_t, c10::Half>   ? gae_rows::Format::kF16
-                                                                                : gae_rows::Format::kF32;
+    constexpr simd::Format format = simd::format_of<scalar_t>();
     if (!(g.cu.empty() && g.inner == 1 && gae_rows::suits(g.outer, g.steps) && pb.kind[kMask] == Kind::kNone &&
           pb.kind[kR] == Kind::kScalar && pb.kind[kV] == Kind::kScalar && gae_rows::enabled()))
       return false;

@@ -15,14 +15,24 @@
 
 namespace rlkernels::cpu {
 
-namespace gae_rows {
-// The dtype of a row's values: float32, or 16-bit values widened to float32 as they load.
-enum class Format : unsigned char { kF32, kBf16, kF16 };
+namespace simd {
+// The element format of the streams of the kernels that read 16-bit inputs (the PPO family, GAE along time):
+// float32, or the bits of bfloat16 / float16, widened to float32 as they are loaded and rounded to nearest
+// even where a gradient is stored (formats_simd.h).
+enum Format : int { kF32, kBf16, kF16 };
+// The format of T: float, c10::BFloat16 or c10::Half (the dtype dispatch also compiles, and never runs, the
+// kernels' calls for float64, hence no static_assert).
+template <typename T>
+constexpr Format format_of() {
+  return std::is_same_v<T, c10::BFloat16> ? kBf16 : (std::is_same_v<T, c10::Half> ? kF16 : kF32);
+}
+}  // namespace simd
 
+namespace gae_rows {
 // One sequence, contiguous in time. r, v, nv are values of `format` (nv, term, trunc may be null: absent);
 // flags are bytes, nonzero = set.
 struct Row {
-  Format format;
+  simd::Format format;
   const void *r, *v, *nv;
   const unsigned char *term, *trunc;
   float boot;  // V after the last step when nv is null
@@ -42,15 +52,6 @@ enum PolicySum : int { kLoss, kCount, kClipped, kLower, kKl, kRatio, kRatioMax, 
 // Sums of the value loss.
 enum ValueSum : int { kValueLoss, kValueCount, kValueClipped, kValueSums };
 
-// The element format of the streams of the PPO family's kernels: float32, or the bits of bfloat16 / float16,
-// widened to float32 as they are loaded and rounded to nearest even where a gradient is stored.
-enum Format : int { kF32, kBf16, kF16 };
-// The format of T: float, c10::BFloat16 or c10::Half (the dtype dispatch also compiles, and never runs, the
-// kernels' calls for float64, hence no static_assert).
-template <typename T>
-constexpr Format format_of() {
-  return std::is_same_v<T, c10::BFloat16> ? kBf16 : (std::is_same_v<T, c10::Half> ? kF16 : kF32);
-}
 
 // X(return type, name, (parameters)) for every kernel.
 #define RLK_SIMD_KERNELS(X)                                                                                      \

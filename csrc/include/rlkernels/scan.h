@@ -266,8 +266,6 @@ struct RetraceBackwardStepT {
   }
 };
 
-// Every step of the family, once, as X(id, Step) with `Exp` the backend's exp functor: the CPU engine's StepId
-// and dispatch tables are made from this list (csrc/cpu/scan_types.h, scan_block.h).
 // Steps that read only accumulation-type streams (upstream gradients and flags, Step::kAccInputsOnly) are
 // called with scalar_t = acc_t alone; the others read the model's inputs in every float dtype.
 template <class Step, typename = void>
@@ -275,6 +273,8 @@ struct AccInputsOnly : std::false_type {};
 template <class Step>
 struct AccInputsOnly<Step, std::void_t<decltype(Step::kAccInputsOnly)>> : std::bool_constant<Step::kAccInputsOnly> {};
 
+// Every step of the family, once, as X(id, Step) with `Exp` the backend's exp functor: the CPU engine's StepId
+// and dispatch tables are made from this list (csrc/cpu/scan_types.h, scan_block.h).
 #define RLK_SCAN_STEPS(X, Exp)                                 \
   X(kLinearScan, LinearScanStep)                               \
   X(kDiscountedReturns, DiscountedReturnsStep)                 \
