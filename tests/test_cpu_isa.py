@@ -386,10 +386,12 @@ def test_time_major_groups_of_fewer_sequences(isa, dtype, B):
 # 16-bit scans read their inputs in place: each walk widens bfloat16 / float16 values to float32 in registers as
 # it loads them (time-major rows of 16 sequences and of fewer, lanes contiguous in time for batch-major rows, long
 # sequences' chunks and packed sequences), and the buffered walk converts the ragged rest. The layouts below take
-# each of those walks, with a time length off the 32-step blocks.
+# each of those walks, with a time length off the 32-step blocks; the long time-major one is chunked (its
+# chunks' maps walked in place on affine carries, then the chunks again).
 SCAN_LAYOUTS_16BIT = {
     "time-major [T, 32]": ((2001, 32), 0, None),
     "time-major [T, 5]": ((2001, 5), 0, None),
+    "time-major [T, 8], chunked": ((16411, 8), 0, None),
     "batch-major [48, T]": ((48, 1337), 1, None),
     "one long sequence": ((40003,), 0, None),
     "packed": ((40000,), 0, "cu"),
